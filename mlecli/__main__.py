@@ -1,0 +1,3 @@
+from mlecli.cli import main
+
+main()

@@ -1,0 +1,412 @@
+"""Configs: TOML files plus typed `--set key=value` overrides, parsed once into frozen dataclasses.
+
+Everything downstream takes a `Config`, never a raw dict. Unknown keys, wrong types and
+out-of-range values are refused before anything starts, with the key's full name, the
+bad value, what is allowed, and the closest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mlecli.datasets import BUILTIN, Dataset, builtin, custom
+from mlecli.errors import ConfigError
+
+DTYPES = ("float32", "float64")
+DIGITS = range(10)
+INPUT_SIZE_GUESS = 28 * 28  # for the memory estimate before the data is loaded
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"
+    url: str | None = None
+    files: dict[str, str] | None = None
+    sha256: dict[str, str] | None = None
+    validation: float | int = 0.1
+
+    def resolve(self) -> Dataset:
+        """The Dataset this table describes (a built-in one, or a custom IDX dataset)."""
+        if self.dataset in BUILTIN:
+            ds = builtin(self.dataset)
+            if self.url is None:
+                return ds
+            return Dataset(ds.name, (self.url, *ds.mirrors), ds.files, ds.sha256, ds.sizes, ds.digits)
+        if self.url is None:
+            raise ConfigError(
+                f"data.dataset = {self.dataset!r} is not built in ({', '.join(BUILTIN)}): "
+                "set data.url to the base URL or local folder of its IDX files"
+            )
+        return custom(self.dataset, self.url, self.files, self.sha256, where="data")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    positive: tuple[int, ...] = (1, 3, 5, 7, 9)
+    negative: tuple[int, ...] | str = (0, 2, 4, 6, 8)
+
+    @property
+    def negative_digits(self) -> tuple[int, ...]:
+        if self.negative == "rest":
+            return tuple(d for d in DIGITS if d not in self.positive)
+        return self.negative  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        neg = "rest" if self.negative == "rest" else ",".join(map(str, self.negative))
+        return f"{','.join(map(str, self.positive))} vs {neg}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (128,)
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 1
+    log_every: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    data: DataConfig
+    task: TaskConfig
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["task"]["positive"] = list(self.task.positive)
+        d["task"]["negative"] = "rest" if self.task.negative == "rest" else list(self.task.negative)
+        d["model"]["hidden"] = list(self.model.hidden)
+        for key in ("url", "files", "sha256"):
+            if d["data"][key] is None:
+                del d["data"][key]
+        return d
+
+
+# ---------------------------------------------------------------------------
+# Checks. Each takes the full key and the value, returns the clean value or raises.
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
+    def check(key: str, v: Any) -> int:
+        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+            bound = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+            raise _fail(key, v, f"must be {bound}")
+        return v
+
+    return check
+
+
+def positive_float(key: str, v: Any) -> float:
+    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v <= 0:
+        raise _fail(key, v, "must be a finite number > 0")
+    return float(v)
+
+
+def one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, v: Any) -> str:
+        if v not in choices:
+            raise _fail(key, v, f"must be one of {', '.join(map(repr, choices))}")
+        return v
+
+    return check
+
+
+def a_string(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise _fail(key, v, "must be a non-empty string")
+    return v
+
+
+def string_table(key: str, v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise _fail(key, v, "must be a table of strings, e.g. {train-images = \"...\"}")
+    return dict(v)
+
+
+def validation_share(key: str, v: Any) -> float | int:
+    if _is_int(v) and v >= 0:
+        return v
+    if isinstance(v, float) and 0 <= v < 1:
+        return v
+    raise _fail(key, v, "must be a fraction from 0 up to (not including) 1, or a whole count of images >= 0")
+
+
+def digit_list(key: str, v: Any, *, allow_rest: bool = False) -> tuple[int, ...] | str:
+    if allow_rest and v == "rest":
+        return "rest"
+    rest = ' or "rest"' if allow_rest else ""
+    if not isinstance(v, list) or not v or not all(_is_int(d) and 0 <= d <= 9 for d in v):
+        raise _fail(key, v, f"must be a non-empty list of digits 0-9{rest}")
+    if len(set(v)) != len(v):
+        raise _fail(key, v, "lists a digit twice")
+    return tuple(v)
+
+
+def hidden_sizes(key: str, v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(_is_int(n) and n > 0 for n in v):
+        raise _fail(key, v, "hidden must be a list of positive integers ([] = logistic regression)")
+    return tuple(v)
+
+
+SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any]]] = {
+    "data": {
+        "dataset": (a_string, DataConfig.dataset),
+        "url": (a_string, None),
+        "files": (string_table, None),
+        "sha256": (string_table, None),
+        "validation": (validation_share, DataConfig.validation),
+    },
+    "task": {
+        "positive": (digit_list, list(TaskConfig.positive)),
+        "negative": (lambda k, v: digit_list(k, v, allow_rest=True), list(TaskConfig.negative)),  # type: ignore[arg-type]
+    },
+    "model": {
+        "hidden": (hidden_sizes, list(ModelConfig.hidden)),
+        "dtype": (one_of(*DTYPES), ModelConfig.dtype),
+        "seed": (int_in(0), ModelConfig.seed),
+    },
+    "train": {
+        "epochs": (int_in(1), TrainConfig.epochs),
+        "batch_size": (int_in(1), TrainConfig.batch_size),
+        "learning_rate": (positive_float, TrainConfig.learning_rate),
+        "seed": (int_in(0), TrainConfig.seed),
+        "checkpoint_every": (int_in(1), TrainConfig.checkpoint_every),
+        "log_every": (int_in(0), TrainConfig.log_every),
+    },
+}
+TOP_LEVEL = {"name"}
+ALL_KEYS = sorted([*TOP_LEVEL, *SCHEMA, *(f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys)])
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(k for k in ALL_KEYS if '.' in k)})"
+    return ConfigError(f"unknown key {key}{hint}")
+
+
+def from_dict(raw: dict[str, Any], *, name: str) -> Config:
+    """Validate a parsed TOML document into a Config. Raises ConfigError naming the key."""
+    for key, value in raw.items():
+        if key in TOP_LEVEL:
+            continue
+        if key not in SCHEMA:
+            raise _unknown(key)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table ([{key}]), got {_show(value)}")
+        for sub in value:
+            if sub not in SCHEMA[key]:
+                raise _unknown(f"{key}.{sub}")
+    if "name" in raw:
+        name = a_string("name", raw["name"])
+    sections = {}
+    for section, fields in SCHEMA.items():
+        given = raw.get(section, {})
+        sections[section] = {k: check(f"{section}.{k}", given[k]) if k in given else check_default(default)
+                             for k, (check, default) in fields.items()}
+    cfg = Config(
+        name=name,
+        data=DataConfig(**sections["data"]),
+        task=TaskConfig(**sections["task"]),
+        model=ModelConfig(**sections["model"]),
+        train=TrainConfig(**sections["train"]),
+    )
+    _cross_checks(cfg)
+    return cfg
+
+
+def check_default(default: Any) -> Any:
+    return tuple(default) if isinstance(default, list) else default
+
+
+def _cross_checks(cfg: Config) -> None:
+    if cfg.task.negative != "rest":
+        both = sorted(set(cfg.task.positive) & set(cfg.task.negative))
+        if both:
+            raise ConfigError(
+                f"task.positive and task.negative both list {_show(both)}: a digit can be in one class only"
+            )
+    elif len(cfg.task.positive) == 10:
+        raise ConfigError('task.negative = "rest" leaves no digits when task.positive lists all ten')
+    cfg.data.resolve()  # dataset name, url, files and hashes are checked here
+    need = estimate_memory(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype)
+    have = physical_memory()
+    if have and need > have:
+        raise ConfigError(
+            f"model.hidden = {_show(list(cfg.model.hidden))} with train.batch_size = {cfg.train.batch_size}: "
+            f"the network would need about {_bytes(need)} of memory, more than this machine's {_bytes(have)}; "
+            "use smaller layers or batches"
+        )
+
+
+def estimate_memory(hidden: tuple[int, ...], batch_size: int, dtype: str, inputs: int = INPUT_SIZE_GUESS) -> int:
+    """Bytes for weights, gradients, a best copy and a batch's activations (a lower bound)."""
+    sizes = [inputs, *hidden, 1]
+    params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+    activations = batch_size * sum(sizes) * 3
+    itemsize = 4 if dtype == "float32" else 8
+    return (3 * params + activations) * itemsize
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------
+# Files and overrides
+
+
+BUILTIN_CONFIGS = ("default", "logreg", "four-vs-nine", "deep")
+
+
+def builtin_config_text(name: str) -> str:
+    return resources.files("mlecli").joinpath("configs", f"{name}.toml").read_text(encoding="utf-8")
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `section.key=value`; the value is parsed as TOML, else taken as a plain string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    path = key.split(".")
+    if any(not p for p in path):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key like train.epochs")
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text[:1] in "[{\"'" or not text:
+            raise ConfigError(f"--set {item!r}: {text!r} is not a valid TOML value") from None
+        value = text  # a bare word such as fashion-mnist
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `--set` applied (validation happens in from_dict)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a table")
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config file (None = the built-in default) and apply overrides.
+
+    A bare name of a built-in config (default, logreg, four-vs-nine, deep) that is not
+    a file in the current folder loads the copy shipped inside the package.
+    """
+    if path is None or (str(path) in BUILTIN_CONFIGS and not Path(path).exists()):
+        name = "default" if path is None else str(path)
+        where = f"built-in config {name}"
+        text = builtin_config_text(name)
+    else:
+        p = Path(path)
+        where = f"config {p}"
+        name = p.stem
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config {p} does not exist (built-in configs: {', '.join(BUILTIN_CONFIGS)})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {p}: {exc}") from None
+    raw = apply_overrides(parse_toml(text, where), overrides)
+    try:
+        return from_dict(raw, name=name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Writing the resolved config back as TOML
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        # JSON's escapes are valid in a TOML basic string; TOML also forbids a raw DEL.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("-", "").replace("_", "").isalnum() else _toml_value(k)
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML text that `load` reads back to an equal Config."""
+    d = cfg.to_dict()
+    lines = [f"name = {_toml_value(d.pop('name'))}"]
+    for section, values in d.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"

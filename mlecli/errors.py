@@ -1,0 +1,29 @@
+"""One exception family whose messages are written for the user.
+
+Library code raises these; the CLI turns any of them into one line on stderr and a
+non-zero exit. A message says what went wrong, where (file, key, URL) and what to do.
+"""
+
+
+class MlecliError(Exception):
+    """Base of every error the user is meant to read."""
+
+
+class ConfigError(MlecliError):
+    """A config file or a --set override is wrong."""
+
+
+class DataError(MlecliError):
+    """A dataset file is malformed, or does not match what was expected."""
+
+
+class DownloadError(MlecliError):
+    """Every mirror failed for a file."""
+
+
+class CheckpointError(MlecliError):
+    """A run folder or checkpoint cannot be used."""
+
+
+class TrainingError(MlecliError):
+    """Training cannot go on (for example the log-likelihood stopped being finite)."""

@@ -1,0 +1,182 @@
+"""Test helpers: small generated IDX datasets and real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlecli.datasets import MNIST_FILES, ROLES, Dataset
+from mlecli.idx import idx_bytes
+
+
+def make_digits(n: int, seed: int, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """n images whose bright stripe position depends on the digit: learnable, and tiny."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 40, size=(n, side, side)).astype(np.uint8)
+    for i, d in enumerate(labels):
+        row = 2 + int(d) * (side - 4) // 10
+        images[i, row : row + 2, 4 : side - 4] = 200 + int(d) * 5
+        if d % 2:
+            images[i, 4 : side - 4, side // 2] = 230
+    return images, labels
+
+
+@dataclass
+class TinyDataset:
+    """Decompressed IDX content of four files, plus the Dataset that pins their hashes."""
+
+    contents: dict[str, bytes]  # file name (no .gz) -> IDX bytes
+    arrays: dict[str, np.ndarray]  # role -> array
+
+    def spec(self, mirrors: tuple[str, ...], name: str = "tiny", verified: bool = True) -> Dataset:
+        sha = {r: hashlib.sha256(self.contents[MNIST_FILES[r]]).hexdigest() for r in ROLES} if verified else {}
+        sizes = {r: len(self.contents[MNIST_FILES[r]]) for r in ROLES} if verified else {}
+        return Dataset(name=name, mirrors=mirrors, files=dict(MNIST_FILES), sha256=sha, sizes=sizes)
+
+    def gz_files(self, **gzip_kw) -> dict[str, bytes]:
+        return {f"{n}.gz": gzip.compress(c, mtime=0, **gzip_kw) for n, c in self.contents.items()}
+
+    def raw_files(self) -> dict[str, bytes]:
+        return {n: c for n, c in self.contents.items()}
+
+    def write_folder(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in self.gz_files().items():
+            (folder / name).write_bytes(data)
+        return folder
+
+
+def tiny_dataset(n_train: int = 300, n_test: int = 100, seed: int = 0) -> TinyDataset:
+    tr_x, tr_y = make_digits(n_train, seed)
+    te_x, te_y = make_digits(n_test, seed + 1)
+    arrays = {"train-images": tr_x, "train-labels": tr_y, "test-images": te_x, "test-labels": te_y}
+    contents = {MNIST_FILES[r]: idx_bytes(a) for r, a in arrays.items()}
+    return TinyDataset(contents, arrays)
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Mirror:
+    """A real HTTP server on 127.0.0.1 serving `files` with a chosen misbehaviour.
+
+    `behave(handler, name, data, n)` decides the answer to the n-th request (0-based)
+    for a file; returning True means it answered, False falls through to a healthy,
+    Range-capable answer.
+    """
+
+    files: dict[str, bytes]
+    behave: Callable | None = None
+    ranges: bool = True
+    requests: list[Request] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def start(self) -> Mirror:
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/").split("/")[-1]
+                mirror.requests.append(Request(self.path, dict(self.headers)))
+                n = mirror.counts.get(name, 0)
+                mirror.counts[name] = n + 1
+                data = mirror.files.get(name)
+                try:
+                    if mirror.behave is not None and mirror.behave(self, name, data, n):
+                        return
+                    if data is None:
+                        return send(self, 404, b"not found")
+                    serve(self, data, ranges=mirror.ranges)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/data/"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def hits(self) -> int:
+        return len(self.requests)
+
+
+def send(h, status: int, body: bytes, headers: dict[str, str] | None = None) -> bool:
+    h.send_response(status)
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)
+    return True
+
+
+def serve(h, data: bytes, ranges: bool = True) -> bool:
+    """A healthy answer, honouring `Range: bytes=N-` when `ranges`."""
+    rng = h.headers.get("Range")
+    if ranges and rng and rng.startswith("bytes="):
+        start = int(rng[6:].split("-")[0])
+        if start >= len(data):
+            return send(h, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
+        return send(
+            h, 206, data[start:], {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}", "ETag": '"v1"'}
+        )
+    headers = {"ETag": '"v1"'}
+    if ranges:
+        headers["Accept-Ranges"] = "bytes"
+    return send(h, 200, data, headers)
+
+
+def drop_midway(h, data: bytes, fraction: float = 0.5) -> bool:
+    """Promise the whole body, send part of it, then close the connection."""
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(data)))
+    h.send_header("ETag", '"v1"')
+    h.send_header("Accept-Ranges", "bytes")
+    h.end_headers()
+    h.wfile.write(data[: int(len(data) * fraction)])
+    h.wfile.flush()
+    h.close_connection = True
+    h.connection.shutdown(2)
+    return True
+
+
+def stall(h, data: bytes, seconds: float) -> bool:
+    """Send headers and a little of the body, then go silent for `seconds`."""
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data[:10])
+    h.wfile.flush()
+    time.sleep(seconds)
+    h.close_connection = True
+    return True
