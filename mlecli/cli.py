@@ -134,3 +134,79 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, q
         where = "already cached" if r.source == "cache" else f"from {r.source}"
         click.echo(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}")
     click.echo(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}")
+
+
+def _default_run_dir(name: str) -> Path:
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{name}-{stamp}-{n}"
+    return path
+
+
+@main.command()
+@click.argument("config_path", metavar="[CONFIG]", required=False)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, value parsed as TOML, e.g. --set model.hidden=[256,64] (repeatable).",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for this run.  [default: runs/<config name>-<timestamp>]",
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="RUN_DIR",
+    help="Continue this run from its newest checkpoint (--set train.epochs=N may extend it).",
+)
+@data_dir_option
+@quiet_option
+def train(config_path, overrides, run_dir, resume, data_dir, quiet):
+    """Train a network on a binary digit task by maximum likelihood.
+
+    CONFIG is a TOML file, or the name of a built-in config (default, logreg,
+    four-vs-nine, deep); without it the built-in default is used. The run folder gets
+    config.toml, manifest.json, metrics.jsonl and checkpoints/.
+    """
+    from mlecli import config, train as training
+
+    log = _log(quiet)
+    resume_from = None
+    if resume is not None:
+        if config_path is not None or run_dir is not None:
+            raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
+        resume_from = training.newest_checkpoint(resume, log)
+        cfg = training.resumed_config(resume_from.config, overrides)
+        run_dir = resume
+        log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
+    else:
+        cfg = config.load(config_path, overrides)
+        run_dir = run_dir if run_dir is not None else _default_run_dir(cfg.name)
+    training.prepare_run_dir(run_dir, resume=resume is not None)
+    report = training.Reporter(line=click.echo, log=log, progress=not quiet and sys.stdout.isatty())
+    if resume is None:
+        log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
+    outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir), report=report, resume_from=resume_from)
+    if outcome.interrupted:
+        click.echo(
+            f"Stopped by {outcome.interrupted}: saved {run_dir / 'checkpoints' / 'last.npz'}. "
+            f"Resume with: mlecli train --resume {run_dir}",
+            err=True,
+        )
+        sys.exit(130)
+    best = outcome.best
+    if best is not None:
+        label = "validation" if best["key"] == "val_ll_mean" else "training"
+        click.echo(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
+    click.echo(f"evaluate: mlecli evaluate {run_dir}")

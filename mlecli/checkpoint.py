@@ -1,0 +1,157 @@
+"""Checkpoints: the weights plus everything needed to resume exactly, in one .npz.
+
+Arrays `W1, b1, …, W{L+1}, b{L+1}` (the last pair is the output layer) and `meta`, a
+0-d unicode array holding JSON: format version, resolved config, epochs done, step,
+position in the epoch, RNG state, metrics so far, best score. Written to a temporary
+file, flushed and renamed over the old one; read with allow_pickle=False, so opening a
+checkpoint never executes code. A checkpoint that does not match its own config is
+refused whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlecli.errors import CheckpointError, ConfigError
+from mlecli.fsutil import atomic_write
+from mlecli.model import Params, layer_sizes
+
+FORMAT_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^(last|best|epoch-\d{4,})\.npz$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    params: Params
+    meta: dict[str, Any]
+    config: Any  # mlecli.config.Config, parsed from meta["config"]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta["epochs_done"])
+
+
+def save(path: Path, params: Params, meta: dict[str, Any]) -> None:
+    arrays = {}
+    for i, (W, b) in enumerate(params, start=1):
+        arrays[f"W{i}"] = W
+        arrays[f"b{i}"] = b
+    text = json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True, allow_nan=False)
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(text), **arrays)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load(path: Path) -> Checkpoint:
+    """Read and check a checkpoint; raise CheckpointError naming the file if it is unusable."""
+    from mlecli import config as config_mod
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if "meta" not in names:
+                raise CheckpointError(f"{path} is not an mlecli checkpoint (no meta record)")
+            meta_arr = z["meta"]
+            arrays = {k: z[k] for k in names if k != "meta"}
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise CheckpointError(
+                f"{path} holds Python objects that would need pickle to load; refused (checkpoints are arrays only)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if meta_arr.dtype.kind != "U" or meta_arr.shape != ():
+        raise CheckpointError(f"{path}: the meta record is not a JSON string")
+    try:
+        meta = json.loads(str(meta_arr[()]))
+    except ValueError:
+        raise CheckpointError(f"{path}: the meta record is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the meta record is not a JSON object")
+    version = meta.get("format")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}; this mlecli reads format {FORMAT_VERSION}: "
+            "use the mlecli version that wrote it"
+        )
+    for key in ("config", "epochs_done", "step", "n_inputs"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: the meta record lacks {key!r}")
+    raw_cfg, n_inputs = meta["config"], meta["n_inputs"]
+    if not isinstance(raw_cfg, dict) or not isinstance(n_inputs, int) or n_inputs < 1:
+        raise CheckpointError(f"{path}: the meta record's config or n_inputs is malformed")
+    try:
+        cfg = config_mod.from_dict(raw_cfg, name=str(raw_cfg.get("name", path.stem)))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its config is not valid ({exc})") from None
+    params = _params_from_arrays(path, arrays, cfg, n_inputs)
+    return Checkpoint(path, params, meta, cfg)
+
+
+def _params_from_arrays(path: Path, arrays: dict[str, np.ndarray], cfg, n_inputs: int) -> Params:
+    sizes = layer_sizes(n_inputs, cfg.model.hidden)
+    expected = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        expected[f"W{i}"] = (fan_in, fan_out)
+        expected[f"b{i}"] = (fan_out,)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: its arrays do not match its config (hidden = {list(cfg.model.hidden)}): "
+            f"missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    dtype = np.dtype(cfg.model.dtype)
+    for name, shape in expected.items():
+        arr = arrays[name]
+        if arr.shape != shape or arr.dtype != dtype:
+            raise CheckpointError(
+                f"{path}: array {name} is {arr.dtype} {arr.shape}, its config needs {dtype} {shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise CheckpointError(f"{path}: array {name} holds non-finite values")
+    n = len(sizes) - 1
+    return [(arrays[f"W{i}"], arrays[f"b{i}"]) for i in range(1, n + 1)]
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """The checkpoint files of a run (temporary files never count), epoch files in order."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name))
+
+
+def resolve(target: Path, which: str = "best") -> Path:
+    """A checkpoint file, or a run folder's `best`, `last` or `epoch-N` checkpoint."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    if not target.exists():
+        raise CheckpointError(f"{target} does not exist: give a run folder or a checkpoint file")
+    folder = target / "checkpoints"
+    if not folder.is_dir():
+        raise CheckpointError(f"{target} is not a run folder (it has no checkpoints/ folder)")
+    m = re.fullmatch(r"epoch-(\d+)", which)
+    name = f"epoch-{int(m.group(1)):04d}.npz" if m else f"{which}.npz"
+    path = folder / name
+    if not path.is_file():
+        have = ", ".join(p.stem for p in checkpoints_in(target)) or "none"
+        raise CheckpointError(f"{target} has no {which} checkpoint ({path}); it has: {have}")
+    return path

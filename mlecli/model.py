@@ -1,0 +1,88 @@
+"""The network and its gradient, as pure functions on arrays (no I/O, no state).
+
+Shapes: a batch `x` is (B, n_0); layer l has weights `W` (n_{l-1}, n_l) and bias `b`
+(n_l,); the output layer has n_L+1 = 1, so `z` is (B,). `params` is a list of (W, b)
+pairs, hidden layers first, output layer last; no hidden layers = logistic regression.
+
+    h_0 = x,   h_l = σ(h_{l-1} W_l + b_l),   z = h_L W_out + b_out,   ŷ = σ(z) = P(Y=1 | x)
+    LL = Σ_i [ y_i log ŷ_i + (1 − y_i) log(1 − ŷ_i) ] = Σ_i [ y_i z_i − softplus(z_i) ]
+
+These are the test oracle for the fast in-place trainer in `train.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Params = list[tuple[np.ndarray, np.ndarray]]
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """σ(z) = 1 / (1 + e^-z), written with tanh so that no |z| overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def softplus(z: np.ndarray) -> np.ndarray:
+    """log(1 + e^z), stably."""
+    return np.logaddexp(0.0, z)
+
+
+def layer_sizes(n_inputs: int, hidden: tuple[int, ...] | list[int]) -> list[int]:
+    return [n_inputs, *hidden, 1]
+
+
+def init_params(sizes: list[int], rng: np.random.Generator, dtype=np.float32) -> Params:
+    """Glorot/Xavier uniform weights U(±sqrt(6 / (fan_in + fan_out))), zero biases."""
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        W = rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)
+        params.append((W, np.zeros(fan_out, dtype=dtype)))
+    return params
+
+
+def forward(params: Params, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Return the activations [h_0 = x, h_1, …, h_L] and the output logits z (B,)."""
+    hs = [x]
+    for W, b in params[:-1]:
+        hs.append(sigmoid(hs[-1] @ W + b))
+    W, b = params[-1]
+    z = (hs[-1] @ W + b)[:, 0]
+    return hs, z
+
+
+def log_likelihood_terms(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """LL_i = y_i z_i − softplus(z_i): log P(y_i | x_i), finite for any finite z."""
+    return y * z - softplus(z)
+
+
+def log_likelihood(z: np.ndarray, y: np.ndarray) -> float:
+    """The batch log-likelihood: a SUM over its examples, not a mean."""
+    return float(np.sum(log_likelihood_terms(z, y)))
+
+
+def gradients(params: Params, hs: list[np.ndarray], z: np.ndarray, y: np.ndarray) -> Params:
+    """∇LL by the chain rule, layer by layer from the output back.
+
+    ∂LL/∂z_i = y_i − ŷ_i;  δ_l = (δ_{l+1} W_{l+1}ᵀ) ⊙ h_l (1 − h_l);
+    ∂LL/∂W_l = h_{l−1}ᵀ δ_l;  ∂LL/∂b_l = Σ_i δ_l,i.  Returns (dW, db) pairs like `params`.
+    """
+    delta = (y - sigmoid(z))[:, None]  # (B, 1)
+    grads: Params = []
+    for layer in range(len(params) - 1, -1, -1):
+        W, _ = params[layer]
+        h_prev = hs[layer]
+        grads.append((h_prev.T @ delta, delta.sum(axis=0)))
+        if layer > 0:
+            delta = (delta @ W.T) * h_prev * (1.0 - h_prev)
+    return grads[::-1]
+
+
+def ascent_step(params: Params, grads: Params, learning_rate: float) -> Params:
+    """θ ← θ + η ∇θ LL: a step UP the log-likelihood."""
+    return [(W + learning_rate * dW, b + learning_rate * db) for (W, b), (dW, db) in zip(params, grads)]
+
+
+def predict_proba(params: Params, x: np.ndarray) -> np.ndarray:
+    """ŷ = P(Y=1 | x) for each row of x."""
+    return sigmoid(forward(params, x)[1])

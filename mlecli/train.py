@@ -1,0 +1,512 @@
+"""Training: batched gradient ascent on the summed log-likelihood, with exact resume.
+
+`run` reads top to bottom: data, task, model, then epochs of seeded permutations cut
+into batches (the last, smaller batch included), each one forward pass, one backward
+pass and one ascent step θ ← θ + η ∇θ LL_batch. After each epoch: validation, metrics,
+checkpoints. The helpers it uses sit just above it.
+
+Exactness: the only randomness is `default_rng(model.seed)` for the initial weights and
+one `default_rng(train.seed)` that first holds out the validation images, then draws
+each epoch's permutation. A checkpoint stores that generator's state as it was before
+the current epoch's permutation, and how many batches of the epoch are done, so a
+resumed run replays the very same batches and ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mlecli import __version__
+from mlecli import checkpoint as ckpt
+from mlecli.cache import prepare
+from mlecli.config import Config, estimate_memory, physical_memory, to_toml
+from mlecli.errors import CheckpointError, ConfigError, TrainingError
+from mlecli.fsutil import atomic_write_text, folder_lock, remove_stale_temporaries
+from mlecli.model import Params, forward, init_params, layer_sizes, log_likelihood_terms
+from mlecli.task import BinaryTask, build_task, pixels
+
+EVAL_CHUNK = 4096
+
+
+# ---------------------------------------------------------------------------
+# The hot loop: one batch, in place, in preallocated buffers.
+
+
+def _sigmoid_inplace(a: np.ndarray) -> None:
+    """a ← σ(a) = 0.5 + 0.5 tanh(a / 2), bit-equal to model.sigmoid, no temporaries."""
+    a *= 0.5
+    np.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+
+
+class Workspace:
+    """Buffers for a batch of up to `batch` rows; a smaller batch uses their first rows.
+
+    x (B, n_0); h[l] (B, n_{l+1}) hidden activations; z, delta_out (B, 1);
+    delta[l], hprime[l] (B, n_{l+1}); grads like params.
+    """
+
+    def __init__(self, params: Params, batch: int):
+        dtype = params[0][0].dtype
+        hidden = [W.shape[1] for W, _ in params[:-1]]
+        self.x = np.empty((batch, params[0][0].shape[0]), dtype)
+        self.y = np.empty(batch, dtype)
+        self.h = [np.empty((batch, n), dtype) for n in hidden]
+        self.delta = [np.empty((batch, n), dtype) for n in hidden]
+        self.hprime = [np.empty((batch, n), dtype) for n in hidden]
+        self.z = np.empty((batch, 1), dtype)
+        self.softplus = np.empty(batch, dtype)
+        self.delta_out = np.empty((batch, 1), dtype)
+        self.grads = [(np.empty_like(W), np.empty_like(b)) for W, b in params]
+
+
+def train_step(
+    params: Params, ws: Workspace, X: np.ndarray, Y: np.ndarray, idx: np.ndarray, lr: float
+) -> tuple[float, int]:
+    """One ascent step on the batch X[idx], Y[idx], updating `params` in place.
+
+    Same math as model.forward / model.gradients / model.ascent_step (the tests hold
+    them equal), with every product written into `ws`. Returns (batch LL, correct).
+    """
+    m = len(idx)
+    x = ws.x[:m]
+    np.take(X, idx, axis=0, out=x)
+    y = ws.y[:m]
+    np.take(Y, idx, out=y)
+    hs = [x]
+    for (W, b), h in zip(params[:-1], ws.h):
+        a = h[:m]
+        np.matmul(hs[-1], W, out=a)
+        a += b
+        _sigmoid_inplace(a)
+        hs.append(a)
+    W_out, b_out = params[-1]
+    z2 = ws.z[:m]
+    np.matmul(hs[-1], W_out, out=z2)
+    z2 += b_out
+    z = z2[:, 0]
+    sp = ws.softplus[:m]
+    np.logaddexp(0.0, z, out=sp)
+    ll = float(np.dot(y, z)) - float(sp.sum(dtype=np.float64))
+    correct = int(np.count_nonzero((z > 0) == (y > 0.5)))
+    # ∂LL/∂z = y − σ(z)
+    delta = ws.delta_out[:m]
+    d = delta[:, 0]
+    np.copyto(d, z)
+    _sigmoid_inplace(d)
+    np.subtract(y, d, out=d)
+    for layer in range(len(params) - 1, -1, -1):
+        W = params[layer][0]
+        h_prev = hs[layer]
+        dW, db = ws.grads[layer]
+        np.matmul(h_prev.T, delta, out=dW)
+        np.sum(delta, axis=0, out=db)
+        if layer > 0:
+            nd = ws.delta[layer - 1][:m]
+            if W.shape[1] == 1:
+                np.multiply(delta, W[:, 0], out=nd)  # an outer product with one output unit
+            else:
+                np.matmul(delta, W.T, out=nd)
+            hp = ws.hprime[layer - 1][:m]
+            np.multiply(h_prev, h_prev, out=hp)
+            np.subtract(h_prev, hp, out=hp)  # h (1 − h)
+            nd *= hp
+            delta = nd
+    for (W, b), (dW, db) in zip(params, ws.grads):
+        dW *= lr
+        W += dW
+        db *= lr
+        b += db
+    return ll, correct
+
+
+# ---------------------------------------------------------------------------
+# Measuring a whole split (validation each epoch; evaluate uses it too)
+
+
+def scores(params: Params, X: np.ndarray) -> np.ndarray:
+    """Logits z (n,) for inputs X (n, n_0), in chunks to bound memory."""
+    out = np.empty(len(X), dtype=params[0][0].dtype)
+    for start in range(0, len(X), EVAL_CHUNK):
+        out[start : start + EVAL_CHUNK] = forward(params, X[start : start + EVAL_CHUNK])[1]
+    return out
+
+
+def ll_and_accuracy(params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean log-likelihood per image, accuracy at ŷ = 0.5) on a whole split."""
+    z = scores(params, X)
+    yf = y.astype(z.dtype)
+    ll = float(np.sum(log_likelihood_terms(z, yf), dtype=np.float64))
+    return ll / len(y), float(np.mean((z > 0) == (y == 1)))
+
+
+# ---------------------------------------------------------------------------
+# Run state, checkpoints and the run folder
+
+
+@dataclass
+class State:
+    """Everything that changes during training; a checkpoint is this plus the config."""
+
+    params: Params
+    epochs_done: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0  # batches done of epoch epochs_done + 1
+    rng_state: dict = field(default_factory=dict)  # before epoch epochs_done + 1's permutation
+    partial: dict = field(default_factory=lambda: {"ll": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
+    metrics: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"epoch", "key", "value"}
+
+
+def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str, Any]:
+    return {
+        "config": cfg.to_dict(),
+        "n_inputs": task.n_inputs,
+        "epochs_done": state.epochs_done,
+        "step": state.step,
+        "batch_in_epoch": state.batch_in_epoch,
+        "rng_state": state.rng_state,
+        "partial": state.partial,
+        "metrics": state.metrics,
+        "best": state.best,
+        "dataset_sha256": sha256,
+        "mlecli": __version__,
+        "saved": _now(),
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_finite(params: Params, where: str) -> None:
+    for i, (W, b) in enumerate(params, start=1):
+        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
+            raise TrainingError(f"{where}: layer {i}'s weights are no longer finite")
+
+
+def _write_metrics(run_dir: Path, metrics: list[dict]) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
+    return {
+        "mlecli": __version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "dataset": cfg.data.dataset,
+        "dataset_sha256": sha256,
+        "model_seed": cfg.model.seed,
+        "train_seed": cfg.train.seed,
+        "started": started,
+        "resumed": [],
+    }
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks between batches, so
+    the checkpoint written on the way out holds a consistent state. A second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class Reporter:
+    """Where training talks: `line` for epoch lines (stdout), `log` for notes (stderr)."""
+
+    line: Callable[[str], None]
+    log: Callable[[str], None]
+    progress: bool  # tqdm bars (a terminal, and not --quiet)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_dir: Path
+    epochs_done: int
+    interrupted: str | None
+    best: dict | None
+    last_metrics: dict | None
+
+
+def epoch_line(m: dict, epochs: int) -> str:
+    val = (
+        f"val LL {m['val_ll_mean']:.4f}/img acc {100 * m['val_acc']:.2f}%"
+        if m.get("val_ll_mean") is not None
+        else "no validation"
+    )
+    return (
+        f"epoch {m['epoch']}/{epochs}  train LL {m['train_ll_mean']:.4f}/img acc {100 * m['train_acc']:.2f}%  "
+        f"{val}  {m['seconds']:.1f} s  {m['images_per_s']:,.0f} img/s"
+    )
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise CheckpointError(f"{run_dir} is not a run folder (no checkpoints/ inside); nothing to resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run folder {run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+            "or choose another --run-dir"
+        )
+
+
+def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpoint:
+    """last.npz, or if that is unreadable the newest readable epoch checkpoint."""
+    candidates = [run_dir / "checkpoints" / "last.npz"]
+    candidates += sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
+    errors = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            return ckpt.load(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            log(f"warning: {exc}; trying an older checkpoint")
+    raise CheckpointError(f"{run_dir} has no usable checkpoint to resume from ({'; '.join(errors) or 'none written'})")
+
+
+RESUME_OVERRIDABLE = {"train.epochs", "train.checkpoint_every", "train.log_every"}
+
+
+def resumed_config(saved: Config, overrides: tuple[str, ...]) -> Config:
+    """The saved config with only the keys that cannot change the weights so far overridden."""
+    from mlecli.config import apply_overrides, from_dict, parse_override
+
+    for item in overrides:
+        key = ".".join(parse_override(item)[0])
+        if key not in RESUME_OVERRIDABLE:
+            raise ConfigError(
+                f"--set {key} cannot change when resuming (it would change the weights already trained); "
+                f"allowed: {', '.join(sorted(RESUME_OVERRIDABLE))}"
+            )
+    return from_dict(apply_overrides(saved.to_dict(), overrides), name=saved.name)
+
+
+# ---------------------------------------------------------------------------
+# The training run
+
+
+def run(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    data_dir: Path,
+    report: Reporter,
+    resume_from: ckpt.Checkpoint | None = None,
+) -> Outcome:
+    """Train `cfg` into `run_dir` (or continue `resume_from`) and return how it ended."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
+        return _run_locked(cfg, run_dir, data_dir, report, resume_from)
+
+
+def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
+    dtype = np.dtype(cfg.model.dtype)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ckpt_dir)
+    remove_stale_temporaries(run_dir)
+
+    # Data and task. The generator's first use is the validation hold-out.
+    dataset = cfg.data.resolve()
+    splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
+    sha256 = {**splits["train"].sha256, **splits["test"].sha256}
+    rng = np.random.default_rng(cfg.train.seed)
+    task = build_task(cfg, splits, rng)
+    need = estimate_memory(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs)
+    have = physical_memory()
+    if have and need + len(task.train) * task.n_inputs * dtype.itemsize > have:
+        raise ConfigError(f"model.hidden = {list(cfg.model.hidden)}: training would need more memory than {have} bytes")
+    X = pixels(task.train.images, dtype)
+    Y = task.train.y.astype(dtype)
+    X_val = pixels(task.validation.images, dtype)
+    y_val = task.validation.y
+
+    # Model and state: fresh, or exactly as the checkpoint left it.
+    if resume_from is None:
+        params = init_params(layer_sizes(task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed), dtype)
+        state = State(params=params, rng_state=rng.bit_generator.state)
+        manifest = _manifest(cfg, sha256, _now())
+    else:
+        meta = resume_from.meta
+        if meta.get("dataset_sha256") and meta["dataset_sha256"] != sha256:
+            raise CheckpointError(
+                f"{resume_from.path} was trained on {cfg.data.dataset} files with other hashes than the cached ones "
+                f"in {data_dir}; resume with the same data"
+            )
+        state = State(
+            params=[(W.copy(), b.copy()) for W, b in resume_from.params],
+            epochs_done=meta["epochs_done"],
+            step=meta["step"],
+            batch_in_epoch=meta["batch_in_epoch"],
+            rng_state=meta["rng_state"],
+            partial=meta["partial"],
+            metrics=meta["metrics"],
+            best=meta["best"],
+        )
+        try:
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = _manifest(cfg, sha256, meta.get("saved", _now()))
+        manifest.setdefault("resumed", []).append(
+            {"at": _now(), "from": resume_from.path.name, "epochs_done": state.epochs_done, "step": state.step}
+        )
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    _write_metrics(run_dir, state.metrics)
+
+    def save(name: str) -> Path:
+        _check_finite(state.params, f"not saving {name}")
+        path = ckpt_dir / name
+        ckpt.save(path, state.params, _meta(cfg, state, task, sha256))
+        return path
+
+    if resume_from is None:
+        save("last.npz")  # epoch 0: a killed first epoch can resume from here
+
+    n = len(X)
+    bs, lr = cfg.train.batch_size, cfg.train.learning_rate
+    ws = Workspace(state.params, min(bs, n))
+    batches_per_epoch = math.ceil(n / bs)
+    interrupted = None
+    with StopRequest() as stop:
+        while state.epochs_done < cfg.train.epochs and interrupted is None:
+            epoch = state.epochs_done + 1
+            rng.bit_generator.state = state.rng_state
+            order = rng.permutation(n)
+            p = state.partial
+            t_start = time.perf_counter() - p["seconds"]
+            bar = _bar(report, epoch, cfg.train.epochs, batches_per_epoch, state.batch_in_epoch)
+            window = {"ll": 0.0, "correct": 0, "seen": 0, "t": time.perf_counter()}
+            for k in range(state.batch_in_epoch, batches_per_epoch):
+                idx = order[k * bs : (k + 1) * bs]
+                ll, correct = train_step(state.params, ws, X, Y, idx, lr)
+                if not math.isfinite(ll):
+                    last = ckpt_dir / "last.npz"
+                    raise TrainingError(
+                        f"the log-likelihood became {ll} at epoch {epoch}, batch {k + 1}: train.learning_rate = {lr:g} "
+                        f"is too large for batches of {bs} (the step grows with the batch, since the LL is a sum); "
+                        f"lower it. The last good checkpoint is {last}"
+                    )
+                state.step += 1
+                state.batch_in_epoch = k + 1
+                p["ll"] += ll
+                p["correct"] += correct
+                p["seen"] += len(idx)
+                if bar is not None:
+                    bar.update(1)
+                    if bar.n % 20 == 0 or k + 1 == batches_per_epoch:
+                        bar.set_postfix_str(f"LL {p['ll'] / p['seen']:.4f}/img acc {100 * p['correct'] / p['seen']:.2f}%")
+                if cfg.train.log_every:
+                    window["ll"] += ll
+                    window["correct"] += correct
+                    window["seen"] += len(idx)
+                    if state.step % cfg.train.log_every == 0:
+                        state.metrics.append(_step_record(epoch, state.step, window))
+                        _write_metrics(run_dir, state.metrics)
+                        window = {"ll": 0.0, "correct": 0, "seen": 0, "t": time.perf_counter()}
+                if stop.signal is not None and k + 1 < batches_per_epoch:
+                    p["seconds"] = time.perf_counter() - t_start
+                    interrupted = stop.signal
+                    break
+            if bar is not None:
+                bar.close()
+            if interrupted is not None:
+                save("last.npz")
+                break
+
+            # End of the epoch: measure, record, checkpoint.
+            train_seconds = time.perf_counter() - t_start
+            val_ll, val_acc = ll_and_accuracy(state.params, X_val, y_val) if len(y_val) else (None, None)
+            record = {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": state.step,
+                "train_ll": p["ll"],
+                "train_ll_mean": p["ll"] / p["seen"],
+                "train_acc": p["correct"] / p["seen"],
+                "val_ll_mean": val_ll,
+                "val_acc": val_acc,
+                "seconds": time.perf_counter() - t_start,
+                "images_per_s": p["seen"] / train_seconds if train_seconds > 0 else None,
+            }
+            state.metrics.append(record)
+            state.epochs_done = epoch
+            state.batch_in_epoch = 0
+            state.rng_state = rng.bit_generator.state
+            state.partial = {"ll": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            key = "val_ll_mean" if val_ll is not None else "train_ll_mean"
+            improved = state.best is None or record[key] > state.best["value"]
+            if improved:
+                state.best = {"epoch": epoch, "key": key, "value": record[key]}
+            if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+                save(f"epoch-{epoch:04d}.npz")
+            if improved:
+                save("best.npz")
+            save("last.npz")
+            _write_metrics(run_dir, state.metrics)
+            report.line(epoch_line(record, cfg.train.epochs))
+            if stop.signal is not None:
+                interrupted = stop.signal
+    last = next((m for m in reversed(state.metrics) if m.get("kind") == "epoch"), None)
+    return Outcome(run_dir, state.epochs_done, interrupted, state.best, last)
+
+
+def _step_record(epoch: int, step: int, w: dict) -> dict:
+    seconds = time.perf_counter() - w["t"]
+    return {
+        "kind": "step",
+        "epoch": epoch,
+        "step": step,
+        "train_ll": w["ll"],
+        "train_ll_mean": w["ll"] / w["seen"],
+        "train_acc": w["correct"] / w["seen"],
+        "seconds": seconds,
+        "images_per_s": w["seen"] / seconds if seconds > 0 else None,
+    }
+
+
+def _bar(report: Reporter, epoch: int, epochs: int, total: int, done: int):
+    if not report.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=done, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, file=sys.stderr,
+        mininterval=0.2,
+    )
