@@ -99,26 +99,26 @@ def custom(
     files: dict[str, str] | None = None,
     sha256: dict[str, str] | None = None,
     *,
-    where: str = "[data]",
+    where: str = "data",
 ) -> Dataset:
     """A dataset defined in a config's [data] table; `where` names it in errors."""
     if not NAME_RE.match(name):
-        raise ConfigError(f"{where} dataset: {name!r} is not a usable name (lower-case letters, digits, '.', '_', '-')")
+        raise ConfigError(f"{where}.dataset = {name!r}: must be a name of lower-case letters, digits, '.', '_', '-'")
     if name in BUILTIN:
-        raise ConfigError(f"{where} dataset: {name!r} is built in; give your own dataset another name")
+        raise ConfigError(f"{where}.dataset = {name!r} is built in; give your own dataset another name")
     files = dict(files or {})
     for role, fname in files.items():
         if role not in ROLES:
-            raise ConfigError(f"{where} files: unknown file {role!r} (allowed: {', '.join(ROLES)})")
+            raise ConfigError(f"{where}.files: unknown file {role!r} (allowed: {', '.join(ROLES)})")
         if not fname or "/" in fname or fname in (".", ".."):
-            raise ConfigError(f"{where} files.{role}: {fname!r} is not a plain file name")
+            raise ConfigError(f"{where}.files.{role} = {fname!r}: must be a plain file name")
     resolved = {role: _strip_gz(files.get(role, MNIST_FILES[role])) for role in ROLES}
     hashes = {}
     for role, h in (sha256 or {}).items():
         if role not in ROLES:
-            raise ConfigError(f"{where} sha256: unknown file {role!r} (allowed: {', '.join(ROLES)})")
+            raise ConfigError(f"{where}.sha256: unknown file {role!r} (allowed: {', '.join(ROLES)})")
         if not SHA256_RE.match(h):
-            raise ConfigError(f"{where} sha256.{role}: {h!r} is not 64 lower-case hex digits")
+            raise ConfigError(f"{where}.sha256.{role} = {h!r}: must be 64 lower-case hex digits")
         hashes[role] = h
     return Dataset(name=name, mirrors=(url,), files=resolved, sha256=hashes, sizes={}, digits=True)
 

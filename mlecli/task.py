@@ -112,4 +112,4 @@ def build_task(cfg: Config, splits: dict[str, Split], rng: np.random.Generator) 
 def pixels(images: np.ndarray, dtype) -> np.ndarray:
     """Images (n, H, W) uint8 as inputs x (n, H*W) in [0, 1]: pixel / 255, exactly rounded."""
     table = (np.arange(256, dtype=np.float64) / 255.0).astype(dtype)
-    return table[images.reshape(len(images), -1)]
+    return table[images.reshape(len(images), int(np.prod(images.shape[1:])))]

@@ -404,7 +404,8 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
     ws = Workspace(state.params, min(bs, n))
     batches_per_epoch = math.ceil(n / bs)
     interrupted = None
-    with StopRequest() as stop:
+    # Overflow is caught by the finiteness check below and reported in words, once.
+    with StopRequest() as stop, np.errstate(over="ignore", invalid="ignore"):
         while state.epochs_done < cfg.train.epochs and interrupted is None:
             epoch = state.epochs_done + 1
             rng.bit_generator.state = state.rng_state
@@ -474,11 +475,11 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
             improved = state.best is None or record[key] > state.best["value"]
             if improved:
                 state.best = {"epoch": epoch, "key": key, "value": record[key]}
+            save("last.npz")  # first, so that last.npz is always the newest checkpoint
             if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                 save(f"epoch-{epoch:04d}.npz")
             if improved:
                 save("best.npz")
-            save("last.npz")
             _write_metrics(run_dir, state.metrics)
             report.line(epoch_line(record, cfg.train.epochs))
             if stop.signal is not None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from fakes import Mirror, tiny_dataset
@@ -47,3 +48,36 @@ def mirrors():
     yield start
     for m in started:
         m.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny):
+    """The tiny dataset as a local folder of .gz files (an offline mirror)."""
+    return tiny.write_folder(tmp_path_factory.mktemp("tiny-mirror"))
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny, tiny_folder):
+    """Write a config training on the tiny dataset; keyword args override [section] keys."""
+
+    def make(name="tiny-run", **sections) -> Path:
+        body = {
+            "data": {"dataset": "tiny", "url": str(tiny_folder), "validation": 0.2,
+                     "sha256": tiny.spec(()).sha256},
+            "task": {"positive": [1, 3, 5, 7, 9], "negative": [0, 2, 4, 6, 8]},
+            "model": {"hidden": [16], "dtype": "float32", "seed": 1},
+            "train": {"epochs": 4, "batch_size": 16, "learning_rate": 0.05, "seed": 2},
+        }
+        for section, values in sections.items():
+            body[section] = {**body[section], **values}
+        from mlecli.config import _toml_value
+
+        lines = []
+        for section, values in body.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        path = tmp_path / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return make

@@ -1,0 +1,181 @@
+"""Configs: loading, every kind of refusal, overrides, the resolved TOML."""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mlecli import config
+from mlecli.config import BUILTIN_CONFIGS, SCHEMA, from_dict, load, parse_override, to_toml
+from mlecli.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text, name="c.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def refused(tmp_path, text, *overrides):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(p, overrides)
+    return str(err.value).removeprefix(f"config {p}: ")
+
+
+def test_builtin_default_has_the_documented_values():
+    cfg = load(None)
+    assert cfg.name == "default"
+    assert cfg.data.dataset == "mnist" and cfg.data.validation == 0.1
+    assert cfg.task.positive == (1, 3, 5, 7, 9) and cfg.task.negative == (0, 2, 4, 6, 8)
+    assert cfg.model.hidden == (128,) and cfg.model.dtype == "float32"
+
+
+@pytest.mark.parametrize("name", BUILTIN_CONFIGS)
+def test_shipped_configs_load_and_equal_the_repo_copies(name):
+    assert (ROOT / "configs" / f"{name}.toml").read_text() == config.builtin_config_text(name)
+    assert load(name).name == name
+    assert load(ROOT / "configs" / f"{name}.toml") == load(name)
+
+
+@pytest.mark.parametrize("name", BUILTIN_CONFIGS)
+def test_every_key_of_a_shipped_config_is_commented(name):
+    lines = config.builtin_config_text(name).splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            assert lines[i - 1].startswith("#"), f"{name}.toml: {line!r} has no comment above it"
+    assert "SUM" in config.builtin_config_text(name)  # how the step scales with the batch
+
+
+def test_empty_file_takes_every_default(tmp_path):
+    cfg = load(write(tmp_path, ""))
+    assert cfg.name == "c" and cfg.train.epochs == 10 and cfg.model.hidden == (128,)
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    assert refused(tmp_path, "[train]\nepoch = 3\n") == "unknown key train.epoch (did you mean train.epochs?)"
+    assert refused(tmp_path, "[modle]\nhidden = []\n") == "unknown key modle (did you mean model?)"
+    assert refused(tmp_path, "[train]\nlearnig_rate = 0.1\n").endswith("(did you mean train.learning_rate?)")
+
+
+def test_wrong_types_name_the_key_and_what_is_allowed(tmp_path):
+    assert refused(tmp_path, '[train]\nepochs = "3"\n') == "train.epochs = '3': must be an integer >= 1"
+    assert refused(tmp_path, "[train]\nepochs = 2.5\n") == "train.epochs = 2.5: must be an integer >= 1"
+    assert refused(tmp_path, "[train]\nepochs = true\n") == "train.epochs = true: must be an integer >= 1"
+    assert (
+        refused(tmp_path, "[model]\nhidden = [0]\n")
+        == "model.hidden = [0]: hidden must be a list of positive integers ([] = logistic regression)"
+    )
+    assert refused(tmp_path, '[model]\ndtype = "float16"\n') == (
+        "model.dtype = 'float16': must be one of 'float32', 'float64'"
+    )
+    assert refused(tmp_path, "train = 3\n") == "train must be a table ([train]), got 3"
+
+
+def test_out_of_range_values(tmp_path):
+    assert refused(tmp_path, "[train]\nlearning_rate = -0.1\n") == (
+        "train.learning_rate = -0.1: must be a finite number > 0"
+    )
+    assert refused(tmp_path, "[train]\nlearning_rate = inf\n") == "train.learning_rate = inf: must be a finite number > 0"
+    assert refused(tmp_path, "[train]\nbatch_size = 0\n") == "train.batch_size = 0: must be an integer >= 1"
+    assert refused(tmp_path, "[data]\nvalidation = 1.0\n").startswith("data.validation = 1.0: must be a fraction")
+    assert refused(tmp_path, "[task]\npositive = [10]\n") == (
+        "task.positive = [10]: must be a non-empty list of digits 0-9"
+    )
+    assert refused(tmp_path, "[task]\npositive = []\n") == "task.positive = []: must be a non-empty list of digits 0-9"
+    assert refused(tmp_path, "[task]\npositive = [1, 1]\n") == "task.positive = [1, 1]: lists a digit twice"
+    assert refused(tmp_path, '[task]\nnegative = "others"\n') == (
+        "task.negative = 'others': must be a non-empty list of digits 0-9 or \"rest\""
+    )
+
+
+def test_overlapping_digits_are_refused(tmp_path):
+    assert refused(tmp_path, "[task]\npositive = [4, 9]\nnegative = [9, 7]\n") == (
+        "task.positive and task.negative both list [9]: a digit can be in one class only"
+    )
+
+
+def test_rest_means_every_other_digit(tmp_path):
+    cfg = load(write(tmp_path, '[task]\npositive = [0]\nnegative = "rest"\n'))
+    assert cfg.task.negative_digits == (1, 2, 3, 4, 5, 6, 7, 8, 9)
+
+
+def test_a_network_too_big_for_memory_is_refused_before_allocating(tmp_path):
+    msg = refused(tmp_path, "[model]\nhidden = [1000000000]\n")
+    assert msg.startswith("model.hidden = [1000000000] with train.batch_size = 32: the network would need about ")
+    assert "TiB of memory, more than this machine's" in msg
+
+
+def test_unknown_dataset_needs_a_url(tmp_path):
+    assert refused(tmp_path, '[data]\ndataset = "cifar"\n') == (
+        "data.dataset = 'cifar' is not built in (mnist, fashion-mnist): "
+        "set data.url to the base URL or local folder of its IDX files"
+    )
+
+
+def test_custom_dataset_keys_are_checked(tmp_path):
+    base = '[data]\ndataset = "mine"\nurl = "http://x/"\n'
+    assert refused(tmp_path, base + 'sha256 = { train-images = "abc" }\n') == (
+        "data.sha256.train-images = 'abc': must be 64 lower-case hex digits"
+    )
+    assert refused(tmp_path, base + 'files = { train-imgs = "a" }\n') == (
+        "data.files: unknown file 'train-imgs' (allowed: train-images, train-labels, test-images, test-labels)"
+    )
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    p = write(tmp_path, "[train\n")
+    with pytest.raises(ConfigError, match=rf"^config {p}: not valid TOML: "):
+        load(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist \(built-in configs: default, logreg, four-vs-nine, deep\)"):
+        load(tmp_path / "nope.toml")
+
+
+def test_overrides_are_parsed_as_toml_and_type_checked(tmp_path):
+    cfg = load(None, ["train.epochs=3", "model.hidden=[256, 64]", "data.dataset=fashion-mnist", "train.learning_rate=1e-3"])
+    assert cfg.train.epochs == 3 and cfg.model.hidden == (256, 64)
+    assert cfg.data.dataset == "fashion-mnist" and cfg.train.learning_rate == 0.001
+    with pytest.raises(ConfigError, match=r"^built-in config default: train.epochs = 'three': must be an integer >= 1$"):
+        load(None, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match=r"unknown key train.epohcs \(did you mean train.epochs\?\)"):
+        load(None, ["train.epohcs=3"])
+
+
+def test_malformed_overrides():
+    with pytest.raises(ConfigError, match=r"^--set 'epochs': expected KEY=VALUE, e.g. --set train.epochs=3$"):
+        parse_override("epochs")
+    with pytest.raises(ConfigError, match=r"^--set 'model.hidden=\[1,': '\[1,' is not a valid TOML value$"):
+        parse_override("model.hidden=[1,")
+    assert parse_override("data.sha256.train-images=abc") == (["data", "sha256", "train-images"], "abc")
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    cfg = load(None, ["task.negative=\"rest\"", "task.positive=[3]", "train.learning_rate=0.00025", "data.validation=500"])
+    text = to_toml(cfg)
+    assert from_dict(tomllib.loads(text), name="other") == cfg
+    odd = from_dict({"data": {"dataset": "mine", "url": "/we\"ird\n\x7f\u00e9"}}, name="n")
+    assert from_dict(tomllib.loads(to_toml(odd)), name="n") == odd
+
+
+def test_schema_defaults_pass_their_own_checks():
+    for section, keys in SCHEMA.items():
+        for key, (check, default) in keys.items():
+            if default is not None:
+                check(f"{section}.{key}", default)
+
+
+def test_default_config_loads_outside_the_repo(tmp_path):
+    # An installed mlecli finds its built-in configs in the package, whatever the cwd.
+    env = {**os.environ, "PYTHONPATH": ""}
+    code = "from mlecli.config import load; c = load(None); d = load('deep'); print(c.name, c.model.hidden, d.name)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "default (128,) deep\n"

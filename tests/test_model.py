@@ -1,0 +1,136 @@
+"""The math of DESIGN.md: forward pass, stable log-likelihood, hand-written backprop."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from mlecli.model import (
+    ascent_step,
+    forward,
+    gradients,
+    init_params,
+    layer_sizes,
+    log_likelihood,
+    predict_proba,
+    sigmoid,
+)
+from mlecli.train import Workspace, train_step
+
+
+def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    params = init_params(layer_sizes(n_in, hidden), rng, dtype)
+    params = [(W, rng.normal(0, 0.3, b.shape).astype(dtype)) for W, b in params]  # non-zero biases too
+    x = rng.uniform(0, 1, (n, n_in)).astype(dtype)
+    y = rng.integers(0, 2, n).astype(dtype)
+    return params, x, y
+
+
+def ll_of(params, x, y):
+    return log_likelihood(forward(params, x)[1], y)
+
+
+@pytest.mark.parametrize("hidden", [(), (4,), (6, 3, 4)], ids=["logreg", "1-hidden", "3-hidden"])
+def test_gradients_match_central_finite_differences(hidden):
+    params, x, y = random_problem(hidden)
+    hs, z = forward(params, x)
+    grads = gradients(params, hs, z, y)
+    eps = 1e-6
+    for layer, ((W, b), (dW, db)) in enumerate(zip(params, grads)):
+        for arr, grad, name in ((W, dW, "W"), (b, db, "b")):
+            numeric = np.zeros_like(arr)
+            for i in np.ndindex(arr.shape):
+                old = arr[i]
+                arr[i] = old + eps
+                up = ll_of(params, x, y)
+                arr[i] = old - eps
+                down = ll_of(params, x, y)
+                arr[i] = old
+                numeric[i] = (up - down) / (2 * eps)
+            rel = np.linalg.norm(grad - numeric) / max(np.linalg.norm(grad) + np.linalg.norm(numeric), 1e-12)
+            assert rel < 1e-6, f"{name}{layer + 1}: relative error {rel:.2e}"
+
+
+def test_one_ascent_step_on_a_2_2_1_network_by_hand():
+    # x = [1, 0], y = 1. Hidden layer: W1 = [[0, 1], [1, 0]] (rows = inputs), b1 = [0, 0].
+    #   a1 = x W1 + b1 = [0, 1];  h1 = σ(a1) = [0.5, σ(1)] with σ(1) = 0.7310585786300049.
+    # Output: w = [[1], [-1]], b = 0.
+    #   z = 0.5 − σ(1) = −0.2310585786300049;  ŷ = σ(z) = 0.44247...
+    # ∂LL/∂z = y − ŷ = 1 − σ(z) = σ(−z) =: d = 0.5575...
+    # Output gradients: ∂LL/∂w = h1ᵀ d = [0.5 d, σ(1) d];  ∂LL/∂b = d.
+    # Hidden deltas: δ1 = (d wᵀ) ⊙ h1(1 − h1) = [d · 0.25, −d · σ(1)(1 − σ(1))].
+    # Hidden gradients: ∂LL/∂W1 = xᵀ δ1 = [[δ1_1, δ1_2], [0, 0]];  ∂LL/∂b1 = δ1.
+    # With η = 0.1 each parameter moves UP by 0.1 × its gradient.
+    s1 = 1 / (1 + np.exp(-1.0))
+    z = 0.5 - s1
+    d = 1 / (1 + np.exp(z))
+    params = [
+        (np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0.0, 0.0])),
+        (np.array([[1.0], [-1.0]]), np.array([0.0])),
+    ]
+    x, y = np.array([[1.0, 0.0]]), np.array([1.0])
+    hs, zz = forward(params, x)
+    assert zz[0] == pytest.approx(z, abs=1e-15)
+    assert log_likelihood(zz, y) == pytest.approx(np.log(1 / (1 + np.exp(-z))), abs=1e-15)
+    new = ascent_step(params, gradients(params, hs, zz, y), 0.1)
+    delta1 = np.array([d * 0.25, -d * s1 * (1 - s1)])
+    np.testing.assert_allclose(new[0][0], [[0.1 * delta1[0], 1 + 0.1 * delta1[1]], [1.0, 0.0]], atol=1e-15)
+    np.testing.assert_allclose(new[0][1], 0.1 * delta1, atol=1e-15)
+    np.testing.assert_allclose(new[1][0], [[1 + 0.1 * 0.5 * d], [-1 + 0.1 * s1 * d]], atol=1e-15)
+    np.testing.assert_allclose(new[1][1], [0.1 * d], atol=1e-15)
+    assert ll_of(new, x, y) > ll_of(params, x, y)  # ascent: the likelihood went up
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_likelihood_is_finite_and_exact_for_huge_logits(dtype):
+    z = np.array([-1000, -40, -1, 0, 1, 40, 1000], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any overflow warning fails the test
+        ll1 = [log_likelihood(z[i : i + 1], np.ones(1, dtype)) for i in range(len(z))]
+        ll0 = [log_likelihood(z[i : i + 1], np.zeros(1, dtype)) for i in range(len(z))]
+        s = sigmoid(z)
+    # log σ(z) = −softplus(−z): about z for very negative z, about −e^{−z} for large z
+    assert ll1[0] == pytest.approx(-1000.0) and ll1[-1] == 0.0
+    assert ll0[0] == 0.0 and ll0[-1] == pytest.approx(-1000.0)
+    assert ll1[3] == pytest.approx(np.log(0.5)) and ll0[3] == pytest.approx(np.log(0.5))
+    assert ll1[1] == pytest.approx(-40.0, rel=1e-6) and ll0[5] == pytest.approx(-40.0, rel=1e-6)
+    assert s[0] == 0.0 and s[-1] == 1.0 and s[3] == 0.5
+    assert np.all(np.isfinite(ll1 + ll0))
+
+
+def test_sigmoid_is_symmetric():
+    z = np.linspace(-30, 30, 601)
+    np.testing.assert_allclose(sigmoid(z) + sigmoid(-z), 1.0, atol=1e-15)
+
+
+def test_glorot_uniform_initialisation_is_seeded_and_bounded():
+    sizes = layer_sizes(784, (128,))
+    a = init_params(sizes, np.random.default_rng(3), np.float32)
+    b = init_params(sizes, np.random.default_rng(3), np.float32)
+    for (Wa, ba), (Wb, bb) in zip(a, b):
+        assert Wa.dtype == np.float32 and np.array_equal(Wa, Wb) and not ba.any()
+    limit = np.sqrt(6 / (784 + 128))
+    assert np.abs(a[0][0]).max() <= limit and np.abs(a[0][0]).max() > 0.99 * limit
+    assert a[1][0].shape == (128, 1)
+
+
+@pytest.mark.parametrize("hidden", [(), (5,), (6, 3, 4)])
+@pytest.mark.parametrize("batch", [7, 3])
+def test_in_place_train_step_equals_the_pure_functions(hidden, batch):
+    params, x, y = random_problem(hidden, n=7)
+    idx = np.array([6, 0, 3, 2, 5, 1, 4])[:batch]
+    expected = ascent_step(params, gradients(params, *forward(params, x[idx]), y[idx]), 0.05)
+    expected_ll = ll_of(params, x[idx], y[idx])
+    fast = [(W.copy(), b.copy()) for W, b in params]
+    ll, correct = train_step(fast, Workspace(fast, 7), x, y, idx, 0.05)
+    assert ll == pytest.approx(expected_ll, rel=1e-12)
+    assert correct == int(np.sum((forward(params, x[idx])[1] > 0) == (y[idx] == 1)))
+    for (W, b), (We, be) in zip(fast, expected):
+        np.testing.assert_allclose(W, We, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(b, be, rtol=1e-12, atol=1e-14)
+
+
+def test_predict_proba_is_sigmoid_of_the_logit():
+    params, x, _ = random_problem((3,))
+    np.testing.assert_allclose(predict_proba(params, x), sigmoid(forward(params, x)[1]))
