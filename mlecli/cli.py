@@ -210,3 +210,53 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         label = "validation" if best["key"] == "val_ll_mean" else "training"
         click.echo(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
     click.echo(f"evaluate: mlecli evaluate {run_dir}")
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint",
+    "which",
+    default="best",
+    metavar="best|last|epoch-N",
+    help="Which checkpoint of a run folder to measure (ignored for a checkpoint file).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "validation", "train"]),
+    default="test",
+    help="test: the dataset's official test images; validation: the run's held-out images.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@data_dir_option
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.5,
+    help="Predict positive where ŷ ≥ this.",
+)
+def evaluate(target, which, split, as_json, data_dir, threshold):
+    """Measure a checkpoint on held-out data.
+
+    TARGET is a run folder or a checkpoint file. The task, dataset and network come
+    from the checkpoint's own config. The JSON report is also written to
+    <run>/eval-<split>-<checkpoint>.json.
+    """
+    import json
+    import re
+
+    from mlecli import evaluate as ev
+
+    if not re.fullmatch(r"best|last|epoch-\d+", which):
+        raise click.BadParameter(f"{which!r} is not best, last or epoch-N", param_hint="'--checkpoint'")
+    report = ev.evaluate(
+        target, which=which, split=split, data_dir=_data_dir(data_dir), threshold=threshold,
+        log=_log(as_json), progress=_progress(as_json),
+    )
+    saved = ev.save_report(report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(ev.format_report(report))
+        if saved is not None:
+            click.echo(f"  report            {saved}")

@@ -34,11 +34,9 @@ from mlecli.cache import prepare
 from mlecli.config import Config, estimate_memory, physical_memory, to_toml
 from mlecli.errors import CheckpointError, ConfigError, TrainingError
 from mlecli.fsutil import atomic_write_text, folder_lock, remove_stale_temporaries
-from mlecli.model import Params, forward, init_params, layer_sizes, log_likelihood_terms
+from mlecli.metrics import total_log_likelihood
+from mlecli.model import Params, init_params, layer_sizes, scores
 from mlecli.task import BinaryTask, build_task, pixels
-
-EVAL_CHUNK = 4096
-
 
 # ---------------------------------------------------------------------------
 # The hot loop: one batch, in place, in preallocated buffers.
@@ -101,7 +99,7 @@ def train_step(
     sp = ws.softplus[:m]
     np.logaddexp(0.0, z, out=sp)
     ll = float(np.dot(y, z)) - float(sp.sum(dtype=np.float64))
-    correct = int(np.count_nonzero((z > 0) == (y > 0.5)))
+    correct = int(np.count_nonzero((z >= 0) == (y > 0.5)))  # ŷ ≥ 0.5 ⇔ z ≥ 0
     # ∂LL/∂z = y − σ(z)
     delta = ws.delta_out[:m]
     d = delta[:, 0]
@@ -137,20 +135,10 @@ def train_step(
 # Measuring a whole split (validation each epoch; evaluate uses it too)
 
 
-def scores(params: Params, X: np.ndarray) -> np.ndarray:
-    """Logits z (n,) for inputs X (n, n_0), in chunks to bound memory."""
-    out = np.empty(len(X), dtype=params[0][0].dtype)
-    for start in range(0, len(X), EVAL_CHUNK):
-        out[start : start + EVAL_CHUNK] = forward(params, X[start : start + EVAL_CHUNK])[1]
-    return out
-
-
 def ll_and_accuracy(params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(mean log-likelihood per image, accuracy at ŷ = 0.5) on a whole split."""
     z = scores(params, X)
-    yf = y.astype(z.dtype)
-    ll = float(np.sum(log_likelihood_terms(z, yf), dtype=np.float64))
-    return ll / len(y), float(np.mean((z > 0) == (y == 1)))
+    return total_log_likelihood(z, y) / len(y), float(np.mean((z >= 0) == (y == 1)))
 
 
 # ---------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_in_place_train_step_equals_the_pure_functions(hidden, batch):
     fast = [(W.copy(), b.copy()) for W, b in params]
     ll, correct = train_step(fast, Workspace(fast, 7), x, y, idx, 0.05)
     assert ll == pytest.approx(expected_ll, rel=1e-12)
-    assert correct == int(np.sum((forward(params, x[idx])[1] > 0) == (y[idx] == 1)))
+    assert correct == int(np.sum((forward(params, x[idx])[1] >= 0) == (y[idx] == 1)))
     for (W, b), (We, be) in zip(fast, expected):
         np.testing.assert_allclose(W, We, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(b, be, rtol=1e-12, atol=1e-14)

@@ -1,0 +1,169 @@
+"""Evaluation: a checkpoint measured on one split of its own task.
+
+The task, dataset and model all come from the checkpoint's config, so nothing else is
+needed. `validation` is exactly the held-out part of training the run used (rebuilt
+from the same seed); `test` is the dataset's official test images of the task's digits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mlecli import checkpoint as ckpt
+from mlecli import metrics
+from mlecli.cache import prepare
+from mlecli.errors import CheckpointError
+from mlecli.fsutil import atomic_write_text
+from mlecli.model import scores, sigmoid
+from mlecli.task import build_task, pixels
+
+SPLITS = ("test", "validation", "train")
+
+
+def run_dir_of(checkpoint_path: Path) -> Path | None:
+    """The run folder holding a checkpoint (…/<run>/checkpoints/<file>), if it is one."""
+    folder = checkpoint_path.resolve().parent
+    if folder.name == "checkpoints" and (folder.parent / "config.toml").exists():
+        return folder.parent
+    return None
+
+
+def evaluate(
+    target: Path,
+    *,
+    which: str = "best",
+    split: str = "test",
+    data_dir: Path,
+    threshold: float = 0.5,
+    log: Callable[[str], None] = lambda msg: None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Every figure of the report, as one JSON-ready dict."""
+    path = ckpt.resolve(Path(target), which)
+    cp = ckpt.load(path)
+    cfg = cp.config
+    dataset = cfg.data.resolve()
+    splits = prepare(dataset, data_dir, progress=progress, log=log)
+    sha256 = {**splits["train"].sha256, **splits["test"].sha256}
+    trained_on = cp.meta.get("dataset_sha256") or {}
+    changed = sorted(role for role in trained_on if trained_on[role] != sha256.get(role))
+    if changed:
+        raise CheckpointError(
+            f"{path} was trained on {dataset.name} files with other hashes than those cached in {data_dir} "
+            f"({', '.join(changed)}: trained {trained_on[changed[0]][:12]}…, cached {sha256.get(changed[0], '?')[:12]}…); "
+            "evaluate it with the data it was trained on"
+        )
+    task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
+    if task.n_inputs != cp.meta["n_inputs"]:
+        raise CheckpointError(f"{path} expects {cp.meta['n_inputs']} inputs, the dataset's images have {task.n_inputs}")
+    subset = task.split(split)
+    if len(subset) == 0:
+        raise CheckpointError(f"the {split} split of this run is empty (data.validation = {cfg.data.validation})")
+
+    t0 = time.perf_counter()
+    X = pixels(subset.images, np.dtype(cfg.model.dtype))
+    z = scores(cp.params, X)
+    p = sigmoid(z)
+    y = subset.y
+    seconds = time.perf_counter() - t0
+
+    n, pos = len(y), int(y.sum())
+    total_ll = metrics.total_log_likelihood(z, y)
+    pred = metrics.predictions(p, threshold)
+    cm = metrics.confusion(y, pred)
+    precision, recall, f1 = metrics.precision_recall_f1(cm)
+    bins = metrics.calibration_bins(y, p)
+    worst = metrics.most_confident_errors(y, z, pred)
+    return {
+        "checkpoint": str(path),
+        "checkpoint_name": path.stem,
+        "epoch": cp.epoch,
+        "split": split,
+        "dataset": dataset.name,
+        "dataset_sha256": sha256,
+        "task": cfg.task.describe(),
+        "hidden": list(cfg.model.hidden),
+        "threshold": threshold,
+        "images": n,
+        "positives": pos,
+        "negatives": n - pos,
+        "log_likelihood": total_ll,
+        "log_likelihood_mean": total_ll / n,
+        "perplexity": float(np.exp(-total_ll / n)),
+        "accuracy": metrics.accuracy(y, pred),
+        "majority_baseline": max(pos, n - pos) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "confusion": cm,
+        "roc_auc": metrics.roc_auc(y, z),
+        "brier": metrics.brier(y, p),
+        "ece": metrics.expected_calibration_error(bins, n),
+        "calibration": bins,
+        "most_confident_errors": [
+            {"index": int(subset.index[i]), "digit": int(subset.digits[i]), "y": int(y[i]), "p": float(p[i])}
+            for i in worst
+        ],
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else None,
+    }
+
+
+def save_report(report: dict[str, Any]) -> Path | None:
+    """Write the report to <run>/eval-<split>-<checkpoint>.json when the checkpoint is in a run."""
+    run = run_dir_of(Path(report["checkpoint"]))
+    if run is None:
+        return None
+    path = run / f"eval-{report['split']}-{report['checkpoint_name']}.json"
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable table: the likelihood view first, since training maximised it."""
+    (tn, fp), (fn, tp) = r["confusion"]
+    lines = [
+        f"{r['checkpoint']} (epoch {r['epoch']}) on the {r['split']} split of {r['dataset']}: "
+        f"{r['task']}, hidden {r['hidden']}",
+        f"  images            {r['images']:,} ({r['positives']:,} positive, {r['negatives']:,} negative)",
+        f"  log-likelihood    {r['log_likelihood']:.4f} total, {r['log_likelihood_mean']:.6f} per image",
+        f"  perplexity        {r['perplexity']:.6f} (exp of the mean negative log-likelihood)",
+        f"  accuracy          {_pct(r['accuracy'])} at ŷ ≥ {r['threshold']:g} "
+        f"(majority class: {_pct(r['majority_baseline'])})",
+        f"  precision         {_pct(r['precision'])}",
+        f"  recall            {_pct(r['recall'])}",
+        f"  F1                {_num(r['f1'])}",
+        f"  ROC AUC           {_num(r['roc_auc'])}",
+        f"  Brier score       {_num(r['brier'], '.6f')}",
+        f"  calibration error {_num(r['ece'], '.6f')} (ECE, 10 bins)",
+        "  confusion            predicted 0  predicted 1",
+        f"    actual 0 (neg)   {tn:>11,}  {fp:>11,}",
+        f"    actual 1 (pos)   {fn:>11,}  {tp:>11,}",
+        "  calibration        bin      images  mean ŷ   positive",
+    ]
+    for b in r["calibration"]:
+        lines.append(
+            f"    [{b['low']:.1f}, {b['high']:.1f}{']' if b['high'] == 1 else ')'}  {b['images']:>12,}  "
+            f"{_num(b['mean_p'], '.4f'):>6}   {_num(b['positive_rate'], '.4f'):>6}"
+        )
+    lines.append("  most confidently wrong (index in the split's IDX file, digit, target, ŷ):")
+    if not r["most_confident_errors"]:
+        lines.append("    none")
+    for e in r["most_confident_errors"]:
+        lines.append(f"    #{e['index']:<6} digit {e['digit']}  y={e['y']}  ŷ={e['p']:.6f}")
+    rate = f"{r['images_per_s']:,.0f} images/s" if r["images_per_s"] else "n/a"
+    lines.append(f"  time              {r['seconds']:.3f} s ({rate})")
+    return "\n".join(lines)
