@@ -19,8 +19,8 @@ from mlecli import metrics
 from mlecli.cache import prepare
 from mlecli.errors import CheckpointError
 from mlecli.fsutil import atomic_write_text
-from mlecli.model import scores, sigmoid
-from mlecli.task import build_task, pixels
+from mlecli.model import sigmoid
+from mlecli.task import build_task, image_scores
 
 SPLITS = ("test", "validation", "train")
 
@@ -66,8 +66,7 @@ def evaluate(
         raise CheckpointError(f"the {split} split of this run is empty (data.validation = {cfg.data.validation})")
 
     t0 = time.perf_counter()
-    X = pixels(subset.images, np.dtype(cfg.model.dtype))
-    z = scores(cp.params, X)
+    z = image_scores(cp.params, subset.images)
     p = sigmoid(z)
     y = subset.y
     seconds = time.perf_counter() - t0

@@ -83,14 +83,6 @@ def ascent_step(params: Params, grads: Params, learning_rate: float) -> Params:
     return [(W + learning_rate * dW, b + learning_rate * db) for (W, b), (dW, db) in zip(params, grads)]
 
 
-def scores(params: Params, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Logits z (n,) for inputs x (n, n_0), `chunk` rows at a time to bound memory."""
-    out = np.empty(len(x), dtype=params[-1][0].dtype)
-    for start in range(0, len(x), chunk):
-        out[start : start + chunk] = forward(params, x[start : start + chunk])[1]
-    return out
-
-
 def predict_proba(params: Params, x: np.ndarray) -> np.ndarray:
     """ŷ = P(Y=1 | x) for each row of x."""
     return sigmoid(forward(params, x)[1])

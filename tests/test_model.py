@@ -15,6 +15,8 @@ from mlecli.model import (
     predict_proba,
     sigmoid,
 )
+from mlecli import blas
+from mlecli.task import pixels
 from mlecli.train import Workspace, train_step
 
 
@@ -117,13 +119,20 @@ def test_glorot_uniform_initialisation_is_seeded_and_bounded():
 
 @pytest.mark.parametrize("hidden", [(), (5,), (6, 3, 4)])
 @pytest.mark.parametrize("batch", [7, 3])
-def test_in_place_train_step_equals_the_pure_functions(hidden, batch):
-    params, x, y = random_problem(hidden, n=7)
+@pytest.mark.parametrize("backend", ["cblas", "numpy"])
+def test_in_place_train_step_equals_the_pure_functions(hidden, batch, backend, monkeypatch):
+    if backend == "numpy":
+        monkeypatch.setattr(blas, "_CBLAS", None)
+    elif blas._cblas() is None:
+        pytest.skip("no cblas found beside numpy: the numpy fallback is what runs here")
+    params, _, y = random_problem(hidden, n=7)
+    images = np.random.default_rng(1).integers(0, 256, (7, 5), dtype=np.uint8)
+    x = pixels(images, np.float64)
     idx = np.array([6, 0, 3, 2, 5, 1, 4])[:batch]
     expected = ascent_step(params, gradients(params, *forward(params, x[idx]), y[idx]), 0.05)
     expected_ll = ll_of(params, x[idx], y[idx])
     fast = [(W.copy(), b.copy()) for W, b in params]
-    ll, correct = train_step(fast, Workspace(fast, 7), x, y, idx, 0.05)
+    ll, correct = train_step(fast, Workspace(fast, 7), images, y, idx, 0.05)
     assert ll == pytest.approx(expected_ll, rel=1e-12)
     assert correct == int(np.sum((forward(params, x[idx])[1] >= 0) == (y[idx] == 1)))
     for (W, b), (We, be) in zip(fast, expected):

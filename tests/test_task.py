@@ -74,4 +74,6 @@ def test_pixels_are_scaled_exactly():
     images = np.array([[[0, 1], [128, 255]]], np.uint8)
     np.testing.assert_array_equal(pixels(images, np.float64), [[0, 1 / 255, 128 / 255, 1.0]])
     assert pixels(images, np.float32).dtype == np.float32
+    # correctly rounded in float32 itself, not rounded twice through float64
+    assert pixels(images, np.float32)[0, 1] == np.float32(1) / np.float32(255)
     assert pixels(images[:0], np.float32).shape == (0, 4)

@@ -1,0 +1,207 @@
+"""Training speed: mlecli against PyTorch (CPU) and against the machine's GEMM floor.
+
+    python benchmarks/bench_train.py [--repeat 5] [--batches 32 128 512]
+
+Workload (issue #5): a 784-128-1 sigmoid network, float32, learning rate 0.01, a binary
+task over all 60,000 training images of Fashion-MNIST (Debian's files, imported offline;
+classes 0-4 vs 5-9, no validation hold-out). Per batch size: one warm-up epoch, then
+`--repeat` epochs, median reported. Same machine, same run, 2 threads for everyone.
+
+- mlecli: the real trainer (`mlecli.train.run`), epoch time as it logs it in metrics.jsonl
+  (training only: validation and checkpoint writes excluded).
+- PyTorch 2.13 CPU: the same network, torch.set_num_threads(2), plain SGD on the summed
+  BCE-with-logits, data already in tensors, batches gathered with index_select.
+- floor: the epoch's matrix-multiply FLOPs (forward X·W1 and h·w2, weight gradients
+  Xᵀ·δ1 and hᵀ·δ2; the input's gradient is never needed) divided by the float32 GEMM
+  throughput numpy reaches here at exactly those shapes, measured in this run.
+
+Also: `mlecli --help` start-up time, loading the cached dataset, and the peak memory
+(max RSS) of a whole `mlecli train` process on the 60,000 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import cached_fashion, median_time, table, write_results  # noqa: E402
+
+from mlecli import config, train  # noqa: E402
+from mlecli.cache import load_split, prepare  # noqa: E402
+from mlecli.model import init_params, layer_sizes  # noqa: E402
+from mlecli.task import build_task, pixels  # noqa: E402
+
+HIDDEN = 128
+LR = 0.01
+OVERRIDES = [
+    "data.dataset=fashion-mnist", "data.validation=0", "task.positive=[0,1,2,3,4]", 'task.negative="rest"',
+    f"model.hidden=[{HIDDEN}]", "model.dtype=\"float32\"", f"train.learning_rate={LR}",
+]
+
+
+def workload(batch: int, epochs: int):
+    return config.load(None, [*OVERRIDES, f"train.batch_size={batch}", f"train.epochs={epochs}",
+                              f"train.checkpoint_every={epochs}"])
+
+
+def mlecli_epochs(batch: int, repeat: int, data_dir: Path) -> list[float]:
+    cfg = workload(batch, 1 + repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
+        train.run(cfg, Path(tmp) / "run", data_dir=data_dir, report=report)
+        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    # training seconds of each epoch as the trainer logged them; the first is the warm-up
+    return [60000 / m["images_per_s"] for m in lines[1:]]
+
+
+def torch_epochs(batch: int, repeat: int, X_np, Y_np, init) -> list[float] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    (W1, b1), (W2, b2) = init
+    net = torch.nn.Sequential(torch.nn.Linear(784, HIDDEN), torch.nn.Sigmoid(), torch.nn.Linear(HIDDEN, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(W1.T.copy()))
+        net[0].bias.copy_(torch.from_numpy(b1))
+        net[2].weight.copy_(torch.from_numpy(W2.T.copy()))
+        net[2].bias.copy_(torch.from_numpy(b2))
+    X, Y = torch.from_numpy(X_np), torch.from_numpy(Y_np)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(1 + repeat):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(X), generator=gen)
+        for k in range(0, len(X), batch):
+            idx = order[k : k + batch]
+            xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net(xb)[:, 0], yb).backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def gemm_floor(batch: int, n: int, repeat: int) -> tuple[float, float]:
+    """(floor seconds per epoch, GFLOP/s) from timing numpy's float32 GEMMs at the epoch's shapes."""
+    rng = np.random.default_rng(0)
+    shapes = []  # (a, b, out) per product, for a full batch and for the last, smaller one
+    full, rest = divmod(n, batch)
+    for m, count in ((batch, full), (rest, 1 if rest else 0)):
+        if not count:
+            continue
+        x = rng.random((m, 784), dtype=np.float32)
+        W1 = rng.random((784, HIDDEN), dtype=np.float32)
+        h = rng.random((m, HIDDEN), dtype=np.float32)
+        w2 = rng.random((HIDDEN, 1), dtype=np.float32)
+        d1 = rng.random((m, HIDDEN), dtype=np.float32)
+        d2 = rng.random((m, 1), dtype=np.float32)
+        products = [(x, W1, np.empty((m, HIDDEN), np.float32)), (h, w2, np.empty((m, 1), np.float32)),
+                    (x.T, d1, np.empty((784, HIDDEN), np.float32)), (h.T, d2, np.empty((HIDDEN, 1), np.float32))]
+        shapes.append((products, count))
+    flops = 0.0
+    seconds = 0.0
+    for products, count in shapes:
+        def one_batch():
+            for a, b, out in products:
+                np.matmul(a, b, out=out)
+        reps = max(50, 20000 // batch)
+        one_batch()
+        t, _ = median_time(lambda: [one_batch() for _ in range(reps)], repeat)
+        seconds += t / reps * count
+        flops += count * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in products)
+    return seconds, flops / seconds / 1e9
+
+
+def startup_seconds(repeat: int) -> float:
+    exe = Path(sys.executable).with_name("mlecli")
+    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "mlecli", "--help"]
+    subprocess.run(cmd, capture_output=True, check=True)
+    return median_time(lambda: subprocess.run(cmd, capture_output=True, check=True), repeat)[0]
+
+
+def peak_memory_mb(data_dir: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "mlecli", "train", "-q", "--run-dir", str(Path(tmp) / "run"),
+                "--data-dir", str(data_dir)]
+        for o in [*OVERRIDES, "train.batch_size=128", "train.epochs=1"]:
+            args += ["--set", o]
+        subprocess.run(args, capture_output=True, check=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return ", ".join(f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads, {i.get('architecture')})"
+                         for i in threadpool_info() if i["user_api"] == "blas")
+    except ImportError:
+        return "threadpoolctl not installed"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        dataset = cached_fashion(data_dir)
+        load_s = median_time(lambda: [load_split(dataset, data_dir, s) for s in ("train", "test")], 7)[0]
+        peak = peak_memory_mb(data_dir)
+        splits = prepare(dataset, data_dir)
+        cfg = workload(128, 1)
+        task = build_task(cfg, splits, np.random.default_rng(0))
+        X, Y = pixels(task.train.images, np.float32), task.train.y.astype(np.float32)
+        init = init_params(layer_sizes(784, (HIDDEN,)), np.random.default_rng(0), np.float32)
+        rows, results = [], []
+        for batch in args.batches:
+            ours = statistics.median(mlecli_epochs(batch, args.repeat, data_dir))
+            theirs_all = torch_epochs(batch, args.repeat, X, Y, init)
+            theirs = statistics.median(theirs_all) if theirs_all else None
+            floor, gflops = gemm_floor(batch, len(X), args.repeat)
+            rows.append([
+                batch, f"{ours:.3f}", f"{len(X) / ours:,.0f}",
+                f"{theirs:.3f}" if theirs else "n/a", f"{len(X) / theirs:,.0f}" if theirs else "n/a",
+                f"{ours / theirs:.2f}" if theirs else "n/a", f"{floor:.3f}", f"{gflops:.0f}",
+                f"{floor / ours:.0%}",
+            ])
+            results.append({"batch": batch, "mlecli_s": ours, "pytorch_s": theirs, "floor_s": floor,
+                            "gemm_gflops": gflops})
+    startup = startup_seconds(9)
+    print(f"784-{HIDDEN}-1 sigmoid, float32, lr {LR}, {len(X):,} Fashion-MNIST images, median of {args.repeat} "
+          f"epochs after one warm-up; 2 threads")
+    print(f"BLAS: {blas_info()}")
+    print(table(["batch", "mlecli s/epoch", "mlecli img/s", "pytorch s/epoch", "pytorch img/s",
+                 "mlecli/pytorch", "floor s", "GEMM GFLOP/s", "floor/mlecli"], rows))
+    if not any(r["pytorch_s"] for r in results):
+        print("PyTorch is not installed: `pip install torch==2.13.0` for its column (never a dependency).")
+    print(f"\nmlecli --help: {startup * 1e3:.0f} ms   load cached train+test: {load_s * 1e3:.1f} ms   "
+          f"peak memory of `mlecli train` (60,000 images, batch 128): {peak:.0f} MB")
+    print(f"targets: batch 128/512 floor/mlecli >= 50%; mlecli/pytorch <= 0.6 for every batch; "
+          f"peak < 400 MB; --help < 300 ms; load < 50 ms")
+    path = write_results("train", {"rows": results, "startup_s": startup, "load_s": load_s, "peak_mb": peak,
+                                   "blas": blas_info()})
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Direct calls to the BLAS that numpy itself uses, for the training hot loop.
+
+numpy's `matmul` computes C = A·B into a fresh or given array; the trainer needs
+C ← α·A·B + β·C (the weight update W ← W + h_prevᵀ·(η δ) done inside the GEMM, with no
+separate pass over W) and control of the BLAS thread count. numpy's wheels ship
+OpenBLAS (as scipy-openblas, 64-bit integers); this module finds the copy numpy has
+already loaded and calls its cblas_?gemm through ctypes, the way scipy.linalg.blas
+does. A self-test against numpy runs once; if the library, a symbol or the test is
+missing, or MLECLI_BLAS=numpy is set, `Gemm` falls back to numpy calls with the same
+results up to rounding. Which one runs is reported by `describe()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+# (gemm symbol prefix, thread setter, integer type), most specific first
+_FLAVOURS = (
+    ("scipy_cblas_{}gemm64_", "scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", ctypes.c_int64),
+    ("cblas_{}gemm64_", "openblas_set_num_threads64_", "openblas_get_num_threads64_", ctypes.c_int64),
+    ("cblas_{}gemm", "openblas_set_num_threads", "openblas_get_num_threads", ctypes.c_int),
+)
+
+
+def _loaded_blas_paths() -> list[str]:
+    """Shared libraries with 'blas' in their name that this process has mapped."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if path.startswith("/") and "blas" in os.path.basename(path).lower() and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    return paths
+
+
+class _Cblas:
+    def __init__(self, lib: ctypes.CDLL, path: str, flavour):
+        gemm_name, set_name, get_name, int_t = flavour
+        self.path = path
+        self.int_t = int_t
+        self.gemm = {}
+        for code, ct in (("s", ctypes.c_float), ("d", ctypes.c_double)):
+            f = getattr(lib, gemm_name.format(code))
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, int_t, int_t, int_t, ct, ctypes.c_void_p,
+                          int_t, ctypes.c_void_p, int_t, ct, ctypes.c_void_p, int_t]
+            f.restype = None
+            self.gemm[np.dtype(np.float32 if code == "s" else np.float64)] = f
+        self.set_threads = getattr(lib, set_name, None)
+        self.get_threads = getattr(lib, get_name, None)
+        if self.set_threads is not None:
+            self.set_threads.argtypes = [ctypes.c_int]
+            self.set_threads.restype = None
+        if self.get_threads is not None:
+            self.get_threads.argtypes = []
+            self.get_threads.restype = ctypes.c_int
+
+
+def _find() -> _Cblas | None:
+    if os.environ.get("MLECLI_BLAS", "").lower() == "numpy":
+        return None
+    for path in _loaded_blas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for flavour in _FLAVOURS:
+            try:
+                cblas = _Cblas(lib, path, flavour)
+            except AttributeError:
+                continue
+            if _self_test(cblas):
+                return cblas
+    return None
+
+
+def _self_test(cblas: _Cblas) -> bool:
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        a, b = rng.random((5, 3)).astype(dtype), rng.random((5, 4)).astype(dtype)
+        c = rng.random((3, 4)).astype(dtype)
+        want = 0.5 * (a.T @ b) + c
+        _call(cblas, a, b, c, 0.5, 1.0, True, False)
+        if not np.allclose(c, want, rtol=1e-5):
+            return False
+    return True
+
+
+def _call(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> None:
+    m, n = C.shape
+    k = A.shape[0] if trans_a else A.shape[1]
+    cblas.gemm[C.dtype](
+        ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS, m, n, k, alpha,
+        A.ctypes.data, A.shape[1], B.ctypes.data, B.shape[1], beta, C.ctypes.data, C.shape[1],
+    )
+
+
+_CBLAS: _Cblas | None | bool = False  # False = not looked for yet
+
+
+def _cblas() -> _Cblas | None:
+    global _CBLAS
+    if _CBLAS is False:
+        _CBLAS = _find()
+    return _CBLAS  # type: ignore[return-value]
+
+
+def describe() -> str:
+    c = _cblas()
+    return f"cblas via ctypes ({os.path.basename(c.path)})" if c else "numpy.matmul (fallback)"
+
+
+def gemm(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
+         trans_a: bool = False, trans_b: bool = False, scratch: np.ndarray | None = None) -> None:
+    """C ← α·op(A)·op(B) + β·C in place, op = transpose where asked.
+
+    A, B, C are C-contiguous, of one dtype (float32 or float64). `scratch`, shaped like
+    C, spares the numpy fallback an allocation when β ≠ 0.
+    """
+    cblas = _cblas()
+    if cblas is not None:
+        _call(cblas, A, B, C, alpha, beta, trans_a, trans_b)
+        return
+    a = A.T if trans_a else A
+    b = B.T if trans_b else B
+    if beta == 0.0:
+        np.matmul(a, b, out=C)
+        if alpha != 1.0:
+            C *= alpha
+        return
+    tmp = scratch if scratch is not None else np.empty_like(C)
+    np.matmul(a, b, out=tmp)
+    if alpha != 1.0:
+        tmp *= alpha
+    if beta != 1.0:
+        C *= beta
+    C += tmp
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run the block with the BLAS using `n` threads (None: leave it as it is)."""
+    cblas = _cblas()
+    if n is None or cblas is None or cblas.set_threads is None or cblas.get_threads is None:
+        yield
+        return
+    before = cblas.get_threads()
+    cblas.set_threads(n)
+    try:
+        yield
+    finally:
+        cblas.set_threads(before)
