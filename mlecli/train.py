@@ -36,7 +36,7 @@ from mlecli.errors import CheckpointError, ConfigError, TrainingError
 from mlecli.fsutil import atomic_write_text, folder_lock, remove_stale_temporaries
 from mlecli.metrics import total_log_likelihood
 from mlecli.model import Params, init_params, layer_sizes
-from mlecli.task import BinaryTask, build_task, image_scores, pixels
+from mlecli.task import BinaryTask, build_task, image_scores
 
 # ---------------------------------------------------------------------------
 # The hot loop: one batch, in place, in preallocated buffers.
@@ -53,9 +53,9 @@ def _sigmoid_inplace(a: np.ndarray) -> None:
 class Workspace:
     """Buffers for a batch of up to `batch` rows; a smaller batch uses their first rows.
 
-    xu (B, n_0) uint8 and x (B, n_0) the batch's images; h[l], delta[l], hprime[l]
-    (B, n_{l+1}) per hidden layer; z, delta_out (B, 1); scratch like each W for the
-    numpy fallback of blas.gemm.
+    xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
+    hprime[l] (B, n_{l+1}) per hidden layer; delta_out (B, 1); scratch like each W for
+    the numpy fallback of blas.gemm.
     """
 
     def __init__(self, params: Params, batch: int):
@@ -63,56 +63,62 @@ class Workspace:
         hidden = [W.shape[1] for W, _ in params[:-1]]
         self.xu = np.empty((batch, params[0][0].shape[0]), np.uint8)
         self.x = np.empty((batch, params[0][0].shape[0]), dtype)
-        self.y = np.empty(batch, dtype)
         self.h = [np.empty((batch, n), dtype) for n in hidden]
         self.delta = [np.empty((batch, n), dtype) for n in hidden]
         self.hprime = [np.empty((batch, n), dtype) for n in hidden]
-        self.z = np.empty((batch, 1), dtype)
-        self.softplus = np.empty(batch, dtype)
         self.delta_out = np.empty((batch, 1), dtype)
         self.scratch = [np.empty_like(W) for W, _ in params]
 
 
-def train_step(
-    params: Params, ws: Workspace, images: np.ndarray, Y: np.ndarray, idx: np.ndarray, lr: float
-) -> tuple[float, int]:
-    """One ascent step on the batch images[idx], Y[idx], updating `params` in place.
+PIXEL_SCALE = 1.0 / 255.0
+# Batches between measurements of the logits (LL, accuracy, finiteness): fewer small
+# numpy calls per batch; a non-finite LL is still found within this many batches.
+MEASURE_EVERY = 16
 
-    `images` (n, n_0) uint8, `Y` (n,) 0/1 in the model's dtype. Same math as
-    model.forward / model.gradients / model.ascent_step (the tests hold them equal up
-    to rounding), reordered for speed: η multiplies ∂LL/∂z once, so every δ below
-    already carries it, and each update W ← W + h_prevᵀ (η δ) happens inside the GEMM
-    (β = 1). Returns (batch LL, number correct at ŷ ≥ 0.5), both before the step.
+
+def train_step(
+    params: Params,
+    ws: Workspace,
+    images: np.ndarray,
+    idx: np.ndarray,
+    target: np.ndarray,
+    z: np.ndarray,
+    lr: float,
+) -> None:
+    """One ascent step on the batch images[idx], updating `params` in place.
+
+    `images` (n, n_0) uint8; `target` (m,) = η (y − ½) for the batch's targets y;
+    `z` (m, 1) receives the batch's logits before the step (the caller measures LL and
+    accuracy from them, many batches at a time).
+
+    Same math as model.forward / model.gradients / model.ascent_step (the tests hold
+    them equal up to rounding), reordered for speed:
+    - x = pixels / 255 is never formed: the first layer's GEMMs take the pixels as they
+      are and α = 1/255;
+    - η multiplies ∂LL/∂z once, η (y − σ(z)) = η (y − ½) − (η/2) tanh(z/2), so every δ
+      below already carries it;
+    - biases enter the forward GEMMs as their β = 1 starting value, and each update
+      W ← W + h_prevᵀ (η δ) happens inside a GEMM with β = 1.
     """
     m = len(idx)
     xu = ws.xu[:m]
     np.take(images, idx, axis=0, out=xu)
-    x = pixels(xu, ws.x.dtype, out=ws.x[:m])
-    y = ws.y[:m]
-    np.take(Y, idx, out=y)
+    x = ws.x[:m]
+    np.copyto(x, xu)
     hs = [x]
-    for (W, b), h in zip(params[:-1], ws.h):
-        a = h[:m]
-        np.copyto(a, b)  # a ← b, then a ← h_prev W + a: the bias added inside the GEMM
-        blas.gemm(hs[-1], W, a, 1.0, 1.0)
-        _sigmoid_inplace(a)
-        hs.append(a)
-    W_out, b_out = params[-1]
-    z2 = ws.z[:m]
-    np.matmul(hs[-1], W_out, out=z2)
-    z2 += b_out
-    z = z2[:, 0]
-    sp = ws.softplus[:m]
-    np.logaddexp(0.0, z, out=sp)
-    ll = float(np.dot(y, z)) - float(sp.sum(dtype=np.float64))
-    correct = int(np.count_nonzero((z >= 0) == (y > 0.5)))  # ŷ ≥ 0.5 ⇔ z ≥ 0
-    # η ∂LL/∂z = η (y − σ(z))
+    outs = [h[:m] for h in ws.h] + [z]
+    for layer, (W, b) in enumerate(params):
+        a = outs[layer]
+        np.copyto(a, b)
+        blas.gemm(hs[-1], W, a, PIXEL_SCALE if layer == 0 else 1.0, 1.0)
+        if layer < len(params) - 1:
+            _sigmoid_inplace(a)
+            hs.append(a)
     delta = ws.delta_out[:m]
-    d = delta[:, 0]
-    np.copyto(d, z)
-    _sigmoid_inplace(d)
-    np.subtract(y, d, out=d)
-    d *= lr
+    np.multiply(z, 0.5, out=delta)
+    np.tanh(delta, out=delta)
+    delta *= -0.5 * lr
+    delta += target[:, None]
     for layer in range(len(params) - 1, -1, -1):
         W, b = params[layer]
         h_prev = hs[layer]
@@ -127,11 +133,23 @@ def train_step(
             np.multiply(h_prev, h_prev, out=hp)
             np.subtract(h_prev, hp, out=hp)
             nd *= hp
-        blas.gemm(h_prev, delta, W, 1.0, 1.0, trans_a=True, scratch=ws.scratch[layer])  # W += h_prevᵀ (η δ)
+        # W += h_prevᵀ (η δ)
+        blas.gemm(h_prev, delta, W, PIXEL_SCALE if layer == 0 else 1.0, 1.0, trans_a=True, scratch=ws.scratch[layer])
         b += delta.sum(axis=0)
         if layer > 0:
             delta = nd
-    return ll, correct
+
+
+class Tally:
+    """Log-likelihood and accuracy of an epoch's batches, summed from their logits."""
+
+    def __init__(self, ll: float = 0.0, correct: int = 0, seen: int = 0):
+        self.ll, self.correct, self.seen = ll, correct, seen
+
+    def add(self, z: np.ndarray, y: np.ndarray) -> None:
+        self.ll += total_log_likelihood(z, y)
+        self.correct += int(np.count_nonzero((z >= 0) == (y > 0.5)))  # ŷ ≥ 0.5 ⇔ z ≥ 0
+        self.seen += len(y)
 
 
 # ---------------------------------------------------------------------------
@@ -405,6 +423,7 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
     n = len(X)
     bs, lr = cfg.train.batch_size, cfg.train.learning_rate
     ws = Workspace(state.params, min(bs, n))
+    z_epoch = np.empty((n, 1), dtype)  # each batch's logits, measured in chunks
     batches_per_epoch = math.ceil(n / bs)
     interrupted = None
     # Overflow is caught by the finiteness check below and reported in words, once.
@@ -413,39 +432,40 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
             epoch = state.epochs_done + 1
             rng.bit_generator.state = state.rng_state
             order = rng.permutation(n)
+            y_epoch = Y[order]
+            target = (y_epoch - dtype.type(0.5)) * dtype.type(lr)  # η (y − ½), see train_step
             p = state.partial
+            tally = Tally(p["ll"], p["correct"], p["seen"])
+            window = Tally()
             t_start = time.perf_counter() - p["seconds"]
+            t_window = time.perf_counter()
             bar = _bar(report, epoch, cfg.train.epochs, batches_per_epoch, state.batch_in_epoch)
-            window = {"ll": 0.0, "correct": 0, "seen": 0, "t": time.perf_counter()}
+            measured = state.batch_in_epoch * bs  # examples whose logits are tallied
             for k in range(state.batch_in_epoch, batches_per_epoch):
-                idx = order[k * bs : (k + 1) * bs]
-                ll, correct = train_step(state.params, ws, X, Y, idx, lr)
-                if not math.isfinite(ll):
-                    last = ckpt_dir / "last.npz"
-                    raise TrainingError(
-                        f"the log-likelihood became {ll} at epoch {epoch}, batch {k + 1}: train.learning_rate = {lr:g} "
-                        f"is too large for batches of {bs} (the step grows with the batch, since the LL is a sum); "
-                        f"lower it. The last good checkpoint is {last}"
-                    )
+                lo, hi = k * bs, min(n, (k + 1) * bs)
+                train_step(state.params, ws, X, order[lo:hi], target[lo:hi], z_epoch[lo:hi], lr)
                 state.step += 1
                 state.batch_in_epoch = k + 1
-                p["ll"] += ll
-                p["correct"] += correct
-                p["seen"] += len(idx)
+                last_batch = k + 1 == batches_per_epoch
+                stopping = stop.signal is not None and not last_batch
+                record_due = cfg.train.log_every and state.step % cfg.train.log_every == 0
                 if bar is not None:
                     bar.update(1)
-                    if bar.n % 20 == 0 or k + 1 == batches_per_epoch:
-                        bar.set_postfix_str(f"LL {p['ll'] / p['seen']:.4f}/img acc {100 * p['correct'] / p['seen']:.2f}%")
-                if cfg.train.log_every:
-                    window["ll"] += ll
-                    window["correct"] += correct
-                    window["seen"] += len(idx)
-                    if state.step % cfg.train.log_every == 0:
-                        state.metrics.append(_step_record(epoch, state.step, window))
-                        _write_metrics(run_dir, state.metrics)
-                        window = {"ll": 0.0, "correct": 0, "seen": 0, "t": time.perf_counter()}
-                if stop.signal is not None and k + 1 < batches_per_epoch:
-                    p["seconds"] = time.perf_counter() - t_start
+                if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
+                    z, y = z_epoch[measured:hi, 0], y_epoch[measured:hi]
+                    _check_logits(z, epoch, measured // bs, bs, lr, ckpt_dir)
+                    tally.add(z, y)
+                    window.add(z, y)
+                    measured = hi
+                    if bar is not None:
+                        bar.set_postfix_str(f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%")
+                if record_due:
+                    state.metrics.append(_step_record(epoch, state.step, window, time.perf_counter() - t_window))
+                    _write_metrics(run_dir, state.metrics)
+                    window, t_window = Tally(), time.perf_counter()
+                if stopping:
+                    state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
+                                     "seconds": time.perf_counter() - t_start}
                     interrupted = stop.signal
                     break
             if bar is not None:
@@ -461,13 +481,13 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
                 "kind": "epoch",
                 "epoch": epoch,
                 "step": state.step,
-                "train_ll": p["ll"],
-                "train_ll_mean": p["ll"] / p["seen"],
-                "train_acc": p["correct"] / p["seen"],
+                "train_ll": tally.ll,
+                "train_ll_mean": tally.ll / tally.seen,
+                "train_acc": tally.correct / tally.seen,
                 "val_ll_mean": val_ll,
                 "val_acc": val_acc,
                 "seconds": time.perf_counter() - t_start,
-                "images_per_s": p["seen"] / train_seconds if train_seconds > 0 else None,
+                "images_per_s": tally.seen / train_seconds if train_seconds > 0 else None,
             }
             state.metrics.append(record)
             state.epochs_done = epoch
@@ -491,18 +511,29 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
     return Outcome(run_dir, state.epochs_done, interrupted, state.best, last)
 
 
-def _step_record(epoch: int, step: int, w: dict) -> dict:
-    seconds = time.perf_counter() - w["t"]
+def _step_record(epoch: int, step: int, w: Tally, seconds: float) -> dict:
     return {
         "kind": "step",
         "epoch": epoch,
         "step": step,
-        "train_ll": w["ll"],
-        "train_ll_mean": w["ll"] / w["seen"],
-        "train_acc": w["correct"] / w["seen"],
+        "train_ll": w.ll,
+        "train_ll_mean": w.ll / w.seen,
+        "train_acc": w.correct / w.seen,
         "seconds": seconds,
-        "images_per_s": w["seen"] / seconds if seconds > 0 else None,
+        "images_per_s": w.seen / seconds if seconds > 0 else None,
     }
+
+
+def _check_logits(z: np.ndarray, epoch: int, first_batch: int, bs: int, lr: float, ckpt_dir: Path) -> None:
+    """Stop with advice if any logit (hence the log-likelihood) is not finite."""
+    bad = np.flatnonzero(~np.isfinite(z))
+    if len(bad):
+        batch = first_batch + int(bad[0]) // bs + 1
+        raise TrainingError(
+            f"the log-likelihood became {'nan' if np.isnan(z[bad[0]]) else 'infinite'} at epoch {epoch}, "
+            f"batch {batch}: train.learning_rate = {lr:g} is too large for batches of {bs} (the step grows with "
+            f"the batch, since the LL is a sum); lower it. The last good checkpoint is {ckpt_dir / 'last.npz'}"
+        )
 
 
 def _bar(report: Reporter, epoch: int, epochs: int, total: int, done: int):
