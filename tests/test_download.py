@@ -373,3 +373,21 @@ def test_real_fashion_mnist_from_debian_verifies_against_built_in_hashes(debian_
     train = load_split(__import__("mlecli.datasets").datasets.FASHION_MNIST, tmp_path, "train")
     assert train.images.shape == (60000, 28, 28) and train.labels.shape == (60000,)
     assert np.bincount(train.labels).tolist() == [6000] * 10
+
+
+def test_a_corrupt_npz_is_rebuilt_from_the_raw_files(tiny, mirrors, tmp_path):
+    m = mirrors(tiny.gz_files())
+    spec = tiny.spec((m.url,))
+    fetch(spec, tmp_path)
+    npz = tmp_path / "tiny" / "train.npz"
+    with np.load(npz, allow_pickle=False) as z:
+        expected = {k: z[k] for k in z.files}
+    from mlecli.cache import read_stored_npz
+
+    got = read_stored_npz(npz)
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    assert load_split(spec, tmp_path, "train") is None
+    m.stop()
+    fetch(spec, tmp_path)  # rebuilt from raw/, no network
+    assert_cached(tiny, tmp_path)
