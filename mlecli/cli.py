@@ -148,12 +148,26 @@ def _default_run_dir(name: str) -> Path:
     return path
 
 
+def _check_overrides(ctx, param, values):
+    """--set must be KEY=VALUE with a TOML value: a malformed one is a usage error."""
+    from mlecli.config import parse_override
+    from mlecli.errors import ConfigError
+
+    for item in values:
+        try:
+            parse_override(item)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).removeprefix(f"--set {item!r}: "), param_hint=f"'--set {item}'") from None
+    return values
+
+
 @main.command()
 @click.argument("config_path", metavar="[CONFIG]", required=False)
 @click.option(
     "--set",
     "overrides",
     multiple=True,
+    callback=_check_overrides,
     metavar="KEY=VALUE",
     help="Override a config key, value parsed as TOML, e.g. --set model.hidden=[256,64] (repeatable).",
 )

@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from mlecli.errors import DataError, DownloadError, MlecliError
-from mlecli.fsutil import atomic_write_text
+from mlecli.fsutil import atomic_write_text, describe_os_error
 from mlecli.idx import gunzip, is_gzip
 
 CHUNK = 1 << 16
@@ -348,8 +348,20 @@ def _content_range_start(resp) -> int | None:
 
 
 def _stream(resp, part: Path, offset: int, total: int | None, limit: int, progress: bool) -> None:
+    import requests
     from tqdm import tqdm
 
+    try:
+        _write_part(resp, part, offset, total, limit, progress, tqdm)
+    except requests.exceptions.RequestException:
+        raise  # the network (requests' errors are OSErrors too): the caller retries
+    except OSError as exc:
+        # The disk, not the mirror: stop here rather than try the next mirror.
+        _discard(part)
+        raise MlecliError(describe_os_error(exc, part)) from None
+
+
+def _write_part(resp, part: Path, offset: int, total: int | None, limit: int, progress: bool, tqdm) -> None:
     written = offset
     with open(part, "ab" if offset else "wb") as f, tqdm(
         total=total,

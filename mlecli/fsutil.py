@@ -33,7 +33,7 @@ def _current_umask() -> int:
 FILE_MODE = 0o666 & ~_current_umask()
 
 
-def _describe_os_error(exc: OSError, path: Path) -> str:
+def describe_os_error(exc: OSError, path: Path) -> str:
     if exc.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}: free some space and try again"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -66,7 +66,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
-        raise MlecliError(_describe_os_error(exc, path)) from None
+        raise MlecliError(describe_os_error(exc, path)) from None
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -78,7 +78,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise MlecliError(_describe_os_error(exc, path)) from None
+            raise MlecliError(describe_os_error(exc, path)) from None
         raise
     fsync_dir(path.parent)
 
@@ -112,12 +112,12 @@ def folder_lock(folder: Path, *, wait: bool, what: str) -> Iterator[None]:
     dies: a crashed run never leaves it stuck. With wait=False a lock held by another
     process raises MlecliError naming `what`.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / ".lock"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise MlecliError(_describe_os_error(exc, lock_path)) from None
+        raise MlecliError(describe_os_error(exc, lock_path)) from None
     try:
         flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
         try:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,48 @@ from fakes import Mirror, tiny_dataset
 from mlecli.download import HttpPolicy
 
 FAST = HttpPolicy(connect_timeout=2.0, read_timeout=1.0, retries=3, backoff=0.01, max_wait=5.0)
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip a test whose machine lacks something, unless MLECLI_STRICT=1 (as in CI): then fail."""
+    if not condition:
+        if os.environ.get("MLECLI_STRICT"):
+            pytest.fail(f"{why} (MLECLI_STRICT=1 turns this skip into a failure)")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def debian_fashion():
+    """Debian's re-compressed Fashion-MNIST .gz files, by name."""
+    require(DEBIAN_FASHION.is_dir(), f"{DEBIAN_FASHION} is missing: apt-get install dataset-fashion-mnist")
+    return {p.name: p.read_bytes() for p in DEBIAN_FASHION.glob("*.gz")}
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (real ENOSPC when full, real EROFS once remounted read-only).
+
+    `tmpfs(name, size)` returns the mount point; `tmpfs.readonly(path)` remounts it.
+    Needs root (as CI has); unmounted after the test.
+    """
+    mounted = []
+
+    def mount(name: str, size: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        require(res.returncode == 0, f"cannot mount a tmpfs here ({res.stderr.decode().strip()}): run as root")
+        mounted.append(point)
+        return point
+
+    def readonly(point: Path) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+
+    mount.readonly = readonly
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 @pytest.fixture(autouse=True)

@@ -180,3 +180,23 @@ def stall(h, data: bytes, seconds: float) -> bool:
     time.sleep(seconds)
     h.close_connection = True
     return True
+
+
+def trickle(h, data: bytes, chunk: int = 8192, pause: float = 0.02) -> bool:
+    """A healthy but slow answer (Range honoured), `chunk` bytes every `pause` seconds."""
+    start = 0
+    rng = h.headers.get("Range")
+    if rng and rng.startswith("bytes="):
+        start = int(rng[6:].split("-")[0])
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+    else:
+        h.send_response(200)
+    h.send_header("Content-Length", str(len(data) - start))
+    h.send_header("ETag", '"v1"')
+    h.end_headers()
+    for i in range(start, len(data), chunk):
+        h.wfile.write(data[i : i + chunk])
+        h.wfile.flush()
+        time.sleep(pause)
+    return True

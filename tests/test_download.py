@@ -351,18 +351,6 @@ def test_cli_dataset_and_config_together_is_a_usage_error(tmp_path):
 # ---------------------------------------------------------------------------
 # Real files made by others: Debian's re-compressed Fashion-MNIST, served on 127.0.0.1
 
-DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture
-def debian_fashion():
-    if not DEBIAN_FASHION.is_dir():
-        if os.environ.get("MLECLI_REQUIRE_REAL_DATA"):
-            pytest.fail(f"{DEBIAN_FASHION} is missing: apt-get install dataset-fashion-mnist")
-        pytest.skip("apt-get install dataset-fashion-mnist to run the real-data test")
-    return {p.name: p.read_bytes() for p in DEBIAN_FASHION.glob("*.gz")}
-
-
 def test_real_fashion_mnist_from_debian_verifies_against_built_in_hashes(debian_fashion, mirrors, tmp_path):
     m = mirrors(debian_fashion)
     res = CliRunner().invoke(

@@ -240,14 +240,8 @@ def test_resume_with_a_config_is_a_usage_error(tmp_path):
 # Real data: Debian's Fashion-MNIST served over HTTP on 127.0.0.1
 
 
-def test_short_real_data_run_on_fashion_mnist(mirrors, tmp_path):
-    from test_download import DEBIAN_FASHION
-
-    if not DEBIAN_FASHION.is_dir():
-        if os.environ.get("MLECLI_REQUIRE_REAL_DATA"):
-            pytest.fail(f"{DEBIAN_FASHION} is missing: apt-get install dataset-fashion-mnist")
-        pytest.skip("apt-get install dataset-fashion-mnist to run the real-data test")
-    m = mirrors({p.name: p.read_bytes() for p in DEBIAN_FASHION.glob("*.gz")})
+def test_short_real_data_run_on_fashion_mnist(debian_fashion, mirrors, tmp_path):
+    m = mirrors(debian_fashion)
     run = tmp_path / "run"
     res = CliRunner().invoke(main, [
         "train", "--run-dir", str(run), "--data-dir", str(tmp_path / "d"), "-q",
