@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mlecli import npz
 from mlecli.errors import CheckpointError, ConfigError
 from mlecli.fsutil import atomic_write
 from mlecli.model import Params, layer_sizes
@@ -60,22 +61,16 @@ def load(path: Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            names = set(z.files)
-            if "meta" not in names:
-                raise CheckpointError(f"{path} is not an mlecli checkpoint (no meta record)")
-            meta_arr = z["meta"]
-            arrays = {k: z[k] for k in names if k != "meta"}
-    except CheckpointError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise CheckpointError(
-                f"{path} holds Python objects that would need pickle to load; refused (checkpoints are arrays only)"
-            ) from None
+        arrays = npz.read(path, check_crc=True)
+    except npz.ObjectArrayError:
+        raise CheckpointError(
+            f"{path} holds Python objects that would need pickle to load; refused (checkpoints are arrays only)"
+        ) from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    meta_arr = arrays.pop("meta", None)
+    if meta_arr is None:
+        raise CheckpointError(f"{path} is not an mlecli checkpoint (no meta record)")
     if meta_arr.dtype.kind != "U" or meta_arr.shape != ():
         raise CheckpointError(f"{path}: the meta record is not a JSON string")
     try:

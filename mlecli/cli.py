@@ -67,6 +67,18 @@ def main() -> None:
     """
 
 
+def _check_mirrors(ctx, param, values):
+    """A --mirror must be http(s), file:// or a folder: anything else is a usage error."""
+    from mlecli.download import mirror_location
+
+    for m in values:
+        try:
+            mirror_location(m)
+        except MlecliError as exc:
+            raise click.BadParameter(str(exc).removeprefix(f"mirror {m!r}: "), param_hint=f"'--mirror {m}'") from None
+    return values
+
+
 @main.command()
 @click.option(
     "--dataset",
@@ -85,6 +97,7 @@ def main() -> None:
     "--mirror",
     "mirrors",
     multiple=True,
+    callback=_check_mirrors,
     metavar="URL",
     help="Base URL, file:// URL or local folder to try before the built-in mirrors (repeatable).",
 )
@@ -116,10 +129,6 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, q
         ds = config.load(config_path).data.resolve()
     else:
         ds = builtin(dataset or "mnist")
-    for m in mirrors:
-        from mlecli.download import mirror_location
-
-        mirror_location(m)  # refuse an unsupported scheme before anything is fetched
     root = _data_dir(data_dir)
     policy = HttpPolicy(read_timeout=timeout, retries=retries)
     reports = ensure_dataset(
