@@ -63,7 +63,7 @@ def main() -> None:
         def bare_get():
             with requests.Session() as s:
                 for p in folder.glob("*.gz"):
-                    s.get(url + p.name).content
+                    assert s.get(url + p.name).content  # read the whole body
 
         dl_s, _ = median_time(mlecli_download, max(3, args.repeat // 2))
         get_s, _ = median_time(bare_get, max(3, args.repeat // 2))

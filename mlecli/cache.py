@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mlecli import npz
 from mlecli.datasets import ROLES, SPLITS, Dataset
 from mlecli.download import DEFAULT_POLICY, Expected, HttpPolicy, MirrorFailed, fetch_from_mirrors, verify_content
 from mlecli.errors import DataError, MlecliError
 from mlecli.fsutil import atomic_write, atomic_write_bytes, atomic_write_text, folder_lock
-from mlecli import npz
 from mlecli.idx import parse_idx
 
 CACHE_FORMAT = 1

@@ -202,7 +202,8 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     four-vs-nine, deep); without it the built-in default is used. The run folder gets
     config.toml, manifest.json, metrics.jsonl and checkpoints/.
     """
-    from mlecli import config, train as training
+    from mlecli import config
+    from mlecli import train as training
 
     log = _log(quiet)
     resume_from = None

@@ -4,8 +4,6 @@ return a valid result or raise the project's own error, never anything else."""
 from __future__ import annotations
 
 import gzip
-import json
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from hypothesis import strategies as st
 from mlecli import checkpoint as ckpt
 from mlecli import config
 from mlecli.cli import main
-from mlecli.errors import CheckpointError, ConfigError, DataError, MlecliError
+from mlecli.errors import CheckpointError, ConfigError, DataError
 from mlecli.idx import decode_file_bytes, idx_bytes, parse_idx
 
 EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from fakes import tiny_dataset
+
 from mlecli.cli import main
 
 KEYS = {

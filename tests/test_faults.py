@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
-
 from fakes import trickle
+
 from mlecli import checkpoint as ckpt
 from mlecli.cache import ensure_dataset, load_split
 from mlecli.cli import main

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
+from mlecli import blas
 from mlecli.model import (
     ascent_step,
     forward,
@@ -15,7 +16,6 @@ from mlecli.model import (
     predict_proba,
     sigmoid,
 )
-from mlecli import blas
 from mlecli.task import pixels
 from mlecli.train import Workspace, train_step
 
