@@ -42,3 +42,13 @@ def test_every_option_of_a_command_is_in_the_readme(name):
         for opt in param.opts:
             if opt.startswith("--") and opt != "--help":
                 assert opt in README, f"{name} {opt} is missing from the README"
+
+
+def test_every_test_named_in_what_happens_when_exists():
+    section = README.split("## What happens when", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert len(named) >= 30
+    assert named <= defined, f"named in the README but not defined: {sorted(named - defined)}"
