@@ -234,6 +234,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         label = "validation" if best["key"] == "val_ll_mean" else "training"
         click.echo(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
     click.echo(f"evaluate: mlecli evaluate {run_dir}")
+    click.echo(f"plot:     mlecli plot {run_dir}")
 
 
 @main.command()
@@ -284,3 +285,52 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
         click.echo(ev.format_report(report))
         if saved is not None:
             click.echo(f"  report            {saved}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the PNG files.  [default: the run folder]",
+)
+@data_dir_option
+def plot(run_dir, out, data_dir):
+    """Draw a run: curves.png, hidden-units.png and (after evaluate) mistakes.png.
+
+    Needs matplotlib: pip install 'mlecli[plot]'.
+    """
+    from mlecli import plot as plotting
+
+    for path in plotting.plot_run(run_dir, out, _data_dir(data_dir), log=_log(False)):
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("runs_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of the table.")
+@click.option(
+    "--sort",
+    type=click.Choice(["name", "started", "epochs", "val_ll", "val_acc", "test_acc", "seconds"]),
+    default="name",
+    help="Order of the rows (figures best first).",
+)
+def runs(runs_dir, as_json, sort):
+    """List the runs in a folder side by side (default: runs).
+
+    Each run's task, hidden layers, epochs done, best validation LL and accuracy, test
+    accuracy where evaluated, seconds and status (finished, interrupted, failed,
+    running, broken).
+    """
+    import json
+
+    from mlecli import runs as listing
+
+    rows = listing.list_runs(runs_dir, sort)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"no runs in {runs_dir}")
+    else:
+        click.echo(listing.format_table(rows))

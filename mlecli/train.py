@@ -32,7 +32,7 @@ from mlecli import __version__, blas
 from mlecli import checkpoint as ckpt
 from mlecli.cache import prepare
 from mlecli.config import Config, estimate_memory, physical_memory, to_toml
-from mlecli.errors import CheckpointError, ConfigError, TrainingError
+from mlecli.errors import CheckpointError, ConfigError, MlecliError, TrainingError
 from mlecli.fsutil import atomic_write_text, folder_lock, remove_stale_temporaries
 from mlecli.metrics import total_log_likelihood
 from mlecli.model import Params, init_params, layer_sizes
@@ -184,6 +184,7 @@ def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str
     return {
         "config": cfg.to_dict(),
         "n_inputs": task.n_inputs,
+        "image_shape": list(task.train.images.shape[1:]),
         "epochs_done": state.epochs_done,
         "step": state.step,
         "batch_in_epoch": state.batch_in_epoch,
@@ -349,7 +350,24 @@ def run(
     """Train `cfg` into `run_dir` (or continue `resume_from`) and return how it ended."""
     run_dir = Path(run_dir)
     with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
-        return _run_locked(cfg, run_dir, data_dir, report, resume_from)
+        try:
+            outcome = _run_locked(cfg, run_dir, data_dir, report, resume_from)
+        except MlecliError as exc:
+            _record_end(run_dir, "failed", str(exc))
+            raise
+        _record_end(run_dir, "interrupted" if outcome.interrupted else "finished")
+        return outcome
+
+
+def _record_end(run_dir: Path, status: str, error: str | None = None) -> None:
+    """Note in manifest.json how the run ended (best effort: never hides the real error)."""
+    path = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["ended"] = {"status": status, "at": _now(), "error": error}
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    except (OSError, ValueError, MlecliError):
+        pass
 
 
 def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
@@ -404,6 +422,7 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
             manifest = json.loads((run_dir / "manifest.json").read_text())
         except (OSError, ValueError):
             manifest = _manifest(cfg, sha256, meta.get("saved", _now()))
+        manifest.pop("ended", None)
         manifest.setdefault("resumed", []).append(
             {"at": _now(), "from": resume_from.path.name, "epochs_done": state.epochs_done, "step": state.step}
         )

@@ -36,7 +36,7 @@ def test_every_command_has_help():
         assert cmd.help and cmd.help.split("\n")[0] in res.output
 
 
-@pytest.mark.parametrize("name", ["download", "train", "evaluate"])
+@pytest.mark.parametrize("name", ["download", "train", "evaluate", "plot", "runs"])
 def test_every_option_of_a_command_is_in_the_readme(name):
     for param in main.commands[name].params:
         for opt in param.opts:
