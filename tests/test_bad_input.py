@@ -234,6 +234,11 @@ BAD_OPTIONS = [
     ["evaluate", "runs", "--checkpoint", "newest"],
     ["evaluate", "runs", "--data-dir", "README.md"],
     ["evaluate"],
+    ["plot", "runs", "--out", "README.md"],
+    ["plot", "runs", "--data-dir", "README.md"],
+    ["plot"],
+    ["runs", "--sort", "speed"],
+    ["runs", "README.md"],
 ]
 
 

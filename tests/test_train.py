@@ -71,7 +71,7 @@ def test_the_run_folder_holds_what_design_md_says(tiny_config, tmp_path):
     last = ckpt.load(run / "checkpoints" / "last.npz")
     assert last.epoch == 5 and last.meta["step"] == 75 and len(last.meta["metrics"]) == 5
     assert res.stdout.splitlines()[0].startswith("epoch 1/5  train LL -")
-    assert res.stdout.splitlines()[-1] == f"evaluate: mlecli evaluate {run}"
+    assert res.stdout.splitlines()[-2:] == [f"evaluate: mlecli evaluate {run}", f"plot:     mlecli plot {run}"]
 
 
 def test_same_config_and_seeds_give_bit_identical_weights(tiny_config, tmp_path):
