@@ -67,16 +67,33 @@ def main() -> None:
     """
 
 
-def _check_mirrors(ctx, param, values):
-    """A --mirror must be http(s), file:// or a folder: anything else is a usage error."""
+def _each_checked(check, prefix):
+    """A click callback that runs `check` on every value of a repeatable option and turns
+    its MlecliError into a usage error (exit 2), without the `prefix(value)` it starts with."""
+
+    def callback(ctx, param, values):
+        for value in values:
+            try:
+                check(value)
+            except MlecliError as exc:
+                raise click.BadParameter(
+                    str(exc).removeprefix(prefix(value)), param_hint=f"'{param.opts[0]} {value}'"
+                ) from None
+        return values
+
+    return callback
+
+
+def _mirror_location(value):
     from mlecli.download import mirror_location
 
-    for m in values:
-        try:
-            mirror_location(m)
-        except MlecliError as exc:
-            raise click.BadParameter(str(exc).removeprefix(f"mirror {m!r}: "), param_hint=f"'--mirror {m}'") from None
-    return values
+    return mirror_location(value)
+
+
+def _override(value):
+    from mlecli.config import parse_override
+
+    return parse_override(value)
 
 
 @main.command()
@@ -97,7 +114,7 @@ def _check_mirrors(ctx, param, values):
     "--mirror",
     "mirrors",
     multiple=True,
-    callback=_check_mirrors,
+    callback=_each_checked(_mirror_location, lambda m: f"mirror {m!r}: "),  # http(s), file:// or a folder
     metavar="URL",
     help="Base URL, file:// URL or local folder to try before the built-in mirrors (repeatable).",
 )
@@ -157,26 +174,13 @@ def _default_run_dir(name: str) -> Path:
     return path
 
 
-def _check_overrides(ctx, param, values):
-    """--set must be KEY=VALUE with a TOML value: a malformed one is a usage error."""
-    from mlecli.config import parse_override
-    from mlecli.errors import ConfigError
-
-    for item in values:
-        try:
-            parse_override(item)
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc).removeprefix(f"--set {item!r}: "), param_hint=f"'--set {item}'") from None
-    return values
-
-
 @main.command()
 @click.argument("config_path", metavar="[CONFIG]", required=False)
 @click.option(
     "--set",
     "overrides",
     multiple=True,
-    callback=_check_overrides,
+    callback=_each_checked(_override, lambda item: f"--set {item!r}: "),  # KEY=VALUE, a TOML value
     metavar="KEY=VALUE",
     help="Override a config key, value parsed as TOML, e.g. --set model.hidden=[256,64] (repeatable).",
 )

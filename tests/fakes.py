@@ -42,6 +42,13 @@ class TinyDataset:
         sizes = {r: len(self.contents[MNIST_FILES[r]]) for r in ROLES} if verified else {}
         return Dataset(name=name, mirrors=mirrors, files=dict(MNIST_FILES), sha256=sha, sizes=sizes)
 
+    def write_config(self, path: Path, url: str, extra: str = "") -> Path:
+        """A config training on this dataset from `url`, its hashes pinned; `extra` is more TOML."""
+        sha = ", ".join(f'{k} = "{v}"' for k, v in self.spec(()).sha256.items())
+        head = f'[data]\ndataset = "tiny"\nurl = "{url}"\nsha256 = {{ {sha} }}\n'
+        path.write_text(head + extra)
+        return path
+
     def gz_files(self, **gzip_kw) -> dict[str, bytes]:
         return {f"{n}.gz": gzip.compress(c, mtime=0, **gzip_kw) for n, c in self.contents.items()}
 

@@ -144,10 +144,7 @@ def test_networks_that_cannot_fit_are_refused_with_the_memory_they_need(hidden):
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory, tiny, tiny_folder):
     root = tmp_path_factory.mktemp("ckpt")
-    cfg = root / "c.toml"
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    cfg.write_text(f'[data]\ndataset = "tiny"\nurl = "{tiny_folder}"\nsha256 = {{ {sha} }}\n'
-                   "[model]\nhidden = [4]\n[train]\nepochs = 1\n")
+    cfg = tiny.write_config(root / "c.toml", tiny_folder, "[model]\nhidden = [4]\n[train]\nepochs = 1\n")
     res = CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(root / "run"), "--data-dir",
                                     str(root / "data"), "-q"])
     assert res.exit_code == 0, res.output

@@ -26,12 +26,8 @@ def cli(*args):
 def trained(tmp_path_factory, tiny, tiny_folder):
     """One small run, trained once for the whole module."""
     root = tmp_path_factory.mktemp("evaluate")
-    cfg = root / "tiny-run.toml"
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    cfg.write_text(
-        f'[data]\ndataset = "tiny"\nurl = "{tiny_folder}"\nvalidation = 0.2\nsha256 = {{ {sha} }}\n'
-        "[model]\nhidden = [8]\n[train]\nepochs = 3\nbatch_size = 16\n"
-    )
+    cfg = tiny.write_config(root / "tiny-run.toml", tiny_folder,
+                            "validation = 0.2\n[model]\nhidden = [8]\n[train]\nepochs = 3\nbatch_size = 16\n")
     res = cli("train", cfg, "--run-dir", root / "run", "--data-dir", root / "data", "-q")
     assert res.exit_code == 0, res.output
     return root / "run", root / "data"

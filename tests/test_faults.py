@@ -98,9 +98,7 @@ def test_training_killed_at_random_moments_resumes_bit_identical(tiny_config, tm
 
 def test_a_download_killed_mid_file_is_finished_by_the_next_one(tiny, mirrors, tmp_path):
     m = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: data and trickle(h, data, 4096, 0.02))
-    cfg = tmp_path / "tiny.toml"
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    cfg.write_text(f'[data]\ndataset = "tiny"\nurl = "{m.url}"\nsha256 = {{ {sha} }}\n')
+    cfg = tiny.write_config(tmp_path / "tiny.toml", m.url)
     data = tmp_path / "data"
     part = data / "tiny" / "raw" / f"{TRAIN_IMAGES}.gz.part"
     proc = mlecli("download", "--config", cfg, "--data-dir", data, "-q")
@@ -151,7 +149,7 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(tiny_config
 
 def test_disk_full_while_caching_leaves_only_verified_files(tiny, tiny_folder, tmpfs):
     disk = tmpfs("data", "400k")
-    res = cli("download", "--config", _config(tiny, tiny_folder, disk.parent / "c.toml"), "--data-dir", disk, "-q")
+    res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
     assert res.exit_code == 1
     error = one_error_line(res.stderr)
     assert error.startswith(f"Error: no space left on the device while writing {disk}/tiny/")
@@ -164,7 +162,7 @@ def test_disk_full_while_caching_leaves_only_verified_files(tiny, tiny_folder, t
 
 def test_disk_full_during_a_forced_download_keeps_the_earlier_cache(tiny, tiny_folder, tmpfs):
     disk = tmpfs("data", "1200k")
-    cfg = _config(tiny, tiny_folder, disk.parent / "c.toml")
+    cfg = tiny.write_config(disk.parent / "c.toml", tiny_folder)
     assert cli("download", "--config", cfg, "--data-dir", disk, "-q").exit_code == 0
     before = snapshot(disk / "tiny")
     filler = disk / "filler"
@@ -199,7 +197,7 @@ def test_a_read_only_run_folder_is_refused_and_left_as_it_was(tiny_config, tmpfs
 def test_a_read_only_data_folder_is_refused_for_downloads(tiny, tiny_folder, tmpfs):
     disk = tmpfs("data", "1m")
     tmpfs.readonly(disk)
-    res = cli("download", "--config", _config(tiny, tiny_folder, disk.parent / "c.toml"), "--data-dir", disk, "-q")
+    res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
     assert res.exit_code == 1
     assert one_error_line(res.stderr) == (
         f"Error: cannot write {disk / 'tiny' / '.lock'}: Read-only file system; make the folder writable or choose "
@@ -209,17 +207,11 @@ def test_a_read_only_data_folder_is_refused_for_downloads(tiny, tiny_folder, tmp
 
 def test_training_reads_a_complete_cache_on_a_read_only_disk(tiny, tiny_folder, tiny_config, tmpfs, tmp_path):
     disk = tmpfs("data", "2m")
-    assert cli("download", "--config", _config(tiny, tiny_folder, disk.parent / "c.toml"), "--data-dir", disk,
+    assert cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk,
                "-q").exit_code == 0
     tmpfs.readonly(disk)
     res = cli("train", tiny_config(train={"epochs": 1}), "--run-dir", tmp_path / "run", "--data-dir", disk, "-q")
     assert res.exit_code == 0, res.output
-
-
-def _config(tiny, folder: Path, path: Path) -> Path:
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    path.write_text(f'[data]\ndataset = "tiny"\nurl = "{folder}"\nsha256 = {{ {sha} }}\n')
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -245,9 +237,7 @@ def test_a_second_training_on_the_same_run_folder_is_refused_and_the_lock_never_
 
 def test_two_download_processes_on_one_data_folder_both_succeed(tiny, mirrors, tmp_path):
     m = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: data and trickle(h, data, 16384, 0.005))
-    cfg = tmp_path / "tiny.toml"
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    cfg.write_text(f'[data]\ndataset = "tiny"\nurl = "{m.url}"\nsha256 = {{ {sha} }}\n')
+    cfg = tiny.write_config(tmp_path / "tiny.toml", m.url)
     procs = [mlecli("download", "--config", cfg, "--data-dir", tmp_path / "data", "-q") for _ in range(2)]
     for p in procs:
         p.wait(timeout=60)

@@ -20,10 +20,8 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory, tiny, tiny_folder):
     root = tmp_path_factory.mktemp("plot")
-    cfg = root / "tiny-run.toml"
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    cfg.write_text(f'[data]\ndataset = "tiny"\nurl = "{tiny_folder}"\nvalidation = 0.2\nsha256 = {{ {sha} }}\n'
-                   "[model]\nhidden = [12]\n[train]\nepochs = 3\nbatch_size = 16\nlearning_rate = 0.0005\n")
+    cfg = tiny.write_config(root / "tiny-run.toml", tiny_folder, "validation = 0.2\n[model]\nhidden = [12]\n"
+                            "[train]\nepochs = 3\nbatch_size = 16\nlearning_rate = 0.0005\n")
     run, data = root / "run", root / "data"
     assert cli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").exit_code == 0
     res = cli("evaluate", run, "--data-dir", data, "--json")
@@ -71,10 +69,7 @@ def test_plot_defaults_to_the_run_folder_and_skips_mistakes_before_evaluate(eval
 
 
 def test_logistic_regression_shows_its_single_weight_image(tiny, tiny_folder, tmp_path):
-    cfg = tmp_path / "lr.toml"
-    sha = ", ".join(f'{k} = "{v}"' for k, v in tiny.spec(()).sha256.items())
-    cfg.write_text(f'[data]\ndataset = "tiny"\nurl = "{tiny_folder}"\nsha256 = {{ {sha} }}\n'
-                   "[model]\nhidden = []\n[train]\nepochs = 1\n")
+    cfg = tiny.write_config(tmp_path / "lr.toml", tiny_folder, "[model]\nhidden = []\n[train]\nepochs = 1\n")
     run = tmp_path / "run"
     assert cli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "d", "-q").exit_code == 0
     assert cli("plot", run, "--data-dir", tmp_path / "d").exit_code == 0
