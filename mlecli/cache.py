@@ -134,8 +134,23 @@ def ensure_dataset(
     folder's lock so that concurrent downloads into one data dir queue up.
     """
     folder = dataset_dir(dataset, data_dir)
-    raw = folder / "raw"
     all_mirrors = list(dict.fromkeys([*mirrors, *dataset.mirrors]))
+    sessions = []  # one HTTP session for every file, opened only if a file is fetched over HTTP
+
+    def shared_session():
+        if not sessions:
+            sessions.append((session_factory or _session)())
+        return sessions[0]
+
+    try:
+        return _ensure_files(dataset, folder, all_mirrors, force, policy, progress, log, shared_session)
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def _ensure_files(dataset, folder, all_mirrors, force, policy, progress, log, session_factory) -> list[FileReport]:
+    raw = folder / "raw"
     reports = []
     with folder_lock(folder, wait=True, what=f"the data folder {folder}"):
         try:
@@ -154,7 +169,7 @@ def ensure_dataset(
                     all_mirrors,
                     expected,
                     raw,
-                    session_factory=session_factory or _session,
+                    session_factory=session_factory,
                     policy=policy,
                     progress=progress,
                     log=log,
