@@ -26,20 +26,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, table, write_results  # noqa: E402
 
 from mlecli import config, train  # noqa: E402
+from mlecli.step import ll_and_accuracy  # noqa: E402
 from mlecli.cache import prepare  # noqa: E402
 from mlecli.checkpoint import load as load_checkpoint  # noqa: E402
 from mlecli.model import init_params, layer_sizes  # noqa: E402
 from mlecli.task import build_task, pixels  # noqa: E402
 
 
-def mlecli_accuracy(cfg, data_dir: Path, X_test, y_test) -> tuple[float, float]:
+def mlecli_accuracy(cfg, data_dir: Path, test_images, y_test) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
         t0 = time.perf_counter()
         train.run(cfg, Path(tmp) / "run", data_dir=data_dir, report=report)
         seconds = time.perf_counter() - t0
         last = load_checkpoint(Path(tmp) / "run" / "checkpoints" / "last.npz")
-    _, acc = train.ll_and_accuracy(last.params, X_test, y_test)
+    _, acc = ll_and_accuracy(last.params, test_images, y_test)
     return acc, seconds
 
 
@@ -113,7 +114,7 @@ def main() -> None:
                 )
                 task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
                 X_test, y_test = pixels(task.test.images, np.dtype(cfg.model.dtype)), task.test.y
-                a, s = mlecli_accuracy(cfg, data_dir, X_test, y_test)
+                a, s = mlecli_accuracy(cfg, data_dir, task.test.images, y_test)
                 accs["mlecli"].append(a)
                 secs["mlecli"].append(s)
                 a, s = torch_accuracy(cfg, splits, X_test, y_test)

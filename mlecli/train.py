@@ -34,133 +34,9 @@ from mlecli.cache import prepare
 from mlecli.config import Config, estimate_memory, physical_memory, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, TrainingError
 from mlecli.fsutil import atomic_write_text, folder_lock, remove_stale_temporaries
-from mlecli.metrics import total_log_likelihood
 from mlecli.model import Params, init_params, layer_sizes
-from mlecli.task import BinaryTask, build_task, image_scores
-
-# ---------------------------------------------------------------------------
-# The hot loop: one batch, in place, in preallocated buffers.
-
-
-def _sigmoid_inplace(a: np.ndarray) -> None:
-    """a ← σ(a) = 0.5 + 0.5 tanh(a / 2), bit-equal to model.sigmoid, no temporaries."""
-    a *= 0.5
-    np.tanh(a, out=a)
-    a *= 0.5
-    a += 0.5
-
-
-class Workspace:
-    """Buffers for a batch of up to `batch` rows; a smaller batch uses their first rows.
-
-    xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
-    hprime[l] (B, n_{l+1}) per hidden layer; delta_out (B, 1); scratch like each W for
-    the numpy fallback of blas.gemm.
-    """
-
-    def __init__(self, params: Params, batch: int):
-        dtype = params[0][0].dtype
-        hidden = [W.shape[1] for W, _ in params[:-1]]
-        self.xu = np.empty((batch, params[0][0].shape[0]), np.uint8)
-        self.x = np.empty((batch, params[0][0].shape[0]), dtype)
-        self.h = [np.empty((batch, n), dtype) for n in hidden]
-        self.delta = [np.empty((batch, n), dtype) for n in hidden]
-        self.hprime = [np.empty((batch, n), dtype) for n in hidden]
-        self.delta_out = np.empty((batch, 1), dtype)
-        self.scratch = [np.empty_like(W) for W, _ in params]
-
-
-PIXEL_SCALE = 1.0 / 255.0
-# Batches between measurements of the logits (LL, accuracy, finiteness): fewer small
-# numpy calls per batch; a non-finite LL is still found within this many batches.
-MEASURE_EVERY = 16
-
-
-def train_step(
-    params: Params,
-    ws: Workspace,
-    images: np.ndarray,
-    idx: np.ndarray,
-    target: np.ndarray,
-    z: np.ndarray,
-    lr: float,
-) -> None:
-    """One ascent step on the batch images[idx], updating `params` in place.
-
-    `images` (n, n_0) uint8; `target` (m,) = η (y − ½) for the batch's targets y;
-    `z` (m, 1) receives the batch's logits before the step (the caller measures LL and
-    accuracy from them, many batches at a time).
-
-    Same math as model.forward / model.gradients / model.ascent_step (the tests hold
-    them equal up to rounding), reordered for speed:
-    - x = pixels / 255 is never formed: the first layer's GEMMs take the pixels as they
-      are and α = 1/255;
-    - η multiplies ∂LL/∂z once, η (y − σ(z)) = η (y − ½) − (η/2) tanh(z/2), so every δ
-      below already carries it;
-    - biases enter the forward GEMMs as their β = 1 starting value, and each update
-      W ← W + h_prevᵀ (η δ) happens inside a GEMM with β = 1.
-    """
-    m = len(idx)
-    xu = ws.xu[:m]
-    np.take(images, idx, axis=0, out=xu)
-    x = ws.x[:m]
-    np.copyto(x, xu)
-    hs = [x]
-    outs = [h[:m] for h in ws.h] + [z]
-    for layer, (W, b) in enumerate(params):
-        a = outs[layer]
-        np.copyto(a, b)
-        blas.gemm(hs[-1], W, a, PIXEL_SCALE if layer == 0 else 1.0, 1.0)
-        if layer < len(params) - 1:
-            _sigmoid_inplace(a)
-            hs.append(a)
-    delta = ws.delta_out[:m]
-    np.multiply(z, 0.5, out=delta)
-    np.tanh(delta, out=delta)
-    delta *= -0.5 * lr
-    delta += target[:, None]
-    for layer in range(len(params) - 1, -1, -1):
-        W, b = params[layer]
-        h_prev = hs[layer]
-        if layer > 0:
-            # δ_prev = (δ Wᵀ) ⊙ h_prev (1 − h_prev), with W as it was before this step
-            nd = ws.delta[layer - 1][:m]
-            if W.shape[1] == 1:
-                np.multiply(delta, W[:, 0], out=nd)  # an outer product with one output unit
-            else:
-                np.matmul(delta, W.T, out=nd)
-            hp = ws.hprime[layer - 1][:m]
-            np.multiply(h_prev, h_prev, out=hp)
-            np.subtract(h_prev, hp, out=hp)
-            nd *= hp
-        # W += h_prevᵀ (η δ)
-        blas.gemm(h_prev, delta, W, PIXEL_SCALE if layer == 0 else 1.0, 1.0, trans_a=True, scratch=ws.scratch[layer])
-        b += delta.sum(axis=0)
-        if layer > 0:
-            delta = nd
-
-
-class Tally:
-    """Log-likelihood and accuracy of an epoch's batches, summed from their logits."""
-
-    def __init__(self, ll: float = 0.0, correct: int = 0, seen: int = 0):
-        self.ll, self.correct, self.seen = ll, correct, seen
-
-    def add(self, z: np.ndarray, y: np.ndarray) -> None:
-        self.ll += total_log_likelihood(z, y)
-        self.correct += int(np.count_nonzero((z >= 0) == (y > 0.5)))  # ŷ ≥ 0.5 ⇔ z ≥ 0
-        self.seen += len(y)
-
-
-# ---------------------------------------------------------------------------
-# Measuring a whole split (validation each epoch; evaluate uses it too)
-
-
-def ll_and_accuracy(params: Params, images: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(mean log-likelihood per image, accuracy at ŷ = 0.5) of uint8 images (n, H, W)."""
-    z = image_scores(params, images)
-    return total_log_likelihood(z, y) / len(y), float(np.mean((z >= 0) == (y == 1)))
-
+from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
+from mlecli.task import BinaryTask, build_task
 
 # ---------------------------------------------------------------------------
 # Run state, checkpoints and the run folder
@@ -225,14 +101,6 @@ def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
         "started": started,
         "resumed": [],
     }
-
-
-def blas_threads(batch_size: int) -> int | None:
-    """BLAS threads for the hot loop: one for small batches, where handing each small
-    GEMM to a second core costs more than it saves (measured with
-    benchmarks/bench_train.py: 784-128-1 at batch 32 runs an epoch in 0.38 s on one
-    thread, 0.54 s on two; at 512, 0.24 s on one, 0.19 s on two). None: the default."""
-    return 1 if batch_size <= 64 else None
 
 
 class StopRequest:

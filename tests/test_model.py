@@ -17,7 +17,7 @@ from mlecli.model import (
     sigmoid,
 )
 from mlecli.task import pixels
-from mlecli.train import Workspace, train_step
+from mlecli.step import Workspace, train_step
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):
