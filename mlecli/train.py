@@ -345,7 +345,9 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
                     window.add(z, y)
                     measured = hi
                     if bar is not None:
-                        bar.set_postfix_str(f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%")
+                        bar.set_postfix_str(
+                            f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%", refresh=False
+                        )
                 if record_due:
                     state.metrics.append(_step_record(epoch, state.step, window, time.perf_counter() - t_window))
                     _write_metrics(run_dir, state.metrics)
