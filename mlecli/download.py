@@ -153,7 +153,7 @@ def fetch_from_mirrors(
     tried = "; ".join(failures) if failures else "no mirrors given"
     raise DownloadError(
         f"could not download {expected.name} from any mirror: {tried}. "
-        "Check the network, or pass --mirror with a URL or local folder that has the file"
+        "Check the network, or point `mlecli download --mirror` at a URL or local folder that has the file"
     )
 
 
@@ -259,11 +259,16 @@ def _download(session, url: str, part: Path, limit: int, policy: HttpPolicy, pro
             reason = f"no answer within {policy.read_timeout:g} s"
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             reason = _connection_reason(exc)
+            if reason == HOST_NOT_FOUND:
+                raise MirrorFailed(reason) from None  # offline or a wrong name: waiting will not help
         except requests.exceptions.RequestException as exc:
             raise MirrorFailed(f"request failed: {exc}") from None
         if part.exists() and part.stat().st_size:
             resumed_any = True
     raise MirrorFailed(f"{reason} (gave up after {policy.retries + 1} attempts)")
+
+
+HOST_NOT_FOUND = "host name not found"
 
 
 def _connection_reason(exc: Exception) -> str:
@@ -275,7 +280,7 @@ def _connection_reason(exc: Exception) -> str:
     if "Connection refused" in text:
         return "connection refused"
     if "Name or service not known" in text or "NameResolution" in text or "nodename" in text:
-        return "host name not found"
+        return HOST_NOT_FOUND
     return f"connection failed ({type(exc).__name__})"
 
 

@@ -57,7 +57,8 @@ def tmpfs(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_internet(monkeypatch):
-    """Tests never touch the internet: refuse any connection that is not to 127.0.0.1."""
+    """Tests never touch the internet: refuse any connection that is not to 127.0.0.1,
+    and resolve no host name but localhost (no DNS query leaves the machine)."""
     real_connect = socket.socket.connect
 
     def guarded(self, address):
@@ -67,6 +68,14 @@ def no_internet(monkeypatch):
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_names_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "::1", "localhost", None):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (tests resolve no names)")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_names_only)
 
 
 @pytest.fixture(autouse=True)

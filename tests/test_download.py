@@ -182,8 +182,16 @@ def test_when_every_mirror_fails_one_message_lists_each(tiny, mirrors, tmp_path)
     assert msg.startswith(f"could not download {TRAIN_IMAGES} from any mirror: {a.url}: HTTP 403; ")
     assert f"{b.url}: HTTP 404 for {TRAIN_IMAGES}.gz and HTTP 404 for {TRAIN_IMAGES}; " in msg
     assert "http://127.0.0.1:9/nothing/: connection refused (gave up after 4 attempts)" in msg
-    assert msg.endswith("pass --mirror with a URL or local folder that has the file")
+    assert msg.endswith("point `mlecli download --mirror` at a URL or local folder that has the file")
     assert "\n" not in msg
+
+
+def test_an_unknown_host_fails_that_mirror_at_once(tiny, mirrors, tmp_path):
+    good = mirrors(tiny.gz_files())
+    _, logs = fetch(tiny.spec(("http://no-such-host.invalid/mnist/", good.url)), tmp_path)
+    assert f"{TRAIN_IMAGES}: http://no-such-host.invalid/mnist/ failed (host name not found); trying the next mirror" in logs
+    assert not any("retrying" in line for line in logs)
+    assert_cached(tiny, tmp_path)
 
 
 def test_failed_forced_redownload_leaves_the_cache_intact(tiny, mirrors, tmp_path):
