@@ -22,9 +22,6 @@ from mlecli.fsutil import atomic_write_text
 from mlecli.model import sigmoid
 from mlecli.task import build_task, image_scores
 
-SPLITS = ("test", "validation", "train")
-
-
 def run_dir_of(checkpoint_path: Path) -> Path | None:
     """The run folder holding a checkpoint (…/<run>/checkpoints/<file>), if it is one."""
     folder = checkpoint_path.resolve().parent

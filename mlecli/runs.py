@@ -12,7 +12,6 @@ from typing import Any
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
 
-SORT_KEYS = ("name", "started", "epochs", "val_ll", "val_acc", "test_acc", "seconds")
 ASCENDING = {"name", "started"}
 
 

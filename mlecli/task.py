@@ -33,10 +33,6 @@ class Subset:
     def __len__(self) -> int:
         return len(self.index)
 
-    @property
-    def positives(self) -> int:
-        return int(self.y.sum())
-
 
 @dataclass(frozen=True)
 class BinaryTask:

@@ -143,7 +143,6 @@ class Outcome:
     epochs_done: int
     interrupted: str | None
     best: dict | None
-    last_metrics: dict | None
 
 
 def epoch_line(m: dict, epochs: int) -> str:
@@ -396,8 +395,7 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
             report.line(epoch_line(record, cfg.train.epochs))
             if stop.signal is not None:
                 interrupted = stop.signal
-    last = next((m for m in reversed(state.metrics) if m.get("kind") == "epoch"), None)
-    return Outcome(run_dir, state.epochs_done, interrupted, state.best, last)
+    return Outcome(run_dir, state.epochs_done, interrupted, state.best)
 
 
 def _step_record(epoch: int, step: int, w: Tally, seconds: float) -> dict:
