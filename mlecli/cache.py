@@ -239,8 +239,7 @@ def _load_npz(folder: Path, split: str, dataset: Dataset) -> Split | None:
     try:
         # The cache is our own, written whole by atomic rename from verified raw files:
         # skipping the CRC (most of np.load's time on 55 MB) is safe here.
-        z = npz.read(path, check_crc=False)
-        meta = json.loads(str(z["meta"][()]))
+        meta = json.loads(str(npz.read(path, check_crc=False, names=("meta",))["meta"][()]))
         sources = meta["sources"]
         for role in (f"{split}-images", f"{split}-labels"):
             src = sources[role]
@@ -251,6 +250,7 @@ def _load_npz(folder: Path, split: str, dataset: Dataset) -> Split | None:
             known = dataset.sha256.get(role)
             if known is not None and src["sha256"] != known:
                 return None
+        z = npz.read(path, check_crc=False, names=("images", "labels"))  # only once it is known fresh
         images, labels = z["images"], z["labels"]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         # Missing, stale or corrupt: the caller rebuilds it from the verified raw files.

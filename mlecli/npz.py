@@ -25,12 +25,14 @@ class ObjectArrayError(ValueError):
     """A member holds Python objects: loading it would need pickle."""
 
 
-def read(path: Path | str, *, check_crc: bool) -> dict[str, np.ndarray]:
-    """Every array in the .npz at `path`, by name (without .npy)."""
+def read(path: Path | str, *, check_crc: bool, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays in the .npz at `path` by name (without .npy): all of them, or just `names`."""
     arrays = {}
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         for info in zf.infolist():
             name = info.filename
+            if names is not None and name.removesuffix(".npy") not in names:
+                continue
             if info.compress_type != zipfile.ZIP_STORED or not name.endswith(".npy"):
                 raise ValueError(f"member {name} is not a stored .npy")
             f.seek(info.header_offset)
