@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import json
+import shutil
 import sys
 import threading
 import time
@@ -69,6 +71,27 @@ def tiny_dataset(n_train: int = 300, n_test: int = 100, seed: int = 0) -> TinyDa
     arrays = {"train-images": tr_x, "train-labels": tr_y, "test-images": te_x, "test-labels": te_y}
     contents = {MNIST_FILES[r]: idx_bytes(a) for r, a in arrays.items()}
     return TinyDataset(contents, arrays)
+
+
+def rewrite_npz(src: Path, dst: Path | None = None, *, meta: dict | None = None, replace: dict | None = None,
+                drop: tuple[str, ...] = ()) -> Path:
+    """Copy a checkpoint's arrays to `dst` (default: over `src`), merging `meta` into its JSON
+    meta record, replacing the arrays in `replace` and leaving out those in `drop`."""
+    with np.load(src, allow_pickle=False) as z:
+        content = {k: z[k] for k in z.files if k not in drop}
+    if meta:
+        content["meta"] = np.array(json.dumps({**json.loads(str(content["meta"][()])), **meta}))
+    content.update(replace or {})
+    dst = dst or src
+    np.savez(dst, **content)
+    return dst
+
+
+def copy_run_without_evaluations(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst)
+    for p in dst.glob("eval-*.json"):
+        p.unlink()
+    return dst
 
 
 # ---------------------------------------------------------------------------

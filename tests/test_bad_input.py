@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fakes import rewrite_npz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -176,19 +177,13 @@ def test_damaged_checkpoints_load_whole_or_not_at_all(tmp_path, good_checkpoint,
 
 
 def test_a_checkpoint_with_a_pickled_meta_record_is_refused(tmp_path, good_checkpoint):
-    with np.load(good_checkpoint) as z:
-        content = {k: z[k] for k in z.files}
-    content["meta"] = np.array([{"format": 1}], dtype=object)
-    np.savez(tmp_path / "evil.npz", **content)
+    rewrite_npz(good_checkpoint, tmp_path / "evil.npz", replace={"meta": np.array([{"format": 1}], dtype=object)})
     with pytest.raises(CheckpointError, match="would need pickle to load; refused"):
         ckpt.load(tmp_path / "evil.npz")
 
 
 def test_a_checkpoint_whose_meta_is_not_json_is_refused(tmp_path, good_checkpoint):
-    with np.load(good_checkpoint) as z:
-        content = {k: z[k] for k in z.files}
-    content["meta"] = np.array("{not json")
-    np.savez(tmp_path / "bad.npz", **content)
+    rewrite_npz(good_checkpoint, tmp_path / "bad.npz", replace={"meta": np.array("{not json")})
     with pytest.raises(CheckpointError, match=r"the meta record is not valid JSON"):
         ckpt.load(tmp_path / "bad.npz")
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fakes import tiny_dataset
+from fakes import copy_run_without_evaluations, rewrite_npz, tiny_dataset
 
 from mlecli.cli import main
 
@@ -104,21 +104,7 @@ def test_a_higher_threshold_predicts_fewer_positives(trained):
 
 def copy_run(trained, tmp_path):
     run, data = trained
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    for p in dst.glob("eval-*.json"):
-        p.unlink()
-    return dst, data
-
-
-def rewrite(path, meta=None, arrays=None):
-    with np.load(path, allow_pickle=False) as z:
-        content = {k: z[k] for k in z.files}
-    m = json.loads(str(content["meta"][()]))
-    m.update(meta or {})
-    content["meta"] = np.array(json.dumps(m))
-    content.update(arrays or {})
-    np.savez(path, **content)
+    return copy_run_without_evaluations(run, tmp_path / "run"), data
 
 
 def refused(run, data, *args):
@@ -157,23 +143,21 @@ def test_bad_checkpoint_name_is_a_usage_error(trained):
 def test_a_future_format_version(trained, tmp_path):
     run, data = copy_run(trained, tmp_path)
     path = run / "checkpoints" / "best.npz"
-    rewrite(path, meta={"format": 2})
+    rewrite_npz(path, meta={"format": 2})
     assert refused(run, data) == f"{path} has checkpoint format 2; this mlecli reads format 1: use the mlecli version that wrote it"
 
 
 def test_arrays_that_do_not_match_the_config(trained, tmp_path):
     run, data = copy_run(trained, tmp_path)
     path = run / "checkpoints" / "best.npz"
-    rewrite(path, arrays={"W1": np.zeros((784, 9), np.float32)})
+    rewrite_npz(path, replace={"W1": np.zeros((784, 9), np.float32)})
     assert refused(run, data) == f"{path}: array W1 is float32 (784, 9), its config needs float32 (784, 8)"
 
 
 def test_an_array_missing(trained, tmp_path):
     run, data = copy_run(trained, tmp_path)
     path = run / "checkpoints" / "best.npz"
-    with np.load(path) as z:
-        content = {k: z[k] for k in z.files if k != "b2"}
-    np.savez(path, **content)
+    rewrite_npz(path, drop=("b2",))
     assert refused(run, data) == (
         f"{path}: its arrays do not match its config (hidden = [8]): missing ['b2'], unexpected none"
     )
@@ -182,10 +166,7 @@ def test_an_array_missing(trained, tmp_path):
 def test_an_object_array_that_would_need_pickle(trained, tmp_path):
     run, data = copy_run(trained, tmp_path)
     path = run / "checkpoints" / "best.npz"
-    with np.load(path) as z:
-        content = {k: z[k] for k in z.files}
-    content["W1"] = np.array([{"evil": 1}], dtype=object)
-    np.savez(path, **content)
+    rewrite_npz(path, replace={"W1": np.array([{"evil": 1}], dtype=object)})
     assert refused(run, data) == (
         f"{path} holds Python objects that would need pickle to load; refused (checkpoints are arrays only)"
     )

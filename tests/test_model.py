@@ -16,8 +16,8 @@ from mlecli.model import (
     predict_proba,
     sigmoid,
 )
-from mlecli.task import pixels
 from mlecli.step import Workspace, train_step
+from mlecli.task import pixels
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):

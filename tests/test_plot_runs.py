@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from fakes import copy_run_without_evaluations
 
 from mlecli.cli import main
 
@@ -58,10 +59,7 @@ def test_the_same_run_gives_byte_identical_pngs(evaluated_run, tmp_path):
 
 def test_plot_defaults_to_the_run_folder_and_skips_mistakes_before_evaluate(evaluated_run, tmp_path):
     run, data = evaluated_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    for p in copy.glob("eval-*.json"):
-        p.unlink()
+    copy = copy_run_without_evaluations(run, tmp_path / "copy")
     res = cli("plot", copy, "--data-dir", data)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in copy.glob("*.png")) == ["curves.png", "hidden-units.png"]
