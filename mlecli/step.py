@@ -8,6 +8,8 @@ weight updates done inside the GEMMs. benchmarks/bench_train.py measures it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlecli import blas
@@ -25,23 +27,67 @@ def _sigmoid_inplace(a: np.ndarray) -> None:
 
 
 class Workspace:
-    """Buffers for a batch of up to `batch` rows; a smaller batch uses their first rows.
+    """Buffers for batches of up to `batch` rows of `params`, and for each batch size
+    met so far a `_Plan` bound to them; a smaller batch uses the buffers' first rows.
 
     xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
-    hprime[l] (B, n_{l+1}) per hidden layer; delta_out (B, 1); scratch like each W for
-    the numpy fallback of blas.gemm.
+    hprime[l] (B, n_{l+1}) per hidden layer; z and delta_out (B, 1); scratch like each W
+    for the numpy fallback of blas.bind.
     """
 
     def __init__(self, params: Params, batch: int):
         dtype = params[0][0].dtype
         hidden = [W.shape[1] for W, _ in params[:-1]]
+        self.arrays = [(W, b) for W, b in params]  # what the plans are bound to
         self.xu = np.empty((batch, params[0][0].shape[0]), np.uint8)
         self.x = np.empty((batch, params[0][0].shape[0]), dtype)
         self.h = [np.empty((batch, n), dtype) for n in hidden]
         self.delta = [np.empty((batch, n), dtype) for n in hidden]
         self.hprime = [np.empty((batch, n), dtype) for n in hidden]
+        self.z = np.empty((batch, 1), dtype)
         self.delta_out = np.empty((batch, 1), dtype)
         self.scratch = [np.empty_like(W) for W, _ in params]
+        self.plans: dict[int, _Plan] = {}
+
+    def plan(self, params: Params, m: int) -> _Plan:
+        """The plan for a batch of m rows of these very arrays (checked: the plan's
+        products are bound to their memory)."""
+        if len(params) != len(self.arrays) or any(
+            W is not W0 or b is not b0 for (W, b), (W0, b0) in zip(params, self.arrays, strict=True)
+        ):
+            raise ValueError("this Workspace was made for other parameter arrays")
+        plan = self.plans.get(m)
+        if plan is None:
+            plan = self.plans[m] = _Plan(self, m)
+        return plan
+
+
+class _Plan:
+    """A batch of m rows: views of the workspace and its matrix products, bound once."""
+
+    def __init__(self, ws: Workspace, m: int):
+        params = ws.arrays
+        last = len(params) - 1
+        self.xu, self.x = ws.xu[:m], ws.x[:m]
+        self.z, self.delta_out = ws.z[:m], ws.delta_out[:m]
+        outs = [h[:m] for h in ws.h] + [self.z]  # each layer's pre-activation, then output
+        ins = [self.x, *outs[:-1]]  # h_prev of each layer
+        deltas = [d[:m] for d in ws.delta] + [self.delta_out]
+        self.layers = []
+        for layer, (W, b) in enumerate(params):
+            scale = PIXEL_SCALE if layer == 0 else 1.0
+            forward = blas.bind(ins[layer], W, outs[layer], scale, 1.0)
+            update = blas.bind(ins[layer], deltas[layer], W, scale, 1.0, trans_a=True, scratch=ws.scratch[layer])
+            back = None  # δ_prev ← δ Wᵀ, with W as it was before this step
+            if layer > 0:
+                if W.shape[1] == 1:  # an outer product with one output unit
+                    back = functools.partial(np.multiply, deltas[layer], W[:, 0], out=deltas[layer - 1])
+                else:
+                    back = blas.bind(deltas[layer], W, deltas[layer - 1], 1.0, 0.0, trans_b=True)
+            self.layers.append((
+                b, outs[layer], forward, update, back, deltas[layer], deltas[layer - 1] if layer > 0 else None,
+                ws.hprime[layer - 1][:m] if layer > 0 else None, ins[layer], layer < last,
+            ))
 
 
 PIXEL_SCALE = 1.0 / 255.0
@@ -72,46 +118,33 @@ def train_step(
     - η multiplies ∂LL/∂z once, η (y − σ(z)) = η (y − ½) − (η/2) tanh(z/2), so every δ
       below already carries it;
     - biases enter the forward GEMMs as their β = 1 starting value, and each update
-      W ← W + h_prevᵀ (η δ) happens inside a GEMM with β = 1.
+      W ← W + h_prevᵀ (η δ) happens inside a GEMM with β = 1;
+    - every product is bound once per batch size (`_Plan`), so a batch costs no
+      argument conversion.
     """
-    m = len(idx)
-    xu = ws.xu[:m]
-    np.take(images, idx, axis=0, out=xu)
-    x = ws.x[:m]
-    np.copyto(x, xu)
-    hs = [x]
-    outs = [h[:m] for h in ws.h] + [z]
-    for layer, (W, b) in enumerate(params):
-        a = outs[layer]
+    plan = ws.plan(params, len(idx))
+    np.take(images, idx, axis=0, out=plan.xu)
+    np.copyto(plan.x, plan.xu)
+    for b, a, forward, _, _, _, _, _, _, hidden in plan.layers:
         np.copyto(a, b)
-        blas.gemm(hs[-1], W, a, PIXEL_SCALE if layer == 0 else 1.0, 1.0)
-        if layer < len(params) - 1:
+        forward()
+        if hidden:
             _sigmoid_inplace(a)
-            hs.append(a)
-    delta = ws.delta_out[:m]
-    np.multiply(z, 0.5, out=delta)
+    delta = plan.delta_out
+    np.multiply(plan.z, 0.5, out=delta)
     np.tanh(delta, out=delta)
     delta *= -0.5 * lr
     delta += target[:, None]
-    for layer in range(len(params) - 1, -1, -1):
-        W, b = params[layer]
-        h_prev = hs[layer]
-        if layer > 0:
+    np.copyto(z, plan.z)
+    for b, _, _, update, back, delta, prev_delta, hp, h_prev, _ in reversed(plan.layers):
+        if back is not None:
             # δ_prev = (δ Wᵀ) ⊙ h_prev (1 − h_prev), with W as it was before this step
-            nd = ws.delta[layer - 1][:m]
-            if W.shape[1] == 1:
-                np.multiply(delta, W[:, 0], out=nd)  # an outer product with one output unit
-            else:
-                np.matmul(delta, W.T, out=nd)
-            hp = ws.hprime[layer - 1][:m]
+            back()
             np.multiply(h_prev, h_prev, out=hp)
             np.subtract(h_prev, hp, out=hp)
-            nd *= hp
-        # W += h_prevᵀ (η δ)
-        blas.gemm(h_prev, delta, W, PIXEL_SCALE if layer == 0 else 1.0, 1.0, trans_a=True, scratch=ws.scratch[layer])
+            prev_delta *= hp
+        update()  # W += h_prevᵀ (η δ)
         b += delta.sum(axis=0)
-        if layer > 0:
-            delta = nd
 
 
 class Tally:

@@ -141,6 +141,44 @@ def test_in_place_train_step_equals_the_pure_functions(hidden, batch, backend, m
         np.testing.assert_allclose(b, be, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", ["cblas", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bound_gemm_is_alpha_op_a_op_b_plus_beta_c_on_the_arrays_memory(backend, dtype, monkeypatch):
+    if backend == "numpy":
+        monkeypatch.setattr(blas, "_CBLAS", None)
+    elif blas._cblas() is None:
+        pytest.skip("no cblas found beside numpy: the numpy fallback is what runs here")
+    rng = np.random.default_rng(0)
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            a = rng.normal(size=(4, 3) if trans_a else (3, 4)).astype(dtype)
+            b = rng.normal(size=(5, 4) if trans_b else (4, 5)).astype(dtype)
+            c = rng.normal(size=(3, 5)).astype(dtype)
+            call = blas.bind(a, b, c, 0.25, 1.0, trans_a=trans_a, trans_b=trans_b)
+            for _ in range(2):  # new values in the same arrays: the call sees them
+                a[...] = rng.normal(size=a.shape)
+                want = 0.25 * ((a.T if trans_a else a) @ (b.T if trans_b else b)) + c
+                call()
+                np.testing.assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_bound_gemm_refuses_shapes_that_do_not_multiply():
+    if blas._cblas() is None:
+        pytest.skip("no cblas found beside numpy")
+    with pytest.raises(ValueError, match="shapes do not match"):
+        blas.bind(np.zeros((3, 4)), np.zeros((5, 2)), np.zeros((3, 2)), 1.0, 0.0)
+
+
+def test_a_workspace_refuses_parameters_it_was_not_made_for():
+    params, _, y = random_problem((4,), n=7)
+    images = np.zeros((7, 5), np.uint8)
+    ws = Workspace(params, 7)
+    other = [(W.copy(), b.copy()) for W, b in params]
+    with pytest.raises(ValueError, match="other parameter arrays"):
+        train_step(other, ws, images, np.arange(7), y - 0.5, np.empty((7, 1)), 0.1)
+    train_step(params, ws, images, np.arange(7), y - 0.5, np.empty((7, 1)), 0.1)
+
+
 def test_predict_proba_is_sigmoid_of_the_logit():
     params, x, _ = random_problem((3,))
     np.testing.assert_allclose(predict_proba(params, x), sigmoid(forward(params, x)[1]))
