@@ -4,13 +4,18 @@
 
 Workload (issue #5): a 784-128-1 sigmoid network, float32, learning rate 0.01, a binary
 task over all 60,000 training images of Fashion-MNIST (Debian's files, imported offline;
-classes 0-4 vs 5-9, no validation hold-out). Per batch size: one warm-up epoch, then
-`--repeat` epochs, median reported. Same machine, same run, 2 threads for everyone.
+classes 0-4 vs 5-9, no validation hold-out). Same machine, same run, 2 threads for
+everyone. Per batch size, `--repeat` rounds, each timing one epoch of each of the three
+below in turn (this machine is shared and its speed drifts by ±20% over minutes; a drift
+then lands on all three). Reported: medians, and ratios as the median of each round's
+own ratio.
 
-- mlecli: the real trainer (`mlecli.train.run`), epoch time as it logs it in metrics.jsonl
-  (training only: validation and checkpoint writes excluded).
+- mlecli: the real trainer (`mlecli.train.run`), a 2-epoch run per round, the second
+  epoch's time as it logs it in metrics.jsonl (training only: validation and checkpoint
+  writes excluded).
 - PyTorch 2.13 CPU: the same network, torch.set_num_threads(2), plain SGD on the summed
-  BCE-with-logits, data already in tensors, batches gathered with index_select.
+  BCE-with-logits, data already in tensors, batches gathered with index_select; one
+  warm-up epoch, then one epoch per round.
 - floor: the epoch's matrix-multiply FLOPs (forward X·W1 and h·w2, weight gradients
   Xᵀ·δ1 and hᵀ·δ2; the input's gradient is never needed) divided by the float32 GEMM
   throughput numpy reaches here at exactly those shapes, measured in this run.
@@ -58,77 +63,92 @@ def workload(batch: int, epochs: int):
                               f"train.checkpoint_every={epochs}"])
 
 
-def mlecli_epochs(batch: int, repeat: int, data_dir: Path) -> list[float]:
-    cfg = workload(batch, 1 + repeat)
+def mlecli_epoch(batch: int, data_dir: Path) -> float:
+    """Seconds of one epoch of the real trainer, after a warm-up epoch in the same run."""
+    cfg = workload(batch, 2)
     with tempfile.TemporaryDirectory() as tmp:
         report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
         train.run(cfg, Path(tmp) / "run", data_dir=data_dir, report=report)
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    # training seconds of each epoch as the trainer logged them; the first is the warm-up
-    return [60000 / m["images_per_s"] for m in lines[1:]]
+    # the second epoch's training seconds as the trainer logged them
+    return 60000 / lines[-1]["images_per_s"]
 
 
-def torch_epochs(batch: int, repeat: int, X_np, Y_np, init) -> list[float] | None:
-    try:
+class TorchTrainer:
+    """The same network in PyTorch: plain SGD on the summed BCE-with-logits."""
+
+    def __init__(self, batch: int, X_np, Y_np, init):
         import torch
+
+        torch.set_num_threads(2)
+        self.torch, self.batch = torch, batch
+        (W1, b1), (W2, b2) = init
+        self.net = torch.nn.Sequential(torch.nn.Linear(784, HIDDEN), torch.nn.Sigmoid(), torch.nn.Linear(HIDDEN, 1))
+        with torch.no_grad():
+            self.net[0].weight.copy_(torch.from_numpy(W1.T.copy()))
+            self.net[0].bias.copy_(torch.from_numpy(b1))
+            self.net[2].weight.copy_(torch.from_numpy(W2.T.copy()))
+            self.net[2].bias.copy_(torch.from_numpy(b2))
+        self.X, self.Y = torch.from_numpy(X_np), torch.from_numpy(Y_np)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=LR)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+        self.gen = torch.Generator().manual_seed(0)
+        self.epoch()  # warm-up
+
+    def epoch(self) -> float:
+        t0 = time.perf_counter()
+        order = self.torch.randperm(len(self.X), generator=self.gen)
+        for k in range(0, len(self.X), self.batch):
+            idx = order[k : k + self.batch]
+            xb, yb = self.X.index_select(0, idx), self.Y.index_select(0, idx)
+            self.opt.zero_grad(set_to_none=True)
+            self.loss_fn(self.net(xb)[:, 0], yb).backward()
+            self.opt.step()
+        return time.perf_counter() - t0
+
+
+def torch_trainer(batch: int, X_np, Y_np, init) -> TorchTrainer | None:
+    try:
+        import torch  # noqa: F401
     except ImportError:
         return None
-    torch.set_num_threads(2)
-    (W1, b1), (W2, b2) = init
-    net = torch.nn.Sequential(torch.nn.Linear(784, HIDDEN), torch.nn.Sigmoid(), torch.nn.Linear(HIDDEN, 1))
-    with torch.no_grad():
-        net[0].weight.copy_(torch.from_numpy(W1.T.copy()))
-        net[0].bias.copy_(torch.from_numpy(b1))
-        net[2].weight.copy_(torch.from_numpy(W2.T.copy()))
-        net[2].bias.copy_(torch.from_numpy(b2))
-    X, Y = torch.from_numpy(X_np), torch.from_numpy(Y_np)
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(1 + repeat):
-        t0 = time.perf_counter()
-        order = torch.randperm(len(X), generator=gen)
-        for k in range(0, len(X), batch):
-            idx = order[k : k + batch]
-            xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(net(xb)[:, 0], yb).backward()
-            opt.step()
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+    return TorchTrainer(batch, X_np, Y_np, init)
 
 
-def gemm_floor(batch: int, n: int, repeat: int) -> tuple[float, float]:
-    """(floor seconds per epoch, GFLOP/s) from timing numpy's float32 GEMMs at the epoch's shapes."""
-    rng = np.random.default_rng(0)
-    shapes = []  # (a, b, out) per product, for a full batch and for the last, smaller one
-    full, rest = divmod(n, batch)
-    for m, count in ((batch, full), (rest, 1 if rest else 0)):
-        if not count:
-            continue
-        x = rng.random((m, 784), dtype=np.float32)
-        W1 = rng.random((784, HIDDEN), dtype=np.float32)
-        h = rng.random((m, HIDDEN), dtype=np.float32)
-        w2 = rng.random((HIDDEN, 1), dtype=np.float32)
-        d1 = rng.random((m, HIDDEN), dtype=np.float32)
-        d2 = rng.random((m, 1), dtype=np.float32)
-        products = [(x, W1, np.empty((m, HIDDEN), np.float32)), (h, w2, np.empty((m, 1), np.float32)),
-                    (x.T, d1, np.empty((784, HIDDEN), np.float32)), (h.T, d2, np.empty((HIDDEN, 1), np.float32))]
-        shapes.append((products, count))
-    flops = 0.0
-    seconds = 0.0
-    for products, count in shapes:
-        def one_batch(products=products):
-            for a, b, out in products:
-                np.matmul(a, b, out=out)
+class GemmFloor:
+    """The epoch's matrix products (forward X·W1 and h·w2, weight gradients Xᵀ·δ1 and
+    hᵀ·δ2) with numpy at exactly the epoch's shapes: `epoch()` times a sample of
+    batches and scales it to the epoch's batch count."""
 
-        reps = max(50, 20000 // batch)
-        one_batch()
-        t, _ = median_time(lambda reps=reps, one_batch=one_batch: [one_batch() for _ in range(reps)], repeat)
-        seconds += t / reps * count
-        flops += count * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in products)
-    return seconds, flops / seconds / 1e9
+    def __init__(self, batch: int, n: int):
+        rng = np.random.default_rng(0)
+        self.batch, self.parts, self.flops = batch, [], 0.0
+        full, rest = divmod(n, batch)
+        for m, count in ((batch, full), (rest, 1 if rest else 0)):
+            if not count:
+                continue
+            x = rng.random((m, 784), dtype=np.float32)
+            W1 = rng.random((784, HIDDEN), dtype=np.float32)
+            h = rng.random((m, HIDDEN), dtype=np.float32)
+            w2 = rng.random((HIDDEN, 1), dtype=np.float32)
+            d1 = rng.random((m, HIDDEN), dtype=np.float32)
+            d2 = rng.random((m, 1), dtype=np.float32)
+            products = [(x, W1, np.empty((m, HIDDEN), np.float32)), (h, w2, np.empty((m, 1), np.float32)),
+                        (x.T, d1, np.empty((784, HIDDEN), np.float32)), (h.T, d2, np.empty((HIDDEN, 1), np.float32))]
+            self.parts.append((products, count))
+            self.flops += count * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in products)
+        self.epoch()  # warm-up
+
+    def epoch(self) -> float:
+        seconds = 0.0
+        for products, count in self.parts:
+            reps = max(50, 20000 // self.batch)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for a, b, out in products:
+                    np.matmul(a, b, out=out)
+            seconds += (time.perf_counter() - t0) / reps * count
+        return seconds
 
 
 def startup_seconds(repeat: int) -> float:
@@ -175,24 +195,35 @@ def main() -> None:
         init = init_params(layer_sizes(784, (HIDDEN,)), np.random.default_rng(0), np.float32)
         rows, results = [], []
         for batch in args.batches:
-            ours = statistics.median(mlecli_epochs(batch, args.repeat, data_dir))
-            theirs_all = torch_epochs(batch, args.repeat, X, Y, init)
-            theirs = statistics.median(theirs_all) if theirs_all else None
-            floor, gflops = gemm_floor(batch, len(X), args.repeat)
+            # Rounds interleave the three measurements, so that a slow spell of this shared
+            # machine lands on all of them; ratios are medians of each round's own ratios.
+            theirs_trainer = torch_trainer(batch, X, Y, init)
+            floor_runner = GemmFloor(batch, len(X))
+            ours_t, theirs_t, floor_t = [], [], []
+            for _ in range(args.repeat):
+                ours_t.append(mlecli_epoch(batch, data_dir))
+                if theirs_trainer is not None:
+                    theirs_t.append(theirs_trainer.epoch())
+                floor_t.append(floor_runner.epoch())
+            ours, floor = statistics.median(ours_t), statistics.median(floor_t)
+            theirs = statistics.median(theirs_t) if theirs_t else None
+            vs_torch = statistics.median(o / t for o, t in zip(ours_t, theirs_t)) if theirs_t else None
+            of_floor = statistics.median(f / o for f, o in zip(floor_t, ours_t))
+            gflops = floor_runner.flops / floor / 1e9
             rows.append([
                 batch, f"{ours:.3f}", f"{len(X) / ours:,.0f}",
                 f"{theirs:.3f}" if theirs else "n/a", f"{len(X) / theirs:,.0f}" if theirs else "n/a",
-                f"{ours / theirs:.2f}" if theirs else "n/a", f"{floor:.3f}", f"{gflops:.0f}",
-                f"{floor / ours:.0%}",
+                f"{vs_torch:.2f}" if theirs else "n/a", f"{floor:.3f}", f"{gflops:.0f}", f"{of_floor:.0%}",
             ])
-            results.append({"batch": batch, "mlecli_s": ours, "pytorch_s": theirs, "floor_s": floor,
-                            "gemm_gflops": gflops})
+            results.append({"batch": batch, "mlecli_s": ours_t, "pytorch_s": theirs_t, "floor_s": floor_t,
+                            "mlecli_over_pytorch": vs_torch, "floor_over_mlecli": of_floor, "gemm_gflops": gflops})
     startup = startup_seconds(9)
-    print(f"784-{HIDDEN}-1 sigmoid, float32, lr {LR}, {len(X):,} Fashion-MNIST images, median of {args.repeat} "
-          f"epochs after one warm-up; 2 threads")
+    print(f"784-{HIDDEN}-1 sigmoid, float32, lr {LR}, {len(X):,} Fashion-MNIST images; {args.repeat} rounds, each "
+          f"one epoch of mlecli (after a warm-up epoch), of PyTorch and of the floor; medians; 2 threads")
     print(f"BLAS: {blas_info()}")
     print(table(["batch", "mlecli s/epoch", "mlecli img/s", "pytorch s/epoch", "pytorch img/s",
                  "mlecli/pytorch", "floor s", "GEMM GFLOP/s", "floor/mlecli"], rows))
+    print("ratios: median over rounds of that round's mlecli/pytorch and floor/mlecli")
     if not any(r["pytorch_s"] for r in results):
         print("PyTorch is not installed: `pip install torch==2.13.0` for its column (never a dependency).")
     print(f"\nmlecli --help: {startup * 1e3:.0f} ms   load cached train+test: {load_s * 1e3:.1f} ms   "
