@@ -18,14 +18,6 @@ from mlecli.model import Params
 from mlecli.task import image_scores
 
 
-def _sigmoid_inplace(a: np.ndarray) -> None:
-    """a ← σ(a) = 0.5 + 0.5 tanh(a / 2), bit-equal to model.sigmoid, no temporaries."""
-    a *= 0.5
-    np.tanh(a, out=a)
-    a *= 0.5
-    a += 0.5
-
-
 class Workspace:
     """Buffers for batches of up to `batch` rows of `params`, and for each batch size
     met so far a `_Plan` bound to them; a smaller batch uses the buffers' first rows.
@@ -76,7 +68,8 @@ class _Plan:
         self.layers = []
         for layer, (W, b) in enumerate(params):
             scale = PIXEL_SCALE if layer == 0 else 1.0
-            forward = blas.bind(ins[layer], W, outs[layer], scale, 1.0)
+            # every layer's forward product gives half its pre-activation (see train_step)
+            forward = blas.bind(ins[layer], W, outs[layer], 0.5 * scale, 1.0)
             update = blas.bind(ins[layer], deltas[layer], W, scale, 1.0, trans_a=True, scratch=ws.scratch[layer])
             back = None  # δ_prev ← δ Wᵀ, with W as it was before this step
             if layer > 0:
@@ -119,6 +112,9 @@ def train_step(
       below already carries it;
     - biases enter the forward GEMMs as their β = 1 starting value, and each update
       W ← W + h_prevᵀ (η δ) happens inside a GEMM with β = 1;
+    - σ(a) = ½ + ½ tanh(a/2) and η (y − σ(z)) need only a/2 and z/2, so the forward
+      GEMMs compute those (α/2, bias/2): halving is exact in binary floating point, so
+      the bits are those of halving afterwards, one pass fewer per layer;
     - every product is bound once per batch size (`_Plan`), so a batch costs no
       argument conversion.
     """
@@ -126,16 +122,17 @@ def train_step(
     np.take(images, idx, axis=0, out=plan.xu)
     np.copyto(plan.x, plan.xu)
     for b, a, forward, _, _, _, _, _, _, hidden in plan.layers:
-        np.copyto(a, b)
-        forward()
-        if hidden:
-            _sigmoid_inplace(a)
+        np.multiply(b, 0.5, out=a)
+        forward()  # a = (h_prev W + b) / 2
+        if hidden:  # h = σ(2a) = ½ + ½ tanh(a), bit-equal to model.sigmoid
+            np.tanh(a, out=a)
+            a *= 0.5
+            a += 0.5
     delta = plan.delta_out
-    np.multiply(plan.z, 0.5, out=delta)
-    np.tanh(delta, out=delta)
+    np.tanh(plan.z, out=delta)  # plan.z holds z/2
+    np.multiply(plan.z, 2.0, out=z)
     delta *= -0.5 * lr
     delta += target[:, None]
-    np.copyto(z, plan.z)
     for b, _, _, update, back, delta, prev_delta, hp, h_prev, _ in reversed(plan.layers):
         if back is not None:
             # δ_prev = (δ Wᵀ) ⊙ h_prev (1 − h_prev), with W as it was before this step
