@@ -6,16 +6,15 @@ Workload (issue #5): a 784-128-1 sigmoid network, float32, learning rate 0.01, a
 task over all 60,000 training images of Fashion-MNIST (Debian's files, imported offline;
 classes 0-4 vs 5-9, no validation hold-out). Same machine, same run, 2 threads for
 everyone. Per batch size, `--repeat` rounds, each timing one epoch of each of the three
-below in turn (this machine is shared and its speed drifts by ±20% over minutes; a drift
-then lands on all three). Reported: medians, and ratios as the median of each round's
-own ratio.
+below in turn, each right after its own untimed warm-up epoch (this machine is shared and
+its speed drifts by ±20% over minutes; a drift then lands on all three). Reported:
+medians, and ratios as the median of each round's own ratio.
 
 - mlecli: the real trainer (`mlecli.train.run`), a 2-epoch run per round, the second
   epoch's time as it logs it in metrics.jsonl (training only: validation and checkpoint
   writes excluded).
 - PyTorch 2.13 CPU: the same network, torch.set_num_threads(2), plain SGD on the summed
-  BCE-with-logits, data already in tensors, batches gathered with index_select; one
-  warm-up epoch, then one epoch per round.
+  BCE-with-logits, data already in tensors, batches gathered with index_select.
 - floor: the epoch's matrix-multiply FLOPs (forward X·W1 and h·w2, weight gradients
   Xᵀ·δ1 and hᵀ·δ2; the input's gradient is never needed) divided by the float32 GEMM
   throughput numpy reaches here at exactly those shapes, measured in this run.
@@ -93,9 +92,13 @@ class TorchTrainer:
         self.opt = torch.optim.SGD(self.net.parameters(), lr=LR)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
         self.gen = torch.Generator().manual_seed(0)
-        self.epoch()  # warm-up
 
     def epoch(self) -> float:
+        """Seconds of one epoch, after a warm-up epoch right before it (as mlecli gets)."""
+        self._epoch()
+        return self._epoch()
+
+    def _epoch(self) -> float:
         t0 = time.perf_counter()
         order = self.torch.randperm(len(self.X), generator=self.gen)
         for k in range(0, len(self.X), self.batch):
@@ -137,9 +140,13 @@ class GemmFloor:
                         (x.T, d1, np.empty((784, HIDDEN), np.float32)), (h.T, d2, np.empty((HIDDEN, 1), np.float32))]
             self.parts.append((products, count))
             self.flops += count * sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in products)
-        self.epoch()  # warm-up
 
     def epoch(self) -> float:
+        """The sample's time scaled to an epoch, after one untimed warm-up pass."""
+        self._epoch()
+        return self._epoch()
+
+    def _epoch(self) -> float:
         seconds = 0.0
         for products, count in self.parts:
             reps = max(50, 20000 // self.batch)
