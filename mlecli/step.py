@@ -21,8 +21,8 @@ class Workspace:
     met so far a `_Plan` bound to them; a smaller batch uses the buffers' first rows.
 
     xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
-    hprime[l] (B, n_{l+1}) per hidden layer; z and delta_out (B, 1); scratch like each W
-    for the numpy fallback of blas.bind.
+    hprime[l] (B, n_{l+1}) per hidden layer; z and delta_out (B, 1); ones (B, 1) for
+    the bias products; scratch like each W and b for the numpy fallback of blas.bind.
     """
 
     def __init__(self, params: Params, batch: int):
@@ -36,7 +36,9 @@ class Workspace:
         self.hprime = [np.empty((batch, n), dtype) for n in hidden]
         self.z = np.empty((batch, 1), dtype)
         self.delta_out = np.empty((batch, 1), dtype)
+        self.ones = np.ones((batch, 1), dtype)
         self.scratch = [np.empty_like(W) for W, _ in params]
+        self.scratch_b = [np.empty((1, len(b)), dtype) for _, b in params]
         self.plans: dict[int, _Plan] = {}
 
     def plan(self, params: Params, m: int) -> _Plan:
@@ -63,19 +65,27 @@ class _Plan:
         outs = [h[:m] for h in ws.h] + [self.z]  # each layer's pre-activation, then output
         ins = [self.x, *outs[:-1]]  # h_prev of each layer
         deltas = [d[:m] for d in ws.delta] + [self.delta_out]
-        self.layers = []
+        ones = ws.ones[:m]  # (m, 1)
+        self.forward, self.backward = [], []
         for layer, (W, b) in enumerate(params):
             scale = PIXEL_SCALE if layer == 0 else 1.0
-            # every layer's forward product gives half its pre-activation (see train_step)
+            b_row = b.reshape(1, -1)
+            # Every layer's forward products give half its pre-activation (see train_step):
+            # a ← 1·(b/2) (a K=1 GEMM: the same bits as numpy's broadcast, 2-3x faster),
+            # then a ← a + (α/2) h_prev W.
+            start = blas.bind(ones, b_row, outs[layer], 0.5, 0.0)
             forward = blas.bind(ins[layer], W, outs[layer], 0.5 * scale, 1.0)
+            self.forward.append((start, forward, outs[layer], layer < last))
+            # W ← W + α h_prevᵀ (η δ) and b ← b + 1ᵀ (η δ), inside GEMMs with β = 1
             update = blas.bind(ins[layer], deltas[layer], W, scale, 1.0, trans_a=True, scratch=ws.scratch[layer])
+            update_b = blas.bind(ones.reshape(1, -1), deltas[layer], b_row, 1.0, 1.0, scratch=ws.scratch_b[layer])
             # δ_prev ← δ Wᵀ, with W as it was before this step; with one output unit, an
             # outer product, which the BLAS does 3x faster than numpy's broadcasting multiply
-            back = blas.bind(deltas[layer], W, deltas[layer - 1], 1.0, 0.0, trans_b=True) if layer > 0 else None
-            self.layers.append((
-                b, outs[layer], forward, update, back, deltas[layer], deltas[layer - 1] if layer > 0 else None,
-                ws.hprime[layer - 1][:m] if layer > 0 else None, ins[layer], layer < last,
-            ))
+            back = None
+            if layer > 0:
+                back = (blas.bind(deltas[layer], W, deltas[layer - 1], 1.0, 0.0, trans_b=True),
+                        ins[layer], ws.hprime[layer - 1][:m], deltas[layer - 1])
+            self.backward.insert(0, (back, update, update_b))
 
 
 PIXEL_SCALE = 1.0 / 255.0
@@ -106,8 +116,10 @@ def train_step(
       are and α = 1/255;
     - η multiplies ∂LL/∂z once, η (y − σ(z)) = η (y − ½) − (η/2) tanh(z/2), so every δ
       below already carries it;
-    - biases enter the forward GEMMs as their β = 1 starting value, and each update
-      W ← W + h_prevᵀ (η δ) happens inside a GEMM with β = 1;
+    - biases enter the forward GEMMs as their β = 1 starting value, and the updates
+      W ← W + h_prevᵀ (η δ) and b ← b + 1ᵀ (η δ) happen inside GEMMs with β = 1;
+    - the small products (bias broadcast, bias sums, the outer product δ w₂ᵀ) are
+      GEMMs too: each is one call, 2-4x faster than numpy's broadcasting and reductions;
     - σ(a) = ½ + ½ tanh(a/2) and η (y − σ(z)) need only a/2 and z/2, so the forward
       GEMMs compute those (α/2, bias/2): halving is exact in binary floating point, so
       the bits are those of halving afterwards, one pass fewer per layer;
@@ -120,8 +132,8 @@ def train_step(
     # range(len(images)), so there is nothing to clip.
     np.take(images, idx, axis=0, out=plan.xu, mode="clip")
     np.copyto(plan.x, plan.xu)
-    for b, a, forward, _, _, _, _, _, _, hidden in plan.layers:
-        np.multiply(b, 0.5, out=a)
+    for start, forward, a, hidden in plan.forward:
+        start()
         forward()  # a = (h_prev W + b) / 2
         if hidden:  # h = σ(2a) = ½ + ½ tanh(a), bit-equal to model.sigmoid
             np.tanh(a, out=a)
@@ -132,15 +144,16 @@ def train_step(
     np.multiply(plan.z, 2.0, out=z)
     delta *= -0.5 * lr
     delta += target[:, None]
-    for b, _, _, update, back, delta, prev_delta, hp, h_prev, _ in reversed(plan.layers):
+    for back, update, update_b in plan.backward:
         if back is not None:
             # δ_prev = (δ Wᵀ) ⊙ h_prev (1 − h_prev), with W as it was before this step
-            back()
+            outer, h_prev, hp, prev_delta = back
+            outer()
             np.square(h_prev, out=hp)  # the same bits as h_prev * h_prev, at twice the speed
             np.subtract(h_prev, hp, out=hp)
             prev_delta *= hp
-        update()  # W += h_prevᵀ (η δ)
-        b += delta.sum(axis=0)
+        update()
+        update_b()
 
 
 class Tally:
