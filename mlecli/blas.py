@@ -99,6 +99,15 @@ def _call(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> None:
     _bind_cblas(cblas, A, B, C, alpha, beta, trans_a, trans_b)()
 
 
+def _leading_dimension(a: np.ndarray) -> int | None:
+    """Elements between the starts of consecutive rows, if each row is contiguous."""
+    item = a.itemsize
+    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != item) or a.strides[0] % item:
+        return None
+    ld = a.strides[0] // item if a.shape[0] > 1 else a.shape[1]
+    return ld if ld >= a.shape[1] else None
+
+
 def _bind_cblas(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> Callable[[], None]:
     m, n = C.shape
     k = A.shape[0] if trans_a else A.shape[1]
@@ -106,15 +115,16 @@ def _bind_cblas(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> Callab
         B.shape[0] if trans_b else B.shape[1]
     ) != n:
         raise ValueError(f"gemm shapes do not match: {A.shape}, {B.shape} -> {C.shape}")
-    if not (A.dtype == B.dtype == C.dtype and all(a.flags.c_contiguous for a in (A, B, C))):
-        raise ValueError("gemm needs C-contiguous arrays of one dtype")
+    lds = [_leading_dimension(a) for a in (A, B, C)]
+    if not (A.dtype == B.dtype == C.dtype) or None in lds:
+        raise ValueError("gemm needs matrices of one dtype whose rows are contiguous")
     f, real = cblas.gemm[C.dtype]
     i, n_ = ctypes.c_int, cblas.int_t
     ptr = ctypes.c_void_p
     call = functools.partial(
         f, i(ROW_MAJOR), i(TRANS if trans_a else NO_TRANS), i(TRANS if trans_b else NO_TRANS), n_(m), n_(n), n_(k),
-        real(alpha), ptr(A.ctypes.data), n_(A.shape[1]), ptr(B.ctypes.data), n_(B.shape[1]), real(beta),
-        ptr(C.ctypes.data), n_(C.shape[1]),
+        real(alpha), ptr(A.ctypes.data), n_(lds[0]), ptr(B.ctypes.data), n_(lds[1]), real(beta),
+        ptr(C.ctypes.data), n_(lds[2]),
     )
     call.arrays = (A, B, C)  # the memory the pointers point into lives as long as the call
     return call
@@ -141,8 +151,8 @@ def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
     on these very arrays (their memory, not their current values, is what is bound):
     the training loop binds its products once and calls them every batch.
 
-    A, B, C are C-contiguous, of one dtype (float32 or float64), and must outlive the
-    call. `scratch`, shaped like C, spares the numpy fallback an allocation when β ≠ 0.
+    A, B, C are 2-D, of one dtype (float32 or float64), each row contiguous (a block of
+    columns of a C-contiguous matrix will do), and must outlive the call. `scratch`, shaped like C, spares the numpy fallback an allocation when β ≠ 0.
     """
     cblas = _cblas()
     if cblas is not None:
