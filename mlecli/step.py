@@ -162,10 +162,15 @@ class Tally:
     def __init__(self, ll: float = 0.0, correct: int = 0, seen: int = 0):
         self.ll, self.correct, self.seen = ll, correct, seen
 
-    def add(self, z: np.ndarray, y: np.ndarray) -> None:
-        self.ll += total_log_likelihood(z, y)
-        self.correct += int(np.count_nonzero((z >= 0) == (y > 0.5)))  # ŷ ≥ 0.5 ⇔ z ≥ 0
-        self.seen += len(y)
+    @classmethod
+    def of(cls, z: np.ndarray, y: np.ndarray) -> Tally:
+        """The tally of logits z for targets y."""
+        return cls(total_log_likelihood(z, y), int(np.count_nonzero((z >= 0) == (y > 0.5))), len(y))  # ŷ ≥ ½ ⇔ z ≥ 0
+
+    def add(self, other: Tally) -> None:
+        self.ll += other.ll
+        self.correct += other.correct
+        self.seen += other.seen
 
 
 # ---------------------------------------------------------------------------

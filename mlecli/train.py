@@ -340,8 +340,9 @@ def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
                 if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
                     z, y = z_epoch[measured:hi, 0], y_epoch[measured:hi]
                     _check_logits(z, epoch, measured // bs, bs, lr, ckpt_dir)
-                    tally.add(z, y)
-                    window.add(z, y)
+                    chunk = Tally.of(z, y)
+                    tally.add(chunk)
+                    window.add(chunk)
                     measured = hi
                     if bar is not None:
                         bar.set_postfix_str(
