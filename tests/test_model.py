@@ -162,6 +162,19 @@ def test_bound_gemm_is_alpha_op_a_op_b_plus_beta_c_on_the_arrays_memory(backend,
                 np.testing.assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
+def test_bound_gemm_works_on_blocks_of_columns_and_refuses_strided_rows():
+    if blas._cblas() is None:
+        pytest.skip("no cblas found beside numpy")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 10)), rng.normal(size=(10, 8))
+    c = np.zeros((6, 8))
+    blas.bind(a[:, 2:7], b[3:8, 1:5], c[:, 4:8], 1.0, 0.0)()  # leading dimensions 10, 8, 8
+    np.testing.assert_allclose(c[:, 4:8], a[:, 2:7] @ b[3:8, 1:5], rtol=1e-12)
+    assert not c[:, :4].any()  # nothing outside the block was written
+    with pytest.raises(ValueError, match="rows are contiguous"):
+        blas.bind(a[:, ::2], b[:5], c, 1.0, 0.0)
+
+
 def test_bound_gemm_refuses_shapes_that_do_not_multiply():
     if blas._cblas() is None:
         pytest.skip("no cblas found beside numpy")
