@@ -226,7 +226,7 @@ def main() -> None:
                             "mlecli_over_pytorch": vs_torch, "floor_over_mlecli": of_floor, "gemm_gflops": gflops})
     startup = startup_seconds(9)
     print(f"784-{HIDDEN}-1 sigmoid, float32, lr {LR}, {len(X):,} Fashion-MNIST images; {args.repeat} rounds, each "
-          f"one epoch of mlecli (after a warm-up epoch), of PyTorch and of the floor; medians; 2 threads")
+          f"timing one epoch of mlecli, PyTorch and the floor, each after its own warm-up epoch; medians; 2 threads")
     print(f"BLAS: {blas_info()}")
     print(table(["batch", "mlecli s/epoch", "mlecli img/s", "pytorch s/epoch", "pytorch img/s",
                  "mlecli/pytorch", "floor s", "GEMM GFLOP/s", "floor/mlecli"], rows))
