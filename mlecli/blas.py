@@ -5,9 +5,10 @@ C ← α·A·B + β·C (the weight update W ← W + h_prevᵀ·(η δ) done insi
 separate pass over W) and control of the BLAS thread count. numpy's wheels ship
 OpenBLAS (as scipy-openblas, 64-bit integers); this module finds the copy numpy has
 already loaded and calls its cblas_?gemm through ctypes, the way scipy.linalg.blas
-does. A self-test against numpy runs once; if the library, a symbol or the test is
-missing, or MLECLI_BLAS=numpy is set, `Gemm` falls back to numpy calls with the same
-results up to rounding. Which one runs is reported by `describe()`.
+does, with the arguments of each product converted once (`bind`). A self-test against
+numpy runs once; if the library, a symbol or the test is missing, or MLECLI_BLAS=numpy is
+set, `bind` gives numpy calls with the same results up to rounding instead. Which one
+runs is reported by `describe()`.
 """
 
 from __future__ import annotations
@@ -89,14 +90,10 @@ def _self_test(cblas: _Cblas) -> bool:
         a, b = rng.random((5, 3)).astype(dtype), rng.random((5, 4)).astype(dtype)
         c = rng.random((3, 4)).astype(dtype)
         want = 0.5 * (a.T @ b) + c
-        _call(cblas, a, b, c, 0.5, 1.0, True, False)
+        _bind_cblas(cblas, a, b, c, 0.5, 1.0, True, False)()
         if not np.allclose(c, want, rtol=1e-5):
             return False
     return True
-
-
-def _call(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> None:
-    _bind_cblas(cblas, A, B, C, alpha, beta, trans_a, trans_b)()
 
 
 def _leading_dimension(a: np.ndarray) -> int | None:
@@ -152,18 +149,13 @@ def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
     the training loop binds its products once and calls them every batch.
 
     A, B, C are 2-D, of one dtype (float32 or float64), each row contiguous (a block of
-    columns of a C-contiguous matrix will do), and must outlive the call. `scratch`, shaped like C, spares the numpy fallback an allocation when β ≠ 0.
+    columns of a C-contiguous matrix will do), and must outlive the call. `scratch`,
+    shaped like C, spares the numpy fallback an allocation when β ≠ 0.
     """
     cblas = _cblas()
     if cblas is not None:
         return _bind_cblas(cblas, A, B, C, alpha, beta, trans_a, trans_b)
     return functools.partial(_numpy_gemm, A, B, C, alpha, beta, trans_a, trans_b, scratch)
-
-
-def gemm(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
-         trans_a: bool = False, trans_b: bool = False, scratch: np.ndarray | None = None) -> None:
-    """C ← α·op(A)·op(B) + β·C in place, now (see `bind`)."""
-    bind(A, B, C, alpha, beta, trans_a, trans_b, scratch)()
 
 
 def _numpy_gemm(A, B, C, alpha, beta, trans_a, trans_b, scratch) -> None:
