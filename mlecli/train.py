@@ -214,16 +214,45 @@ def run(
     report: Reporter,
     resume_from: ckpt.Checkpoint | None = None,
 ) -> Outcome:
-    """Train `cfg` into `run_dir` (or continue `resume_from`) and return how it ended."""
+    """Train `cfg` into `run_dir` (or continue `resume_from`) and return how it ended.
+
+    The data and the task come first: a run that cannot get its data, or does not fit
+    in memory, creates no run folder (one left empty would refuse the retry)."""
     run_dir = Path(run_dir)
+    data = _prepare_data(cfg, data_dir, report)
     with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
         try:
-            outcome = _run_locked(cfg, run_dir, data_dir, report, resume_from)
+            outcome = _run_locked(cfg, run_dir, data, report, resume_from)
         except MlecliError as exc:
             _record_end(run_dir, "failed", str(exc))
             raise
         _record_end(run_dir, "interrupted" if outcome.interrupted else "finished")
         return outcome
+
+
+@dataclass
+class _Data:
+    task: BinaryTask
+    sha256: dict[str, str]
+    rng: np.random.Generator  # the run's generator, right after the validation hold-out
+    data_dir: Path
+
+
+def _prepare_data(cfg: Config, data_dir: Path, report: Reporter) -> _Data:
+    """The dataset (downloaded if need be), the task, and a check that training fits in memory."""
+    dataset = cfg.data.resolve()
+    splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
+    sha256 = {**splits["train"].sha256, **splits["test"].sha256}
+    rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
+    task = build_task(cfg, splits, rng)
+    need = estimate_memory(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs)
+    have = physical_memory()
+    if have and need > have:
+        raise ConfigError(
+            f"model.hidden = {list(cfg.model.hidden)}: training on {task.n_inputs}-pixel images would need about "
+            f"{need / 2**30:.1f} GiB of memory, more than this machine's {have / 2**30:.1f} GiB"
+        )
+    return _Data(task, sha256, rng, Path(data_dir))
 
 
 def _record_end(run_dir: Path, status: str, error: str | None = None) -> None:
@@ -237,26 +266,14 @@ def _record_end(run_dir: Path, status: str, error: str | None = None) -> None:
         pass
 
 
-def _run_locked(cfg, run_dir, data_dir, report, resume_from) -> Outcome:
+def _run_locked(cfg, run_dir, data: _Data, report, resume_from) -> Outcome:
     dtype = np.dtype(cfg.model.dtype)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(ckpt_dir)
     remove_stale_temporaries(run_dir)
+    task, sha256, rng, data_dir = data.task, data.sha256, data.rng, data.data_dir
 
-    # Data and task. The generator's first use is the validation hold-out.
-    dataset = cfg.data.resolve()
-    splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
-    sha256 = {**splits["train"].sha256, **splits["test"].sha256}
-    rng = np.random.default_rng(cfg.train.seed)
-    task = build_task(cfg, splits, rng)
-    need = estimate_memory(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs)
-    have = physical_memory()
-    if have and need > have:
-        raise ConfigError(
-            f"model.hidden = {list(cfg.model.hidden)}: training on {task.n_inputs}-pixel images would need about "
-            f"{need / 2**30:.1f} GiB of memory, more than this machine's {have / 2**30:.1f} GiB"
-        )
     # Training images stay uint8 (n, n_0): each batch is converted as it is gathered.
     X = task.train.images.reshape(len(task.train), task.n_inputs)
     Y = task.train.y.astype(dtype)

@@ -225,6 +225,27 @@ def test_missing_data_is_downloaded_first(tiny_config, tmp_path):
     assert (data / "tiny" / "train.npz").is_file()
 
 
+def test_a_run_that_cannot_get_its_data_leaves_no_run_folder_and_can_be_retried(tiny_config, tmp_path):
+    run, data = tmp_path / "run", tmp_path / "d"
+    missing = tmp_path / "no-such-folder"
+    res = train_cli(tiny_config(data={"url": str(missing)}), "--run-dir", run, data_dir=data)
+    assert res.exit_code == 1
+    assert res.stderr.splitlines()[-1].startswith("Error: could not download train-images-idx3-ubyte")
+    assert not run.exists()  # no empty folder that would refuse the retry below
+    res = train_cli(tiny_config(), "--run-dir", run, data_dir=data)
+    assert res.exit_code == 0, res.output
+    assert (run / "checkpoints" / "best.npz").is_file()
+
+
+def test_a_network_too_big_for_the_memory_leaves_no_run_folder(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "physical_memory", lambda: 1000)
+    run = tmp_path / "run"
+    res = train_cli(tiny_config(), "--run-dir", run, data_dir=tmp_path / "d")
+    assert res.exit_code == 1
+    assert "more than this machine's 0.0 GiB" in res.stderr
+    assert not run.exists()
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path)])
     assert res.exit_code == 1
