@@ -125,6 +125,19 @@ def _params_from_arrays(path: Path, arrays: dict[str, np.ndarray], cfg, n_inputs
     return [(arrays[f"W{i}"], arrays[f"b{i}"]) for i in range(1, n + 1)]
 
 
+def check_same_data(cp: Checkpoint, dataset_name: str, sha256: dict[str, str], data_dir: Path, advice: str) -> None:
+    """Refuse data whose files differ from those `cp` was trained on (by their SHA-256)."""
+    trained_on = cp.meta.get("dataset_sha256") or {}
+    changed = sorted(role for role in trained_on if trained_on[role] != sha256.get(role))
+    if changed:
+        first = changed[0]
+        raise CheckpointError(
+            f"{cp.path} was trained on {dataset_name} files with other hashes than those cached in {data_dir} "
+            f"({', '.join(changed)}: trained {trained_on[first][:12]}…, cached {sha256.get(first, '?')[:12]}…); "
+            + advice
+        )
+
+
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """The checkpoint files of a run (temporary files never count), epoch files in order."""
     folder = Path(run_dir) / "checkpoints"

@@ -47,14 +47,7 @@ def evaluate(
     dataset = cfg.data.resolve()
     splits = prepare(dataset, data_dir, progress=progress, log=log)
     sha256 = {**splits["train"].sha256, **splits["test"].sha256}
-    trained_on = cp.meta.get("dataset_sha256") or {}
-    changed = sorted(role for role in trained_on if trained_on[role] != sha256.get(role))
-    if changed:
-        raise CheckpointError(
-            f"{path} was trained on {dataset.name} files with other hashes than those cached in {data_dir} "
-            f"({', '.join(changed)}: trained {trained_on[changed[0]][:12]}…, cached {sha256.get(changed[0], '?')[:12]}…); "
-            "evaluate it with the data it was trained on"
-        )
+    ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
     task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
     if task.n_inputs != cp.meta["n_inputs"]:
         raise CheckpointError(f"{path} expects {cp.meta['n_inputs']} inputs, the dataset's images have {task.n_inputs}")

@@ -232,6 +232,7 @@ def run(
 
 @dataclass
 class _Data:
+    name: str  # the dataset's
     task: BinaryTask
     sha256: dict[str, str]
     rng: np.random.Generator  # the run's generator, right after the validation hold-out
@@ -252,7 +253,7 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter) -> _Data:
             f"model.hidden = {list(cfg.model.hidden)}: training on {task.n_inputs}-pixel images would need about "
             f"{need / 2**30:.1f} GiB of memory, more than this machine's {have / 2**30:.1f} GiB"
         )
-    return _Data(task, sha256, rng, Path(data_dir))
+    return _Data(dataset.name, task, sha256, rng, Path(data_dir))
 
 
 def _record_end(run_dir: Path, status: str, error: str | None = None) -> None:
@@ -287,11 +288,7 @@ def _run_locked(cfg, run_dir, data: _Data, report, resume_from) -> Outcome:
         manifest = _manifest(cfg, sha256, _now())
     else:
         meta = resume_from.meta
-        if meta.get("dataset_sha256") and meta["dataset_sha256"] != sha256:
-            raise CheckpointError(
-                f"{resume_from.path} was trained on {cfg.data.dataset} files with other hashes than the cached ones "
-                f"in {data_dir}; resume with the same data"
-            )
+        ckpt.check_same_data(resume_from, data.name, sha256, data_dir, "resume with the data it was trained on")
         state = State(
             params=[(W.copy(), b.copy()) for W, b in resume_from.params],
             epochs_done=meta["epochs_done"],

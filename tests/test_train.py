@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fakes import tiny_dataset
 
 from mlecli import checkpoint as ckpt
 from mlecli import train as training
@@ -171,6 +173,27 @@ def test_resume_can_extend_the_epochs_and_nothing_else(tiny_config, tmp_path):
         "Error: --set model.hidden cannot change when resuming (it would change the weights already trained); "
         "allowed: train.checkpoint_every, train.epochs, train.log_every\n"
     )
+
+
+def test_resume_on_data_whose_hashes_differ_is_refused_naming_the_file(tmp_path):
+    first, second = tiny_dataset(seed=0), tiny_dataset(seed=5)
+    mirror = first.write_folder(tmp_path / "mirror")
+    cfg = tmp_path / "u.toml"  # an unverified custom dataset (no sha256) that changes between the runs
+    cfg.write_text(f'[data]\ndataset = "unpinned"\nurl = "{mirror}"\n[model]\nhidden = [4]\n[train]\nepochs = 1\n')
+    run, data = tmp_path / "run", tmp_path / "data"
+    assert train_cli(cfg, "--run-dir", run, "-q", data_dir=data).exit_code == 0
+    second.write_folder(mirror)
+    shutil.rmtree(data)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=2", "--data-dir", str(data)])
+    assert res.exit_code == 1
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"Error: {run / 'checkpoints' / 'last.npz'} was trained on unpinned files with other hashes than those cached "
+        f"in {data} (test-images, test-labels, train-images, train-labels: trained "
+    )
+    assert last.endswith("; resume with the data it was trained on")
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
 
 def test_a_non_finite_likelihood_stops_with_advice_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
