@@ -127,8 +127,16 @@ def _override(value):
     help="Seconds to wait for a server to send anything before retrying.",
 )
 @click.option("--retries", type=click.IntRange(min=0), default=3, help="Further attempts per mirror after the first.")
+@click.option(
+    "--min-rate",
+    type=click.FloatRange(min=0.001),
+    default=50.0,
+    metavar="KB/S",
+    help="Slowest average rate (kB/s) a mirror may send at, counted after its first --timeout + 10 seconds; "
+    "a slower mirror is given up.",
+)
 @quiet_option
-def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, quiet):
+def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, min_rate, quiet):
     """Fetch a dataset from its mirrors, verify it and cache it.
 
     Each file's decompressed content must match its known SHA-256 and size; nothing
@@ -147,7 +155,7 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, q
     else:
         ds = builtin(dataset or "mnist")
     root = _data_dir(data_dir)
-    policy = HttpPolicy(read_timeout=timeout, retries=retries)
+    policy = HttpPolicy(read_timeout=timeout, retries=retries, min_rate=min_rate * 1000)
     reports = ensure_dataset(
         ds, root, mirrors=tuple(mirrors), force=force, policy=policy, progress=_progress(quiet), log=_log(quiet)
     )

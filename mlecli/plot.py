@@ -180,7 +180,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
         log(f"no evaluation in {run_dir}: run `mlecli evaluate {run_dir}` for mistakes.png")
     else:
         report = json.loads(report_path.read_text())
-        images = _split_images(cfg, report["split"], data_dir)
+        images = _split_images(cfg, report["split"], data_dir, run_dir)
         written.append(mistakes(plt, report, images, out))
     return written
 
@@ -193,8 +193,10 @@ def _evaluation(run_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _split_images(cfg, split: str, data_dir: Path) -> np.ndarray:
+def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
     from mlecli.cache import prepare
 
-    splits = prepare(cfg.data.resolve(), data_dir)
+    # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
+    how = f"mlecli download --config {run_dir / 'config.toml'} --data-dir {data_dir}"
+    splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images

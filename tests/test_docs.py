@@ -10,6 +10,8 @@ from mlecli.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+# The user documentation: the README and the reference in docs/.
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def sh_blocks() -> list[str]:
@@ -41,7 +43,7 @@ def test_every_option_of_a_command_is_in_the_readme(name):
     for param in main.commands[name].params:
         for opt in param.opts:
             if opt.startswith("--") and opt != "--help":
-                assert opt in README, f"{name} {opt} is missing from the README"
+                assert opt in DOCS, f"{name} {opt} is missing from the README and docs/"
 
 
 def test_every_test_named_in_what_happens_when_exists():
