@@ -10,9 +10,10 @@ mirror; the reasons are collected so that the final error can list every mirror 
 
 Budgets, so that no mirror can hold a download for long (see docs/data.md):
 - every read waits at most `read_timeout` for the server (the socket's timeout);
-- an attempt gets `grace = connect_timeout + read_timeout` to connect and send its
-  headers; from then on, the bytes received must keep up with `min_rate` on average
-  (at t seconds, at least min_rate x (t - grace) bytes);
+- an attempt gets `connect_timeout` to connect, then `read_timeout` to start answering;
+  from then on, the body bytes received must keep up with `min_rate` on average (t
+  seconds after connecting, at least min_rate x (t - read_timeout) bytes), headers
+  trickling in included;
 - one file from one mirror, every attempt and wait included, must be complete within
   `(retries + 1) x grace + body / min_rate` seconds, where `body` is the most the file
   may take on the wire (from its known size, or the size its IDX header declares).
@@ -422,6 +423,7 @@ class _Watchdog:
         self.clock = clock
         self.policy = clock.policy
         self.start = time.monotonic()
+        self.connected: float | None = None  # when the first socket was connected
         self.received = 0  # bytes of body so far (written by the downloading thread)
         self.answered = False  # the headers have arrived
         self.reason: str | None = None
@@ -442,6 +444,8 @@ class _Watchdog:
 
     def add(self, sock) -> None:
         with self._lock:
+            if self.connected is None:
+                self.connected = time.monotonic()
             self._socks.append(sock)
             if self.reason is not None:
                 _shutdown(sock)
@@ -450,15 +454,19 @@ class _Watchdog:
         """Why the attempt must end at `now`, or None."""
         if now > self.clock.deadline:
             return self.clock.over()
-        elapsed = now - self.start
-        owed = self.policy.min_rate * (elapsed - self.policy.grace)
-        if owed <= self.received:
+        policy = self.policy
+        if self.connected is None:
+            if now - self.start > policy.grace:
+                return f"no connection within {policy.connect_timeout:g} s"
+            return None
+        elapsed = now - self.connected
+        if policy.min_rate * (elapsed - policy.read_timeout) <= self.received:
             return None
         if not self.answered:
-            return f"no answer within {self.policy.grace:g} s (connect and headers)"
+            return f"no complete answer within {policy.read_timeout:g} s of connecting (its headers trickled in)"
         return (
             f"the server sent {self.received:,} bytes in {elapsed:.1f} s, slower than the minimum of "
-            f"{self.policy.min_rate / 1000:g} kB/s"
+            f"{policy.min_rate / 1000:g} kB/s"
         )
 
     def _run(self) -> None:

@@ -238,3 +238,44 @@ def trickle(h, data: bytes, chunk: int = 8192, pause: float = 0.02) -> bool:
         h.wfile.flush()
         time.sleep(pause)
     return True
+
+
+def send_raw(h, head: bytes, body: bytes = b"") -> bool:
+    """Write an answer byte for byte (any status line and headers, valid HTTP or not), then hang up."""
+    h.wfile.write(head + body)
+    h.wfile.flush()
+    h.close_connection = True
+    return True
+
+
+def trickle_body(h, data: bytes, pause: float, step: int = 1, seconds: float = 30.0) -> bool:
+    """Headers promising the whole file, then `step` bytes every `pause` seconds: each read
+    is answered well within any read timeout, the file never (for `seconds`) arrives."""
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.flush()
+    end = time.monotonic() + seconds
+    for i in range(0, len(data), step):
+        if time.monotonic() > end:
+            break
+        h.wfile.write(data[i : i + step])
+        h.wfile.flush()
+        time.sleep(pause)
+    h.close_connection = True
+    return True
+
+
+def trickle_headers(h, pause: float, seconds: float = 30.0) -> bool:
+    """A status line, then one made-up header line every `pause` seconds, never ending the headers."""
+    h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    h.wfile.flush()
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        h.wfile.write(b"X-Slow-%d: %d\r\n" % (n, n))
+        h.wfile.flush()
+        n += 1
+        time.sleep(pause)
+    h.close_connection = True
+    return True
