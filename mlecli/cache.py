@@ -150,7 +150,7 @@ def _want(dataset: Dataset, role: str, record: dict[str, dict]) -> str | None:
 # What a file must be
 
 
-def _expected(dataset: Dataset, role: str, folder: Path) -> Expected:
+def _expected(dataset: Dataset, role: str, folder: Path, record: dict[str, dict]) -> Expected:
     def on_header(header: IdxHeader, source: str, body_left: int) -> None:
         check_header(dataset, role, header, source)
         # The raw file, and about as much again for the split's .npz, beside what is still to arrive.
@@ -165,12 +165,19 @@ def _expected(dataset: Dataset, role: str, folder: Path) -> Expected:
                 i = int(bad[0])
                 raise DataError(f"{source}: label {int(values[i])} at index {offset + i} is not a digit 0-9")
 
+    def on_verified(sha256: str, size: int, source: str) -> None:
+        # Recorded before the file is renamed in: a crash in between leaves a record the file
+        # does not match yet (so it is fetched again), never a file the record does not know.
+        record[dataset.files[role]] = {"sha256": sha256, "size": size, "source": source}
+        _write_record(folder, dataset, record)
+
     return Expected(
         name=dataset.files[role],
         sha256=dataset.sha256.get(role),
         size=dataset.sizes.get(role),
         on_header=on_header,
         on_data=on_data,
+        on_verified=on_verified,
     )
 
 
@@ -252,6 +259,7 @@ def ensure_dataset(
     if not force:
         reports = _complete(dataset, folder)
         if reports is not None:
+            _tidy_if_free(folder, dataset)
             _warn_unverified(dataset, reports, log)
             return reports
     all_mirrors = list(dict.fromkeys([*mirrors, *dataset.mirrors]))
@@ -309,7 +317,7 @@ def _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, s
     record = _read_record(folder, dataset)
     reports = []
     for role in ROLES:
-        expected = _expected(dataset, role, folder)
+        expected = _expected(dataset, role, folder, record)
         path = raw / expected.name
         want = _want(dataset, role, record)
         got = None if force or want is None else hash_file(path)
@@ -322,9 +330,7 @@ def _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, s
                 all_mirrors, expected, path, partial,
                 session_factory=session_factory, policy=policy, progress=progress, log=log,
             )
-            size = path.stat().st_size
-            record[expected.name] = {"sha256": digest, "size": size, "source": source}
-            _write_record(folder, dataset, record)
+            size = record[expected.name]["size"]
         reports.append(FileReport(role, path, size, digest, verified=role in dataset.sha256, source=source))
     headers = _check_together(dataset, {r.role: r.path for r in reports})
     for split in SPLITS:

@@ -88,6 +88,10 @@ def _no_data_check(header: IdxHeader, offset: int, data: bytes, source: str) -> 
     pass
 
 
+def _nothing_to_record(sha256: str, size: int, source: str) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Expected:
     """What a file's decoded content must be, and the checks to run on it as it streams.
@@ -96,7 +100,9 @@ class Expected:
     rest of a remote file is downloaded; `body_left` is how many more bytes may arrive):
     DataError there means this mirror's file is unusable; any other MlecliError (no
     room) stops the download. `on_data(header, offset, data, source)` sees the data part
-    in order (`offset` counts from the first byte after the header).
+    in order (`offset` counts from the first byte after the header). `on_verified(sha256,
+    size, source)` runs once the content is verified, right before it is renamed into
+    place (a record written there is never missing for a file that is in place).
     """
 
     name: str
@@ -104,6 +110,7 @@ class Expected:
     size: int | None
     on_header: Callable[[IdxHeader, str, int], None] = _no_header_check
     on_data: Callable[[IdxHeader, int, bytes, str], None] = _no_data_check
+    on_verified: Callable[[str, int, str], None] = _nothing_to_record
 
     @property
     def limit(self) -> int:
@@ -237,6 +244,7 @@ def install(dest: Path, pieces: Iterator[bytes], expected: Expected, source: str
             take(decoder.feed(data), state)
         take(decoder.finish(), state)
         _verify(decoder.produced, digest.hexdigest(), expected)
+        expected.on_verified(digest.hexdigest(), decoder.produced, source)
 
     try:
         atomic_write(dest, write)
@@ -466,7 +474,7 @@ class _Watchdog:
             return f"no complete answer within {policy.read_timeout:g} s of connecting (its headers trickled in)"
         return (
             f"the server sent {self.received:,} bytes in {elapsed:.1f} s, slower than the minimum of "
-            f"{policy.min_rate / 1000:g} kB/s"
+            f"{policy.min_rate / 1000:g} kB/s (--min-rate)"
         )
 
     def _run(self) -> None:
@@ -616,10 +624,13 @@ def _network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
     return f"the answer could not be read ({_exc_name(exc, names)})", False
 
 
-def _exc_name(exc: Exception, names: set[str]) -> str:
-    for n in ("LineTooLong", "BadStatusLine", "InvalidHeader", "InvalidURL", "LocationParseError"):
-        if n in names:
-            return n
+def _exc_name(exc: BaseException, names: set[str]) -> str:
+    """The name of the innermost exception: the cause, rather than the wrappers around it."""
+    for _ in range(8):
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
     return type(exc).__name__
 
 
@@ -674,6 +685,8 @@ def _validator(value: str | None) -> str | None:
 def _redirect(url: str, location: str | None, hops: int, policy: HttpPolicy) -> str:
     if hops >= policy.max_redirects:
         raise MirrorFailed(f"more than {policy.max_redirects} redirects (a loop?)")
+    if location is None:
+        raise MirrorFailed("a redirect without a Location")
     if not location or not location.isascii() or not location.isprintable() or len(location) > 2048:
         raise MirrorFailed(f"a malformed redirect (Location: {shown(location)})")
     try:
@@ -830,9 +843,10 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
                 discard(part)
                 raise MlecliError(describe_os_error(exc, part)) from None
             bar.update(len(data))
+        # No fsync: a part is only ever read back to be verified, and one damaged by a
+        # power cut fails that and is downloaded again whole.
         try:
             f.flush()
-            os.fsync(f.fileno())
         except OSError as exc:
             discard(part)
             raise MlecliError(describe_os_error(exc, part)) from None

@@ -90,5 +90,5 @@ def test_what_the_user_sees_when_a_mirror_trickles(tiny, mirrors, tmp_path):
     assert res.stderr.startswith(
         f"Error: could not download {TRAIN_IMAGES} from any mirror: {m.url}: the server sent "
     )
-    assert "slower than the minimum of 50 kB/s. Check the network" in res.stderr
+    assert "slower than the minimum of 50 kB/s (--min-rate). Check the network" in res.stderr
     assert seconds < 1 + 0.3 + 2 * TICK + 3  # the read timeout, a last read, the watchdog, Python's start-up
