@@ -52,13 +52,16 @@ from mlecli.download import (
 from mlecli.errors import DataError, MlecliError
 from mlecli.fsutil import atomic_write, atomic_write_text, folder_lock, remove_stale_temporaries
 from mlecli.idx import MAX_HEADER, IdxHeader, read_header
-from mlecli.resources import fmt_bytes, need_memory, need_space
+from mlecli.resources import need_memory, need_space
 
 CACHE_FORMAT = 2
 RECORD = "record.json"
 RAW = "raw"
 PARTIAL = "partial"
 MAX_SIDE = 4096  # pixels per side of an image
+# Memory that training needs per image, beyond its pixels twice (the split, and the task's
+# copy of the images it chose): indices, labels and targets.
+BYTES_PER_IMAGE = 48
 
 # What prepare() may download when a dataset is not cached (see prepare).
 DOWNLOAD_ANY = "any"
@@ -190,10 +193,15 @@ def check_header(dataset: Dataset, role: str, header: IdxHeader, source: str) ->
                 f"{source}: images must be uint8 N x H x W with 1 <= H, W <= {MAX_SIDE}, "
                 f"got {header.dtype.name} {header.describe()}"
             )
-        need_memory(header.data_len, f"{source}: {dims[0]:,} images of {dims[1]}x{dims[2]} "
-                    f"({fmt_bytes(header.data_len)}), held in memory to train on,", now=False)
+        need_memory(training_memory(header), f"{source}: {dims[0]:,} images of {dims[1]}x{dims[2]} "
+                    "(held in memory to train on)", now=False)
     elif header.code != 0x08 or len(header.dims) != 1:
         raise DataError(f"{source}: labels must be a uint8 vector, got {header.dtype.name} {header.describe()}")
+
+
+def training_memory(images: IdxHeader) -> int:
+    """Bytes a split of these images takes in memory while training: its pixels twice, and a little per image."""
+    return 2 * images.data_len + BYTES_PER_IMAGE * images.dims[0]
 
 
 def _read_header_of(path: Path) -> IdxHeader:

@@ -9,14 +9,16 @@ has the expected size and SHA-256 and parses as IDX. Any failure moves on to the
 mirror; the reasons are collected so that the final error can list every mirror tried.
 
 Budgets, so that no mirror can hold a download for long (see docs/data.md):
-- every read waits at most `read_timeout` for the server (the socket's timeout);
-- an attempt gets `connect_timeout` to connect, then `read_timeout` to start answering;
-  from then on, the body bytes received must keep up with `min_rate` on average (t
-  seconds after connecting, at least min_rate x (t - read_timeout) bytes), headers
-  trickling in included;
+- every read waits at most `read_timeout` for the server (the socket's timeout: a
+  silent server is retried);
+- an attempt gets `connect_timeout` to connect, then `2 x read_timeout` of grace; from
+  then on, the body bytes received must keep up with `min_rate` on average (t seconds
+  after connecting, at least min_rate x (t - 2 x read_timeout) bytes), headers trickling
+  in included: a mirror that falls behind is given up, not retried;
 - one file from one mirror, every attempt and wait included, must be complete within
-  `(retries + 1) x grace + body / min_rate` seconds, where `body` is the most the file
-  may take on the wire (from its known size, or the size its IDX header declares).
+  `(retries + 1) x grace + body / min_rate` seconds, `grace = connect_timeout + 2 x
+  read_timeout`, where `body` is the most the file may take on the wire (from its known
+  size, or the size its IDX header declares).
 A watchdog thread enforces the last two by shutting the attempt's sockets down, which
 also ends a read that is blocked while the headers or the body trickle in.
 
@@ -68,9 +70,14 @@ class HttpPolicy:
     max_redirects: int = 5
 
     @property
+    def rate_grace(self) -> float:
+        """Seconds after connecting before the minimum rate counts (a silent server times out before)."""
+        return 2 * self.read_timeout
+
+    @property
     def grace(self) -> float:
         """Seconds an attempt has to connect and start answering before the rate counts."""
-        return self.connect_timeout + self.read_timeout
+        return self.connect_timeout + self.rate_grace
 
     def budget(self, body: int) -> float:
         """Seconds one file of at most `body` bytes on the wire may take from one mirror, all attempts included."""
@@ -275,26 +282,34 @@ def hash_file(path: Path) -> tuple[str, int] | None:
         for piece in read_regular(path, limit=None):
             digest.update(piece)
             size += len(piece)
-    except (OSError, MirrorFailed):
+    except MirrorFailed:
         return None
     return digest.hexdigest(), size
 
 
 def read_regular(path: Path, limit: int | None) -> Iterator[bytes]:
-    """The bytes of `path` in pieces, refusing anything but a regular file (a FIFO, /dev/zero,
-    a folder) and a file over `limit` bytes with MirrorFailed; OSError if it cannot be read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    """The bytes of `path` in pieces. MirrorFailed for anything but a regular file (a FIFO,
+    /dev/zero, a folder: never read), a file over `limit` bytes, or one that cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
+    except OSError as exc:
+        raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise MirrorFailed(f"{path} is not a regular file")
         if limit is not None and st.st_size > limit:
             raise MirrorFailed(f"{path} has {st.st_size:,} bytes, far more than the file can be ({limit:,} at most)")
         while True:
-            piece = f.read(CHUNK)
+            try:
+                piece = os.read(fd, CHUNK)
+            except OSError as exc:
+                raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
             if not piece:
                 return
             yield piece
+    finally:
+        os.close(fd)
 
 
 def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str]:
@@ -304,11 +319,7 @@ def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str
         path = folder / candidate
         if not (path.exists() or path.is_symlink()):
             continue
-        try:
-            digest = install(dest, read_regular(path, expected.wire_limit), expected, str(path))
-        except OSError as exc:
-            raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
-        return digest, str(path)
+        return install(dest, read_regular(path, expected.wire_limit), expected, str(path)), str(path)
     raise MirrorFailed(f"neither {expected.name}.gz nor {expected.name} is in {folder}")
 
 
@@ -468,10 +479,10 @@ class _Watchdog:
                 return f"no connection within {policy.connect_timeout:g} s"
             return None
         elapsed = now - self.connected
-        if policy.min_rate * (elapsed - policy.read_timeout) <= self.received:
+        if policy.min_rate * (elapsed - policy.rate_grace) <= self.received:
             return None
         if not self.answered:
-            return f"no complete answer within {policy.read_timeout:g} s of connecting (its headers trickled in)"
+            return f"no complete answer within {policy.rate_grace:g} s of connecting (its headers trickled in)"
         return (
             f"the server sent {self.received:,} bytes in {elapsed:.1f} s, slower than the minimum of "
             f"{policy.min_rate / 1000:g} kB/s (--min-rate)"
@@ -527,8 +538,8 @@ def _fetch_url(session, url, candidate, expected, dest, part_dir, clock, progres
 def _read_part(part: Path) -> Iterator[bytes]:
     try:
         yield from read_regular(part, limit=None)
-    except OSError as exc:
-        raise MlecliError(f"cannot read {part}: {exc.strerror or exc}") from None
+    except MirrorFailed as exc:  # our own file: the disk, not the mirror
+        raise MlecliError(exc.reason) from None
 
 
 def discard(part: Path) -> None:
@@ -801,8 +812,8 @@ def _stream(resp, part: Path, offset: int, total: int | None, expected: Expected
             progress: bool, url: str) -> None:
     try:
         _write_part(resp, part, offset, total, expected, clock, dog, progress, url)
-    except MirrorFailed:
-        discard(part)  # what is there is not the file: never resume it
+    except (MirrorFailed, MlecliError):
+        discard(part)  # what is there is not the file, or has no room: never resume it
         raise
 
 
@@ -812,12 +823,12 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
 
     peek = _HeaderPeek(expected, url)
     limit = expected.wire_limit
+    if offset:
+        for data in _read_part(part):
+            if peek.feed(data) is not None:
+                limit = _bound(peek.header, expected, clock, url, total, offset)
+                break
     try:
-        if offset:
-            for data in read_regular(part, limit=None):
-                if peek.feed(data) is not None:
-                    limit = _bound(peek.header, expected, clock, url, total, offset)
-                    break
         f = open(part, "ab" if offset else "wb")
     except OSError as exc:
         discard(part)
