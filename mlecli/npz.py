@@ -95,6 +95,8 @@ def _members(f: BinaryIO, size: int) -> list[tuple[str, int, int, int]]:
         if len(local) != 30 or local[:4] != _LOCAL:
             raise ValueError(f"bad local header for member {name}")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
+        if f.read(name_len) != name.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+            raise ValueError(f"member {name} has another name in its local header")
         start = info.header_offset + 30 + name_len + extra_len
         end = start + info.file_size
         if end > cd_start:
