@@ -39,19 +39,11 @@ import numpy as np
 
 from mlecli import npz
 from mlecli.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
-from mlecli.download import (
-    DEFAULT_POLICY,
-    Expected,
-    HttpPolicy,
-    fetch_file,
-    hash_file,
-    meta_path,
-    mirror_location,
-    new_session,
-)
+from mlecli.download import Expected, fetch_file, hash_file, meta_path, mirror_location
 from mlecli.errors import DataError, MlecliError
 from mlecli.fsutil import atomic_write, atomic_write_text, folder_lock, remove_stale_temporaries
 from mlecli.idx import MAX_HEADER, IdxHeader, read_header
+from mlecli.network import DEFAULT_POLICY, HttpPolicy, new_session
 from mlecli.resources import need_memory, need_space
 
 CACHE_FORMAT = 2
@@ -394,9 +386,8 @@ def _tidy_if_free(folder: Path, dataset: Dataset) -> None:
     """Best effort, for readers: tidy a complete cache if nobody is writing to it and it is writable."""
     if not _leftovers(folder):
         return
-    with contextlib.suppress(MlecliError, OSError):
-        with folder_lock(folder, wait=False, what=f"the data folder {folder}"):
-            _tidy(folder, dataset, everything=True)
+    with contextlib.suppress(MlecliError, OSError), folder_lock(folder, wait=False, what=f"the data folder {folder}"):
+        _tidy(folder, dataset, everything=True)
 
 
 # ---------------------------------------------------------------------------

@@ -8,19 +8,8 @@ final name, hashed and checked on the way, and renamed into place only if its co
 has the expected size and SHA-256 and parses as IDX. Any failure moves on to the next
 mirror; the reasons are collected so that the final error can list every mirror tried.
 
-Budgets, so that no mirror can hold a download for long (see docs/data.md):
-- every read waits at most `read_timeout` for the server (the socket's timeout: a
-  silent server is retried);
-- an attempt gets `connect_timeout` to connect, then `2 x read_timeout` of grace; from
-  then on, the body bytes received must keep up with `min_rate` on average (t seconds
-  after connecting, at least min_rate x (t - 2 x read_timeout) bytes), headers trickling
-  in included: a mirror that falls behind is given up, not retried;
-- one file from one mirror, every attempt and wait included, must be complete within
-  `(retries + 1) x grace + body / min_rate` seconds, `grace = connect_timeout + 2 x
-  read_timeout`, where `body` is the most the file may take on the wire (from its known
-  size, or the size its IDX header declares).
-A watchdog thread enforces the last two by shutting the attempt's sockets down, which
-also ends a read that is blocked while the headers or the body trickle in.
+Budgets (a deadline per file and mirror, a minimum rate) and the watchdog that enforces
+them live in mlecli.network.
 
 The first decoded bytes are the IDX header, which says exactly how big the file is: the
 body is refused beyond that (plus gzip's overhead), and `Expected.on_header` can refuse
@@ -30,24 +19,33 @@ a file that would not fit in memory or on disk before it is downloaded.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
 import json
 import os
-import re
-import socket
 import stat
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from mlecli.errors import DataError, DownloadError, MlecliError
 from mlecli.fsutil import atomic_write, atomic_write_text, describe_os_error
 from mlecli.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
+from mlecli.network import (
+    Clock,
+    HttpPolicy,
+    MirrorFailed,
+    Retryable,
+    Watchdog,
+    content_range,
+    get,
+    header_int,
+    network_reason,
+    retry_after,
+    shown,
+    validator,
+)
 
 CHUNK = 1 << 16
 
@@ -55,36 +53,6 @@ CHUNK = 1 << 16
 def wire_bound(size: int) -> int:
     """The most bytes an honest mirror sends for a file of `size` decoded bytes (gzip of random data grows a little)."""
     return size + size // 1000 + (1 << 16)
-
-
-@dataclass(frozen=True)
-class HttpPolicy:
-    """How patient to be with a server. Times in seconds, rates in bytes per second."""
-
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    retries: int = 3  # further attempts per URL after the first
-    backoff: float = 1.0  # first wait; doubles each retry
-    max_wait: float = 60.0  # a longer Retry-After gives up on the mirror
-    min_rate: float = 50_000.0  # average rate an attempt must keep up after its grace period
-    max_redirects: int = 5
-
-    @property
-    def rate_grace(self) -> float:
-        """Seconds after connecting before the minimum rate counts (a silent server times out before)."""
-        return 2 * self.read_timeout
-
-    @property
-    def grace(self) -> float:
-        """Seconds an attempt has to connect and start answering before the rate counts."""
-        return self.connect_timeout + self.rate_grace
-
-    def budget(self, body: int) -> float:
-        """Seconds one file of at most `body` bytes on the wire may take from one mirror, all attempts included."""
-        return (self.retries + 1) * self.grace + body / self.min_rate
-
-
-DEFAULT_POLICY = HttpPolicy()
 
 
 def _no_header_check(header: IdxHeader, source: str, body_left: int) -> None:
@@ -129,29 +97,8 @@ class Expected:
         return wire_bound(self.limit)
 
 
-class MirrorFailed(Exception):
-    """One mirror could not deliver one file; `reason` says why, for the final message."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 class _NotFound(MirrorFailed):
     pass
-
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, wait: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.wait = wait
-
-
-def shown(value: object, limit: int = 60) -> str:
-    """A value from a server or a file, safe to print in one line: quoted, escaped, cut short."""
-    text = repr(str(value))
-    return text if len(text) <= limit else text[: limit - 4] + "…" + text[0]
 
 
 def mirror_location(mirror: str) -> tuple[str, str]:
@@ -324,188 +271,12 @@ def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str
 
 
 # ---------------------------------------------------------------------------
-# HTTP: sessions whose sockets a watchdog can shut down
-
-
-_WATCH = threading.local()
-
-
-def _register(sock) -> None:
-    dog = getattr(_WATCH, "dog", None)
-    if dog is not None and sock is not None:
-        dog.add(sock)
-
-
-def _watched_session_classes():
-    import requests
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-    class Watched:
-        def _new_conn(self):
-            sock = super()._new_conn()
-            _register(sock)  # covers the TLS handshake too
-            return sock
-
-        def connect(self):
-            super().connect()
-            _register(self.sock)
-
-        def request(self, *args, **kwargs):
-            _register(self.sock)  # a kept-alive connection starts a new attempt
-            return super().request(*args, **kwargs)
-
-    class WatchedHTTP(Watched, HTTPConnection):
-        pass
-
-    class WatchedHTTPS(Watched, HTTPSConnection):
-        pass
-
-    class HTTPPool(HTTPConnectionPool):
-        ConnectionCls = WatchedHTTP
-
-    class HTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = WatchedHTTPS
-
-    pools = {"http": HTTPPool, "https": HTTPSPool}
-
-    class Adapter(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = pools
-
-        def proxy_manager_for(self, proxy, **kwargs):
-            manager = super().proxy_manager_for(proxy, **kwargs)
-            if hasattr(manager, "pool_classes_by_scheme"):
-                manager.pool_classes_by_scheme = pools
-            return manager
-
-    return Adapter
-
-
-def new_session():
-    """A requests session whose connections the download watchdog can end."""
-    import requests
-
-    from mlecli import __version__
-
-    adapter = _watched_session_classes()
-    s = requests.Session()
-    s.mount("http://", adapter())
-    s.mount("https://", adapter())
-    s.headers["User-Agent"] = f"mlecli/{__version__} (+https://pypi.org/project/requests/)"
-    return s
-
-
-def _shutdown(sock) -> None:
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-@dataclass
-class _Clock:
-    """One file's deadline at one mirror, shared by its attempts and waits."""
-
-    policy: HttpPolicy
-    body: int  # most bytes the file may take on the wire
-    start: float = field(default_factory=time.monotonic)
-
-    @property
-    def seconds(self) -> float:
-        return self.policy.budget(self.body)
-
-    @property
-    def deadline(self) -> float:
-        return self.start + self.seconds
-
-    def tighten(self, body: int) -> None:
-        self.body = min(self.body, body)
-
-    def over(self) -> str:
-        return f"the file did not arrive within its budget of {self.seconds:.0f} s at this mirror"
-
-    def sleep(self, seconds: float, reason: str) -> None:
-        if time.monotonic() + seconds > self.deadline:
-            raise MirrorFailed(
-                f"{reason}; waiting {seconds:.1f} s more would pass the file's budget of {self.seconds:.0f} s "
-                "at this mirror"
-            )
-        time.sleep(seconds)
-
-
-class _Watchdog:
-    """Ends one attempt that falls behind its budget by shutting down its sockets."""
-
-    TICK = 0.05
-
-    def __init__(self, clock: _Clock):
-        self.clock = clock
-        self.policy = clock.policy
-        self.start = time.monotonic()
-        self.connected: float | None = None  # when the first socket was connected
-        self.received = 0  # bytes of body so far (written by the downloading thread)
-        self.answered = False  # the headers have arrived
-        self.reason: str | None = None
-        self._socks: list = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mlecli-download-watchdog", daemon=True)
-
-    def __enter__(self) -> _Watchdog:
-        _WATCH.dog = self
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _WATCH.dog = None
-        self._stop.set()
-        self._thread.join()
-
-    def add(self, sock) -> None:
-        with self._lock:
-            if self.connected is None:
-                self.connected = time.monotonic()
-            self._socks.append(sock)
-            if self.reason is not None:
-                _shutdown(sock)
-
-    def overdue(self, now: float) -> str | None:
-        """Why the attempt must end at `now`, or None."""
-        if now > self.clock.deadline:
-            return self.clock.over()
-        policy = self.policy
-        if self.connected is None:
-            if now - self.start > policy.grace:
-                return f"no connection within {policy.connect_timeout:g} s"
-            return None
-        elapsed = now - self.connected
-        if policy.min_rate * (elapsed - policy.rate_grace) <= self.received:
-            return None
-        if not self.answered:
-            return f"no complete answer within {policy.rate_grace:g} s of connecting (its headers trickled in)"
-        return (
-            f"the server sent {self.received:,} bytes in {elapsed:.1f} s, slower than the minimum of "
-            f"{policy.min_rate / 1000:g} kB/s (--min-rate)"
-        )
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.TICK):
-            reason = self.overdue(time.monotonic())
-            if reason is not None:
-                with self._lock:
-                    self.reason = reason
-                    for sock in self._socks:
-                        _shutdown(sock)
-                return
-
-
-# ---------------------------------------------------------------------------
 # HTTP: one file from one mirror
 
 
 def _fetch_http(session, base: str, expected: Expected, dest: Path, part_dir: Path, policy, progress, log):
     not_found = []
-    clock = _Clock(policy, expected.wire_limit)
+    clock = Clock(policy, expected.wire_limit)
     for candidate in _candidates(expected.name):
         url = base + candidate
         try:
@@ -560,7 +331,7 @@ def _read_meta(part: Path) -> dict:
         return {}
 
 
-def _download(session, url: str, part: Path, expected: Expected, clock: _Clock, progress: bool, log) -> bool:
+def _download(session, url: str, part: Path, expected: Expected, clock: Clock, progress: bool, log) -> bool:
     """Stream `url` into `part`, resuming and retrying; return whether any bytes were resumed."""
     policy = clock.policy
     resumed_any = False
@@ -571,13 +342,13 @@ def _download(session, url: str, part: Path, expected: Expected, clock: _Clock, 
             log(f"{url}: {reason}; retrying in {wait:.1f} s ({attempt}/{policy.retries})")
             clock.sleep(wait, reason)
             reason_wait = None
-        with _Watchdog(clock) as dog:
+        with Watchdog(clock) as dog:
             try:
                 resumed = _attempt(session, url, part, expected, clock, dog, progress)
                 if dog.reason is not None:  # the watchdog ended the body early, as if at its end
                     raise MirrorFailed(dog.reason)
                 return resumed_any or resumed
-            except _Retryable as exc:
+            except Retryable as exc:
                 reason, reason_wait = exc.reason, exc.wait
                 if reason_wait is not None and reason_wait > policy.max_wait:
                     raise MirrorFailed(
@@ -588,7 +359,7 @@ def _download(session, url: str, part: Path, expected: Expected, clock: _Clock, 
             except Exception as exc:  # noqa: BLE001 - whatever the HTTP stack raises about a peer
                 if dog.reason is not None:
                     raise MirrorFailed(dog.reason) from None
-                reason, retry = _network_reason(exc, policy)
+                reason, retry = network_reason(exc, policy)
                 if not retry:
                     raise MirrorFailed(reason) from None
         if part.exists() and part.stat().st_size:
@@ -596,137 +367,7 @@ def _download(session, url: str, part: Path, expected: Expected, clock: _Clock, 
     raise MirrorFailed(f"{reason} (gave up after {policy.retries + 1} attempts)")
 
 
-HOST_NOT_FOUND = "host name not found"
-
-
-def _network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
-    """Why an attempt failed, for the user, and whether another attempt may help."""
-    import requests
-
-    names = set()
-    e: BaseException | None = exc
-    text = ""
-    for _ in range(8):  # the exception and what it wraps
-        if e is None:
-            break
-        names.add(type(e).__name__)
-        text += f" {e}"
-        e = e.__cause__ or e.__context__
-    if "CERTIFICATE_VERIFY_FAILED" in text or "SSLCertVerificationError" in names:
-        return "its TLS certificate could not be verified", False
-    if names & {"ConnectTimeout", "ConnectTimeoutError"}:
-        return f"no connection within {policy.connect_timeout:g} s", True
-    if names & {"ReadTimeout", "ReadTimeoutError", "TimeoutError", "timeout"} or "timed out" in text:
-        return "the server stalled (read timeout)", True
-    if "Name or service not known" in text or "NameResolution" in text or "nodename" in text:
-        return HOST_NOT_FOUND, False
-    if names & {"LineTooLong", "BadStatusLine", "InvalidHeader", "HeaderParsingError", "InvalidURL",
-                "InvalidSchema", "MissingSchema", "LocationParseError", "UnicodeError", "UnicodeDecodeError",
-                "UnicodeEncodeError"} or "got more than" in text:
-        return f"the server's answer is not valid HTTP ({_exc_name(exc, names)})", False
-    if "Connection refused" in text:
-        return "connection refused", True
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, OSError)) or (
-        names & {"ProtocolError", "IncompleteRead", "RemoteDisconnected", "ConnectionResetError", "SSLError"}
-    ):
-        return "the connection dropped mid-file", True
-    if isinstance(exc, requests.exceptions.RequestException):
-        return f"request failed ({_exc_name(exc, names)})", False
-    return f"the answer could not be read ({_exc_name(exc, names)})", False
-
-
-def _exc_name(exc: BaseException, names: set[str]) -> str:
-    """The name of the innermost exception: the cause, rather than the wrappers around it."""
-    for _ in range(8):
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    return type(exc).__name__
-
-
-_DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def header_int(value: str | None) -> int | None:
-    """A non-negative integer header (ASCII digits only: '３' and '²' are not numbers here), else None."""
-    if value is None:
-        return None
-    value = value.strip(" \t")
-    return int(value) if _DIGITS.fullmatch(value) else None
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds a Retry-After header asks to wait (delay-seconds or an HTTP date), None if absent or unreadable."""
-    if not value or len(value) > 64:
-        return None
-    seconds = header_int(value)
-    if seconds is not None:
-        return float(seconds)
-    try:
-        when = email.utils.parsedate_to_datetime(value.strip())
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError, OSError):
-        return None
-
-
-_RANGE = re.compile(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)")
-
-
-def content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """(first, last, total or None) of a `Content-Range: bytes first-last/total` header, or None."""
-    m = _RANGE.fullmatch((value or "").strip(" \t"))
-    if m is None:
-        return None
-    first, last = int(m.group(1)), int(m.group(2))
-    total = None if m.group(3) == "*" else int(m.group(3))
-    if last < first or (total is not None and last >= total):
-        return None
-    return first, last, total
-
-
-_TOKEN = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
-
-
-def _validator(value: str | None) -> str | None:
-    """An ETag or Last-Modified worth sending back in If-Range: printable ASCII, bounded."""
-    return value if value is not None and _TOKEN.fullmatch(value) else None
-
-
-def _redirect(url: str, location: str | None, hops: int, policy: HttpPolicy) -> str:
-    if hops >= policy.max_redirects:
-        raise MirrorFailed(f"more than {policy.max_redirects} redirects (a loop?)")
-    if location is None:
-        raise MirrorFailed("a redirect without a Location")
-    if not location or not location.isascii() or not location.isprintable() or len(location) > 2048:
-        raise MirrorFailed(f"a malformed redirect (Location: {shown(location)})")
-    try:
-        target = urljoin(url, location.strip())
-        parts = urlsplit(target)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise MirrorFailed(f"a malformed redirect (Location: {shown(location)})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MirrorFailed(f"a redirect to something other than an http(s) URL (Location: {shown(location)})")
-    return target
-
-
-def _get(session, url: str, headers: dict, policy: HttpPolicy):
-    """GET `url`, following at most `policy.max_redirects` redirects to http(s) URLs."""
-    for hops in range(policy.max_redirects + 1):
-        resp = session.get(
-            url, headers=headers, stream=True, allow_redirects=False,
-            timeout=(policy.connect_timeout, policy.read_timeout),
-        )
-        if resp.status_code not in (301, 302, 303, 307, 308):
-            return resp
-        location = resp.headers.get("Location")
-        resp.close()
-        url = _redirect(url, location, hops, policy)
-    raise AssertionError("unreachable")
-
-
-def _attempt(session, url: str, part: Path, expected: Expected, clock: _Clock, dog: _Watchdog, progress: bool) -> bool:
+def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, dog: Watchdog, progress: bool) -> bool:
     """One GET of `url` into `part`; return whether it continued an earlier part."""
     policy = clock.policy
     meta = _read_meta(part)
@@ -737,17 +378,17 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: _Clock, d
     headers = {"Accept-Encoding": "identity", "Connection": "close"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        validator = _validator(meta.get("etag")) or _validator(meta.get("last_modified"))
-        if validator:
-            headers["If-Range"] = validator
-    with _get(session, url, headers, policy) as resp:
+        unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
+        if unchanged_since:
+            headers["If-Range"] = unchanged_since
+    with get(session, url, headers, policy) as resp:
         dog.answered = True
         status = resp.status_code
         if status == 429 or 500 <= status < 600:
-            raise _Retryable(f"HTTP {status}", retry_after(resp.headers.get("Retry-After")))
+            raise Retryable(f"HTTP {status}", retry_after(resp.headers.get("Retry-After")))
         if status == 416 and offset:
             discard(part)
-            raise _Retryable("HTTP 416 for the rest of a partial file", 0.0)
+            raise Retryable("HTTP 416 for the rest of a partial file", 0.0)
         if status == 404:
             raise _NotFound(f"HTTP 404 for {url.rsplit('/', 1)[-1]}")
         if status not in (200, 206):
@@ -766,7 +407,7 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: _Clock, d
             if (rng is None or rng[0] != offset or (rng[2] is not None and rng[1] != rng[2] - 1)
                     or (length is not None and length != rng[1] - rng[0] + 1)):
                 discard(part)
-                raise _Retryable("the server answered a range that does not continue the partial file", 0.0)
+                raise Retryable("the server answered a range that does not continue the partial file", 0.0)
             resuming = offset > 0
         if not resuming:
             offset = 0
@@ -776,8 +417,8 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: _Clock, d
         part.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             meta_path(part),
-            json.dumps({"url": url, "etag": _validator(resp.headers.get("ETag")),
-                        "last_modified": _validator(resp.headers.get("Last-Modified"))}),
+            json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),
+                        "last_modified": validator(resp.headers.get("Last-Modified"))}),
         )
         _stream(resp, part, offset, total, expected, clock, dog, progress, url)
     return resuming
@@ -808,7 +449,7 @@ class _HeaderPeek:
         return None
 
 
-def _stream(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: _Clock, dog: _Watchdog,
+def _stream(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: Clock, dog: Watchdog,
             progress: bool, url: str) -> None:
     try:
         _write_part(resp, part, offset, total, expected, clock, dog, progress, url)
@@ -817,8 +458,8 @@ def _stream(resp, part: Path, offset: int, total: int | None, expected: Expected
         raise
 
 
-def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: _Clock,
-                dog: _Watchdog, progress: bool, url: str) -> None:
+def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: Clock,
+                dog: Watchdog, progress: bool, url: str) -> None:
     from tqdm import tqdm
 
     peek = _HeaderPeek(expected, url)
@@ -863,7 +504,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
             raise MlecliError(describe_os_error(exc, part)) from None
 
 
-def _bound(header: IdxHeader, expected: Expected, clock: _Clock, url: str, total: int | None, before: int) -> int:
+def _bound(header: IdxHeader, expected: Expected, clock: Clock, url: str, total: int | None, before: int) -> int:
     """Once the header is known: check it, and return the most bytes the body may have."""
     if expected.size is not None and header.total_len != expected.size:
         raise MirrorFailed(

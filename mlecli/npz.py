@@ -18,6 +18,7 @@ timestamps), streaming each array (a memory map will do) without copying it whol
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import tokenize
@@ -103,7 +104,7 @@ def _members(f: BinaryIO, size: int) -> list[tuple[str, int, int, int]]:
             raise ValueError(f"member {name} runs past the start of the zip directory (its sizes are wrong)")
         spans.append((info.header_offset, end, name, start, info.CRC))
     spans.sort()
-    for (_, end, name, *_), (nxt, _, other, *_) in zip(spans, spans[1:]):
+    for (_, end, name, *_), (nxt, _, other, *_) in itertools.pairwise(spans):
         if nxt < end:
             raise ValueError(f"members {name} and {other} overlap")
     return [(name, start, end - start, crc) for _, end, name, start, crc in spans]

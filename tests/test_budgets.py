@@ -17,13 +17,14 @@ from fakes import send, trickle_body, trickle_headers
 
 from mlecli.cache import ensure_dataset
 from mlecli.datasets import MNIST_FILES
-from mlecli.download import HttpPolicy, _Watchdog, wire_bound
+from mlecli.download import wire_bound
+from mlecli.network import HttpPolicy, Watchdog
 from mlecli.errors import DownloadError
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 # `--timeout 0.5`; the minimum rate at its default.
 POLICY = HttpPolicy(connect_timeout=0.5, read_timeout=0.5, retries=3, backoff=0.01)
-TICK = _Watchdog.TICK
+TICK = Watchdog.TICK
 
 
 def fetch_failing(spec, tmp_path, policy=POLICY) -> tuple[str, float]:

@@ -181,7 +181,7 @@ def enumerate_crashes(run, data_dir: Path, check_after_crash) -> int:
     """Crash `run` at boundary 1, 2, … until it completes; return the number of boundaries."""
     n = 1
     while True:
-        code, changes = run_crashing_at(n, lambda: run(data_dir / f"n{n}"))
+        code, changes = run_crashing_at(n, lambda folder=data_dir / f"n{n}": run(folder))
         if code == 0:
             assert changes < n  # how many pieces the body arrives in varies a little from run to run
             return changes

@@ -17,7 +17,7 @@ from fakes import drop_midway, send, stall
 from mlecli.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES, ROLES
-from mlecli.download import HttpPolicy
+from mlecli.network import HttpPolicy
 from mlecli.errors import DownloadError, MlecliError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"

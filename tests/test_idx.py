@@ -3,9 +3,11 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlecli.errors import DataError
-from mlecli.idx import gunzip, idx_bytes, parse_idx, read_idx, write_idx
+from mlecli.idx import CHUNK, IdxDecoder, gunzip, idx_bytes, parse_idx, read_idx, write_idx
 
 
 @pytest.mark.parametrize(
@@ -99,11 +101,6 @@ def test_gunzip_joins_members_and_refuses_a_bomb():
 # The streaming decoder, searched with hypothesis: fed in any pieces, it agrees with the
 # one-shot parser; it never hands out more than the header declares.
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mlecli.idx import CHUNK, IdxDecoder  # noqa: E402
-
 SEARCH = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 arrays = st.builds(
     lambda shape, seed, kind: np.random.default_rng(seed).integers(0, 256, size=shape).astype(kind),
@@ -115,7 +112,7 @@ arrays = st.builds(
 def decode_in_pieces(data: bytes, cuts: list[int], limit: int | None = None) -> bytes:
     decoder = IdxDecoder("f", *([limit] if limit is not None else []))
     out, start = [], 0
-    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         out += decoder.feed(data[start:cut])
         start = cut
     out += decoder.finish()

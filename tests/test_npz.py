@@ -47,7 +47,7 @@ def with_directory(data: bytes, entries: list[tuple[int, str | None, int, int]])
     out = []
     for index, name, offset_delta, size_delta in entries:
         rec = bytearray(records[index % len(records)])
-        n, x, c = struct.unpack("<HHH", rec[28:34])
+        (n,) = struct.unpack("<H", rec[28:30])
         old_name = bytes(rec[46 : 46 + n])
         new_name = old_name if name is None else name.encode()
         csize, usize = struct.unpack("<II", rec[20:28])

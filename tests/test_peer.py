@@ -36,7 +36,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mlecli.cache import dataset_dir, ensure_dataset, load_split
-from mlecli.download import HttpPolicy, content_range, header_int, retry_after, wire_bound
+from mlecli.download import wire_bound
+from mlecli.network import HttpPolicy, content_range, header_int, retry_after
 from mlecli.errors import MlecliError
 
 TINY = tiny_dataset(n_train=60, n_test=20, seed=7)
