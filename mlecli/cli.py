@@ -7,6 +7,7 @@ numpy, requests and tqdm are imported inside the commands that need them so that
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -23,8 +24,17 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except MlecliError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {printable(str(exc))}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C where no command turns it into a clean stop of its own
+            click.echo("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", err=True)
+            sys.exit(130)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (a newline in a file name, an escape sequence from a
+    server) shown as escapes, so that an error stays one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _log(quiet: bool):
@@ -213,6 +223,8 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
     outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir), report=report, resume_from=resume_from)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the run is saved: nothing may cut what follows short
+        signal.signal(sig, signal.SIG_IGN)
     run_dir = outcome.run_dir
     if outcome.interrupted:
         last = run_dir / "checkpoints" / "last.npz"

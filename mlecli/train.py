@@ -142,10 +142,13 @@ class StopRequest:
 
     def __init__(self):
         self.signal: str | None = None
+        self.settled = False  # the run has stopped or finished: further signals change nothing
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.settled:
+            return
         if self.signal is not None:
             raise StopNow(name)
         self.signal = name
@@ -284,17 +287,19 @@ def run(
     run_dir = Path(run_dir)
     if resume_from is None:
         report.log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
-    with rundir.claim(run_dir, fresh=resume_from is None, created=created):
+    with StopRequest() as stop, rundir.claim(run_dir, fresh=resume_from is None, created=created):
         run = None
         try:
             run = _open(cfg, run_dir, data, report, resume_from is not None)
-            outcome = _train(run, report)
-        except StopNow as stop:
+            outcome = _train(run, report, stop)
+        except StopNow as now:
+            stop.settled = True
             point = (run.committed if run is not None else (0, 0))
-            rundir.record_end(run_dir, "interrupted", _now(), f"stopped at once by a second {stop.signal_name}")
+            rundir.record_end(run_dir, "interrupted", _now(), f"stopped at once by a second {now.signal_name}")
             best = run.state.best if run is not None else None
-            return Outcome(run_dir, point[0], stop.signal_name, best, at_once=True, resume_point=point)
+            return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
         except MlecliError as exc:
+            stop.settled = True
             rundir.record_end(run_dir, "failed", _now(), str(exc))
             raise
         finally:
@@ -439,12 +444,10 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
 # Phases 2 and 3: train an epoch, end it ---------------------------------------
 
 
-def _train(run: _Run, report: Reporter) -> Outcome:
+def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
     cfg = run.cfg
     # Overflow is caught by the finiteness check and reported in words, once.
-    with StopRequest() as stop, np.errstate(over="ignore", invalid="ignore"), blas.threads(
-        blas_threads(cfg.train.batch_size)
-    ):
+    with np.errstate(over="ignore", invalid="ignore"), blas.threads(blas_threads(cfg.train.batch_size)):
         loop = _Loop(run)
         while run.state.epochs_done < cfg.train.epochs:
             if _train_epoch(run, loop, stop, report):
@@ -453,6 +456,7 @@ def _train(run: _Run, report: Reporter) -> Outcome:
             _end_epoch(run, loop, report)
             if stop.signal is not None:
                 break
+    stop.settled = True
     state = run.state
     return Outcome(run.dir, state.epochs_done, stop.signal, state.best, resume_point=run.committed)
 
