@@ -18,6 +18,7 @@ timestamps), streaming each array (a memory map will do) without copying it whol
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import struct
@@ -40,7 +41,17 @@ _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
 _EOCD64 = b"PK\x06\x06"
 _LOCAL = b"PK\x03\x04"
+# Every member gets this timestamp, so that the same arrays always give the same bytes
+# (np.savez stamps the current time: two saves of one state would differ).
 _EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def encode(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes of an uncompressed .npz holding `arrays` (which np.load reads), a pure
+    function of the arrays' names, dtypes, shapes and values."""
+    buf = io.BytesIO()
+    write(buf, arrays)
+    return buf.getvalue()
 
 
 class ObjectArrayError(ValueError):
@@ -180,4 +191,4 @@ def write(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=arr.nbytes > (1 << 30)) as out:
-                np.lib.format.write_array(out, np.asanyarray(arr), allow_pickle=False)
+                np.lib.format.write_array(out, np.asarray(arr, order="C"), allow_pickle=False)
