@@ -26,27 +26,56 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def physical_memory() -> int | None:
-    """Bytes of RAM in this machine."""
+# A container's memory limit and use (cgroup v2, then v1): a process may have less than the machine.
+_CGROUP = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+           ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _read_int(path: str) -> int | None:
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open(path, "rb") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None  # absent, or "max"
+
+
+def _cgroup() -> tuple[int, int] | None:
+    """(limit, use) of this process's memory cgroup, if it has a limit."""
+    for limit_path, use_path in _CGROUP:
+        limit = _read_int(limit_path)
+        if limit is not None and limit < 1 << 60:
+            return limit, _read_int(use_path) or 0
+    return None
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this process may ever use: the machine's, or its container's limit if lower."""
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+    cgroup = _cgroup()
+    return min(have, cgroup[0]) if cgroup else have
 
 
 def available_memory() -> int | None:
-    """Bytes that can be allocated now without swapping (Linux's MemAvailable)."""
+    """Bytes that can be allocated now without swapping (Linux's MemAvailable, within the container's limit)."""
+    have = None
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    have = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if have is None:
+        try:
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    cgroup = _cgroup()
+    return min(have, max(0, cgroup[0] - cgroup[1])) if cgroup else have
 
 
 def free_space(folder: Path) -> int | None:

@@ -54,3 +54,18 @@ def test_every_test_named_in_what_happens_when_exists():
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
     assert len(named) >= 30
     assert named <= defined, f"named in the README but not defined: {sorted(named - defined)}"
+
+
+@pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_every_test_named_in_a_docs_behaviour_table_exists(doc):
+    text = (ROOT / "docs" / doc).read_text()
+    if "\n## Behaviour" not in text:
+        return
+    section = text.split("\n## Behaviour", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| when")]
+    assert rows and all(re.search(r"`test_\w+`", row.rsplit("|", 2)[-2]) for row in rows if "---" not in row)
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert named <= defined, f"named in docs/{doc} but not defined: {sorted(named - defined)}"
