@@ -172,13 +172,13 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
     )
     if quiet:
         return
-    click.echo(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}")
+    click.echo(printable(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}"))
     width = max(len(r.path.name) for r in reports)
     for r in reports:
         state = "verified" if r.verified else "UNVERIFIED"
         where = "already cached" if r.source == "cache" else f"from {r.source}"
-        click.echo(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}")
-    click.echo(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}")
+        click.echo(printable(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}"))
+    click.echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
 
 
 @main.command()

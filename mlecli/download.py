@@ -18,7 +18,6 @@ a file that would not fit in memory or on disk before it is downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -314,9 +313,14 @@ def _read_part(part: Path) -> Iterator[bytes]:
 
 
 def discard(part: Path) -> None:
+    """Remove a partial download and its meta file (a disk error is the user's, not the mirror's)."""
     for p in (part, meta_path(part)):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise MlecliError(f"cannot remove {p}: {exc.strerror or exc}") from None
 
 
 def meta_path(part: Path) -> Path:
@@ -371,7 +375,11 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
     """One GET of `url` into `part`; return whether it continued an earlier part."""
     policy = clock.policy
     meta = _read_meta(part)
-    offset = part.stat().st_size if part.exists() else 0
+    try:  # the disk, not the network: never mistaken for a dropped connection
+        part.parent.mkdir(parents=True, exist_ok=True)
+        offset = part.stat().st_size if part.exists() else 0
+    except OSError as exc:
+        raise MlecliError(describe_os_error(exc, part)) from None
     if offset and (meta.get("url") != url or offset > expected.wire_limit):
         discard(part)
         offset = 0
@@ -414,7 +422,6 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
         total = offset + length if length is not None else None
         if total is not None and total > expected.wire_limit:
             raise MirrorFailed(f"the server offers {total:,} bytes, far more than the expected {expected.limit:,}")
-        part.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             meta_path(part),
             json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),

@@ -383,3 +383,15 @@ def test_a_built_in_dataset_named_by_a_checkpoint_comes_only_from_its_built_in_m
     assert str(err.value).startswith(f"could not download {TRAIN_IMAGES} from any mirror: {FASHION_MNIST.mirrors[0]}: ")
     with pytest.raises(DataError, match="never downloads by itself"):
         prepare(named, tmp_path, download="never")
+
+
+def test_a_containers_memory_limit_counts_as_the_machines_memory(tmp_path, monkeypatch):
+    from mlecli import resources
+
+    (tmp_path / "max").write_text("1073741824\n")
+    (tmp_path / "current").write_text("268435456\n")
+    monkeypatch.setattr(resources, "_CGROUP", ((str(tmp_path / "max"), str(tmp_path / "current")),))
+    assert resources.physical_memory() == 1 << 30
+    assert resources.available_memory() <= (1 << 30) - (1 << 28)
+    (tmp_path / "max").write_text("max\n")  # no limit
+    assert resources.physical_memory() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
