@@ -43,6 +43,7 @@ from mlecli.network import (
     network_reason,
     retry_after,
     shown,
+    shown_header,
     validator,
 )
 
@@ -403,12 +404,12 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
             raise MirrorFailed(f"HTTP {status}")
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("identity", "gzip", "x-gzip", ""):
-            raise MirrorFailed(f"the server sent Content-Encoding {shown(encoding)}, which mlecli did not ask for")
+            raise MirrorFailed(f"the server sent Content-Encoding {shown_header(encoding)}, which mlecli did not ask for")
         chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
         length_header = None if chunked else resp.headers.get("Content-Length")
         length = header_int(length_header)
         if length_header is not None and length is None:
-            raise MirrorFailed(f"the server sent an invalid Content-Length {shown(length_header)}")
+            raise MirrorFailed(f"the server sent an invalid Content-Length {shown_header(length_header)}")
         resuming = False
         if status == 206:
             rng = content_range(resp.headers.get("Content-Range"))

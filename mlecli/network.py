@@ -84,6 +84,14 @@ def shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 4] + "…" + text[0]
 
 
+def shown_header(value: str | None) -> str:
+    """A header value as the server most likely meant it: http.client decodes header bytes as
+    Latin-1, so UTF-8 (a '３' in a Content-Length) is decoded again before it is shown."""
+    if value is None:
+        return shown(value)
+    return shown(value.encode("latin-1", "replace").decode("utf-8", "replace"))
+
+
 # ---------------------------------------------------------------------------
 # Sessions whose sockets a watchdog can shut down
 
@@ -367,15 +375,15 @@ def _redirect(url: str, location: str | None, hops: int, policy: HttpPolicy) -> 
     if location is None:
         raise MirrorFailed("a redirect without a Location")
     if not location or not location.isascii() or not location.isprintable() or len(location) > 2048:
-        raise MirrorFailed(f"a malformed redirect (Location: {shown(location)})")
+        raise MirrorFailed(f"a malformed redirect (Location: {shown_header(location)})")
     try:
         target = urljoin(url, location.strip())
         parts = urlsplit(target)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise MirrorFailed(f"a malformed redirect (Location: {shown(location)})") from None
+        raise MirrorFailed(f"a malformed redirect (Location: {shown_header(location)})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MirrorFailed(f"a redirect to something other than an http(s) URL (Location: {shown(location)})")
+        raise MirrorFailed(f"a redirect to something other than an http(s) URL (Location: {shown_header(location)})")
     return target
 
 

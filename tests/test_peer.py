@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from fakes import (
     PEER_BODIES,
+    Mirror,
     PEER_ENCODINGS,
     PEER_ETAGS,
     PEER_EXTRA,
@@ -30,6 +31,7 @@ from fakes import (
     PEER_RETRY_AFTER,
     PEER_STATUS,
     Peer,
+    send_raw,
     tiny_dataset,
 )
 from hypothesis import HealthCheck, event, given, settings
@@ -42,8 +44,8 @@ from mlecli.errors import MlecliError
 
 TINY = tiny_dataset(n_train=60, n_test=20, seed=7)
 POLICY = HttpPolicy(connect_timeout=0.5, read_timeout=0.3, retries=3, backoff=0.01, max_wait=0.05)
-# Four files, one mirror: each file within its budget (and a second, whole download of a resumed one).
-BOUND = sum(2 * POLICY.budget(wire_bound(len(c))) for c in TINY.contents.values())
+# Four files, each within its budget at each of (at most) two mirrors.
+BOUND = 2 * sum(POLICY.budget(wire_bound(len(c))) for c in TINY.contents.values())
 
 answers = st.fixed_dictionaries({
     "status": st.sampled_from(PEER_STATUS),
@@ -65,8 +67,6 @@ PEER = settings(max_examples=150, deadline=None, derandomize=True, database=None
 @pytest.fixture(scope="module")
 def peer_server():
     """The scripted peer, and a healthy mirror to fall back on."""
-    from fakes import Mirror
-
     files = {**{f"{n}.gz": c for n, c in TINY.contents.items()}, **TINY.contents}
     peer = Peer(files)
     mirror = Mirror(TINY.gz_files(), behave=lambda h, name, data, n: peer.behave(h, name, data, n)).start()
@@ -163,3 +163,27 @@ def test_header_int_examples(value, expected):
 ])
 def test_content_range_examples(value, expected):
     assert content_range(value) == expected
+
+
+# ---------------------------------------------------------------------------
+# Two probes that broke before, as examples
+
+
+def test_a_content_length_in_non_ascii_digits_is_refused_not_misread(mirrors, tmp_path):
+    # int("３") is 3: http.client would read three bytes and call the file complete.
+    bad = mirrors(TINY.gz_files(), behave=lambda h, name, data, n: send_raw(
+        h, "HTTP/1.1 200 OK\r\nContent-Length: \uff13\r\n\r\n".encode(), data))
+    good = mirrors(TINY.gz_files())
+    logs = []
+    ensure_dataset(TINY.spec((bad.url, good.url)), tmp_path, policy=POLICY, log=logs.append)
+    name = "train-images-idx3-ubyte"
+    assert f"{name}: {bad.url} failed (the server sent an invalid Content-Length '\uff13'); trying the next mirror" in logs
+
+
+def test_a_retry_after_in_non_ascii_digits_is_ignored_for_the_backoff(mirrors, tmp_path):
+    m = mirrors(TINY.gz_files(), behave=lambda h, name, data, n: n == 0 and send_raw(
+        h, "HTTP/1.1 503 Busy\r\nRetry-After: \u00b2\r\nContent-Length: 0\r\n\r\n".encode()))
+    logs = []
+    reports = ensure_dataset(TINY.spec((m.url,)), tmp_path, policy=POLICY, log=logs.append)
+    assert [r.verified for r in reports] == [True] * 4
+    assert f"{m.url}train-images-idx3-ubyte.gz: HTTP 503; retrying in 0.0 s (1/3)" in logs
