@@ -37,11 +37,12 @@ def test_every_command_has_help():
 
 
 @pytest.mark.parametrize("name", ["download", "train", "evaluate", "plot", "runs"])
-def test_every_option_of_a_command_is_in_the_readme(name):
+def test_every_option_of_a_command_is_in_the_reference(name):
+    reference = (ROOT / "docs" / "reference.md").read_text()
     for param in main.commands[name].params:
         for opt in param.opts:
             if opt.startswith("--") and opt != "--help":
-                assert opt in README, f"{name} {opt} is missing from the README"
+                assert opt in reference, f"{name} {opt} is missing from docs/reference.md"
 
 
 def test_every_test_named_in_what_happens_when_exists():
