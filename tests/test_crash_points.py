@@ -233,6 +233,7 @@ def test_a_forced_download_crashed_at_every_write_boundary_keeps_the_cache_usabl
         shutil.copytree(whole, d)
     boundaries = enumerate_crashes(run, tmp_path, after_crash)
     assert boundaries >= 30, boundaries
+    print(f"\n{boundaries} crash points enumerated over a complete cache")
 
 
 def test_gzip_of_the_served_files_is_what_the_cache_verifies():
