@@ -194,9 +194,12 @@ def test_a_run_remembers_its_data_folder_for_evaluate_plot_and_resume(tiny_confi
         assert res.exit_code == 0, res.output
         assert "not cached" not in res.stderr
     assert not (tmp_path / "data").exists()
-    # --data-dir still decides: an empty one is filled from the config's mirror
+    # --data-dir still decides: from an empty one, evaluate says how to fetch the data (it never
+    # downloads from a URL that a run names)
     res = CliRunner().invoke(main, ["evaluate", str(run), "--data-dir", str(tmp_path / "other")])
-    assert res.exit_code == 0 and "tiny is not cached in" in res.stderr
+    assert res.exit_code == 1
+    assert res.stderr.endswith(f"fetch it with: mlecli download --config {run / 'config.toml'} --data-dir "
+                               f"{tmp_path / 'other'}\n")
 
 
 def test_a_resume_with_another_blas_says_the_bits_may_differ_and_goes_on(tiny_config, tmp_path):
