@@ -253,6 +253,25 @@ def test_train_and_test_images_of_different_sizes_are_refused_when_caching(tiny,
     )
 
 
+def test_train_and_test_images_of_different_sizes_in_a_cache_are_refused_when_loading(tiny, tmp_path, monkeypatch):
+    # A cache written without the check (by an earlier version, say) is refused when it is read.
+    from mlecli import cache
+
+    contents = dict(tiny.contents)
+    contents[MNIST_FILES["test-images"]] = idx_bytes(np.zeros((100, 32, 32), np.uint8))
+    folder = TinyDataset(contents, tiny.arrays).write_folder(tmp_path / "mirror")
+    spec = custom("mine", str(folder))
+    with monkeypatch.context() as m:
+        m.setattr(cache, "_check_together", lambda ds, paths: {r: cache._read_header_of(paths[r]) for r in ROLES})
+        ensure_dataset(spec, tmp_path / "d")
+    with pytest.raises(DataError) as err:
+        prepare(spec, tmp_path / "d")
+    assert str(err.value) == (
+        f"mine in {dataset_dir(spec, tmp_path / 'd')}: train images are 28x28 but test images are 32x32; "
+        "the files do not belong together"
+    )
+
+
 def test_inodes_running_out_while_caching_is_one_line_and_leaves_only_verified_files(tiny, tiny_folder, tmpfs):
     disk = tmpfs("few-inodes", "8m,nr_inodes=7")
     res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
