@@ -252,6 +252,9 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         )
     if len(data) > expected:
         raise DataError(f"{name}: {len(data) - expected} trailing bytes after the IDX data (expected {expected} bytes)")
+    if math.prod(d for d in header.dims if d) * header.dtype.itemsize >= 1 << 62:
+        # an empty array (a dimension of 0) whose other dimensions no array can have
+        raise DataError(f"{name}: the IDX dimensions {header.describe()} are too large for any array")
     arr = np.frombuffer(data, dtype=header.dtype, count=header.count, offset=header.header_len).reshape(header.dims)
     return arr.astype(header.dtype.newbyteorder("="), copy=True)
 

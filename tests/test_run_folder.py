@@ -224,3 +224,21 @@ def test_training_in_process_leaves_the_signal_handlers_as_it_found_them(tiny_co
                                     "--data-dir", str(tmp_path / "d"), "-q"])
     assert res.exit_code == 0
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_signal_while_the_data_is_fetched_stops_before_any_run_is_written(tiny, mirrors, tmp_path):
+    server = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: data and trickle(h, data, 1024, 0.02))
+    cfg = tiny.write_config(tmp_path / "slow.toml", server.url)
+    run = tmp_path / "run"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = mlecli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "data", "-q")
+        deadline = time.monotonic() + 30
+        while not server.requests:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 130
+        assert proc.stderr.read().decode() == (
+            f"Stopped by {sig.name} before training began: no run was written.\n")
+        assert not run.exists()
+        server.requests.clear()

@@ -190,6 +190,12 @@ def test_resume_on_data_whose_hashes_differ_is_refused_naming_the_file(tmp_path)
     second.write_folder(mirror)
     shutil.rmtree(data)
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    # A resumed run never fetches from the URL its folder names: it says how to, deliberately.
+    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=2", "--data-dir", str(data)])
+    assert res.exit_code == 1
+    fetch = f"mlecli download --config {run / 'config.toml'} --data-dir {data}"
+    assert res.stderr.splitlines()[-1].endswith(fetch)
+    assert CliRunner().invoke(main, fetch.split()[1:]).exit_code == 0
     res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=2", "--data-dir", str(data)])
     assert res.exit_code == 1
     last = res.stderr.splitlines()[-1]
