@@ -270,10 +270,21 @@ def ensure_dataset(
             sessions.append((session_factory or new_session)())
         return sessions[0]
 
+    made = [p for p in (Path(data_dir), folder) if not p.exists()]  # what a failure should not leave behind
     try:
-        with folder_lock(folder, wait=True, what=f"the data folder {folder}"):
-            reports = _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, shared_session,
-                                     fetch, how_to_fetch)
+        with folder_lock(folder, wait=True, what=f"the data folder {folder}") as lock:
+            try:
+                reports = _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, shared_session,
+                                         fetch, how_to_fetch)
+            except BaseException:
+                if folder in made:
+                    _remove_if_unused(folder, lock)
+                raise
+    except BaseException:
+        if Path(data_dir) in made:
+            with contextlib.suppress(OSError):
+                Path(data_dir).rmdir()  # only if the failure left it empty
+        raise
     finally:
         for s in sessions:
             s.close()
@@ -282,12 +293,12 @@ def ensure_dataset(
 
 
 def _warn_unverified(dataset: Dataset, reports: list[FileReport], log) -> None:
-    for r in reports:
-        if not r.verified:
-            log(
-                f"warning: {r.path.name} of {dataset.name} is unverified (no sha256 in the config); "
-                f"it hashed to {r.sha256}: add it to [data] sha256 to pin it"
-            )
+    """One warning for a dataset whose files are not all pinned, and the line that pins them."""
+    loose = [r.role for r in reports if not r.verified]
+    if loose:
+        log(f"warning: {', '.join(loose)} of {dataset.name} are not pinned by a sha256 in its config, so nothing "
+            "tells if they change; to pin them as they are now, add this line to the config's [data] table:")
+        log("sha256 = { " + ", ".join(f'{r.role} = "{r.sha256}"' for r in reports) + " }")
 
 
 def _complete(dataset: Dataset, folder: Path) -> list[FileReport] | None:
@@ -326,9 +337,12 @@ def _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, s
         else:
             if not fetch:
                 raise DataError(_refusal(dataset, folder, how_to_fetch))
+            extra = {} if is_builtin(dataset) else {
+                "advice": f"Check the network, and the url of the {dataset.name} dataset in its config's [data] table"
+            }
             digest, source = fetch_file(
                 all_mirrors, expected, path, partial,
-                session_factory=session_factory, policy=policy, progress=progress, log=log,
+                session_factory=session_factory, policy=policy, progress=progress, log=log, **extra,
             )
             size = record[expected.name]["size"]
         reports.append(FileReport(role, path, size, digest, verified=role in dataset.sha256, source=source))
@@ -380,6 +394,16 @@ def _leftovers(folder: Path) -> bool:
         except OSError:
             pass
     return (folder / PARTIAL).exists()
+
+
+def _remove_if_unused(folder: Path, lock) -> None:
+    """Remove a dataset folder this call made, if a failure left no file of the dataset in it
+    (its empty raw/ and partial/ folders go too; partial downloads worth resuming stay)."""
+    for sub in (RAW, PARTIAL):
+        with contextlib.suppress(OSError):
+            (folder / sub).rmdir()
+    if all(p.name == ".lock" for p in folder.iterdir()):
+        lock.discard()
 
 
 def _tidy_if_free(folder: Path, dataset: Dataset) -> None:
