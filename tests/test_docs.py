@@ -10,6 +10,7 @@ from mlecli.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 
 
 def sh_blocks() -> list[str]:
@@ -36,12 +37,13 @@ def test_every_command_has_help():
         assert cmd.help and cmd.help.split("\n")[0] in res.output
 
 
-@pytest.mark.parametrize("name", ["download", "train", "evaluate", "plot", "runs"])
+@pytest.mark.parametrize("name", ["download", "train", "evaluate", "plot", "runs", "sweep"])
 def test_every_option_of_a_command_is_in_the_readme(name):
+    documented = README + "".join(DOCS.values())
     for param in main.commands[name].params:
         for opt in param.opts:
             if opt.startswith("--") and opt != "--help":
-                assert opt in README, f"{name} {opt} is missing from the README"
+                assert opt in documented, f"{name} {opt} is missing from the README and docs/"
 
 
 def test_every_test_named_in_what_happens_when_exists():
@@ -52,3 +54,16 @@ def test_every_test_named_in_what_happens_when_exists():
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
     assert len(named) >= 30
     assert named <= defined, f"named in the README but not defined: {sorted(named - defined)}"
+
+
+def test_every_test_named_in_a_docs_behaviour_table_exists():
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    for name, text in DOCS.items():
+        if "\n## Behaviour" not in text:
+            continue
+        section = text.split("\n## Behaviour", 1)[1].split("\n## ", 1)[0]
+        named = set(re.findall(r"`(test_\w+)`", section))
+        assert named, f"docs/{name}: its Behaviour table names no test"
+        assert named <= defined, f"docs/{name} names tests that do not exist: {sorted(named - defined)}"

@@ -1,0 +1,623 @@
+"""Sweeps: one ordinary run per grid point and seed, in one sweep folder.
+
+This module plans a sweep (grid values checked like `--set` before anything starts,
+run folders named), writes and recognises `sweep.json`, finds what is left to do in a
+sweep folder, prints the `mlecli train` command of each run, and sums the runs up per
+grid point. Running them in parallel is mlecli/workers.py's job.
+
+```
+<sweep dir>/sweep.json                       the grid, the seeds, the base config, the runs
+<sweep dir>/<key=value,...,seed=S>/          one ordinary run folder per grid point and seed
+<sweep dir>/.lock                            held while a sweep works in the folder
+```
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlecli import __version__
+from mlecli import config as config_mod
+from mlecli.config import Config
+from mlecli.errors import ConfigError, MlecliError
+from mlecli.fsutil import atomic_write_text
+
+SWEEP_FORMAT = 1
+SEED_KEYS = ("model.seed", "train.seed")
+# What a run folder holds before its first checkpoint: such a folder is started afresh.
+TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "checkpoints"}
+
+
+# ---------------------------------------------------------------------------
+# The command line's pieces: --grid KEY=V1,V2,... and --seeds 0-4
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One `--grid`: a config key and its values, each as typed (a TOML value, as `--set`
+    takes it) and parsed."""
+
+    key: str
+    items: tuple[str, ...]
+    values: tuple[Any, ...]
+
+
+def split_values(text: str) -> list[str]:
+    """Split V1,V2,... at the commas outside brackets, braces and quotes."""
+    items, depth, quote, start, i = [], 0, None, 0, 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+        i += 1
+    items.append(text[start:])
+    return [item.strip() for item in items]
+
+
+def parse_grid(text: str) -> Axis:
+    """`KEY=V1,V2,...` into an Axis; raises ConfigError for a malformed one."""
+    key, sep, rest = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not rest.strip():
+        raise ConfigError(f"--grid {text!r}: expected KEY=V1,V2,..., e.g. --grid train.learning_rate=0.01,0.05")
+    items = split_values(rest)
+    if any(not item for item in items):
+        raise ConfigError(f"--grid {text!r}: an empty value (two commas in a row, or one at an end)")
+    values = []
+    for item in items:
+        path, value = config_mod.parse_override(f"{key}={item}")
+        values.append(value)
+    key = ".".join(path)
+    for a, b in itertools.combinations(range(len(values)), 2):
+        if _same(values[a], values[b]):
+            raise ConfigError(f"--grid {key}: {items[a]} and {items[b]} are the same value; give each value once")
+    return Axis(key, tuple(items), tuple(values))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`0-4`, `0,3,7` or a mix (`0-2,10`) into seeds, in the order given; each once."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ConfigError(f"--seeds {text!r}: {part.strip()!r} is not a seed (0, 1, ...) or a range such as 0-4")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ConfigError(f"--seeds {text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+        seeds.extend(range(lo, hi + 1))
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError(f"--seeds {text!r} lists seed {twice[0]} twice")
+    return tuple(seeds)
+
+
+def format_seeds(seeds: tuple[int, ...]) -> str:
+    """The shortest --seeds text for `seeds` (0,1,2,3,7 → 0-3,7)."""
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if j == i else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def show(value: Any) -> str:
+    """A grid value as people write it: 0.05, [64, 32], fashion-mnist."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------
+# The plan: every run of the sweep, its folder and its config
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its folder's name, its grid point, its seed and its config."""
+
+    name: str
+    point: tuple[tuple[str, Any], ...]  # (key, value) for each axis
+    items: tuple[str, ...]  # KEY=VALUE for each axis, the value as typed
+    seed: int
+    config: Config
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return (*self.items, *(f"{k}={self.seed}" for k in SEED_KEYS))
+
+    def label(self) -> str:
+        return ", ".join(f"{_short(k)}={show(v)}" for k, v in self.point) or "the config"
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str | None  # CONFIG as given (a file or a built-in name), None = default
+    sets: tuple[str, ...]
+    axes: tuple[Axis, ...]
+    seeds: tuple[int, ...]
+    base: Config  # the config with --set applied, before any grid value or seed
+    runs: tuple[RunSpec, ...]  # grid points in order, each with every seed
+
+    def points(self) -> list[tuple[tuple[str, Any], ...]]:
+        return list(dict.fromkeys(r.point for r in self.runs))
+
+    def description(self) -> dict[str, Any]:
+        """What makes two sweeps the same sweep (not where they came from)."""
+        return _jsonable({
+            "base_config": self.base.to_dict(),
+            "grid": [{"key": a.key, "values": list(a.values)} for a in self.axes],
+            "seeds": list(self.seeds),
+        })
+
+    def order(self) -> list[RunSpec]:
+        """Runs in the order to start them: every grid point's first seed, then the second
+        seed of each..., so that the first results already span the grid."""
+        by_seed = {s: [r for r in self.runs if r.seed == s] for s in self.seeds}
+        return [r for s in self.seeds for r in by_seed[s]]
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seeds: tuple[int, ...]) -> Plan:
+    """Check everything and list the runs; raises ConfigError before anything starts."""
+    base = config_mod.load(source, sets)
+    set_keys = {".".join(config_mod.parse_override(item)[0]) for item in sets}
+    for key in sorted(set_keys & set(SEED_KEYS)):
+        raise ConfigError(f"--set {key}: a sweep sets model.seed and train.seed from --seeds; drop the --set")
+    axes: list[Axis] = []
+    for text in grids:
+        axis = parse_grid(text)
+        if axis.key in SEED_KEYS:
+            raise ConfigError(f"--grid {axis.key}: a sweep sets model.seed and train.seed from --seeds; use --seeds")
+        if axis.key == "name":
+            raise ConfigError("--grid name: the run name cannot vary within a sweep; use --set name=...")
+        if axis.key in set_keys:
+            raise ConfigError(f"--grid {axis.key} and --set {axis.key} both set it; keep one")
+        if any(a.key == axis.key for a in axes):
+            raise ConfigError(f"--grid {axis.key} is given twice; list all its values in one --grid")
+        for item in axis.items:  # each value alone first: the error names that value
+            _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={item}")
+        axes.append(axis)
+    runs = []
+    names = []
+    for combo in itertools.product(*(range(len(a.values)) for a in axes)):
+        point = tuple((a.key, a.values[i]) for a, i in zip(axes, combo))
+        items = tuple(f"{a.key}={a.items[i]}" for a, i in zip(axes, combo))
+        for seed in seeds:
+            overrides = (*items, *(f"{k}={seed}" for k in SEED_KEYS))
+            cfg = _checked(base, overrides, "--grid " + ", ".join(items) if items else "--seeds")
+            names.append(_folder_name(point, seed))
+            runs.append(RunSpec("", point, items, seed, cfg))
+    if len(set(names)) != len(names):  # values that look alike in a file name
+        width = len(str(len(names)))
+        names = [f"{i:0{width}d}-{n}" for i, n in enumerate(names, start=1)]
+    runs = [RunSpec(n, r.point, r.items, r.seed, r.config) for n, r in zip(names, runs)]
+    return Plan(source, tuple(sets), tuple(axes), tuple(seeds), base, tuple(runs))
+
+
+def _checked(base: Config, overrides: tuple[str, ...], where: str) -> Config:
+    try:
+        return config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides), name=base.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _folder_name(point: tuple[tuple[str, Any], ...], seed: int) -> str:
+    parts = [f"{_short(k)}={_name_part(v)}" for k, v in point]
+    return ",".join([*parts, f"seed={seed}"])
+
+
+def _name_part(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(_name_part(v) for v in value) or "none"
+    text = show(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+# ---------------------------------------------------------------------------
+# The sweep folder and sweep.json
+
+
+def default_sweep_dir(name: str, root: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = root / f"{name}-sweep-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-sweep-{stamp}-{n}"
+    return path
+
+
+def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
+    """sweep.json of a folder, None if there is none; MlecliError if it is unreadable."""
+    path = Path(sweep_dir) / "sweep.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise MlecliError(f"{path} is not a readable sweep description ({exc}); move it away or choose another "
+                          "--sweep-dir") from None
+    if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT or not isinstance(data.get("runs"), list):
+        raise MlecliError(f"{path} is not a sweep description this mlecli reads (format {SWEEP_FORMAT})")
+    return data
+
+
+def find_sweep(p: Plan, root: Path = Path("runs")) -> Path | None:
+    """The newest sweep folder under `root` made by this very sweep (same config, grid and seeds)."""
+    if not root.is_dir():
+        return None
+    want = p.description()
+    for folder in sorted(root.glob(f"{glob_escape(p.base.name)}-sweep-*"), key=lambda f: f.name, reverse=True):
+        try:
+            data = read_sweep_json(folder)
+        except MlecliError:
+            continue
+        if data is not None and _described(data) == want:
+            return folder
+    return None
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _described(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k in ("base_config", "grid", "seeds")}
+
+
+def check_sweep_dir(p: Plan, sweep_dir: Path) -> bool:
+    """True if `sweep_dir` already holds this sweep; False if it is new or empty. Raises
+    MlecliError if it holds another sweep, or things that are not this sweep's runs."""
+    data = read_sweep_json(sweep_dir)
+    if data is not None:
+        if _described(data) != p.description():
+            raise MlecliError(
+                f"sweep folder {sweep_dir} holds another sweep ({_difference(data, p)}); choose another "
+                f"--sweep-dir, or repeat the command that made it ({sweep_dir / 'sweep.json'} describes it)"
+            )
+        return True
+    if not sweep_dir.exists():
+        return False
+    if not sweep_dir.is_dir():
+        raise MlecliError(f"--sweep-dir {sweep_dir} is a file; give a folder")
+    names = {r.name for r in p.runs} | {".lock"}
+    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names)
+    if strangers:
+        raise MlecliError(
+            f"sweep folder {sweep_dir} already holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''} "
+            "and no sweep.json; choose another --sweep-dir"
+        )
+    return any(sweep_dir.iterdir())
+
+
+def _difference(data: dict[str, Any], p: Plan) -> str:
+    want = p.description()
+    if data.get("grid") != want["grid"]:
+        had = " ".join(f"{g['key']}={','.join(map(show, g['values']))}" for g in data.get("grid") or []) or "none"
+        return f"its grid is {had}"
+    if data.get("seeds") != want["seeds"]:
+        return f"its seeds are {format_seeds(tuple(data.get('seeds') or ()))}"
+    had, now = _flat(data.get("base_config") or {}), _flat(want["base_config"])
+    keys = sorted(k for k in had.keys() | now.keys() if had.get(k) != now.get(k))
+    return "its config differs in " + ", ".join(f"{k} ({show(had.get(k))} there)" for k in keys[:3])
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def write_sweep_json(p: Plan, sweep_dir: Path, blas_threads: int, created: str | None = None) -> None:
+    data = {
+        "format": SWEEP_FORMAT,
+        "mlecli": __version__,
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": p.source,
+        "set": list(p.sets),
+        **p.description(),
+        "blas_threads": blas_threads,
+        "runs": [{"dir": r.name, "point": {k: v for k, v in r.point}, "seed": r.seed} for r in p.runs],
+    }
+    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# What is left to do in a sweep folder
+
+
+@dataclass(frozen=True)
+class Todo:
+    run: RunSpec
+    action: str  # "start", "restart" (a folder with no checkpoint yet), "resume", "evaluate" or "done"
+    epochs_done: int = 0
+    problem: str | None = None  # a run that cannot go on as it is
+
+
+def todo(p: Plan, sweep_dir: Path, evaluate: bool) -> list[Todo]:
+    """Each run of the plan (in start order) and what it needs."""
+    return [_todo_of(r, Path(sweep_dir) / r.name, evaluate) for r in p.order()]
+
+
+def _todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
+    from mlecli import checkpoint as ckpt
+
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return Todo(run, "start")
+    if not ckpt.checkpoints_in(run_dir):
+        extra = sorted(c.name for c in run_dir.iterdir() if c.name not in TRAINER_FILES)
+        if extra:
+            return Todo(run, "start", problem=f"run folder {run_dir} holds {', '.join(extra)} and no checkpoint; "
+                                              "move it away and run the sweep again")
+        return Todo(run, "restart")  # stopped before its first checkpoint: nothing to lose
+    try:
+        last = ckpt.load(run_dir / "checkpoints" / "last.npz")
+    except MlecliError:
+        return Todo(run, "resume")  # the trainer falls back to the newest readable checkpoint
+    if _comparable(last.config) != _comparable(run.config):
+        return Todo(run, "resume", problem=f"run folder {run_dir} holds a run of another config; move it away "
+                                           "and run the sweep again")
+    if last.epoch >= run.config.train.epochs and _ended(run_dir) != "failed":
+        has_eval = (run_dir / "eval-test-best.json").exists()
+        return Todo(run, "evaluate" if evaluate and not has_eval else "done", last.epoch)
+    return Todo(run, "resume", last.epoch)
+
+
+def _comparable(cfg: Config) -> dict[str, Any]:
+    """A config without the keys a resume may change (they do not change the weights so far)."""
+    d = cfg.to_dict()
+    for key in ("epochs", "checkpoint_every", "log_every"):
+        d["train"].pop(key, None)
+    return d
+
+
+def _ended(run_dir: Path) -> str | None:
+    try:
+        return (json.loads((run_dir / "manifest.json").read_text()).get("ended") or {}).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# --dry-run: the `mlecli train` command of each run
+
+
+def train_commands(p: Plan, sweep_dir: Path, data_dir: Path | None, blas_threads: int) -> list[str]:
+    """One shell command per run, in start order. A run whose batches exceed 64 gets the
+    sweep's BLAS thread count, which its last bits depend on."""
+    from mlecli.step import blas_threads as trainer_threads
+
+    lines = []
+    for r in p.order():
+        words = ["mlecli", "train"] + ([p.source] if p.source is not None else [])
+        for item in (*p.sets, *r.overrides):
+            words += ["--set", item]
+        words += ["--run-dir", str(Path(sweep_dir) / r.name)]
+        if data_dir is not None:
+            words += ["--data-dir", str(data_dir)]
+        env = f"OPENBLAS_NUM_THREADS={blas_threads} " if trainer_threads(r.config.train.batch_size) is None else ""
+        lines.append(env + shlex.join(words))
+    return lines
+
+
+def command(p: Plan, sweep_dir: Path | None, extra: tuple[str, ...] = ()) -> str:
+    """The `mlecli sweep` command that makes (or continues) this sweep."""
+    words = ["mlecli", "sweep"] + ([p.source] if p.source is not None else [])
+    for a in p.axes:
+        words += ["--grid", f"{a.key}={','.join(a.items)}"]
+    for item in p.sets:
+        words += ["--set", item]
+    words += ["--seeds", format_seeds(p.seeds), *extra]
+    if sweep_dir is not None:
+        words += ["--sweep-dir", str(sweep_dir)]
+    return shlex.join(words)
+
+
+def clear_unstarted(run_dir: Path) -> None:
+    """Remove what a run stopped before its first checkpoint left (nothing of value), so
+    that it can start afresh; anything else in the folder stays and is refused later."""
+    from mlecli import checkpoint as ckpt
+    from mlecli.fsutil import remove_stale_temporaries
+
+    if ckpt.checkpoints_in(run_dir):
+        raise MlecliError(f"{run_dir} has checkpoints: resume it instead")  # the plan said otherwise: a bug
+    folder = run_dir / "checkpoints"
+    try:
+        if folder.is_dir():
+            remove_stale_temporaries(folder)
+            folder.rmdir()
+        for name in TRAINER_FILES - {"checkpoints"}:
+            (run_dir / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise MlecliError(f"cannot clear {run_dir}, which a run left before its first checkpoint: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Running a sweep
+
+
+@dataclass
+class Outcome:
+    sweep_dir: Path
+    results: dict[str, Any]  # run name → workers.Result, for the runs worked on now
+    stopped: str | None  # the signal that stopped the sweep
+    summary: dict[str, Any]
+
+
+def execute(
+    p: Plan,
+    sweep_dir: Path | None,
+    *,
+    jobs: int | None,
+    data_dir: Path,
+    evaluate: bool,
+    progress: bool,
+    log,
+) -> Outcome:
+    """Run (or continue) the sweep `p` in `sweep_dir` (None: continue the newest folder
+    under runs/ holding this sweep, else a new runs/<config>-sweep-<timestamp>)."""
+    from mlecli import workers
+    from mlecli.cache import prepare
+    from mlecli.compare import summary
+    from mlecli.fsutil import folder_lock
+
+    if sweep_dir is None:
+        sweep_dir = find_sweep(p) or default_sweep_dir(p.base.name)
+    continuing = check_sweep_dir(p, sweep_dir)
+    # The data first, once, in this process: workers only read the cache, and a sweep that
+    # cannot get its data leaves no folder behind.
+    seen = set()
+    for r in p.runs:
+        dataset = r.config.data.resolve()
+        key = json.dumps({k: v for k, v in r.config.to_dict()["data"].items() if k != "validation"}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prepare(dataset, data_dir, progress=progress, log=log)
+    with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}"):
+        recorded = read_sweep_json(sweep_dir)
+        jobs = jobs or workers.cores()
+        if recorded is not None and isinstance(recorded.get("blas_threads"), int) and recorded["blas_threads"] > 0:
+            threads = recorded["blas_threads"]
+        else:
+            threads = max(1, workers.cores() // min(jobs, len(p.runs)))
+            write_sweep_json(p, sweep_dir, threads)
+        plan_now = todo(p, sweep_dir, evaluate)
+        errors = {t.run.name: t.problem for t in plan_now if t.problem}
+        tasks = [
+            workers.Task(t.run.name, str(sweep_dir / t.run.name), t.run.config.to_dict(), t.action, evaluate)
+            for t in plan_now if t.action != "done" and not t.problem
+        ]
+        counts = {a: sum(t.action == a for t in plan_now if not t.problem) for a in ("done", "resume", "evaluate")}
+        workers_now = min(jobs, len(tasks))
+        log(f"{'continuing ' if continuing else ''}sweep {sweep_dir}: {_count(len(p.points()), 'grid point')} x "
+            f"{_count(len(p.seeds), 'seed')} = {_count(len(p.runs), 'run')} ({counts['done'] + counts['evaluate']} "
+            f"finished, {counts['resume']} to resume, {len(tasks) - counts['resume'] - counts['evaluate']} to start)"
+            + (f" on {_count(workers_now, 'worker')}, {_count(threads, 'BLAS thread')} each" if tasks else ""))
+        for name, problem in errors.items():
+            log(f"{name}: {problem}")
+        display = Progress(p, plan_now, sweep_dir, progress, log)
+        try:
+            results, stopped = workers.run_tasks(tasks, jobs=jobs, threads=threads, data_dir=data_dir,
+                                                 events=display)
+        finally:
+            display.close()
+        for name, result in results.items():
+            if result.status == "failed":
+                errors[name] = result.error
+        return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+class Progress:
+    """What a sweep shows while it runs: one line per run as it ends (on stderr) and, on a
+    terminal, one bar over all the epochs to train, with runs done and the best so far."""
+
+    def __init__(self, p: Plan, plan_now: list[Todo], sweep_dir: Path, bar: bool, log):
+        self.sweep_dir = sweep_dir
+        self.log = log
+        self.total = len(p.runs)
+        self.done = sum(t.action == "done" for t in plan_now)
+        self.best: tuple[float, str] | None = None
+        for t in plan_now:
+            if t.action in ("done", "evaluate"):
+                self._consider(t.run.name)
+        epochs = sum(t.run.config.train.epochs - t.epochs_done for t in plan_now if t.action != "done")
+        self.bar = None
+        if bar and epochs:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=epochs, desc="sweep", unit="epoch", file=sys.stderr, mininterval=0.5,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "
+                                       "[{elapsed}<{remaining}]{postfix}")
+            self._postfix()
+
+    def _consider(self, name: str) -> dict[str, Any] | None:
+        from mlecli.runs import describe
+
+        row = describe(self.sweep_dir / name)
+        if row["val_ll"] is not None and (self.best is None or row["val_ll"] > self.best[0]):
+            self.best = (row["val_ll"], name)
+        return row
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            best = f", best {self.best[1]} (val LL {self.best[0]:.4f})" if self.best else ""
+            self.bar.set_postfix_str(f"runs {self.done}/{self.total} done{best}", refresh=True)
+
+    def _say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            self.log(text)
+
+    def __call__(self, kind: str, name: str, detail: Any) -> None:
+        if kind == "epoch" and self.bar is not None:
+            self.bar.update(1)
+        elif kind == "log":
+            self._say(f"{name}: {detail}")
+        elif kind == "done":
+            if detail.status == "finished":
+                self.done += 1
+                row = self._consider(name)
+                test = f", test acc {100 * row['test_acc']:.2f}%" if row["test_acc"] is not None else ""
+                figures = (f"best val LL {row['val_ll']:.4f}/img, acc {100 * row['val_acc']:.2f}% "
+                           f"(epoch {row['best_epoch']}){test}" if row["val_ll"] is not None else "finished")
+                self._say(f"[{self.done}/{self.total}] {name}: {figures}")
+            elif detail.status == "failed":
+                self._say(f"failed {name}: {detail.error}")
+            elif detail.status == "interrupted":
+                self._say(f"stopped {name}: saved mid-run")
+            self._postfix()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
