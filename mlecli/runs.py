@@ -2,8 +2,9 @@
 stops the listing.
 
 A folder holding `sweep.json` is a sweep: its runs are listed with the sweep's name.
-The figures come from metrics.jsonl (each epoch's record), the best epoch from the
-checkpoint's `best` record, test accuracy from the default-threshold evaluation report.
+The figures come from the newest checkpoint's `best` record (older checkpoints: its
+epoch's line in metrics.jsonl), test accuracy from the default-threshold evaluation
+report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from mlecli import checkpoint as ckpt
 from mlecli import config as config_mod
 from mlecli.errors import ConfigError, MlecliError
+from mlecli.rundir import read_metrics
 
 ASCENDING = {"name", "started"}
 # Columns --where can filter on besides config keys.
@@ -41,23 +43,6 @@ def _locked(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def _epoch_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The epoch records of metrics.jsonl (lines that are not JSON objects are skipped)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    records = []
-    for line in lines:
-        try:
-            m = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(m, dict) and m.get("kind", "epoch") == "epoch" and isinstance(m.get("epoch"), int):
-            records.append(m)
-    return records
-
-
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
@@ -76,9 +61,13 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
         return row
     cfg = last.config
     raw = cfg.to_dict()
-    epochs = [m for m in _epoch_records(run_dir) if m["epoch"] <= last.epoch]
+    try:  # only what the newest checkpoint commits: a crash may have left a record after it
+        epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
+    except MlecliError as exc:
+        row["problem"] = str(exc)
+        return row
     best = last.meta.get("best") or {}
-    best_row = next((m for m in epochs if m["epoch"] == best.get("epoch")), None)
+    best_row = best.get("record") or next((m for m in epochs if m.get("epoch") == best.get("epoch")), None)
     row.update(
         task=cfg.task.describe(),
         dataset=cfg.data.dataset,
@@ -88,7 +77,7 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
         optimizer=raw["train"].get("optimizer", DEFAULT_OPTIMIZER),
         epochs_done=last.epoch,
         epochs=cfg.train.epochs,
-        best_epoch=best_row["epoch"] if best_row else None,
+        best_epoch=best.get("epoch") if best_row else None,
         val_ll=_number(best_row.get("val_ll_mean")) if best_row else None,
         val_acc=_number(best_row.get("val_acc")) if best_row else None,
         seconds=sum(_number(m.get("seconds")) or 0.0 for m in epochs),

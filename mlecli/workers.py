@@ -2,20 +2,22 @@
 
 The parent hands each idle worker one run at a time over a pipe and listens to all of
 them, and to their deaths, at once. A worker is a fresh Python process
-(multiprocessing's "spawn") whose BLAS runs on `threads` threads; it trains with the
-ordinary trainer, one `train.run` call per run, and keeps each dataset it has read
-loaded for its next runs (`cache.keep_loaded`).
+(multiprocessing's "spawn") in a process group of its own, whose BLAS runs on
+`threads` threads; it trains with the ordinary trainer, one `train.run` call per run,
+and keeps each dataset it has read loaded for its next runs (`cache.keep_loaded`).
 
-Stopping. The first Ctrl-C or SIGTERM reaches the parent (from a terminal, the workers
-too): the parent starts no more runs and sends each busy worker SIGTERM, again every
-half second until it answers; the trainer finishes its batch, saves last.npz and
-returns. A second Ctrl-C sends the workers SIGINT, which stops a trainer at once (the
-trainer's own rule); a worker that has still not ended 5 s later is killed. A worker that
-dies (kill -9, out of memory) fails its run only: a new worker takes the next run.
-Workers die with the parent (PR_SET_PDEATHSIG: a SIGTERM, so they save first).
+Stopping. A terminal's Ctrl-C (or a SIGTERM, SIGHUP) reaches the parent only, since the
+workers have their own process group. The parent then starts no more runs and sends
+each busy worker exactly one SIGTERM: a trainer finishes its batch, saves last.npz and
+returns (a worker not yet training drops its run). A second signal is passed on as a
+second SIGTERM, which stops a trainer at once (the trainer's own rule), and a worker
+that has still not ended 5 s later is killed. Ctrl-Z stops the workers with the parent,
+and they go on with it. A worker that dies (kill -9, out of memory) fails its run only:
+a new worker takes the next run. Workers die with the parent (PR_SET_PDEATHSIG: a
+SIGTERM, so a trainer saves first).
 
-This module imports no numpy at the top, so that a worker sets its BLAS threads before
-numpy loads the BLAS.
+This module imports no numpy at the top: a worker's BLAS thread count is set (in its
+environment) before numpy loads the BLAS.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any
 
 from mlecli.errors import MlecliError
 
-NUDGE_EVERY = 0.5  # seconds between SIGTERMs to a worker that has not stopped yet
-KILL_AFTER = 5.0  # seconds after a second Ctrl-C before a worker is killed
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL = 0.5  # seconds between looks at the clock while waiting for the workers
+KILL_AFTER = 5.0  # seconds after a second signal before a worker is killed
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def run_tasks(tasks: list[Task], *, jobs: int, threads: int, data_dir: Path, eve
     pending = deque(tasks)
     results: dict[str, Result] = {}
     workers: list[_Worker] = []
-    stop = _Stop()
+    stop = _Stop(lambda: workers)
     died_idle = 0
 
     def start_worker() -> None:
@@ -108,8 +110,8 @@ def run_tasks(tasks: list[Task], *, jobs: int, threads: int, data_dir: Path, eve
                 busy = [w for w in workers if w.task is not None]
                 if not busy and (stop.signal is not None or not pending):
                     break
-                stop.nudge(busy)
-                ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=NUDGE_EVERY))
+                stop.pass_on(busy)
+                ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL))
                 for w in busy:
                     if w.conn in ready or w.process.sentinel in ready:
                         w.drain(events, results)
@@ -223,65 +225,88 @@ def _exit(code: int | None) -> str:
 
 
 class _Stop:
-    """The parent's Ctrl-C and SIGTERM: the first stops the sweep cleanly, a second
-    Ctrl-C stops the workers at once."""
+    """The parent's signals: the first (SIGINT, SIGTERM, SIGHUP) stops the sweep cleanly,
+    a second stops the workers at once; Ctrl-Z (SIGTSTP) suspends the workers with the
+    parent."""
 
-    def __init__(self):
+    def __init__(self, workers: Callable[[], list[_Worker]]):
         self.signal: str | None = None
-        self.at_once: float | None = None  # when the second Ctrl-C came
-        self._sent_at_once = False
-        self._last_nudge = 0.0
+        self.count = 0  # signals received
+        self.at_once: float | None = None  # when the second one came
+        self._workers = workers
+        self._told: dict[int, int] = {}  # worker pid → SIGTERMs sent
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
+        self.count += 1
         if self.signal is None:
             self.signal = signal.Signals(signum).name
-        elif signum == signal.SIGINT and self.at_once is None:
+        elif self.at_once is None:
             self.at_once = time.monotonic()
+
+    def _suspend(self, signum, frame):
+        for w in self._workers():
+            w.signal(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # this process stops here until SIGCONT
+        signal.signal(signal.SIGTSTP, self._suspend)
+        for w in self._workers():
+            w.signal(signal.SIGCONT)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
+            if hasattr(signal, "SIGTSTP"):
+                self._old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._suspend)
         return self
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def nudge(self, busy: list[_Worker]) -> None:
-        """Pass the stop on to the busy workers (see the module's docstring)."""
-        now = time.monotonic()
+    def pass_on(self, busy: list[_Worker]) -> None:
+        """Send each busy worker one SIGTERM per signal received (up to two), and kill
+        the ones still busy 5 s after the second."""
         if self.signal is None:
             return
-        if self.at_once is not None:
-            if not self._sent_at_once:
-                for w in busy:
-                    w.signal(signal.SIGINT)
-                self._sent_at_once = True
-            elif now - self.at_once > KILL_AFTER:
-                for w in busy:
-                    w.signal(signal.SIGKILL)
-            return
-        if now - self._last_nudge >= NUDGE_EVERY:
-            for w in busy:
+        for w in busy:
+            pid = w.process.pid
+            while self._told.get(pid, 0) < min(self.count, 2):
                 w.signal(signal.SIGTERM)
-            self._last_nudge = now
+                self._told[pid] = self._told.get(pid, 0) + 1
+            if self.at_once is not None and time.monotonic() - self.at_once > KILL_AFTER:
+                w.signal(signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------
 # The worker
 
 
-_stop_signal: str | None = None  # the worker's: set by a signal that came outside a training
+class _Stopped(BaseException):
+    """A signal reached a worker outside a training (which has handlers of its own): what
+    the worker was doing is dropped. A BaseException, so that nothing swallows it."""
+
+
+_stop_signal: str | None = None  # the first signal that reached the worker's own handler
 
 
 def _on_stop_signal(signum, frame):
     global _stop_signal
-    if _stop_signal is not None and signum == signal.SIGINT:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third one must not break the way out
-        raise KeyboardInterrupt
+    if _stop_signal is not None:
+        return  # already on the way out
     _stop_signal = signal.Signals(signum).name
+    raise _Stopped(_stop_signal)
+
+
+@contextlib.contextmanager
+def _no_signals() -> Iterator[None]:
+    """Hold signals back for the block (a message on the pipe is sent whole)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -297,69 +322,67 @@ def _die_with_parent(parent: int) -> None:
 
 
 def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
-    """A worker's life: take tasks from `conn` until told to stop (None) or the parent is gone."""
+    """A worker's life: take tasks from `conn` until told to stop (None), stopped by a
+    signal, or the parent is gone. Signals arrive blocked (see _signals_blocked)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
+    os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which passes it on once
     _die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-    from mlecli import blas, cache
-
-    task = None
     try:
+        from mlecli import blas, cache
+
         with cache.keep_loaded(), blas.threads(threads):
             while True:
-                try:
-                    task = conn.recv()
-                except (EOFError, OSError):
-                    return
+                task = conn.recv()
                 if task is None:
                     return
                 result = _perform(task, conn, Path(data_dir))
-                conn.send(("done", task.name, result))
-                task = None
-    except KeyboardInterrupt:  # a second Ctrl-C: the trainer stopped at once
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if task is not None:
-            with contextlib.suppress(OSError):
-                conn.send(("done", task.name, Result("interrupted", "stopped at once by a second Ctrl-C")))
-    except OSError:
-        return  # the parent is gone
+                with _no_signals():
+                    conn.send(("done", task.name, result))
+    except (_Stopped, EOFError, OSError):
+        return  # stopped while idle, or the parent is gone
 
 
 def _perform(task: Task, conn, data_dir: Path) -> Result:
+    """Train (and maybe evaluate) one run; every error becomes the run's Result."""
     from mlecli import evaluate as ev
-    from mlecli import sweep
-    from mlecli import train
+    from mlecli import sweep, train
     from mlecli.config import from_dict
-    from mlecli.errors import MlecliError
+    from mlecli.runs import describe
 
     def send(*message) -> None:
-        with contextlib.suppress(OSError):
+        with _no_signals(), contextlib.suppress(OSError):
             conn.send(message)
 
-    if _stop_signal is not None:
-        return Result("not started")
-    report = train.Reporter(line=lambda text: send("epoch", task.name, None),
-                            log=lambda msg: send("log", task.name, msg), progress=False)
+    def log(msg: str) -> None:
+        if not msg.startswith(announcement):  # each run's "training ...": the sweep's lines say it
+            send("log", task.name, msg)
+
+    cfg = from_dict(task.config, name=str(task.config["name"]))
+    announcement = f"training {cfg.name}: "
+    report = train.Reporter(line=lambda text: send("epoch", task.name, None), log=log, progress=False)
     run_dir = Path(task.run_dir)
     try:
+        if _stop_signal is not None:
+            return Result("not started")
         if task.action != "evaluate":
-            cfg = from_dict(task.config, name=str(task.config["name"]))
             resume_from = None
             if task.action == "resume":
                 resume_from = train.newest_checkpoint(run_dir, report.log)
                 cfg = train.resumed_config(resume_from.config, ())
-            else:
-                if task.action == "restart":
-                    sweep.clear_unstarted(run_dir)
-                train.prepare_run_dir(run_dir, resume=False)
+            elif task.action == "restart":
+                sweep.clear_unstarted(run_dir)
             outcome = train.run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from)
             if outcome.interrupted:
-                return Result("interrupted")
-        if task.evaluate and _stop_signal is None:
+                return Result("interrupted", "stopped at once: it goes on from its last checkpoint"
+                              if outcome.at_once else None)
+        if task.evaluate:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
+    except _Stopped:  # before or after the training: the folder says where the run is
+        status = describe(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
+        return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:
         return Result("failed", str(exc))
     except Exception as exc:  # a bug: reported as the run's failure, and the sweep goes on
