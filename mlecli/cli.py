@@ -361,12 +361,14 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
-        states = [r.status for r in outcome.results.values()]
+        stopped = [r for r in outcome.results.values() if r.status == "interrupted"]
+        at_once = sum(r.error is not None for r in stopped)
         finished = sum(r["status"] == "finished" for r in outcome.summary["runs"])
         click.echo(
             f"Stopped by {outcome.stopped}: {finished} of {len(plan.runs)} runs finished, "
-            f"{states.count('interrupted')} saved mid-run. "
-            f"Continue with: {sweeping.command(plan, outcome.sweep_dir, extra)}",
+            f"{len(stopped) - at_once} saved mid-run"
+            + (f", {at_once} stopped at once (they go on from their last checkpoint)" if at_once else "")
+            + f". Continue with: {sweeping.command(plan, outcome.sweep_dir, extra)}",
             err=True,
         )
         sys.exit(130)

@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -198,8 +199,11 @@ class _Worker:
         self.process.join()
         self.alive = False
         if self.task is not None:
-            result = Result("failed", f"its worker process died ({_exit(self.process.exitcode)}); run the same "
-                                      "sweep again to resume it from its last checkpoint")
+            if self.process.exitcode == 0:  # it ended on a signal before it read the task
+                result = Result("not started")
+            else:
+                result = Result("failed", f"its worker process died ({_exit(self.process.exitcode)}); run the "
+                                          "same sweep again to resume it from its last checkpoint")
             results[self.task.name] = result
             events("done", self.task.name, result)
             self.task = None
@@ -326,10 +330,10 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
     signal, or the parent is gone. Signals arrive blocked (see _signals_blocked)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
-    os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which passes it on once
-    _die_with_parent(parent)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
+        os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which passes it on once
+        _die_with_parent(parent)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile arrives here
         from mlecli import blas, cache
 
         with cache.keep_loaded(), blas.threads(threads):
@@ -342,6 +346,9 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
                     conn.send(("done", task.name, result))
     except (_Stopped, EOFError, OSError):
         return  # stopped while idle, or the parent is gone
+    except BaseException as exc:  # a bug: one line, and the parent reports the run as failed
+        print(f"mlecli sweep worker {os.getpid()}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        os._exit(1)
 
 
 def _perform(task: Task, conn, data_dir: Path) -> Result:
@@ -380,7 +387,7 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
         if task.evaluate:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
-    except _Stopped:  # before or after the training: the folder says where the run is
+    except (_Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
         status = describe(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:

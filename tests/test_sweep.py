@@ -284,18 +284,19 @@ def test_running_the_same_command_again_trains_nothing_and_prints_the_table(setu
 
 
 def sweep_process(cfg, sweep_dir, data, *extra):
-    """`mlecli sweep` in a process of its own session, as a terminal runs it."""
+    """`mlecli sweep` as a shell runs a job: in a process group of its own, which Ctrl-C and Ctrl-Z signal."""
     return subprocess.Popen(
         [sys.executable, "-m", "mlecli", "sweep", str(cfg), *GRID, "--sweep-dir", str(sweep_dir), "--data-dir",
          str(data), "--jobs", "2", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True, text=True,
+        process_group=0, text=True,  # its own process group, as a shell job is
     )
 
 
-def wait_for(path_glob: str, folder: Path, proc, timeout=60.0):
+def wait_for(path_glob: str, folder: Path, proc, timeout=60.0, count=1):
+    """Until `count` files match `path_glob` in `folder` (while the sweep runs)."""
     deadline = time.monotonic() + timeout
-    while not list(folder.glob(path_glob)):
+    while len(list(folder.glob(path_glob))) < count:
         assert proc.poll() is None, f"the sweep ended first: {proc.communicate()}"
         assert time.monotonic() < deadline, "nothing happened in time"
         time.sleep(0.01)
@@ -326,6 +327,86 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_same_command_continues_bit_id
     for name in RUNS:
         assert_same_weights(cut / name, ref / name)
         assert [m["epoch"] for m in epochs_of(cut / name)] == list(range(1, 13))
+
+
+def test_a_second_ctrl_c_stops_the_workers_at_once_and_the_sweep_still_continues_bit_identical(setup, tmp_path):
+    cfg, data, ref, _ = setup
+    cut = tmp_path / "cut"
+    proc = sweep_process(cfg, cut, data)
+    wait_for("*/checkpoints/epoch-0002.npz", cut, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("Stopped by SIGINT: ") and last.endswith(f"Continue with: mlecli sweep {cfg} --grid "
+                                                                   f"train.learning_rate=0.05,0.1 --seeds 0-1 --jobs 2 "
+                                                                   f"--data-dir {data} --sweep-dir {cut}")
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", cut, "--data-dir", data)
+    assert res.exit_code == 0, res.output
+    for name in RUNS:
+        assert_same_weights(cut / name, ref / name)
+
+
+@pytest.fixture(scope="module")
+def endless(setup):
+    """A config whose runs would take minutes: the sweep is surely mid-run when a test acts."""
+    cfg, data, _, _ = setup
+    path = cfg.with_name("endless.toml")
+    path.write_text(cfg.read_text().replace("epochs = 12", "epochs = 1000"))
+    return path, data
+
+
+def test_ctrl_z_suspends_the_workers_with_the_sweep_and_they_go_on_together(endless, tmp_path):
+    cfg, data = endless
+    folder = tmp_path / "z"
+    proc = sweep_process(cfg, folder, data)
+    wait_for("*/checkpoints/epoch-0002.npz", folder, proc, count=2)  # both workers well into a run
+    pids = worker_pids(proc.pid)
+    assert len(pids) == 2
+    os.killpg(proc.pid, signal.SIGTSTP)  # as Ctrl-Z on a terminal
+    deadline = time.monotonic() + 10
+    while {process_state(pid) for pid in [proc.pid, *pids]} != {"T"}:
+        assert time.monotonic() < deadline, "the sweep and its workers did not all stop"
+        time.sleep(0.01)
+    files = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    time.sleep(0.5)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == files  # nothing trains
+    os.killpg(proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while any(process_state(pid) == "T" for pid in [proc.pid, *pids]):
+        assert time.monotonic() < deadline, "the sweep and its workers did not all go on"
+        time.sleep(0.01)
+    n = len(list(folder.glob("*/checkpoints/epoch-*.npz")))
+    wait_for(f"*/checkpoints/epoch-{max(3, n):04d}.npz", folder, proc)  # they train again
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+
+
+def test_workers_end_with_a_sweep_killed_hard_each_saving_its_run(endless, tmp_path):
+    cfg, data = endless
+    folder = tmp_path / "orphans"
+    proc = sweep_process(cfg, folder, data)
+    wait_for("*/checkpoints/epoch-0002.npz", folder, proc, count=2)  # both workers well into a run
+    pids = worker_pids(proc.pid)
+    assert len(pids) == 2
+    proc.kill()
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() and process_state(pid) != "Z" for pid in pids):
+        assert time.monotonic() < deadline, "workers outlived the sweep"
+        time.sleep(0.01)
+    runs = [p for p in folder.iterdir() if p.is_dir()]
+    assert len(runs) == 2
+    for run in runs:
+        assert json.loads((run / "manifest.json").read_text())["ended"]["status"] == "interrupted"
+        assert cli("runs", folder, "--json", "--where", f"name={run.name}").exit_code == 0
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def worker_pids(parent: int) -> list[int]:
