@@ -40,7 +40,7 @@ def printable(text: str) -> str:
 def _log(quiet: bool):
     def log(msg: str) -> None:
         if not quiet:
-            click.echo(msg, err=True)
+            click.echo(printable(msg), err=True)
 
     return log
 

@@ -20,7 +20,8 @@ from typing import Any
 from mlecli import checkpoint as ckpt
 from mlecli import config as config_mod
 from mlecli.errors import ConfigError, MlecliError
-from mlecli.rundir import read_metrics
+from mlecli.evaluate import read_report
+from mlecli.rundir import read_manifest, read_metrics
 
 ASCENDING = {"name", "started"}
 # Columns --where can filter on besides config keys.
@@ -48,24 +49,28 @@ def _number(v: Any) -> float | None:
 
 
 def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
-    """One row: what the run is, how far it got, its best and test figures, its status."""
+    """One row: what the run is, how far it got, its best and test figures, its status.
+    Whatever is wrong with the run's files makes it a `broken` row saying why."""
     row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "sweep": sweep, "task": None,
                            "dataset": None, "hidden": None, "learning_rate": None, "batch_size": None,
                            "optimizer": None, "epochs_done": None, "epochs": None, "best_epoch": None,
                            "val_ll": None, "val_acc": None, "test_acc": None, "seconds": None, "started": None,
                            "status": "broken", "problem": None, "config": None}
     try:
-        last = ckpt.load(run_dir / "checkpoints" / "last.npz")
+        _fill(row, run_dir)
     except MlecliError as exc:
-        row["problem"] = str(exc)
-        return row
+        row["status"], row["problem"] = "broken", str(exc)
+    except Exception as exc:  # a bug of ours must not hide the other runs: show it on this row
+        row["status"], row["problem"] = "broken", f"cannot be read ({type(exc).__name__}: {exc})"
+    return row
+
+
+def _fill(row: dict[str, Any], run_dir: Path) -> None:
+    last = ckpt.load(run_dir / "checkpoints" / "last.npz")
     cfg = last.config
     raw = cfg.to_dict()
-    try:  # only what the newest checkpoint commits: a crash may have left a record after it
-        epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
-    except MlecliError as exc:
-        row["problem"] = str(exc)
-        return row
+    # only what the newest checkpoint commits: a crash may have left a record after it
+    epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
     best = last.meta.get("best") or {}
     best_row = best.get("record") or next((m for m in epochs if m.get("epoch") == best.get("epoch")), None)
     row.update(
@@ -83,19 +88,14 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
         seconds=sum(_number(m.get("seconds")) or 0.0 for m in epochs),
         config=raw,
     )
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    if not isinstance(manifest, dict):
-        manifest = {}
+    manifest = read_manifest(run_dir, strict=True)
     row["started"] = manifest.get("started")
-    ended = (manifest.get("ended") or {}).get("status")
+    ended = manifest.get("ended") or {}
     if _locked(run_dir):
         row["status"] = "running"
-    elif ended == "failed":
+    elif ended.get("status") == "failed":
         row["status"] = "failed"
-        row["problem"] = manifest["ended"].get("error")
+        row["problem"] = ended.get("error")
     elif last.epoch >= cfg.train.epochs:
         row["status"] = "finished"
     else:
@@ -103,13 +103,9 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
     # Only the default-threshold report: one at another threshold has its own name
     # (eval-test-best-t0.3.json) and never stands in for it.
     for name in ("eval-test-best.json", "eval-test-last.json"):
-        try:
-            report = json.loads((run_dir / name).read_text())
-            row["test_acc"] = _number(report["accuracy"])
+        if (run_dir / name).exists():
+            row["test_acc"] = _number(read_report(run_dir / name)["accuracy"])
             break
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return row
 
 
 def _is_run(p: Path) -> bool:

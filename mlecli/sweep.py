@@ -418,10 +418,10 @@ def _comparable(cfg: Config) -> dict[str, Any]:
 
 
 def _ended(run_dir: Path) -> str | None:
-    try:
-        return (json.loads((run_dir / "manifest.json").read_text()).get("ended") or {}).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    from mlecli.rundir import read_manifest
+
+    ended = read_manifest(run_dir).get("ended")
+    return ended.get("status") if isinstance(ended, dict) else None
 
 
 # ---------------------------------------------------------------------------

@@ -205,6 +205,11 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists them)")
+    if (run_dir / "checkpoints").is_symlink():
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
+            "copy the run (cp -rL) and resume the copy"
+        )
     candidates = [run_dir / "checkpoints" / "last.npz"]
     candidates += sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
     errors = []
