@@ -138,7 +138,8 @@ def main() -> None:
     goal = statistics.median(ratios["sweep --jobs 2"])
     print(f"sweep --jobs 2 / one after another: {goal:.3f} (median of the rounds' ratios; goal <= 0.65: "
           f"{'met' if goal <= 0.65 else 'NOT met'})")
-    print(f"weights of the sweep's runs bit-identical to the runs made one after another: {identical[0]}/{identical[1]}")
+    print(f"weights of the sweep's runs bit-identical to the runs made one after another: "
+          f"{identical[0]}/{identical[1]}")
     print(f"machine load: 1-minute load average {min(loads):.2f}-{max(loads):.2f} before the rounds; other "
           f"processes used {min(others):.2f}-{max(others):.2f} cores during them")
     path = write_results("bench_sweep", {"times": times, "ratios": ratios, "load_average": loads,

@@ -330,7 +330,8 @@ def _seeds(ctx, param, value):
 @data_dir_option
 @click.option("--evaluate", is_flag=True, help="Also evaluate each run's best checkpoint on the test split.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@click.option("--dry-run", is_flag=True, help="Print the mlecli train command of every run, one per line; start nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the mlecli train command of every run, one per line; start nothing.")
 @quiet_option
 def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
@@ -345,14 +346,11 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
 
     from mlecli import sweep as sweeping
     from mlecli.compare import format_summary
-    from mlecli.workers import cores
 
     plan = sweeping.plan(config_path, overrides, grids, seeds)
     if dry_run:
         folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name)
-        recorded = sweeping.read_sweep_json(folder) if folder.is_dir() else None
-        threads = (recorded or {}).get("blas_threads") or max(1, cores() // min(jobs or cores(), len(plan.runs)))
-        for line in sweeping.train_commands(plan, folder, data_dir, threads):
+        for line in sweeping.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
             click.echo(line)
         return
     log = _log(quiet)

@@ -191,7 +191,8 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
 
 
 def _mean_best(g: Group) -> float | None:
-    bests = [max(v) for v in ([m.get("val_ll_mean") for m in e if _finite(m.get("val_ll_mean"))] for e in g.epochs) if v]
+    per_run = ([m["val_ll_mean"] for m in e if _finite(m.get("val_ll_mean"))] for e in g.epochs)
+    bests = [max(v) for v in per_run if v]
     return statistics.fmean(bests) if bests else None
 
 

@@ -145,7 +145,8 @@ def parse_where(item: str) -> tuple[str, Any]:
     known = [*COLUMNS, *(k for k in config_mod.ALL_KEYS if "." in k)]
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"use a config key such as train.learning_rate, or {', '.join(COLUMNS)}"
+        hint = (f"did you mean {close[0]}?" if close
+                else f"use a config key such as train.learning_rate, or {', '.join(COLUMNS)}")
         raise ConfigError(f"--where {item!r}: unknown key {key} ({hint})")
     return key, value
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 import shlex
 import sys
@@ -459,6 +458,18 @@ def command(p: Plan, sweep_dir: Path | None, extra: tuple[str, ...] = ()) -> str
     return shlex.join(words)
 
 
+def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
+    """The BLAS threads of each worker: what the sweep recorded when it began (the last bits
+    of a run with batches over 64 depend on it), else the cores shared among the workers."""
+    from mlecli.workers import cores
+
+    recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
+    threads = (recorded or {}).get("blas_threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+        return threads
+    return max(1, cores() // min(jobs or cores(), len(p.runs)))
+
+
 def clear_unstarted(run_dir: Path) -> None:
     """Remove what a run stopped before its first checkpoint left (nothing of value), so
     that it can start afresh; anything else in the folder stays and is refused later."""
@@ -520,12 +531,9 @@ def execute(
             seen.add(key)
             prepare(dataset, data_dir, progress=progress, log=log)
     with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}"):
-        recorded = read_sweep_json(sweep_dir)
         jobs = jobs or workers.cores()
-        if recorded is not None and isinstance(recorded.get("blas_threads"), int) and recorded["blas_threads"] > 0:
-            threads = recorded["blas_threads"]
-        else:
-            threads = max(1, workers.cores() // min(jobs, len(p.runs)))
+        threads = blas_threads(p, sweep_dir, jobs)
+        if read_sweep_json(sweep_dir) is None:
             write_sweep_json(p, sweep_dir, threads)
         plan_now = todo(p, sweep_dir, evaluate)
         errors = {t.run.name: t.problem for t in plan_now if t.problem}

@@ -78,7 +78,9 @@ def cores() -> int:
 # The parent
 
 
-def run_tasks(tasks: list[Task], *, jobs: int, threads: int, data_dir: Path, events: Events) -> tuple[dict[str, Result], str | None]:
+def run_tasks(
+    tasks: list[Task], *, jobs: int, threads: int, data_dir: Path, events: Events
+) -> tuple[dict[str, Result], str | None]:
     """Run `tasks` on up to `jobs` workers; return each task's Result by name, and the
     signal that stopped the sweep (None if it was not stopped)."""
     ctx = multiprocessing.get_context("spawn")

@@ -202,7 +202,8 @@ def test_runs_lists_a_sweeps_runs_with_dataset_learning_rate_batch_and_sweep(wit
 
 def test_runs_of_a_sweep_folder_lists_its_runs(with_a_sweep):
     rows = json.loads(cli("runs", with_a_sweep / "lr", "--json").stdout)
-    assert [(r["name"], r["sweep"], r["learning_rate"], r["batch_size"], r["dataset"], r["optimizer"]) for r in rows] == [
+    got = [(r["name"], r["sweep"], r["learning_rate"], r["batch_size"], r["dataset"], r["optimizer"]) for r in rows]
+    assert got == [
         ("learning_rate=0.01,seed=0", "lr", 0.01, 16, "tiny", "sgd"),
         ("learning_rate=0.01,seed=1", "lr", 0.01, 16, "tiny", "sgd"),
         ("learning_rate=0.1,seed=0", "lr", 0.1, 16, "tiny", "sgd"),

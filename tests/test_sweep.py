@@ -23,7 +23,8 @@ from mlecli.config import _toml_value
 from mlecli.errors import ConfigError
 from mlecli.fsutil import folder_lock
 
-RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0", "learning_rate=0.05,seed=1", "learning_rate=0.1,seed=1"]
+RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order
+        "learning_rate=0.05,seed=1", "learning_rate=0.1,seed=1"]
 GRID = ("--grid", "train.learning_rate=0.05,0.1", "--seeds", "0-1")
 
 
@@ -140,8 +141,10 @@ def test_a_combination_of_grid_values_that_cannot_be_is_refused(tiny_config, tmp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--grid", "model.seed=1,2"], "--grid model.seed: a sweep sets model.seed and train.seed from --seeds; use --seeds"),
-    (["--set", "train.seed=3"], "--set train.seed: a sweep sets model.seed and train.seed from --seeds; drop the --set"),
+    (["--grid", "model.seed=1,2"],
+     "--grid model.seed: a sweep sets model.seed and train.seed from --seeds; use --seeds"),
+    (["--set", "train.seed=3"],
+     "--set train.seed: a sweep sets model.seed and train.seed from --seeds; drop the --set"),
     (["--grid", "train.epochs=1,2", "--set", "train.epochs=3"],
      "--grid train.epochs and --set train.epochs both set it; keep one"),
     (["--grid", "train.epochs=1,2", "--grid", "train.epochs=3"],
