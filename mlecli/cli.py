@@ -349,7 +349,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
 
     plan = sweeping.plan(config_path, overrides, grids, seeds)
     if dry_run:
-        folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name)
+        folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name, create=False)
         for line in sweeping.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
             click.echo(line)
         return

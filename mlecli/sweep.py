@@ -28,7 +28,7 @@ from mlecli import __version__
 from mlecli import config as config_mod
 from mlecli.config import Config
 from mlecli.errors import ConfigError, MlecliError
-from mlecli.fsutil import atomic_write_text
+from mlecli.fsutil import atomic_write_text, describe_os_error
 
 SWEEP_FORMAT = 1
 SEED_KEYS = ("model.seed", "train.seed")
@@ -258,14 +258,25 @@ def _name_part(value: Any) -> str:
 # The sweep folder and sweep.json
 
 
-def default_sweep_dir(name: str, root: Path = Path("runs")) -> Path:
+def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True) -> Path:
+    """`runs/<name>-sweep-<timestamp>` (then `-2`, `-3`, … if taken), made with one
+    exclusive mkdir (unless `create` is False), so two sweeps never get the same folder."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-sweep-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-sweep-{stamp}-{n}"
-    return path
+    for n in range(1, 10_000):
+        path = root / (f"{name}-sweep-{stamp}" if n == 1 else f"{name}-sweep-{stamp}-{n}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise MlecliError(describe_os_error(exc, path)) from None
+    raise MlecliError(f"no free sweep folder name for {name} in {root}; use --sweep-dir")
 
 
 def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
@@ -518,18 +529,19 @@ def execute(
     from mlecli.compare import summary
     from mlecli.fsutil import folder_lock
 
-    if sweep_dir is None:
-        sweep_dir = find_sweep(p) or default_sweep_dir(p.base.name)
-    continuing = check_sweep_dir(p, sweep_dir)
+    if sweep_dir is not None:
+        check_sweep_dir(p, sweep_dir)  # before any download
     # The data first, once, in this process: workers only read the cache, and a sweep that
     # cannot get its data leaves no folder behind.
     seen = set()
     for r in p.runs:
-        dataset = r.config.data.resolve()
         key = json.dumps({k: v for k, v in r.config.to_dict()["data"].items() if k != "validation"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            prepare(dataset, data_dir, progress=progress, log=log)
+            prepare(r.config.data.resolve(), data_dir, progress=progress, log=log)
+    if sweep_dir is None:
+        sweep_dir = find_sweep(p) or default_sweep_dir(p.base.name)
+    continuing = check_sweep_dir(p, sweep_dir)
     with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}"):
         jobs = jobs or workers.cores()
         threads = blas_threads(p, sweep_dir, jobs)
