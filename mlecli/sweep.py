@@ -32,6 +32,7 @@ from mlecli.fsutil import atomic_write_text, describe_os_error
 
 SWEEP_FORMAT = 1
 SEED_KEYS = ("model.seed", "train.seed")
+MAX_SEEDS = 10_000
 # What a run folder holds before its first checkpoint: such a folder is started afresh.
 TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "checkpoints"}
 
@@ -109,10 +110,14 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise ConfigError(f"--seeds {text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise ConfigError(f"--seeds {text!r}: more than {MAX_SEEDS:,} seeds; a sweep takes at most that many")
         seeds.extend(range(lo, hi + 1))
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
-    if twice:
-        raise ConfigError(f"--seeds {text!r} lists seed {twice[0]} twice")
+    seen: set[int] = set()
+    for s in seeds:
+        if s in seen:
+            raise ConfigError(f"--seeds {text!r} lists seed {s} twice")
+        seen.add(s)
     return tuple(seeds)
 
 
@@ -215,8 +220,13 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
             raise ConfigError(f"--grid {axis.key} and --set {axis.key} both set it; keep one")
         if any(a.key == axis.key for a in axes):
             raise ConfigError(f"--grid {axis.key} is given twice; list all its values in one --grid")
-        for item in axis.items:  # each value alone first: the error names that value
-            _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={item}")
+        alone = {}  # each value alone first: the error names that value
+        for item in axis.items:
+            cfg = _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={item}")
+            same = next((other for other, c in alone.items() if c == cfg), None)
+            if same is not None:
+                raise ConfigError(f"--grid {axis.key}: {same} and {item} give the same config; give each value once")
+            alone[item] = cfg
         axes.append(axis)
     runs = []
     names = []

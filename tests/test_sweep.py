@@ -107,6 +107,7 @@ def test_seeds_are_ranges_and_lists(text, seeds):
     ("3-1", "--seeds '3-1': the range 3-1 runs backwards; write 1-3"),
     ("0-2,1", "--seeds '0-2,1' lists seed 1 twice"),
     ("x", "--seeds 'x': 'x' is not a seed (0, 1, ...) or a range such as 0-4"),
+    ("5,0-9999", "--seeds '5,0-9999': more than 10,000 seeds; a sweep takes at most that many"),
 ])
 def test_bad_seeds_are_refused(text, message):
     with pytest.raises(ConfigError) as exc:
@@ -129,6 +130,13 @@ def test_a_bad_grid_value_is_refused_naming_it(tiny_config, tmp_path):
     assert res.stderr == ("Error: --grid train.learning_rate=-1: train.learning_rate = -1: "
                           "must be a finite number > 0\n")
     assert not (tmp_path / "s").exists()
+
+
+def test_grid_values_that_give_the_same_config_are_refused(tiny_config, tmp_path):
+    res = cli("sweep", tiny_config(), "--grid", "train.batch_size=16,32", "--grid", "train.learning_rate=1,1.0",
+              "--sweep-dir", tmp_path / "s")
+    assert res.exit_code == 1
+    assert res.stderr == "Error: --grid train.learning_rate: 1 and 1.0 give the same config; give each value once\n"
 
 
 def test_a_combination_of_grid_values_that_cannot_be_is_refused(tiny_config, tmp_path):
