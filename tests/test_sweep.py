@@ -568,6 +568,25 @@ def test_a_run_folder_left_before_its_first_checkpoint_starts_afresh(setup, tmp_
 # The dataset: downloaded once by the sweep, read once per worker
 
 
+def test_the_sweep_downloads_the_data_once_before_any_worker_starts(tiny, mirrors, tmp_path):
+    mirror = mirrors(tiny.gz_files())
+    cfg = tiny.write_config(tmp_path / "web.toml", mirror.url, "validation = 0.2\n[model]\nhidden = [4]\n"
+                            "[train]\nepochs = 1\n")
+    res = cli("sweep", cfg, "--grid", "train.learning_rate=0.05,0.1", "--seeds", "0-1", "--jobs", 2,
+              "--sweep-dir", tmp_path / "s", "--data-dir", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.startswith(f"tiny is not cached in {tmp_path / 'd' / 'tiny'}; downloading it\n")
+    assert sorted(mirror.counts.items()) == sorted((name, 1) for name in tiny.gz_files())
+
+
+def test_a_sweep_that_cannot_get_its_data_leaves_no_folder(tiny_config, tmp_path):
+    res = cli("sweep", tiny_config(data={"url": str(tmp_path / "nowhere")}), "--seeds", "0-1",
+              "--sweep-dir", tmp_path / "s", "--data-dir", tmp_path / "d")
+    assert res.exit_code == 1
+    assert res.stderr.splitlines()[-1].startswith("Error: could not download train-images-idx3-ubyte")
+    assert not (tmp_path / "s").exists()
+
+
 def test_within_keep_loaded_two_trainings_read_the_cached_dataset_once(tiny_config, tmp_path, monkeypatch):
     from mlecli import cache, npz, train
     from mlecli.config import load
