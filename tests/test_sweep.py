@@ -38,11 +38,14 @@ def arrays(run_dir: Path, name="last.npz"):
 
 
 def assert_same_weights(a: Path, b: Path):
+    """Bit-identical weights; and since a checkpoint is a pure function of the training
+    state, byte-identical last.npz and best.npz."""
     for name in ("last.npz", "best.npz"):
         x, y = arrays(a, name), arrays(b, name)
         assert x.keys() == y.keys()
         for k in x:
             assert x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes(), (a.name, name, k)
+        assert (a / "checkpoints" / name).read_bytes() == (b / "checkpoints" / name).read_bytes(), (a.name, name)
 
 
 def epochs_of(run_dir: Path) -> list[dict]:
