@@ -24,11 +24,12 @@ sweep are bit-identical to the reference's.
 
 Load: before each round the 1-minute load average, and during each round the CPU the
 rest of the machine used (all busy CPU time in /proc/stat minus this benchmark's own
-processes), in cores; and for each way of running, the cores it got (its processes' CPU
-time over its wall time). With the kernel's autogroup scheduling (on here:
-/proc/sys/kernel/sched_autogroup_enabled), CPU is shared fairly between sessions, not
-threads: while other sessions keep the cores busy, two workers get no more CPU than one,
-and the sweep cannot be faster than the runs one after another.
+processes), in cores; and for each way of running, its processes' CPU seconds (the
+whole process, start-up included) and the cores it got (CPU seconds over its seconds).
+With the kernel's autogroup scheduling (on here: /proc/sys/kernel/sched_autogroup_enabled),
+CPU is shared fairly between sessions, not threads: while other sessions keep the cores
+busy, two workers get no more CPU than one, and the sweep cannot be faster than the runs
+one after another.
 """
 
 from __future__ import annotations
@@ -79,22 +80,20 @@ def own_seconds() -> float:
 
 
 def run_sequential(out: Path, data: Path) -> tuple[float, float]:
-    """(seconds of the 8 runs, cores the process got)"""
+    """(seconds of the 8 runs, CPU seconds of the whole process)"""
     script = SEQUENTIAL.format(grid=GRID[1], seeds=(0, 1))
-    t0, cpu0 = time.perf_counter(), own_seconds()
+    cpu0 = own_seconds()
     res = subprocess.run([sys.executable, "-c", script, str(out), str(data), *SETS[1::2]],
                          capture_output=True, text=True, check=True)
-    cores = (own_seconds() - cpu0) / (time.perf_counter() - t0)
-    return float(res.stdout.strip().splitlines()[-1]), cores
+    return float(res.stdout.strip().splitlines()[-1]), own_seconds() - cpu0
 
 
 def run_sweep(out: Path, data: Path, jobs: int) -> tuple[float, float]:
-    """(seconds of the whole command, cores its processes got)"""
+    """(seconds of the whole command, CPU seconds of its processes)"""
     t0, cpu0 = time.perf_counter(), own_seconds()
     subprocess.run([sys.executable, "-m", "mlecli", "sweep", *SETS, *GRID, "--jobs", str(jobs), "--sweep-dir", str(out),
                     "--data-dir", str(data), "-q"], capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t0
-    return wall, (own_seconds() - cpu0) / wall
+    return time.perf_counter() - t0, own_seconds() - cpu0
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -113,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     kinds = ["one after another", "sweep --jobs 1", "sweep --jobs 2"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
-    got: dict[str, list[float]] = {k: [] for k in kinds}  # cores
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}  # CPU seconds
     loads, others = [], []
     identical = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,26 +124,28 @@ def main() -> None:
             order = kinds[rnd % 3:] + kinds[: rnd % 3]
             for kind in order:
                 out = Path(tmp) / f"r{rnd}-{kind.replace(' ', '_')}"
-                seconds, cores = run_sequential(out, data) if kind == "one after another" else \
+                seconds, cpu_seconds = run_sequential(out, data) if kind == "one after another" else \
                     run_sweep(out, data, int(kind[-1]))
                 times[kind].append(seconds)
-                got[kind].append(cores)
+                cpu[kind].append(cpu_seconds)
             wall = time.perf_counter() - t0
             theirs = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") - (own_seconds() - own0)
             others.append(max(0.0, theirs) / wall)
             ref, par = Path(tmp) / f"r{rnd}-one_after_another", Path(tmp) / f"r{rnd}-sweep_--jobs_2"
             names = sorted(p.name for p in ref.iterdir() if p.is_dir())
             identical = sum(same_weights(ref / n, par / n) for n in names), len(names)
-            print(f"round {rnd + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f} s ({got[k][-1]:.2f} cores)" for k in kinds)
+            print(f"round {rnd + 1}: "
+                  + ", ".join(f"{k} {times[k][-1]:.2f} s ({cpu[k][-1]:.2f} CPU s)" for k in kinds)
                   + f"; load average {loads[-1]:.2f}, others used {others[-1]:.2f} cores", flush=True)
     ref = times["one after another"]
     ratios = {k: [t / r for t, r in zip(times[k], ref)] for k in kinds}
     print()
     print(f"8 runs (default network, batch 32, 3 epochs, Fashion-MNIST 54,000 + 6,000 validation images) on "
           f"{CORES} cores; {args.rounds} rounds; medians")
-    print(table(["how", "seconds", "min", "max", "/ one after another", "cores it got"],
+    print(table(["how", "seconds", "min", "max", "/ one after another", "CPU s", "cores it got"],
                 [[k, statistics.median(times[k]), min(times[k]), max(times[k]), statistics.median(ratios[k]),
-                  statistics.median(got[k])] for k in kinds]))
+                  statistics.median(cpu[k]), statistics.median(c / t for c, t in zip(cpu[k], times[k]))]
+                 for k in kinds]))
     goal = statistics.median(ratios["sweep --jobs 2"])
     print(f"sweep --jobs 2 / one after another: {goal:.3f} (median of the rounds' ratios; goal <= 0.65: "
           f"{'met' if goal <= 0.65 else 'NOT met'})")
@@ -152,7 +153,7 @@ def main() -> None:
           f"{identical[0]}/{identical[1]}")
     print(f"machine load: 1-minute load average {min(loads):.2f}-{max(loads):.2f} before the rounds; other "
           f"processes used {min(others):.2f}-{max(others):.2f} cores during them")
-    path = write_results("bench_sweep", {"times": times, "ratios": ratios, "cores": got, "load_average": loads,
+    path = write_results("bench_sweep", {"times": times, "ratios": ratios, "cpu_seconds": cpu, "load_average": loads,
                                          "others_cores": others, "identical": identical})
     print(f"results: {path}")
 
