@@ -54,9 +54,9 @@ CORES = len(os.sched_getaffinity(0))
 SEQUENTIAL = """
 import sys, time
 from pathlib import Path
-from mlecli import blas, sweep, train
+from mlecli import blas, grid, train
 sweep_dir, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
-p = sweep.plan("default", tuple(sys.argv[3:]), ({grid!r},), {seeds!r})
+p = grid.plan("default", tuple(sys.argv[3:]), ({grid!r},), {seeds!r})
 report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
 t0 = time.perf_counter()
 with blas.threads(2):

@@ -312,13 +312,13 @@ def _stdout_lines(quiet: bool):
 
 
 def _grid(value):
-    from mlecli.sweep import parse_grid
+    from mlecli.grid import parse_grid
 
     return parse_grid(value)
 
 
 def _seeds(ctx, param, value):
-    from mlecli.sweep import parse_seeds
+    from mlecli.grid import parse_seeds
 
     try:
         return parse_seeds(value)
@@ -378,13 +378,14 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     """
     import json
 
+    from mlecli import grid
     from mlecli import sweep as sweeping
     from mlecli.compare import format_summary
 
-    plan = sweeping.plan(config_path, overrides, grids, seeds)
+    plan = grid.plan(config_path, overrides, grids, seeds)
     if dry_run:
         folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name, create=False)
-        for line in sweeping.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
+        for line in grid.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
             click.echo(line)
         return
     log = _log(quiet)
@@ -400,7 +401,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
             f"Stopped by {outcome.stopped}: {finished} of {len(plan.runs)} runs finished, "
             f"{len(stopped) - at_once} saved mid-run"
             + (f", {at_once} stopped at once (they go on from their last checkpoint)" if at_once else "")
-            + f". Continue with: {sweeping.command(plan, outcome.sweep_dir, extra)}",
+            + f". Continue with: {grid.command(plan, outcome.sweep_dir, extra)}",
             err=True,
         )
         sys.exit(130)

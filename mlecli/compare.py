@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlecli.sweep import Plan, format_seeds, show
+from mlecli.grid import Plan, format_seeds, show
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlecli import sweep as sweeping
+from mlecli import grid
 from mlecli.cli import main
 from mlecli.config import _toml_value
 from mlecli.errors import ConfigError
@@ -79,7 +79,7 @@ def setup(tmp_path_factory, tiny, tiny_folder):
     ("train.batch_size=32", [32]),
 ])
 def test_grid_values_are_toml_split_at_the_commas_outside_brackets_and_quotes(text, values):
-    assert list(sweeping.parse_grid(text).values) == values
+    assert list(grid.parse_grid(text).values) == values
 
 
 toml_values = st.one_of(
@@ -95,15 +95,15 @@ toml_values = st.one_of(
 @settings(max_examples=300, deadline=None)
 def test_any_list_of_toml_values_comes_back_from_a_grid_option(values):
     distinct = [v for i, v in enumerate(values) if not any(type(w) is type(v) and w == v for w in values[:i])]
-    axis = sweeping.parse_grid("x.y=" + ",".join(_toml_value(v) for v in distinct))
+    axis = grid.parse_grid("x.y=" + ",".join(_toml_value(v) for v in distinct))
     assert [(type(v), v) for v in axis.values] == [(type(v), v) for v in distinct]
 
 
 @pytest.mark.parametrize("text, seeds", [("0-4", (0, 1, 2, 3, 4)), ("0,3,7", (0, 3, 7)), ("0-2,10", (0, 1, 2, 10)),
                                          ("5", (5,)), (" 1 - 2 ", (1, 2))])
 def test_seeds_are_ranges_and_lists(text, seeds):
-    assert sweeping.parse_seeds(text) == seeds
-    assert sweeping.parse_seeds(sweeping.format_seeds(seeds)) == seeds
+    assert grid.parse_seeds(text) == seeds
+    assert grid.parse_seeds(grid.format_seeds(seeds)) == seeds
 
 
 @pytest.mark.parametrize("text, message", [
@@ -114,7 +114,7 @@ def test_seeds_are_ranges_and_lists(text, seeds):
 ])
 def test_bad_seeds_are_refused(text, message):
     with pytest.raises(ConfigError) as exc:
-        sweeping.parse_seeds(text)
+        grid.parse_seeds(text)
     assert str(exc.value) == message
 
 
