@@ -6,6 +6,7 @@ numpy, requests and tqdm are imported inside the commands that need them so that
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -13,29 +14,63 @@ from pathlib import Path
 import click
 
 from mlecli import __version__
-from mlecli.errors import MlecliError, Stopped
+from mlecli.errors import MlecliError, Stopped, printable
 
 
 class Group(click.Group):
-    """Turns every MlecliError into one line on stderr and exit status 1."""
+    """Turns whatever stops a command into one line on stderr: an MlecliError (exit 1),
+    and the failures no library call can word for the user, because they can happen
+    anywhere: a file system refusing (permissions, a name too long), memory running out,
+    standard output failing, a signal (exit 130)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MlecliError as exc:
-            click.echo(f"Error: {printable(str(exc))}", err=True)
-            sys.exit(1)
+            _error(str(exc), 1)
         except KeyboardInterrupt:  # Ctrl-C where no command turns it into a clean stop of its own
-            click.echo("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", err=True)
-            sys.exit(130)
+            _error("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", 130, prefix="")
         except Stopped as exc:
-            click.echo(f"Stopped by {exc.signal_name} before training began: no run was written.", err=True)
-            sys.exit(130)
+            _error(f"Stopped by {exc.signal_name} before training began: no run was written.", 130, prefix="")
+        except MemoryError:
+            _error("out of memory: use smaller layers or batches, or give the process more memory", 1)
+        except BrokenPipeError:  # `mlecli runs | head -1`: the reader has what it wanted
+            _quiet_stdout()
+            sys.exit(1)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else "standard output: " if exc.errno == 28 else ""
+            _error(f"{where}{exc.strerror or exc}", 1)
+
+
+def _error(message: str, code: int, prefix: str = "Error: ") -> None:
+    try:
+        echo(prefix + printable(message), err=True)
+    except OSError:  # stderr itself is gone or full: the exit status still says it
+        pass
+    sys.exit(code)
+
+
+def _quiet_stdout() -> None:
+    """Send what is still to be written to stdout (and Python's flush at exit) nowhere."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def entry() -> None:
-    """The `mlecli` program: the command, then an exit no signal can turn into a traceback
-    (a Ctrl-C arriving while the interpreter shuts down would otherwise print one)."""
+    """The `mlecli` program: standard streams that exist, the command, then an exit no
+    signal can turn into a traceback (a Ctrl-C arriving while the interpreter shuts down
+    would otherwise print one)."""
+    import os
+
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:  # started with that stream closed (`>&-`)
+            setattr(sys, name, open(os.devnull, "w"))
     try:
         main(prog_name="mlecli")
     finally:
@@ -45,16 +80,20 @@ def entry() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def printable(text: str) -> str:
-    """`text` with control characters (a newline in a file name, an escape sequence from a
-    server) shown as escapes, so that an error stays one line and cannot drive the terminal."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+def echo(text: str = "", err: bool = False) -> None:
+    """Everything the commands print goes through here, line by line with control
+    characters shown as escapes (a value with a newline in it is escaped where it is
+    put into a line: see errors.printable)."""
+    click.echo("\n".join(printable(line) for line in str(text).split("\n")), err=err)
 
 
 def _log(quiet: bool):
     def log(msg: str) -> None:
         if not quiet:
-            click.echo(printable(msg), err=True)
+            try:
+                echo(printable(msg), err=True)
+            except OSError:  # a note that cannot be shown (stderr full or closed) stops nothing
+                pass
 
     return log
 
@@ -114,11 +153,24 @@ def _each_checked(check, prefix):
                 check(value)
             except MlecliError as exc:
                 raise click.BadParameter(
-                    str(exc).removeprefix(prefix(value)), param_hint=f"'{param.opts[0]} {value}'"
+                    printable(str(exc).removeprefix(prefix(value))), param_hint=f"'{param.opts[0]} {printable(value)}'"
                 ) from None
         return values
 
     return callback
+
+
+class Finite(click.FloatRange):
+    """A finite number in a range (click's FloatRange alone lets nan through, since every
+    comparison with nan is false, and inf where there is no upper bound)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def _mirror_location(value):
@@ -165,14 +217,14 @@ def _where(value):
 @click.option("--force", is_flag=True, help="Fetch every file again even if it is cached and verified.")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=Finite(min=0.1),
     default=30.0,
     help="Seconds to wait for a server to send anything before retrying.",
 )
 @click.option("--retries", type=click.IntRange(min=0), default=3, help="Further attempts per mirror after the first.")
 @click.option(
     "--min-rate",
-    type=click.FloatRange(min=0.001),
+    type=Finite(min=0.001),
     default=50.0,
     metavar="KB/S",
     help="Slowest average rate (kB/s) a mirror may send at, counted after its first --timeout + 10 seconds; "
@@ -204,13 +256,13 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
     )
     if quiet:
         return
-    click.echo(printable(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}"))
+    echo(printable(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}"))
     width = max(len(r.path.name) for r in reports)
     for r in reports:
         state = "verified" if r.verified else "UNVERIFIED"
         where = "already cached" if r.source == "cache" else f"from {r.source}"
-        click.echo(printable(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}"))
-    click.echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
+        echo(printable(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}"))
+    echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
 
 
 @main.command()
@@ -283,14 +335,16 @@ def _say_how_it_ended(outcome, say) -> int:
             said = f"Stopped at once by a second {outcome.interrupted}: the run goes on from {last} ({where})."
         else:
             said = f"Stopped by {outcome.interrupted}: saved {last}."
-        click.echo(f"{said} Resume with: mlecli train --resume {run_dir}", err=True)
+        with contextlib.suppress(OSError):  # stderr full: the exit status 130 still says it
+            echo(printable(f"{said} Resume with: mlecli train --resume {run_dir}"), err=True)
         return 130
     best = outcome.best
     if best is not None:
         label = "validation" if best["key"] == "val_ll_mean" else "training"
-        say(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
-    say(f"evaluate: mlecli evaluate {run_dir}")
-    say(f"plot:     mlecli plot {run_dir}")
+        say(printable(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> "
+                      f"{run_dir / 'checkpoints' / 'best.npz'}"))
+    say(printable(f"evaluate: mlecli evaluate {run_dir}"))
+    say(printable(f"plot:     mlecli plot {run_dir}"))
     return 0
 
 
@@ -303,20 +357,13 @@ def _stdout_lines(quiet: bool):
         if not state["open"]:
             return
         try:
-            click.echo(text)
+            echo(text)
             sys.stdout.flush()
         except OSError:  # BrokenPipeError, or a full disk behind a redirect
             state["open"] = False
-            import os
-
-            try:  # later writes (and Python's own flush at exit) go nowhere instead of failing
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-            except OSError:
-                pass
-            click.echo("note: standard output was closed; training goes on, its figures go to metrics.jsonl",
-                       err=True)
+            _quiet_stdout()  # later writes (and Python's own flush at exit) go nowhere instead of failing
+            with contextlib.suppress(OSError):
+                echo("note: standard output was closed; training goes on, its figures go to metrics.jsonl", err=True)
 
     return say
 
@@ -396,7 +443,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     if dry_run:
         folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name, create=False)
         for line in grid.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
-            click.echo(line)
+            echo(printable(line))
         return
     log = _log(quiet)
     outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
@@ -407,7 +454,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
         stopped = [r for r in outcome.results.values() if r.status == "interrupted"]
         at_once = sum(r.error is not None for r in stopped)
         finished = sum(r["status"] == "finished" for r in outcome.summary["runs"])
-        click.echo(
+        echo(
             f"Stopped by {outcome.stopped}: {finished} of {len(plan.runs)} runs finished, "
             f"{len(stopped) - at_once} saved mid-run"
             + (f", {at_once} stopped at once (they go on from their last checkpoint)" if at_once else "")
@@ -416,19 +463,19 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
         )
         sys.exit(130)
     s = outcome.summary
-    click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+    echo(json.dumps(s, indent=2) if as_json else format_summary(s))
     failed = [r for r in s["runs"] if r["status"] != "finished"]
     if failed:
         for r in failed:
-            click.echo(f"{r['status']} {Path(r['run_dir']).name}: {r['error'] or 'see mlecli runs ' + s['sweep_dir']}",
-                       err=True)
+            echo(printable(f"{r['status']} {Path(r['run_dir']).name}: "
+                           f"{r['error'] or 'see mlecli runs ' + s['sweep_dir']}"), err=True)
         raise MlecliError(
             f"{len(failed)} of {len(s['runs'])} runs did not finish (listed above); the others did. "
             "Run the same command again to retry them"
         )
     if not as_json:
-        click.echo(f"plot:     mlecli plot {outcome.sweep_dir}")
-        click.echo(f"runs:     mlecli runs {outcome.sweep_dir}")
+        echo(printable(f"plot:     mlecli plot {outcome.sweep_dir}"))
+        echo(printable(f"runs:     mlecli runs {outcome.sweep_dir}"))
 
 
 @main.command()
@@ -450,7 +497,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
 @data_dir_option
 @click.option(
     "--threshold",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=Finite(0, 1, min_open=True, max_open=True),
     default=0.5,
     help="Predict positive where ŷ ≥ this.",
 )
@@ -475,11 +522,11 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     )
     saved = ev.save_report(report)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo(json.dumps(report, indent=2))
     else:
-        click.echo(ev.format_report(report))
+        echo(ev.format_report(report))
         if saved is not None:
-            click.echo(f"  report            {saved}")
+            echo(printable(f"  report            {saved}"))
 
 
 @main.command()
@@ -507,11 +554,11 @@ def plot(run_dir, out, data_dir):
     targets = run_dir  # one folder, or several
     if len(targets) == 1 and not (targets[0] / "sweep.json").is_file():
         for path in plotting.plot_run(targets[0], out, _data_dir(data_dir, targets[0]), log=_log(False)):
-            click.echo(str(path))
+            echo(printable(str(path)))
         return
     from mlecli.compare import plot_compare
 
-    click.echo(str(plot_compare(list(targets), out)))
+    echo(printable(str(plot_compare(list(targets), out))))
 
 
 @main.command()
@@ -546,8 +593,8 @@ def runs(runs_dir, as_json, sort, filters):
 
     rows = listing.list_runs(runs_dir, sort, tuple(listing.parse_where(f) for f in filters))
     if as_json:
-        click.echo(json.dumps([listing.public(r) for r in rows], indent=2))
+        echo(json.dumps([listing.public(r) for r in rows], indent=2))
     elif not rows:
-        click.echo(f"no runs in {runs_dir}" + (f" with {' and '.join(filters)}" if filters else ""))
+        echo(printable(f"no runs in {runs_dir}" + (f" with {' and '.join(filters)}" if filters else "")))
     else:
-        click.echo(listing.format_table(rows))
+        echo(listing.format_table(rows))

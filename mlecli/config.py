@@ -414,8 +414,10 @@ def _read_config_file(p: Path) -> str:
         raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"config {p} is not a regular file: give a TOML file")
+    from mlecli.fsutil import open_regular
+
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None

@@ -5,6 +5,13 @@ non-zero exit. A message says what went wrong, where (file, key, URL) and what t
 """
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (a newline in a file name, an escape sequence from a
+    server or a damaged file) shown as escapes: it stays one line and cannot drive the
+    terminal. Every value a command prints that came from outside goes through here."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
 class MlecliError(Exception):
     """Base of every error the user is meant to read."""
 

@@ -18,7 +18,7 @@ import numpy as np
 from mlecli import checkpoint as ckpt
 from mlecli import metrics
 from mlecli.cache import prepare
-from mlecli.errors import CheckpointError
+from mlecli.errors import CheckpointError, printable
 from mlecli.fsutil import atomic_write_text
 from mlecli.model import sigmoid
 from mlecli.task import build_task, image_scores
@@ -156,8 +156,8 @@ def format_report(r: dict[str, Any]) -> str:
     """The human-readable table: the likelihood view first, since training maximised it."""
     (tn, fp), (fn, tp) = r["confusion"]
     lines = [
-        f"{r['checkpoint']} (epoch {r['epoch']}) on the {r['split']} split of {r['dataset']}: "
-        f"{r['task']}, hidden {r['hidden']}",
+        printable(f"{r['checkpoint']} (epoch {r['epoch']}) on the {r['split']} split of {r['dataset']}: "
+                  f"{r['task']}, hidden {r['hidden']}"),
         f"  images            {r['images']:,} ({r['positives']:,} positive, {r['negatives']:,} negative)",
         f"  log-likelihood    {r['log_likelihood']:.4f} total, {r['log_likelihood_mean']:.6f} per image",
         f"  perplexity        {r['perplexity']:.6f} (exp of the mean negative log-likelihood)",

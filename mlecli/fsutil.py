@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,31 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """Open `path` for reading if it is a regular file; OSError otherwise.
+
+    Every file mlecli reads back goes through here: a FIFO put in a file's place would
+    block the reader forever, a device (/dev/zero) would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # does not wait for a FIFO's writer
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path | str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; OSError otherwise."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+    return data
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
@@ -100,7 +126,21 @@ class Appender:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self._f = open(self.path, "ab")
+            if self.path.is_symlink():
+                raise MlecliError(f"{self.path} is a symbolic link: appending would write into the file it points "
+                                  "to; copy the run (cp -rL) and use the copy")
+            # O_NONBLOCK: a FIFO in the file's place fails at once instead of waiting for a reader
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, FILE_MODE)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file", str(self.path))
+            if st.st_nlink > 1:  # shared with another run (cp -al): appending would write into both
+                os.close(fd)
+                atomic_write_bytes(self.path, read_regular(self.path, 1 << 40))
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            os.set_blocking(fd, True)
+            self._f = os.fdopen(fd, "ab")
         except OSError as exc:
             raise MlecliError(describe_os_error(exc, self.path)) from None
 

@@ -30,6 +30,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from mlecli.fsutil import open_regular
+
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _HEADER_ERRORS = (ValueError, SyntaxError, TypeError, tokenize.TokenError, RecursionError, OverflowError, KeyError)
 # zipfile's own complaints about a damaged directory.
@@ -61,7 +63,7 @@ class ObjectArrayError(ValueError):
 def read(path: Path | str, *, check_crc: bool, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The arrays in the .npz at `path` by name (without .npy): all of them, or just `names`."""
     arrays = {}
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         for name, start, length, crc in _members(f, size):
             key = name.removesuffix(".npy")
@@ -73,7 +75,7 @@ def read(path: Path | str, *, check_crc: bool, names: tuple[str, ...] | None = N
 
 def member_sizes(path: Path | str) -> dict[str, int]:
     """Bytes of each member's data (its .npy, header included) by name without .npy."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         return {name.removesuffix(".npy"): length for name, _, length, _ in _members(f, size)}
 

@@ -29,9 +29,10 @@ from typing import Any
 
 from mlecli import schema
 from mlecli.errors import ConfigError, MlecliError
-from mlecli.fsutil import TMP_SUFFIX, atomic_write_text, describe_os_error, folder_lock
+from mlecli.fsutil import TMP_SUFFIX, atomic_write_text, describe_os_error, folder_lock, read_regular
 
 RUNS_DIR = Path("runs")
+MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file
 LOCK = ".lock"
 
 
@@ -179,7 +180,7 @@ def read_metrics(run_dir: Path, upto_step: int | None = None) -> list[dict[str, 
     naming the file and line."""
     path = run_dir / "metrics.jsonl"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_METRICS_BYTES).decode("utf-8")
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as exc:
@@ -198,7 +199,7 @@ def cut_metrics(run_dir: Path, step: int) -> None:
     """Keep only the records a checkpoint at `step` covers (the rest are replayed)."""
     path = run_dir / "metrics.jsonl"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_METRICS_BYTES).decode("utf-8")
     except FileNotFoundError:
         return
     except (OSError, UnicodeDecodeError) as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 from mlecli import checkpoint as ckpt
 from mlecli import config as config_mod
-from mlecli.errors import ConfigError, MlecliError
+from mlecli.errors import ConfigError, MlecliError, printable
 from mlecli.evaluate import read_report
 from mlecli.rundir import read_manifest, read_metrics
 
@@ -32,7 +32,7 @@ DEFAULT_OPTIMIZER = "sgd"  # what a config without train.optimizer trains with
 def _locked(run_dir: Path) -> bool:
     """True if a training process holds the run's lock right now."""
     try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block
     except OSError:
         return False
     try:
@@ -229,10 +229,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("status", lambda r: r["status"]),
     ]
     headers = [h for h, _ in columns]
-    body = [[cell(r) for _, cell in columns] for r in rows]
+    body = [[printable(cell(r)) for _, cell in columns] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *body]]
-    notes = [f"  {r['name']}: {r['problem']}" for r in rows if r["problem"]]
+    notes = [printable(f"  {r['name']}: {r['problem']}") for r in rows if r["problem"]]
     return "\n".join(lines + notes)
 
 

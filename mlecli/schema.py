@@ -118,9 +118,14 @@ def load_json(text: str, spec: Spec, where: str) -> Any:
     return check(value, spec, where)
 
 
+MAX_JSON_BYTES = 64 << 20  # a manifest or report is a few kB; more is not mlecli's
+
+
 def read_json(path: Path, spec: Spec) -> Any:
+    from mlecli.fsutil import read_regular
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular(path, MAX_JSON_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise SchemaError(f"{path}: not UTF-8 text; the file is damaged or not mlecli's") from None
     except OSError as exc:

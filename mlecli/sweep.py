@@ -25,7 +25,7 @@ from typing import Any
 from mlecli import __version__
 from mlecli.config import Config
 from mlecli.errors import MlecliError
-from mlecli.fsutil import atomic_write_text, describe_os_error
+from mlecli.fsutil import atomic_write_text, describe_os_error, read_regular
 from mlecli.grid import Plan, RunSpec, format_seeds, jsonable, show
 
 SWEEP_FORMAT = 1
@@ -62,10 +62,10 @@ def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
     """sweep.json of a folder, None if there is none; MlecliError if it is unreadable."""
     path = Path(sweep_dir) / "sweep.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path, 64 << 20).decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise MlecliError(f"{path} is not a readable sweep description ({exc}); move it away or choose another "
                           "--sweep-dir") from None
     if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT or not isinstance(data.get("runs"), list):

@@ -213,7 +213,8 @@ def epoch_line(m: dict, epochs: int) -> str:
 
 
 def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpoint:
-    """last.npz, or if that is unreadable the newest readable epoch checkpoint."""
+    """last.npz (refused, never passed over, if it cannot be used); without one, the
+    newest readable epoch checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists them)")
@@ -222,19 +223,25 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
             f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
             "copy the run (cp -rL) and resume the copy"
         )
-    candidates = [run_dir / "checkpoints" / "last.npz"]
-    candidates += sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
-    errors = []
-    for path in candidates:
-        if not path.exists():
-            continue
+    last = run_dir / "checkpoints" / "last.npz"
+    if last.exists() or last.is_symlink():
         try:
-            return ckpt.load(path)
+            return ckpt.load(last)
         except CheckpointError as exc:
-            errors.append(str(exc))
+            # Never go back to an older checkpoint by itself: resuming would write over last.npz,
+            # and whatever it holds (another mlecli's format, say) would be lost.
+            older = sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
+            fallback = (f"; to go on from its newest epoch checkpoint instead ({older[0].name}), losing what came "
+                        f"after it, move last.npz out of {last.parent} and resume again") if older else ""
+            raise CheckpointError(f"cannot resume {run_dir}: {exc}{fallback}") from None
+    for path in sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True):
+        try:
+            cp = ckpt.load(path)
+        except CheckpointError as exc:
             log(f"warning: {exc}; trying an older checkpoint")
-    if errors:
-        raise CheckpointError(f"{run_dir} has no usable checkpoint to resume from ({'; '.join(errors)})")
+            continue
+        log(f"note: {last} is not there; going on from {path.name}")
+        return cp
     raise CheckpointError(
         f"{run_dir} has no checkpoint to resume from: it is not a run folder, or its run never wrote its first "
         f"checkpoint; start it again with mlecli train CONFIG --run-dir {run_dir}"
@@ -465,11 +472,13 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
         {"at": _now(), "from": cp.path.name, "epochs_done": state.epochs_done, "step": state.step}
     )
     rundir.write_manifest(run.dir, manifest)
-    trained_with = (cp.meta.get("blas") or {}).get("backend")
-    if trained_with is not None and trained_with != blas.describe():
+    before, now = cp.meta.get("blas") or {}, blas_info(run.cfg)
+    if before.get("backend") is not None and (before.get("backend"), before.get("threads")) != (
+            now["backend"], now["threads"]):
         report.log(
-            f"warning: {cp.path} was trained with the BLAS {trained_with}, this process uses {blas.describe()}: "
-            "the resumed weights may differ in their last bits from an uninterrupted run"
+            f"warning: {cp.path} was trained with the BLAS {before['backend']} on {before.get('threads')} threads, "
+            f"this process uses {now['backend']} on {now['threads']}: the resumed weights may differ in their last "
+            "bits from an uninterrupted run (set OPENBLAS_NUM_THREADS to the same count to avoid it)"
         )
 
 

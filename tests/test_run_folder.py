@@ -213,8 +213,9 @@ def test_a_resume_with_another_blas_says_the_bits_may_differ_and_goes_on(tiny_co
                           "--data-dir", str(data)], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     if trained_with != "numpy.matmul (fallback)":
-        assert (f"warning: {run / 'checkpoints' / 'last.npz'} was trained with the BLAS {trained_with}, this process "
-                "uses numpy.matmul (fallback): the resumed weights may differ in their last bits") in res.stderr
+        assert (f"warning: {run / 'checkpoints' / 'last.npz'} was trained with the BLAS {trained_with} on 1 threads, "
+                "this process uses numpy.matmul (fallback) on 1: the resumed weights may differ in their last "
+                "bits") in res.stderr
     assert ckpt.load(run / "checkpoints" / "last.npz").meta["blas"]["backend"] == "numpy.matmul (fallback)"
 
 
