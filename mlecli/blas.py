@@ -174,6 +174,12 @@ def describe() -> str:
     return f"cblas via ctypes ({os.path.basename(c.path)})" if c else "numpy.matmul (fallback)"
 
 
+def current_threads() -> int | None:
+    """The BLAS's thread count right now (None where it cannot be asked)."""
+    c = _cblas()
+    return c.get_threads() if c is not None and c.get_threads is not None else None
+
+
 def scalar(dtype, value: float = 0.0) -> Scalar:
     """A number a bound call reads each time it runs: set `.value` to change it without
     binding again (a learning rate that changes every step). C float for float32

@@ -17,6 +17,7 @@ import numpy as np
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
 from mlecli.fsutil import atomic_write
+from mlecli.rundir import read_metrics
 
 MAX_UNITS = 64
 DPI = 100
@@ -44,21 +45,6 @@ def _save(fig, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     data = buf.getvalue()
     atomic_write(path, lambda f: f.write(data))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise MlecliError(f"cannot read {path}: {exc.strerror}; is {run_dir} a run folder?") from None
-    records = []
-    for i, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise MlecliError(f"{path}, line {i}: not JSON") from None
-    return [r for r in records if r.get("kind", "epoch") == "epoch"]
 
 
 def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title: str, out: Path) -> Path:
@@ -163,9 +149,11 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     plt = _pyplot()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
-    epochs = read_metrics(run_dir)
     which = "best" if (run_dir / "checkpoints" / "best.npz").exists() else "last"
     cp = ckpt.load(ckpt.resolve(run_dir, which))
+    last = cp if which == "last" else ckpt.load(ckpt.resolve(run_dir, "last"))
+    # only what the newest checkpoint commits: a crash may have left a record after it
+    epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
     cfg = cp.config
     best = cp.meta.get("best") or {}
     title = f"{run_dir.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}"

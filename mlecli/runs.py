@@ -11,6 +11,7 @@ from typing import Any
 
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
+from mlecli.rundir import read_metrics
 
 ASCENDING = {"name", "started"}
 
@@ -41,9 +42,13 @@ def describe(run_dir: Path) -> dict[str, Any]:
         row["problem"] = str(exc)
         return row
     cfg = last.config
-    epochs = [m for m in last.meta.get("metrics", []) if m.get("kind") == "epoch"]
+    try:
+        epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
+    except MlecliError as exc:
+        row["problem"] = str(exc)
+        return row
     best = last.meta.get("best") or {}
-    best_row = next((m for m in epochs if m["epoch"] == best.get("epoch")), None)
+    best_row = best.get("record") or next((m for m in epochs if m.get("epoch") == best.get("epoch")), None)
     row.update(
         task=cfg.task.describe(),
         hidden=list(cfg.model.hidden),
@@ -51,7 +56,7 @@ def describe(run_dir: Path) -> dict[str, Any]:
         epochs=cfg.train.epochs,
         val_ll=best_row.get("val_ll_mean") if best_row else None,
         val_acc=best_row.get("val_acc") if best_row else None,
-        seconds=sum(m["seconds"] for m in epochs) if epochs else 0.0,
+        seconds=sum(m.get("seconds") or 0.0 for m in epochs) if epochs else 0.0,
     )
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text())
