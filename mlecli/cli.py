@@ -236,6 +236,10 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
             said = f"Stopped by {outcome.interrupted}: saved {last}."
         click.echo(f"{said} Resume with: mlecli train --resume {run_dir}", err=True)
         sys.exit(130)
+    early = outcome.stopped_early
+    if early is not None:
+        say(f"stopped early after epoch {early['epoch']}: no better validation LL in {early['patience']} epochs "
+            f"(train.patience); the run is finished")
     best = outcome.best
     if best is not None:
         label = "validation" if best["key"] == "val_ll_mean" else "training"

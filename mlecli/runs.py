@@ -35,7 +35,8 @@ def describe(run_dir: Path) -> dict[str, Any]:
     """One row: what the run is, how far it got, its best and test figures, its status."""
     row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "task": None, "hidden": None,
                            "epochs_done": None, "epochs": None, "val_ll": None, "val_acc": None,
-                           "test_acc": None, "seconds": None, "started": None, "status": "broken", "problem": None}
+                           "test_acc": None, "seconds": None, "started": None, "status": "broken", "problem": None,
+                           "note": None}
     try:
         last = ckpt.load(run_dir / "checkpoints" / "last.npz")
     except MlecliError as exc:
@@ -69,8 +70,12 @@ def describe(run_dir: Path) -> dict[str, Any]:
     elif ended == "failed":
         row["status"] = "failed"
         row["problem"] = manifest["ended"].get("error")
-    elif last.epoch >= cfg.train.epochs:
+    elif last.epoch >= cfg.train.epochs or last.meta.get("stopped_early"):
         row["status"] = "finished"
+        early = last.meta.get("stopped_early")
+        if early:
+            row["note"] = (f"stopped early after epoch {early['epoch']}: no better validation LL since epoch "
+                           f"{early['best_epoch']}")
     else:
         row["status"] = "interrupted"
     for name in ("eval-test-best.json", "eval-test-last.json"):
@@ -116,5 +121,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *body]]
-    notes = [f"  {r['name']}: {r['problem']}" for r in rows if r["problem"]]
+    notes = [f"  {r['name']}: {r['problem'] or r['note']}" for r in rows if r["problem"] or r["note"]]
     return "\n".join(lines + notes)
