@@ -47,7 +47,7 @@ class Watch:
     plateau_scale: the plateau's factor on η so far; plateau_best / plateau_bad: the best
     validation LL the plateau has seen and the epochs since it improved on it (reset at
     each reduction); worse_than_base: epochs in a row whose validation LL was worse than
-    predicting the training base rate for every image.
+    predicting the training base rate for every image (by more than DIVERGED_MARGIN).
     """
 
     plateau_scale: float = 1.0
@@ -75,11 +75,16 @@ def after_epoch(t: TrainConfig, watch: Watch, val_ll: float | None, base_ll: flo
             bad += 1
             if bad >= t.plateau_patience:
                 scale, bad = scale * t.plateau_factor, 0
-    worse = watch.worse_than_base + 1 if val_ll is not None and base_ll is not None and val_ll < base_ll else 0
+    worse = watch.worse_than_base + 1 if val_ll is not None and base_ll is not None and \
+        val_ll < DIVERGED_MARGIN * base_ll else 0
     return Watch(scale, best, bad, worse)
 
 
 DIVERGED_AFTER = 2  # epochs in a row worse than the base rate
+# "Worse" means by more than this factor: a network that has not learned yet sits just
+# below the base rate (its logits are small but not all equal to the base rate's), and
+# must not count as diverged; one whose steps overshoot is far below it.
+DIVERGED_MARGIN = 1.1
 
 
 def diverged(watch: Watch) -> bool:

@@ -631,7 +631,7 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     report.line(epoch_line(record, t.epochs))
     if diverged(state.watch):
         raise TrainingError(
-            f"the run diverged: its validation LL ({val_ll:.4f}/img) has been worse than predicting the training "
+            f"the run diverged: its validation LL ({val_ll:.4f}/img) has been clearly worse than predicting the training "
             f"base rate for every image ({loop.base_ll:.4f}/img) for {state.watch.worse_than_base} epochs in a row "
             f"(epoch {epoch}); {_smaller_rate_advice(cfg)}. Its best checkpoint is {run.ckpt_dir / 'best.npz'}"
         )

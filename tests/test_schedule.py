@@ -62,14 +62,14 @@ def test_reduce_on_plateau_after_patience_epochs_without_a_better_validation_ll(
     assert after_epoch(train(), Watch(), -0.5, None).plateau_scale == 1  # plateau_patience = 0: never
 
 
-def test_divergence_is_two_epochs_in_a_row_worse_than_the_base_rate():
+def test_divergence_is_two_epochs_in_a_row_clearly_worse_than_the_base_rate():
     t = train()
     w = Watch()
     seen = []
-    for val in (-0.8, -0.5, -0.8, -0.9):  # base rate: -0.69
+    for val in (-0.8, -0.5, -0.8, -0.75, -0.9, -0.8):  # base rate: -0.69; worse by more than 10%: below -0.759
         w = after_epoch(t, w, val, -0.69)
         seen.append((w.worse_than_base, diverged(w)))
-    assert seen == [(1, False), (0, False), (1, False), (2, True)]
+    assert seen == [(1, False), (0, False), (1, False), (0, False), (1, False), (2, True)]
 
 
 def test_the_base_rate_ll_is_the_validation_ll_of_predicting_the_training_share():
