@@ -203,8 +203,8 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     """Train a network on a binary digit task by maximum likelihood.
 
     CONFIG is a TOML file, or the name of a built-in config (default, logreg,
-    four-vs-nine, deep); without it the built-in default is used. The run folder gets
-    config.toml, manifest.json, metrics.jsonl and checkpoints/.
+    four-vs-nine, deep, accurate); without it the built-in default is used. The run
+    folder gets config.toml, manifest.json, metrics.jsonl and checkpoints/.
     """
     from mlecli import config
     from mlecli import train as training

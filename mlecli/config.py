@@ -347,7 +347,7 @@ STATE_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2}  # arrays like
 # Files and overrides
 
 
-BUILTIN_CONFIGS = ("default", "logreg", "four-vs-nine", "deep")
+BUILTIN_CONFIGS = ("default", "logreg", "four-vs-nine", "deep", "accurate")
 
 
 def builtin_config_text(name: str) -> str:
@@ -399,7 +399,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a config file (None = the built-in default) and apply overrides.
 
-    A bare name of a built-in config (default, logreg, four-vs-nine, deep) that is not
+    A bare name of a built-in config (default, logreg, four-vs-nine, deep, accurate) that is not
     a file in the current folder loads the copy shipped inside the package.
     """
     if path is None or (str(path) in BUILTIN_CONFIGS and not Path(path).exists()):

@@ -149,7 +149,7 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"does not exist \(built-in configs: default, logreg, four-vs-nine, deep\)"):
+    with pytest.raises(ConfigError, match=r"does not exist \(built-in configs: default, logreg, four-vs-nine, deep, accurate\)"):
         load(tmp_path / "nope.toml")
 
 
