@@ -19,7 +19,7 @@ from typing import Any
 
 from mlecli.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.errors import ConfigError
-from mlecli.memory import check_fits, estimate as estimate_memory, physical_memory  # noqa: F401  (train.py)
+from mlecli.memory import check_fits
 
 DTYPES = ("float32", "float64")
 DIGITS = range(10)

@@ -52,3 +52,29 @@ def test_every_test_named_in_what_happens_when_exists():
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
     assert len(named) >= 30
     assert named <= defined, f"named in the README but not defined: {sorted(named - defined)}"
+
+
+def test_every_test_named_in_a_docs_behaviour_table_exists():
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    for doc in (ROOT / "docs").glob("*.md"):
+        text = doc.read_text()
+        if "## Behaviour" not in text:
+            continue
+        section = text.split("## Behaviour", 1)[1].split("\n## ", 1)[0]
+        named = set(re.findall(r"`(test_\w+)`", section))
+        assert named, f"{doc.name}: its Behaviour table names no test"
+        assert named <= defined, f"{doc.name} names tests that do not exist: {sorted(named - defined)}"
+
+
+def test_training_md_documents_every_training_key():
+    from mlecli.config import SCHEMA
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    new = ["optimizer", "momentum", "beta1", "beta2", "epsilon", "prior_sd", "prior_biases", "schedule",
+           "warmup_epochs", "decay_every", "decay_factor", "min_learning_rate", "plateau_patience",
+           "plateau_factor", "patience", "shift"]
+    assert set(new) <= set(SCHEMA["train"])
+    for key in new:
+        assert f"`{key}`" in text, key
