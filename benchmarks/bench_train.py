@@ -1,6 +1,6 @@
 """Training speed: mlecli against PyTorch (CPU) and against the machine's GEMM floor.
 
-    python benchmarks/bench_train.py [--repeat 5] [--batches 32 128 512]
+    python benchmarks/bench_train.py [--repeat 5] [--batches 32 128 512] [--variants sgd momentum ...]
 
 Workload (issue #5): a 784-128-1 sigmoid network, float32, learning rate 0.01, a binary
 task over all 60,000 training images of Fashion-MNIST (Debian's files, imported offline;
@@ -18,6 +18,12 @@ medians, and ratios as the median of each round's own ratio.
 - floor: the epoch's matrix-multiply FLOPs (forward X·W1 and h·w2, weight gradients
   Xᵀ·δ1 and hᵀ·δ2; the input's gradient is never needed) divided by the float32 GEMM
   throughput numpy reaches here at exactly those shapes, measured in this run.
+
+Then, at batch 128, the update rules, the prior, a schedule and shifted digits against
+plain sgd (`--variants`): rounds again, each timing one epoch of every variant in turn
+(each after its own warm-up epoch), the ratio the median of each round's variant/sgd,
+beside the most each may cost (issue #13: momentum 1.15, Adam 1.35, shifts 1.2; the prior
+and a schedule nothing measurable, taken as 1.05).
 
 Also: `mlecli --help` start-up time, loading the cached dataset, and the peak memory
 (max RSS) of a whole `mlecli train` process on the 60,000 images.
