@@ -41,7 +41,7 @@ from mlecli import config, train  # noqa: E402
 from mlecli.cache import prepare  # noqa: E402
 from mlecli.checkpoint import load as load_checkpoint  # noqa: E402
 from mlecli.model import init_params, layer_sizes  # noqa: E402
-from mlecli.schedule import Watch, after_epoch, base_rate_ll, learning_rate, stop_early  # noqa: E402
+from mlecli.schedule import Watch, after_epoch, base_rate, learning_rate, stop_early  # noqa: E402
 from mlecli.step import ll_and_accuracy  # noqa: E402
 from mlecli.task import build_task, draw_offsets, pixels, shifted_view  # noqa: E402
 
@@ -123,7 +123,7 @@ def torch_accuracy(cfg, splits, X_test, y_test, threads: int = 2) -> tuple[float
     Y = torch.from_numpy(task.train.y.astype(dtype))
     X_val = torch.from_numpy(pixels(task.validation.images, dtype))
     y_val = task.validation.y
-    base = base_rate_ll(task.train.y, y_val)
+    base = base_rate(task.train.y, y_val)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
     bs, batches = t.batch_size, math.ceil(n / t.batch_size)
     watch, best, step = Watch(), None, 0
@@ -151,9 +151,10 @@ def torch_accuracy(cfg, splits, X_test, y_test, threads: int = 2) -> tuple[float
             with torch.no_grad():
                 zv = net(X_val)[:, 0].double().numpy()
             val_ll = float(np.mean(y_val * zv - np.logaddexp(0, zv)))
+            val_acc = float(np.mean((zv >= 0) == (y_val == 1)))
             if best is None or val_ll > best[1]:
                 best = (epoch, val_ll)
-            watch = after_epoch(t, watch, val_ll, base)
+            watch = after_epoch(t, watch, val_ll, val_acc, base)
             if stop_early(t, epoch, best[0]):
                 break
     seconds = time.perf_counter() - t0

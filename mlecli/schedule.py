@@ -46,8 +46,8 @@ class Watch:
 
     plateau_scale: the plateau's factor on η so far; plateau_best / plateau_bad: the best
     validation LL the plateau has seen and the epochs since it improved on it (reset at
-    each reduction); worse_than_base: epochs in a row whose validation LL was worse than
-    predicting the training base rate for every image (by more than DIVERGED_MARGIN).
+    each reduction); worse_than_base: epochs in a row no better than predicting the
+    training base rate for every image (`after_epoch` says what counts).
     """
 
     plateau_scale: float = 1.0
@@ -64,9 +64,20 @@ class Watch:
         return cls(**d) if d else cls()
 
 
-def after_epoch(t: TrainConfig, watch: Watch, val_ll: float | None, base_ll: float | None) -> Watch:
-    """The watch after an epoch whose mean validation LL per image is val_ll (None: no
-    validation), base_ll the mean validation LL of predicting the training base rate."""
+@dataclass(frozen=True)
+class BaseRate:
+    """What predicting the training share of positives p for every validation image
+    scores: its mean LL per image, and the accuracy of always predicting the majority
+    class of the training images."""
+
+    ll: float
+    acc: float
+
+
+def after_epoch(t: TrainConfig, watch: Watch, val_ll: float | None, val_acc: float | None,
+                base: BaseRate | None) -> Watch:
+    """The watch after an epoch whose mean validation LL per image is val_ll and whose
+    validation accuracy is val_acc (None: no validation)."""
     scale, best, bad = watch.plateau_scale, watch.plateau_best, watch.plateau_bad
     if t.plateau_patience and val_ll is not None:
         if best is None or val_ll > best:
@@ -75,16 +86,19 @@ def after_epoch(t: TrainConfig, watch: Watch, val_ll: float | None, base_ll: flo
             bad += 1
             if bad >= t.plateau_patience:
                 scale, bad = scale * t.plateau_factor, 0
-    worse = watch.worse_than_base + 1 if val_ll is not None and base_ll is not None and \
-        val_ll < DIVERGED_MARGIN * base_ll else 0
-    return Watch(scale, best, bad, worse)
+    no_better = (val_ll is not None and base is not None and val_ll < DIVERGED_MARGIN * base.ll
+                 and val_acc < base.acc + DIVERGED_ACCURACY)
+    return Watch(scale, best, bad, watch.worse_than_base + 1 if no_better else 0)
 
 
-DIVERGED_AFTER = 2  # epochs in a row worse than the base rate
-# "Worse" means by more than this factor: a network that has not learned yet sits just
-# below the base rate (its logits are small but not all equal to the base rate's), and
-# must not count as diverged; one whose steps overshoot is far below it.
+DIVERGED_AFTER = 2  # epochs in a row no better than the base rate
+# "No better" means: an LL worse by more than this factor (a network that has not learned
+# yet sits just below the base rate: its logits are small but uneven, and must not count)
 DIVERGED_MARGIN = 1.1
+# and an accuracy less than this above the majority class's (a network that learned but
+# overfits can have a validation LL below the base rate's while it classifies well; one
+# whose steps overshoot is near a coin toss).
+DIVERGED_ACCURACY = 0.05
 
 
 def diverged(watch: Watch) -> bool:
@@ -96,15 +110,16 @@ def stop_early(t: TrainConfig, epoch: int, best_epoch: int | None) -> bool:
     return bool(t.patience) and best_epoch is not None and epoch - best_epoch >= t.patience
 
 
-def base_rate_ll(y_train, y_val) -> float | None:
-    """Mean LL per validation image of predicting the training share of positives for
-    every image: what a network that learned nothing but the base rate scores."""
+def base_rate(y_train, y_val) -> BaseRate | None:
+    """What a network that learned nothing but the training base rate scores on the
+    validation images (None without validation, or with one class only)."""
     import numpy as np
 
     if len(y_val) == 0:
         return None
     p = float(np.mean(y_train))
     if p in (0.0, 1.0):
-        return None  # one class only: the base rate predicts it perfectly, never beaten
+        return None
     y = np.asarray(y_val, dtype=np.float64)
-    return float(np.mean(y * math.log(p) + (1 - y) * math.log(1 - p)))
+    ll = float(np.mean(y * math.log(p) + (1 - y) * math.log(1 - p)))
+    return BaseRate(ll, float(np.mean(y == (1.0 if p >= 0.5 else 0.0))))

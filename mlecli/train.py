@@ -47,7 +47,7 @@ from mlecli.config import STATE_SLOTS, Config, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, TrainingError
 from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from mlecli.model import Params, init_params, layer_sizes, log_prior
-from mlecli.schedule import Watch, after_epoch, base_rate_ll, diverged, learning_rate, stop_early
+from mlecli.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
 from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
 from mlecli.task import BinaryTask, build_task, draw_offsets, shifted_view
 
@@ -516,7 +516,7 @@ class _Loop:
         state = run.state
         self.ws = Workspace(state.params, min(self.bs, self.n), run.rule.bind(state.params, state.opt_state, prior))
         self.z_epoch = np.empty((self.n, 1), dtype)  # each batch's logits, measured in chunks
-        self.base_ll = base_rate_ll(task.train.y, task.validation.y)  # what divergence is measured against
+        self.base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
         self.tally = Tally()
         self.t_start = 0.0
         self.lr = t.learning_rate  # the last step's
@@ -623,7 +623,7 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     if improved:
         figures = {k: v for k, v in record.items() if k not in TIMING_KEYS}
         state.best = {"epoch": epoch, "key": key, "value": record[key], "record": figures}
-    state.watch = after_epoch(t, state.watch, val_ll, loop.base_ll)
+    state.watch = after_epoch(t, state.watch, val_ll, val_acc, loop.base)
     if stop_early(t, epoch, state.best["epoch"]):
         state.stopped_early = {"epoch": epoch, "best_epoch": state.best["epoch"], "patience": t.patience}
     due = epoch % t.checkpoint_every == 0 or epoch == t.epochs or state.stopped_early is not None
@@ -631,9 +631,10 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     report.line(epoch_line(record, t.epochs))
     if diverged(state.watch):
         raise TrainingError(
-            f"the run diverged: its validation LL ({val_ll:.4f}/img) has been clearly worse than predicting the training "
-            f"base rate for every image ({loop.base_ll:.4f}/img) for {state.watch.worse_than_base} epochs in a row "
-            f"(epoch {epoch}); {_smaller_rate_advice(cfg)}. Its best checkpoint is {run.ckpt_dir / 'best.npz'}"
+            f"the run diverged: for {state.watch.worse_than_base} epochs in a row (to epoch {epoch}) it did no better "
+            f"than predicting the training base rate for every image (validation LL {val_ll:.4f}/img against "
+            f"{loop.base.ll:.4f}, accuracy {100 * val_acc:.2f}% against {100 * loop.base.acc:.2f}%); "
+            f"{_smaller_rate_advice(cfg)}. Its best checkpoint is {run.ckpt_dir / 'best.npz'}"
         )
 
 

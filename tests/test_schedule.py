@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlecli.config import from_dict
-from mlecli.schedule import Watch, after_epoch, base_rate_ll, diverged, learning_rate, stop_early
+from mlecli.schedule import BaseRate, Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
 
 
 def train(**keys):
@@ -55,29 +55,32 @@ def test_reduce_on_plateau_after_patience_epochs_without_a_better_validation_ll(
     w = Watch()
     scales = []
     for val in (-0.5, -0.4, -0.45, -0.41, -0.42, -0.43, -0.3, -0.31, -0.32):
-        w = after_epoch(t, w, val, None)
+        w = after_epoch(t, w, val, 0.9, None)
         scales.append(w.plateau_scale)
     # better, better, worse, worse → halve; worse, worse → halve; better; worse, worse → halve
     assert scales == [1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.125]
-    assert after_epoch(train(), Watch(), -0.5, None).plateau_scale == 1  # plateau_patience = 0: never
+    assert after_epoch(train(), Watch(), -0.5, 0.9, None).plateau_scale == 1  # plateau_patience = 0: never
 
 
-def test_divergence_is_two_epochs_in_a_row_clearly_worse_than_the_base_rate():
+def test_divergence_is_two_epochs_in_a_row_no_better_than_the_base_rate():
     t = train()
+    base = BaseRate(ll=-0.69, acc=0.5)  # no better: LL below -0.759 (10% worse) and accuracy below 55%
     w = Watch()
     seen = []
-    for val in (-0.8, -0.5, -0.8, -0.75, -0.9, -0.8):  # base rate: -0.69; worse by more than 10%: below -0.759
-        w = after_epoch(t, w, val, -0.69)
+    for val, acc in ((-0.8, 0.5), (-0.5, 0.5), (-0.8, 0.52), (-0.75, 0.5), (-0.9, 0.5), (-0.8, 0.54),
+                     (-1.2, 0.86), (-1.3, 0.85)):  # the last two: overfitting, not divergence
+        w = after_epoch(t, w, val, acc, base)
         seen.append((w.worse_than_base, diverged(w)))
-    assert seen == [(1, False), (0, False), (1, False), (0, False), (1, False), (2, True)]
+    assert seen == [(1, False), (0, False), (1, False), (0, False), (1, False), (2, True), (0, False), (0, False)]
 
 
-def test_the_base_rate_ll_is_the_validation_ll_of_predicting_the_training_share():
-    # 3 of 4 training images positive: p = 0.75; validation y = (1, 0)
-    assert base_rate_ll(np.array([1, 1, 1, 0]), np.array([1, 0])) == pytest.approx(
-        (math.log(0.75) + math.log(0.25)) / 2)
-    assert base_rate_ll(np.array([1, 0]), np.array([], np.uint8)) is None
-    assert base_rate_ll(np.array([1, 1]), np.array([1, 0])) is None
+def test_the_base_rate_is_what_predicting_the_training_share_scores_on_validation():
+    # 3 of 4 training images positive: p = 0.75; validation y = (1, 0, 0)
+    base = base_rate(np.array([1, 1, 1, 0]), np.array([1, 0, 0]))
+    assert base.ll == pytest.approx((math.log(0.75) + 2 * math.log(0.25)) / 3)
+    assert base.acc == pytest.approx(1 / 3)  # always "positive", the training majority
+    assert base_rate(np.array([1, 0]), np.array([], np.uint8)) is None
+    assert base_rate(np.array([1, 1]), np.array([1, 0])) is None
 
 
 def test_early_stopping_after_patience_epochs_without_a_better_validation_ll():
