@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mlecli import npz
+from mlecli import npz, schema
 from mlecli.errors import CheckpointError, ConfigError
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.model import Params, layer_sizes
@@ -96,7 +96,7 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: the meta record is not a JSON string")
     try:
         meta = json.loads(str(meta_arr[()]))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: the meta record is not valid JSON") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: the meta record is not a JSON object")
@@ -106,12 +106,15 @@ def load(path: Path) -> Checkpoint:
             f"{path} has checkpoint format {version!r}; this mlecli reads formats "
             f"{', '.join(map(str, READABLE_FORMATS))}: use the mlecli version that wrote it"
         )
-    for key in ("config", "epochs_done", "step", "n_inputs"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: the meta record lacks {key!r}")
+    try:
+        schema.check(meta, schema.META[version], f"{path}: meta record")
+    except schema.SchemaError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:  # the generator's state, exactly as numpy will take it on resume
+        np.random.default_rng().bit_generator.state = meta["rng_state"]
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise CheckpointError(f"{path}: meta record: rng_state is not a state of numpy's generator") from None
     raw_cfg, n_inputs = meta["config"], meta["n_inputs"]
-    if not isinstance(raw_cfg, dict) or not isinstance(n_inputs, int) or n_inputs < 1:
-        raise CheckpointError(f"{path}: the meta record's config or n_inputs is malformed")
     try:
         cfg = config_mod.from_dict(raw_cfg, name=str(raw_cfg.get("name", path.stem)))
     except ConfigError as exc:

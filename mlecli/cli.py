@@ -6,9 +6,11 @@ numpy, requests and tqdm are imported inside the commands that need them so that
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -40,7 +42,7 @@ def printable(text: str) -> str:
 def _log(quiet: bool):
     def log(msg: str) -> None:
         if not quiet:
-            click.echo(msg, err=True)
+            click.echo(printable(msg), err=True)
 
     return log
 
@@ -62,10 +64,22 @@ def quiet_option(f, help="No progress bars or status lines."):
     return click.option("--quiet", "-q", is_flag=True, help=help)(f)
 
 
-def _data_dir(value: Path | None) -> Path:
+def _data_dir(value: Path | None, run: Path | None = None) -> Path:
+    """--data-dir, else $MLECLI_DATA_DIR, else the folder the run `run` was trained
+    with (if it is still there), else ./data."""
+    import os
+
     from mlecli.cache import default_data_dir
 
-    return value if value is not None else default_data_dir()
+    if value is not None:
+        return value
+    if run is not None and not os.environ.get("MLECLI_DATA_DIR"):
+        from mlecli.rundir import trained_data_dir
+
+        remembered = trained_data_dir(run)
+        if remembered is not None:
+            return remembered
+    return default_data_dir()
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -222,9 +236,28 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         cfg = config.load(config_path, overrides)
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
-    outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir), report=report, resume_from=resume_from)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the run is saved: nothing may cut what follows short
-        signal.signal(sig, signal.SIG_IGN)
+    outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report, resume_from=resume_from)
+    with _signals_ignored():  # the run is saved: nothing may cut what follows short
+        code = _say_how_it_ended(outcome, say)
+    if code:
+        sys.exit(code)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _say_how_it_ended(outcome, say) -> int:
+    """Print how a training run ended; return the exit status it calls for."""
     run_dir = outcome.run_dir
     if outcome.interrupted:
         last = run_dir / "checkpoints" / "last.npz"
@@ -235,7 +268,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         else:
             said = f"Stopped by {outcome.interrupted}: saved {last}."
         click.echo(f"{said} Resume with: mlecli train --resume {run_dir}", err=True)
-        sys.exit(130)
+        return 130
     early = outcome.stopped_early
     if early is not None:
         say(f"stopped early after epoch {early['epoch']}: no better validation LL in {early['patience']} epochs "
@@ -246,6 +279,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         say(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
     say(f"evaluate: mlecli evaluate {run_dir}")
     say(f"plot:     mlecli plot {run_dir}")
+    return 0
 
 
 def _stdout_lines(quiet: bool):
@@ -313,7 +347,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     if not re.fullmatch(r"best|last|epoch-\d+", which):
         raise click.BadParameter(f"{which!r} is not best, last or epoch-N", param_hint="'--checkpoint'")
     report = ev.evaluate(
-        target, which=which, split=split, data_dir=_data_dir(data_dir), threshold=threshold,
+        target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
         log=_log(as_json), progress=_progress(as_json),
     )
     saved = ev.save_report(report)
@@ -341,7 +375,7 @@ def plot(run_dir, out, data_dir):
     """
     from mlecli import plot as plotting
 
-    for path in plotting.plot_run(run_dir, out, _data_dir(data_dir), log=_log(False)):
+    for path in plotting.plot_run(run_dir, out, _data_dir(data_dir, run_dir), log=_log(False)):
         click.echo(str(path))
 
 

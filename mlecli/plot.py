@@ -7,7 +7,6 @@ gives byte-identical files.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,9 @@ def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title
         (ax_ll, "ll_mean", "mean log-likelihood per image (nats)", 1.0),
         (ax_acc, "acc", "accuracy (%)", 100.0),
     ):
-        ax.plot(x, [scale * m[f"train_{key}"] for m in epochs], "o-", color="tab:blue", label="training (running)")
+        train = [m.get(f"train_{key}") for m in epochs]
+        ax.plot(x, [scale * v if v is not None else np.nan for v in train], "o-", color="tab:blue",
+                label="training (running)")
         val = [m.get(f"val_{key}") for m in epochs]
         if any(v is not None for v in val):
             ax.plot(x, [scale * v if v is not None else np.nan for v in val], "s-", color="tab:orange",
@@ -167,8 +168,14 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     if report_path is None:
         log(f"no evaluation in {run_dir}: run `mlecli evaluate {run_dir}` for mistakes.png")
     else:
-        report = json.loads(report_path.read_text())
+        from mlecli.evaluate import read_report
+
+        report = read_report(report_path)
         images = _split_images(cfg, report["split"], data_dir)
+        outside = [e["index"] for e in report.get("most_confident_errors", []) if e["index"] >= len(images)]
+        if outside:
+            raise MlecliError(f"{report_path}: image #{outside[0]} is not in the {report['split']} split's "
+                              f"{len(images):,} images; the report is not this run's: evaluate again")
         written.append(mistakes(plt, report, images, out))
     return written
 

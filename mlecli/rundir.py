@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlecli import schema
 from mlecli.errors import ConfigError, MlecliError
 from mlecli.fsutil import TMP_SUFFIX, atomic_write_text, describe_os_error, folder_lock
 
@@ -127,13 +128,29 @@ def _remove_unstarted(run_dir: Path, created: bool) -> None:
 # manifest.json
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The manifest, or {} when it is missing or not a JSON object."""
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def read_manifest(run_dir: Path, *, strict: bool = False) -> dict[str, Any]:
+    """The manifest ({} when there is none). A damaged one raises SchemaError if
+    `strict`, else counts as none (training writes a new one)."""
+    path = run_dir / "manifest.json"
+    if not path.exists():
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    try:
+        return schema.read_json(path, schema.MANIFEST)
+    except schema.SchemaError:
+        if strict:
+            raise
+        return {}
+
+
+def trained_data_dir(target: Path) -> Path | None:
+    """The data folder a run (or the run of a checkpoint file in it) was trained with,
+    if its manifest names one that still exists."""
+    target = Path(target)
+    run = target if target.is_dir() else target.parent.parent if target.parent.name == "checkpoints" else None
+    if run is None:
+        return None
+    folder = read_manifest(run).get("data_dir")
+    return Path(folder) if folder and Path(folder).is_dir() else None
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -171,14 +188,8 @@ def read_metrics(run_dir: Path, upto_step: int | None = None) -> list[dict[str, 
     lines.pop()  # after the last newline: "" or a line cut short
     records = []
     for i, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            raise MlecliError(f"{path}, line {i}: not a JSON record") from None
-        step = record.get("step") if isinstance(record, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise MlecliError(f"{path}, line {i}: not a metrics record (no integer step)")
-        if upto_step is None or step <= upto_step:
+        record = schema.load_json(line, schema.RECORD, f"{path}, line {i}")
+        if upto_step is None or record["step"] <= upto_step:
             records.append(record)
     return records
 

@@ -114,7 +114,7 @@ def _check_finite(params: Params, where: str) -> None:
             raise TrainingError(f"{where}: layer {i}'s weights are no longer finite")
 
 
-def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
+def _manifest(cfg: Config, sha256: dict, started: str, data_dir: Path) -> dict:
     return {
         "mlecli": __version__,
         "numpy": np.__version__,
@@ -123,6 +123,7 @@ def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
         "blas": blas_info(cfg),
         "dataset": cfg.data.dataset,
         "dataset_sha256": sha256,
+        "data_dir": str(Path(data_dir).absolute()),
         "model_seed": cfg.model.seed,
         "train_seed": cfg.train.seed,
         "started": started,
@@ -216,6 +217,11 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists them)")
+    if (run_dir / "checkpoints").is_symlink():
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
+            "copy the run (cp -rL) and resume the copy"
+        )
     candidates = [run_dir / "checkpoints" / "last.npz"]
     candidates += sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
     errors = []
@@ -433,7 +439,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
         run = _Run(cfg, run_dir, data, state, rule)
         run.commit()  # epoch 0: from here on the folder is a run that --resume continues
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-        rundir.write_manifest(run_dir, _manifest(cfg, data.sha256, _now()))
+        rundir.write_manifest(run_dir, _manifest(cfg, data.sha256, _now(), data.data_dir))
     else:
         cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
@@ -463,8 +469,9 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
             if not path.is_file() or path.read_bytes() != data:
                 atomic_write_bytes(path, data)
     atomic_write_text(run.dir / "config.toml", to_toml(run.cfg))
-    manifest = rundir.read_manifest(run.dir) or _manifest(run.cfg, run.data.sha256, _now())
+    manifest = rundir.read_manifest(run.dir) or _manifest(run.cfg, run.data.sha256, _now(), run.data.data_dir)
     manifest.pop("ended", None)
+    manifest["data_dir"] = str(run.data.data_dir.absolute())
     manifest.setdefault("resumed", []).append(
         {"at": _now(), "from": cp.path.name, "epochs_done": state.epochs_done, "step": state.step}
     )
