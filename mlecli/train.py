@@ -545,7 +545,7 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
     p = state.partial
     loop.tally = tally = Tally(p["ll"], p["correct"], p["seen"])
     window = Tally()
-    loop.t_start = time.perf_counter() - p["seconds"]
+    loop.t_start = time.perf_counter() - p.get("seconds", 0.0)  # optional in a checkpoint (schema.PARTIAL)
     t_window = time.perf_counter()
     bar = _bar(report, epoch, cfg.train.epochs, loop.batches, state.batch_in_epoch)
     measured = state.batch_in_epoch * bs  # examples whose logits are tallied
