@@ -148,14 +148,23 @@ def shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarr
     return out
 
 
-def shifted_view(images: np.ndarray, k: int) -> np.ndarray:
-    """A view (n, 2k+1, 2k+1, H, W) of a zero-padded copy of images (n, H, W):
-    view[i, oy, ox] is image i moved by (k − oy, k − ox). Gathering a batch at its
-    offsets is one fancy index, view[idx, oy, ox]."""
+def pad_images(images: np.ndarray, k: int) -> np.ndarray:
+    """Images (n, H, W) with k zero pixels added on every side: (n, H + 2k, W + 2k)."""
     n, H, W = images.shape
     padded = np.zeros((n, H + 2 * k, W + 2 * k), images.dtype)
     padded[:, k : k + H, k : k + W] = images
-    return np.lib.stride_tricks.sliding_window_view(padded, (H, W), axis=(1, 2))
+    return padded
+
+
+def windows(padded: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A view (n, 2k+1, 2k+1, H, W) of padded images (n, H + 2k, W + 2k):
+    view[i, oy, ox] is the H×W window at (oy, ox), i.e. image i moved by (k − oy, k − ox)."""
+    return np.lib.stride_tricks.sliding_window_view(padded, shape, axis=(1, 2))
+
+
+def shifted_view(images: np.ndarray, k: int) -> np.ndarray:
+    """`windows` of `pad_images`: view[idx, oy, ox] gathers a batch at its offsets."""
+    return windows(pad_images(images, k), images.shape[1:])
 
 
 def draw_offsets(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

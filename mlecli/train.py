@@ -49,7 +49,7 @@ from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remov
 from mlecli.model import Params, init_params, layer_sizes, log_prior
 from mlecli.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
 from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
-from mlecli.task import BinaryTask, build_task, draw_offsets, shifted_view
+from mlecli.task import BinaryTask, build_task, draw_offsets, pad_images
 
 # ---------------------------------------------------------------------------
 # Run state and what a checkpoint holds
@@ -512,16 +512,18 @@ class _Loop:
     def __init__(self, run: _Run):
         task, dtype, t = run.data.task, np.dtype(run.cfg.model.dtype), run.cfg.train
         # Training images stay uint8 (n, n_0): each batch is converted as it is gathered;
-        # with shifted digits, from a view of zero-padded copies (n, 2k+1, 2k+1, H, W).
+        # with shifted digits, from zero-padded copies (n, (H+2k)(W+2k)).
         self.X = task.train.images.reshape(len(task.train), task.n_inputs)
-        self.shifted = shifted_view(task.train.images, t.shift) if t.shift else None
+        self.shifted = (pad_images(task.train.images, t.shift).reshape(len(task.train), -1)
+                        if t.shift else None)
         self.Y = task.train.y.astype(dtype)
         self.n = len(self.X)
         self.bs = t.batch_size
         self.batches = math.ceil(self.n / self.bs)
         prior = optim.Prior(t.prior, t.prior_biases, self.n) if t.prior is not None else None
         state = run.state
-        self.ws = Workspace(state.params, min(self.bs, self.n), run.rule.bind(state.params, state.opt_state, prior))
+        self.ws = Workspace(state.params, min(self.bs, self.n), run.rule.bind(state.params, state.opt_state, prior),
+                            t.shift, task.train.images.shape[1:])
         self.z_epoch = np.empty((self.n, 1), dtype)  # each batch's logits, measured in chunks
         self.base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
         self.tally = Tally()

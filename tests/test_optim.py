@@ -9,7 +9,7 @@ import pytest
 from mlecli import blas, optim
 from mlecli.model import forward, init_params, layer_sizes, posterior_gradients
 from mlecli.step import Workspace, train_step
-from mlecli.task import draw_offsets, pixels, shift_images, shifted_view
+from mlecli.task import draw_offsets, pad_images, pixels, shift_images, shifted_view
 
 RULES = {
     "sgd": optim.Sgd(),
@@ -243,7 +243,8 @@ def test_a_shifted_batch_trains_like_the_shifted_images(backend):
     a = random_net((3,), n_in=16)
     b = [(W.copy(), b.copy()) for W, b in a]
     za, zb = np.empty((5, 1)), np.empty((5, 1))
-    train_step(a, Workspace(a, 5), shifted_view(images, 1), idx, y[idx] - 0.5, za, 0.1, offsets=(oy, ox))
+    padded = pad_images(images, 1).reshape(9, -1)
+    train_step(a, Workspace(a, 5, shift=1, image_shape=(4, 4)), padded, idx, y[idx] - 0.5, za, 0.1, offsets=(oy, ox))
     moved = shift_images(images[idx], 1 - oy, 1 - ox).reshape(5, 16)
     train_step(b, Workspace(b, 5), moved, np.arange(5), y[idx] - 0.5, zb, 0.1)
     assert za.tobytes() == zb.tobytes()
