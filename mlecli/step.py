@@ -26,7 +26,8 @@ class Workspace:
 
     xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
     hprime[l] (B, n_{l+1}) per hidden layer; z and delta_out (B, 1); ones (B, 1) for
-    the bias products.
+    the bias products; with shifted digits (`shift` = k > 0, images H×W = `image_shape`)
+    pad (B, (H+2k)(W+2k)) uint8 and its windows (B, 2k+1, 2k+1, H, W).
     """
 
     def __init__(self, params: Params, batch: int, fast: optim.Fast | None = None, shift: int = 0,
@@ -47,7 +48,8 @@ class Workspace:
         self.z = np.empty((batch, 1), dtype)
         self.delta_out = np.empty((batch, 1), dtype)
         self.ones = np.ones((batch, 1), dtype)
-        if shift:  # shifted digits: (B, H+2k, W+2k) padded images as gathered, and their windows
+        self.pad = self.windows = None
+        if shift:  # shifted digits: the batch's padded images as gathered, and their H×W windows
             H, W = image_shape
             self.pad = np.empty((batch, (H + 2 * shift) * (W + 2 * shift)), np.uint8)
             self.windows = windows(self.pad.reshape(batch, H + 2 * shift, W + 2 * shift), (H, W))
@@ -97,7 +99,7 @@ class Plan:
         params = ws.arrays
         last = len(params) - 1
         self.xu, self.x = ws.xu[:m], ws.x[:m]
-        if hasattr(ws, "pad"):
+        if ws.pad is not None:
             self.pad, self.windows, self.rows = ws.pad[:m], ws.windows[:m], np.arange(m)
         self.z, self.delta_out = ws.z[:m], ws.delta_out[:m]
         outs = [h[:m] for h in ws.h] + [self.z]  # each layer's pre-activation, then output
