@@ -6,17 +6,14 @@ numpy, requests and tqdm are imported inside the commands that need them so that
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
 from mlecli import __version__
-from mlecli.errors import MlecliError
+from mlecli.errors import MlecliError, Stopped
 
 
 class Group(click.Group):
@@ -31,6 +28,21 @@ class Group(click.Group):
         except KeyboardInterrupt:  # Ctrl-C where no command turns it into a clean stop of its own
             click.echo("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", err=True)
             sys.exit(130)
+        except Stopped as exc:
+            click.echo(f"Stopped by {exc.signal_name} before training began: no run was written.", err=True)
+            sys.exit(130)
+
+
+def entry() -> None:
+    """The `mlecli` program: the command, then an exit no signal can turn into a traceback
+    (a Ctrl-C arriving while the interpreter shuts down would otherwise print one)."""
+    try:
+        main(prog_name="mlecli")
+    finally:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def printable(text: str) -> str:
@@ -152,8 +164,16 @@ def _override(value):
     help="Seconds to wait for a server to send anything before retrying.",
 )
 @click.option("--retries", type=click.IntRange(min=0), default=3, help="Further attempts per mirror after the first.")
+@click.option(
+    "--min-rate",
+    type=click.FloatRange(min=0.001),
+    default=50.0,
+    metavar="KB/S",
+    help="Slowest average rate (kB/s) a mirror may send at, counted after its first --timeout + 10 seconds; "
+    "a slower mirror is given up.",
+)
 @quiet_option
-def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, quiet):
+def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, min_rate, quiet):
     """Fetch a dataset from its mirrors, verify it and cache it.
 
     Each file's decompressed content must match its known SHA-256 and size; nothing
@@ -172,19 +192,19 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, q
     else:
         ds = builtin(dataset or "mnist")
     root = _data_dir(data_dir)
-    policy = HttpPolicy(read_timeout=timeout, retries=retries)
+    policy = HttpPolicy(read_timeout=timeout, retries=retries, min_rate=min_rate * 1000)
     reports = ensure_dataset(
         ds, root, mirrors=tuple(mirrors), force=force, policy=policy, progress=_progress(quiet), log=_log(quiet)
     )
     if quiet:
         return
-    click.echo(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}")
+    click.echo(printable(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}"))
     width = max(len(r.path.name) for r in reports)
     for r in reports:
         state = "verified" if r.verified else "UNVERIFIED"
         where = "already cached" if r.source == "cache" else f"from {r.source}"
-        click.echo(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}")
-    click.echo(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}")
+        click.echo(printable(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}"))
+    click.echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
 
 
 @main.command()
@@ -236,24 +256,14 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         cfg = config.load(config_path, overrides)
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
-    outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report, resume_from=resume_from)
-    with _signals_ignored():  # the run is saved: nothing may cut what follows short
+    # One StopRequest from here to the last line printed: no signal meets Python's default
+    # handlers in between (after the run, the message saying how to resume is never cut).
+    with training.StopRequest() as stop:
+        outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report,
+                               resume_from=resume_from, stop=stop)
         code = _say_how_it_ended(outcome, say)
     if code:
         sys.exit(code)
-
-
-@contextlib.contextmanager
-def _signals_ignored():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def _say_how_it_ended(outcome, say) -> int:
