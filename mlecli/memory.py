@@ -1,21 +1,12 @@
-"""The machine's memory, and whether a network's training fits in it (checked before
-anything is allocated or any run folder is created)."""
+"""Whether a network's training fits in this machine's memory (checked before anything
+is allocated or any run folder is created; the probe itself is resources.py's)."""
 
 from __future__ import annotations
 
-import os
-
+from mlecli import resources
 from mlecli.errors import ConfigError
 
 INPUT_SIZE_GUESS = 28 * 28  # for the estimate before the data is loaded
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM in this machine (None where the system does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def estimate(hidden: tuple[int, ...], batch_size: int, dtype: str, inputs: int = INPUT_SIZE_GUESS,
@@ -33,18 +24,10 @@ def check_fits(hidden: tuple[int, ...], batch_size: int, dtype: str, inputs: int
                state_slots: int = 0) -> None:
     """Refuse (ConfigError) a network whose training would need more memory than the machine has."""
     need = estimate(hidden, batch_size, dtype, inputs, state_slots)
-    have = physical_memory()
+    have = resources.physical_memory()
     if have and need > have:
         raise ConfigError(
             f"model.hidden = [{', '.join(map(str, hidden))}] with train.batch_size = {batch_size}: the network "
-            f"would need about {_bytes(need)} of memory, more than this machine's {_bytes(have)} "
-            f"(for {inputs}-pixel images); use smaller layers or batches"
+            f"would need about {resources.fmt_bytes(need)} of memory, more than this machine's "
+            f"{resources.fmt_bytes(have)} (for {inputs}-pixel images); use smaller layers or batches"
         )
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")

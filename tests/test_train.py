@@ -276,9 +276,9 @@ def test_a_run_that_cannot_get_its_data_leaves_no_run_folder_and_can_be_retried(
 
 
 def test_a_network_too_big_for_the_memory_leaves_no_run_folder(tiny_config, tmp_path, monkeypatch):
-    from mlecli import memory
+    from mlecli import resources
 
-    monkeypatch.setattr(memory, "physical_memory", lambda: 1000)
+    monkeypatch.setattr(resources, "physical_memory", lambda: 1000)
     run = tmp_path / "run"
     res = train_cli(tiny_config(), "--run-dir", run, data_dir=tmp_path / "d")
     assert res.exit_code == 1
