@@ -179,6 +179,8 @@ def recipe(cfg) -> str:
         parts.append(f"prior {t.prior:g}" + ("+b" if t.prior_biases else ""))
     if t.shift:
         parts.append(f"shift {t.shift}")
+    if cfg.data.validation == 0:
+        parts.append("no hold-out")
     return " ".join(parts)
 
 
