@@ -204,3 +204,14 @@ def test_a_checkpoint_whose_update_rule_state_is_missing_is_refused(tiny_config,
     assert res.exit_code == 1
     assert res.stderr.splitlines()[-1] == (
         f"Error: {last}: the adam state array opt.v.W2 is missing; it cannot be resumed")
+
+
+def test_run_as_a_library_call_handles_its_own_signals(tiny_config, tmp_path):
+    # the benchmarks call train.run without a StopRequest of their own
+    from mlecli.config import load
+
+    report = training.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
+    outcome = training.run(load(tiny_config(train={"epochs": 2})), tmp_path / "run", data_dir=tmp_path / "d",
+                           report=report)
+    assert outcome.epochs_done == 2 and outcome.interrupted is None
+    assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.npz").epoch == 2
