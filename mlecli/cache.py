@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,10 +270,21 @@ def ensure_dataset(
             sessions.append((session_factory or new_session)())
         return sessions[0]
 
+    made = [p for p in (Path(data_dir), folder) if not p.exists()]  # what a failure should not leave behind
     try:
-        with folder_lock(folder, wait=True, what=f"the data folder {folder}"):
-            reports = _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, shared_session,
-                                     fetch, how_to_fetch)
+        with folder_lock(folder, wait=True, what=f"the data folder {folder}") as lock:
+            try:
+                reports = _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, shared_session,
+                                         fetch, how_to_fetch)
+            except BaseException:
+                if folder in made:
+                    _remove_if_unused(folder, lock)
+                raise
+    except BaseException:
+        if Path(data_dir) in made:
+            with contextlib.suppress(OSError):
+                Path(data_dir).rmdir()  # only if the failure left it empty
+        raise
     finally:
         for s in sessions:
             s.close()
@@ -282,12 +293,12 @@ def ensure_dataset(
 
 
 def _warn_unverified(dataset: Dataset, reports: list[FileReport], log) -> None:
-    for r in reports:
-        if not r.verified:
-            log(
-                f"warning: {r.path.name} of {dataset.name} is unverified (no sha256 in the config); "
-                f"it hashed to {r.sha256}: add it to [data] sha256 to pin it"
-            )
+    """One warning for a dataset whose files are not all pinned, and the line that pins them."""
+    loose = [r.role for r in reports if not r.verified]
+    if loose:
+        log(f"warning: {', '.join(loose)} of {dataset.name} are not pinned by a sha256 in its config, so nothing "
+            "tells if they change; to pin them as they are now, add this line to the config's [data] table:")
+        log("sha256 = { " + ", ".join(f'{r.role} = "{r.sha256}"' for r in reports) + " }")
 
 
 def _complete(dataset: Dataset, folder: Path) -> list[FileReport] | None:
@@ -326,9 +337,12 @@ def _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, s
         else:
             if not fetch:
                 raise DataError(_refusal(dataset, folder, how_to_fetch))
+            extra = {} if is_builtin(dataset) else {
+                "advice": f"Check the network, and the url of the {dataset.name} dataset in its config's [data] table"
+            }
             digest, source = fetch_file(
                 all_mirrors, expected, path, partial,
-                session_factory=session_factory, policy=policy, progress=progress, log=log,
+                session_factory=session_factory, policy=policy, progress=progress, log=log, **extra,
             )
             size = record[expected.name]["size"]
         reports.append(FileReport(role, path, size, digest, verified=role in dataset.sha256, source=source))
@@ -380,6 +394,16 @@ def _leftovers(folder: Path) -> bool:
         except OSError:
             pass
     return (folder / PARTIAL).exists()
+
+
+def _remove_if_unused(folder: Path, lock) -> None:
+    """Remove a dataset folder this call made, if a failure left no file of the dataset in it
+    (its empty raw/ and partial/ folders go too; partial downloads worth resuming stay)."""
+    for sub in (RAW, PARTIAL):
+        with contextlib.suppress(OSError):
+            (folder / sub).rmdir()
+    if all(p.name == ".lock" for p in folder.iterdir()):
+        lock.discard()
 
 
 def _tidy_if_free(folder: Path, dataset: Dataset) -> None:
@@ -447,13 +471,56 @@ def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict
 def load_split(dataset: Dataset, data_dir: Path, split: str) -> Split | None:
     """Load a cached split without touching the network or writing, or None if it must be (re)built."""
     folder = dataset_dir(dataset, data_dir)
-    return _load_npz(folder, split, dataset, _read_record(folder, dataset))
+    return _load_split(folder, split, dataset, _read_record(folder, dataset))
 
 
 def _load_both(dataset: Dataset, folder: Path) -> dict[str, Split] | None:
     record = _read_record(folder, dataset)
-    splits = {s: _load_npz(folder, s, dataset, record) for s in SPLITS}
+    splits = {s: _load_split(folder, s, dataset, record) for s in SPLITS}
     return None if any(v is None for v in splits.values()) else splits  # type: ignore[return-value]
+
+
+def _load_split(folder: Path, split: str, dataset: Dataset, record: dict) -> Split | None:
+    if _kept is None:
+        return _load_npz(folder, split, dataset, record)
+    key = _stamp(folder, split, dataset)
+    if key is not None and key in _kept:
+        return _kept[key]
+    loaded = _load_npz(folder, split, dataset, record)
+    if loaded is not None and key is not None:
+        loaded.images.setflags(write=False)  # shared by every run of the process from now on
+        loaded.labels.setflags(write=False)
+        _kept[key] = loaded
+    return loaded
+
+
+_kept: dict[tuple, Split] | None = None  # splits kept loaded by `keep_loaded`, by _stamp
+
+
+@contextlib.contextmanager
+def keep_loaded() -> Iterator[None]:
+    """Within the block, a split once loaded is handed out again without reading it, for
+    as long as neither its .npz nor its raw files change (a sweep's worker process reads
+    each dataset once for all of its runs). The kept arrays are shared, hence read-only."""
+    global _kept
+    outer, _kept = _kept, {}
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
+def _stamp(folder: Path, split: str, dataset: Dataset) -> tuple | None:
+    """What a kept split depends on: the dataset's files and hashes, and the size,
+    modification time and inode of the .npz and of the raw files behind it."""
+    roles = (f"{split}-images", f"{split}-labels")
+    try:
+        paths = [folder / f"{split}.npz", *(folder / RAW / dataset.files[r] for r in roles)]
+        stats = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
+        files = tuple((r, dataset.files[r], dataset.sha256.get(r)) for r in roles)
+    except (OSError, KeyError):
+        return None
+    return str(folder.resolve()), split, dataset.name, files, stats
 
 
 def prepare(

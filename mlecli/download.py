@@ -131,6 +131,7 @@ def fetch_file(
     policy: HttpPolicy,
     progress: bool,
     log: Callable[[str], None],
+    advice: str = "Check the network, or point `mlecli download --mirror` at a URL or local folder that has the file",
 ) -> tuple[str, str]:
     """Try each mirror in order until one delivers a verified copy, renamed to `dest`.
 
@@ -152,10 +153,7 @@ def fetch_file(
             if i < len(mirrors) - 1:
                 log(f"{expected.name}: {mirror} failed ({exc.reason}); trying the next mirror")
     tried = "; ".join(failures) if failures else "no mirrors given"
-    raise DownloadError(
-        f"could not download {expected.name} from any mirror: {tried}. "
-        "Check the network, or point `mlecli download --mirror` at a URL or local folder that has the file"
-    )
+    raise DownloadError(f"could not download {expected.name} from any mirror: {tried}. {advice}")
 
 
 def _candidates(name: str) -> list[str]:
@@ -211,7 +209,19 @@ def _verify(size: int, digest: str, expected: Expected) -> None:
     if expected.size is not None and size != expected.size:
         raise DataError(f"{size} bytes after decompression, expected {expected.size}")
     if expected.sha256 is not None and digest != expected.sha256:
-        raise DataError(f"sha256 mismatch: got {digest}, expected {expected.sha256}")
+        raise DataError(f"sha256 mismatch: got {digest}, expected {expected.sha256}{_whose(digest)}")
+
+
+def _whose(digest: str) -> str:
+    """When a file that is not the expected one is another built-in dataset's, say so."""
+    from mlecli.datasets import BUILTIN
+
+    for ds in BUILTIN.values():
+        for role, known in ds.sha256.items():
+            if known == digest:
+                return (f" (that is {ds.name}'s {ds.files[role]}: to fetch {ds.name}, use mlecli download "
+                        f"--dataset {ds.name}, or data.dataset = \"{ds.name}\" in a config)")
+    return ""
 
 
 def _looks_like(head: bytes) -> str:

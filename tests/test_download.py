@@ -188,7 +188,7 @@ def test_when_every_mirror_fails_one_message_lists_each(tiny, mirrors, tmp_path)
     assert msg.startswith(f"could not download {TRAIN_IMAGES} from any mirror: {a.url}: HTTP 403; ")
     assert f"{b.url}: HTTP 404 for {TRAIN_IMAGES}.gz and HTTP 404 for {TRAIN_IMAGES}; " in msg
     assert "http://127.0.0.1:9/nothing/: connection refused (gave up after 4 attempts)" in msg
-    assert msg.endswith("point `mlecli download --mirror` at a URL or local folder that has the file")
+    assert msg.endswith("Check the network, and the url of the tiny dataset in its config's [data] table")
     assert "\n" not in msg
 
 
@@ -329,10 +329,8 @@ def test_cli_custom_dataset_without_hashes_is_marked_unverified(tiny, mirrors, t
     res = CliRunner().invoke(main, ["download", "--config", str(cfg), "--data-dir", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     digest = hashlib.sha256(tiny.contents[TRAIN_IMAGES]).hexdigest()
-    assert (
-        f"warning: {TRAIN_IMAGES} of tiny is unverified (no sha256 in the config); it hashed to {digest}: "
-        "add it to [data] sha256 to pin it"
-    ) in res.stderr
+    assert "warning: train-images, train-labels, test-images, test-labels of tiny are not pinned" in res.stderr
+    assert f'train-images = "{digest}"' in res.stderr.splitlines()[-1]
     assert "UNVERIFIED" in res.stdout.splitlines()[1]
     record = json.loads((dataset_dir(tiny.spec((m.url,), verified=False), tmp_path / "d") / "record.json").read_text())
     assert record["files"][TRAIN_IMAGES] == {"sha256": digest, "size": 235216, "source": m.url + TRAIN_IMAGES + ".gz"}
