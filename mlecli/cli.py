@@ -295,8 +295,8 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     """Train a network on a binary digit task by maximum likelihood.
 
     CONFIG is a TOML file, or the name of a built-in config (default, logreg,
-    four-vs-nine, deep); without it the built-in default is used. The run folder gets
-    config.toml, manifest.json, metrics.jsonl and checkpoints/.
+    four-vs-nine, deep, accurate); without it the built-in default is used. The run
+    folder gets config.toml, manifest.json, metrics.jsonl and checkpoints/.
     """
     from mlecli import config
     from mlecli import train as training
@@ -338,6 +338,10 @@ def _say_how_it_ended(outcome, say) -> int:
         with contextlib.suppress(OSError):  # stderr full: the exit status 130 still says it
             echo(printable(f"{said} Resume with: mlecli train --resume {run_dir}"), err=True)
         return 130
+    early = outcome.stopped_early
+    if early is not None:
+        say(f"stopped early after epoch {early['epoch']}: no better validation LL in {early['patience']} epochs "
+            f"(train.patience); the run is finished")
     best = outcome.best
     if best is not None:
         label = "validation" if best["key"] == "val_ll_mean" else "training"

@@ -10,99 +10,27 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from mlecli.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.errors import ConfigError
+from mlecli.memory import check_fits
 
 DTYPES = ("float32", "float64")
 DIGITS = range(10)
-INPUT_SIZE_GUESS = 28 * 28  # for the memory estimate before the data is loaded
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "mnist"
-    url: str | None = None
-    files: dict[str, str] | None = None
-    sha256: dict[str, str] | None = None
-    validation: float | int = 0.1
-
-    def resolve(self) -> Dataset:
-        """The Dataset this table describes (a built-in one, or a custom IDX dataset)."""
-        if self.dataset in BUILTIN:
-            ds = builtin(self.dataset)
-            if self.url is None:
-                return ds
-            return Dataset(ds.name, (self.url, *ds.mirrors), ds.files, ds.sha256, ds.sizes, ds.digits)
-        if self.url is None:
-            raise ConfigError(
-                f"data.dataset = {self.dataset!r} is not built in ({', '.join(BUILTIN)}): "
-                "set data.url to the base URL or local folder of its IDX files"
-            )
-        return custom(self.dataset, self.url, self.files, self.sha256, where="data")
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    positive: tuple[int, ...] = (1, 3, 5, 7, 9)
-    negative: tuple[int, ...] | str = (0, 2, 4, 6, 8)
-
-    @property
-    def negative_digits(self) -> tuple[int, ...]:
-        if self.negative == "rest":
-            return tuple(d for d in DIGITS if d not in self.positive)
-        return self.negative  # type: ignore[return-value]
-
-    def describe(self) -> str:
-        neg = "rest" if self.negative == "rest" else ",".join(map(str, self.negative))
-        return f"{','.join(map(str, self.positive))} vs {neg}"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    hidden: tuple[int, ...] = (128,)
-    dtype: str = "float32"
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    seed: int = 0
-    checkpoint_every: int = 1
-    log_every: int = 0
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    data: DataConfig
-    task: TaskConfig
-    model: ModelConfig
-    train: TrainConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["task"]["positive"] = list(self.task.positive)
-        d["task"]["negative"] = "rest" if self.task.negative == "rest" else list(self.task.negative)
-        d["model"]["hidden"] = list(self.model.hidden)
-        for key in ("url", "files", "sha256"):
-            if d["data"][key] is None:
-                del d["data"][key]
-        return d
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+MAX_SHIFT = 8
 
 
 # ---------------------------------------------------------------------------
-# Checks. Each takes the full key and the value, returns the clean value or raises.
+# Checks. Each takes the full key and the value as TOML gave it, returns the clean
+# value or raises.
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
@@ -123,6 +51,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
 def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
     def check(key: str, v: Any) -> int:
         if not _is_int(v) or v < lo or (hi is not None and v > hi):
@@ -134,8 +66,40 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
 
 
 def positive_float(key: str, v: Any) -> float:
-    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v <= 0:
+    if not _is_number(v) or v <= 0:
         raise _fail(key, v, "must be a finite number > 0")
+    return float(v)
+
+
+def non_negative_float(key: str, v: Any) -> float:
+    if not _is_number(v) or v < 0:
+        raise _fail(key, v, "must be a finite number >= 0")
+    return float(v)
+
+
+def fraction(lo_closed: bool) -> Callable[[str, Any], float]:
+    """A number in [0, 1) (lo_closed) or (0, 1)."""
+
+    def check(key: str, v: Any) -> float:
+        if not _is_number(v) or v >= 1 or v < 0 or (v == 0 and not lo_closed):
+            raise _fail(key, v, f"must be a number from 0 ({'inclusive' if lo_closed else 'exclusive'}) "
+                                "up to (not including) 1")
+        return float(v)
+
+    return check
+
+
+def a_bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(key, v, "must be true or false")
+    return v
+
+
+def sd_or_none(key: str, v: Any) -> float | str:
+    if v == "none":
+        return "none"
+    if not _is_number(v) or v <= 0:
+        raise _fail(key, v, 'must be a finite number > 0 (the prior\'s standard deviation), or "none" for no prior')
     return float(v)
 
 
@@ -188,37 +152,137 @@ def digit_list(key: str, v: Any, *, allow_rest: bool = False) -> tuple[int, ...]
     return tuple(v)
 
 
+def digits_or_rest(key: str, v: Any) -> tuple[int, ...] | str:
+    return digit_list(key, v, allow_rest=True)
+
+
 def hidden_sizes(key: str, v: Any) -> tuple[int, ...]:
     if not isinstance(v, list) or not all(_is_int(n) and n > 0 for n in v):
         raise _fail(key, v, "hidden must be a list of positive integers ([] = logistic regression)")
     return tuple(v)
 
 
+def key(default: Any, check: Callable[[str, Any], Any]) -> Any:
+    """A config key, declared once: its default (the clean value) and its check."""
+    return field(default=default, metadata={"check": check})
+
+
+# ---------------------------------------------------------------------------
+# The keys: one dataclass per section, each field a key with its default and its check.
+# configs/default.toml lists every key at its default (a test holds the two equal).
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = key("mnist", a_string)
+    url: str | None = key(None, a_string)
+    files: dict[str, str] | None = key(None, string_table)
+    sha256: dict[str, str] | None = key(None, string_table)
+    validation: float | int = key(0.1, validation_share)
+
+    def resolve(self) -> Dataset:
+        """The Dataset this table describes (a built-in one, or a custom IDX dataset)."""
+        if self.dataset in BUILTIN:
+            ds = builtin(self.dataset)
+            if self.url is None:
+                return ds
+            return Dataset(ds.name, (self.url, *ds.mirrors), ds.files, ds.sha256, ds.sizes, ds.digits)
+        if self.url is None:
+            raise ConfigError(
+                f"data.dataset = {self.dataset!r} is not built in ({', '.join(BUILTIN)}): "
+                "set data.url to the base URL or local folder of its IDX files"
+            )
+        return custom(self.dataset, self.url, self.files, self.sha256, where="data")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    positive: tuple[int, ...] = key((1, 3, 5, 7, 9), digit_list)
+    negative: tuple[int, ...] | str = key((0, 2, 4, 6, 8), digits_or_rest)
+
+    @property
+    def negative_digits(self) -> tuple[int, ...]:
+        if self.negative == "rest":
+            return tuple(d for d in DIGITS if d not in self.positive)
+        return self.negative  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        neg = "rest" if self.negative == "rest" else ",".join(map(str, self.negative))
+        return f"{','.join(map(str, self.positive))} vs {neg}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = key((128,), hidden_sizes)
+    dtype: str = key("float32", one_of(*DTYPES))
+    seed: int = key(0, int_in(0))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = key(20, int_in(1))
+    batch_size: int = key(32, int_in(1))
+    learning_rate: float = key(0.05, positive_float)
+    seed: int = key(0, int_in(0))
+    checkpoint_every: int = key(1, int_in(1))
+    log_every: int = key(0, int_in(0))
+    # the update rule and its numbers (optim.py)
+    optimizer: str = key("sgd", one_of(*OPTIMIZERS))
+    momentum: float = key(0.9, fraction(lo_closed=True))
+    beta1: float = key(0.9, fraction(lo_closed=True))
+    beta2: float = key(0.999, fraction(lo_closed=True))
+    epsilon: float = key(1e-8, positive_float)
+    # a Gaussian prior on the weights (maximum a posteriori)
+    prior_sd: float | str = key("none", sd_or_none)
+    prior_biases: bool = key(False, a_bool)
+    # the learning-rate schedule (schedule.py)
+    schedule: str = key("constant", one_of(*SCHEDULES))
+    warmup_epochs: float = key(0.0, non_negative_float)
+    decay_every: int = key(10, int_in(1))
+    decay_factor: float = key(0.1, fraction(lo_closed=False))
+    min_learning_rate: float = key(0.0, non_negative_float)
+    plateau_patience: int = key(0, int_in(0))
+    plateau_factor: float = key(0.5, fraction(lo_closed=False))
+    # early stopping, and shifted digits
+    patience: int = key(0, int_in(0))
+    shift: int = key(0, int_in(0, MAX_SHIFT))
+
+    @property
+    def prior(self) -> float | None:
+        """The prior's σ, or None for none (plain maximum likelihood)."""
+        return None if self.prior_sd == "none" else float(self.prior_sd)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    data: DataConfig
+    task: TaskConfig
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["task"]["positive"] = list(self.task.positive)
+        d["task"]["negative"] = "rest" if self.task.negative == "rest" else list(self.task.negative)
+        d["model"]["hidden"] = list(self.model.hidden)
+        for k in ("url", "files", "sha256"):
+            if d["data"][k] is None:
+                del d["data"][k]
+        return d
+
+
+SECTIONS = {"data": DataConfig, "task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _raw(value: Any) -> Any:
+    """A clean value as TOML gives it (tuples are lists there)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+# Derived from the dataclasses: section → key → (check, default as TOML gives it).
 SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any]]] = {
-    "data": {
-        "dataset": (a_string, DataConfig.dataset),
-        "url": (a_string, None),
-        "files": (string_table, None),
-        "sha256": (string_table, None),
-        "validation": (validation_share, DataConfig.validation),
-    },
-    "task": {
-        "positive": (digit_list, list(TaskConfig.positive)),
-        "negative": (lambda k, v: digit_list(k, v, allow_rest=True), list(TaskConfig.negative)),  # type: ignore[arg-type]
-    },
-    "model": {
-        "hidden": (hidden_sizes, list(ModelConfig.hidden)),
-        "dtype": (one_of(*DTYPES), ModelConfig.dtype),
-        "seed": (int_in(0), ModelConfig.seed),
-    },
-    "train": {
-        "epochs": (int_in(1), TrainConfig.epochs),
-        "batch_size": (int_in(1), TrainConfig.batch_size),
-        "learning_rate": (positive_float, TrainConfig.learning_rate),
-        "seed": (int_in(0), TrainConfig.seed),
-        "checkpoint_every": (int_in(1), TrainConfig.checkpoint_every),
-        "log_every": (int_in(0), TrainConfig.log_every),
-    },
+    section: {f.name: (f.metadata["check"], _raw(f.default)) for f in fields(cls)} for section, cls in SECTIONS.items()
 }
 TOP_LEVEL = {"name"}
 ALL_KEYS = sorted([*TOP_LEVEL, *SCHEMA, *(f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys)])
@@ -244,23 +308,13 @@ def from_dict(raw: dict[str, Any], *, name: str) -> Config:
                 raise _unknown(f"{key}.{sub}")
     name = run_name("name", raw.get("name", name))
     sections = {}
-    for section, fields in SCHEMA.items():
+    for section, cls in SECTIONS.items():
         given = raw.get(section, {})
-        sections[section] = {k: check(f"{section}.{k}", given[k]) if k in given else check_default(default)
-                             for k, (check, default) in fields.items()}
-    cfg = Config(
-        name=name,
-        data=DataConfig(**sections["data"]),
-        task=TaskConfig(**sections["task"]),
-        model=ModelConfig(**sections["model"]),
-        train=TrainConfig(**sections["train"]),
-    )
+        sections[section] = cls(**{f.name: f.metadata["check"](f"{section}.{f.name}", given[f.name])
+                                   for f in fields(cls) if f.name in given})
+    cfg = Config(name=name, **sections)
     _cross_checks(cfg)
     return cfg
-
-
-def check_default(default: Any) -> Any:
-    return tuple(default) if isinstance(default, list) else default
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -273,45 +327,35 @@ def _cross_checks(cfg: Config) -> None:
     elif len(cfg.task.positive) == 10:
         raise ConfigError('task.negative = "rest" leaves no digits when task.positive lists all ten')
     cfg.data.resolve()  # dataset name, url, files and hashes are checked here
-    need = estimate_memory(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype)
-    have = physical_memory()
-    if have and need > have:
+    t = cfg.train
+    if t.schedule == "cosine" and t.min_learning_rate >= t.learning_rate:
         raise ConfigError(
-            f"model.hidden = {_show(list(cfg.model.hidden))} with train.batch_size = {cfg.train.batch_size}: "
-            f"the network would need about {_bytes(need)} of memory, more than this machine's {_bytes(have)}; "
-            "use smaller layers or batches"
+            f"train.min_learning_rate = {t.min_learning_rate:g} must be below train.learning_rate = "
+            f"{t.learning_rate:g}: the cosine schedule decays from the one to the other"
         )
+    if t.warmup_epochs >= t.epochs:
+        raise ConfigError(
+            f"train.warmup_epochs = {t.warmup_epochs:g} must be less than train.epochs = {t.epochs}: "
+            "the warm-up would take the whole run"
+        )
+    if cfg.data.validation == 0:
+        for name, value in (("plateau_patience", t.plateau_patience), ("patience", t.patience)):
+            if value:
+                raise ConfigError(
+                    f"train.{name} = {value} watches the validation log-likelihood, but data.validation = 0 "
+                    f"holds out no images: set data.validation (e.g. 0.1) or train.{name} = 0"
+                )
+    check_fits(cfg.model.hidden, t.batch_size, cfg.model.dtype, state_slots=STATE_SLOTS[t.optimizer])
 
 
-def estimate_memory(hidden: tuple[int, ...], batch_size: int, dtype: str, inputs: int = INPUT_SIZE_GUESS) -> int:
-    """Bytes for weights, gradients, a best copy and a batch's activations (a lower bound)."""
-    sizes = [inputs, *hidden, 1]
-    params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
-    activations = batch_size * sum(sizes) * 3
-    itemsize = 4 if dtype == "float32" else 8
-    return (3 * params + activations) * itemsize
-
-
-def physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+STATE_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2}  # arrays like the weights each keeps
 
 
 # ---------------------------------------------------------------------------
 # Files and overrides
 
 
-BUILTIN_CONFIGS = ("default", "logreg", "four-vs-nine", "deep")
+BUILTIN_CONFIGS = ("default", "logreg", "four-vs-nine", "deep", "accurate")
 
 
 def builtin_config_text(name: str) -> str:
@@ -374,7 +418,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a config file (None = the built-in default) and apply overrides.
 
-    A bare name of a built-in config (default, logreg, four-vs-nine, deep) that is not
+    A bare name of a built-in config (default, logreg, four-vs-nine, deep, accurate) that is not
     a file in the current folder loads the copy shipped inside the package.
     """
     if path is None or (str(path) in BUILTIN_CONFIGS and not Path(path).exists()):

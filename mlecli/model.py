@@ -7,7 +7,8 @@ pairs, hidden layers first, output layer last; no hidden layers = logistic regre
     h_0 = x,   h_l = σ(h_{l-1} W_l + b_l),   z = h_L W_out + b_out,   ŷ = σ(z) = P(Y=1 | x)
     LL = Σ_i [ y_i log ŷ_i + (1 − y_i) log(1 − ŷ_i) ] = Σ_i [ y_i z_i − softplus(z_i) ]
 
-These are the test oracle for the fast in-place trainer in `train.py`.
+These are the test oracle for the fast in-place step in `step.py` and the update
+rules in `optim.py`.
 """
 
 from __future__ import annotations
@@ -86,3 +87,43 @@ def ascent_step(params: Params, grads: Params, learning_rate: float) -> Params:
 def predict_proba(params: Params, x: np.ndarray) -> np.ndarray:
     """ŷ = P(Y=1 | x) for each row of x."""
     return sigmoid(forward(params, x)[1])
+
+
+# ---------------------------------------------------------------------------
+# A Gaussian prior on the weights, and the log posterior (maximum a posteriori)
+#
+#     log p(θ) = Σ_w [ −w²/(2σ²) − log(σ √(2π)) ]   over the weights (and the biases if asked)
+#     log p(θ | D) = LL(D) + log p(θ) − log p(D)
+#
+# The LL is a sum over the N training images; a batch of m of them ascends
+# LL_batch + (m/N) log p(θ), so that one pass over the data ascends the whole log posterior.
+
+
+def log_prior(params: Params, sd: float, biases: bool = False) -> float:
+    """log p(θ) for independent N(0, sd²) on every weight (and bias if `biases`)."""
+    arrays = [W for W, _ in params] + ([b for _, b in params] if biases else [])
+    count = sum(a.size for a in arrays)
+    squares = sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)
+    return -squares / (2 * sd * sd) - count * (np.log(sd) + 0.5 * np.log(2 * np.pi))
+
+
+def prior_gradients(params: Params, sd: float, biases: bool = False) -> Params:
+    """∇θ log p(θ) = −θ/σ² (zero for the biases unless `biases`)."""
+    return [(-W / (sd * sd), -b / (sd * sd) if biases else np.zeros_like(b)) for W, b in params]
+
+
+def log_posterior(params: Params, x: np.ndarray, y: np.ndarray, sd: float | None, biases: bool, share: float) -> float:
+    """LL_batch + share · log p(θ), the objective of one batch (share = m/N); sd None: no prior."""
+    ll = log_likelihood(forward(params, x)[1], y)
+    return ll if sd is None else ll + share * log_prior(params, sd, biases)
+
+
+def posterior_gradients(
+    params: Params, hs: list[np.ndarray], z: np.ndarray, y: np.ndarray, sd: float | None, biases: bool, share: float
+) -> Params:
+    """∇θ [LL_batch + share · log p(θ)]: `gradients` plus share × `prior_gradients`."""
+    grads = gradients(params, hs, z, y)
+    if sd is None:
+        return grads
+    return [(dW + share * pW, db + share * pb)
+            for (dW, db), (pW, pb) in zip(grads, prior_gradients(params, sd, biases), strict=True)]

@@ -55,7 +55,7 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
                            "dataset": None, "hidden": None, "learning_rate": None, "batch_size": None,
                            "optimizer": None, "epochs_done": None, "epochs": None, "best_epoch": None,
                            "val_ll": None, "val_acc": None, "test_acc": None, "seconds": None, "started": None,
-                           "status": "broken", "problem": None, "config": None}
+                           "status": "broken", "problem": None, "note": None, "config": None}
     try:
         _fill(row, run_dir)
     except MlecliError as exc:
@@ -96,8 +96,12 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
     elif ended.get("status") == "failed":
         row["status"] = "failed"
         row["problem"] = ended.get("error")
-    elif last.epoch >= cfg.train.epochs:
+    elif last.epoch >= cfg.train.epochs or last.meta.get("stopped_early"):
         row["status"] = "finished"
+        early = last.meta.get("stopped_early")
+        if early:
+            row["note"] = (f"stopped early after epoch {early['epoch']}: no better validation LL since epoch "
+                           f"{early['best_epoch']}")
     else:
         row["status"] = "interrupted"
     # Only the default-threshold report: one at another threshold has its own name
@@ -232,7 +236,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     body = [[printable(cell(r)) for _, cell in columns] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *body]]
-    notes = [printable(f"  {r['name']}: {r['problem']}") for r in rows if r["problem"]]
+    notes = [printable(f"  {r['name']}: {r['problem'] or r['note']}") for r in rows if r["problem"] or r["note"]]
     return "\n".join(lines + notes)
 
 

@@ -142,7 +142,8 @@ FIGURE = nullable(number())
 COUNT = integer(0)
 
 _FIGURES = {"train_ll": FIGURE, "train_ll_mean": FIGURE, "train_acc": FIGURE, "val_ll_mean": FIGURE,
-            "val_acc": FIGURE, "seconds": FIGURE, "images_per_s": FIGURE}
+            "val_acc": FIGURE, "seconds": FIGURE, "images_per_s": FIGURE, "lr": FIGURE, "log_prior": FIGURE,
+            "log_posterior": FIGURE}
 
 # A metrics.jsonl line: {"kind": "epoch" | "step", ...}; the figures may be null.
 RECORD = obj(required={"step": COUNT, "epoch": integer(1)}, optional={"kind": string(64), **_FIGURES})
@@ -151,6 +152,12 @@ BEST = obj(
     required={"epoch": COUNT, "key": one_of("val_ll_mean", "train_ll_mean"), "value": number()},
     optional={"record": obj(optional={"kind": string(64), "epoch": COUNT, "step": COUNT, **_FIGURES})},
 )
+
+# How early stopping ended a run (checkpoint meta and the manifest's `ended`)
+STOPPED_EARLY = obj(required={"epoch": integer(1), "best_epoch": integer(1), "patience": integer(1)})
+# The epoch-end watches of schedule.Watch
+WATCH = obj(required={"plateau_scale": number(), "plateau_best": FIGURE, "plateau_bad": COUNT,
+                      "worse_than_base": COUNT})
 
 PARTIAL = obj(required={"ll": number(), "correct": COUNT, "seen": COUNT}, optional={"seconds": number()})
 
@@ -169,6 +176,8 @@ _META_OPTIONAL = {
     "dataset_sha256": mapping(SHA256),
     "mlecli": string(64),
     "blas": obj(optional={"backend": string(200), "threads": nullable(integer(1))}),
+    "watch": WATCH,
+    "stopped_early": nullable(STOPPED_EARLY),
 }
 
 META = {
@@ -181,7 +190,7 @@ MANIFEST = obj(optional={
     "dataset": string(200), "dataset_sha256": mapping(SHA256), "model_seed": COUNT, "train_seed": COUNT,
     "started": string(64), "resumed": array(OBJECT),
     "ended": obj(required={"status": one_of("finished", "interrupted", "failed")},
-                 optional={"at": string(64), "error": nullable(string())}),
+                 optional={"at": string(64), "error": nullable(string()), "stopped_early": STOPPED_EARLY}),
     "blas": obj(optional={"backend": string(200), "threads": nullable(integer(1))}),
     "data_dir": string(4096),
 })

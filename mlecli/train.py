@@ -4,14 +4,18 @@
 phases, each a function just above it: `_open` (a new run, or one restored from its
 newest checkpoint and repaired), `_train_epoch` (seeded permutation cut into batches,
 the last smaller batch included; each batch one forward pass, one backward pass and
-one ascent step θ ← θ + η ∇θ LL_batch) and `_end_epoch` (validation, the metrics
-record, and the commit: `last.npz`, then its copies).
+one step of the update rule up the batch's log posterior, at the learning rate the
+schedule gives for that step) and `_end_epoch` (validation, the metrics record, the
+watches of plateau, early stopping and divergence, and the commit: `last.npz`, then
+its copies).
 
 Exactness: the only randomness is `default_rng(model.seed)` for the initial weights and
 one `default_rng(train.seed)` that first holds out the validation images, then draws
-each epoch's permutation. A checkpoint stores that generator's state as it was before
-the current epoch's permutation, and how many batches of the epoch are done, so a
-resumed run replays the very same batches and ends with bit-identical weights.
+each epoch's permutation (and, with shifted digits, each image's shift). A checkpoint
+stores that generator's state as it was before the current epoch's draws, how many
+batches of the epoch are done, the update rule's state (arrays `opt.…`) and the
+watches' (the plateau's scale of η among them), so a resumed run replays the very same
+batches at the very same learning rates and ends with bit-identical weights.
 
 Crash consistency (see rundir.py): `last.npz` is the commit record. Metrics lines are
 appended and synced before it is renamed in; `epoch-NNNN.npz` and `best.npz` are byte
@@ -36,15 +40,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli import __version__, blas, rundir
+from mlecli import __version__, blas, memory, optim, rundir
 from mlecli import checkpoint as ckpt
 from mlecli.cache import prepare
-from mlecli.config import Config, estimate_memory, physical_memory, to_toml
+from mlecli.config import STATE_SLOTS, Config, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
 from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from mlecli.model import Params, init_params, layer_sizes
+from mlecli.model import Params, init_params, layer_sizes, log_prior
+from mlecli.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
 from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
-from mlecli.task import BinaryTask, build_task
+from mlecli.task import BinaryTask, build_task, draw_offsets, pad_images
 
 # ---------------------------------------------------------------------------
 # Run state and what a checkpoint holds
@@ -65,6 +70,9 @@ class State:
     rng_state: dict = field(default_factory=dict)  # before epoch epochs_done + 1's permutation
     partial: dict = field(default_factory=_fresh_partial)  # the tally of a stopped epoch's batches
     best: dict | None = None  # {"epoch", "key", "value", "record": that epoch's figures}
+    opt_state: optim.State = field(default_factory=dict)  # the update rule's arrays
+    watch: Watch = field(default_factory=Watch)  # plateau and divergence, epoch to epoch
+    stopped_early: dict | None = None  # {"epoch", "best_epoch"} once early stopping ended the run
 
 
 TIMING_KEYS = ("seconds", "images_per_s")  # wall-clock figures: in metrics.jsonl, never in a checkpoint's best
@@ -83,6 +91,8 @@ def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str
         "rng_state": state.rng_state,
         "partial": state.partial,
         "best": state.best,
+        "watch": state.watch.to_dict(),
+        "stopped_early": state.stopped_early,
         "dataset_sha256": sha256,
         "blas": blas_info(cfg),
         "mlecli": __version__,
@@ -193,6 +203,7 @@ class Outcome:
     best: dict | None
     at_once: bool = False  # a second signal: the position since the last checkpoint was not saved
     resume_point: tuple[int, int] = (0, 0)  # (epochs done, batches of the next) in last.npz
+    stopped_early: dict | None = None  # {"epoch", "best_epoch", "patience"}: early stopping ended the run
 
 
 def epoch_line(m: dict, epochs: int) -> str:
@@ -262,25 +273,48 @@ def resumed_config(saved: Config, overrides: tuple[str, ...]) -> Config:
                 f"--set {key} cannot change when resuming (it would change the weights already trained); "
                 f"allowed: {', '.join(sorted(RESUME_OVERRIDABLE))}"
             )
-    return from_dict(apply_overrides(saved.to_dict(), overrides), name=saved.name)
+    cfg = from_dict(apply_overrides(saved.to_dict(), overrides), name=saved.name)
+    if cfg.train.epochs != saved.train.epochs and saved.train.schedule == "cosine":
+        raise ConfigError(
+            f"--set train.epochs cannot change when resuming a run with the cosine schedule: it spreads the "
+            f"decay over the {saved.train.epochs} epochs configured, so the learning rates already used would "
+            "change; start a new run with the epochs you want"
+        )
+    return cfg
 
 
-def _restore(cp: ckpt.Checkpoint) -> State:
+def _restore(cp: ckpt.Checkpoint, rule: optim.Rule) -> State:
+    """The state a checkpoint holds. Format 1 (mlecli 0.1, plain sgd) has no update-rule
+    state or watches: it resumes as sgd, which is what its config says."""
     meta = cp.meta
     best = meta.get("best")
     if best is not None and "record" not in best:  # format 1: the figures are in its metrics history
         record = next((m for m in meta.get("metrics", []) if m.get("kind", "epoch") == "epoch"
                        and m.get("epoch") == best["epoch"]), {})
         best = {**best, "record": {k: v for k, v in record.items() if k not in TIMING_KEYS}}
+    params = [(W.copy(), b.copy()) for W, b in cp.params]
+    try:
+        opt_state = rule.from_arrays(cp.extra, params)
+        watch = Watch.from_dict(meta.get("watch"))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{cp.path}: {exc}; it cannot be resumed") from None
     return State(
-        params=[(W.copy(), b.copy()) for W, b in cp.params],
+        params=params,
         epochs_done=meta["epochs_done"],
         step=meta["step"],
         batch_in_epoch=meta["batch_in_epoch"],
         rng_state=meta["rng_state"],
         partial=meta["partial"],
         best=best,
+        opt_state=opt_state,
+        watch=watch,
+        stopped_early=meta.get("stopped_early"),
     )
+
+
+def make_rule(cfg: Config) -> optim.Rule:
+    t = cfg.train
+    return optim.make(t.optimizer, momentum=t.momentum, beta1=t.beta1, beta2=t.beta2, eps=t.epsilon)
 
 
 # ---------------------------------------------------------------------------
@@ -335,7 +369,9 @@ def run(
         finally:
             if opened is not None:
                 opened.metrics.close()
-        rundir.record_end(run_dir, "interrupted" if outcome.interrupted else "finished", _now())
+        early = outcome.stopped_early
+        rundir.record_end(run_dir, "interrupted" if outcome.interrupted else "finished", _now(),
+                          **({"stopped_early": early} if early else {}))
         return outcome
 
 
@@ -376,13 +412,8 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
     sha256 = {**splits["train"].sha256, **splits["test"].sha256}
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
     task = build_task(cfg, splits, rng)
-    need = estimate_memory(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs)
-    have = physical_memory()
-    if have and need > have:
-        raise ConfigError(
-            f"model.hidden = {list(cfg.model.hidden)}: training on {task.n_inputs}-pixel images would need about "
-            f"{need / 2**30:.1f} GiB of memory, more than this machine's {have / 2**30:.1f} GiB"
-        )
+    memory.check_fits(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs,
+                      STATE_SLOTS[cfg.train.optimizer])
     return _Data(dataset.name, task, sha256, rng, Path(data_dir))
 
 
@@ -394,6 +425,7 @@ class _Run:
     dir: Path
     data: _Data
     state: State
+    rule: optim.Rule = field(default_factory=optim.Sgd)
     metrics: Appender | None = None
     committed: tuple[int, int] = (0, 0)  # (epochs_done, batch_in_epoch) of last.npz
 
@@ -408,7 +440,8 @@ class _Run:
         if self.metrics is not None:
             self.metrics.sync()
         meta = _meta(self.cfg, self.state, self.data.task, self.data.sha256)
-        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta)
+        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta,
+                         extra=self.rule.to_arrays(self.state.opt_state))
         self.committed = (self.state.epochs_done, self.state.batch_in_epoch)
         for name in copies:
             atomic_write_bytes(self.ckpt_dir / name, data)
@@ -433,14 +466,17 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
             raise MlecliError(describe_os_error(exc, ckpt_dir)) from None
         params = init_params(layer_sizes(data.task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed),
                              np.dtype(cfg.model.dtype))
-        run = _Run(cfg, run_dir, data, State(params=params, rng_state=data.rng.bit_generator.state))
+        rule = make_rule(cfg)
+        state = State(params=params, rng_state=data.rng.bit_generator.state, opt_state=rule.init_state(params))
+        run = _Run(cfg, run_dir, data, state, rule)
         run.commit()  # epoch 0: from here on the folder is a run that --resume continues
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
         rundir.write_manifest(run_dir, _manifest(cfg, data.sha256, _now(), data.data_dir))
     else:
         cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
-        run = _Run(cfg, run_dir, data, _restore(cp))
+        rule = make_rule(cfg)
+        run = _Run(cfg, run_dir, data, _restore(cp, rule), rule)
         run.committed = (run.state.epochs_done, run.state.batch_in_epoch)
         _repair(run, cp, report)
     run.metrics = Appender(run_dir / "metrics.jsonl")
@@ -490,7 +526,7 @@ def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
     # Overflow is caught by the finiteness check and reported in words, once.
     with np.errstate(over="ignore", invalid="ignore"), blas.threads(blas_threads(cfg.train.batch_size)):
         loop = _Loop(run)
-        while run.state.epochs_done < cfg.train.epochs:
+        while run.state.epochs_done < cfg.train.epochs and run.state.stopped_early is None:
             if _train_epoch(run, loop, stop, report):
                 run.commit()  # the position within the epoch
                 break
@@ -499,48 +535,68 @@ def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
                 break
     stop.settled = True
     state = run.state
-    return Outcome(run.dir, state.epochs_done, stop.signal, state.best, resume_point=run.committed)
+    return Outcome(run.dir, state.epochs_done, stop.signal, state.best, resume_point=run.committed,
+                   stopped_early=state.stopped_early)
 
 
 class _Loop:
-    """What every epoch of a run shares: the training arrays and the step's buffers."""
+    """What every epoch of a run shares: the training arrays, the update rule bound to the
+    weights and the step's buffers."""
 
     def __init__(self, run: _Run):
-        task, dtype = run.data.task, np.dtype(run.cfg.model.dtype)
-        # Training images stay uint8 (n, n_0): each batch is converted as it is gathered.
+        task, dtype, t = run.data.task, np.dtype(run.cfg.model.dtype), run.cfg.train
+        # Training images stay uint8 (n, n_0): each batch is converted as it is gathered;
+        # with shifted digits, from zero-padded copies (n, (H+2k)(W+2k)).
         self.X = task.train.images.reshape(len(task.train), task.n_inputs)
+        self.shifted = (pad_images(task.train.images, t.shift).reshape(len(task.train), -1)
+                        if t.shift else None)
         self.Y = task.train.y.astype(dtype)
         self.n = len(self.X)
-        self.bs = run.cfg.train.batch_size
+        self.bs = t.batch_size
         self.batches = math.ceil(self.n / self.bs)
-        self.ws = Workspace(run.state.params, min(self.bs, self.n))
+        prior = optim.Prior(t.prior, t.prior_biases, self.n) if t.prior is not None else None
+        state = run.state
+        self.ws = Workspace(state.params, min(self.bs, self.n), run.rule.bind(state.params, state.opt_state, prior),
+                            t.shift, task.train.images.shape[1:])
         self.z_epoch = np.empty((self.n, 1), dtype)  # each batch's logits, measured in chunks
+        self.base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
         self.tally = Tally()
         self.t_start = 0.0
+        self.lr = t.learning_rate  # the last step's
 
 
 def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) -> bool:
     """Phase 2: the batches of epoch epochs_done + 1, from where a stopped run left it.
     Returns True if a signal stopped it part-way (the state then holds the position)."""
     cfg, state = run.cfg, run.state
-    epoch, bs, lr = state.epochs_done + 1, loop.bs, cfg.train.learning_rate
+    epoch, bs = state.epochs_done + 1, loop.bs
     dtype = loop.Y.dtype
     rng = run.data.rng
     rng.bit_generator.state = state.rng_state
     order = rng.permutation(loop.n)
+    oy, ox = draw_offsets(rng, loop.n, cfg.train.shift) if loop.shifted is not None else (None, None)
+    images = loop.shifted if loop.shifted is not None else loop.X
     y_epoch = loop.Y[order]
-    target = (y_epoch - dtype.type(0.5)) * dtype.type(lr)  # η (y − ½), see train_step
+    target = y_epoch - dtype.type(0.5)  # y − ½, see train_step
     p = state.partial
     loop.tally = tally = Tally(p["ll"], p["correct"], p["seen"])
     window = Tally()
-    loop.t_start = time.perf_counter() - p["seconds"]
+    loop.t_start = time.perf_counter() - p.get("seconds", 0.0)  # optional in a checkpoint (schema.PARTIAL)
     t_window = time.perf_counter()
     bar = _bar(report, epoch, cfg.train.epochs, loop.batches, state.batch_in_epoch)
     measured = state.batch_in_epoch * bs  # examples whose logits are tallied
+
+    def get_lr(step: int) -> float:
+        """The schedule: η in force after `step` steps (the plateau's scale is fixed within an epoch)."""
+        return learning_rate(cfg.train, step, loop.batches, state.watch.plateau_scale)
+
     try:
         for k in range(state.batch_in_epoch, loop.batches):
             lo, hi = k * bs, min(loop.n, (k + 1) * bs)
-            train_step(state.params, loop.ws, loop.X, order[lo:hi], target[lo:hi], loop.z_epoch[lo:hi], lr)
+            loop.lr = lr = get_lr(state.step)
+            offsets = (oy[lo:hi], ox[lo:hi]) if oy is not None else None
+            train_step(state.params, loop.ws, images, order[lo:hi], target[lo:hi], loop.z_epoch[lo:hi], lr,
+                       state.step + 1, offsets)
             state.step += 1
             state.batch_in_epoch = k + 1
             last_batch = k + 1 == loop.batches
@@ -550,7 +606,7 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
                 bar.update(1)
             if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
                 z, y = loop.z_epoch[measured:hi, 0], y_epoch[measured:hi]
-                _check_logits(z, epoch, measured // bs, bs, lr, run.ckpt_dir)
+                _check_logits(z, epoch, measured // bs, cfg, run.ckpt_dir)
                 chunk = Tally.of(z, y)
                 tally.add(chunk)
                 window.add(chunk)
@@ -560,7 +616,7 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
                         f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%", refresh=False
                     )
             if record_due:
-                run.metrics.add(json.dumps(_step_record(epoch, state.step, window, time.perf_counter() - t_window)))
+                run.metrics.add(json.dumps(_step_record(epoch, state.step, window, time.perf_counter() - t_window, lr)))
                 window, t_window = Tally(), time.perf_counter()
             if stopping:
                 state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
@@ -573,22 +629,28 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
 
 
 def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
-    """Phase 3: measure the epoch, append its record, commit it (last.npz), then write
-    the copies due (epoch-NNNN.npz every checkpoint_every epochs and at the end, best.npz
-    when the validation LL is the best so far; the training LL without validation)."""
-    cfg, state, tally = run.cfg, run.state, loop.tally
+    """Phase 3: measure the epoch, append its record, update the watches (plateau, early
+    stopping, divergence), commit it (last.npz), then write the copies due
+    (epoch-NNNN.npz every checkpoint_every epochs, at the end and at an early stop;
+    best.npz when the validation LL is the best so far, the training LL without
+    validation). A run that diverged stops here, its epoch committed."""
+    cfg, state, tally, t = run.cfg, run.state, loop.tally, run.cfg.train
     epoch = state.epochs_done + 1
     train_seconds = time.perf_counter() - loop.t_start
     task = run.data.task
     val_ll, val_acc = (ll_and_accuracy(state.params, task.validation.images, task.validation.y)
                        if len(task.validation) else (None, None))
+    prior = log_prior(state.params, t.prior, t.prior_biases) if t.prior is not None else None
     record = {
         "kind": "epoch",
         "epoch": epoch,
         "step": state.step,
+        "lr": loop.lr,
         "train_ll": tally.ll,
         "train_ll_mean": tally.ll / tally.seen,
         "train_acc": tally.correct / tally.seen,
+        "log_prior": prior,
+        "log_posterior": tally.ll + prior if prior is not None else None,
         "val_ll_mean": val_ll,
         "val_acc": val_acc,
         "seconds": time.perf_counter() - loop.t_start,
@@ -604,16 +666,27 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     if improved:
         figures = {k: v for k, v in record.items() if k not in TIMING_KEYS}
         state.best = {"epoch": epoch, "key": key, "value": record[key], "record": figures}
-    copies = (f"epoch-{epoch:04d}.npz",) if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs else ()
-    run.commit(copies + (("best.npz",) if improved else ()))
-    report.line(epoch_line(record, cfg.train.epochs))
+    state.watch = after_epoch(t, state.watch, val_ll, val_acc, loop.base)
+    if stop_early(t, epoch, state.best["epoch"]):
+        state.stopped_early = {"epoch": epoch, "best_epoch": state.best["epoch"], "patience": t.patience}
+    due = epoch % t.checkpoint_every == 0 or epoch == t.epochs or state.stopped_early is not None
+    run.commit(((f"epoch-{epoch:04d}.npz",) if due else ()) + (("best.npz",) if improved else ()))
+    report.line(epoch_line(record, t.epochs))
+    if diverged(state.watch):
+        raise TrainingError(
+            f"the run diverged: for {state.watch.worse_than_base} epochs in a row (to epoch {epoch}) it did no better "
+            f"than predicting the training base rate for every image (validation LL {val_ll:.4f}/img against "
+            f"{loop.base.ll:.4f}, accuracy {100 * val_acc:.2f}% against {100 * loop.base.acc:.2f}%); "
+            f"{_smaller_rate_advice(cfg)}. Its best checkpoint is {run.ckpt_dir / 'best.npz'}"
+        )
 
 
-def _step_record(epoch: int, step: int, w: Tally, seconds: float) -> dict:
+def _step_record(epoch: int, step: int, w: Tally, seconds: float, lr: float) -> dict:
     return {
         "kind": "step",
         "epoch": epoch,
         "step": step,
+        "lr": lr,
         "train_ll": w.ll,
         "train_ll_mean": w.ll / w.seen,
         "train_acc": w.correct / w.seen,
@@ -622,15 +695,22 @@ def _step_record(epoch: int, step: int, w: Tally, seconds: float) -> dict:
     }
 
 
-def _check_logits(z: np.ndarray, epoch: int, first_batch: int, bs: int, lr: float, ckpt_dir: Path) -> None:
+def _smaller_rate_advice(cfg: Config) -> str:
+    t = cfg.train
+    why = ("" if t.optimizer == "adam" else
+           f" (for batches of {t.batch_size}: the step grows with the batch, since the LL is a sum)")
+    return (f"train.learning_rate = {t.learning_rate:g} is too large{why}: start a new run with a smaller one "
+            "(--resume cannot change it)")
+
+
+def _check_logits(z: np.ndarray, epoch: int, first_batch: int, cfg: Config, ckpt_dir: Path) -> None:
     """Stop with advice if any logit (hence the log-likelihood) is not finite."""
     bad = np.flatnonzero(~np.isfinite(z))
     if len(bad):
-        batch = first_batch + int(bad[0]) // bs + 1
+        batch = first_batch + int(bad[0]) // cfg.train.batch_size + 1
         raise TrainingError(
             f"the log-likelihood became {'nan' if np.isnan(z[bad[0]]) else 'infinite'} at epoch {epoch}, "
-            f"batch {batch}: train.learning_rate = {lr:g} is too large for batches of {bs} (the step grows with "
-            f"the batch, since the LL is a sum); lower it. The last good checkpoint is {ckpt_dir / 'last.npz'}"
+            f"batch {batch}: {_smaller_rate_advice(cfg)}. The last good checkpoint is {ckpt_dir / 'last.npz'}"
         )
 
 

@@ -54,7 +54,21 @@ def test_every_key_of_a_shipped_config_is_commented(name):
 
 def test_empty_file_takes_every_default(tmp_path):
     cfg = load(write(tmp_path, ""))
-    assert cfg.name == "c" and cfg.train.epochs == 10 and cfg.model.hidden == (128,)
+    assert cfg.name == "c" and cfg.train.epochs == 20 and cfg.model.hidden == (128,)
+    assert cfg.train.optimizer == "sgd" and cfg.train.prior is None and cfg.train.shift == 0
+
+
+def test_the_default_config_is_the_schema_defaults_and_lists_every_key():
+    # one source of defaults: configs/default.toml holds every key at its default
+    text = tomllib.loads(config.builtin_config_text("default"))
+    assert load(None) == from_dict({}, name="default")
+    optional = {"data.url", "data.files", "data.sha256"}  # a custom dataset's, no default
+    listed = {f"{s}.{k}" for s, keys in text.items() if isinstance(keys, dict) for k in keys}
+    assert listed == {f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys} - optional
+    for section, keys in SCHEMA.items():
+        for k, (_, default) in keys.items():
+            if f"{section}.{k}" not in optional:
+                assert text[section][k] == default, f"{section}.{k}"
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
@@ -135,7 +149,7 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"does not exist \(built-in configs: default, logreg, four-vs-nine, deep\)"):
+    with pytest.raises(ConfigError, match=r"does not exist \(built-in configs: default, logreg, four-vs-nine, deep, accurate\)"):
         load(tmp_path / "nope.toml")
 
 
@@ -180,3 +194,66 @@ def test_default_config_loads_outside_the_repo(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "default (128,) deep\n"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('optimizer = "rmsprop"', "train.optimizer = 'rmsprop': must be one of 'sgd', 'momentum', 'nesterov', 'adam'"),
+    ("momentum = 1.0", "train.momentum = 1.0: must be a number from 0 (inclusive) up to (not including) 1"),
+    ("momentum = -0.1", "train.momentum = -0.1: must be a number from 0 (inclusive) up to (not including) 1"),
+    ('beta1 = "0.9"', "train.beta1 = '0.9': must be a number from 0 (inclusive) up to (not including) 1"),
+    ("beta2 = 1", "train.beta2 = 1: must be a number from 0 (inclusive) up to (not including) 1"),
+    ("epsilon = 0", "train.epsilon = 0: must be a finite number > 0"),
+    ("epsilon = nan", "train.epsilon = nan: must be a finite number > 0"),
+    ("prior_sd = 0", 'train.prior_sd = 0: must be a finite number > 0 (the prior\'s standard deviation), or "none" '
+                     "for no prior"),
+    ('prior_sd = "off"', 'train.prior_sd = \'off\': must be a finite number > 0 (the prior\'s standard deviation), '
+                         'or "none" for no prior'),
+    ("prior_sd = inf", 'train.prior_sd = inf: must be a finite number > 0 (the prior\'s standard deviation), '
+                       'or "none" for no prior'),
+    ("prior_biases = 1", "train.prior_biases = 1: must be true or false"),
+    ('schedule = "linear"', "train.schedule = 'linear': must be one of 'constant', 'step', 'cosine'"),
+    ("warmup_epochs = -1", "train.warmup_epochs = -1: must be a finite number >= 0"),
+    ("decay_every = 0", "train.decay_every = 0: must be an integer >= 1"),
+    ("decay_factor = 0", "train.decay_factor = 0: must be a number from 0 (exclusive) up to (not including) 1"),
+    ("decay_factor = 1.5", "train.decay_factor = 1.5: must be a number from 0 (exclusive) up to (not including) 1"),
+    ("min_learning_rate = -0.01", "train.min_learning_rate = -0.01: must be a finite number >= 0"),
+    ("plateau_patience = -1", "train.plateau_patience = -1: must be an integer >= 0"),
+    ("plateau_factor = 1", "train.plateau_factor = 1: must be a number from 0 (exclusive) up to (not including) 1"),
+    ("patience = 2.5", "train.patience = 2.5: must be an integer >= 0"),
+    ("shift = 9", "train.shift = 9: must be an integer from 0 to 8"),
+    ("shift = -1", "train.shift = -1: must be an integer from 0 to 8"),
+    ("warmup_epochs = 20", "train.warmup_epochs = 20 must be less than train.epochs = 20: "
+                           "the warm-up would take the whole run"),
+    ('schedule = "cosine"\nmin_learning_rate = 0.05', "train.min_learning_rate = 0.05 must be below "
+     "train.learning_rate = 0.05: the cosine schedule decays from the one to the other"),
+])
+def test_each_training_key_refuses_bad_values_naming_what_is_allowed(tmp_path, line, message):
+    assert refused(tmp_path, f"[train]\n{line}\n") == message
+
+
+@pytest.mark.parametrize("key", ["patience", "plateau_patience"])
+def test_watching_the_validation_ll_needs_validation_images(tmp_path, key):
+    assert refused(tmp_path, f"[data]\nvalidation = 0\n[train]\n{key} = 3\n") == (
+        f"train.{key} = 3 watches the validation log-likelihood, but data.validation = 0 holds out no images: "
+        f"set data.validation (e.g. 0.1) or train.{key} = 0"
+    )
+
+
+def test_training_keys_load_and_round_trip(tmp_path):
+    cfg = load(write(tmp_path, '[train]\noptimizer = "adam"\nprior_sd = 2\nprior_biases = true\nschedule = "cosine"\n'
+                               "warmup_epochs = 0.5\nshift = 2\npatience = 3\n"))
+    t = cfg.train
+    assert (t.optimizer, t.prior, t.prior_biases, t.schedule, t.warmup_epochs, t.shift, t.patience) == (
+        "adam", 2.0, True, "cosine", 0.5, 2, 3)
+    assert from_dict(tomllib.loads(to_toml(cfg)), name="c") == cfg
+
+
+def test_the_memory_estimate_counts_the_update_rules_state(tmp_path, monkeypatch):
+    from mlecli import memory, resources
+
+    sgd, adam = (memory.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
+    params = (784 + 1) * 128 + 129
+    assert adam - sgd == 2 * params * 4
+    monkeypatch.setattr(resources, "physical_memory", lambda: sgd + 1)
+    load(write(tmp_path, "[model]\nhidden = [128]\n"))
+    assert "the network would need about" in refused(tmp_path, '[train]\noptimizer = "adam"\n')

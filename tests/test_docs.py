@@ -258,3 +258,15 @@ def test_no_file_of_the_project_points_outside_the_clone():
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert checked >= 40  # the walk really read the project
     assert not found, "\n".join(found)
+
+
+def test_training_md_documents_every_training_key():
+    from mlecli.config import SCHEMA
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    new = ["optimizer", "momentum", "beta1", "beta2", "epsilon", "prior_sd", "prior_biases", "schedule",
+           "warmup_epochs", "decay_every", "decay_factor", "min_learning_rate", "plateau_patience",
+           "plateau_factor", "patience", "shift"]
+    assert set(new) <= set(SCHEMA["train"])
+    for key in new:
+        assert f"`{key}`" in text, key

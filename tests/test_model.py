@@ -13,6 +13,9 @@ from mlecli.model import (
     init_params,
     layer_sizes,
     log_likelihood,
+    log_posterior,
+    log_prior,
+    posterior_gradients,
     predict_proba,
     sigmoid,
 )
@@ -133,7 +136,7 @@ def test_in_place_train_step_equals_the_pure_functions(hidden, batch, backend, m
     expected_ll = ll_of(params, x[idx], y[idx])
     fast = [(W.copy(), b.copy()) for W, b in params]
     z = np.empty((batch, 1))
-    train_step(fast, Workspace(fast, 7), images, idx, 0.05 * (y[idx] - 0.5), z, 0.05)
+    train_step(fast, Workspace(fast, 7), images, idx, y[idx] - 0.5, z, 0.05)
     np.testing.assert_allclose(z[:, 0], forward(params, x[idx])[1], rtol=1e-12)
     assert log_likelihood(z[:, 0], y[idx]) == pytest.approx(expected_ll, rel=1e-12)
     for (W, b), (We, be) in zip(fast, expected):
@@ -195,3 +198,37 @@ def test_a_workspace_refuses_parameters_it_was_not_made_for():
 def test_predict_proba_is_sigmoid_of_the_logit():
     params, x, _ = random_problem((3,))
     np.testing.assert_allclose(predict_proba(params, x), sigmoid(forward(params, x)[1]))
+
+
+@pytest.mark.parametrize("hidden", [(), (4,), (6, 3, 4)], ids=["logreg", "1-hidden", "3-hidden"])
+@pytest.mark.parametrize("biases", [False, True], ids=["weights", "weights+biases"])
+def test_log_posterior_gradients_match_central_finite_differences(hidden, biases):
+    params, x, y = random_problem(hidden)
+    sd, share = 0.8, 7 / 40  # a batch of 7 of 40 training images
+    grads = posterior_gradients(params, *forward(params, x), y, sd, biases, share)
+    eps = 1e-6
+    for layer, ((W, b), (dW, db)) in enumerate(zip(params, grads)):
+        for arr, grad, name in ((W, dW, "W"), (b, db, "b")):
+            numeric = np.zeros_like(arr)
+            for i in np.ndindex(arr.shape):
+                old = arr[i]
+                arr[i] = old + eps
+                up = log_posterior(params, x, y, sd, biases, share)
+                arr[i] = old - eps
+                down = log_posterior(params, x, y, sd, biases, share)
+                arr[i] = old
+                numeric[i] = (up - down) / (2 * eps)
+            rel = np.linalg.norm(grad - numeric) / max(np.linalg.norm(grad) + np.linalg.norm(numeric), 1e-12)
+            assert rel < 1e-6, f"{name}{layer + 1}: relative error {rel:.2e}"
+
+
+def test_log_prior_is_the_gaussian_log_density():
+    # one weight w = 2 with σ = 0.5 (and a bias 1, counted only when asked):
+    #   log N(2; 0, 0.25) = −2²/(2·0.25) − log(0.5 √(2π)) = −8 − log(0.5) − ½ log(2π)
+    params = [(np.array([[2.0]]), np.array([1.0]))]
+    one = -8 - np.log(0.5) - 0.5 * np.log(2 * np.pi)
+    assert log_prior(params, 0.5) == pytest.approx(one, rel=1e-15)
+    assert log_prior(params, 0.5, biases=True) == pytest.approx(one + (-2 - np.log(0.5) - 0.5 * np.log(2 * np.pi)))
+    x, y = np.array([[1.0]]), np.array([1.0])
+    assert log_posterior(params, x, y, None, False, 0.5) == ll_of(params, x, y)
+    assert log_posterior(params, x, y, 0.5, False, 0.25) == pytest.approx(ll_of(params, x, y) + 0.25 * one)

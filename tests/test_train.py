@@ -62,9 +62,10 @@ def test_the_run_folder_holds_what_design_md_says(tiny_config, tmp_path):
     assert manifest["dataset_sha256"]["train-images"] == load(cfg_path).data.sha256["train-images"]
     lines = metrics(run)
     assert set(lines[0]) == {
-        "kind", "epoch", "step", "train_ll", "train_ll_mean", "train_acc", "val_ll_mean", "val_acc", "seconds",
-        "images_per_s",
+        "kind", "epoch", "step", "lr", "train_ll", "train_ll_mean", "train_acc", "log_prior", "log_posterior",
+        "val_ll_mean", "val_acc", "seconds", "images_per_s",
     }
+    assert lines[0]["lr"] == 0.05 and lines[0]["log_prior"] is None and lines[0]["log_posterior"] is None
     assert lines[0]["step"] == 15  # 240 training images in batches of 16
     assert lines[0]["train_ll"] == pytest.approx(lines[0]["train_ll_mean"] * 240)
     best_epoch = max(lines, key=lambda m: m["val_ll_mean"])["epoch"]
@@ -213,7 +214,10 @@ def test_a_non_finite_likelihood_stops_with_advice_and_keeps_the_last_good_check
     assert res.exit_code == 1
     error = res.stderr.splitlines()[-1]
     assert error.startswith("Error: the log-likelihood became nan at epoch 1, batch 2: train.learning_rate = 1e+38 ")
-    assert error.endswith(f"lower it. The last good checkpoint is {run / 'checkpoints' / 'last.npz'}")
+    assert error.endswith(
+        "is too large (for batches of 16: the step grows with the batch, since the LL is a sum): start a new run "
+        f"with a smaller one (--resume cannot change it). The last good checkpoint is {run / 'checkpoints' / 'last.npz'}"
+    )
     assert "Warning" not in res.stderr  # the overflow is reported once, in words
     last = ckpt.load(run / "checkpoints" / "last.npz")
     assert last.epoch == 0 and all(np.isfinite(W).all() for W, _ in last.params)
@@ -272,11 +276,13 @@ def test_a_run_that_cannot_get_its_data_leaves_no_run_folder_and_can_be_retried(
 
 
 def test_a_network_too_big_for_the_memory_leaves_no_run_folder(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "physical_memory", lambda: 1000)
+    from mlecli import resources
+
+    monkeypatch.setattr(resources, "physical_memory", lambda: 1000)
     run = tmp_path / "run"
     res = train_cli(tiny_config(), "--run-dir", run, data_dir=tmp_path / "d")
     assert res.exit_code == 1
-    assert "more than this machine's 0.0 GiB" in res.stderr
+    assert "more than this machine's 1000 B" in res.stderr
     assert not run.exists()
 
 
