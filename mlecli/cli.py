@@ -291,6 +291,111 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
             click.echo(f"  report            {saved}")
 
 
+def checkpoint_option(help_text: str):
+    def decorate(f):
+        return click.option(
+            "--checkpoint",
+            "which",
+            default="best",
+            metavar="best|last|epoch-N",
+            callback=_checkpoint_name,
+            help=help_text,
+        )(f)
+
+    return decorate
+
+
+def _checkpoint_name(ctx, param, value):
+    import re
+
+    if not re.fullmatch(r"best|last|epoch-\d+", value):
+        raise click.BadParameter(f"{value!r} is not best, last or epoch-N")
+    return value
+
+
+def threshold_option(f):
+    return click.option(
+        "--threshold",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=0.5,
+        help="Predict positive where ŷ ≥ this.",
+    )(f)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@checkpoint_option("Which checkpoint of a run folder to use (ignored for a checkpoint file).")
+@threshold_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image and line instead of the table.")
+@click.option("--raw", is_flag=True, help="Skip the preparation: inputs are already 28×28, light ink on black.")
+@click.option(
+    "--show",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write a PNG of the 28×28 images the network saw, with their ŷ.",
+)
+def predict(target, inputs, which, threshold, as_json, raw, show):
+    """Predict on your own images: ŷ = P(y = 1) for each, and the decision in the task's words.
+
+    TARGET is a run folder or a checkpoint file. INPUT: image files (PNG, JPEG, BMP, GIF,
+    TIFF, WebP), folders of them (sorted by name), .npy arrays (H×W or N×H×W, uint8 0-255
+    or float 0-1), IDX image files (.gz or not), or - for standard input. Each image is
+    prepared as MNIST's digits were (gray, ink light on dark, cropped, scaled to 20
+    pixels, centred by mass in 28×28) unless --raw. An input that cannot be read gets
+    one line on stderr, the others are still predicted, and the exit status is 1.
+    """
+    from mlecli import predict as pr
+
+    model = pr.load_model(target, which)
+    failed = 0
+    shown = []
+    for result in model.predict_sources(list(inputs), raw):
+        if isinstance(result, MlecliError):
+            failed += 1
+            click.echo(f"Error: {result}", err=True)
+            continue
+        lines = (pr.json_lines if as_json else pr.text_lines)(result, model.classes_, threshold)
+        click.echo("\n".join(lines))
+        if show is not None and len(shown) < pr.SHOW_LIMIT:
+            shown += result[: pr.SHOW_LIMIT - len(shown)]
+    if show is not None:
+        if shown:
+            pr.show_grid(shown, model.classes_, threshold, show)
+            click.echo(f"wrote {show} ({len(shown)} images)", err=True)
+        else:
+            click.echo(f"no image to show: {show} not written", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Where to write.  [default: beside the checkpoint: <run>/<checkpoint>.onnx or .html]",
+)
+def export(target, which, fmt, out):
+    """Export a network: to ONNX, or to one self-contained web page to draw digits on.
+
+    onnx needs the onnx package: pip install 'mlecli[onnx]'. The page works offline,
+    from a double-click (file://), and makes no network request of any kind.
+    """
+    from mlecli import export as ex
+
+    path = ex.export(target, which, fmt, out)
+    size = path.stat().st_size
+    click.echo(f"wrote {path} ({size / 1024:,.0f} KB)")
+    if fmt == "html":
+        click.echo(f"open it in a browser: {path.resolve().as_uri()}")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(

@@ -27,3 +27,7 @@ class CheckpointError(MlecliError):
 
 class TrainingError(MlecliError):
     """Training cannot go on (for example the log-likelihood stopped being finite)."""
+
+
+class InputError(MlecliError):
+    """An input of `predict` (an image, array or folder) cannot be read or used."""

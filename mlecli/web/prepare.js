@@ -1,0 +1,187 @@
+// MNIST's preparation of a digit image, and the network's forward pass, for the exported page.
+//
+// The twin of mlecli/prepare.py, step for step: the same float64 arithmetic, the same
+// operations in the same order, sums taken first to last, so that the page and
+// `mlecli predict` prepare a drawing to the same 28×28 pixels. The steps are written out
+// in prepare.py's docstring and in docs/predict.md. No DOM here: pure functions on arrays.
+"use strict";
+
+var MlecliPrepare = (function () {
+  var FRAME = 28, BOX = 20, TARGET = 14.5;
+  var MAD_TO_SIGMA = 1.4826, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, PROFILE_SHARE = 0.01;
+
+  // RGBA bytes (as getImageData gives) -> gray in [0, 1]: ITU-R 601 luma / 255.
+  function luminance(rgba, n) {
+    var g = new Float64Array(n);
+    for (var k = 0; k < n; k++) {
+      g[k] = (0.299 * rgba[4 * k] + 0.587 * rgba[4 * k + 1] + 0.114 * rgba[4 * k + 2]) / 255.0;
+    }
+    return g;
+  }
+
+  // Transparency filled with the colour opposite the ink (white behind dark ink, black behind light).
+  function composite(rgba, n) {
+    var lum = luminance(rgba, n);
+    var opaque = true;
+    for (var k = 0; k < n; k++) if (rgba[4 * k + 3] !== 255) { opaque = false; break; }
+    if (opaque) return lum;
+    var weight = 0.0, sum = 0.0, alpha = new Float64Array(n);
+    for (k = 0; k < n; k++) {
+      alpha[k] = rgba[4 * k + 3] / 255.0;
+      weight += alpha[k];
+      sum += alpha[k] * lum[k];
+    }
+    var back = (weight > 0 ? sum / weight : 0.0) < 0.5 ? 1.0 : 0.0;
+    for (k = 0; k < n; k++) lum[k] = alpha[k] * lum[k] + (1.0 - alpha[k]) * back;
+    return lum;
+  }
+
+  function median(values) {
+    var s = Float64Array.from(values).sort();
+    var n = s.length, mid = n >> 1;
+    return n % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+  }
+
+  // The border pixels: first and last rows, then the rest of the first and last columns.
+  function ring(g, w, h) {
+    if (h <= 2) return Float64Array.from(g);
+    var out = new Float64Array(2 * w + 2 * (h - 2)), k = 0, i, j;
+    for (j = 0; j < w; j++) out[k++] = g[j];
+    for (j = 0; j < w; j++) out[k++] = g[(h - 1) * w + j];
+    for (i = 1; i < h - 1; i++) out[k++] = g[i * w];
+    for (i = 1; i < h - 1; i++) out[k++] = g[i * w + w - 1];
+    return out;
+  }
+
+  function box(profile, share) {
+    var max = -Infinity, i;
+    for (i = 0; i < profile.length; i++) if (profile[i] > max) max = profile[i];
+    var limit = share * max, first = -1, last = -1;
+    for (i = 0; i < profile.length; i++) {
+      if (profile[i] > limit) { if (first < 0) first = i; last = i; }
+    }
+    return [first, last];
+  }
+
+  function centre(profile, from, to) {
+    var moment = 0.0, total = 0.0;
+    for (var a = 0; a <= to - from; a++) {
+      moment += (a + 0.5) * profile[from + a];
+      total += profile[from + a];
+    }
+    return moment / total;
+  }
+
+  // L[i * n + a]: overlap of frame pixel [i, i+1) with input pixel [offset + s·a, offset + s·(a+1)).
+  function areaWeights(n, offset, scale) {
+    var L = new Float64Array(FRAME * n);
+    for (var i = 0; i < FRAME; i++) {
+      for (var a = 0; a < n; a++) {
+        var lo = offset + scale * a, hi = offset + scale * (a + 1.0);
+        L[i * n + a] = Math.max(0.0, Math.min(i + 1.0, hi) - Math.max(i, lo));
+      }
+    }
+    return L;
+  }
+
+  // gray (w·h, row-major, 0 black … 1 white) -> {image: Uint8Array(784), steps} or {blank: true}.
+  function prepare(gray, w, h) {
+    var n = w * h, k, i, j, a, b;
+    var g = Float64Array.from(gray);
+    var border = ring(g, w, h);
+    var m = median(border);
+    var lowest = Infinity, highest = -Infinity;
+    for (k = 0; k < n; k++) { if (g[k] < lowest) lowest = g[k]; if (g[k] > highest) highest = g[k]; }
+    var inverted = m - lowest > highest - m;
+    if (inverted) {
+      for (k = 0; k < n; k++) g[k] = 1.0 - g[k];
+      for (k = 0; k < border.length; k++) border[k] = 1.0 - border[k];
+      m = 1.0 - m;
+    }
+    var dev = new Float64Array(border.length);
+    for (k = 0; k < border.length; k++) dev[k] = Math.abs(border[k] - m);
+    var sigma = MAD_TO_SIGMA * median(dev);
+    var p = -Infinity;
+    for (k = 0; k < n; k++) if (g[k] > p) p = g[k];
+    if (p - m < Math.max(MIN_CONTRAST, BLANK_NOISE * sigma)) {
+      return { blank: true, steps: { inverted: inverted, background: m, noise: sigma, peak: p } };
+    }
+    var lo = m + NOISE_CUT * sigma, hi = p - NOISE_CUT * sigma;
+    var v = new Float64Array(n);
+    for (k = 0; k < n; k++) v[k] = Math.min(Math.max((g[k] - lo) / (hi - lo), 0.0), 1.0);
+
+    var rows = new Float64Array(h), cols = new Float64Array(w);
+    for (i = 0; i < h; i++) {
+      var acc = v[i * w];
+      for (j = 1; j < w; j++) acc += v[i * w + j];
+      rows[i] = acc;
+    }
+    for (j = 0; j < w; j++) cols[j] = v[j];
+    for (i = 1; i < h; i++) for (j = 0; j < w; j++) cols[j] += v[i * w + j];
+    var share = sigma > 0 ? PROFILE_SHARE : 0.0;
+    var rb = box(rows, share), cb = box(cols, share);
+    var r0 = rb[0], r1 = rb[1], c0 = cb[0], c1 = cb[1];
+    var bh = r1 - r0 + 1, bw = c1 - c0 + 1;
+    var cy = centre(rows, r0, r1), cx = centre(cols, c0, c1);
+    var s = BOX / Math.max(bh, bw);
+    var oy = Math.floor(TARGET - s * cy + 0.5), ox = Math.floor(TARGET - s * cx + 0.5);
+    var Ly = areaWeights(bh, oy, s), Lx = areaWeights(bw, ox, s);
+
+    // out = Ly · crop · Lxᵀ: first T = Ly · crop (28 × bw), then out = T · Lxᵀ.
+    var T = new Float64Array(FRAME * bw);
+    for (i = 0; i < FRAME; i++) {
+      for (a = 0; a < bh; a++) {
+        var wy = Ly[i * bh + a];
+        if (wy === 0) continue;
+        var row = (r0 + a) * w + c0;
+        for (b = 0; b < bw; b++) T[i * bw + b] += wy * v[row + b];
+      }
+    }
+    var image = new Uint8Array(FRAME * FRAME);
+    for (i = 0; i < FRAME; i++) {
+      for (j = 0; j < FRAME; j++) {
+        var sum = 0.0;
+        for (b = 0; b < bw; b++) {
+          var wx = Lx[j * bw + b];
+          if (wx !== 0) sum += T[i * bw + b] * wx;
+        }
+        image[i * FRAME + j] = Math.floor(255.0 * Math.min(Math.max(sum, 0.0), 1.0) + 0.5);
+      }
+    }
+    return {
+      blank: false,
+      image: image,
+      steps: {
+        inverted: inverted, background: m, noise: sigma, peak: p, box: [r0, r1, c0, c1],
+        scale: s, offset: [oy, ox], centre: [cy, cx]
+      }
+    };
+  }
+
+  // layers: [{W: Float32Array (nIn·nOut, row-major nIn × nOut), b: Float32Array(nOut), nIn, nOut}].
+  // image: Uint8Array(784) -> ŷ = σ(z), with σ(z) = ½(1 + tanh(z/2)) as in mlecli/model.py.
+  function forward(layers, image) {
+    var h = new Float64Array(image.length), k;
+    for (k = 0; k < image.length; k++) h[k] = image[k] / 255.0;
+    var z = 0.0;
+    for (var l = 0; l < layers.length; l++) {
+      var L = layers[l], out = new Float64Array(L.nOut);
+      for (var i = 0; i < L.nIn; i++) {
+        var x = h[i];
+        if (x === 0) continue;
+        var base = i * L.nOut;
+        for (var j = 0; j < L.nOut; j++) out[j] += x * L.W[base + j];
+      }
+      for (j = 0; j < L.nOut; j++) out[j] += L.b[j];
+      if (l === layers.length - 1) { z = out[0]; break; }
+      for (j = 0; j < L.nOut; j++) out[j] = 0.5 * (1.0 + Math.tanh(0.5 * out[j]));
+      h = out;
+    }
+    return { z: z, p: 0.5 * (1.0 + Math.tanh(0.5 * z)) };
+  }
+
+  return {
+    FRAME: FRAME, luminance: luminance, composite: composite, median: median, ring: ring,
+    areaWeights: areaWeights, prepare: prepare, forward: forward
+  };
+})();
