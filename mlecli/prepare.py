@@ -8,7 +8,7 @@ can do exactly the same arithmetic (float64, the same operations in the same ord
 taken left to right), which keeps the two within a rounding of each other.
 
 A gray image `g` (H, W) float64 in [0, 1] (0 black, 1 white) becomes a uint8 (28, 28) image,
-light ink on black, in eight steps:
+light ink on black, in nine steps:
 
 1. background: `m` = median of the border ring (the pixels of the first and last rows and
    columns); the ink is whichever side departs further from it: if `m − min(g)` exceeds
@@ -18,21 +18,21 @@ light ink on black, in eight steps:
 4. levels: `lo = m + 3σ`, `hi = p − 3σ`; `v = clip((g − lo) / (hi − lo), 0, 1)`: the
    background and its noise become 0, the ink's core 1 (a clean image, σ = 0, keeps its
    levels: v = (g − m) / (p − m)).
-5. box: row sums `r` and column sums `c` of `v`; rows (columns) whose sum exceeds 1% of
-   the largest row (column) sum are ink, or, when the background is perfectly clean
-   (σ = 0), every row (column) with any ink; crop `v` to the first..last ink row and
-   column (a speck of noise far from the digit does not widen the box).
-6. centre of mass: `cy = Σ (a + ½) r_{r0+a} / Σ r_{r0+a}` over the box's rows a = 0..h−1
-   (box pixel a spans [a, a+1)); `cx` likewise from the column sums.
-7. scale and place: `s = 20 / max(h, w)`; crop pixel a spans [oy + s·a, oy + s·(a+1)) in
-   the 28-pixel frame, with `oy = ⌊14.5 − s·cy + ½⌋` (so the centre of mass lands within
-   half a pixel of pixel 14's centre, as MNIST's digits do); `ox` likewise. Each frame
-   pixel is the area-weighted mean of the crop over it:
-   `out[i, j] = Σ_a Σ_b Ly[i, a] · crop[a, b] · Lx[j, b]` with
-   `Ly[i, a] = max(0, min(i + 1, oy + s·(a+1)) − max(i, oy + s·a))` (the overlap length).
-   Ink placed outside the frame is lost, as in MNIST.
-8. quantise: `⌊255 · clip(out, 0, 1) + ½⌋` as uint8.
+5. box: row sums `r` and column sums `c` of `v`, each added first to last; rows (columns)
+   whose sum exceeds 1% of the largest row (column) sum are ink, or, when the background
+   is perfectly clean (σ = 0), every row (column) with any ink; crop `v` to the first..last
+   ink row and column, h × w pixels (a speck of noise far from the digit does not widen it).
+6. scale: `s = 20 / max(h, w)`; crop pixel a spans [s·a, s·(a+1)) of a 20×20 box, and each
+   box pixel is the area-weighted mean of the crop over it:
+   `T[i, j] = Σ_a Σ_b Ly[i, a] · crop[a, b] · Lx[j, b]`, with the overlap lengths
+   `Ly[i, a] = max(0, min(i + 1, s·(a+1)) − max(i, s·a))` (anti-aliasing by area).
+7. quantise: `q = ⌊255 · (T / max(T)) + ½⌋` as integers 0-255 (the ink's peak becomes 255).
+8. centre of mass of q (exact integer sums): `cy = Σ_i (i + ½) Σ_j q[i, j] / Σ q`; `cx` likewise.
+9. place: q goes into the 28×28 frame shifted by whole pixels, `dy = ⌊14.5 − cy + ½⌋` rows
+   and `dx` columns, so that its centre of mass lands within half a pixel of pixel 14's
+   centre, as in MNIST. Pixels shifted out of the frame are lost, as in MNIST.
 
+A prepared image comes through a second preparation unchanged (when nothing was shifted out).
 `prepare` is the one-image oracle; `prepare_many` does the same for a stack of equal-sized
 images at once (vectorised; equal to the oracle up to the rounding of its matrix products).
 """
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlecli import blas
 from mlecli.errors import MlecliError
 
 FRAME = 28  # side of the prepared image
@@ -69,8 +70,8 @@ class Steps:
     peak: float  # p
     box: tuple[int, int, int, int]  # first row, last row, first column, last column (inclusive)
     scale: float  # s
-    offset: tuple[int, int]  # oy, ox
-    centre: tuple[float, float]  # cy, cx in crop coordinates
+    offset: tuple[int, int]  # dy, dx: where the 20×20 box's top left corner lands in the frame
+    centre: tuple[float, float]  # cy, cx: the centre of mass of the quantised 20×20 box
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -116,17 +117,36 @@ def ring(g: np.ndarray) -> np.ndarray:
     return np.concatenate([g[..., 0, :], g[..., -1, :], g[..., 1:-1, 0], g[..., 1:-1, -1]], axis=-1)
 
 
-def area_weights(n_in: int, offset: float, scale: float, n_out: int = FRAME) -> np.ndarray:
-    """L (n_out, n_in): overlap of frame pixel i = [i, i+1) with input pixel a = [offset + s·a, offset + s·(a+1))."""
+def area_weights(n_in: int, scale: float, n_out: int = BOX) -> np.ndarray:
+    """L (n_out, n_in): overlap of box pixel i = [i, i+1) with input pixel a = [s·a, s·(a+1))."""
     a = np.arange(n_in, dtype=np.float64)
-    lo = offset + scale * a
-    hi = offset + scale * (a + 1.0)
+    lo = scale * a
+    hi = scale * (a + 1.0)
     i = np.arange(n_out, dtype=np.float64)[:, None]
     return np.maximum(0.0, np.minimum(i + 1.0, hi) - np.maximum(i, lo))
 
 
-def quantise(out: np.ndarray) -> np.ndarray:
-    return np.floor(255.0 * np.clip(out, 0.0, 1.0) + 0.5).astype(np.uint8)
+def quantise(T: np.ndarray) -> np.ndarray:
+    """Step 7: the box's values as integers 0-255 (float64), its peak 255."""
+    return np.floor(255.0 * (T / T.max()) + 0.5)
+
+
+def centre_of_mass(q: np.ndarray) -> tuple[float, float]:
+    """Step 8, on integers: every sum is exact, so any order of adding gives the same bits."""
+    total = q.sum()
+    rows, cols = q.sum(axis=1), q.sum(axis=0)
+    centres = np.arange(len(rows)) + 0.5
+    return float((centres * rows).sum() / total), float((centres * cols).sum() / total)
+
+
+def place(q: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Step 9: q (20, 20) shifted into a zero (28, 28) frame by whole pixels; what falls outside is lost."""
+    out = np.zeros((FRAME, FRAME), np.uint8)
+    y0, x0 = max(dy, 0), max(dx, 0)
+    y1, x1 = min(dy + BOX, FRAME), min(dx + BOX, FRAME)
+    if y0 < y1 and x0 < x1:
+        out[y0:y1, x0:x1] = q[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+    return out
 
 
 def _box(profile: np.ndarray, share: float) -> tuple[int, int]:
@@ -134,10 +154,6 @@ def _box(profile: np.ndarray, share: float) -> tuple[int, int]:
     first = int(np.argmax(keep))
     last = len(keep) - 1 - int(np.argmax(keep[::-1]))
     return first, last
-
-
-def _centre(profile: np.ndarray) -> float:
-    return float(_seq_sum((np.arange(len(profile)) + 0.5) * profile) / _seq_sum(profile))
 
 
 def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps]:
@@ -162,21 +178,21 @@ def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps
         )
     lo = m + NOISE_CUT * sigma
     hi = p - NOISE_CUT * sigma
-    v = np.minimum(np.maximum((g - lo) / (hi - lo), 0.0), 1.0)
+    v = np.clip((g - lo) / (hi - lo), 0.0, 1.0)
     share = PROFILE_SHARE if sigma > 0 else 0.0
     rows, cols = _seq_sum(v, axis=1), _seq_sum(v, axis=0)
     r0, r1 = _box(rows, share)
     c0, c1 = _box(cols, share)
     crop = v[r0 : r1 + 1, c0 : c1 + 1]
     h, w = crop.shape
-    cy = _centre(rows[r0 : r1 + 1])
-    cx = _centre(cols[c0 : c1 + 1])
     s = BOX / max(h, w)
-    oy = int(np.floor(TARGET - s * cy + 0.5))
-    ox = int(np.floor(TARGET - s * cx + 0.5))
-    out = area_weights(h, oy, s) @ crop @ area_weights(w, ox, s).T
-    steps = Steps(inverted, m, sigma, p, (r0, r1, c0, c1), s, (oy, ox), (cy, cx))
-    return quantise(out), steps
+    with blas.threads(1):  # products this small lose more to waking a second thread than they gain
+        q = quantise(area_weights(h, s) @ crop @ area_weights(w, s).T)
+    cy, cx = centre_of_mass(q)
+    dy = int(np.floor(TARGET - cy + 0.5))
+    dx = int(np.floor(TARGET - cx + 0.5))
+    steps = Steps(inverted, m, sigma, p, (r0, r1, c0, c1), s, (dy, dx), (cy, cx))
+    return place(q.astype(np.uint8), dy, dx), steps
 
 
 def prepare(g: np.ndarray, name: str = "image") -> np.ndarray:
@@ -228,22 +244,37 @@ def _prepare_chunk(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = _seq_sum(v, axis=2), _seq_sum(v, axis=1)
     r0, r1, in_rows = _boxes(rows, share)
     c0, c1, in_cols = _boxes(cols, share)
-    # Box coordinates a = row − r0; rows outside the box get zero weight in the sums and the resampling.
-    a = (np.arange(H) - r0[:, None]).astype(np.float64)
-    b = (np.arange(W) - c0[:, None]).astype(np.float64)
-    cy = _centres(rows * in_rows, a)
-    cx = _centres(cols * in_cols, b)
     s = BOX / np.maximum(r1 - r0 + 1, c1 - c0 + 1)
-    oy = np.floor(TARGET - s * cy + 0.5)
-    ox = np.floor(TARGET - s * cx + 0.5)
-    Ly = _batch_weights(a, in_rows, oy, s)  # (n, 28, H)
-    Lx = _batch_weights(b, in_cols, ox, s)  # (n, 28, W)
-    out = np.matmul(np.matmul(Ly, v), Lx.transpose(0, 2, 1))
-    out[blank] = 0.0
-    np.clip(out, 0.0, 1.0, out=out)
-    out *= 255.0
-    out += 0.5
-    return np.floor(out, out=out).astype(np.uint8), blank
+    # Crop coordinates a = row − r0; rows outside the box get zero weight.
+    Ly = _batch_weights((np.arange(H) - r0[:, None]).astype(np.float64), in_rows, s)  # (n, 20, H)
+    Lx = _batch_weights((np.arange(W) - c0[:, None]).astype(np.float64), in_cols, s)  # (n, 20, W)
+    with blas.threads(1):  # hundreds of 20×28 products: a second thread per product costs more than it saves
+        T = np.matmul(np.matmul(Ly, v), Lx.transpose(0, 2, 1))
+    T[blank] = 1.0
+    T /= T.max(axis=(1, 2), keepdims=True)
+    T *= 255.0
+    T += 0.5
+    q = np.floor(T, out=T)
+    total = q.sum(axis=(1, 2))
+    centres = np.arange(BOX) + 0.5
+    cy = (centres * q.sum(axis=2)).sum(axis=1) / total
+    cx = (centres * q.sum(axis=1)).sum(axis=1) / total
+    dy = np.floor(TARGET - cy + 0.5).astype(np.int64)
+    dx = np.floor(TARGET - cx + 0.5).astype(np.int64)
+    return _place_many(q.astype(np.uint8), dy, dx, blank), blank
+
+
+def _place_many(q: np.ndarray, dy: np.ndarray, dx: np.ndarray, blank: np.ndarray) -> np.ndarray:
+    n = len(q)
+    out = np.zeros((n, FRAME, FRAME), np.uint8)
+    i = np.arange(BOX)
+    rows = dy[:, None] + i  # (n, 20) frame row of each box row
+    cols = dx[:, None] + i
+    ok = (rows[:, :, None] >= 0) & (rows[:, :, None] < FRAME) & (cols[:, None, :] >= 0) & (cols[:, None, :] < FRAME)
+    ok &= ~blank[:, None, None]
+    k, a, b = np.nonzero(ok)
+    out[k, rows[k, a], cols[k, b]] = q[k, a, b]
+    return out
 
 
 def _boxes(profiles: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -254,17 +285,11 @@ def _boxes(profiles: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndar
     return first, last, (idx >= first[:, None]) & (idx <= last[:, None])
 
 
-def _centres(profiles: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    total = _seq_sum(profiles, axis=1)
-    moment = _seq_sum((coords + 0.5) * profiles, axis=1)
-    return moment / np.where(total > 0, total, 1.0)
-
-
-def _batch_weights(coords: np.ndarray, inside: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """area_weights for each image of a chunk, zero outside its box: (n, 28, n_in)."""
-    lo = offset[:, None] + scale[:, None] * coords  # (n, n_in)
-    hi = offset[:, None] + scale[:, None] * (coords + 1.0)
-    i = np.arange(FRAME, dtype=np.float64)[None, :, None]
+def _batch_weights(coords: np.ndarray, inside: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """area_weights for each image of a chunk, zero outside its box: (n, 20, n_in)."""
+    lo = scale[:, None] * coords  # (n, n_in)
+    hi = scale[:, None] * (coords + 1.0)
+    i = np.arange(BOX, dtype=np.float64)[None, :, None]
     L = np.minimum(i + 1.0, hi[:, None, :])
     L -= np.maximum(i, lo[:, None, :])
     np.maximum(L, 0.0, out=L)

@@ -7,7 +7,7 @@
 "use strict";
 
 var MlecliPrepare = (function () {
-  var FRAME = 28, BOX = 20, TARGET = 14.5;
+  var FRAME = 28, BOX = 20, TARGET = 14.5;  // see mlecli/prepare.py
   var MAD_TO_SIGMA = 1.4826, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, PROFILE_SHARE = 0.01;
 
   // RGBA bytes (as getImageData gives) -> gray in [0, 1]: ITU-R 601 luma / 255.
@@ -63,21 +63,12 @@ var MlecliPrepare = (function () {
     return [first, last];
   }
 
-  function centre(profile, from, to) {
-    var moment = 0.0, total = 0.0;
-    for (var a = 0; a <= to - from; a++) {
-      moment += (a + 0.5) * profile[from + a];
-      total += profile[from + a];
-    }
-    return moment / total;
-  }
-
-  // L[i * n + a]: overlap of frame pixel [i, i+1) with input pixel [offset + s·a, offset + s·(a+1)).
-  function areaWeights(n, offset, scale) {
-    var L = new Float64Array(FRAME * n);
-    for (var i = 0; i < FRAME; i++) {
+  // L[i * n + a]: overlap of box pixel [i, i+1) with input pixel [s·a, s·(a+1)).
+  function areaWeights(n, scale) {
+    var L = new Float64Array(BOX * n);
+    for (var i = 0; i < BOX; i++) {
       for (var a = 0; a < n; a++) {
-        var lo = offset + scale * a, hi = offset + scale * (a + 1.0);
+        var lo = scale * a, hi = scale * (a + 1.0);
         L[i * n + a] = Math.max(0.0, Math.min(i + 1.0, hi) - Math.max(i, lo));
       }
     }
@@ -122,30 +113,52 @@ var MlecliPrepare = (function () {
     var rb = box(rows, share), cb = box(cols, share);
     var r0 = rb[0], r1 = rb[1], c0 = cb[0], c1 = cb[1];
     var bh = r1 - r0 + 1, bw = c1 - c0 + 1;
-    var cy = centre(rows, r0, r1), cx = centre(cols, c0, c1);
     var s = BOX / Math.max(bh, bw);
-    var oy = Math.floor(TARGET - s * cy + 0.5), ox = Math.floor(TARGET - s * cx + 0.5);
-    var Ly = areaWeights(bh, oy, s), Lx = areaWeights(bw, ox, s);
+    var Ly = areaWeights(bh, s), Lx = areaWeights(bw, s);
 
-    // out = Ly · crop · Lxᵀ: first T = Ly · crop (28 × bw), then out = T · Lxᵀ.
-    var T = new Float64Array(FRAME * bw);
-    for (i = 0; i < FRAME; i++) {
+    // 6. T = Ly · crop · Lxᵀ (20 × 20): first U = Ly · crop (20 × bw), then T = U · Lxᵀ.
+    var U = new Float64Array(BOX * bw);
+    for (i = 0; i < BOX; i++) {
       for (a = 0; a < bh; a++) {
         var wy = Ly[i * bh + a];
         if (wy === 0) continue;
         var row = (r0 + a) * w + c0;
-        for (b = 0; b < bw; b++) T[i * bw + b] += wy * v[row + b];
+        for (b = 0; b < bw; b++) U[i * bw + b] += wy * v[row + b];
       }
     }
-    var image = new Uint8Array(FRAME * FRAME);
-    for (i = 0; i < FRAME; i++) {
-      for (j = 0; j < FRAME; j++) {
+    var T = new Float64Array(BOX * BOX), tmax = 0.0;
+    for (i = 0; i < BOX; i++) {
+      for (j = 0; j < BOX; j++) {
         var sum = 0.0;
         for (b = 0; b < bw; b++) {
           var wx = Lx[j * bw + b];
-          if (wx !== 0) sum += T[i * bw + b] * wx;
+          if (wx !== 0) sum += U[i * bw + b] * wx;
         }
-        image[i * FRAME + j] = Math.floor(255.0 * Math.min(Math.max(sum, 0.0), 1.0) + 0.5);
+        T[i * BOX + j] = sum;
+        if (sum > tmax) tmax = sum;
+      }
+    }
+    // 7. quantise, the peak 255; 8. centre of mass (integer sums: exact in any order).
+    var q = new Uint8Array(BOX * BOX), total = 0, my = 0, mx = 0;
+    for (i = 0; i < BOX; i++) {
+      for (j = 0; j < BOX; j++) {
+        var qv = Math.floor(255.0 * (T[i * BOX + j] / tmax) + 0.5);
+        q[i * BOX + j] = qv;
+        total += qv;
+        my += (i + 0.5) * qv;
+        mx += (j + 0.5) * qv;
+      }
+    }
+    var cy = my / total, cx = mx / total;
+    // 9. place by whole pixels; what falls outside the 28×28 frame is lost.
+    var dy = Math.floor(TARGET - cy + 0.5), dx = Math.floor(TARGET - cx + 0.5);
+    var image = new Uint8Array(FRAME * FRAME);
+    for (i = 0; i < BOX; i++) {
+      var y = dy + i;
+      if (y < 0 || y >= FRAME) continue;
+      for (j = 0; j < BOX; j++) {
+        var x = dx + j;
+        if (x >= 0 && x < FRAME) image[y * FRAME + x] = q[i * BOX + j];
       }
     }
     return {
@@ -153,7 +166,7 @@ var MlecliPrepare = (function () {
       image: image,
       steps: {
         inverted: inverted, background: m, noise: sigma, peak: p, box: [r0, r1, c0, c1],
-        scale: s, offset: [oy, ox], centre: [cy, cx]
+        scale: s, offset: [dy, dx], centre: [cy, cx]
       }
     };
   }
