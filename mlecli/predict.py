@@ -21,7 +21,7 @@ from mlecli import inputs
 from mlecli.errors import CheckpointError, InputError
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.model import forward, sigmoid
-from mlecli.prepare import FRAME, BlankImage, prepare, prepare_many
+from mlecli.prepare import FRAME, BlankImage, blank_message, prepare, prepare_many
 from mlecli.task import class_words, image_scores
 
 SHAPE = (FRAME, FRAME)
@@ -44,7 +44,7 @@ class Prediction:
 
 
 def blank_error(name: str) -> InputError:
-    return InputError(f"{name}: no ink found: the image is blank (nothing in it stands out from its background)")
+    return InputError(blank_message(name))
 
 
 def check_image_shape(cp: ckpt.Checkpoint) -> None:

@@ -18,10 +18,12 @@ light ink on black, in nine steps:
 4. levels: `lo = m + 3σ`, `hi = p − 3σ`; `v = clip((g − lo) / (hi − lo), 0, 1)`: the
    background and its noise become 0, the ink's core 1 (a clean image, σ = 0, keeps its
    levels: v = (g − m) / (p − m)).
-5. box: row sums `r` and column sums `c` of `v`, each added first to last; rows (columns)
-   whose sum exceeds 1% of the largest row (column) sum are ink, or, when the background
-   is perfectly clean (σ = 0), every row (column) with any ink; crop `v` to the first..last
-   ink row and column, h × w pixels (a speck of noise far from the digit does not widen it).
+5. box: row sums `r` and column sums `c` of `v`, each added first to last. The box's first
+   row is the first whose running total `r_0 + … + r_a` exceeds δ·Σr, its last row the last
+   whose total from the bottom `r_a + … + r_{H−1}` exceeds δ·Σr (with Σr the running total's
+   end); columns likewise. δ = 0.5% when the background is noisy (σ > 0): up to 0.5% of the
+   ink on each side, dust and specks, may fall outside; δ = 0 when it is perfectly clean:
+   every pixel of ink is inside. Crop `v` to the box, h × w pixels.
 6. scale: `s = 20 / max(h, w)`; crop pixel a spans [s·a, s·(a+1)) of a 20×20 box, and each
    box pixel is the area-weighted mean of the crop over it:
    `T[i, j] = Σ_a Σ_b Ly[i, a] · crop[a, b] · Lx[j, b]`, with the overlap lengths
@@ -53,11 +55,15 @@ MAD_TO_SIGMA = 1.4826  # median absolute deviation -> σ of a Gaussian
 NOISE_CUT = 3.0  # levels start 3σ above the background
 MIN_CONTRAST = 0.1  # ink must differ from the background by a tenth of full scale…
 BLANK_NOISE = 8.0  # …and by 8σ of the background's noise
-PROFILE_SHARE = 0.01  # rows / columns with more than 1% of the largest sum are ink
+TRIM = 0.005  # share of a noisy image's ink that may lie beyond each side of the box
 
 
 class BlankImage(MlecliError):
     """An image with no ink to prepare."""
+
+
+def blank_message(name: str) -> str:
+    return f"{name}: no ink found: the image is blank (nothing in it stands out from its background)"
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ def ring(g: np.ndarray) -> np.ndarray:
     the first and last columns; shape (…, 2W + 2(H−2)), or every pixel of a 1- or 2-row image."""
     h = g.shape[-2]
     if h <= 2:
-        return g.reshape(*g.shape[:-2], -1)
+        return g.reshape(*g.shape[:-2], -1).copy()
     return np.concatenate([g[..., 0, :], g[..., -1, :], g[..., 1:-1, 0], g[..., 1:-1, -1]], axis=-1)
 
 
@@ -149,11 +155,12 @@ def place(q: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def _box(profile: np.ndarray, share: float) -> tuple[int, int]:
-    keep = profile > share * profile.max()
-    first = int(np.argmax(keep))
-    last = len(keep) - 1 - int(np.argmax(keep[::-1]))
-    return first, last
+def _box(profile: np.ndarray, trim: float) -> tuple[int, int]:
+    """Step 5 along one axis: the first and last index inside the box."""
+    ahead = np.cumsum(profile)  # running totals, added first to last
+    behind = np.cumsum(profile[::-1])[::-1]  # totals from the end, added last to first
+    limit = trim * ahead[-1]
+    return int(np.argmax(ahead > limit)), len(profile) - 1 - int(np.argmax((behind > limit)[::-1]))
 
 
 def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps]:
@@ -172,17 +179,14 @@ def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps
     sigma = MAD_TO_SIGMA * float(np.median(np.abs(border - m)))
     p = float(g.max())
     if p - m < max(MIN_CONTRAST, BLANK_NOISE * sigma):
-        raise BlankImage(
-            f"{name}: no ink found (the image is blank: nothing departs from its background by "
-            f"{max(MIN_CONTRAST, BLANK_NOISE * sigma):.2f} of full scale)"
-        )
+        raise BlankImage(blank_message(name))
     lo = m + NOISE_CUT * sigma
     hi = p - NOISE_CUT * sigma
     v = np.clip((g - lo) / (hi - lo), 0.0, 1.0)
-    share = PROFILE_SHARE if sigma > 0 else 0.0
+    trim = TRIM if sigma > 0 else 0.0
     rows, cols = _seq_sum(v, axis=1), _seq_sum(v, axis=0)
-    r0, r1 = _box(rows, share)
-    c0, c1 = _box(cols, share)
+    r0, r1 = _box(rows, trim)
+    c0, c1 = _box(cols, trim)
     crop = v[r0 : r1 + 1, c0 : c1 + 1]
     h, w = crop.shape
     s = BOX / max(h, w)
@@ -240,10 +244,10 @@ def _prepare_chunk(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.clip(v, 0.0, 1.0, out=v)
     v[blank] = 0.0
 
-    share = np.where(sigma > 0, PROFILE_SHARE, 0.0)[:, None]
+    trim = np.where(sigma > 0, TRIM, 0.0)[:, None]
     rows, cols = _seq_sum(v, axis=2), _seq_sum(v, axis=1)
-    r0, r1, in_rows = _boxes(rows, share)
-    c0, c1, in_cols = _boxes(cols, share)
+    r0, r1, in_rows = _boxes(rows, trim)
+    c0, c1, in_cols = _boxes(cols, trim)
     s = BOX / np.maximum(r1 - r0 + 1, c1 - c0 + 1)
     # Crop coordinates a = row − r0; rows outside the box get zero weight.
     Ly = _batch_weights((np.arange(H) - r0[:, None]).astype(np.float64), in_rows, s)  # (n, 20, H)
@@ -277,11 +281,13 @@ def _place_many(q: np.ndarray, dy: np.ndarray, dx: np.ndarray, blank: np.ndarray
     return out
 
 
-def _boxes(profiles: np.ndarray, share: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    keep = profiles > share * profiles.max(axis=1, keepdims=True)
-    first = np.argmax(keep, axis=1)
-    last = keep.shape[1] - 1 - np.argmax(keep[:, ::-1], axis=1)
-    idx = np.arange(keep.shape[1])
+def _boxes(profiles: np.ndarray, trim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ahead = np.cumsum(profiles, axis=1)
+    behind = np.cumsum(profiles[:, ::-1], axis=1)  # reversed: behind[:, k] is the total of the last k+1
+    limit = trim * ahead[:, -1:]
+    first = np.argmax(ahead > limit, axis=1)
+    last = profiles.shape[1] - 1 - np.argmax(behind > limit, axis=1)
+    idx = np.arange(profiles.shape[1])
     return first, last, (idx >= first[:, None]) & (idx <= last[:, None])
 
 

@@ -8,7 +8,7 @@
 
 var MlecliPrepare = (function () {
   var FRAME = 28, BOX = 20, TARGET = 14.5;  // see mlecli/prepare.py
-  var MAD_TO_SIGMA = 1.4826, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, PROFILE_SHARE = 0.01;
+  var MAD_TO_SIGMA = 1.4826, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, TRIM = 0.005;
 
   // RGBA bytes (as getImageData gives) -> gray in [0, 1]: ITU-R 601 luma / 255.
   function luminance(rgba, n) {
@@ -53,13 +53,17 @@ var MlecliPrepare = (function () {
     return out;
   }
 
-  function box(profile, share) {
-    var max = -Infinity, i;
-    for (i = 0; i < profile.length; i++) if (profile[i] > max) max = profile[i];
-    var limit = share * max, first = -1, last = -1;
-    for (i = 0; i < profile.length; i++) {
-      if (profile[i] > limit) { if (first < 0) first = i; last = i; }
-    }
+  // Step 5 along one axis: first index whose running total exceeds trim·total, last index whose
+  // total from the end does (each total added in its own direction, as numpy's cumsum does).
+  function box(profile, trim) {
+    var n = profile.length, ahead = new Float64Array(n), behind = new Float64Array(n), i;
+    ahead[0] = profile[0];
+    for (i = 1; i < n; i++) ahead[i] = ahead[i - 1] + profile[i];
+    behind[n - 1] = profile[n - 1];
+    for (i = n - 2; i >= 0; i--) behind[i] = behind[i + 1] + profile[i];
+    var limit = trim * ahead[n - 1], first = 0, last = n - 1;
+    while (!(ahead[first] > limit) && first < n - 1) first++;
+    while (!(behind[last] > limit) && last > 0) last--;
     return [first, last];
   }
 
@@ -109,8 +113,8 @@ var MlecliPrepare = (function () {
     }
     for (j = 0; j < w; j++) cols[j] = v[j];
     for (i = 1; i < h; i++) for (j = 0; j < w; j++) cols[j] += v[i * w + j];
-    var share = sigma > 0 ? PROFILE_SHARE : 0.0;
-    var rb = box(rows, share), cb = box(cols, share);
+    var trim = sigma > 0 ? TRIM : 0.0;
+    var rb = box(rows, trim), cb = box(cols, trim);
     var r0 = rb[0], r1 = rb[1], c0 = cb[0], c1 = cb[1];
     var bh = r1 - r0 + 1, bw = c1 - c0 + 1;
     var s = BOX / Math.max(bh, bw);
