@@ -346,18 +346,23 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     pixels, centred by mass in 28×28) unless --raw. An input that cannot be read gets
     one line on stderr, the others are still predicted, and the exit status is 1.
     """
+    from mlecli import inputs as sources_of
     from mlecli import predict as pr
 
     model = pr.load_model(target, which)
+    sources = sources_of.sources(list(inputs))
+    width = max((len(s.name) for s in sources if isinstance(s, sources_of.Source)), default=0)
     failed = 0
     shown = []
-    for result in model.predict_sources(list(inputs), raw):
+    for result in model.predict_sources(sources, raw):
         if isinstance(result, MlecliError):
             failed += 1
             click.echo(f"Error: {result}", err=True)
             continue
-        lines = (pr.json_lines if as_json else pr.text_lines)(result, model.classes_, threshold)
-        click.echo("\n".join(lines))
+        if as_json:
+            click.echo("\n".join(pr.json_lines(result, model.classes_, threshold)))
+        else:
+            click.echo("\n".join(pr.text_lines(result, model.classes_, threshold, width)))
         if show is not None and len(shown) < pr.SHOW_LIMIT:
             shown += result[: pr.SHOW_LIMIT - len(shown)]
     if show is not None:

@@ -99,7 +99,8 @@ def read_bytes(source: Source) -> bytes:
     if len(data) > MAX_FILE_BYTES:
         raise InputError(f"{source.name}: larger than {MAX_FILE_BYTES >> 20} MB; no image or array here is that big")
     if not data:
-        raise InputError(f"{source.name}: the file is empty")
+        raise InputError(f"{source.name}: nothing came on standard input" if source.path is None
+                         else f"{source.name}: the file is empty")
     return data
 
 

@@ -125,10 +125,12 @@ class Model:
                 yield item
 
     # -- the command ------------------------------------------------------
-    def predict_sources(self, names: list[str], raw: bool) -> Iterator[list[Prediction] | InputError]:
-        """For each input of the command line in order: its predictions, or the error that stopped it.
+    def predict_sources(
+        self, sources: list[inputs.Source | InputError], raw: bool
+    ) -> Iterator[list[Prediction] | InputError]:
+        """For each source (`inputs.sources`) in order: its predictions, or the error that stopped it.
         A stack (an IDX or .npy file) gives one list; a blank image inside it gives an error of its own."""
-        for src in inputs.sources(names):
+        for src in sources:
             if isinstance(src, InputError):
                 yield src
                 continue
@@ -240,8 +242,9 @@ def load_model(path: str | Path, checkpoint: str = "best") -> Model:
 # Output
 
 
-def text_lines(preds: list[Prediction], words: tuple[str, str], threshold: float) -> list[str]:
-    width = max(len(p.label) for p in preds)
+def text_lines(preds: list[Prediction], words: tuple[str, str], threshold: float, width: int = 0) -> list[str]:
+    """One aligned line per image: its name (padded to at least `width`), ŷ and the decision."""
+    width = max(width, *(len(p.label) for p in preds))
     return [f"{p.label:<{width}}  ŷ {p.p:.4f}  {words[p.p >= threshold]}" for p in preds]
 
 
