@@ -8,7 +8,7 @@
 
 var MlecliPrepare = (function () {
   var FRAME = 28, BOX = 20, TARGET = 14.5;  // see mlecli/prepare.py
-  var MAD_TO_SIGMA = 1.4826, MEAN_AD_TO_SIGMA = 1.2533, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, TRIM = 0.005;
+  var MAD_TO_SIGMA = 1.4826, Q90_SIGMAS = 1.6449, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, TRIM = 0.005;
 
   // RGBA bytes (as getImageData gives) -> gray in [0, 1]: ITU-R 601 luma / 255.
   function luminance(rgba, n) {
@@ -93,9 +93,10 @@ var MlecliPrepare = (function () {
       for (k = 0; k < border.length; k++) border[k] = 1.0 - border[k];
       m = 1.0 - m;
     }
-    var dev = new Float64Array(border.length), devSum = 0.0;
-    for (k = 0; k < border.length; k++) { dev[k] = Math.abs(border[k] - m); devSum += dev[k]; }
-    var sigma = Math.max(MAD_TO_SIGMA * median(dev), MEAN_AD_TO_SIGMA * (devSum / dev.length));
+    var dev = new Float64Array(border.length);
+    for (k = 0; k < border.length; k++) dev[k] = Math.abs(border[k] - m);
+    dev.sort();
+    var sigma = Math.max(MAD_TO_SIGMA * median(dev), dev[Math.floor(0.9 * (dev.length - 1))] / Q90_SIGMAS);
     var p = -Infinity;
     for (k = 0; k < n; k++) if (g[k] > p) p = g[k];
     if (p - m < Math.max(MIN_CONTRAST, BLANK_NOISE * sigma)) {
