@@ -29,6 +29,7 @@ from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.predict import check_image_shape
+from mlecli.prepare import style_for
 from mlecli.task import class_words
 
 OPSET = 13  # Cast, Div, Gemm and Sigmoid as every ONNX runtime of the last years has them
@@ -82,6 +83,7 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
         "dtype": cfg.model.dtype,
         "image_shape": list(cp.meta.get("image_shape") or []),
         "n_inputs": int(cp.meta["n_inputs"]),
+        "preparation": style_for(cfg.data.dataset).name,
         "mlecli_version": __version__,
         "test_accuracy": None,
     }
@@ -192,7 +194,7 @@ def page_model(cp: ckpt.Checkpoint, info: dict[str, Any]) -> dict[str, Any]:
         }
         for W, b in cp.params
     ]
-    digits = info["dataset"] != "fashion-mnist"
+    digits = info["preparation"] == "mnist"
     footer = [
         f"run {info['run']}",
         f"{info['checkpoint']} (epoch {info['epoch']})",
@@ -211,8 +213,15 @@ def page_model(cp: ckpt.Checkpoint, info: dict[str, Any]) -> dict[str, Any]:
         "layers": layers,
         "words": [info["negative_class"], info["positive_class"]],
         "threshold": THRESHOLD,
+        "style": info["preparation"],
+        "seen": (
+            "What the network sees: your drawing prepared as MNIST's digits were (cropped, scaled to 20 pixels, "
+            "centred by its centre of mass in 28×28, light on dark)." if digits else
+            "What the network sees: your drawing prepared as Fashion-MNIST's pictures were (cropped, scaled to "
+            "28 pixels, centred in 28×28, light on dark)."
+        ),
         "line_width": LINE_WIDTH,
-        "heading": "Draw a digit" if digits else "Draw a piece of clothing",
+        "heading": "Draw a digit" if digits else "Draw something to wear",
         "question": f"{info['positive_class']} or {info['negative_class']}? The network answers as you draw.",
         "footer": footer,
         "info": info,

@@ -21,7 +21,7 @@ from mlecli import inputs
 from mlecli.errors import CheckpointError, InputError
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.model import forward, sigmoid
-from mlecli.prepare import FRAME, BlankImage, blank_message, prepare, prepare_many
+from mlecli.prepare import FRAME, BlankImage, Style, blank_message, prepare, prepare_many, style_for
 from mlecli.task import class_words, image_scores
 
 SHAPE = (FRAME, FRAME)
@@ -75,6 +75,7 @@ class Model:
         self.config = cp.config
         self.params = cp.params
         self.classes_ = class_words(cp.config)
+        self.style = style_for(cp.config.data.dataset)  # how the network's training images were made
 
     def __repr__(self) -> str:
         neg, pos = self.classes_
@@ -119,7 +120,7 @@ class Model:
 
     def _network_inputs(self, images, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
         for loaded in _loaded(images):
-            for item in network_inputs(loaded, raw):
+            for item in network_inputs(loaded, raw, self.style):
                 if isinstance(item, InputError):
                     raise item
                 yield item
@@ -140,7 +141,7 @@ class Model:
                 yield exc
                 continue
             good: list[tuple[int | None, np.ndarray]] = []
-            for item in network_inputs(loaded, raw):
+            for item in network_inputs(loaded, raw, self.style):
                 if isinstance(item, InputError):
                     if good:
                         yield self._predictions(src.name, good)
@@ -157,8 +158,11 @@ class Model:
         return [Prediction(name, index, float(pi), im) for (index, im), pi in zip(items, p)]
 
 
-def network_inputs(loaded: inputs.Loaded, raw: bool) -> Iterator[tuple[int | None, np.ndarray] | InputError]:
-    """(index, 28×28 network input) for each image of a source, or an InputError for one that cannot be used."""
+def network_inputs(
+    loaded: inputs.Loaded, raw: bool, style: Style
+) -> Iterator[tuple[int | None, np.ndarray] | InputError]:
+    """(index, 28×28 network input) for each image of a source, prepared in `style` unless `raw`,
+    or an InputError for one that cannot be used."""
     name = loaded.source.name
     if loaded.picture:
         g = loaded.images
@@ -169,7 +173,7 @@ def network_inputs(loaded: inputs.Loaded, raw: bool) -> Iterator[tuple[int | Non
             yield None, g
             return
         try:
-            yield None, prepare(g, name)
+            yield None, prepare(g, name, style)
         except BlankImage:
             yield blank_error(name)
         return
@@ -181,7 +185,7 @@ def network_inputs(loaded: inputs.Loaded, raw: bool) -> Iterator[tuple[int | Non
         for i in range(len(stack)):
             yield (i if loaded.indexed else None), stack[i]
         return
-    images, blank = prepare_many(stack)
+    images, blank = prepare_many(stack, style=style)
     for i in range(len(stack)):
         index = i if loaded.indexed else None
         if blank[i]:

@@ -1,11 +1,13 @@
-"""MNIST's preparation of a digit image, as one exact algorithm (numpy; `web/prepare.js` is its twin).
+"""MNIST's preparation of an image, as one exact algorithm (numpy; `web/prepare.js` is its twin).
 
 The makers of MNIST size-normalised each digit to fit a 20×20 box (keeping its aspect
 ratio, anti-aliased) and placed it in a 28×28 frame so that its centre of mass sits on
-the frame's centre. A photo or a drawing must go through the same steps before a network
-trained on MNIST can read it. Every step below is written so that the page's JavaScript
-can do exactly the same arithmetic (float64, the same operations in the same order, sums
-taken left to right), which keeps the two within a rounding of each other.
+the frame's centre; Fashion-MNIST's makers scaled each picture's longer side to 28 and
+centred its box. A photo or a drawing must go through the same steps before a network
+trained on those images can read it: the `Style` of the network's dataset says which.
+Every step below is written so that the page's JavaScript can do exactly the same
+arithmetic (float64, the same operations in the same order, sums taken first to last),
+which keeps the two within a rounding of each other.
 
 A gray image `g` (H, W) float64 in [0, 1] (0 black, 1 white) becomes a uint8 (28, 28) image,
 light ink on black, in nine steps:
@@ -13,10 +15,14 @@ light ink on black, in nine steps:
 1. background: `m` = median of the border ring (the pixels of the first and last rows and
    columns); the ink is whichever side departs further from it: if `m − min(g)` exceeds
    `max(g) − m` the ink is dark, and `g ← 1 − g`, `m ← 1 − m`.
-2. noise: with the deviations `d = |ring − m|` sorted, `σ` = max(1.4826 · median(d),
-   d[⌊0.9 · (n − 1)⌋] / 1.6449): the ring's spread as a Gaussian's σ, from its 50th and 90th
-   percentiles (the median alone misses the faint artifacts JPEG leaves on part of a clean
-   page; neither counts ink touching under a tenth of the border). σ = 0 for a clean border.
+2. noise: `σ` = max(1.4826 · median(d), f[⌊0.9 · (k − 1)⌋] / 1.6449), with `d` the ring's
+   deviations |ring − m| and `f` the k of them that are faint (below a sixteenth of the
+   image's contrast, `(max(g) − m) / 16`), sorted: the background's spread as a Gaussian's
+   σ, from the median deviation, or from the 90th percentile of the faint ones when more
+   than half of the ring is exactly `m` (a white page saved as JPEG keeps faint artifacts
+   there). Ink touching the border is not noise: it is rarely half the ring, and seldom
+   faint; the faint part alone can never make σ more than a 26th of the contrast.
+   σ = 0 for a clean border.
 3. blank: with `p = max(g)`, an image whose `p − m` is below max(0.1, 8σ) holds no ink.
 4. levels: `lo = m + 3σ`, `hi = p − 3σ`; `v = clip((g − lo) / (hi − lo), 0, 1)`: the
    background and its noise become 0, the ink's core 1 (a clean image, σ = 0, keeps its
@@ -27,15 +33,19 @@ light ink on black, in nine steps:
    end); columns likewise. δ = 0.5% when the background is noisy (σ > 0): up to 0.5% of the
    ink on each side, dust and specks, may fall outside; δ = 0 when it is perfectly clean:
    every pixel of ink is inside. Crop `v` to the box, h × w pixels.
-6. scale: `s = 20 / max(h, w)`; crop pixel a spans [s·a, s·(a+1)) of a 20×20 box, and each
-   box pixel is the area-weighted mean of the crop over it:
+6. scale: `s = B / max(h, w)`, with B = 20 (MNIST) or 28 (Fashion-MNIST); crop pixel a
+   spans [s·a, s·(a+1)) of a B×B box, and each box pixel is the area-weighted mean of the
+   crop over it:
    `T[i, j] = Σ_a Σ_b Ly[i, a] · crop[a, b] · Lx[j, b]`, with the overlap lengths
    `Ly[i, a] = max(0, min(i + 1, s·(a+1)) − max(i, s·a))` (anti-aliasing by area).
 7. quantise: `q = ⌊255 · (T / max(T)) + ½⌋` as integers 0-255 (the ink's peak becomes 255).
-8. centre of mass of q (exact integer sums): `cy = Σ_i (i + ½) Σ_j q[i, j] / Σ q`; `cx` likewise.
-9. place: q goes into the 28×28 frame shifted by whole pixels, `dy = ⌊14.5 − cy + ½⌋` rows
-   and `dx` columns, so that its centre of mass lands within half a pixel of pixel 14's
-   centre, as in MNIST. Pixels shifted out of the frame are lost, as in MNIST.
+8. centre: MNIST, the centre of mass of q (exact integer sums):
+   `cy = Σ_i (i + ½) Σ_j q[i, j] / Σ q`, `cx` likewise, and the target t = 14.5 (pixel 14's
+   centre, where MNIST's digits have theirs); Fashion-MNIST, the middle of the scaled
+   crop, `cy = s·h / 2`, `cx = s·w / 2`, and t = 14 (the frame's middle).
+9. place: q goes into the 28×28 frame shifted by whole pixels, `dy = ⌊t − cy + ½⌋` rows and
+   `dx = ⌊t − cx + ½⌋` columns: the centre lands within half a pixel of the target. Pixels
+   shifted out of the frame are lost, as in MNIST.
 
 A prepared image comes through a second preparation unchanged (when nothing was shifted out).
 `prepare` is the one-image oracle; `prepare_many` does the same for a stack of equal-sized
@@ -52,14 +62,34 @@ from mlecli import blas
 from mlecli.errors import MlecliError
 
 FRAME = 28  # side of the prepared image
-BOX = 20  # longer side of the digit inside it
-TARGET = 14.5  # where the centre of mass goes: pixel 14's centre (pixel i spans [i, i+1))
 MAD_TO_SIGMA = 1.4826  # median absolute deviation -> σ of a Gaussian
 Q90_SIGMAS = 1.6449  # a Gaussian's 90th percentile of |x − μ|, in σ
+FAINT = 16.0  # a deviation below 1/16 of the contrast is faint: JPEG's artifacts, not ink
 NOISE_CUT = 3.0  # levels start 3σ above the background
 MIN_CONTRAST = 0.1  # ink must differ from the background by a tenth of full scale…
 BLANK_NOISE = 8.0  # …and by 8σ of the background's noise
 TRIM = 0.005  # share of a noisy image's ink that may lie beyond each side of the box
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a dataset's images were made: the longer side of the ink in the 28×28 frame (`box`),
+    what is centred (`centre`: "mass", its centre of mass, or "box", the middle of its box) and
+    where (`target`, in frame coordinates: pixel i spans [i, i+1))."""
+
+    name: str
+    box: int
+    centre: str
+    target: float
+
+
+MNIST = Style("mnist", 20, "mass", 14.5)
+FASHION_MNIST = Style("fashion-mnist", 28, "box", 14.0)
+
+
+def style_for(dataset: str) -> Style:
+    """Fashion-MNIST's style for networks trained on it; MNIST's for any other (digit) dataset."""
+    return FASHION_MNIST if dataset == FASHION_MNIST.name else MNIST
 
 
 class BlankImage(MlecliError):
@@ -67,7 +97,8 @@ class BlankImage(MlecliError):
 
 
 def blank_message(name: str) -> str:
-    return f"{name}: no ink found: the image is blank (nothing in it stands out from its background)"
+    return (f"{name}: no ink found: nothing stands out from the background (judged from the image's border: "
+            "leave a margin around the ink)")
 
 
 @dataclass(frozen=True)
@@ -80,8 +111,8 @@ class Steps:
     peak: float  # p
     box: tuple[int, int, int, int]  # first row, last row, first column, last column (inclusive)
     scale: float  # s
-    offset: tuple[int, int]  # dy, dx: where the 20×20 box's top left corner lands in the frame
-    centre: tuple[float, float]  # cy, cx: the centre of mass of the quantised 20×20 box
+    offset: tuple[int, int]  # dy, dx: where the box's top left corner lands in the frame
+    centre: tuple[float, float]  # cy, cx: in box coordinates, the centre that is placed
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -129,7 +160,7 @@ def ring(g: np.ndarray) -> np.ndarray:
     return np.concatenate([g[..., 0, :], g[..., -1, :], g[..., 1:-1, 0], g[..., 1:-1, -1]], axis=-1)
 
 
-def area_weights(n_in: int, scale: float, n_out: int = BOX) -> np.ndarray:
+def area_weights(n_in: int, scale: float, n_out: int) -> np.ndarray:
     """L (n_out, n_in): overlap of box pixel i = [i, i+1) with input pixel a = [s·a, s·(a+1))."""
     a = np.arange(n_in, dtype=np.float64)
     lo = scale * a
@@ -152,10 +183,10 @@ def centre_of_mass(q: np.ndarray) -> tuple[float, float]:
 
 
 def place(q: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Step 9: q (20, 20) shifted into a zero (28, 28) frame by whole pixels; what falls outside is lost."""
+    """Step 9: q (B, B) shifted into a zero (28, 28) frame by whole pixels; what falls outside is lost."""
     out = np.zeros((FRAME, FRAME), np.uint8)
     y0, x0 = max(dy, 0), max(dx, 0)
-    y1, x1 = min(dy + BOX, FRAME), min(dx + BOX, FRAME)
+    y1, x1 = min(dy + len(q), FRAME), min(dx + len(q), FRAME)
     if y0 < y1 and x0 < x1:
         out[y0:y1, x0:x1] = q[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
     return out
@@ -169,7 +200,7 @@ def _box(profile: np.ndarray, trim: float) -> tuple[int, int]:
     return int(np.argmax(ahead > limit)), len(profile) - 1 - int(np.argmax((behind > limit)[::-1]))
 
 
-def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps]:
+def prepare_steps(g: np.ndarray, name: str = "image", style: Style = MNIST) -> tuple[np.ndarray, Steps]:
     """Prepare one gray image (H, W) float64 in [0, 1]; return the uint8 (28, 28) image and its Steps.
 
     Raises BlankImage (naming `name`) when the image holds no ink.
@@ -182,9 +213,12 @@ def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps
         g = 1.0 - g
         border = 1.0 - border
         m = 1.0 - m
-    dev = np.sort(np.abs(border - m))
-    sigma = max(MAD_TO_SIGMA * float(np.median(dev)), float(dev[int(0.9 * (len(dev) - 1))]) / Q90_SIGMAS)
     p = float(g.max())
+    dev = np.sort(np.abs(border - m))
+    faint = dev[dev < (p - m) / FAINT]
+    sigma = MAD_TO_SIGMA * float(np.median(dev))
+    if len(faint):
+        sigma = max(sigma, float(faint[int(0.9 * (len(faint) - 1))]) / Q90_SIGMAS)
     if p - m < max(MIN_CONTRAST, BLANK_NOISE * sigma):
         raise BlankImage(blank_message(name))
     lo = m + NOISE_CUT * sigma
@@ -196,22 +230,22 @@ def prepare_steps(g: np.ndarray, name: str = "image") -> tuple[np.ndarray, Steps
     c0, c1 = _box(cols, trim)
     crop = v[r0 : r1 + 1, c0 : c1 + 1]
     h, w = crop.shape
-    s = BOX / max(h, w)
+    s = style.box / max(h, w)
     with blas.threads(1):  # products this small lose more to waking a second thread than they gain
-        q = quantise(area_weights(h, s) @ crop @ area_weights(w, s).T)
-    cy, cx = centre_of_mass(q)
-    dy = int(np.floor(TARGET - cy + 0.5))
-    dx = int(np.floor(TARGET - cx + 0.5))
+        q = quantise(area_weights(h, s, style.box) @ crop @ area_weights(w, s, style.box).T)
+    cy, cx = centre_of_mass(q) if style.centre == "mass" else (s * h / 2, s * w / 2)
+    dy = int(np.floor(style.target - cy + 0.5))
+    dx = int(np.floor(style.target - cx + 0.5))
     steps = Steps(inverted, m, sigma, p, (r0, r1, c0, c1), s, (dy, dx), (cy, cx))
     return place(q.astype(np.uint8), dy, dx), steps
 
 
-def prepare(g: np.ndarray, name: str = "image") -> np.ndarray:
-    """One gray image (H, W) float64 in [0, 1] -> uint8 (28, 28), MNIST's form. See the module docstring."""
-    return prepare_steps(g, name)[0]
+def prepare(g: np.ndarray, name: str = "image", style: Style = MNIST) -> np.ndarray:
+    """One gray image (H, W) float64 in [0, 1] -> uint8 (28, 28) in `style`. See the module docstring."""
+    return prepare_steps(g, name, style)[0]
 
 
-def prepare_many(g: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def prepare_many(g: np.ndarray, chunk: int = 256, style: Style = MNIST) -> tuple[np.ndarray, np.ndarray]:
     """A stack of gray images (N, H, W) in [0, 1] (or uint8 0-255) -> (uint8 (N, 28, 28), blank (N,) bool).
 
     The same steps as `prepare`, vectorised over `chunk` images at a time (small enough
@@ -225,11 +259,11 @@ def prepare_many(g: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarra
     for start in range(0, n, chunk):
         part = g[start : start + chunk]
         part = part / 255.0 if part.dtype == np.uint8 else part.astype(np.float64)
-        images[start : start + chunk], blank[start : start + chunk] = _prepare_chunk(part)
+        images[start : start + chunk], blank[start : start + chunk] = _prepare_chunk(part, style)
     return images, blank
 
 
-def _prepare_chunk(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _prepare_chunk(g: np.ndarray, style: Style) -> tuple[np.ndarray, np.ndarray]:
     """prepare_many on (n, H, W) float64 images, which it overwrites."""
     n, H, W = g.shape
     border = ring(g)
@@ -240,9 +274,12 @@ def _prepare_chunk(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g[inverted] = 1.0 - g[inverted]
         border[inverted] = 1.0 - border[inverted]
         m[inverted] = 1.0 - m[inverted]
-    dev = np.sort(np.abs(border - m[:, None]), axis=1)
-    sigma = np.maximum(MAD_TO_SIGMA * np.median(dev, axis=1), dev[:, int(0.9 * (dev.shape[1] - 1))] / Q90_SIGMAS)
     p = np.where(inverted, 1.0 - lowest, highest)  # max(1 − g) = 1 − min(g), exactly
+    dev = np.sort(np.abs(border - m[:, None]), axis=1)
+    sigma = MAD_TO_SIGMA * np.median(dev, axis=1)
+    n_faint = np.count_nonzero(dev < ((p - m) / FAINT)[:, None], axis=1)  # sorted: the faint ones come first
+    q90 = dev[np.arange(len(dev)), (0.9 * np.maximum(n_faint - 1, 0)).astype(np.int64)] / Q90_SIGMAS
+    sigma = np.where(n_faint > 0, np.maximum(sigma, q90), sigma)
     blank = p - m < np.maximum(MIN_CONTRAST, BLANK_NOISE * sigma)
     lo = m + NOISE_CUT * sigma
     span = np.where(blank, 1.0, (p - NOISE_CUT * sigma) - lo)
@@ -256,31 +293,35 @@ def _prepare_chunk(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = _seq_sum(v, axis=2), _seq_sum(v, axis=1)
     r0, r1, in_rows = _boxes(rows, trim)
     c0, c1, in_cols = _boxes(cols, trim)
-    s = BOX / np.maximum(r1 - r0 + 1, c1 - c0 + 1)
+    h, w = r1 - r0 + 1, c1 - c0 + 1
+    s = style.box / np.maximum(h, w)
     # Crop coordinates a = row − r0; rows outside the box get zero weight.
-    Ly = _batch_weights((np.arange(H) - r0[:, None]).astype(np.float64), in_rows, s)  # (n, 20, H)
-    Lx = _batch_weights((np.arange(W) - c0[:, None]).astype(np.float64), in_cols, s)  # (n, 20, W)
-    with blas.threads(1):  # hundreds of 20×28 products: a second thread per product costs more than it saves
+    Ly = _batch_weights((np.arange(H) - r0[:, None]).astype(np.float64), in_rows, s, style.box)  # (n, B, H)
+    Lx = _batch_weights((np.arange(W) - c0[:, None]).astype(np.float64), in_cols, s, style.box)  # (n, B, W)
+    with blas.threads(1):  # hundreds of B×28 products: a second thread per product costs more than it saves
         T = np.matmul(np.matmul(Ly, v), Lx.transpose(0, 2, 1))
     T[blank] = 1.0
     T /= T.max(axis=(1, 2), keepdims=True)
     T *= 255.0
     T += 0.5
     q = np.floor(T, out=T)
-    total = q.sum(axis=(1, 2))
-    centres = np.arange(BOX) + 0.5
-    cy = (centres * q.sum(axis=2)).sum(axis=1) / total
-    cx = (centres * q.sum(axis=1)).sum(axis=1) / total
-    dy = np.floor(TARGET - cy + 0.5).astype(np.int64)
-    dx = np.floor(TARGET - cx + 0.5).astype(np.int64)
+    if style.centre == "mass":
+        total = q.sum(axis=(1, 2))
+        centres = np.arange(style.box) + 0.5
+        cy = (centres * q.sum(axis=2)).sum(axis=1) / total
+        cx = (centres * q.sum(axis=1)).sum(axis=1) / total
+    else:
+        cy, cx = s * h / 2, s * w / 2
+    dy = np.floor(style.target - cy + 0.5).astype(np.int64)
+    dx = np.floor(style.target - cx + 0.5).astype(np.int64)
     return _place_many(q.astype(np.uint8), dy, dx, blank), blank
 
 
 def _place_many(q: np.ndarray, dy: np.ndarray, dx: np.ndarray, blank: np.ndarray) -> np.ndarray:
-    n = len(q)
+    n, box = q.shape[:2]
     out = np.zeros((n, FRAME, FRAME), np.uint8)
-    i = np.arange(BOX)
-    rows = dy[:, None] + i  # (n, 20) frame row of each box row
+    i = np.arange(box)
+    rows = dy[:, None] + i  # (n, B) frame row of each box row
     cols = dx[:, None] + i
     ok = (rows[:, :, None] >= 0) & (rows[:, :, None] < FRAME) & (cols[:, None, :] >= 0) & (cols[:, None, :] < FRAME)
     ok &= ~blank[:, None, None]
@@ -299,11 +340,11 @@ def _boxes(profiles: np.ndarray, trim: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return first, last, (idx >= first[:, None]) & (idx <= last[:, None])
 
 
-def _batch_weights(coords: np.ndarray, inside: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """area_weights for each image of a chunk, zero outside its box: (n, 20, n_in)."""
+def _batch_weights(coords: np.ndarray, inside: np.ndarray, scale: np.ndarray, box: int) -> np.ndarray:
+    """area_weights for each image of a chunk, zero outside its crop: (n, B, n_in)."""
     lo = scale[:, None] * coords  # (n, n_in)
     hi = scale[:, None] * (coords + 1.0)
-    i = np.arange(BOX, dtype=np.float64)[None, :, None]
+    i = np.arange(box, dtype=np.float64)[None, :, None]
     L = np.minimum(i + 1.0, hi[:, None, :])
     L -= np.maximum(i, lo[:, None, :])
     np.maximum(L, 0.0, out=L)

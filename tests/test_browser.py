@@ -22,7 +22,7 @@ from pictures import CHROMIUM, chromium, photo, random_strokes, strokes
 import mlecli
 from mlecli.cli import main
 from mlecli.inputs import read_image
-from mlecli.prepare import BlankImage, prepare_steps
+from mlecli.prepare import FASHION_MNIST, MNIST, BlankImage, prepare_steps
 
 try:
     import playwright.sync_api  # noqa: F401
@@ -163,23 +163,24 @@ def gray_cases() -> list[tuple[str, np.ndarray]]:
     return cases
 
 
-def test_the_javascript_preparation_equals_numpy_s_on_pictures_of_every_kind(page):
+@pytest.mark.parametrize("style", [MNIST, FASHION_MNIST], ids=lambda s: s.name)
+def test_the_javascript_preparation_equals_numpy_s_on_pictures_of_every_kind(page, style):
     exact = blank = 0
     cases = gray_cases()
     for name, g in cases:
         h, w = g.shape
         data = base64.b64encode(np.ascontiguousarray(g, "<f8").tobytes()).decode()
         js = page.evaluate(
-            """([data, w, h]) => {
+            """([data, w, h, style]) => {
                 const bin = atob(data), bytes = new Uint8Array(bin.length);
                 for (let k = 0; k < bin.length; k++) bytes[k] = bin.charCodeAt(k);
-                const r = mlecli.prepare.prepare(new Float64Array(bytes.buffer), w, h);
+                const r = mlecli.prepare.prepare(new Float64Array(bytes.buffer), w, h, style);
                 return {blank: r.blank, steps: r.steps, image: r.blank ? null : Array.from(r.image)};
             }""",
-            [data, w, h],
+            [data, w, h, style.name],
         )
         try:
-            image, steps = prepare_steps(g)
+            image, steps = prepare_steps(g, style=style)
         except BlankImage:
             assert js["blank"], name
             blank += 1
@@ -190,7 +191,7 @@ def test_the_javascript_preparation_equals_numpy_s_on_pictures_of_every_kind(pag
         diff = np.abs(np.array(js["image"]).reshape(28, 28) - image.astype(int)).max()
         assert diff <= 2, name
         exact += diff == 0
-    print(f"JavaScript = numpy: {blank} blank in both; pixel for pixel on {exact} of {len(cases) - blank} others")
+    print(f"{style.name}: JavaScript = numpy: {blank} blank in both; pixel for pixel on {exact} of {len(cases) - blank}")
 
 
 def test_the_javascript_network_equals_numpy_s(page, page_file):

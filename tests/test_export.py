@@ -21,6 +21,7 @@ from mlecli import __version__
 from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES
 from mlecli.idx import idx_bytes, parse_idx
+from mlecli.prepare import prepare_many
 
 onnx = pytest.importorskip("onnx", reason="pip install 'mlecli[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="pip install 'mlecli[onnx]'")
@@ -48,7 +49,8 @@ def fashion_runs(tmp_path_factory):
     runs = {len(h): train(root, base, f"h{len(h)}", f"[model]\nhidden = {h}\n") for h in ([], [32], [32, 16, 8])}
     test = parse_idx(gzip.decompress((DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").read_bytes()))
     labels = parse_idx(gzip.decompress((DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes()))
-    return runs, test[np.isin(labels, [0, 6])][:1000]
+    chosen = np.isin(labels, [0, 6])
+    return runs, test[chosen][:1000], labels[chosen][:1000]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def run_onnx(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("hidden", [0, 1, 3])
 def test_onnxruntime_gives_mlecli_s_y_hat_on_1000_real_test_images(fashion_runs, hidden, tmp_path):
-    runs, images = fashion_runs
+    runs, images, _ = fashion_runs
     out = tmp_path / "model.onnx"
     res = cli("export", runs[hidden], "--format", "onnx", "--out", out)
     assert res.exit_code == 0, res.output
@@ -84,6 +86,23 @@ def test_onnxruntime_gives_mlecli_s_y_hat_on_1000_real_test_images(fashion_runs,
     assert np.abs(y_hat[:, 0] - expected).max() <= 1e-6
     assert 0.05 < expected.mean() < 0.95 and expected.std() > 0.1  # a trained network, not a constant
     np.testing.assert_allclose(1 / (1 + np.exp(-z[:, 0].astype(np.float64))), expected, atol=1e-6)
+
+
+def test_a_fashion_network_speaks_fashion_and_prepares_as_fashion_mnist_did(fashion_runs):
+    runs, images, labels = fashion_runs
+    model = mlecli.load(runs[1])
+    assert model.classes_ == ("Shirt", "T-shirt/top") and model.style.name == "fashion-mnist"
+    _, blank = prepare_many(images, style=model.style)
+    images, y = images[~blank], labels[~blank] == 0  # a picture covering half its border has no background
+    raw = model.probabilities(images) >= 0.5
+    prepared = model.predict_proba(images)[:, 1] >= 0.5  # cropped, longer side 28, centred by its box
+    print(f"T-shirt vs shirt, {len(y)} test pictures: accuracy {np.mean(raw == y):.1%} as they are, "
+          f"{np.mean(prepared == y):.1%} prepared; the same decision for {np.mean(raw == prepared):.1%}")
+    assert np.mean(raw == prepared) >= 0.98
+    assert cli("export", runs[1], "--format", "html").exit_code == 0
+    page = page_model((runs[1] / "best.html").read_text(encoding="utf-8"))
+    assert page["style"] == "fashion-mnist" and page["words"] == ["Shirt", "T-shirt/top"]
+    assert page["heading"] == "Draw something to wear"
 
 
 def test_the_onnx_graph_s_inputs_outputs_and_metadata(tiny_runs):
@@ -120,6 +139,7 @@ def test_the_onnx_graph_s_inputs_outputs_and_metadata(tiny_runs):
         "mlecli.dtype": "float32",
         "mlecli.image_shape": "[28, 28]",
         "mlecli.n_inputs": "784",
+        "mlecli.preparation": "mnist",
         "mlecli.version": __version__,
         "mlecli.test_accuracy": json.dumps({"accuracy": report["accuracy"], "threshold": 0.5}),
     }

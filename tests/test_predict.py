@@ -246,6 +246,7 @@ def _npy(arr) -> bytes:
     return buf.getvalue()
 
 
+BLANK = "{p}: no ink found: nothing stands out from the background (judged from the image's border: leave a margin around the ink)"
 REFUSALS = {
     "empty.png": (b"", "{p}: the file is empty"),
     "notes.png": (b"hello, not an image", "{p}: not an image mlecli can read (PNG, JPEG, BMP, GIF, TIFF, WebP), nor a .npy or IDX file"),
@@ -270,8 +271,8 @@ REFUSALS = {
     "notidx.gz": (gzip.compress(b"plain text"), "{p}: a gzip file that does not hold an IDX file (images like MNIST's)"),
     "short-idx": (idx_bytes(np.zeros((2, 28, 28), np.uint8))[:-1],
                   "{p}: truncated IDX data: the header says 2x28x28 (1584 bytes in all), the file has 1583"),
-    "white.png": (encode(np.ones((40, 40))), "{p}: no ink found: the image is blank (nothing in it stands out from its background)"),
-    "dot.png": (encode(np.zeros((1, 1))), "{p}: no ink found: the image is blank (nothing in it stands out from its background)"),
+    "white.png": (encode(np.ones((40, 40))), BLANK),
+    "dot.png": (encode(np.zeros((1, 1))), BLANK),
 }
 
 
@@ -307,8 +308,7 @@ def test_a_blank_image_inside_an_array_is_refused_by_its_index(run, tmp_path):
     res = cli("predict", run, tmp_path / "d.npy", "--json")
     assert res.exit_code == 1
     assert [p["index"] for p in predictions(res)] == [0, 2]
-    assert res.stderr == (f"Error: {tmp_path / 'd.npy'}[1]: no ink found: the image is blank "
-                          "(nothing in it stands out from its background)\n")
+    assert res.stderr == "Error: " + BLANK.format(p=f"{tmp_path / 'd.npy'}[1]") + "\n"
 
 
 def test_raw_needs_28_by_28_images(run, tmp_path):

@@ -3,13 +3,29 @@ MNIST's, and the vectorised version held equal to the one-image oracle."""
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
+from conftest import DEBIAN_FASHION, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pictures import random_strokes, strokes
 
-from mlecli.prepare import BlankImage, composite, luminance, prepare, prepare_many, prepare_steps, ring
+from mlecli.prepare import (
+    FASHION_MNIST,
+    MNIST,
+    BlankImage,
+    blank_message,
+    composite,
+    luminance,
+    prepare,
+    prepare_many,
+    prepare_steps,
+    ring,
+    style_for,
+)
+from mlecli.idx import parse_idx
 
 SEARCH = settings(max_examples=150, deadline=None)
 
@@ -38,6 +54,23 @@ def test_a_rectangle_worked_by_hand():
     expected = np.zeros((28, 28), np.uint8)
     expected[5:25, 10:20] = 255
     np.testing.assert_array_equal(image, expected)
+
+
+def test_the_same_rectangle_in_fashion_mnist_s_style():
+    g = np.ones((10, 10))
+    g[3:7, 4:6] = 0.0
+    image, steps = prepare_steps(g, style=FASHION_MNIST)
+    # Steps 1-5 as for MNIST; 6. s = 28/4 = 7: 28 rows × 14 columns of 1. 8. the middle of the
+    # scaled crop: cy = 7·4/2 = 14, cx = 7·2/2 = 7. 9. dy = ⌊14 − 14 + ½⌋ = 0, dx = ⌊14 − 7 + ½⌋ = 7.
+    assert steps.scale == 7.0 and steps.centre == (14.0, 7.0) and steps.offset == (0, 7)
+    expected = np.zeros((28, 28), np.uint8)
+    expected[:, 7:21] = 255
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_each_dataset_s_networks_get_its_own_style():
+    assert style_for("fashion-mnist") is FASHION_MNIST
+    assert style_for("mnist") is MNIST and style_for("my-digits") is MNIST
 
 
 def test_a_fractional_scale_worked_by_hand():
@@ -140,7 +173,8 @@ def test_specks_of_noise_far_from_the_digit_do_not_move_it():
 def test_uniform_images_are_blank(shape, level):
     with pytest.raises(BlankImage) as err:
         prepare(np.full(shape, level), "page.png")
-    assert str(err.value) == "page.png: no ink found: the image is blank (nothing in it stands out from its background)"
+    assert str(err.value) == ("page.png: no ink found: nothing stands out from the background (judged from the image's "
+                              "border: leave a margin around the ink)") == blank_message("page.png")
     assert prepare_many(np.full((2, *shape), level))[1].tolist() == [True, True]
 
 
@@ -196,13 +230,13 @@ def stacks(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(stacks())
-def test_the_vectorised_version_equals_the_one_image_oracle(stack):
-    images, blank = prepare_many(stack)
+@given(stacks(), st.sampled_from([MNIST, FASHION_MNIST]))
+def test_the_vectorised_version_equals_the_one_image_oracle(stack, style):
+    images, blank = prepare_many(stack, style=style)
     as_float = stack / 255.0 if stack.dtype == np.uint8 else stack
     for k, g in enumerate(as_float):
         try:
-            expected = prepare(g)
+            expected = prepare(g, style=style)
         except BlankImage:
             assert blank[k] and not images[k].any()
             continue
@@ -216,3 +250,14 @@ def test_the_vectorised_version_works_in_chunks():
     chunked, _ = prepare_many(stack, chunk=3)
     np.testing.assert_array_equal(whole, chunked)
     assert prepare_many(np.zeros((0, 28, 28), np.uint8))[0].shape == (0, 28, 28)
+
+
+def test_fashion_mnist_s_pictures_come_through_its_style_nearly_unchanged():
+    require(DEBIAN_FASHION.is_dir(), f"{DEBIAN_FASHION} is missing: apt-get install dataset-fashion-mnist")
+    images = parse_idx(gzip.decompress((DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    prepared, blank = prepare_many(images, style=FASHION_MNIST)
+    worst = np.abs(prepared.astype(int) - images).max(axis=(1, 2))
+    print(f"of {len(images)} Fashion-MNIST test pictures: {(worst == 0).sum()} come through identical, "
+          f"{blank.sum()} cover more than half their border (no background to judge)")
+    assert (worst == 0).sum() >= 0.85 * len(images)  # the others: a longer side of 27 pixels, scaled to 28
+    assert blank.sum() <= 0.001 * len(images)

@@ -99,7 +99,7 @@
   function update() {
     var w = canvas.width, h = canvas.height;
     var rgba = ctx.getImageData(0, 0, w, h).data;
-    var result = MlecliPrepare.prepare(MlecliPrepare.composite(rgba, w * h), w, h);
+    var result = MlecliPrepare.prepare(MlecliPrepare.composite(rgba, w * h), w, h, model.style);
     state.updates += 1;
     state.steps = result.steps;
     state.blank = result.blank;
@@ -144,6 +144,7 @@
   document.getElementById("pos").textContent = pos + " →";
   document.getElementById("title").textContent = model.heading;
   document.getElementById("question").textContent = model.question;
+  document.getElementById("seen-caption").textContent = model.seen;
   var footer = document.getElementById("footer");
   model.footer.forEach(function (text) {
     var span = document.createElement("span");

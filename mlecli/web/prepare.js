@@ -7,8 +7,13 @@
 "use strict";
 
 var MlecliPrepare = (function () {
-  var FRAME = 28, BOX = 20, TARGET = 14.5;  // see mlecli/prepare.py
-  var MAD_TO_SIGMA = 1.4826, Q90_SIGMAS = 1.6449, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, TRIM = 0.005;
+  var FRAME = 28;  // see mlecli/prepare.py
+  // Styles: MNIST's (a 20-pixel box placed by its centre of mass at 14.5) and Fashion-MNIST's.
+  var STYLES = {
+    "mnist": { box: 20, centre: "mass", target: 14.5 },
+    "fashion-mnist": { box: 28, centre: "box", target: 14.0 }
+  };
+  var MAD_TO_SIGMA = 1.4826, Q90_SIGMAS = 1.6449, FAINT = 16.0, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, TRIM = 0.005;
 
   // RGBA bytes (as getImageData gives) -> gray in [0, 1]: ITU-R 601 luma / 255.
   function luminance(rgba, n) {
@@ -67,10 +72,10 @@ var MlecliPrepare = (function () {
     return [first, last];
   }
 
-  // L[i * n + a]: overlap of box pixel [i, i+1) with input pixel [s·a, s·(a+1)).
-  function areaWeights(n, scale) {
-    var L = new Float64Array(BOX * n);
-    for (var i = 0; i < BOX; i++) {
+  // L[i * n + a]: overlap of box pixel [i, i+1) with input pixel [s·a, s·(a+1)), i < B.
+  function areaWeights(n, scale, B) {
+    var L = new Float64Array(B * n);
+    for (var i = 0; i < B; i++) {
       for (var a = 0; a < n; a++) {
         var lo = scale * a, hi = scale * (a + 1.0);
         L[i * n + a] = Math.max(0.0, Math.min(i + 1.0, hi) - Math.max(i, lo));
@@ -80,7 +85,9 @@ var MlecliPrepare = (function () {
   }
 
   // gray (w·h, row-major, 0 black … 1 white) -> {image: Uint8Array(784), steps} or {blank: true}.
-  function prepare(gray, w, h) {
+  // styleName: "mnist" (the default) or "fashion-mnist".
+  function prepare(gray, w, h, styleName) {
+    var style = STYLES[styleName || "mnist"], B = style.box;
     var n = w * h, k, i, j, a, b;
     var g = Float64Array.from(gray);
     var border = ring(g, w, h);
@@ -93,12 +100,14 @@ var MlecliPrepare = (function () {
       for (k = 0; k < border.length; k++) border[k] = 1.0 - border[k];
       m = 1.0 - m;
     }
+    var p = -Infinity;
+    for (k = 0; k < n; k++) if (g[k] > p) p = g[k];
     var dev = new Float64Array(border.length);
     for (k = 0; k < border.length; k++) dev[k] = Math.abs(border[k] - m);
     dev.sort();
-    var sigma = Math.max(MAD_TO_SIGMA * median(dev), dev[Math.floor(0.9 * (dev.length - 1))] / Q90_SIGMAS);
-    var p = -Infinity;
-    for (k = 0; k < n; k++) if (g[k] > p) p = g[k];
+    var sigma = MAD_TO_SIGMA * median(dev), nFaint = 0, limit = (p - m) / FAINT;
+    while (nFaint < dev.length && dev[nFaint] < limit) nFaint++;
+    if (nFaint > 0) sigma = Math.max(sigma, dev[Math.floor(0.9 * (nFaint - 1))] / Q90_SIGMAS);
     if (p - m < Math.max(MIN_CONTRAST, BLANK_NOISE * sigma)) {
       return { blank: true, steps: { inverted: inverted, background: m, noise: sigma, peak: p } };
     }
@@ -118,12 +127,12 @@ var MlecliPrepare = (function () {
     var rb = box(rows, trim), cb = box(cols, trim);
     var r0 = rb[0], r1 = rb[1], c0 = cb[0], c1 = cb[1];
     var bh = r1 - r0 + 1, bw = c1 - c0 + 1;
-    var s = BOX / Math.max(bh, bw);
-    var Ly = areaWeights(bh, s), Lx = areaWeights(bw, s);
+    var s = B / Math.max(bh, bw);
+    var Ly = areaWeights(bh, s, B), Lx = areaWeights(bw, s, B);
 
-    // 6. T = Ly · crop · Lxᵀ (20 × 20): first U = Ly · crop (20 × bw), then T = U · Lxᵀ.
-    var U = new Float64Array(BOX * bw);
-    for (i = 0; i < BOX; i++) {
+    // 6. T = Ly · crop · Lxᵀ (B × B): first U = Ly · crop (B × bw), then T = U · Lxᵀ.
+    var U = new Float64Array(B * bw);
+    for (i = 0; i < B; i++) {
       for (a = 0; a < bh; a++) {
         var wy = Ly[i * bh + a];
         if (wy === 0) continue;
@@ -131,39 +140,40 @@ var MlecliPrepare = (function () {
         for (b = 0; b < bw; b++) U[i * bw + b] += wy * v[row + b];
       }
     }
-    var T = new Float64Array(BOX * BOX), tmax = 0.0;
-    for (i = 0; i < BOX; i++) {
-      for (j = 0; j < BOX; j++) {
+    var T = new Float64Array(B * B), tmax = 0.0;
+    for (i = 0; i < B; i++) {
+      for (j = 0; j < B; j++) {
         var sum = 0.0;
         for (b = 0; b < bw; b++) {
           var wx = Lx[j * bw + b];
           if (wx !== 0) sum += U[i * bw + b] * wx;
         }
-        T[i * BOX + j] = sum;
+        T[i * B + j] = sum;
         if (sum > tmax) tmax = sum;
       }
     }
-    // 7. quantise, the peak 255; 8. centre of mass (integer sums: exact in any order).
-    var q = new Uint8Array(BOX * BOX), total = 0, my = 0, mx = 0;
-    for (i = 0; i < BOX; i++) {
-      for (j = 0; j < BOX; j++) {
-        var qv = Math.floor(255.0 * (T[i * BOX + j] / tmax) + 0.5);
-        q[i * BOX + j] = qv;
+    // 7. quantise, the peak 255; 8. the centre: of mass (integer sums: exact in any order), or of the box.
+    var q = new Uint8Array(B * B), total = 0, my = 0, mx = 0;
+    for (i = 0; i < B; i++) {
+      for (j = 0; j < B; j++) {
+        var qv = Math.floor(255.0 * (T[i * B + j] / tmax) + 0.5);
+        q[i * B + j] = qv;
         total += qv;
         my += (i + 0.5) * qv;
         mx += (j + 0.5) * qv;
       }
     }
-    var cy = my / total, cx = mx / total;
+    var cy = style.centre === "mass" ? my / total : s * bh / 2;
+    var cx = style.centre === "mass" ? mx / total : s * bw / 2;
     // 9. place by whole pixels; what falls outside the 28×28 frame is lost.
-    var dy = Math.floor(TARGET - cy + 0.5), dx = Math.floor(TARGET - cx + 0.5);
+    var dy = Math.floor(style.target - cy + 0.5), dx = Math.floor(style.target - cx + 0.5);
     var image = new Uint8Array(FRAME * FRAME);
-    for (i = 0; i < BOX; i++) {
+    for (i = 0; i < B; i++) {
       var y = dy + i;
       if (y < 0 || y >= FRAME) continue;
-      for (j = 0; j < BOX; j++) {
+      for (j = 0; j < B; j++) {
         var x = dx + j;
-        if (x >= 0 && x < FRAME) image[y * FRAME + x] = q[i * BOX + j];
+        if (x >= 0 && x < FRAME) image[y * FRAME + x] = q[i * B + j];
       }
     }
     return {
@@ -199,7 +209,7 @@ var MlecliPrepare = (function () {
   }
 
   return {
-    FRAME: FRAME, luminance: luminance, composite: composite, median: median, ring: ring,
+    FRAME: FRAME, STYLES: STYLES, luminance: luminance, composite: composite, median: median, ring: ring,
     areaWeights: areaWeights, prepare: prepare, forward: forward
   };
 })();
