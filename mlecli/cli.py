@@ -353,22 +353,23 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     sources = sources_of.sources(list(inputs))
     width = max((len(s.name) for s in sources if isinstance(s, sources_of.Source)), default=0)
     failed = 0
-    shown = []
+    shown: list = []
     for result in model.predict_sources(sources, raw):
         if isinstance(result, MlecliError):
             failed += 1
             click.echo(f"Error: {result}", err=True)
             continue
         if as_json:
-            click.echo("\n".join(pr.json_lines(result, model.classes_, threshold)))
+            lines = pr.json_lines(result, model.classes_, threshold)
         else:
-            click.echo("\n".join(pr.text_lines(result, model.classes_, threshold, width)))
-        if show is not None and len(shown) < pr.SHOW_LIMIT:
-            shown += result[: pr.SHOW_LIMIT - len(shown)]
+            lines = pr.text_lines(result, model.classes_, threshold, width)
+        click.echo("\n".join(lines))  # one write for the whole batch
+        if show is not None and sum(len(b.p) for b in shown) < pr.SHOW_LIMIT:
+            shown.append(result)
     if show is not None:
-        if shown:
-            pr.show_grid(shown, model.classes_, threshold, show)
-            click.echo(f"wrote {show} ({len(shown)} images)", err=True)
+        count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
+        if count:
+            click.echo(f"wrote {show} ({count} images)", err=True)
         else:
             click.echo(f"no image to show: {show} not written", err=True)
     if failed:

@@ -29,18 +29,29 @@ SHOW_LIMIT = 400  # images in a --show grid
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """ŷ for one image: `source` as the user named it, `index` inside a stack (else None), the
-    prepared (or raw) `image` (28, 28) the network saw (uint8, or float64 0-1 for raw floats)."""
+class Batch:
+    """ŷ for the usable images of one source: `source` as the user named it, `index` (n,) their
+    positions in a stack (None for a single image), `images` (n, 28, 28) what the network saw
+    (uint8, or float64 0-1 for raw float arrays) and `p` (n,) float64 their ŷ."""
 
     source: str
-    index: int | None
-    p: float
-    image: np.ndarray
+    index: np.ndarray | None
+    images: np.ndarray
+    p: np.ndarray
 
-    @property
-    def label(self) -> str:
-        return self.source if self.index is None else f"{self.source}[{self.index}]"
+    def labels(self) -> list[str]:
+        if self.index is None:
+            return [self.source] * len(self.p)
+        return [f"{self.source}[{i}]" for i in self.index.tolist()]
+
+
+@dataclass(frozen=True)
+class Usable:
+    """What `network_inputs` found in a source: the images the network can take, and the errors."""
+
+    index: np.ndarray | None
+    images: np.ndarray
+    errors: list[InputError]
 
 
 def blank_error(name: str) -> InputError:
@@ -97,8 +108,7 @@ class Model:
     # -- the Python API ---------------------------------------------------
     def prepare(self, image) -> np.ndarray:
         """The uint8 (28, 28) image the network sees for one image, or (N, 28, 28) for several."""
-        preds = list(self._network_inputs(image, raw=False))
-        images = np.stack([p for _, p in preds])
+        images = self._network_inputs(image, raw=False)
         return images[0] if len(images) == 1 and not _is_many(image) else images
 
     def predict_proba(self, images, raw: bool = False) -> np.ndarray:
@@ -111,26 +121,26 @@ class Model:
         return (self._p(images, raw) >= threshold).astype(np.int64)
 
     def _p(self, images, raw: bool) -> np.ndarray:
-        prepared = [p for _, p in self._network_inputs(images, raw)]
-        if not prepared:
-            return np.zeros(0)
-        same = all(p.dtype == prepared[0].dtype for p in prepared)
-        stack = np.stack(prepared) if same else np.stack([p / 255.0 if p.dtype == np.uint8 else p for p in prepared])
-        return self.probabilities(stack)
+        return self.probabilities(self._network_inputs(images, raw))
 
-    def _network_inputs(self, images, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
+    def _network_inputs(self, images, raw: bool) -> np.ndarray:
+        """(N, 28, 28) network inputs of the API's images; the first unusable one raises its InputError."""
+        parts = []
         for loaded in _loaded(images):
-            for item in network_inputs(loaded, raw, self.style):
-                if isinstance(item, InputError):
-                    raise item
-                yield item
+            usable = network_inputs(loaded, raw, self.style)
+            if usable.errors:
+                raise usable.errors[0]
+            parts.append(usable.images)
+        if not parts:
+            return np.zeros((0, FRAME, FRAME), np.uint8)
+        if any(p.dtype != parts[0].dtype for p in parts):
+            parts = [p / 255.0 if p.dtype == np.uint8 else p for p in parts]
+        return np.concatenate(parts)
 
     # -- the command ------------------------------------------------------
-    def predict_sources(
-        self, sources: list[inputs.Source | InputError], raw: bool
-    ) -> Iterator[list[Prediction] | InputError]:
-        """For each source (`inputs.sources`) in order: its predictions, or the error that stopped it.
-        A stack (an IDX or .npy file) gives one list; a blank image inside it gives an error of its own."""
+    def predict_sources(self, sources: list[inputs.Source | InputError], raw: bool) -> Iterator[Batch | InputError]:
+        """For each source (`inputs.sources`) in order: the error that stopped it, or its Batch
+        followed by an error for each image inside it that could not be used (a blank one)."""
         for src in sources:
             if isinstance(src, InputError):
                 yield src
@@ -140,58 +150,37 @@ class Model:
             except InputError as exc:
                 yield exc
                 continue
-            good: list[tuple[int | None, np.ndarray]] = []
-            for item in network_inputs(loaded, raw, self.style):
-                if isinstance(item, InputError):
-                    if good:
-                        yield self._predictions(src.name, good)
-                        good = []
-                    yield item
-                else:
-                    good.append(item)
-            if good:
-                yield self._predictions(src.name, good)
-
-    def _predictions(self, name: str, items: list[tuple[int | None, np.ndarray]]) -> list[Prediction]:
-        images = np.stack([im for _, im in items])
-        p = self.probabilities(images)
-        return [Prediction(name, index, float(pi), im) for (index, im), pi in zip(items, p)]
+            usable = network_inputs(loaded, raw, self.style)
+            if len(usable.images):
+                yield Batch(src.name, usable.index, usable.images, self.probabilities(usable.images))
+            yield from usable.errors
 
 
-def network_inputs(
-    loaded: inputs.Loaded, raw: bool, style: Style
-) -> Iterator[tuple[int | None, np.ndarray] | InputError]:
-    """(index, 28×28 network input) for each image of a source, prepared in `style` unless `raw`,
-    or an InputError for one that cannot be used."""
+def network_inputs(loaded: inputs.Loaded, raw: bool, style: Style) -> Usable:
+    """The 28×28 network inputs of a source, prepared in `style` unless `raw`, and the errors of
+    the images that cannot be used."""
     name = loaded.source.name
     if loaded.picture:
         g = loaded.images
         if raw:
             if g.shape != SHAPE:
-                yield _raw_shape_error(name, g.shape)
-                return
-            yield None, g
-            return
+                return Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, g.shape)])
+            return Usable(None, g[None], [])
         try:
-            yield None, prepare(g, name, style)
+            return Usable(None, prepare(g, name, style)[None], [])
         except BlankImage:
-            yield blank_error(name)
-        return
+            return Usable(None, np.zeros((0, *SHAPE), np.uint8), [blank_error(name)])
     stack = loaded.images
+    index = np.arange(len(stack)) if loaded.indexed else None
     if raw:
         if stack.shape[1:] != SHAPE:
-            yield _raw_shape_error(name, stack.shape[1:])
-            return
-        for i in range(len(stack)):
-            yield (i if loaded.indexed else None), stack[i]
-        return
+            return Usable(index, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:])])
+        return Usable(index, stack, [])
     images, blank = prepare_many(stack, style=style)
-    for i in range(len(stack)):
-        index = i if loaded.indexed else None
-        if blank[i]:
-            yield blank_error(name if index is None else f"{name}[{i}]")
-        else:
-            yield index, images[i]
+    if not blank.any():
+        return Usable(index, images, [])
+    errors = [blank_error(name if index is None else f"{name}[{i}]") for i in np.flatnonzero(blank).tolist()]
+    return Usable(None if index is None else index[~blank], images[~blank], errors)
 
 
 def _raw_shape_error(name: str, shape: tuple[int, ...]) -> InputError:
@@ -246,42 +235,50 @@ def load_model(path: str | Path, checkpoint: str = "best") -> Model:
 # Output
 
 
-def text_lines(preds: list[Prediction], words: tuple[str, str], threshold: float, width: int = 0) -> list[str]:
+def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: int = 0) -> list[str]:
     """One aligned line per image: its name (padded to at least `width`), ŷ and the decision."""
-    width = max(width, *(len(p.label) for p in preds))
-    return [f"{p.label:<{width}}  ŷ {p.p:.4f}  {words[p.p >= threshold]}" for p in preds]
+    labels = batch.labels()
+    width = max(width, *map(len, labels))
+    decided = batch.p >= threshold
+    return [f"{label:<{width}}  ŷ {p:.4f}  {words[d]}" for label, p, d in zip(labels, batch.p.tolist(), decided.tolist())]
 
 
-def json_lines(preds: list[Prediction], words: tuple[str, str], threshold: float) -> list[str]:
+def json_lines(batch: Batch, words: tuple[str, str], threshold: float) -> list[str]:
+    """One JSON object per image, as json.dumps writes it (built by hand: ten times faster)."""
+    source = json.dumps(batch.source, ensure_ascii=False)
+    label = [json.dumps(w, ensure_ascii=False) for w in words]
+    index = ["null"] * len(batch.p) if batch.index is None else batch.index.tolist()
+    decided = (batch.p >= threshold).tolist()
     return [
-        json.dumps({"input": p.source, "index": p.index, "p": p.p, "prediction": int(p.p >= threshold),
-                    "label": words[p.p >= threshold]}, ensure_ascii=False)
-        for p in preds
+        f'{{"input": {source}, "index": {i}, "p": {p!r}, "prediction": {int(d)}, "label": {label[d]}}}'
+        for i, p, d in zip(index, batch.p.tolist(), decided)
     ]
 
 
-def show_grid(preds: Iterable[Prediction], words: tuple[str, str], threshold: float, path: Path) -> None:
-    """A PNG of the network's inputs, 3× enlarged (each pixel a 3×3 block, no smoothing), with
-    each image's name, ŷ and decision under it; ten to a row."""
+def show_grid(batches: Iterable[Batch], words: tuple[str, str], threshold: float, path: Path,
+              limit: int = SHOW_LIMIT) -> int:
+    """A PNG of the network's inputs (the first `limit`), 3× enlarged (each pixel a 3×3 block,
+    no smoothing), with each image's name, ŷ and decision under it, ten to a row; how many."""
     from PIL import Image, ImageDraw, ImageFont
 
-    preds = list(preds)
+    preds = [(label, p, image) for b in batches for label, p, image in zip(b.labels(), b.p.tolist(), b.images)]
+    preds = preds[:limit]
     scale, cols = 3, 10
     cell_w, cell_h = FRAME * scale + 16, FRAME * scale + 44
     rows = max(1, math.ceil(len(preds) / cols))
     sheet = Image.new("L", (cell_w * min(cols, max(len(preds), 1)), cell_h * rows), 255)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    for k, p in enumerate(preds):
+    for k, (label, p, image) in enumerate(preds):
         x, y = (k % cols) * cell_w + 8, (k // cols) * cell_h + 4
-        pixels = p.image if p.image.dtype == np.uint8 else np.floor(255 * p.image + 0.5).astype(np.uint8)
+        pixels = image if image.dtype == np.uint8 else np.floor(255 * image + 0.5).astype(np.uint8)
         sheet.paste(Image.fromarray(pixels).resize((FRAME * scale, FRAME * scale), Image.NEAREST), (x, y))
-        word = words[p.p >= threshold]
-        draw.text((x, y + FRAME * scale + 2), _fit(p.label, 14), fill=0, font=font)
-        draw.text((x, y + FRAME * scale + 15), _fit(f"{p.p:.3f} {word}", 14), fill=0, font=font)
+        draw.text((x, y + FRAME * scale + 2), _fit(label, 14), fill=0, font=font)
+        draw.text((x, y + FRAME * scale + 15), _fit(f"{p:.3f} {words[p >= threshold]}", 14), fill=0, font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+    return len(preds)
 
 
 def _fit(text: str, n: int) -> str:

@@ -318,16 +318,18 @@ def _prepare_chunk(g: np.ndarray, style: Style) -> tuple[np.ndarray, np.ndarray]
 
 
 def _place_many(q: np.ndarray, dy: np.ndarray, dx: np.ndarray, blank: np.ndarray) -> np.ndarray:
+    """`place` for a chunk, as one scatter into frames padded by B on every side (no shift can
+    reach past that: |t − c| < B), then the 28×28 middles."""
     n, box = q.shape[:2]
-    out = np.zeros((n, FRAME, FRAME), np.uint8)
+    side = FRAME + 2 * box
+    padded = np.zeros((n, side, side), np.uint8)
     i = np.arange(box)
-    rows = dy[:, None] + i  # (n, B) frame row of each box row
-    cols = dx[:, None] + i
-    ok = (rows[:, :, None] >= 0) & (rows[:, :, None] < FRAME) & (cols[:, None, :] >= 0) & (cols[:, None, :] < FRAME)
-    ok &= ~blank[:, None, None]
-    k, a, b = np.nonzero(ok)
-    out[k, rows[k, a], cols[k, b]] = q[k, a, b]
-    return out
+    where = (np.arange(n)[:, None, None] * (side * side)
+             + (dy[:, None, None] + box + i[None, :, None]) * side
+             + (dx[:, None, None] + box + i[None, None, :]))
+    q[blank] = 0
+    padded.ravel()[where.ravel()] = q.ravel()
+    return padded[:, box : box + FRAME, box : box + FRAME]
 
 
 def _boxes(profiles: np.ndarray, trim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -341,12 +343,14 @@ def _boxes(profiles: np.ndarray, trim: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _batch_weights(coords: np.ndarray, inside: np.ndarray, scale: np.ndarray, box: int) -> np.ndarray:
-    """area_weights for each image of a chunk, zero outside its crop: (n, B, n_in)."""
-    lo = scale[:, None] * coords  # (n, n_in)
-    hi = scale[:, None] * (coords + 1.0)
-    i = np.arange(box, dtype=np.float64)[None, :, None]
-    L = np.minimum(i + 1.0, hi[:, None, :])
-    L -= np.maximum(i, lo[:, None, :])
-    np.maximum(L, 0.0, out=L)
-    L *= inside[:, None, :]
-    return L
+    """area_weights for each image of a chunk, zero outside its crop: (n, B, n_in).
+
+    The overlap of [i, i+1) with [lo, hi) is C(i+1) − C(i) with C(t) = min(max(t, lo), hi):
+    the same numbers as area_weights' max(0, min(i+1, hi) − max(i, lo)), in two passes; a
+    row outside the crop gets lo = hi = 0, so all its overlaps are 0."""
+    lo = np.where(inside, scale[:, None] * coords, 0.0)[:, None, :]  # (n, 1, n_in)
+    hi = np.where(inside, scale[:, None] * (coords + 1.0), 0.0)[:, None, :]
+    edges = np.arange(box + 1, dtype=np.float64)[None, :, None]
+    C = np.maximum(edges, lo)
+    np.minimum(C, hi, out=C)
+    return C[:, 1:] - C[:, :-1]
