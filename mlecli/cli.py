@@ -385,7 +385,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     metavar="FILE",
-    help="Where to write.  [default: beside the checkpoint: <run>/<checkpoint>.onnx or .html]",
+    help="Where to write.  [default: <run>/<checkpoint>.onnx or .html; beside a checkpoint file outside a run]",
 )
 def export(target, which, fmt, out):
     """Export a network: to ONNX, or to one self-contained web page to draw digits on.
