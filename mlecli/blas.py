@@ -142,6 +142,12 @@ def describe() -> str:
     return f"cblas via ctypes ({os.path.basename(c.path)})" if c else "numpy.matmul (fallback)"
 
 
+def current_threads() -> int | None:
+    """The BLAS's thread count right now (None where it cannot be asked)."""
+    c = _cblas()
+    return c.get_threads() if c is not None and c.get_threads is not None else None
+
+
 def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float, beta: float,
          trans_a: bool = False, trans_b: bool = False, scratch: np.ndarray | None = None) -> Callable[[], None]:
     """A call that does C ← α·op(A)·op(B) + β·C in place, op = transpose where asked,

@@ -1,32 +1,39 @@
 """Checkpoints: the weights plus everything needed to resume exactly, in one .npz.
 
-Arrays `W1, b1, …, W{L+1}, b{L+1}` (the last pair is the output layer) and `meta`, a
-0-d unicode array holding JSON: format version, resolved config, epochs done, step,
-position in the epoch, RNG state, metrics so far, best score. Written to a temporary
-file, flushed and renamed over the old one; read with allow_pickle=False, so opening a
-checkpoint never executes code. A checkpoint that does not match its own config is
-refused whole.
+Arrays `W1, b1, …, W{L+1}, b{L+1}` (the last pair is the output layer), the update
+rule's state as arrays named `opt.…`, and `meta`, a 0-d unicode array holding JSON:
+format version, resolved config, epochs done, step, position in the epoch, RNG state,
+best score. Format 2 holds no wall-clock time at an epoch's end and is written with
+fixed zip timestamps, so a checkpoint is a pure function of the training state: the
+same state gives the same bytes (a resumed run ends in files identical to an
+uninterrupted one). Format 1 (mlecli 0.1: the metrics history inside, no `opt.`
+arrays) still loads.
+
+Written to a temporary file, flushed and renamed over the old one; read with
+allow_pickle=False, so opening a checkpoint never executes code. A checkpoint that
+does not match its own config is refused whole.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlecli import npz
+from mlecli import npz, schema
 from mlecli.errors import CheckpointError, ConfigError
-from mlecli.fsutil import atomic_write
+from mlecli.fsutil import atomic_write_bytes
 from mlecli.model import Params, layer_sizes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CHECKPOINT_RE = re.compile(r"^(last|best|epoch-\d{4,})\.npz$")
+EXTRA_PREFIX = "opt."
 
 
 @dataclass(frozen=True)
@@ -35,22 +42,36 @@ class Checkpoint:
     params: Params
     meta: dict[str, Any]
     config: Any  # mlecli.config.Config, parsed from meta["config"]
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the update rule's `opt.` arrays
 
     @property
     def epoch(self) -> int:
         return int(self.meta["epochs_done"])
 
+    @property
+    def format(self) -> int:
+        return int(self.meta["format"])
 
-def save(path: Path, params: Params, meta: dict[str, Any]) -> None:
-    arrays = {}
+
+def encode(params: Params, meta: dict[str, Any], extra: dict[str, np.ndarray] | None = None) -> bytes:
+    """The bytes of a checkpoint (format 2): the same arguments always give the same bytes."""
+    arrays: dict[str, np.ndarray] = {}
     for i, (W, b) in enumerate(params, start=1):
         arrays[f"W{i}"] = W
         arrays[f"b{i}"] = b
-    text = json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True, allow_nan=False)
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(text), **arrays)
-    data = buf.getvalue()
-    atomic_write(path, lambda f: f.write(data))
+    for name, arr in (extra or {}).items():
+        if not name.startswith(EXTRA_PREFIX):
+            raise ValueError(f"extra checkpoint array {name!r} must start with {EXTRA_PREFIX!r}")
+        arrays[name] = arr
+    arrays["meta"] = np.array(json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True, allow_nan=False))
+    return npz.encode(arrays)
+
+
+def save(path: Path, params: Params, meta: dict[str, Any], extra: dict[str, np.ndarray] | None = None) -> bytes:
+    """Write a checkpoint atomically; return its bytes (for copies of it)."""
+    data = encode(params, meta, extra)
+    atomic_write_bytes(path, data)
+    return data
 
 
 def load(path: Path) -> Checkpoint:
@@ -75,28 +96,32 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: the meta record is not a JSON string")
     try:
         meta = json.loads(str(meta_arr[()]))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: the meta record is not valid JSON") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: the meta record is not a JSON object")
     version = meta.get("format")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS or isinstance(version, bool):
         raise CheckpointError(
-            f"{path} has checkpoint format {version!r}; this mlecli reads format {FORMAT_VERSION}: "
-            "use the mlecli version that wrote it"
+            f"{path} has checkpoint format {version!r}; this mlecli reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: use the mlecli version that wrote it"
         )
-    for key in ("config", "epochs_done", "step", "n_inputs"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: the meta record lacks {key!r}")
+    try:
+        schema.check(meta, schema.META[version], f"{path}: meta record")
+    except schema.SchemaError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:  # the generator's state, exactly as numpy will take it on resume
+        np.random.default_rng().bit_generator.state = meta["rng_state"]
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise CheckpointError(f"{path}: meta record: rng_state is not a state of numpy's generator") from None
     raw_cfg, n_inputs = meta["config"], meta["n_inputs"]
-    if not isinstance(raw_cfg, dict) or not isinstance(n_inputs, int) or n_inputs < 1:
-        raise CheckpointError(f"{path}: the meta record's config or n_inputs is malformed")
     try:
         cfg = config_mod.from_dict(raw_cfg, name=str(raw_cfg.get("name", path.stem)))
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its config is not valid ({exc})") from None
+    extra = {k: arrays.pop(k) for k in list(arrays) if k.startswith(EXTRA_PREFIX)} if version >= 2 else {}
     params = _params_from_arrays(path, arrays, cfg, n_inputs)
-    return Checkpoint(path, params, meta, cfg)
+    return Checkpoint(path, params, meta, cfg, extra)
 
 
 def _params_from_arrays(path: Path, arrays: dict[str, np.ndarray], cfg, n_inputs: int) -> Params:

@@ -6,6 +6,8 @@ numpy, requests and tqdm are imported inside the commands that need them so that
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -22,14 +24,23 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except MlecliError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {printable(str(exc))}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C where no command turns it into a clean stop of its own
+            click.echo("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", err=True)
+            sys.exit(130)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (a newline in a file name, an escape sequence from a
+    server) shown as escapes, so that an error stays one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _log(quiet: bool):
     def log(msg: str) -> None:
         if not quiet:
-            click.echo(msg, err=True)
+            click.echo(printable(msg), err=True)
 
     return log
 
@@ -47,8 +58,8 @@ def data_dir_option(f):
     )(f)
 
 
-def quiet_option(f):
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")(f)
+def quiet_option(f, help="No progress bars or status lines."):
+    return click.option("--quiet", "-q", is_flag=True, help=help)(f)
 
 
 def _data_dir(value: Path | None) -> Path:
@@ -162,18 +173,6 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, q
     click.echo(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}")
 
 
-def _default_run_dir(name: str) -> Path:
-    from datetime import datetime
-
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path("runs") / f"{name}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path("runs") / f"{name}-{stamp}-{n}"
-    return path
-
-
 @main.command()
 @click.argument("config_path", metavar="[CONFIG]", required=False)
 @click.option(
@@ -188,7 +187,7 @@ def _default_run_dir(name: str) -> Path:
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for this run.  [default: runs/<config name>-<timestamp>]",
+    help="Folder for this run (empty or new).  [default: runs/<config name>-<timestamp>]",
 )
 @click.option(
     "--resume",
@@ -198,7 +197,8 @@ def _default_run_dir(name: str) -> Path:
     help="Continue this run from its newest checkpoint (--set train.epochs=N may extend it).",
 )
 @data_dir_option
-@quiet_option
+@functools.partial(quiet_option, help="Print only errors (and what a stop needs to resume): no progress bars, "
+                  "epoch lines, notes or hints.")
 def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     """Train a network on a binary digit task by maximum likelihood.
 
@@ -220,25 +220,55 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:
         cfg = config.load(config_path, overrides)
-        run_dir = run_dir if run_dir is not None else _default_run_dir(cfg.name)
-    training.prepare_run_dir(run_dir, resume=resume is not None)
-    report = training.Reporter(line=click.echo, log=log, progress=not quiet and sys.stdout.isatty())
-    if resume is None:
-        log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
+    say = _stdout_lines(quiet)
+    report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
     outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir), report=report, resume_from=resume_from)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the run is saved: nothing may cut what follows short
+        signal.signal(sig, signal.SIG_IGN)
+    run_dir = outcome.run_dir
     if outcome.interrupted:
-        click.echo(
-            f"Stopped by {outcome.interrupted}: saved {run_dir / 'checkpoints' / 'last.npz'}. "
-            f"Resume with: mlecli train --resume {run_dir}",
-            err=True,
-        )
+        last = run_dir / "checkpoints" / "last.npz"
+        if outcome.at_once:
+            epochs, batches = outcome.resume_point
+            where = f"epoch {epochs} done" + (f", {batches} batches of the next" if batches else "")
+            said = f"Stopped at once by a second {outcome.interrupted}: the run goes on from {last} ({where})."
+        else:
+            said = f"Stopped by {outcome.interrupted}: saved {last}."
+        click.echo(f"{said} Resume with: mlecli train --resume {run_dir}", err=True)
         sys.exit(130)
     best = outcome.best
     if best is not None:
         label = "validation" if best["key"] == "val_ll_mean" else "training"
-        click.echo(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
-    click.echo(f"evaluate: mlecli evaluate {run_dir}")
-    click.echo(f"plot:     mlecli plot {run_dir}")
+        say(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
+    say(f"evaluate: mlecli evaluate {run_dir}")
+    say(f"plot:     mlecli plot {run_dir}")
+
+
+def _stdout_lines(quiet: bool):
+    """Echo to stdout, unless quiet; once stdout is closed (`mlecli train | head -1`),
+    say so once on stderr and go on without it: the run's results are its files."""
+    state = {"open": not quiet}
+
+    def say(text: str) -> None:
+        if not state["open"]:
+            return
+        try:
+            click.echo(text)
+            sys.stdout.flush()
+        except OSError:  # BrokenPipeError, or a full disk behind a redirect
+            state["open"] = False
+            import os
+
+            try:  # later writes (and Python's own flush at exit) go nowhere instead of failing
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except OSError:
+                pass
+            click.echo("note: standard output was closed; training goes on, its figures go to metrics.jsonl",
+                       err=True)
+
+    return say
 
 
 @main.command()

@@ -154,6 +154,15 @@ def a_string(key: str, v: Any) -> str:
     return v
 
 
+def run_name(key: str, v: Any) -> str:
+    """A name that is safe as a folder name: it names the run folder runs/<name>-<time>."""
+    if (not isinstance(v, str) or not 0 < len(v) <= 100 or v.startswith(".") or "/" in v or "\\" in v
+            or not all(c.isprintable() for c in v)):
+        raise _fail(key, v, "must be a plain name for the run folder: 1-100 printable characters, no '/' or "
+                    "'\\', not starting with '.' (set name = \"...\" in the config)")
+    return v
+
+
 def string_table(key: str, v: Any) -> dict[str, str]:
     if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
         raise _fail(key, v, "must be a table of strings, e.g. {train-images = \"...\"}")
@@ -233,8 +242,7 @@ def from_dict(raw: dict[str, Any], *, name: str) -> Config:
         for sub in value:
             if sub not in SCHEMA[key]:
                 raise _unknown(f"{key}.{sub}")
-    if "name" in raw:
-        name = a_string("name", raw["name"])
+    name = run_name("name", raw.get("name", name))
     sections = {}
     for section, fields in SCHEMA.items():
         given = raw.get(section, {})
@@ -315,6 +323,10 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ConfigError(f"{where}: not usable TOML: a number has more than 4300 digits") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not usable TOML: arrays or tables nested too deeply") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -330,9 +342,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        if text[:1] in "[{\"'" or not text:
+        if text[:1] in "{\"'" or not text:
             raise ConfigError(f"--set {item!r}: {text!r} is not a valid TOML value") from None
+        if text[:1] == "[":
+            raise ConfigError(
+                f"--set {item!r}: {text!r} is not a valid TOML value (a value with spaces must be one quoted "
+                f"argument: --set '{key}={text} …')"
+            ) from None
         value = text  # a bare word such as fashion-mnist
+    except (ValueError, RecursionError):
+        raise ConfigError(f"--set {item!r}: the value is too large or nested too deeply") from None
     return path, value
 
 
@@ -366,17 +385,46 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         p = Path(path)
         where = f"config {p}"
         name = p.stem
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config {p} does not exist (built-in configs: {', '.join(BUILTIN_CONFIGS)})") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config {p}: {exc}") from None
+        text = _read_config_file(p)
     raw = apply_overrides(parse_toml(text, where), overrides)
     try:
         return from_dict(raw, name=name)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config
+
+
+def _read_config_file(p: Path) -> str:
+    """The text of a config file, with a hint for what was probably meant when it is not one."""
+    import stat
+
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if p.suffix != ".toml" and p.with_name(p.name + ".toml").is_file():
+            raise ConfigError(f"config {p} does not exist; did you mean {p.with_name(p.name + '.toml')}?") from None
+        raise ConfigError(f"config {p} does not exist (built-in configs: {', '.join(BUILTIN_CONFIGS)})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        if (p / "checkpoints").is_dir():
+            raise ConfigError(f"{p} is a run folder, not a config: to continue it, mlecli train --resume {p}")
+        raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config {p} is not a regular file: give a TOML file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {p} is larger than {MAX_CONFIG_BYTES // 1024} KiB: it is not a config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {p} is not UTF-8 text") from None
 
 
 # ---------------------------------------------------------------------------
@@ -394,7 +442,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in sorted(v.items())) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 

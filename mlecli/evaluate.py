@@ -8,6 +8,7 @@ from the same seed); `test` is the dataset's official test images of the task's 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +24,12 @@ from mlecli.model import sigmoid
 from mlecli.task import build_task, image_scores
 
 def run_dir_of(checkpoint_path: Path) -> Path | None:
-    """The run folder holding a checkpoint (…/<run>/checkpoints/<file>), if it is one."""
-    folder = checkpoint_path.resolve().parent
+    """The run folder holding a checkpoint (…/<run>/checkpoints/<file>), if it is one.
+
+    The path is taken as given, not with its symbolic links resolved: a run whose
+    checkpoints/ links into another run gets its reports itself, never writes into the
+    other run."""
+    folder = Path(os.path.abspath(checkpoint_path)).parent
     if folder.name == "checkpoints" and (folder.parent / "config.toml").exists():
         return folder.parent
     return None
@@ -101,6 +106,13 @@ def evaluate(
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else None,
     }
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """An evaluation report written by save_report, checked (schema.REPORT)."""
+    from mlecli import schema
+
+    return schema.read_json(path, schema.REPORT)
 
 
 def save_report(report: dict[str, Any]) -> Path | None:

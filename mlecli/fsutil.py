@@ -91,6 +91,42 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class Appender:
+    """Appends whole lines to a file (metrics.jsonl): one write per line, flushed, made
+    durable by `sync` before the commit that covers them. A failed write (a full disk) is
+    cut back off, so the file only ever ends in whole lines that were written completely.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "ab")
+        except OSError as exc:
+            raise MlecliError(describe_os_error(exc, self.path)) from None
+
+    def add(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        start = self._f.tell()
+        try:
+            self._f.write(data)
+            self._f.flush()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._f.truncate(start)
+            raise MlecliError(describe_os_error(exc, self.path)) from None
+
+    def sync(self) -> None:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise MlecliError(describe_os_error(exc, self.path)) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete temporary files a killed process left in `folder`; return how many."""
     removed = 0

@@ -7,7 +7,6 @@ gives byte-identical files.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
 from mlecli.fsutil import atomic_write
+from mlecli.rundir import read_metrics
 
 MAX_UNITS = 64
 DPI = 100
@@ -46,21 +46,6 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise MlecliError(f"cannot read {path}: {exc.strerror}; is {run_dir} a run folder?") from None
-    records = []
-    for i, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise MlecliError(f"{path}, line {i}: not JSON") from None
-    return [r for r in records if r.get("kind", "epoch") == "epoch"]
-
-
 def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title: str, out: Path) -> Path:
     """Mean log-likelihood and accuracy per epoch, train and validation, best epoch marked."""
     from matplotlib.ticker import MaxNLocator
@@ -71,7 +56,9 @@ def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title
         (ax_ll, "ll_mean", "mean log-likelihood per image (nats)", 1.0),
         (ax_acc, "acc", "accuracy (%)", 100.0),
     ):
-        ax.plot(x, [scale * m[f"train_{key}"] for m in epochs], "o-", color="tab:blue", label="training (running)")
+        train = [m.get(f"train_{key}") for m in epochs]
+        ax.plot(x, [scale * v if v is not None else np.nan for v in train], "o-", color="tab:blue",
+                label="training (running)")
         val = [m.get(f"val_{key}") for m in epochs]
         if any(v is not None for v in val):
             ax.plot(x, [scale * v if v is not None else np.nan for v in val], "s-", color="tab:orange",
@@ -163,9 +150,11 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     plt = _pyplot()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
-    epochs = read_metrics(run_dir)
     which = "best" if (run_dir / "checkpoints" / "best.npz").exists() else "last"
     cp = ckpt.load(ckpt.resolve(run_dir, which))
+    last = cp if which == "last" else ckpt.load(ckpt.resolve(run_dir, "last"))
+    # only what the newest checkpoint commits: a crash may have left a record after it
+    epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
     cfg = cp.config
     best = cp.meta.get("best") or {}
     title = f"{run_dir.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}"
@@ -179,8 +168,14 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     if report_path is None:
         log(f"no evaluation in {run_dir}: run `mlecli evaluate {run_dir}` for mistakes.png")
     else:
-        report = json.loads(report_path.read_text())
+        from mlecli.evaluate import read_report
+
+        report = read_report(report_path)
         images = _split_images(cfg, report["split"], data_dir)
+        outside = [e["index"] for e in report.get("most_confident_errors", []) if e["index"] >= len(images)]
+        if outside:
+            raise MlecliError(f"{report_path}: image #{outside[0]} is not in the {report['split']} split's "
+                              f"{len(images):,} images; the report is not this run's: evaluate again")
         written.append(mistakes(plt, report, images, out))
     return written
 

@@ -4,13 +4,14 @@ stops the listing."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
+from mlecli.evaluate import read_report
+from mlecli.rundir import read_manifest, read_metrics
 
 ASCENDING = {"name", "started"}
 
@@ -31,19 +32,26 @@ def _locked(run_dir: Path) -> bool:
 
 
 def describe(run_dir: Path) -> dict[str, Any]:
-    """One row: what the run is, how far it got, its best and test figures, its status."""
+    """One row: what the run is, how far it got, its best and test figures, its status.
+    Whatever is wrong with the run's files makes it a `broken` row saying why."""
     row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "task": None, "hidden": None,
                            "epochs_done": None, "epochs": None, "val_ll": None, "val_acc": None,
                            "test_acc": None, "seconds": None, "started": None, "status": "broken", "problem": None}
     try:
-        last = ckpt.load(run_dir / "checkpoints" / "last.npz")
+        _fill(row, run_dir)
     except MlecliError as exc:
-        row["problem"] = str(exc)
-        return row
+        row["status"], row["problem"] = "broken", str(exc)
+    except Exception as exc:  # a bug of ours must not hide the other runs: show it on this row
+        row["status"], row["problem"] = "broken", f"cannot be read ({type(exc).__name__}: {exc})"
+    return row
+
+
+def _fill(row: dict[str, Any], run_dir: Path) -> None:
+    last = ckpt.load(run_dir / "checkpoints" / "last.npz")
     cfg = last.config
-    epochs = [m for m in last.meta.get("metrics", []) if m.get("kind") == "epoch"]
+    epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
     best = last.meta.get("best") or {}
-    best_row = next((m for m in epochs if m["epoch"] == best.get("epoch")), None)
+    best_row = best.get("record") or next((m for m in epochs if m.get("epoch") == best.get("epoch")), None)
     row.update(
         task=cfg.task.describe(),
         hidden=list(cfg.model.hidden),
@@ -51,30 +59,24 @@ def describe(run_dir: Path) -> dict[str, Any]:
         epochs=cfg.train.epochs,
         val_ll=best_row.get("val_ll_mean") if best_row else None,
         val_acc=best_row.get("val_acc") if best_row else None,
-        seconds=sum(m["seconds"] for m in epochs) if epochs else 0.0,
+        seconds=sum(m.get("seconds") or 0.0 for m in epochs) if epochs else 0.0,
     )
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
+    manifest = read_manifest(run_dir, strict=True)
     row["started"] = manifest.get("started")
-    ended = (manifest.get("ended") or {}).get("status")
+    ended = manifest.get("ended") or {}
     if _locked(run_dir):
         row["status"] = "running"
-    elif ended == "failed":
+    elif ended.get("status") == "failed":
         row["status"] = "failed"
-        row["problem"] = manifest["ended"].get("error")
+        row["problem"] = ended.get("error")
     elif last.epoch >= cfg.train.epochs:
         row["status"] = "finished"
     else:
         row["status"] = "interrupted"
     for name in ("eval-test-best.json", "eval-test-last.json"):
-        try:
-            row["test_acc"] = json.loads((run_dir / name).read_text())["accuracy"]
+        if (run_dir / name).exists():
+            row["test_acc"] = read_report(run_dir / name)["accuracy"]
             break
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return row
 
 
 def list_runs(runs_dir: Path, sort: str = "name") -> list[dict[str, Any]]:

@@ -1,15 +1,23 @@
 """Training: batched gradient ascent on the summed log-likelihood, with exact resume.
 
-`run` reads top to bottom: data, task, model, then epochs of seeded permutations cut
-into batches (the last, smaller batch included), each one forward pass, one backward
-pass and one ascent step θ ← θ + η ∇θ LL_batch. After each epoch: validation, metrics,
-checkpoints. The helpers it uses sit just above it.
+`run` reads top to bottom: get the data and the task, claim the run folder, then three
+phases, each a function just above it: `_open` (a new run, or one restored from its
+newest checkpoint and repaired), `_train_epoch` (seeded permutation cut into batches,
+the last smaller batch included; each batch one forward pass, one backward pass and
+one ascent step θ ← θ + η ∇θ LL_batch) and `_end_epoch` (validation, the metrics
+record, and the commit: `last.npz`, then its copies).
 
 Exactness: the only randomness is `default_rng(model.seed)` for the initial weights and
 one `default_rng(train.seed)` that first holds out the validation images, then draws
 each epoch's permutation. A checkpoint stores that generator's state as it was before
 the current epoch's permutation, and how many batches of the epoch are done, so a
 resumed run replays the very same batches and ends with bit-identical weights.
+
+Crash consistency (see rundir.py): `last.npz` is the commit record. Metrics lines are
+appended and synced before it is renamed in; `epoch-NNNN.npz` and `best.npz` are byte
+copies of it written after. Opening a run again cuts metrics.jsonl back to what the
+checkpoint covers and writes the copies that were due, so a crash between any two
+writes resumes into exactly the files of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -28,18 +36,22 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli import __version__, blas
+from mlecli import __version__, blas, rundir
 from mlecli import checkpoint as ckpt
 from mlecli.cache import prepare
 from mlecli.config import Config, estimate_memory, physical_memory, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, TrainingError
-from mlecli.fsutil import atomic_write_text, folder_lock, remove_stale_temporaries
+from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from mlecli.model import Params, init_params, layer_sizes
 from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
 from mlecli.task import BinaryTask, build_task
 
 # ---------------------------------------------------------------------------
-# Run state, checkpoints and the run folder
+# Run state and what a checkpoint holds
+
+
+def _fresh_partial() -> dict:
+    return {"ll": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
 @dataclass
@@ -51,12 +63,16 @@ class State:
     step: int = 0
     batch_in_epoch: int = 0  # batches done of epoch epochs_done + 1
     rng_state: dict = field(default_factory=dict)  # before epoch epochs_done + 1's permutation
-    partial: dict = field(default_factory=lambda: {"ll": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})
-    metrics: list[dict] = field(default_factory=list)
-    best: dict | None = None  # {"epoch", "key", "value"}
+    partial: dict = field(default_factory=_fresh_partial)  # the tally of a stopped epoch's batches
+    best: dict | None = None  # {"epoch", "key", "value", "record": that epoch's figures}
+
+
+TIMING_KEYS = ("seconds", "images_per_s")  # wall-clock figures: in metrics.jsonl, never in a checkpoint's best
 
 
 def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str, Any]:
+    """The checkpoint's meta record. At an epoch's end it holds no wall-clock time, so the
+    same training state always gives the same bytes."""
     return {
         "config": cfg.to_dict(),
         "n_inputs": task.n_inputs,
@@ -66,12 +82,16 @@ def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str
         "batch_in_epoch": state.batch_in_epoch,
         "rng_state": state.rng_state,
         "partial": state.partial,
-        "metrics": state.metrics,
         "best": state.best,
         "dataset_sha256": sha256,
+        "blas": blas_info(cfg),
         "mlecli": __version__,
-        "saved": _now(),
     }
+
+
+def blas_info(cfg: Config) -> dict[str, Any]:
+    """Which BLAS computes the hot loop, with how many threads: its bits depend on it."""
+    return {"backend": blas.describe(), "threads": blas_threads(cfg.train.batch_size) or blas.current_threads()}
 
 
 def _now() -> str:
@@ -84,16 +104,13 @@ def _check_finite(params: Params, where: str) -> None:
             raise TrainingError(f"{where}: layer {i}'s weights are no longer finite")
 
 
-def _write_metrics(run_dir: Path, metrics: list[dict]) -> None:
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-
-
 def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
     return {
         "mlecli": __version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "blas": blas_info(cfg),
         "dataset": cfg.data.dataset,
         "dataset_sha256": sha256,
         "model_seed": cfg.model.seed,
@@ -103,23 +120,42 @@ def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------
+# Signals, reporting, outcome
+
+
+class StopNow(BaseException):
+    """A second signal: stop at once, without saving the position (the run resumes from
+    its last checkpoint). A BaseException, like KeyboardInterrupt, so nothing swallows it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 class StopRequest:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks between batches, so
-    the checkpoint written on the way out holds a consistent state. A second Ctrl-C
-    interrupts at once."""
+    """Turns the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks between batches,
+    so the checkpoint written on the way out holds a consistent state. A second signal of
+    any of them stops at once (StopNow)."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
     def __init__(self):
         self.signal: str | None = None
+        self.settled = False  # the run has stopped or finished: further signals change nothing
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.settled:
+            return
+        if self.signal is not None:
+            raise StopNow(name)
+        self.signal = name
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -141,8 +177,10 @@ class Reporter:
 class Outcome:
     run_dir: Path
     epochs_done: int
-    interrupted: str | None
+    interrupted: str | None  # the signal that stopped the run, if one did
     best: dict | None
+    at_once: bool = False  # a second signal: the position since the last checkpoint was not saved
+    resume_point: tuple[int, int] = (0, 0)  # (epochs done, batches of the next) in last.npz
 
 
 def epoch_line(m: dict, epochs: int) -> str:
@@ -151,26 +189,27 @@ def epoch_line(m: dict, epochs: int) -> str:
         if m.get("val_ll_mean") is not None
         else "no validation"
     )
+    rate = f"{m['images_per_s']:,.0f} img/s" if m.get("images_per_s") else "- img/s"
     return (
         f"epoch {m['epoch']}/{epochs}  train LL {m['train_ll_mean']:.4f}/img acc {100 * m['train_acc']:.2f}%  "
-        f"{val}  {m['seconds']:.1f} s  {m['images_per_s']:,.0f} img/s"
+        f"{val}  {m['seconds']:.1f} s  {rate}"
     )
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / "checkpoints").is_dir():
-            raise CheckpointError(f"{run_dir} is not a run folder (no checkpoints/ inside); nothing to resume")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run folder {run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
-            "or choose another --run-dir"
-        )
+# ---------------------------------------------------------------------------
+# Resuming
 
 
 def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpoint:
     """last.npz, or if that is unreadable the newest readable epoch checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists them)")
+    if (run_dir / "checkpoints").is_symlink():
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
+            "copy the run (cp -rL) and resume the copy"
+        )
     candidates = [run_dir / "checkpoints" / "last.npz"]
     candidates += sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
     errors = []
@@ -182,7 +221,12 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
         except CheckpointError as exc:
             errors.append(str(exc))
             log(f"warning: {exc}; trying an older checkpoint")
-    raise CheckpointError(f"{run_dir} has no usable checkpoint to resume from ({'; '.join(errors) or 'none written'})")
+    if errors:
+        raise CheckpointError(f"{run_dir} has no usable checkpoint to resume from ({'; '.join(errors)})")
+    raise CheckpointError(
+        f"{run_dir} has no checkpoint to resume from: it is not a run folder, or its run never wrote its first "
+        f"checkpoint; start it again with mlecli train CONFIG --run-dir {run_dir}"
+    )
 
 
 RESUME_OVERRIDABLE = {"train.epochs", "train.checkpoint_every", "train.log_every"}
@@ -202,32 +246,85 @@ def resumed_config(saved: Config, overrides: tuple[str, ...]) -> Config:
     return from_dict(apply_overrides(saved.to_dict(), overrides), name=saved.name)
 
 
+def _restore(cp: ckpt.Checkpoint) -> State:
+    meta = cp.meta
+    best = meta.get("best")
+    if best is not None and "record" not in best:  # format 1: the figures are in its metrics history
+        record = next((m for m in meta.get("metrics", []) if m.get("kind", "epoch") == "epoch"
+                       and m.get("epoch") == best["epoch"]), {})
+        best = {**best, "record": {k: v for k, v in record.items() if k not in TIMING_KEYS}}
+    return State(
+        params=[(W.copy(), b.copy()) for W, b in cp.params],
+        epochs_done=meta["epochs_done"],
+        step=meta["step"],
+        batch_in_epoch=meta["batch_in_epoch"],
+        rng_state=meta["rng_state"],
+        partial=meta["partial"],
+        best=best,
+    )
+
+
 # ---------------------------------------------------------------------------
 # The training run
 
 
 def run(
     cfg: Config,
-    run_dir: Path,
+    run_dir: Path | None,
     *,
     data_dir: Path,
     report: Reporter,
     resume_from: ckpt.Checkpoint | None = None,
 ) -> Outcome:
-    """Train `cfg` into `run_dir` (or continue `resume_from`) and return how it ended.
+    """Train `cfg` into `run_dir` (None: a new `runs/<name>-<timestamp>`), or continue
+    the run `resume_from` came from, and return how it ended.
 
     The data and the task come first: a run that cannot get its data, or does not fit
-    in memory, creates no run folder (one left empty would refuse the retry)."""
-    run_dir = Path(run_dir)
+    in memory, creates no run folder."""
+    if resume_from is None and run_dir is not None:
+        rundir.check_unused(Path(run_dir))  # fail before any download; checked again under the lock
     data = _prepare_data(cfg, data_dir, report)
-    with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
+    created = False
+    if run_dir is None:
+        run_dir, created = rundir.new_default(cfg.name), True
+    elif resume_from is None:
+        created = _make_folder(Path(run_dir))
+    run_dir = Path(run_dir)
+    if resume_from is None:
+        report.log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
+    with StopRequest() as stop, rundir.claim(run_dir, fresh=resume_from is None, created=created):
+        run = None
         try:
-            outcome = _run_locked(cfg, run_dir, data, report, resume_from)
+            run = _open(cfg, run_dir, data, report, resume_from is not None)
+            outcome = _train(run, report, stop)
+        except StopNow as now:
+            stop.settled = True
+            point = (run.committed if run is not None else (0, 0))
+            rundir.record_end(run_dir, "interrupted", _now(), f"stopped at once by a second {now.signal_name}")
+            best = run.state.best if run is not None else None
+            return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
         except MlecliError as exc:
-            _record_end(run_dir, "failed", str(exc))
+            stop.settled = True
+            rundir.record_end(run_dir, "failed", _now(), str(exc))
             raise
-        _record_end(run_dir, "interrupted" if outcome.interrupted else "finished")
+        finally:
+            if run is not None:
+                run.metrics.close()
+        rundir.record_end(run_dir, "interrupted" if outcome.interrupted else "finished", _now())
         return outcome
+
+
+def _make_folder(run_dir: Path) -> bool:
+    """Create the run folder if it is not there; return whether this call created it."""
+    try:
+        run_dir.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        from mlecli.fsutil import describe_os_error
+
+        raise MlecliError(describe_os_error(exc, run_dir)) from None
 
 
 @dataclass
@@ -256,161 +353,224 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter) -> _Data:
     return _Data(dataset.name, task, sha256, rng, Path(data_dir))
 
 
-def _record_end(run_dir: Path, status: str, error: str | None = None) -> None:
-    """Note in manifest.json how the run ended (best effort: never hides the real error)."""
-    path = run_dir / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["ended"] = {"status": status, "at": _now(), "error": error}
-        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-    except (OSError, ValueError, MlecliError):
-        pass
+@dataclass
+class _Run:
+    """An open run: its config, folder, data and state, and where its metrics go."""
+
+    cfg: Config
+    dir: Path
+    data: _Data
+    state: State
+    metrics: Appender | None = None
+    committed: tuple[int, int] = (0, 0)  # (epochs_done, batch_in_epoch) of last.npz
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def commit(self, copies: tuple[str, ...] = ()) -> None:
+        """Make the current state the run's truth: metrics synced, then last.npz renamed
+        in (the commit), then its byte copies (`copies`, e.g. best.npz)."""
+        _check_finite(self.state.params, "not saving last.npz")
+        if self.metrics is not None:
+            self.metrics.sync()
+        meta = _meta(self.cfg, self.state, self.data.task, self.data.sha256)
+        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta)
+        self.committed = (self.state.epochs_done, self.state.batch_in_epoch)
+        for name in copies:
+            atomic_write_bytes(self.ckpt_dir / name, data)
 
 
-def _run_locked(cfg, run_dir, data: _Data, report, resume_from) -> Outcome:
-    dtype = np.dtype(cfg.model.dtype)
+# Phase 1: open the run -------------------------------------------------------
+
+
+def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: bool) -> _Run:
+    """A new run (its first checkpoint written at once), or the run as its newest
+    checkpoint left it, with whatever a crash left half-done after that checkpoint
+    repaired."""
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(ckpt_dir)
+    remove_stale_temporaries(ckpt_dir)  # a killed process's, never a checkpoint
     remove_stale_temporaries(run_dir)
-    task, sha256, rng, data_dir = data.task, data.sha256, data.rng, data.data_dir
-
-    # Training images stay uint8 (n, n_0): each batch is converted as it is gathered.
-    X = task.train.images.reshape(len(task.train), task.n_inputs)
-    Y = task.train.y.astype(dtype)
-    X_val = task.validation.images
-    y_val = task.validation.y
-
-    # Model and state: fresh, or exactly as the checkpoint left it.
-    if resume_from is None:
-        params = init_params(layer_sizes(task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed), dtype)
-        state = State(params=params, rng_state=rng.bit_generator.state)
-        manifest = _manifest(cfg, sha256, _now())
-    else:
-        meta = resume_from.meta
-        ckpt.check_same_data(resume_from, data.name, sha256, data_dir, "resume with the data it was trained on")
-        state = State(
-            params=[(W.copy(), b.copy()) for W, b in resume_from.params],
-            epochs_done=meta["epochs_done"],
-            step=meta["step"],
-            batch_in_epoch=meta["batch_in_epoch"],
-            rng_state=meta["rng_state"],
-            partial=meta["partial"],
-            metrics=meta["metrics"],
-            best=meta["best"],
-        )
+    if not resume:
         try:
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = _manifest(cfg, sha256, meta.get("saved", _now()))
-        manifest.pop("ended", None)
-        manifest.setdefault("resumed", []).append(
-            {"at": _now(), "from": resume_from.path.name, "epochs_done": state.epochs_done, "step": state.step}
+            ckpt_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            from mlecli.fsutil import describe_os_error
+
+            raise MlecliError(describe_os_error(exc, ckpt_dir)) from None
+        params = init_params(layer_sizes(data.task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed),
+                             np.dtype(cfg.model.dtype))
+        run = _Run(cfg, run_dir, data, State(params=params, rng_state=data.rng.bit_generator.state))
+        run.commit()  # epoch 0: from here on the folder is a run that --resume continues
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+        rundir.write_manifest(run_dir, _manifest(cfg, data.sha256, _now()))
+    else:
+        cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
+        ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
+        run = _Run(cfg, run_dir, data, _restore(cp))
+        run.committed = (run.state.epochs_done, run.state.batch_in_epoch)
+        _repair(run, cp, report)
+    run.metrics = Appender(run_dir / "metrics.jsonl")
+    return run
+
+
+def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
+    """Bring the folder back to what `cp` commits: metrics cut back to its step, the
+    copies due at its epoch written, config and manifest rewritten."""
+    if cp.format == 1:  # metrics.jsonl was rewritten after the checkpoint: its history is the truth
+        atomic_write_text(run.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in cp.meta.get("metrics", [])))
+    rundir.cut_metrics(run.dir, run.state.step)
+    state, saved = run.state, cp.config
+    if cp.path.name == "last.npz" and state.batch_in_epoch == 0 and state.epochs_done > 0:
+        epoch = state.epochs_done
+        due = [f"epoch-{epoch:04d}.npz"] if epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs else []
+        if state.best is not None and state.best["epoch"] == epoch:
+            due.append("best.npz")
+        data = cp.path.read_bytes()
+        for name in due:
+            path = run.ckpt_dir / name
+            if not path.is_file() or path.read_bytes() != data:
+                atomic_write_bytes(path, data)
+    atomic_write_text(run.dir / "config.toml", to_toml(run.cfg))
+    manifest = rundir.read_manifest(run.dir) or _manifest(run.cfg, run.data.sha256, _now())
+    manifest.pop("ended", None)
+    manifest.setdefault("resumed", []).append(
+        {"at": _now(), "from": cp.path.name, "epochs_done": state.epochs_done, "step": state.step}
+    )
+    rundir.write_manifest(run.dir, manifest)
+    trained_with = (cp.meta.get("blas") or {}).get("backend")
+    if trained_with is not None and trained_with != blas.describe():
+        report.log(
+            f"warning: {cp.path} was trained with the BLAS {trained_with}, this process uses {blas.describe()}: "
+            "the resumed weights may differ in their last bits from an uninterrupted run"
         )
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    _write_metrics(run_dir, state.metrics)
 
-    def save(name: str) -> Path:
-        _check_finite(state.params, f"not saving {name}")
-        path = ckpt_dir / name
-        ckpt.save(path, state.params, _meta(cfg, state, task, sha256))
-        return path
 
-    if resume_from is None:
-        save("last.npz")  # epoch 0: a killed first epoch can resume from here
+# Phases 2 and 3: train an epoch, end it ---------------------------------------
 
-    n = len(X)
-    bs, lr = cfg.train.batch_size, cfg.train.learning_rate
-    ws = Workspace(state.params, min(bs, n))
-    z_epoch = np.empty((n, 1), dtype)  # each batch's logits, measured in chunks
-    batches_per_epoch = math.ceil(n / bs)
-    interrupted = None
-    # Overflow is caught by the finiteness check below and reported in words, once.
-    with StopRequest() as stop, np.errstate(over="ignore", invalid="ignore"), blas.threads(blas_threads(bs)):
-        while state.epochs_done < cfg.train.epochs and interrupted is None:
-            epoch = state.epochs_done + 1
-            rng.bit_generator.state = state.rng_state
-            order = rng.permutation(n)
-            y_epoch = Y[order]
-            target = (y_epoch - dtype.type(0.5)) * dtype.type(lr)  # η (y − ½), see train_step
-            p = state.partial
-            tally = Tally(p["ll"], p["correct"], p["seen"])
-            window = Tally()
-            t_start = time.perf_counter() - p["seconds"]
-            t_window = time.perf_counter()
-            bar = _bar(report, epoch, cfg.train.epochs, batches_per_epoch, state.batch_in_epoch)
-            measured = state.batch_in_epoch * bs  # examples whose logits are tallied
-            for k in range(state.batch_in_epoch, batches_per_epoch):
-                lo, hi = k * bs, min(n, (k + 1) * bs)
-                train_step(state.params, ws, X, order[lo:hi], target[lo:hi], z_epoch[lo:hi], lr)
-                state.step += 1
-                state.batch_in_epoch = k + 1
-                last_batch = k + 1 == batches_per_epoch
-                stopping = stop.signal is not None and not last_batch
-                record_due = cfg.train.log_every and state.step % cfg.train.log_every == 0
-                if bar is not None:
-                    bar.update(1)
-                if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
-                    z, y = z_epoch[measured:hi, 0], y_epoch[measured:hi]
-                    _check_logits(z, epoch, measured // bs, bs, lr, ckpt_dir)
-                    chunk = Tally.of(z, y)
-                    tally.add(chunk)
-                    window.add(chunk)
-                    measured = hi
-                    if bar is not None:
-                        bar.set_postfix_str(
-                            f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%", refresh=False
-                        )
-                if record_due:
-                    state.metrics.append(_step_record(epoch, state.step, window, time.perf_counter() - t_window))
-                    _write_metrics(run_dir, state.metrics)
-                    window, t_window = Tally(), time.perf_counter()
-                if stopping:
-                    state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
-                                     "seconds": time.perf_counter() - t_start}
-                    interrupted = stop.signal
-                    break
-            if bar is not None:
-                bar.close()
-            if interrupted is not None:
-                save("last.npz")
+
+def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
+    cfg = run.cfg
+    # Overflow is caught by the finiteness check and reported in words, once.
+    with np.errstate(over="ignore", invalid="ignore"), blas.threads(blas_threads(cfg.train.batch_size)):
+        loop = _Loop(run)
+        while run.state.epochs_done < cfg.train.epochs:
+            if _train_epoch(run, loop, stop, report):
+                run.commit()  # the position within the epoch
                 break
-
-            # End of the epoch: measure, record, checkpoint.
-            train_seconds = time.perf_counter() - t_start
-            val_ll, val_acc = ll_and_accuracy(state.params, X_val, y_val) if len(y_val) else (None, None)
-            record = {
-                "kind": "epoch",
-                "epoch": epoch,
-                "step": state.step,
-                "train_ll": tally.ll,
-                "train_ll_mean": tally.ll / tally.seen,
-                "train_acc": tally.correct / tally.seen,
-                "val_ll_mean": val_ll,
-                "val_acc": val_acc,
-                "seconds": time.perf_counter() - t_start,
-                "images_per_s": tally.seen / train_seconds if train_seconds > 0 else None,
-            }
-            state.metrics.append(record)
-            state.epochs_done = epoch
-            state.batch_in_epoch = 0
-            state.rng_state = rng.bit_generator.state
-            state.partial = {"ll": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            key = "val_ll_mean" if val_ll is not None else "train_ll_mean"
-            improved = state.best is None or record[key] > state.best["value"]
-            if improved:
-                state.best = {"epoch": epoch, "key": key, "value": record[key]}
-            save("last.npz")  # first, so that last.npz is always the newest checkpoint
-            if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
-                save(f"epoch-{epoch:04d}.npz")
-            if improved:
-                save("best.npz")
-            _write_metrics(run_dir, state.metrics)
-            report.line(epoch_line(record, cfg.train.epochs))
+            _end_epoch(run, loop, report)
             if stop.signal is not None:
-                interrupted = stop.signal
-    return Outcome(run_dir, state.epochs_done, interrupted, state.best)
+                break
+    stop.settled = True
+    state = run.state
+    return Outcome(run.dir, state.epochs_done, stop.signal, state.best, resume_point=run.committed)
+
+
+class _Loop:
+    """What every epoch of a run shares: the training arrays and the step's buffers."""
+
+    def __init__(self, run: _Run):
+        task, dtype = run.data.task, np.dtype(run.cfg.model.dtype)
+        # Training images stay uint8 (n, n_0): each batch is converted as it is gathered.
+        self.X = task.train.images.reshape(len(task.train), task.n_inputs)
+        self.Y = task.train.y.astype(dtype)
+        self.n = len(self.X)
+        self.bs = run.cfg.train.batch_size
+        self.batches = math.ceil(self.n / self.bs)
+        self.ws = Workspace(run.state.params, min(self.bs, self.n))
+        self.z_epoch = np.empty((self.n, 1), dtype)  # each batch's logits, measured in chunks
+        self.tally = Tally()
+        self.t_start = 0.0
+
+
+def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) -> bool:
+    """Phase 2: the batches of epoch epochs_done + 1, from where a stopped run left it.
+    Returns True if a signal stopped it part-way (the state then holds the position)."""
+    cfg, state = run.cfg, run.state
+    epoch, bs, lr = state.epochs_done + 1, loop.bs, cfg.train.learning_rate
+    dtype = loop.Y.dtype
+    rng = run.data.rng
+    rng.bit_generator.state = state.rng_state
+    order = rng.permutation(loop.n)
+    y_epoch = loop.Y[order]
+    target = (y_epoch - dtype.type(0.5)) * dtype.type(lr)  # η (y − ½), see train_step
+    p = state.partial
+    loop.tally = tally = Tally(p["ll"], p["correct"], p["seen"])
+    window = Tally()
+    loop.t_start = time.perf_counter() - p["seconds"]
+    t_window = time.perf_counter()
+    bar = _bar(report, epoch, cfg.train.epochs, loop.batches, state.batch_in_epoch)
+    measured = state.batch_in_epoch * bs  # examples whose logits are tallied
+    try:
+        for k in range(state.batch_in_epoch, loop.batches):
+            lo, hi = k * bs, min(loop.n, (k + 1) * bs)
+            train_step(state.params, loop.ws, loop.X, order[lo:hi], target[lo:hi], loop.z_epoch[lo:hi], lr)
+            state.step += 1
+            state.batch_in_epoch = k + 1
+            last_batch = k + 1 == loop.batches
+            stopping = stop.signal is not None and not last_batch
+            record_due = cfg.train.log_every and state.step % cfg.train.log_every == 0
+            if bar is not None:
+                bar.update(1)
+            if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
+                z, y = loop.z_epoch[measured:hi, 0], y_epoch[measured:hi]
+                _check_logits(z, epoch, measured // bs, bs, lr, run.ckpt_dir)
+                chunk = Tally.of(z, y)
+                tally.add(chunk)
+                window.add(chunk)
+                measured = hi
+                if bar is not None:
+                    bar.set_postfix_str(
+                        f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%", refresh=False
+                    )
+            if record_due:
+                run.metrics.add(json.dumps(_step_record(epoch, state.step, window, time.perf_counter() - t_window)))
+                window, t_window = Tally(), time.perf_counter()
+            if stopping:
+                state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
+                                 "seconds": time.perf_counter() - loop.t_start}
+                return True
+    finally:
+        if bar is not None:
+            bar.close()
+    return False
+
+
+def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
+    """Phase 3: measure the epoch, append its record, commit it (last.npz), then write
+    the copies due (epoch-NNNN.npz every checkpoint_every epochs and at the end, best.npz
+    when the validation LL is the best so far; the training LL without validation)."""
+    cfg, state, tally = run.cfg, run.state, loop.tally
+    epoch = state.epochs_done + 1
+    train_seconds = time.perf_counter() - loop.t_start
+    task = run.data.task
+    val_ll, val_acc = (ll_and_accuracy(state.params, task.validation.images, task.validation.y)
+                       if len(task.validation) else (None, None))
+    record = {
+        "kind": "epoch",
+        "epoch": epoch,
+        "step": state.step,
+        "train_ll": tally.ll,
+        "train_ll_mean": tally.ll / tally.seen,
+        "train_acc": tally.correct / tally.seen,
+        "val_ll_mean": val_ll,
+        "val_acc": val_acc,
+        "seconds": time.perf_counter() - loop.t_start,
+        "images_per_s": tally.seen / train_seconds if train_seconds > 0 else None,
+    }
+    run.metrics.add(json.dumps(record))
+    state.epochs_done = epoch
+    state.batch_in_epoch = 0
+    state.rng_state = run.data.rng.bit_generator.state
+    state.partial = _fresh_partial()
+    key = "val_ll_mean" if val_ll is not None else "train_ll_mean"
+    improved = state.best is None or record[key] > state.best["value"]
+    if improved:
+        figures = {k: v for k, v in record.items() if k not in TIMING_KEYS}
+        state.best = {"epoch": epoch, "key": key, "value": record[key], "record": figures}
+    copies = (f"epoch-{epoch:04d}.npz",) if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs else ()
+    run.commit(copies + (("best.npz",) if improved else ()))
+    report.line(epoch_line(record, cfg.train.epochs))
 
 
 def _step_record(epoch: int, step: int, w: Tally, seconds: float) -> dict:

@@ -152,7 +152,8 @@ def test_overrides_are_parsed_as_toml_and_type_checked(tmp_path):
 def test_malformed_overrides():
     with pytest.raises(ConfigError, match=r"^--set 'epochs': expected KEY=VALUE, e.g. --set train.epochs=3$"):
         parse_override("epochs")
-    with pytest.raises(ConfigError, match=r"^--set 'model.hidden=\[1,': '\[1,' is not a valid TOML value$"):
+    with pytest.raises(ConfigError, match=r"^--set 'model.hidden=\[1,': '\[1,' is not a valid TOML value \(a value "
+                       r"with spaces must be one quoted argument: --set 'model.hidden=\[1, …'\)$"):
         parse_override("model.hidden=[1,")
     assert parse_override("data.sha256.train-images=abc") == (["data", "sha256", "train-images"], "abc")
 

@@ -143,8 +143,10 @@ def test_bad_checkpoint_name_is_a_usage_error(trained):
 def test_a_future_format_version(trained, tmp_path):
     run, data = copy_run(trained, tmp_path)
     path = run / "checkpoints" / "best.npz"
-    rewrite_npz(path, meta={"format": 2})
-    assert refused(run, data) == f"{path} has checkpoint format 2; this mlecli reads format 1: use the mlecli version that wrote it"
+    rewrite_npz(path, meta={"format": 3})
+    assert refused(run, data) == (
+        f"{path} has checkpoint format 3; this mlecli reads formats 1, 2: use the mlecli version that wrote it"
+    )
 
 
 def test_arrays_that_do_not_match_the_config(trained, tmp_path):

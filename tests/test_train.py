@@ -71,7 +71,12 @@ def test_the_run_folder_holds_what_design_md_says(tiny_config, tmp_path):
     best = ckpt.load(run / "checkpoints" / "best.npz")
     assert best.epoch == best_epoch
     last = ckpt.load(run / "checkpoints" / "last.npz")
-    assert last.epoch == 5 and last.meta["step"] == 75 and len(last.meta["metrics"]) == 5
+    assert last.epoch == 5 and last.meta["step"] == 75 and last.meta["format"] == 2
+    assert "metrics" not in last.meta  # the history lives in metrics.jsonl only
+    assert last.meta["best"]["record"] == {k: v for k, v in lines[best_epoch - 1].items()
+                                           if k not in ("seconds", "images_per_s")}
+    # epoch-N.npz and best.npz are byte copies of last.npz as it was at their epoch
+    assert (run / "checkpoints" / "epoch-0005.npz").read_bytes() == (run / "checkpoints" / "last.npz").read_bytes()
     assert res.stdout.splitlines()[0].startswith("epoch 1/5  train LL -")
     assert res.stdout.splitlines()[-2:] == [f"evaluate: mlecli evaluate {run}", f"plot:     mlecli plot {run}"]
 
@@ -272,7 +277,18 @@ def test_a_network_too_big_for_the_memory_leaves_no_run_folder(tiny_config, tmp_
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path)])
     assert res.exit_code == 1
-    assert res.stderr == f"Error: {tmp_path} has no usable checkpoint to resume from (none written)\n"
+    assert res.stderr == (
+        f"Error: {tmp_path} has no checkpoint to resume from: it is not a run folder, or its run never wrote its "
+        f"first checkpoint; start it again with mlecli train CONFIG --run-dir {tmp_path}\n"
+    )
+
+
+def test_resume_of_a_folder_that_does_not_exist(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "nope")])
+    assert res.exit_code == 1
+    assert res.stderr == (
+        f"Error: {tmp_path / 'nope'} does not exist: give the folder of the run to resume (`mlecli runs` lists them)\n"
+    )
 
 
 def test_resume_with_a_config_is_a_usage_error(tmp_path):

@@ -1,0 +1,207 @@
+"""The run folder: claiming it, its manifest, its metrics log.
+
+```
+runs/<name>/
+  .lock                 held (flock) while a training process uses the folder
+  config.toml           the fully resolved config
+  manifest.json         versions, dataset hashes, seeds, BLAS, start, each resume, how it ended
+  metrics.jsonl         one JSON record per line, appended, never rewritten while training
+  checkpoints/last.npz  THE COMMIT RECORD: the run's state at its newest epoch end (or stop)
+  checkpoints/epoch-NNNN.npz, best.npz   byte copies of last.npz, written after it
+```
+
+A run's truth is `last.npz`. Everything else either comes before it (metrics lines are
+appended and synced before the checkpoint that covers them is renamed in) or is a copy
+of it made after the rename. So after a crash at any moment, opening the run again cuts
+metrics.jsonl back to the records the newest checkpoint covers, and writes again the
+copies that were due (see train.py's `_repair`); the run then goes on exactly as if it
+had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mlecli import schema
+from mlecli.errors import ConfigError, MlecliError
+from mlecli.fsutil import TMP_SUFFIX, atomic_write_text, describe_os_error, folder_lock
+
+RUNS_DIR = Path("runs")
+LOCK = ".lock"
+
+
+def _is_temporary(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+
+
+def new_default(name: str, runs_dir: Path = RUNS_DIR) -> Path:
+    """Create and return `runs/<name>-<timestamp>` (then `-2`, `-3`, … if taken).
+
+    The folder is made with one exclusive mkdir, so two trainings started in the same
+    second can never be given the same folder."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MlecliError(describe_os_error(exc, runs_dir)) from None
+    for n in range(1, 10_000):
+        path = runs_dir / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise MlecliError(describe_os_error(exc, path)) from None
+    raise MlecliError(f"no free run folder name for {name} in {runs_dir}; use --run-dir")
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    """What a folder holds beyond the remains of a run that never wrote its first
+    checkpoint (its lock, an empty checkpoints/ folder, temporaries)."""
+    found = []
+    for p in sorted(run_dir.iterdir()):
+        if p.name == LOCK or _is_temporary(p):
+            continue
+        if p.name == "checkpoints" and p.is_dir() and not p.is_symlink() and all(
+            _is_temporary(q) for q in p.iterdir()
+        ):
+            continue
+        found.append(p.name)
+    return found
+
+
+def check_unused(run_dir: Path) -> None:
+    """Refuse a folder that holds anything but an unstarted run's remains."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise ConfigError(f"run folder {run_dir} exists and is not a folder: choose another --run-dir")
+    if run_dir.is_dir() and _leftovers(run_dir):
+        raise ConfigError(
+            f"run folder {run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+            "or choose another --run-dir"
+        )
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path, *, fresh: bool, created: bool = False) -> Iterator[None]:
+    """Hold the run folder's lock for the block.
+
+    For a new run (`fresh`), the folder is checked to be unused only once the lock is
+    held, so of two trainings started on one folder exactly one gets it, and the other
+    leaves it alone. If the block fails before the run's first checkpoint exists, what
+    it made is removed again (the folder too, if `created` says this process made it),
+    so that the same command can simply be run again."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
+        if fresh:
+            check_unused(run_dir)
+        try:
+            yield
+        except BaseException:
+            if fresh and not (run_dir / "checkpoints" / "last.npz").exists():
+                _remove_unstarted(run_dir, created)
+            raise
+
+
+def _remove_unstarted(run_dir: Path, created: bool) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    with contextlib.suppress(OSError):
+        for p in ckpt_dir.iterdir():
+            if _is_temporary(p):
+                p.unlink()
+        ckpt_dir.rmdir()
+    for name in ("config.toml", "manifest.json", "metrics.jsonl"):
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink()
+    if created:
+        with contextlib.suppress(OSError):
+            (run_dir / LOCK).unlink()
+            run_dir.rmdir()
+
+
+# ---------------------------------------------------------------------------
+# manifest.json
+
+
+def read_manifest(run_dir: Path, *, strict: bool = False) -> dict[str, Any]:
+    """The manifest ({} when there is none). A damaged one raises SchemaError if
+    `strict`, else counts as none (training writes a new one)."""
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        return schema.read_json(path, schema.MANIFEST)
+    except schema.SchemaError:
+        if strict:
+            raise
+        return {}
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def record_end(run_dir: Path, status: str, at: str, error: str | None = None, **extra: Any) -> None:
+    """Note in manifest.json how the run ended (best effort: never hides the real error)."""
+    manifest = read_manifest(run_dir)
+    if not manifest:
+        return
+    manifest["ended"] = {"status": status, "at": at, "error": error, **extra}
+    with contextlib.suppress(OSError, MlecliError):
+        write_manifest(run_dir, manifest)
+
+
+# ---------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def read_metrics(run_dir: Path, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl in order (those with step <= `upto_step`, if given).
+
+    A last line without its newline is one a crash cut short: it is not a record. Any
+    other line that is not a JSON object with an integer step is damage, and is refused
+    naming the file and line."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MlecliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = text.split("\n")
+    lines.pop()  # after the last newline: "" or a line cut short
+    records = []
+    for i, line in enumerate(lines, start=1):
+        record = schema.load_json(line, schema.RECORD, f"{path}, line {i}")
+        if upto_step is None or record["step"] <= upto_step:
+            records.append(record)
+    return records
+
+
+def cut_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the records a checkpoint at `step` covers (the rest are replayed)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MlecliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    keep = []
+    for line in text.split("\n")[:-1]:  # a last line cut short by a crash goes too
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None  # damage is not ours to drop: read_metrics names it
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            continue
+        keep.append(line + "\n")
+    kept = "".join(keep)
+    if kept != text:
+        atomic_write_text(path, kept)
+

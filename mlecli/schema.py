@@ -1,0 +1,190 @@
+"""One check for the JSON mlecli reads back from its own files.
+
+A checkpoint's meta record, a run's manifest, the lines of metrics.jsonl and evaluation
+reports are written by mlecli, but read back from a disk anyone can edit, copy half of,
+or hand to someone else. Each is checked once, where it is read, against a schema
+below; any mismatch is one line naming the file and the key (never a traceback deep in
+a command). Keys a schema does not name are allowed and ignored: newer files stay
+readable by the checks of older fields.
+
+    check(value, MANIFEST, where="runs/x/manifest.json")  # returns value, or raises SchemaError
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlecli.errors import MlecliError
+
+
+class SchemaError(MlecliError):
+    """A file mlecli wrote earlier does not hold what mlecli writes."""
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (dict, list, str, bool)) or v is None else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a value must be: `ok(value)` says whether it is, `what` says it in words."""
+
+    what: str
+    ok: Callable[[Any], bool]
+    fields: dict[str, tuple[Spec, bool]] | None = None  # for objects: name → (spec, required)
+    items: Spec | None = None  # for lists and maps: the spec of each element / value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Spec:
+    bounds = "" if lo is None and hi is None else f" from {lo}" + ("" if hi is None else f" to {hi}")
+    return Spec(f"an integer{bounds}", lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
+
+
+def number(finite: bool = True) -> Spec:
+    return Spec("a finite number" if finite else "a number",
+                lambda v: (_is_int(v) or isinstance(v, float)) and (not finite or math.isfinite(v)))
+
+
+def string(max_len: int = 10_000) -> Spec:
+    return Spec("a string", lambda v: isinstance(v, str) and len(v) <= max_len)
+
+
+def one_of(*values: Any) -> Spec:
+    return Spec(f"one of {', '.join(map(_show, values))}", lambda v: any(v == x and type(v) is type(x) for x in values))
+
+
+def nullable(spec: Spec) -> Spec:
+    return Spec(f"{spec.what} or null", lambda v: v is None or spec.ok(v), spec.fields, spec.items)
+
+
+def array(of: Spec, length: int | None = None, max_len: int = 10_000_000) -> Spec:
+    size = f"{length} " if length is not None else ""
+    return Spec(f"a list of {size}{of.what}s".replace("a s", "s"),
+                lambda v: isinstance(v, list) and (length is None or len(v) == length) and len(v) <= max_len,
+                items=of)
+
+
+def mapping(of: Spec) -> Spec:
+    """An object with any keys, each value `of`."""
+    return Spec(f"an object of {of.what}s", lambda v: isinstance(v, dict), items=of)
+
+
+def obj(required: dict[str, Spec] | None = None, optional: dict[str, Spec] | None = None) -> Spec:
+    fields = {k: (s, True) for k, s in (required or {}).items()}
+    fields.update({k: (s, False) for k, s in (optional or {}).items()})
+    return Spec("an object", lambda v: isinstance(v, dict), fields=fields)
+
+
+ANY = Spec("anything", lambda v: True)
+OBJECT = Spec("an object", lambda v: isinstance(v, dict))
+
+
+def check(value: Any, spec: Spec, where: str, path: str = "") -> Any:
+    """Return `value` if it matches `spec`; else raise SchemaError naming `where` and the key."""
+    if not spec.ok(value):
+        key = f" {path}" if path else ""
+        raise SchemaError(f"{where}:{key} is {_show(value)}, expected {spec.what}; the file is damaged or not mlecli's")
+    if spec.fields is not None and isinstance(value, dict):
+        for name, (sub, required) in spec.fields.items():
+            if name in value:
+                check(value[name], sub, where, f"{path}.{name}" if path else name)
+            elif required:
+                raise SchemaError(f"{where}: {f'{path}.' if path else ''}{name} is missing; the file is damaged "
+                                  "or not mlecli's")
+    if spec.items is not None and isinstance(value, (list, dict)):
+        entries = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in entries:
+            check(v, spec.items, where, f"{path}[{k!r}]" if isinstance(value, dict) else f"{path}[{k}]")
+    return value
+
+
+def load_json(text: str, spec: Spec, where: str) -> Any:
+    """Parse and check one JSON document (numbers and nesting of any size are refused
+    with the same one line as any other damage)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise SchemaError(f"{where}: not valid JSON; the file is damaged or not mlecli's") from None
+    return check(value, spec, where)
+
+
+def read_json(path: Path, spec: Spec) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SchemaError(f"{path}: not UTF-8 text; the file is damaged or not mlecli's") from None
+    except OSError as exc:
+        raise SchemaError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return load_json(text, spec, str(path))
+
+
+# ---------------------------------------------------------------------------
+# The files
+
+
+SHA256 = Spec("64 hex digits", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
+FIGURE = nullable(number())
+COUNT = integer(0)
+
+_FIGURES = {"train_ll": FIGURE, "train_ll_mean": FIGURE, "train_acc": FIGURE, "val_ll_mean": FIGURE,
+            "val_acc": FIGURE, "seconds": FIGURE, "images_per_s": FIGURE}
+
+# A metrics.jsonl line: {"kind": "epoch" | "step", ...}; the figures may be null.
+RECORD = obj(required={"step": COUNT, "epoch": integer(1)}, optional={"kind": string(64), **_FIGURES})
+
+BEST = obj(
+    required={"epoch": COUNT, "key": one_of("val_ll_mean", "train_ll_mean"), "value": number()},
+    optional={"record": obj(optional={"kind": string(64), "epoch": COUNT, "step": COUNT, **_FIGURES})},
+)
+
+PARTIAL = obj(required={"ll": number(), "correct": COUNT, "seen": COUNT}, optional={"seconds": number()})
+
+_META_COMMON = {
+    "config": OBJECT,  # checked by config.from_dict
+    "n_inputs": integer(1, 1 << 24),
+    "epochs_done": COUNT,
+    "step": COUNT,
+    "batch_in_epoch": COUNT,
+    "rng_state": OBJECT,  # checked by handing it to numpy
+    "partial": PARTIAL,
+    "best": nullable(BEST),
+}
+_META_OPTIONAL = {
+    "image_shape": array(integer(1, 1 << 16), length=2),
+    "dataset_sha256": mapping(SHA256),
+    "mlecli": string(64),
+    "blas": obj(optional={"backend": string(200), "threads": nullable(integer(1))}),
+}
+
+META = {
+    1: obj(required={"format": one_of(1), **_META_COMMON}, optional={**_META_OPTIONAL, "metrics": array(RECORD)}),
+    2: obj(required={"format": one_of(2), **_META_COMMON}, optional=_META_OPTIONAL),
+}
+
+MANIFEST = obj(optional={
+    "mlecli": string(64), "numpy": string(64), "python": string(64), "platform": string(500),
+    "dataset": string(200), "dataset_sha256": mapping(SHA256), "model_seed": COUNT, "train_seed": COUNT,
+    "started": string(64), "resumed": array(OBJECT),
+    "ended": obj(required={"status": one_of("finished", "interrupted", "failed")},
+                 optional={"at": string(64), "error": nullable(string())}),
+    "blas": obj(optional={"backend": string(200), "threads": nullable(integer(1))}),
+    "data_dir": string(4096),
+})
+
+REPORT = obj(
+    required={"split": one_of("test", "validation", "train"), "checkpoint_name": string(200), "epoch": COUNT,
+              "accuracy": FIGURE, "images": COUNT, "task": string(1000)},
+    optional={"threshold": number()},
+)
+REPORT.fields["most_confident_errors"] = (array(obj(
+    required={"index": COUNT, "digit": integer(0, 255), "y": one_of(0, 1), "p": number()}), max_len=1000), True)

@@ -1,0 +1,175 @@
+"""The run folder as shared ground: races for it, signals in quick succession, a closed
+standard output, and runs written by the previous checkpoint format."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from fakes import rewrite_npz, trickle
+
+from mlecli import checkpoint as ckpt
+from mlecli.cli import main
+
+
+def mlecli(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mlecli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=cwd)
+
+
+def weights(path: Path) -> dict[str, bytes]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k].tobytes() for k in z.files if k != "meta"}
+
+
+def wait_for(path: Path, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------------------
+# Races
+
+
+def test_of_several_trainings_started_on_one_folder_exactly_one_trains_it(tiny_config, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    configs = [tiny_config(f"c{i}", model={"hidden": [4 + i]}, train={"epochs": 2}) for i in range(4)]
+    assert CliRunner().invoke(main, ["download", "--config", str(configs[0]), "--data-dir", str(data), "-q"]).exit_code == 0
+    procs = [mlecli("train", c, "--run-dir", run, "--data-dir", data, "-q") for c in configs]
+    results = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]
+    winners = [i for i, (code, _) in enumerate(results) if code == 0]
+    assert len(winners) == 1, results
+    for i, (code, err) in enumerate(results):
+        if i != winners[0]:
+            assert code == 1 and err.count("\n") == 1, err
+            assert err.startswith((f"Error: run folder {run} already exists and is not empty",
+                                   f"Error: run folder {run} is in use by another mlecli process")), err
+    # Everything in the folder is the winner's: its config, and checkpoints of its network.
+    hidden = 4 + winners[0]
+    assert f"hidden = [{hidden}]" in (run / "config.toml").read_text()
+    for p in ckpt.checkpoints_in(run):
+        assert ckpt.load(p).config.model.hidden == (hidden,)
+
+
+def test_a_training_whose_download_is_slow_cannot_take_a_folder_another_started_in_meanwhile(
+        tiny, tiny_config, mirrors, tmp_path):
+    server = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: data and trickle(h, data, 2048, 0.01))
+    slow_cfg = tiny.write_config(tmp_path / "slow.toml", server.url, "[model]\nhidden = [3]\n")
+    data, run = tmp_path / "data", tmp_path / "run"
+    slow = mlecli("train", slow_cfg, "--run-dir", run, "--data-dir", tmp_path / "slow-data", "-q")
+    wait_for(tmp_path / "slow-data" / "tiny", slow)  # it is downloading, the folder not yet claimed
+    fast = CliRunner().invoke(main, ["train", str(tiny_config(train={"epochs": 2})), "--run-dir", str(run),
+                                     "--data-dir", str(data), "-q"])
+    assert fast.exit_code == 0, fast.output
+    assert slow.wait(timeout=120) == 1
+    assert slow.stderr.read().decode().splitlines()[-1].startswith((
+        f"Error: run folder {run} already exists and is not empty",
+        f"Error: run folder {run} is in use by another mlecli process"))
+    assert {ckpt.load(p).config.model.hidden for p in ckpt.checkpoints_in(run)} == {(16,)}  # the fast run's only
+    assert "hidden = [16]" in (run / "config.toml").read_text()
+
+
+def test_trainings_started_together_without_a_run_dir_each_get_their_own_folder(tiny_config, tmp_path):
+    cfg, data = tiny_config(train={"epochs": 1}), tmp_path / "data"
+    assert CliRunner().invoke(main, ["download", "--config", str(cfg), "--data-dir", str(data), "-q"]).exit_code == 0
+    procs = [mlecli("train", cfg, "--data-dir", data, "-q", cwd=tmp_path) for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 4
+    for f in folders:
+        assert ckpt.load(f / "checkpoints" / "last.npz").epoch == 1
+
+
+# ---------------------------------------------------------------------------
+# Signals and a closed standard output
+
+
+def test_two_signals_in_quick_succession_stop_at_once_and_still_say_how_to_resume(tiny_config, tmp_path):
+    cfg = tiny_config(train={"epochs": 40, "batch_size": 1}, model={"hidden": [8]})
+    data = tmp_path / "data"
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(tmp_path / "whole"), "--data-dir",
+                                     str(data), "-q"]).exit_code == 0
+    gaps = random.Random(20261127)
+    for i, (first, second) in enumerate([(signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT),
+                                         (signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)] * 2):
+        run = tmp_path / f"run-{i}"
+        proc = mlecli("train", cfg, "--run-dir", run, "--data-dir", data, "-q")
+        wait_for(run / "checkpoints" / "epoch-0001.npz", proc)
+        proc.send_signal(first)
+        time.sleep(gaps.uniform(0, 0.02))
+        if proc.poll() is None:
+            proc.send_signal(second)
+        assert proc.wait(timeout=60) == 130
+        err = proc.stderr.read().decode()
+        assert err.endswith(f" Resume with: mlecli train --resume {run}\n"), err
+        assert err.startswith("Stopped"), err
+        res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data), "-q"])
+        assert res.exit_code == 0, res.output
+        assert weights(run / "checkpoints" / "last.npz") == weights(tmp_path / "whole" / "checkpoints" / "last.npz")
+
+
+def test_training_goes_on_when_its_standard_output_is_closed(tiny_config, tmp_path):
+    cfg = tiny_config(train={"epochs": 6})
+    run = tmp_path / "run"
+    proc = mlecli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "data")  # like `mlecli train | head -1`
+    first = proc.stdout.readline().decode()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert first.startswith("epoch 1/6  train LL")
+    assert "note: standard output was closed; training goes on" in proc.stderr.read().decode()
+    assert ckpt.load(run / "checkpoints" / "last.npz").epoch == 6
+
+
+def test_quiet_training_prints_nothing(tiny_config, tmp_path):
+    res = CliRunner().invoke(main, ["train", str(tiny_config()), "--run-dir", str(tmp_path / "r"), "--data-dir",
+                                    str(tmp_path / "d"), "-q"])
+    assert res.exit_code == 0
+    assert res.stdout == "" and res.stderr == ""
+
+
+# ---------------------------------------------------------------------------
+# The previous checkpoint format (mlecli 0.1)
+
+
+def as_format_1(run: Path) -> None:
+    """Turn a run's checkpoints into what mlecli 0.1 wrote: the metrics history inside each,
+    a `saved` time, a best record without figures."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for p in ckpt.checkpoints_in(run):
+        meta = ckpt.load(p).meta
+        epoch = meta["epochs_done"]
+        best = {k: meta["best"][k] for k in ("epoch", "key", "value")}
+        rewrite_npz(p, meta={"format": 1, "metrics": [m for m in lines if m["epoch"] <= epoch], "best": best,
+                             "saved": "2026-11-01T00:00:00+00:00"})
+
+
+def test_a_run_of_checkpoint_format_1_is_evaluated_and_resumed_as_it_was(tiny_config, tmp_path):
+    data = tmp_path / "data"
+    cfg = tiny_config(train={"epochs": 2})
+    old = tmp_path / "old"
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(old), "--data-dir", str(data), "-q"]).exit_code == 0
+    as_format_1(old)
+    assert ckpt.load(old / "checkpoints" / "last.npz").format == 1
+    res = CliRunner().invoke(main, ["evaluate", str(old), "--data-dir", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["train", "--resume", str(old), "--set", "train.epochs=4", "--data-dir", str(data),
+                                    "-q"])
+    assert res.exit_code == 0, res.output
+    longer = tmp_path / "longer"
+    assert CliRunner().invoke(main, ["train", str(tiny_config(train={"epochs": 4})), "--run-dir", str(longer),
+                                     "--data-dir", str(data), "-q"]).exit_code == 0
+    assert weights(old / "checkpoints" / "last.npz") == weights(longer / "checkpoints" / "last.npz")
+    assert ckpt.load(old / "checkpoints" / "last.npz").format == 2
+    assert [json.loads(x)["epoch"] for x in (old / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
