@@ -367,32 +367,33 @@ def threshold_option(f):
     help="Also write a PNG of the 28×28 images the network saw, with their ŷ.",
 )
 def predict(target, inputs, which, threshold, as_json, raw, show):
-    """Predict on your own images: ŷ = P(y = 1) for each, and the decision in the task's words.
+    """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
 
     TARGET is a run folder or a checkpoint file. INPUT: image files (PNG, JPEG, BMP, GIF,
     TIFF, WebP), folders of them (sorted by name), .npy arrays (H×W or N×H×W, uint8 0-255
     or float 0-1), IDX image files (.gz or not), or - for standard input. Each image is
-    prepared as MNIST's digits were (gray, ink light on dark, cropped, scaled to 20
-    pixels, centred by mass in 28×28) unless --raw. An input that cannot be read gets
-    one line on stderr, the others are still predicted, and the exit status is 1.
+    prepared as the network's training images were (MNIST's digits: gray, ink light on
+    dark, cropped, longer side 20 pixels, centred by mass in 28×28; Fashion-MNIST's:
+    longer side 28, centred) unless --raw. An input that cannot be used gets one line on
+    stderr, the others are still predicted, and the exit status is 1.
     """
     from mlecli import inputs as sources_of
     from mlecli import predict as pr
 
     model = pr.load_model(target, which)
     sources = sources_of.sources(list(inputs))
-    width = max((len(s.name) for s in sources if isinstance(s, sources_of.Source)), default=0)
+    width = max((len(printable(s.name)) for s in sources if isinstance(s, sources_of.Source)), default=0)
     failed = 0
     shown: list = []
     for result in model.predict_sources(sources, raw):
         if isinstance(result, MlecliError):
             failed += 1
-            click.echo(f"Error: {result}", err=True)
+            click.echo(f"Error: {printable(str(result))}", err=True)
             continue
         if as_json:
             lines = pr.json_lines(result, model.classes_, threshold)
         else:
-            lines = pr.text_lines(result, model.classes_, threshold, width)
+            lines = pr.text_lines(result, model.classes_, threshold, width, printable(result.source))
         click.echo("\n".join(lines))  # one write for the whole batch
         if show is not None and sum(len(b.p) for b in shown) < pr.SHOW_LIMIT:
             shown.append(result)
@@ -418,7 +419,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     help="Where to write.  [default: <run>/<checkpoint>.onnx or .html; beside a checkpoint file outside a run]",
 )
 def export(target, which, fmt, out):
-    """Export a network: to ONNX, or to one self-contained web page to draw digits on.
+    """Export a network to ONNX, or to a web page to draw on.
 
     onnx needs the onnx package: pip install 'mlecli[onnx]'. The page works offline,
     from a double-click (file://), and makes no network request of any kind.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import sys
 import warnings
 from dataclasses import dataclass
@@ -70,8 +69,10 @@ def sources(inputs: list[str]) -> list[Source | InputError]:
                     f"{item}: no images in this folder (files ending in {', '.join(IMAGE_SUFFIXES[:6])}, …)"
                 ))
             out += [Source(str(p), p) for p in sorted(found, key=_natural_key)]
-        elif path.exists():
+        elif path.is_file() or path.is_fifo():  # a FIFO: e.g. <(curl …) from the shell
             out.append(Source(item, path))
+        elif path.exists():
+            out.append(InputError(f"{item} is not a file or a folder (a device or a socket): give an image file"))
         else:
             out.append(InputError(f"{item} does not exist"))
     return out
@@ -93,7 +94,10 @@ def read_bytes(source: Source) -> bytes:
     else:
         try:
             with open(source.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+                if source.path.is_file() and source.path.stat().st_size > MAX_FILE_BYTES:
+                    data = b"x" * (MAX_FILE_BYTES + 1)  # refused below without reading a byte
+                else:
+                    data = f.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{source.name}: cannot read it ({exc.strerror or exc})") from None
     if len(data) > MAX_FILE_BYTES:
@@ -112,7 +116,7 @@ def load(source: Source) -> Loaded:
         return _array(source, read_npy(data, name), idx=False)
     if is_gzip(data):
         try:
-            content = gunzip(data, name)
+            content = gunzip(data, name, limit=MAX_FILE_BYTES)
         except DataError as exc:
             raise InputError(str(exc)) from None
         if not looks_like_idx(content):
@@ -169,9 +173,16 @@ def check_array(arr: np.ndarray, name: str, idx: bool = False) -> tuple[np.ndarr
     """An array of images as (N, H, W) and whether it was a stack (N, …) rather than one image.
 
     uint8 stays as it is, other integers 0-255 become uint8, bool 0/255, floats 0-1 float64.
-    (H, W) is one image; (N, H, W) a stack; (784,) and (N, 784) are flattened 28×28 images.
+    (H, W) is one image; (N, H, W) a stack; (784,) and (N, 784) are flattened 28×28 images;
+    a single colour channel (N×H×W×1, N×1×H×W, H×W×1) is dropped.
     """
     what = "IDX file" if idx else ".npy file"
+    if arr.ndim == 4 and arr.shape[3] == 1:  # N×H×W×1, channels last (Keras)
+        arr = arr[..., 0]
+    elif arr.ndim == 4 and arr.shape[1] == 1:  # N×1×H×W, channels first (PyTorch)
+        arr = arr[:, 0]
+    elif arr.ndim == 3 and arr.shape[2] == 1 and arr.shape[0] > 1 and arr.shape[1] > 1:  # H×W×1
+        arr = arr[..., 0]
     indexed = arr.ndim == 3
     if arr.ndim == 1 and arr.shape[0] == 784:
         arr = arr.reshape(1, 28, 28)
@@ -235,12 +246,17 @@ def read_image(data: bytes, name: str) -> np.ndarray:
         warnings.simplefilter("ignore")  # we bound the size ourselves, below
         try:
             img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:  # over 179 megapixels, by its header
+            raise InputError(
+                f"{name}: more than the {MAX_PIXELS // 1_000_000} megapixels mlecli reads; "
+                "scale it down or crop it to the digit"
+            ) from None
         except UnidentifiedImageError:
             raise InputError(
                 f"{name}: not an image mlecli can read (PNG, JPEG, BMP, GIF, TIFF, WebP), "
                 "nor a .npy or IDX file"
             ) from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except Exception as exc:  # Pillow's decoders raise many types on damaged files
             raise InputError(f"{name}: not a readable image ({_why(exc)})") from None
         width, height = img.size
         if width * height > MAX_PIXELS:
@@ -257,7 +273,7 @@ def read_image(data: bytes, name: str) -> np.ndarray:
             except Exception:  # a damaged EXIF block: keep the picture as stored
                 pass
             return _gray(img)
-        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        except Exception as exc:  # Pillow's decoders raise many types on damaged files
             raise InputError(f"{name}: not a readable image ({_why(exc)})") from None
 
 

@@ -39,10 +39,12 @@ class Batch:
     images: np.ndarray
     p: np.ndarray
 
-    def labels(self) -> list[str]:
+    def labels(self, name: str | None = None) -> list[str]:
+        """`source` (or `name` in its place) for each image, with `[i]` inside a stack."""
+        name = self.source if name is None else name
         if self.index is None:
-            return [self.source] * len(self.p)
-        return [f"{self.source}[{i}]" for i in self.index.tolist()]
+            return [name] * len(self.p)
+        return [f"{name}[{i}]" for i in self.index.tolist()]
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,11 @@ def load_model(path: str | Path, checkpoint: str = "best") -> Model:
 # Output
 
 
-def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: int = 0) -> list[str]:
-    """One aligned line per image: its name (padded to at least `width`), ŷ and the decision."""
-    labels = batch.labels()
+def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: int = 0,
+               name: str | None = None) -> list[str]:
+    """One aligned line per image: its name (`name` for the source's, if given; padded to at
+    least `width`), ŷ and the decision."""
+    labels = batch.labels(name)
     width = max(width, *map(len, labels))
     decided = batch.p >= threshold
     return [f"{label:<{width}}  ŷ {p:.4f}  {words[d]}" for label, p, d in zip(labels, batch.p.tolist(), decided.tolist())]

@@ -231,6 +231,15 @@ BAD_OPTIONS = [
     ["plot"],
     ["runs", "--sort", "speed"],
     ["runs", "README.md"],
+    ["predict", "runs", "x.png", "--checkpoint", "newest"],
+    ["predict", "runs", "x.png", "--threshold", "0"],
+    ["predict", "runs", "x.png", "--threshold", "half"],
+    ["predict", "runs", "x.png", "--show", "tests"],
+    ["predict", "runs"],
+    ["export", "runs", "--format", "pdf"],
+    ["export", "runs"],
+    ["export", "runs", "--format", "html", "--checkpoint", "newest"],
+    ["export", "runs", "--format", "html", "--out", "tests"],
 ]
 
 

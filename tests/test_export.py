@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import importlib.util
 import json
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,20 @@ from mlecli.idx import idx_bytes, parse_idx
 from mlecli.prepare import prepare_many
 
 onnx = pytest.importorskip("onnx", reason="pip install 'mlecli[onnx]'")
-ort = pytest.importorskip("onnxruntime", reason="pip install 'mlecli[onnx]'")
+if importlib.util.find_spec("onnxruntime") is None:
+    pytest.skip("onnxruntime is missing: pip install 'mlecli[onnx]'", allow_module_level=True)
+
+# onnxruntime runs in a child process: imported here, its threads would deadlock any test that
+# forks after it (tests/test_download.py forks concurrent downloads).
+RUN_ONNX = """
+import sys
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+y_hat, z = session.run(None, {"pixels": np.load(sys.argv[2])})
+np.save(sys.argv[3], y_hat)
+np.save(sys.argv[4], z)
+"""
 
 
 def cli(*args):
@@ -66,9 +82,13 @@ def tiny_runs(tmp_path_factory, tiny, tiny_folder):
 
 
 def run_onnx(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    y_hat, z = session.run(None, {"pixels": images.reshape(len(images), -1).astype(np.float32)})
-    return y_hat, z
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        np.save(folder / "pixels.npy", images.reshape(len(images), -1).astype(np.float32))
+        outs = [folder / "y_hat.npy", folder / "z.npy"]
+        subprocess.run([sys.executable, "-c", RUN_ONNX, str(path), str(folder / "pixels.npy"), *map(str, outs)],
+                       check=True)
+        return np.load(outs[0]), np.load(outs[1])
 
 
 @pytest.mark.parametrize("hidden", [0, 1, 3])

@@ -329,6 +329,60 @@ def test_an_image_over_50_megapixels_is_refused_before_it_is_decoded(run, tmp_pa
                           "scale it down or crop it to the digit\n")
 
 
+def test_a_decompression_bomb_is_refused_by_its_header(run, tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (15_000, 12_000)).save(path)  # 180 megapixels in a few kilobytes
+    res = cli("predict", run, path)
+    assert (res.exit_code, res.stderr) == (1, f"Error: {path}: more than the 50 megapixels mlecli reads; "
+                                              "scale it down or crop it to the digit\n")
+
+
+def test_devices_and_files_over_a_gigabyte_are_refused_unread(run, tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate((1 << 30) + 1)  # sparse: nothing is read or written
+    res = cli("predict", run, "/dev/zero", big)
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == [
+        "Error: /dev/zero is not a file or a folder (a device or a socket): give an image file",
+        f"Error: {big}: larger than 1024 MB; no image or array here is that big",
+    ]
+
+
+def test_a_single_colour_channel_is_dropped(run, model, tmp_path):
+    digits, _ = make_digits(3, seed=6)
+    np.save(tmp_path / "keras.npy", digits[..., None])  # N×H×W×1
+    np.save(tmp_path / "torch.npy", digits[:, None])  # N×1×H×W
+    np.save(tmp_path / "one.npy", digits[0][..., None])  # H×W×1
+    got = predictions(cli("predict", run, tmp_path / "keras.npy", tmp_path / "torch.npy", tmp_path / "one.npy", "--json"))
+    expected = model.predict_proba(digits)[:, 1]
+    assert [(Path(d["input"]).name, d["index"]) for d in got] == [
+        ("keras.npy", 0), ("keras.npy", 1), ("keras.npy", 2), ("torch.npy", 0), ("torch.npy", 1), ("torch.npy", 2),
+        ("one.npy", None)]
+    assert [d["p"] for d in got] == pytest.approx([*expected, *expected, expected[0]], abs=1e-7)
+
+
+def test_transparent_pictures_read_as_ink_on_plain_paper(run, model, tmp_path):
+    alpha = 255 - PAGE8  # black ink whose opacity is its darkness, on a transparent sheet
+    clear = np.zeros((*PAGE8.shape, 4), np.uint8)
+    clear[..., 3] = alpha
+    Image.fromarray(clear).save(tmp_path / "clear.png")
+    keyed = Image.fromarray(PAGE8).convert("P")
+    keyed.info["transparency"] = 255  # the white of the palette is transparent
+    keyed.save(tmp_path / "keyed.png", transparency=keyed.getpixel((0, 0)))
+    opaque = model.prepare(PAGE8)
+    for name in ("clear.png", "keyed.png"):
+        np.testing.assert_allclose(model.prepare(tmp_path / name), opaque, atol=1, err_msg=name)
+
+
+def test_control_characters_in_a_name_are_shown_as_escapes(run, tmp_path):
+    path = tmp_path / "two\nlines.png"
+    path.write_bytes(encode(PAGE))
+    res = cli("predict", run, path)
+    assert res.exit_code == 0 and res.stdout.count("\n") == 1 and "two\\nlines.png" in res.stdout
+    assert json.loads(cli("predict", run, path, "--json").stdout)["input"] == str(path)
+
+
 def test_a_truncated_image_is_one_line(run, tmp_path):
     for name, data in (("cut.png", encode(PAGE)), ("cut.jpg", encode(PAGE, "JPEG"))):
         path = tmp_path / name
