@@ -1,3 +1,3 @@
-from mlecli.cli import main
+from mlecli.cli import entry
 
-main()
+entry()

@@ -7,14 +7,13 @@ numpy, requests and tqdm are imported inside the commands that need them so that
 from __future__ import annotations
 
 import functools
-import signal
 import sys
 from pathlib import Path
 
 import click
 
 from mlecli import __version__
-from mlecli.errors import MlecliError
+from mlecli.errors import MlecliError, Stopped
 
 
 class Group(click.Group):
@@ -29,6 +28,21 @@ class Group(click.Group):
         except KeyboardInterrupt:  # Ctrl-C where no command turns it into a clean stop of its own
             click.echo("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", err=True)
             sys.exit(130)
+        except Stopped as exc:
+            click.echo(f"Stopped by {exc.signal_name} before training began: no run was written.", err=True)
+            sys.exit(130)
+
+
+def entry() -> None:
+    """The `mlecli` program: the command, then an exit no signal can turn into a traceback
+    (a Ctrl-C arriving while the interpreter shuts down would otherwise print one)."""
+    try:
+        main(prog_name="mlecli")
+    finally:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def printable(text: str) -> str:
@@ -62,10 +76,22 @@ def quiet_option(f, help="No progress bars or status lines."):
     return click.option("--quiet", "-q", is_flag=True, help=help)(f)
 
 
-def _data_dir(value: Path | None) -> Path:
+def _data_dir(value: Path | None, run: Path | None = None) -> Path:
+    """--data-dir, else $MLECLI_DATA_DIR, else the folder the run `run` was trained
+    with (if it is still there), else ./data."""
+    import os
+
     from mlecli.cache import default_data_dir
 
-    return value if value is not None else default_data_dir()
+    if value is not None:
+        return value
+    if run is not None and not os.environ.get("MLECLI_DATA_DIR"):
+        from mlecli.rundir import trained_data_dir
+
+        remembered = trained_data_dir(run)
+        if remembered is not None:
+            return remembered
+    return default_data_dir()
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -138,8 +164,16 @@ def _override(value):
     help="Seconds to wait for a server to send anything before retrying.",
 )
 @click.option("--retries", type=click.IntRange(min=0), default=3, help="Further attempts per mirror after the first.")
+@click.option(
+    "--min-rate",
+    type=click.FloatRange(min=0.001),
+    default=50.0,
+    metavar="KB/S",
+    help="Slowest average rate (kB/s) a mirror may send at, counted after its first --timeout + 10 seconds; "
+    "a slower mirror is given up.",
+)
 @quiet_option
-def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, quiet):
+def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, min_rate, quiet):
     """Fetch a dataset from its mirrors, verify it and cache it.
 
     Each file's decompressed content must match its known SHA-256 and size; nothing
@@ -158,19 +192,19 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, q
     else:
         ds = builtin(dataset or "mnist")
     root = _data_dir(data_dir)
-    policy = HttpPolicy(read_timeout=timeout, retries=retries)
+    policy = HttpPolicy(read_timeout=timeout, retries=retries, min_rate=min_rate * 1000)
     reports = ensure_dataset(
         ds, root, mirrors=tuple(mirrors), force=force, policy=policy, progress=_progress(quiet), log=_log(quiet)
     )
     if quiet:
         return
-    click.echo(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}")
+    click.echo(printable(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}"))
     width = max(len(r.path.name) for r in reports)
     for r in reports:
         state = "verified" if r.verified else "UNVERIFIED"
         where = "already cached" if r.source == "cache" else f"from {r.source}"
-        click.echo(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}")
-    click.echo(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}")
+        click.echo(printable(f"  {r.path.name:<{width}}  {r.size:>12,} bytes  {state:<10}  {where}"))
+    click.echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
 
 
 @main.command()
@@ -222,9 +256,18 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         cfg = config.load(config_path, overrides)
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
-    outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir), report=report, resume_from=resume_from)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the run is saved: nothing may cut what follows short
-        signal.signal(sig, signal.SIG_IGN)
+    # One StopRequest from here to the last line printed: no signal meets Python's default
+    # handlers in between (after the run, the message saying how to resume is never cut).
+    with training.StopRequest() as stop:
+        outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report,
+                               resume_from=resume_from, stop=stop)
+        code = _say_how_it_ended(outcome, say)
+    if code:
+        sys.exit(code)
+
+
+def _say_how_it_ended(outcome, say) -> int:
+    """Print how a training run ended; return the exit status it calls for."""
     run_dir = outcome.run_dir
     if outcome.interrupted:
         last = run_dir / "checkpoints" / "last.npz"
@@ -235,13 +278,14 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         else:
             said = f"Stopped by {outcome.interrupted}: saved {last}."
         click.echo(f"{said} Resume with: mlecli train --resume {run_dir}", err=True)
-        sys.exit(130)
+        return 130
     best = outcome.best
     if best is not None:
         label = "validation" if best["key"] == "val_ll_mean" else "training"
         say(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> {run_dir / 'checkpoints' / 'best.npz'}")
     say(f"evaluate: mlecli evaluate {run_dir}")
     say(f"plot:     mlecli plot {run_dir}")
+    return 0
 
 
 def _stdout_lines(quiet: bool):
@@ -309,7 +353,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     if not re.fullmatch(r"best|last|epoch-\d+", which):
         raise click.BadParameter(f"{which!r} is not best, last or epoch-N", param_hint="'--checkpoint'")
     report = ev.evaluate(
-        target, which=which, split=split, data_dir=_data_dir(data_dir), threshold=threshold,
+        target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
         log=_log(as_json), progress=_progress(as_json),
     )
     saved = ev.save_report(report)
@@ -449,7 +493,7 @@ def plot(run_dir, out, data_dir):
     """
     from mlecli import plot as plotting
 
-    for path in plotting.plot_run(run_dir, out, _data_dir(data_dir), log=_log(False)):
+    for path in plotting.plot_run(run_dir, out, _data_dir(data_dir, run_dir), log=_log(False)):
         click.echo(str(path))
 
 

@@ -22,6 +22,8 @@ MNIST_FILES = {
     "test-labels": "t10k-labels-idx1-ubyte",
 }
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# A cached file's name: never a path, never hidden (the cache's temporaries start with '.').
+FILE_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -83,6 +85,12 @@ FASHION_MNIST = Dataset(
 BUILTIN: dict[str, Dataset] = {d.name: d for d in (MNIST, FASHION_MNIST)}
 
 
+def is_builtin(dataset: Dataset) -> bool:
+    """A built-in dataset (whatever mirrors were added): its name and pinned hashes are MNIST's or Fashion-MNIST's."""
+    known = BUILTIN.get(dataset.name)
+    return known is not None and dataset.sha256 == known.sha256 and dataset.files == known.files
+
+
 def builtin(name: str) -> Dataset:
     try:
         return BUILTIN[name]
@@ -110,9 +118,18 @@ def custom(
     for role, fname in files.items():
         if role not in ROLES:
             raise ConfigError(f"{where}.files: unknown file {role!r} (allowed: {', '.join(ROLES)})")
-        if not fname or "/" in fname or fname in (".", ".."):
-            raise ConfigError(f"{where}.files.{role} = {fname!r}: must be a plain file name")
+        if not FILE_RE.match(fname) or not _strip_gz(fname):
+            raise ConfigError(
+                f"{where}.files.{role} = {fname!r}: must be a plain file name of at most 200 letters, digits, "
+                "'.', '_', '-' or '+', not starting with '.'"
+            )
     resolved = {role: _strip_gz(files.get(role, MNIST_FILES[role])) for role in ROLES}
+    same = [role for role in ROLES if list(resolved.values()).count(resolved[role]) > 1]
+    if same:
+        raise ConfigError(
+            f"{where}.files: {' and '.join(same)} are both {resolved[same[0]]!r} (with or without .gz); "
+            "each file needs a name of its own"
+        )
     hashes = {}
     for role, h in (sha256 or {}).items():
         if role not in ROLES:

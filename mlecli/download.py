@@ -1,391 +1,542 @@
-"""Fetching one dataset file from an ordered list of mirrors.
+"""Fetching one dataset file from an ordered list of mirrors, within a time budget.
 
 Each mirror is an http(s) base URL, a file:// URL or a local folder. A remote file is
-streamed to `<name>.part` (resumed with a Range request where the server answers 206),
-retried with exponential backoff on connection errors, 429 and 5xx (Retry-After is
-honoured), then checked: its decompressed content must have the expected size and
-SHA-256 and parse as IDX. Any failure moves on to the next mirror; the reasons are
-collected so that the final error can list every mirror tried.
+streamed to `<partial>/<name>.part` (resumed with a Range request where the server
+answers 206), retried with exponential backoff on connection errors, 429 and 5xx
+(Retry-After is honoured), then decoded (gzip or raw) into a temporary file beside its
+final name, hashed and checked on the way, and renamed into place only if its content
+has the expected size and SHA-256 and parses as IDX. Any failure moves on to the next
+mirror; the reasons are collected so that the final error can list every mirror tried.
+
+Budgets (a deadline per file and mirror, a minimum rate) and the watchdog that enforces
+them live in mlecli.network.
+
+The first decoded bytes are the IDX header, which says exactly how big the file is: the
+body is refused beyond that (plus gzip's overhead), and `Expected.on_header` can refuse
+a file that would not fit in memory or on disk before it is downloaded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import hashlib
 import json
 import os
+import stat
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from mlecli.errors import DataError, DownloadError, MlecliError
-from mlecli.fsutil import atomic_write_text, describe_os_error
-from mlecli.idx import gunzip, is_gzip
+from mlecli.fsutil import atomic_write, atomic_write_text, describe_os_error
+from mlecli.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
+from mlecli.network import (
+    Clock,
+    HttpPolicy,
+    MirrorFailed,
+    Retryable,
+    Watchdog,
+    content_range,
+    get,
+    header_int,
+    network_reason,
+    retry_after,
+    shown,
+    shown_header,
+    validator,
+)
 
 CHUNK = 1 << 16
-# A body may exceed the expected decompressed size by this much before it is refused
-# (gzip of random data can grow a little; headers of uncompressed files are exact).
-SLACK = 1 << 20
-# Ceiling for files of custom datasets whose size is not known in advance.
-UNKNOWN_SIZE_LIMIT = 1 << 31
 
 
-@dataclass(frozen=True)
-class HttpPolicy:
-    """How patient to be with a server. Times in seconds."""
-
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    retries: int = 3  # further attempts per URL after the first
-    backoff: float = 1.0  # first wait; doubles each retry
-    max_wait: float = 60.0  # a longer Retry-After gives up on the mirror
+def wire_bound(size: int) -> int:
+    """The most bytes an honest mirror sends for a file of `size` decoded bytes (gzip of random data grows a little)."""
+    return size + size // 1000 + (1 << 16)
 
 
-DEFAULT_POLICY = HttpPolicy()
+def _no_header_check(header: IdxHeader, source: str, body_left: int) -> None:
+    pass
+
+
+def _no_data_check(header: IdxHeader, offset: int, data: bytes, source: str) -> None:
+    pass
+
+
+def _nothing_to_record(sha256: str, size: int, source: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What a file's decompressed content must be: size and sha256, each optional."""
+    """What a file's decoded content must be, and the checks to run on it as it streams.
+
+    `on_header(header, source, body_left)` runs once the IDX header is known (before the
+    rest of a remote file is downloaded; `body_left` is how many more bytes may arrive):
+    DataError there means this mirror's file is unusable; any other MlecliError (no
+    room) stops the download. `on_data(header, offset, data, source)` sees the data part
+    in order (`offset` counts from the first byte after the header). `on_verified(sha256,
+    size, source)` runs once the content is verified, right before it is renamed into
+    place (a record written there is never missing for a file that is in place).
+    """
 
     name: str
     sha256: str | None
     size: int | None
-    check: Callable[[bytes, str], None]  # raises DataError if the content is unusable
+    on_header: Callable[[IdxHeader, str, int], None] = _no_header_check
+    on_data: Callable[[IdxHeader, int, bytes, str], None] = _no_data_check
+    on_verified: Callable[[str, int, str], None] = _nothing_to_record
 
+    @property
+    def limit(self) -> int:
+        """Most decoded bytes the file may have."""
+        return self.size if self.size is not None else MAX_DECOMPRESSED
 
-class MirrorFailed(Exception):
-    """One mirror could not deliver one file; `reason` says why, for the final message."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, wait: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.wait = wait
-
-
-def mirror_location(mirror: str) -> tuple[str, str]:
-    """Classify a mirror as ("http", base URL ending in '/') or ("local", folder path)."""
-    parts = urlsplit(mirror)
-    scheme = parts.scheme.lower()
-    if scheme in ("http", "https"):
-        if not parts.netloc:
-            raise MlecliError(f"mirror {mirror!r} has no host; give a URL like https://host/path/")
-        return "http", mirror if mirror.endswith("/") else mirror + "/"
-    if scheme == "file":
-        return "local", unquote(parts.path)
-    if scheme == "" or (len(scheme) == 1 and mirror[1:3] in (":\\", ":/")):
-        return "local", mirror
-    raise MlecliError(
-        f"mirror {mirror!r}: unsupported URL scheme {scheme!r}; use http://, https://, file:// or a local folder"
-    )
-
-
-def verify_content(content: bytes, expected: Expected, source: str) -> str:
-    """Check decompressed `content` against `expected`; return its sha256 or raise MirrorFailed."""
-    if expected.size is not None and len(content) != expected.size:
-        raise MirrorFailed(f"{_looks_like(content)}{len(content)} bytes after decompression, expected {expected.size}")
-    digest = hashlib.sha256(content).hexdigest()
-    if expected.sha256 is not None and digest != expected.sha256:
-        raise MirrorFailed(f"sha256 mismatch: got {digest}, expected {expected.sha256}")
-    try:
-        expected.check(content, source)
-    except DataError as exc:
-        raise MirrorFailed(f"{_looks_like(content)}{exc}") from None
-    return digest
-
-
-def _looks_like(content: bytes) -> str:
-    head = content[:64].lstrip().lower()
-    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
-        return "served an HTML/XML page, not the file: "
-    return ""
-
-
-def decode(data: bytes, expected: Expected, source: str) -> bytes:
-    """The IDX content of a fetched file, which may be gzip (any compressor) or raw."""
-    limit = expected.size if expected.size is not None else UNKNOWN_SIZE_LIMIT
-    try:
-        return gunzip(data, source, limit) if is_gzip(data) else data
-    except DataError as exc:
-        raise MirrorFailed(str(exc).removeprefix(f"{source}: ")) from None
-
-
-def fetch_from_mirrors(
-    mirrors: list[str],
-    expected: Expected,
-    part_dir: Path,
-    *,
-    session_factory: Callable[[], object],
-    policy: HttpPolicy,
-    progress: bool,
-    log: Callable[[str], None],
-) -> tuple[bytes, str]:
-    """Try each mirror in order; return (verified IDX content, URL it came from).
-
-    Raises DownloadError listing every mirror and why it failed.
-    """
-    failures = []
-    session = None
-    for mirror in mirrors:
-        kind, where = mirror_location(mirror)
-        try:
-            if kind == "local":
-                content, url = _fetch_local(Path(where), expected)
-            else:
-                if session is None:
-                    session = session_factory()
-                content, url = _fetch_http(session, where, expected, part_dir, policy, progress, log)
-            return content, url
-        except MirrorFailed as exc:
-            failures.append(f"{mirror}: {exc.reason}")
-            if mirror is not mirrors[-1]:
-                log(f"{expected.name}: {mirror} failed ({exc.reason}); trying the next mirror")
-    tried = "; ".join(failures) if failures else "no mirrors given"
-    raise DownloadError(
-        f"could not download {expected.name} from any mirror: {tried}. "
-        "Check the network, or point `mlecli download --mirror` at a URL or local folder that has the file"
-    )
-
-
-def _candidates(name: str) -> list[str]:
-    return [name + ".gz", name]
-
-
-def _fetch_local(folder: Path, expected: Expected) -> tuple[bytes, str]:
-    if not folder.is_dir():
-        raise MirrorFailed(f"{folder} is not a folder")
-    for candidate in _candidates(expected.name):
-        path = folder / candidate
-        if path.is_file():
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise MirrorFailed(f"cannot read {path}: {exc.strerror}") from None
-            content = decode(data, expected, str(path))
-            verify_content(content, expected, str(path))
-            return content, str(path)
-    raise MirrorFailed(f"neither {expected.name}.gz nor {expected.name} is in {folder}")
-
-
-def _fetch_http(session, base: str, expected: Expected, part_dir: Path, policy, progress, log) -> tuple[bytes, str]:
-    not_found = []
-    for candidate in _candidates(expected.name):
-        url = base + candidate
-        try:
-            return _fetch_url(session, url, candidate, expected, part_dir, policy, progress, log), url
-        except _NotFound as exc:
-            not_found.append(exc.reason)
-    raise MirrorFailed(" and ".join(not_found))
+    @property
+    def wire_limit(self) -> int:
+        return wire_bound(self.limit)
 
 
 class _NotFound(MirrorFailed):
     pass
 
 
-def _fetch_url(session, url, candidate, expected, part_dir, policy, progress, log) -> bytes:
+def mirror_location(mirror: str) -> tuple[str, str]:
+    """Classify a mirror as ("http", base URL ending in '/') or ("local", folder path)."""
+    try:
+        parts = urlsplit(mirror)
+    except ValueError:
+        raise MlecliError(f"mirror {shown(mirror)} is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        if not parts.netloc:
+            raise MlecliError(f"mirror {shown(mirror)} has no host; give a URL like https://host/path/")
+        return "http", mirror if mirror.endswith("/") else mirror + "/"
+    if scheme == "file":
+        return "local", unquote(parts.path)
+    if scheme == "" or (len(scheme) == 1 and mirror[1:3] in (":\\", ":/")):
+        return "local", mirror
+    raise MlecliError(
+        f"mirror {shown(mirror)}: unsupported URL scheme {scheme!r}; use http://, https://, file:// or a local folder"
+    )
+
+
+def fetch_file(
+    mirrors: list[str],
+    expected: Expected,
+    dest: Path,
+    part_dir: Path,
+    *,
+    session_factory: Callable[[], object],
+    policy: HttpPolicy,
+    progress: bool,
+    log: Callable[[str], None],
+    advice: str = "Check the network, or point `mlecli download --mirror` at a URL or local folder that has the file",
+) -> tuple[str, str]:
+    """Try each mirror in order until one delivers a verified copy, renamed to `dest`.
+
+    Returns (sha256, the URL or path it came from). Raises DownloadError listing every
+    mirror and why it failed; `dest` then is as it was.
+    """
+    failures = []
+    session = None
+    for i, mirror in enumerate(mirrors):
+        kind, where = mirror_location(mirror)
+        try:
+            if kind == "local":
+                return _fetch_local(Path(where), expected, dest)
+            if session is None:
+                session = session_factory()
+            return _fetch_http(session, where, expected, dest, part_dir, policy, progress, log)
+        except MirrorFailed as exc:
+            failures.append(f"{mirror}: {exc.reason}")
+            if i < len(mirrors) - 1:
+                log(f"{expected.name}: {mirror} failed ({exc.reason}); trying the next mirror")
+    tried = "; ".join(failures) if failures else "no mirrors given"
+    raise DownloadError(f"could not download {expected.name} from any mirror: {tried}. {advice}")
+
+
+def _candidates(name: str) -> list[str]:
+    return [name + ".gz", name]
+
+
+# ---------------------------------------------------------------------------
+# Decoding and installing one file
+
+
+def install(dest: Path, pieces: Iterator[bytes], expected: Expected, source: str) -> str:
+    """Decode `pieces` (the file's bytes, gzip or raw) into a temporary beside `dest`, checking
+    and hashing on the way; rename it to `dest` only if it verifies. Returns its sha256.
+
+    Raises MirrorFailed if the content is not the expected file.
+    """
+    digest = hashlib.sha256()
+    decoder = IdxDecoder(source, expected.limit)
+    first = bytearray()
+
+    def take(decoded: Iterator[bytes], state: dict) -> None:
+        for piece in decoded:
+            header = decoder.header
+            if header is not None and not state["announced"]:
+                state["announced"] = True
+                expected.on_header(header, source, 0)
+            pos = decoder.produced - len(piece)
+            if header is not None and pos + len(piece) > header.header_len:
+                cut = max(0, header.header_len - pos)
+                expected.on_data(header, pos + cut - header.header_len, piece[cut:], source)
+            digest.update(piece)
+            f = state["file"]
+            f.write(piece)
+
+    def write(f) -> None:
+        state = {"announced": False, "file": f}
+        for data in pieces:
+            if len(first) < 64:
+                first.extend(data[: 64 - len(first)])
+            take(decoder.feed(data), state)
+        take(decoder.finish(), state)
+        _verify(decoder.produced, digest.hexdigest(), expected)
+        expected.on_verified(digest.hexdigest(), decoder.produced, source)
+
+    try:
+        atomic_write(dest, write)
+    except DataError as exc:
+        raise MirrorFailed(_looks_like(bytes(first)) + str(exc).removeprefix(f"{source}: ")) from None
+    return digest.hexdigest()
+
+
+def _verify(size: int, digest: str, expected: Expected) -> None:
+    if expected.size is not None and size != expected.size:
+        raise DataError(f"{size} bytes after decompression, expected {expected.size}")
+    if expected.sha256 is not None and digest != expected.sha256:
+        raise DataError(f"sha256 mismatch: got {digest}, expected {expected.sha256}{_whose(digest)}")
+
+
+def _whose(digest: str) -> str:
+    """When a file that is not the expected one is another built-in dataset's, say so."""
+    from mlecli.datasets import BUILTIN
+
+    for ds in BUILTIN.values():
+        for role, known in ds.sha256.items():
+            if known == digest:
+                return (f" (that is {ds.name}'s {ds.files[role]}: to fetch {ds.name}, use mlecli download "
+                        f"--dataset {ds.name}, or data.dataset = \"{ds.name}\" in a config)")
+    return ""
+
+
+def _looks_like(head: bytes) -> str:
+    head = head.lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+        return "served an HTML/XML page, not the file: "
+    return ""
+
+
+def hash_file(path: Path) -> tuple[str, int] | None:
+    """(sha256, size) of a regular file, read in pieces; None if it cannot be read."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for piece in read_regular(path, limit=None):
+            digest.update(piece)
+            size += len(piece)
+    except MirrorFailed:
+        return None
+    return digest.hexdigest(), size
+
+
+def read_regular(path: Path, limit: int | None) -> Iterator[bytes]:
+    """The bytes of `path` in pieces. MirrorFailed for anything but a regular file (a FIFO,
+    /dev/zero, a folder: never read), a file over `limit` bytes, or one that cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
+    except OSError as exc:
+        raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MirrorFailed(f"{path} is not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise MirrorFailed(f"{path} has {st.st_size:,} bytes, far more than the file can be ({limit:,} at most)")
+        while True:
+            try:
+                piece = os.read(fd, CHUNK)
+            except OSError as exc:
+                raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+            if not piece:
+                return
+            yield piece
+    finally:
+        os.close(fd)
+
+
+def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str]:
+    if not folder.is_dir():
+        raise MirrorFailed(f"{folder} is not a folder")
+    for candidate in _candidates(expected.name):
+        path = folder / candidate
+        if not (path.exists() or path.is_symlink()):
+            continue
+        return install(dest, read_regular(path, expected.wire_limit), expected, str(path)), str(path)
+    raise MirrorFailed(f"neither {expected.name}.gz nor {expected.name} is in {folder}")
+
+
+# ---------------------------------------------------------------------------
+# HTTP: one file from one mirror
+
+
+def _fetch_http(session, base: str, expected: Expected, dest: Path, part_dir: Path, policy, progress, log):
+    not_found = []
+    clock = Clock(policy, expected.wire_limit)
+    for candidate in _candidates(expected.name):
+        url = base + candidate
+        try:
+            return _fetch_url(session, url, candidate, expected, dest, part_dir, clock, progress, log), url
+        except _NotFound as exc:
+            not_found.append(exc.reason)
+    raise MirrorFailed(" and ".join(not_found))
+
+
+def _fetch_url(session, url, candidate, expected, dest, part_dir, clock, progress, log) -> str:
     part = part_dir / f"{candidate}.part"
-    limit = (expected.size + SLACK) if expected.size is not None else UNKNOWN_SIZE_LIMIT
     for fresh_start in (False, True):
         if fresh_start:
-            _discard(part)
-        resumed = _download(session, url, part, limit, policy, progress, log)
+            discard(part)
+        resumed = _download(session, url, part, expected, clock, progress, log)
         try:
-            data = part.read_bytes()
-        except OSError as exc:
-            raise MirrorFailed(f"cannot read {part}: {exc.strerror}") from None
-        try:
-            content = decode(data, expected, url)
-            verify_content(content, expected, url)
+            digest = install(dest, _read_part(part), expected, url)
         except MirrorFailed:
-            _discard(part)
+            discard(part)
             if resumed and not fresh_start:
                 # The kept part may have come from another copy of the file; try once whole.
                 log(f"{candidate}: resumed download did not verify; downloading it whole again")
                 continue
             raise
-        _discard(part)
-        return content
+        discard(part)
+        return digest
     raise AssertionError("unreachable")
 
 
-def _discard(part: Path) -> None:
-    for p in (part, _meta_path(part)):
-        with contextlib.suppress(FileNotFoundError):
+def _read_part(part: Path) -> Iterator[bytes]:
+    try:
+        yield from read_regular(part, limit=None)
+    except MirrorFailed as exc:  # our own file: the disk, not the mirror
+        raise MlecliError(exc.reason) from None
+
+
+def discard(part: Path) -> None:
+    """Remove a partial download and its meta file (a disk error is the user's, not the mirror's)."""
+    for p in (part, meta_path(part)):
+        try:
             p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise MlecliError(f"cannot remove {p}: {exc.strerror or exc}") from None
 
 
-def _meta_path(part: Path) -> Path:
+def meta_path(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
 
 def _read_meta(part: Path) -> dict:
     try:
-        meta = json.loads(_meta_path(part).read_text())
+        meta = json.loads(meta_path(part).read_text())
         return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
 
 
-def _download(session, url: str, part: Path, limit: int, policy: HttpPolicy, progress: bool, log) -> bool:
+def _download(session, url: str, part: Path, expected: Expected, clock: Clock, progress: bool, log) -> bool:
     """Stream `url` into `part`, resuming and retrying; return whether any bytes were resumed."""
-    import requests
-
+    policy = clock.policy
     resumed_any = False
     reason, reason_wait = "", None
     for attempt in range(policy.retries + 1):
         if attempt:
             wait = policy.backoff * 2 ** (attempt - 1) if reason_wait is None else reason_wait
             log(f"{url}: {reason}; retrying in {wait:.1f} s ({attempt}/{policy.retries})")
-            time.sleep(wait)
+            clock.sleep(wait, reason)
             reason_wait = None
-        try:
-            resumed = _attempt(session, url, part, limit, policy, progress)
-            return resumed_any or resumed
-        except _Retryable as exc:
-            reason, reason_wait = exc.reason, exc.wait
-            if reason_wait is not None and reason_wait > policy.max_wait:
-                raise MirrorFailed(f"{reason}; the server asks to wait {reason_wait:.0f} s, more than {policy.max_wait:.0f}") from None
-        except requests.exceptions.Timeout:
-            reason = f"no answer within {policy.read_timeout:g} s"
-        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            reason = _connection_reason(exc)
-            if reason == HOST_NOT_FOUND:
-                raise MirrorFailed(reason) from None  # offline or a wrong name: waiting will not help
-        except requests.exceptions.RequestException as exc:
-            raise MirrorFailed(f"request failed: {exc}") from None
+        with Watchdog(clock) as dog:
+            try:
+                resumed = _attempt(session, url, part, expected, clock, dog, progress)
+                if dog.reason is not None:  # the watchdog ended the body early, as if at its end
+                    raise MirrorFailed(dog.reason)
+                return resumed_any or resumed
+            except Retryable as exc:
+                reason, reason_wait = exc.reason, exc.wait
+                if reason_wait is not None and reason_wait > policy.max_wait:
+                    raise MirrorFailed(
+                        f"{reason}; the server asks to wait {reason_wait:.0f} s, more than {policy.max_wait:.0f}"
+                    ) from None
+            except (MirrorFailed, MlecliError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the HTTP stack raises about a peer
+                if dog.reason is not None:
+                    raise MirrorFailed(dog.reason) from None
+                reason, retry = network_reason(exc, policy)
+                if not retry:
+                    raise MirrorFailed(reason) from None
         if part.exists() and part.stat().st_size:
             resumed_any = True
     raise MirrorFailed(f"{reason} (gave up after {policy.retries + 1} attempts)")
 
 
-HOST_NOT_FOUND = "host name not found"
-
-
-def _connection_reason(exc: Exception) -> str:
-    text = str(exc)
-    if "Read timed out" in text or "timed out" in text:
-        return "the server stalled (read timeout)"
-    if "IncompleteRead" in text or "Connection broken" in text or "ProtocolError" in text:
-        return "the connection dropped mid-file"
-    if "Connection refused" in text:
-        return "connection refused"
-    if "Name or service not known" in text or "NameResolution" in text or "nodename" in text:
-        return HOST_NOT_FOUND
-    return f"connection failed ({type(exc).__name__})"
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _attempt(session, url: str, part: Path, limit: int, policy: HttpPolicy, progress: bool) -> bool:
+def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, dog: Watchdog, progress: bool) -> bool:
     """One GET of `url` into `part`; return whether it continued an earlier part."""
+    policy = clock.policy
     meta = _read_meta(part)
-    offset = part.stat().st_size if part.exists() else 0
-    if offset and meta.get("url") != url:
-        _discard(part)
+    try:  # the disk, not the network: never mistaken for a dropped connection
+        part.parent.mkdir(parents=True, exist_ok=True)
+        offset = part.stat().st_size if part.exists() else 0
+    except OSError as exc:
+        raise MlecliError(describe_os_error(exc, part)) from None
+    if offset and (meta.get("url") != url or offset > expected.wire_limit):
+        discard(part)
         offset = 0
-    headers = {"Accept-Encoding": "identity"}
+    headers = {"Accept-Encoding": "identity", "Connection": "close"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        if meta.get("etag"):
-            headers["If-Range"] = meta["etag"]
-        elif meta.get("last_modified"):
-            headers["If-Range"] = meta["last_modified"]
-    with session.get(url, headers=headers, stream=True, timeout=(policy.connect_timeout, policy.read_timeout)) as resp:
+        unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
+        if unchanged_since:
+            headers["If-Range"] = unchanged_since
+    with get(session, url, headers, policy) as resp:
+        dog.answered = True
         status = resp.status_code
         if status == 429 or 500 <= status < 600:
-            raise _Retryable(f"HTTP {status}", _retry_after(resp.headers.get("Retry-After")))
+            raise Retryable(f"HTTP {status}", retry_after(resp.headers.get("Retry-After")))
         if status == 416 and offset:
-            _discard(part)
-            raise _Retryable("HTTP 416 for the rest of a partial file", 0.0)
+            discard(part)
+            raise Retryable("HTTP 416 for the rest of a partial file", 0.0)
         if status == 404:
             raise _NotFound(f"HTTP 404 for {url.rsplit('/', 1)[-1]}")
         if status not in (200, 206):
             raise MirrorFailed(f"HTTP {status}")
-        resuming = status == 206 and offset > 0 and _content_range_start(resp) == offset
-        if status == 206 and not resuming:
-            if offset == 0 and _content_range_start(resp) == 0:
-                resuming = False
-            else:
-                _discard(part)
-                raise _Retryable("the server answered a range that does not continue the partial file", 0.0)
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", "x-gzip", ""):
+            raise MirrorFailed(f"the server sent Content-Encoding {shown_header(encoding)}, which mlecli did not ask for")
+        chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
+        length_header = None if chunked else resp.headers.get("Content-Length")
+        length = header_int(length_header)
+        if length_header is not None and length is None:
+            raise MirrorFailed(f"the server sent an invalid Content-Length {shown_header(length_header)}")
+        resuming = False
+        if status == 206:
+            rng = content_range(resp.headers.get("Content-Range"))
+            if (rng is None or rng[0] != offset or (rng[2] is not None and rng[1] != rng[2] - 1)
+                    or (length is not None and length != rng[1] - rng[0] + 1)):
+                discard(part)
+                raise Retryable("the server answered a range that does not continue the partial file", 0.0)
+            resuming = offset > 0
         if not resuming:
             offset = 0
-        length = resp.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        if total is not None and total > limit:
-            raise MirrorFailed(f"the server offers {total} bytes, far more than the expected {limit - SLACK}")
+        total = offset + length if length is not None else None
+        if total is not None and total > expected.wire_limit:
+            raise MirrorFailed(f"the server offers {total:,} bytes, far more than the expected {expected.limit:,}")
         atomic_write_text(
-            _meta_path(part),
-            json.dumps({"url": url, "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified")}),
+            meta_path(part),
+            json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),
+                        "last_modified": validator(resp.headers.get("Last-Modified"))}),
         )
-        _stream(resp, part, offset, total, limit, progress)
+        _stream(resp, part, offset, total, expected, clock, dog, progress, url)
     return resuming
 
 
-def _content_range_start(resp) -> int | None:
-    value = resp.headers.get("Content-Range", "")
-    try:
-        unit, rest = value.split(" ", 1)
-        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
-    except ValueError:
+class _HeaderPeek:
+    """Learns a file's IDX header from its first bytes on the wire, to bound the rest."""
+
+    def __init__(self, expected: Expected, source: str):
+        self.expected = expected
+        self.source = source
+        self.decoder = IdxDecoder(source, expected.limit)
+        self.first = bytearray()
+        self.header: IdxHeader | None = None
+
+    def feed(self, data: bytes) -> IdxHeader | None:
+        if self.header is not None:
+            return None
+        if len(self.first) < 64:
+            self.first.extend(data[: 64 - len(self.first)])
+        try:
+            for _ in self.decoder.feed(data):
+                if self.decoder.header is not None:
+                    self.header = self.decoder.header
+                    return self.header
+        except DataError as exc:
+            raise MirrorFailed(_looks_like(bytes(self.first)) + str(exc).removeprefix(f"{self.source}: ")) from None
         return None
 
 
-def _stream(resp, part: Path, offset: int, total: int | None, limit: int, progress: bool) -> None:
-    import requests
+def _stream(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: Clock, dog: Watchdog,
+            progress: bool, url: str) -> None:
+    try:
+        _write_part(resp, part, offset, total, expected, clock, dog, progress, url)
+    except (MirrorFailed, MlecliError):
+        discard(part)  # what is there is not the file, or has no room: never resume it
+        raise
+
+
+def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: Clock,
+                dog: Watchdog, progress: bool, url: str) -> None:
     from tqdm import tqdm
 
+    peek = _HeaderPeek(expected, url)
+    limit = expected.wire_limit
+    if offset:
+        for data in _read_part(part):
+            if peek.feed(data) is not None:
+                limit = _bound(peek.header, expected, clock, url, total, offset)
+                break
     try:
-        _write_part(resp, part, offset, total, limit, progress, tqdm)
-    except requests.exceptions.RequestException:
-        raise  # the network (requests' errors are OSErrors too): the caller retries
+        f = open(part, "ab" if offset else "wb")
     except OSError as exc:
-        # The disk, not the mirror: stop here rather than try the next mirror.
-        _discard(part)
+        discard(part)
         raise MlecliError(describe_os_error(exc, part)) from None
-
-
-def _write_part(resp, part: Path, offset: int, total: int | None, limit: int, progress: bool, tqdm) -> None:
+    read = getattr(resp.raw, "read1", None) or resp.raw.read
     written = offset
-    with open(part, "ab" if offset else "wb") as f, tqdm(
-        total=total,
-        initial=offset,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=part.name.removesuffix(".part"),
-        disable=not progress,
-        leave=False,
-        file=sys.stderr,
-    ) as bar:
-        for chunk in resp.iter_content(CHUNK):
-            written += len(chunk)
+    with f, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                 desc=part.name.removesuffix(".part"), disable=not progress, leave=False, file=sys.stderr) as bar:
+        while True:
+            data = read(CHUNK, decode_content=False)  # the network: errors go to the caller, which retries
+            if not data:
+                break
+            dog.received += len(data)
+            written += len(data)
+            if peek.feed(data) is not None:
+                limit = _bound(peek.header, expected, clock, url, total, written - len(data))
             if written > limit:
+                raise MirrorFailed(f"the body exceeds {limit:,} bytes, more than the file can be; refused")
+            try:
+                f.write(data)
+            except OSError as exc:
                 f.close()
-                _discard(part)
-                raise MirrorFailed(f"the body exceeds {limit} bytes, far more than expected; refused")
-            f.write(chunk)
-            bar.update(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())
+                discard(part)
+                raise MlecliError(describe_os_error(exc, part)) from None
+            bar.update(len(data))
+        # No fsync: a part is only ever read back to be verified, and one damaged by a
+        # power cut fails that and is downloaded again whole.
+        try:
+            f.flush()
+        except OSError as exc:
+            discard(part)
+            raise MlecliError(describe_os_error(exc, part)) from None
+
+
+def _bound(header: IdxHeader, expected: Expected, clock: Clock, url: str, total: int | None, before: int) -> int:
+    """Once the header is known: check it, and return the most bytes the body may have."""
+    if expected.size is not None and header.total_len != expected.size:
+        raise MirrorFailed(
+            f"its IDX header declares {header.describe()} ({header.total_len:,} bytes), expected {expected.size:,} bytes"
+        )
+    limit = wire_bound(header.total_len)
+    if total is not None and total > limit:
+        raise MirrorFailed(
+            f"the server offers {total:,} bytes, more than an IDX file of {header.total_len:,} bytes can take"
+        )
+    body_left = (total if total is not None else limit) - before
+    try:
+        expected.on_header(header, url, max(0, body_left))
+    except DataError as exc:
+        raise MirrorFailed(str(exc).removeprefix(f"{url}: ")) from None
+    clock.tighten(limit)
+    return limit

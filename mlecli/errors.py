@@ -29,5 +29,14 @@ class TrainingError(MlecliError):
     """Training cannot go on (for example the log-likelihood stopped being finite)."""
 
 
+class Stopped(BaseException):
+    """A signal stopped a command before it had anything to save (while training's data
+    was fetched, say). Not an MlecliError: like KeyboardInterrupt, nothing may swallow it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 class InputError(MlecliError):
     """An input of `predict` (an image, array or folder) cannot be read or used."""

@@ -35,6 +35,13 @@ def run_dir_of(checkpoint_path: Path) -> Path | None:
     return None
 
 
+def how_to_fetch(checkpoint_path: Path, data_dir: Path) -> str:
+    """The command that fetches a checkpoint's custom dataset deliberately."""
+    run_dir = run_dir_of(checkpoint_path)
+    config = run_dir / "config.toml" if run_dir is not None else "CONFIG (a config with the checkpoint's [data] table)"
+    return f"mlecli download --config {config} --data-dir {data_dir}"
+
+
 def evaluate(
     target: Path,
     *,
@@ -50,7 +57,9 @@ def evaluate(
     cp = ckpt.load(path)
     cfg = cp.config
     dataset = cfg.data.resolve()
-    splits = prepare(dataset, data_dir, progress=progress, log=log)
+    # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
+    splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
+                     progress=progress, log=log)
     sha256 = {**splits["train"].sha256, **splits["test"].sha256}
     ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
     task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))

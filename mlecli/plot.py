@@ -171,7 +171,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
         from mlecli.evaluate import read_report
 
         report = read_report(report_path)
-        images = _split_images(cfg, report["split"], data_dir)
+        images = _split_images(cfg, report["split"], data_dir, run_dir)
         outside = [e["index"] for e in report.get("most_confident_errors", []) if e["index"] >= len(images)]
         if outside:
             raise MlecliError(f"{report_path}: image #{outside[0]} is not in the {report['split']} split's "
@@ -188,8 +188,10 @@ def _evaluation(run_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _split_images(cfg, split: str, data_dir: Path) -> np.ndarray:
+def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
     from mlecli.cache import prepare
 
-    splits = prepare(cfg.data.resolve(), data_dir)
+    # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
+    how = f"mlecli download --config {run_dir / 'config.toml'} --data-dir {data_dir}"
+    splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images

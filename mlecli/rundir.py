@@ -142,6 +142,17 @@ def read_manifest(run_dir: Path, *, strict: bool = False) -> dict[str, Any]:
         return {}
 
 
+def trained_data_dir(target: Path) -> Path | None:
+    """The data folder a run (or the run of a checkpoint file in it) was trained with,
+    if its manifest names one that still exists."""
+    target = Path(target)
+    run = target if target.is_dir() else target.parent.parent if target.parent.name == "checkpoints" else None
+    if run is None:
+        return None
+    folder = read_manifest(run).get("data_dir")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 

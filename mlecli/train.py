@@ -40,7 +40,7 @@ from mlecli import __version__, blas, rundir
 from mlecli import checkpoint as ckpt
 from mlecli.cache import prepare
 from mlecli.config import Config, estimate_memory, physical_memory, to_toml
-from mlecli.errors import CheckpointError, ConfigError, MlecliError, TrainingError
+from mlecli.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
 from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from mlecli.model import Params, init_params, layer_sizes
 from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
@@ -104,7 +104,7 @@ def _check_finite(params: Params, where: str) -> None:
             raise TrainingError(f"{where}: layer {i}'s weights are no longer finite")
 
 
-def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
+def _manifest(cfg: Config, sha256: dict, started: str, data_dir: Path) -> dict:
     return {
         "mlecli": __version__,
         "numpy": np.__version__,
@@ -113,6 +113,7 @@ def _manifest(cfg: Config, sha256: dict, started: str) -> dict:
         "blas": blas_info(cfg),
         "dataset": cfg.data.dataset,
         "dataset_sha256": sha256,
+        "data_dir": str(Path(data_dir).absolute()),
         "model_seed": cfg.model.seed,
         "train_seed": cfg.train.seed,
         "started": started,
@@ -134,21 +135,32 @@ class StopNow(BaseException):
 
 
 class StopRequest:
-    """Turns the first SIGINT/SIGTERM/SIGHUP into a flag the loop checks between batches,
-    so the checkpoint written on the way out holds a consistent state. A second signal of
-    any of them stops at once (StopNow)."""
+    """What SIGINT, SIGTERM and SIGHUP do, phase by phase, for as long as it is entered
+    (the CLI enters it around a whole `mlecli train`, so no signal ever meets Python's
+    default handlers in between):
+
+    - before training starts (`armed` False): stop the command at once (Stopped);
+    - while training (`armed`): the first signal is a flag the loop checks between
+      batches, so the checkpoint written on the way out holds a consistent state; a
+      second stops at once (StopNow), the run resuming from its last checkpoint;
+    - once the run has stopped or finished (`settled`): nothing, so that what the
+      command prints about it is never cut short.
+    """
 
     SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
     def __init__(self):
         self.signal: str | None = None
-        self.settled = False  # the run has stopped or finished: further signals change nothing
+        self.armed = False
+        self.settled = False
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.settled:
             return
+        if not self.armed:
+            raise Stopped(name)
         if self.signal is not None:
             raise StopNow(name)
         self.signal = name
@@ -275,15 +287,20 @@ def run(
     data_dir: Path,
     report: Reporter,
     resume_from: ckpt.Checkpoint | None = None,
+    stop: StopRequest | None = None,
 ) -> Outcome:
     """Train `cfg` into `run_dir` (None: a new `runs/<name>-<timestamp>`), or continue
     the run `resume_from` came from, and return how it ended.
 
     The data and the task come first: a run that cannot get its data, or does not fit
-    in memory, creates no run folder."""
+    in memory, creates no run folder. Signals are handled by `stop`, which the caller
+    has entered (the CLI does, around everything it does), else by one entered here."""
+    if stop is None:
+        with StopRequest() as own:
+            return run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from, stop=own)
     if resume_from is None and run_dir is not None:
         rundir.check_unused(Path(run_dir))  # fail before any download; checked again under the lock
-    data = _prepare_data(cfg, data_dir, report)
+    data = _prepare_data(cfg, data_dir, report, None if resume_from is None else Path(run_dir))
     created = False
     if run_dir is None:
         run_dir, created = rundir.new_default(cfg.name), True
@@ -292,9 +309,10 @@ def run(
     run_dir = Path(run_dir)
     if resume_from is None:
         report.log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
-    with StopRequest() as stop, rundir.claim(run_dir, fresh=resume_from is None, created=created):
+    with rundir.claim(run_dir, fresh=resume_from is None, created=created):
         run = None
         try:
+            stop.armed = True  # from here on, a first signal saves the run's position
             run = _open(cfg, run_dir, data, report, resume_from is not None)
             outcome = _train(run, report, stop)
         except StopNow as now:
@@ -336,10 +354,18 @@ class _Data:
     data_dir: Path
 
 
-def _prepare_data(cfg: Config, data_dir: Path, report: Reporter) -> _Data:
-    """The dataset (downloaded if need be), the task, and a check that training fits in memory."""
+def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path | None) -> _Data:
+    """The dataset (downloaded if need be), the task, and a check that training fits in memory.
+
+    A resumed run's config came out of its folder, not from the user: its custom
+    dataset is taken from the cache only, never from the URL the folder names."""
     dataset = cfg.data.resolve()
-    splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
+    if resumed is None:
+        splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
+    else:
+        fetch = f"mlecli download --config {resumed / 'config.toml'} --data-dir {data_dir}"
+        splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
+                         log=report.log)
     sha256 = {**splits["train"].sha256, **splits["test"].sha256}
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
     task = build_task(cfg, splits, rng)
@@ -403,7 +429,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
         run = _Run(cfg, run_dir, data, State(params=params, rng_state=data.rng.bit_generator.state))
         run.commit()  # epoch 0: from here on the folder is a run that --resume continues
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-        rundir.write_manifest(run_dir, _manifest(cfg, data.sha256, _now()))
+        rundir.write_manifest(run_dir, _manifest(cfg, data.sha256, _now(), data.data_dir))
     else:
         cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
@@ -432,8 +458,9 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
             if not path.is_file() or path.read_bytes() != data:
                 atomic_write_bytes(path, data)
     atomic_write_text(run.dir / "config.toml", to_toml(run.cfg))
-    manifest = rundir.read_manifest(run.dir) or _manifest(run.cfg, run.data.sha256, _now())
+    manifest = rundir.read_manifest(run.dir) or _manifest(run.cfg, run.data.sha256, _now(), run.data.data_dir)
     manifest.pop("ended", None)
+    manifest["data_dir"] = str(run.data.data_dir.absolute())
     manifest.setdefault("resumed", []).append(
         {"at": _now(), "from": cp.path.name, "epochs_done": state.epochs_done, "step": state.step}
     )

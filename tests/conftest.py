@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fakes import Mirror, tiny_dataset
 
-from mlecli.download import HttpPolicy
+from mlecli.network import HttpPolicy
 
 FAST = HttpPolicy(connect_timeout=2.0, read_timeout=1.0, retries=3, backoff=0.01, max_wait=5.0)
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")

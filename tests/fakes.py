@@ -152,7 +152,7 @@ class Mirror:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         return self
 
@@ -238,3 +238,185 @@ def trickle(h, data: bytes, chunk: int = 8192, pause: float = 0.02) -> bool:
         h.wfile.flush()
         time.sleep(pause)
     return True
+
+
+def send_raw(h, head: bytes, body: bytes = b"") -> bool:
+    """Write an answer byte for byte (any status line and headers, valid HTTP or not), then hang up."""
+    h.wfile.write(head + body)
+    h.wfile.flush()
+    h.close_connection = True
+    return True
+
+
+def trickle_body(h, data: bytes, pause: float, step: int = 1, seconds: float = 30.0) -> bool:
+    """Headers promising the whole file, then `step` bytes every `pause` seconds: each read
+    is answered well within any read timeout, the file never (for `seconds`) arrives."""
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.flush()
+    end = time.monotonic() + seconds
+    for i in range(0, len(data), step):
+        if time.monotonic() > end:
+            break
+        h.wfile.write(data[i : i + step])
+        h.wfile.flush()
+        time.sleep(pause)
+    h.close_connection = True
+    return True
+
+
+def trickle_headers(h, pause: float, seconds: float = 30.0) -> bool:
+    """A status line, then one made-up header line every `pause` seconds, never ending the headers."""
+    h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    h.wfile.flush()
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        h.wfile.write(b"X-Slow-%d: %d\r\n" % (n, n))
+        h.wfile.flush()
+        n += 1
+        time.sleep(pause)
+    h.close_connection = True
+    return True
+
+
+# ---------------------------------------------------------------------------
+# A scripted peer: answers drawn by hypothesis, rendered byte for byte
+
+
+PEER_STATUS = [200, 200, 200, 206, 301, 302, 307, 308, 100, 204, 403, 404, 416, 429, 500, 503]
+PEER_BODIES = ["gz", "raw", "truncated", "extra", "wrong", "html", "empty", "bigger", "bomb", "recompressed"]
+PEER_LENGTHS = ["right", "right", "absent", "short", "long", "unicode", "superscript", "negative", "huge", "garbage",
+                "double"]
+PEER_RANGES = [None, "right", "right", "wrong-start", "malformed", "unicode", "beyond", "star"]
+PEER_RETRY_AFTER = [None, "0", "1", "\uff13", "\u00b2", "-1", "9" * 25, "Wed, 21 Oct 2015 07:28:00 GMT",
+                    "Fri, 31 Dec 9999 23:59:59 GMT", "soon", "1e3", " 0 "]
+PEER_ETAGS = [None, '"v1"', '"v2"', "W/\"x\"", "e" * 5000, "bad\x01tag", "\u00e9t\u00e9"]
+PEER_ENCODINGS = [None, "gzip", "identity", "x-gzip", "br", "deflate", "gzip, gzip", "\u00fc"]
+PEER_LOCATIONS = [None, "self", "next", "relative", "malformed", "ftp", "empty", "nonascii", "port", "spaces",
+                  "far", "scheme-relative"]
+PEER_EXTRA = [None, None, "huge-header", "many-headers", "bad-status-line", "hang-up", "http/1.0"]
+
+
+def peer_body(kind: str, content: bytes, rng: int) -> bytes:
+    """The bytes of a body of `kind` for a file whose decompressed content is `content`."""
+    gz = gzip.compress(content, mtime=0)
+    if kind == "gz":
+        return gz
+    if kind == "raw":
+        return content
+    if kind == "recompressed":
+        return gzip.compress(content, compresslevel=1, mtime=7)
+    if kind == "truncated":
+        return gz[: rng % max(1, len(gz))]
+    if kind == "extra":
+        return gz + bytes([rng % 256 or 1]) * (1 + rng % 100)
+    if kind == "wrong":
+        flipped = bytearray(content)
+        flipped[rng % len(flipped)] ^= 1 << (rng % 8)
+        return gzip.compress(bytes(flipped), mtime=0)
+    if kind == "html":
+        return b"<!DOCTYPE html><html><body>Not here</body></html>"
+    if kind == "empty":
+        return b""
+    if kind == "bigger":  # a valid header for more items than the real file, then the real data
+        return gzip.compress(content[:4] + (int.from_bytes(content[4:8], "big") + 1 + rng).to_bytes(4, "big")
+                             + content[8:], mtime=0)
+    if kind == "bomb":  # the real content, then a megabyte of zeros per member, a few members
+        zeros = gzip.compress(b"\0" * (1 << 20), mtime=0)
+        return gz + zeros * (1 + rng % 4)
+    raise AssertionError(kind)
+
+
+def render_answer(answer: dict, name: str, content: bytes | None, request: dict[str, str]) -> bytes:
+    """An HTTP answer, byte for byte, as `answer` (one draw of the peer's strategy) describes it."""
+    extra = answer["extra"]
+    if extra == "hang-up":
+        return b""
+    if extra == "bad-status-line":
+        return b"HELLO THERE\r\n\r\n"
+    status = answer["status"]
+    if content is None:
+        body = b"no such file"
+        status = 404
+    else:
+        body = peer_body(answer["body"], content, answer["rng"])
+    headers: list[tuple[str, str]] = []
+    start = 0
+    rng_header = request.get("Range", "")
+    if rng_header.startswith("bytes=") and answer["range"] is not None:
+        try:
+            start = int(rng_header[6:].split("-")[0])
+        except ValueError:
+            start = 0
+    if status == 206 and answer["range"] is not None:
+        total = len(body)
+        first = min(start, total)
+        form = answer["range"]
+        if form == "wrong-start":
+            first = max(0, first - 1 - answer["rng"] % 5)
+        value = {
+            "right": f"bytes {first}-{max(first, total - 1)}/{total}",
+            "wrong-start": f"bytes {first}-{max(first, total - 1)}/{total}",
+            "malformed": f"bytes={first}-",
+            "unicode": f"bytes \uff10-{total - 1}/{total}",
+            "beyond": f"bytes {first}-{total + 5}/{total}",
+            "star": f"bytes {first}-{max(first, total - 1)}/*",
+        }[form]
+        headers.append(("Content-Range", value))
+        body = body[first:]
+    location = answer["location"]
+    if status in (301, 302, 307, 308) and location is not None:
+        here = f"/data/{name}"
+        headers.append(("Location", {
+            "self": here, "next": f"/data/again/{name}", "relative": f"../data/x/{name}",
+            "malformed": "http://[::1", "ftp": f"ftp://127.0.0.1/{name}", "empty": "", "nonascii": f"/d\u00e9/{name}",
+            "port": f"http://127.0.0.1:99999/{name}", "spaces": f"/data/a b/{name}",
+            "far": f"http://mirror.invalid/{name}", "scheme-relative": f"//127.0.0.1:1/{name}",
+        }[location]))
+    if answer["retry_after"] is not None:
+        headers.append(("Retry-After", answer["retry_after"]))
+    if answer["etag"] is not None:
+        headers.append(("ETag", answer["etag"]))
+    if answer["encoding"] is not None:
+        headers.append(("Content-Encoding", answer["encoding"]))
+    chunked = answer["chunked"]
+    n = len(body)
+    length = {
+        "right": str(n), "absent": None, "short": str(max(0, n - 1 - answer["rng"] % 7)), "long": str(n + 10),
+        "unicode": "".join(chr(0xFF10 + int(c)) for c in str(n)), "superscript": "\u00b2" * len(str(n)),
+        "negative": f"-{n}", "huge": "9" * 40, "garbage": "lots", "double": f"{n}, {n}",
+    }[answer["length"]]
+    if length is not None:
+        headers.append(("Content-Length", length))
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
+        size_line = b"zz" if answer["rng"] % 5 == 0 else b"%x" % n
+        body = (size_line + b"\r\n" + body + b"\r\n0\r\n\r\n") if n else b"0\r\n\r\n"
+    if extra == "huge-header":
+        headers.append(("X-Huge", "h" * 70_000))
+    if extra == "many-headers":
+        headers += [(f"X-{i}", str(i)) for i in range(150)]
+    version = "HTTP/1.0" if extra == "http/1.0" else "HTTP/1.1"
+    head = f"{version} {status} Whatever\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "Connection: close\r\n\r\n"
+    return head.encode("utf-8") + (b"" if status in (100, 204) else body)
+
+
+@dataclass
+class Peer:
+    """A mirror whose first answers follow a script (one `render_answer` draw each), then are healthy."""
+
+    files: dict[str, bytes]  # served name (with .gz or not) -> decompressed content
+    script: list[dict] = field(default_factory=list)
+
+    def behave(self, h, name: str, data: bytes | None, n: int) -> bool:
+        served = sum(self.counts.values()) - 1
+        if served >= len(self.script):
+            return False
+        answer = self.script[served]
+        return send_raw(h, render_answer(answer, name, self.files.get(name), dict(h.headers)))
+
+    def bind(self, mirror: Mirror) -> Peer:
+        self.counts = mirror.counts
+        return self

@@ -209,6 +209,8 @@ BAD_OPTIONS = [
     ["download", "--timeout", "soon"],
     ["download", "--retries", "-1"],
     ["download", "--retries", "many"],
+    ["download", "--min-rate", "0"],
+    ["download", "--min-rate", "fast"],
     ["download", "--config", "."],
     ["download", "--mirror", "ftp://example.org/mnist/"],
     ["download", "--mirror", "http:///no-host/"],

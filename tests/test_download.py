@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from conftest import FAST
 from fakes import drop_midway, send, stall
 
-from mlecli.cache import ensure_dataset, load_split
+from mlecli.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES, ROLES
-from mlecli.download import HttpPolicy
+from mlecli.network import HttpPolicy
 from mlecli.errors import DownloadError, MlecliError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -34,11 +34,17 @@ def cache_snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_cached(tiny, data_dir, name="tiny"):
-    raw = data_dir / name / "raw"
+def folder_of(tiny, data_dir: Path) -> Path:
+    return dataset_dir(tiny.spec(()), data_dir)
+
+
+def assert_cached(tiny, data_dir):
+    folder = folder_of(tiny, data_dir)
+    raw = folder / "raw"
+    assert {p.name for p in raw.iterdir()} == set(tiny.contents)
     for fname, content in tiny.contents.items():
         assert (raw / fname).read_bytes() == content
-    assert not list(raw.glob("*.part")), "no partial files stay behind"
+    assert not (folder / "partial").exists(), "no partial files stay behind"
     train = load_split(tiny.spec(()), data_dir, "train")
     np.testing.assert_array_equal(train.images, tiny.arrays["train-images"])
     np.testing.assert_array_equal(train.labels, tiny.arrays["train-labels"])
@@ -170,7 +176,7 @@ def test_a_body_far_larger_than_expected_is_refused(tiny, mirrors, tmp_path):
     bad = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: send(h, 200, huge))
     with pytest.raises(DownloadError, match="far more than the expected"):
         fetch(tiny.spec((bad.url,)), tmp_path)
-    assert not (tmp_path / "tiny" / "raw" / TRAIN_IMAGES).exists()
+    assert not (folder_of(tiny, tmp_path) / "raw" / TRAIN_IMAGES).exists()
 
 
 def test_when_every_mirror_fails_one_message_lists_each(tiny, mirrors, tmp_path):
@@ -182,7 +188,7 @@ def test_when_every_mirror_fails_one_message_lists_each(tiny, mirrors, tmp_path)
     assert msg.startswith(f"could not download {TRAIN_IMAGES} from any mirror: {a.url}: HTTP 403; ")
     assert f"{b.url}: HTTP 404 for {TRAIN_IMAGES}.gz and HTTP 404 for {TRAIN_IMAGES}; " in msg
     assert "http://127.0.0.1:9/nothing/: connection refused (gave up after 4 attempts)" in msg
-    assert msg.endswith("point `mlecli download --mirror` at a URL or local folder that has the file")
+    assert msg.endswith("Check the network, and the url of the tiny dataset in its config's [data] table")
     assert "\n" not in msg
 
 
@@ -197,11 +203,11 @@ def test_an_unknown_host_fails_that_mirror_at_once(tiny, mirrors, tmp_path):
 def test_failed_forced_redownload_leaves_the_cache_intact(tiny, mirrors, tmp_path):
     good = mirrors(tiny.gz_files())
     fetch(tiny.spec((good.url,)), tmp_path)
-    before = cache_snapshot(tmp_path / "tiny")
+    before = cache_snapshot(folder_of(tiny, tmp_path))
     bad = mirrors({n: b"garbage" for n in tiny.gz_files()})
     with pytest.raises(DownloadError):
         fetch(tiny.spec((bad.url,)), tmp_path, force=True)
-    assert cache_snapshot(tmp_path / "tiny") == before
+    assert {k: v for k, v in cache_snapshot(folder_of(tiny, tmp_path)).items() if not k.startswith("partial/")} == before
 
 
 def test_force_fetches_again(tiny, mirrors, tmp_path):
@@ -215,7 +221,7 @@ def test_force_fetches_again(tiny, mirrors, tmp_path):
 def test_a_corrupted_cached_file_is_fetched_again(tiny, mirrors, tmp_path):
     m = mirrors(tiny.gz_files())
     fetch(tiny.spec((m.url,)), tmp_path)
-    raw = tmp_path / "tiny" / "raw" / TRAIN_IMAGES
+    raw = folder_of(tiny, tmp_path) / "raw" / TRAIN_IMAGES
     raw.write_bytes(raw.read_bytes()[:-1] + b"\x01")
     reports, _ = fetch(tiny.spec((m.url,)), tmp_path)
     assert reports[0].source != "cache" and [r.source for r in reports[1:]] == ["cache"] * 3
@@ -236,16 +242,15 @@ def test_unsupported_url_schemes_are_refused(tiny, tmp_path):
             fetch(tiny.spec((url,)), tmp_path)
 
 
-def test_npz_is_rebuilt_when_a_raw_file_changes(tiny, mirrors, tmp_path):
+def test_a_touched_raw_file_is_still_fresh_and_costs_no_network(tiny, mirrors, tmp_path):
     m = mirrors(tiny.gz_files())
     spec = tiny.spec((m.url,))
     fetch(spec, tmp_path)
-    raw = tmp_path / "tiny" / "raw" / TRAIN_IMAGES
-    os.utime(raw, ns=(1, 1))
-    assert load_split(spec, tmp_path, "train") is None
-    reports, _ = fetch(spec, tmp_path)
-    assert all(r.source == "cache" for r in reports)
+    raw = folder_of(tiny, tmp_path) / "raw" / TRAIN_IMAGES
+    os.utime(raw, ns=(1, 1))  # freshness is decided by content records, not modification times
     assert load_split(spec, tmp_path, "train") is not None
+    reports, _ = fetch(spec, tmp_path)
+    assert all(r.source == "cache" for r in reports) and m.hits() == 4
 
 
 def test_mismatched_counts_of_images_and_labels_are_refused(tiny, mirrors, tmp_path):
@@ -309,7 +314,7 @@ def test_cli_summary_for_a_custom_dataset(tiny, mirrors, tmp_path):
     cfg = write_config(tmp_path / "tiny.toml", m.url, tiny.spec(()).sha256)
     res = CliRunner().invoke(main, ["download", "--config", str(cfg), "--data-dir", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
-    raw = tmp_path / "d" / "tiny" / "raw"
+    raw = folder_of(tiny, tmp_path / "d") / "raw"
     lines = res.stdout.splitlines()
     assert lines[0] == f"tiny: 4 files in {raw}"
     assert lines[1] == f"  train-images-idx3-ubyte       235,216 bytes  verified    from {m.url}train-images-idx3-ubyte.gz"
@@ -324,13 +329,11 @@ def test_cli_custom_dataset_without_hashes_is_marked_unverified(tiny, mirrors, t
     res = CliRunner().invoke(main, ["download", "--config", str(cfg), "--data-dir", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     digest = hashlib.sha256(tiny.contents[TRAIN_IMAGES]).hexdigest()
-    assert (
-        f"warning: {TRAIN_IMAGES} of tiny is unverified (no sha256 in the config); it hashed to {digest}: "
-        "add it to [data] sha256 to pin it"
-    ) in res.stderr
+    assert "warning: train-images, train-labels, test-images, test-labels of tiny are not pinned" in res.stderr
+    assert f'train-images = "{digest}"' in res.stderr.splitlines()[-1]
     assert "UNVERIFIED" in res.stdout.splitlines()[1]
-    record = json.loads((tmp_path / "d" / "tiny" / "raw" / "hashes.json").read_text())
-    assert record[TRAIN_IMAGES]["sha256"] == digest
+    record = json.loads((dataset_dir(tiny.spec((m.url,), verified=False), tmp_path / "d") / "record.json").read_text())
+    assert record["files"][TRAIN_IMAGES] == {"sha256": digest, "size": 235216, "source": m.url + TRAIN_IMAGES + ".gz"}
 
 
 def test_cli_failure_is_one_line_and_exit_1(tiny, mirrors, tmp_path):
@@ -378,7 +381,7 @@ def test_a_corrupt_npz_is_rebuilt_from_the_raw_files(tiny, mirrors, tmp_path):
     m = mirrors(tiny.gz_files())
     spec = tiny.spec((m.url,))
     fetch(spec, tmp_path)
-    npz = tmp_path / "tiny" / "train.npz"
+    npz = folder_of(tiny, tmp_path) / "train.npz"
     with np.load(npz, allow_pickle=False) as z:
         expected = {k: z[k] for k in z.files}
     from mlecli import npz as npz_reader

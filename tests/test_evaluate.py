@@ -192,6 +192,8 @@ def test_data_whose_hashes_differ_from_training(tmp_path, tiny_config):
     shutil.rmtree(mirror)
     second.write_folder(mirror)
     shutil.rmtree(data)
+    # evaluate never downloads from a checkpoint's URL: the data is fetched deliberately first.
+    assert cli("download", "--config", tmp_path / "run" / "config.toml", "--data-dir", data, "-q").exit_code == 0
     msg = refused(tmp_path / "run", data)
     assert msg.startswith(f"{tmp_path / 'run' / 'checkpoints' / 'best.npz'} was trained on unpinned files with other hashes")
     assert msg.endswith("evaluate it with the data it was trained on")

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fakes import trickle
 
 from mlecli import checkpoint as ckpt
-from mlecli.cache import ensure_dataset, load_split
+from mlecli.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES, ROLES
 from mlecli.fsutil import TMP_SUFFIX
@@ -100,7 +100,8 @@ def test_a_download_killed_mid_file_is_finished_by_the_next_one(tiny, mirrors, t
     m = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: data and trickle(h, data, 4096, 0.02))
     cfg = tiny.write_config(tmp_path / "tiny.toml", m.url)
     data = tmp_path / "data"
-    part = data / "tiny" / "raw" / f"{TRAIN_IMAGES}.gz.part"
+    folder = dataset_dir(tiny.spec(()), data)
+    part = folder / "partial" / f"{TRAIN_IMAGES}.gz.part"
     proc = mlecli("download", "--config", cfg, "--data-dir", data, "-q")
     deadline = time.monotonic() + 30
     while not (part.exists() and part.stat().st_size >= 16384):
@@ -109,7 +110,7 @@ def test_a_download_killed_mid_file_is_finished_by_the_next_one(tiny, mirrors, t
     proc.kill()
     proc.wait()
     kept = part.stat().st_size
-    raw = data / "tiny" / "raw"
+    raw = folder / "raw"
     assert not (raw / TRAIN_IMAGES).exists()  # nothing unverified in the cache
     reports = ensure_dataset(tiny.spec((m.url,)), data)
     assert [r.verified for r in reports] == [True] * 4
@@ -147,24 +148,38 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(tiny_config
     assert weights(moved / "checkpoints" / "last.npz") == weights(tmp_path / "whole" / "checkpoints" / "last.npz")
 
 
-def test_disk_full_while_caching_leaves_only_verified_files(tiny, tiny_folder, tmpfs):
+def test_a_dataset_that_cannot_fit_on_the_disk_is_refused_before_writing_it(tiny, tiny_folder, tmpfs):
+    disk = tmpfs("data", "400k")
+    res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
+    assert res.exit_code == 1
+    folder = dataset_dir(tiny.spec(()), disk)
+    assert one_error_line(res.stderr) == (
+        f"Error: caching {TRAIN_IMAGES} of tiny (300x28x28) needs 459.4 KiB of free space in {folder}, only "
+        "400.0 KiB is available: free some space or choose another --data-dir"
+    )
+    assert not (folder / "raw" / TRAIN_IMAGES).exists()
+    assert not [p for p in folder.rglob("*") if p.name.endswith(TMP_SUFFIX)]
+
+
+def test_disk_full_while_caching_leaves_only_verified_files(tiny, tiny_folder, tmpfs, monkeypatch):
+    # The free space was there when checked, then something else took it: the writes themselves fail.
+    monkeypatch.setattr("mlecli.cache.need_space", lambda *a: None)
     disk = tmpfs("data", "400k")
     res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
     assert res.exit_code == 1
     error = one_error_line(res.stderr)
-    assert error.startswith(f"Error: no space left on the device while writing {disk}/tiny/")
-    raw = disk / "tiny" / "raw"
-    for p in raw.iterdir():
+    folder = dataset_dir(tiny.spec(()), disk)
+    assert error.startswith(f"Error: no space left on the device while writing {folder}/")
+    for p in (folder / "raw").iterdir():
         assert not p.name.endswith((".part", TMP_SUFFIX)), p
-        if p.name in tiny.contents:
-            assert p.read_bytes() == tiny.contents[p.name]  # what is there is whole and verified
+        assert p.read_bytes() == tiny.contents[p.name]  # what is there is whole and verified
 
 
 def test_disk_full_during_a_forced_download_keeps_the_earlier_cache(tiny, tiny_folder, tmpfs):
     disk = tmpfs("data", "1200k")
     cfg = tiny.write_config(disk.parent / "c.toml", tiny_folder)
     assert cli("download", "--config", cfg, "--data-dir", disk, "-q").exit_code == 0
-    before = snapshot(disk / "tiny")
+    before = snapshot(dataset_dir(tiny.spec(()), disk))
     filler = disk / "filler"
     with open(filler, "wb") as f:
         try:
@@ -174,8 +189,11 @@ def test_disk_full_during_a_forced_download_keeps_the_earlier_cache(tiny, tiny_f
             pass
     res = cli("download", "--config", cfg, "--data-dir", disk, "--force", "-q")
     assert res.exit_code == 1
-    assert "no space left on the device" in one_error_line(res.stderr)
-    assert snapshot(disk / "tiny") == before
+    assert one_error_line(res.stderr) == (
+        f"Error: caching {TRAIN_IMAGES} of tiny (300x28x28) needs 459.4 KiB of free space in "
+        f"{dataset_dir(tiny.spec(()), disk)}, only 0 B is available: free some space or choose another --data-dir"
+    )
+    assert snapshot(dataset_dir(tiny.spec(()), disk)) == before
     filler.unlink()
     assert load_split(tiny.spec(()), disk, "train") is not None
 
@@ -200,7 +218,7 @@ def test_a_read_only_data_folder_is_refused_for_downloads(tiny, tiny_folder, tmp
     res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
     assert res.exit_code == 1
     assert one_error_line(res.stderr) == (
-        f"Error: cannot write {disk / 'tiny' / '.lock'}: Read-only file system; make the folder writable or choose "
+        f"Error: cannot write {dataset_dir(tiny.spec(()), disk) / '.lock'}: Read-only file system; make the folder writable or choose "
         "another one"
     )
 
@@ -242,8 +260,8 @@ def test_two_download_processes_on_one_data_folder_both_succeed(tiny, mirrors, t
     for p in procs:
         p.wait(timeout=60)
         assert p.returncode == 0, p.stderr.read().decode()
-    raw = tmp_path / "data" / "tiny" / "raw"
-    assert {p.name for p in raw.iterdir()} == {*tiny.contents, "hashes.json"}
+    raw = dataset_dir(tiny.spec(()), tmp_path / "data") / "raw"
+    assert {p.name for p in raw.iterdir()} == set(tiny.contents)
     for role in ROLES:
         assert (raw / MNIST_FILES[role]).read_bytes() == tiny.contents[MNIST_FILES[role]]
     assert m.counts[TRAIN_IMAGES + ".gz"] == 1

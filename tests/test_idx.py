@@ -3,9 +3,11 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlecli.errors import DataError
-from mlecli.idx import gunzip, idx_bytes, parse_idx, read_idx, write_idx
+from mlecli.idx import CHUNK, IdxDecoder, gunzip, idx_bytes, parse_idx, read_idx, write_idx
 
 
 @pytest.mark.parametrize(
@@ -93,3 +95,106 @@ def test_gunzip_joins_members_and_refuses_a_bomb():
     assert gunzip(gzip.compress(b"ab") + gzip.compress(b"cd"), "f") == b"abcd"
     with pytest.raises(DataError, match="decompresses to more than 1000 bytes"):
         gunzip(gzip.compress(b"\0" * 5000), "f", limit=1000)
+
+
+# ---------------------------------------------------------------------------
+# The streaming decoder, searched with hypothesis: fed in any pieces, it agrees with the
+# one-shot parser; it never hands out more than the header declares.
+
+SEARCH = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+arrays = st.builds(
+    lambda shape, seed, kind: np.random.default_rng(seed).integers(0, 256, size=shape).astype(kind),
+    st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple), st.integers(0, 99),
+    st.sampled_from([np.uint8, np.int16, np.float64]),
+)
+
+
+def decode_in_pieces(data: bytes, cuts: list[int], limit: int | None = None) -> bytes:
+    decoder = IdxDecoder("f", *([limit] if limit is not None else []))
+    out, start = [], 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        out += decoder.feed(data[start:cut])
+        start = cut
+    out += decoder.finish()
+    return b"".join(out)
+
+
+def one_shot(data: bytes) -> bytes:
+    """The reference: decompress whole (gzip or raw), then parse whole."""
+    content = gunzip(data, "f") if data[:2] == b"\x1f\x8b" else data
+    parse_idx(content, "f")
+    return content
+
+
+@st.composite
+def encoded(draw):
+    content = idx_bytes(draw(arrays))
+    if draw(st.booleans()):
+        return content
+    cut = draw(st.integers(0, len(content)))
+    members = [content[:cut], content[cut:]] if draw(st.booleans()) else [content]
+    data = b"".join(gzip.compress(m, compresslevel=draw(st.integers(0, 9)), mtime=0) for m in members)
+    return data + b"\0" * draw(st.sampled_from([0, 0, 1, 7]))
+
+
+@st.composite
+def damaged(draw):
+    data = bytearray(draw(encoded()))
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["flip", "cut", "append", "insert"]))
+        i = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "cut":
+            del data[i:]
+        elif op == "append":
+            data += draw(st.binary(min_size=1, max_size=9))
+        elif op == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=9))
+    return bytes(data)
+
+
+@SEARCH
+@given(encoded(), st.lists(st.integers(0, 1 << 16), max_size=6))
+def test_any_split_of_a_good_file_decodes_to_its_content(data, cuts):
+    assert decode_in_pieces(data, cuts) == one_shot(data)
+
+
+@SEARCH
+@given(damaged(), st.lists(st.integers(0, 1 << 16), max_size=6))
+def test_a_damaged_file_decodes_as_the_one_shot_parser_says_or_is_refused(data, cuts):
+    try:
+        expected = one_shot(data)
+    except DataError:
+        expected = None
+    try:
+        got = decode_in_pieces(data, cuts)
+    except DataError as exc:
+        assert str(exc).startswith("f: ")
+        got = None
+    assert got == expected
+
+
+ZERO_MEMBERS = [gzip.compress(b"\0" * size, compresslevel=level, mtime=0)
+                for size, level in ((1 << 10, 0), (1 << 20, 1), (1 << 20, 9), (16 << 20, 9))]
+
+
+@SEARCH
+@given(st.integers(0, 20), st.integers(1, 40), st.sampled_from(ZERO_MEMBERS), st.integers(1, 8), st.booleans())
+def test_a_bomb_is_refused_at_most_one_piece_past_its_header(n, side, zeros, copies, same_member):
+    header = idx_bytes(np.zeros((n, side), np.uint8))
+    if same_member:  # the zeros inside the header's own gzip member
+        bomb = gzip.compress(header + b"\0" * (copies << 20), compresslevel=1, mtime=0)
+    else:
+        bomb = gzip.compress(header, mtime=0) + zeros * copies
+    decoder = IdxDecoder("f")
+    with pytest.raises(DataError, match=rf"^f: decompresses to more than the {len(header):,} bytes its IDX header"):
+        for _ in decoder.feed(bomb):
+            pass
+    assert decoder.produced <= len(header) + CHUNK
+
+
+def test_a_header_declaring_more_than_the_limit_is_refused_before_its_data():
+    decoder = IdxDecoder("f", limit=1000)
+    with pytest.raises(DataError, match=r"^f: its IDX header declares 100x100 of uint8 \(10,012 bytes\), more than the 1,000"):
+        list(decoder.feed(idx_bytes(np.zeros((100, 100), np.uint8))[:12]))

@@ -1,4 +1,4 @@
-"""The math of DESIGN.md: forward pass, stable log-likelihood, hand-written backprop."""
+"""The math of docs/design.md: forward pass, stable log-likelihood, hand-written backprop."""
 
 import warnings
 

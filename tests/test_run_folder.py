@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from fakes import rewrite_npz, trickle
 
 from mlecli import checkpoint as ckpt
+from mlecli.cache import dataset_dir
 from mlecli.cli import main
 
 
@@ -69,7 +70,7 @@ def test_a_training_whose_download_is_slow_cannot_take_a_folder_another_started_
     slow_cfg = tiny.write_config(tmp_path / "slow.toml", server.url, "[model]\nhidden = [3]\n")
     data, run = tmp_path / "data", tmp_path / "run"
     slow = mlecli("train", slow_cfg, "--run-dir", run, "--data-dir", tmp_path / "slow-data", "-q")
-    wait_for(tmp_path / "slow-data" / "tiny", slow)  # it is downloading, the folder not yet claimed
+    wait_for(dataset_dir(tiny.spec(()), tmp_path / "slow-data"), slow)  # it is downloading, the folder not yet claimed
     fast = CliRunner().invoke(main, ["train", str(tiny_config(train={"epochs": 2})), "--run-dir", str(run),
                                      "--data-dir", str(data), "-q"])
     assert fast.exit_code == 0, fast.output
@@ -173,3 +174,71 @@ def test_a_run_of_checkpoint_format_1_is_evaluated_and_resumed_as_it_was(tiny_co
     assert weights(old / "checkpoints" / "last.npz") == weights(longer / "checkpoints" / "last.npz")
     assert ckpt.load(old / "checkpoints" / "last.npz").format == 2
     assert [json.loads(x)["epoch"] for x in (old / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------
+# What a run remembers
+
+
+def test_a_run_remembers_its_data_folder_for_evaluate_plot_and_resume(tiny_config, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("MLECLI_DATA_DIR", str(elsewhere))
+    run = tmp_path / "run"
+    cfg = tiny_config(train={"epochs": 1})
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(run), "-q"]).exit_code == 0
+    monkeypatch.delenv("MLECLI_DATA_DIR")
+    monkeypatch.chdir(tmp_path)  # where ./data does not exist
+    for args in (["evaluate", str(run)], ["evaluate", str(run / "checkpoints" / "last.npz")],
+                 ["train", "--resume", str(run), "--set", "train.epochs=2", "-q"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        assert "not cached" not in res.stderr
+    assert not (tmp_path / "data").exists()
+    # --data-dir still decides: from an empty one, evaluate says how to fetch the data (it never
+    # downloads from a URL that a run names)
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--data-dir", str(tmp_path / "other")])
+    assert res.exit_code == 1
+    assert res.stderr.endswith(f"fetch it with: mlecli download --config {run / 'config.toml'} --data-dir "
+                               f"{tmp_path / 'other'}\n")
+
+
+def test_a_resume_with_another_blas_says_the_bits_may_differ_and_goes_on(tiny_config, tmp_path):
+    run, data = tmp_path / "run", tmp_path / "data"
+    assert CliRunner().invoke(main, ["train", str(tiny_config(train={"epochs": 1})), "--run-dir", str(run),
+                                     "--data-dir", str(data), "-q"]).exit_code == 0
+    trained_with = ckpt.load(run / "checkpoints" / "last.npz").meta["blas"]["backend"]
+    assert json.loads((run / "manifest.json").read_text())["blas"]["backend"] == trained_with
+    env = {**os.environ, "MLECLI_BLAS": "numpy"}
+    res = subprocess.run([sys.executable, "-m", "mlecli", "train", "--resume", str(run), "--set", "train.epochs=2",
+                          "--data-dir", str(data)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    if trained_with != "numpy.matmul (fallback)":
+        assert (f"warning: {run / 'checkpoints' / 'last.npz'} was trained with the BLAS {trained_with}, this process "
+                "uses numpy.matmul (fallback): the resumed weights may differ in their last bits") in res.stderr
+    assert ckpt.load(run / "checkpoints" / "last.npz").meta["blas"]["backend"] == "numpy.matmul (fallback)"
+
+
+def test_training_in_process_leaves_the_signal_handlers_as_it_found_them(tiny_config, tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    res = CliRunner().invoke(main, ["train", str(tiny_config(train={"epochs": 1})), "--run-dir", str(tmp_path / "r"),
+                                    "--data-dir", str(tmp_path / "d"), "-q"])
+    assert res.exit_code == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_signal_while_the_data_is_fetched_stops_before_any_run_is_written(tiny, mirrors, tmp_path):
+    server = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: data and trickle(h, data, 1024, 0.02))
+    cfg = tiny.write_config(tmp_path / "slow.toml", server.url)
+    run = tmp_path / "run"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = mlecli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "data", "-q")
+        deadline = time.monotonic() + 30
+        while not server.requests:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 130
+        assert proc.stderr.read().decode() == (
+            f"Stopped by {sig.name} before training began: no run was written.\n")
+        assert not run.exists()
+        server.requests.clear()

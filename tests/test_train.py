@@ -190,6 +190,12 @@ def test_resume_on_data_whose_hashes_differ_is_refused_naming_the_file(tmp_path)
     second.write_folder(mirror)
     shutil.rmtree(data)
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    # A resumed run never fetches from the URL its folder names: it says how to, deliberately.
+    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=2", "--data-dir", str(data)])
+    assert res.exit_code == 1
+    fetch = f"mlecli download --config {run / 'config.toml'} --data-dir {data}"
+    assert res.stderr.splitlines()[-1].endswith(fetch)
+    assert CliRunner().invoke(main, fetch.split()[1:]).exit_code == 0
     res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=2", "--data-dir", str(data)])
     assert res.exit_code == 1
     last = res.stderr.splitlines()[-1]
@@ -250,7 +256,7 @@ def test_missing_data_is_downloaded_first(tiny_config, tmp_path):
     res = train_cli(tiny_config(), "--run-dir", tmp_path / "r", data_dir=data)
     assert res.exit_code == 0
     assert "tiny is not cached in" in res.stderr
-    assert (data / "tiny" / "train.npz").is_file()
+    assert len(list(data.glob("tiny-*/train.npz"))) == 1
 
 
 def test_a_run_that_cannot_get_its_data_leaves_no_run_folder_and_can_be_retried(tiny_config, tmp_path):
