@@ -19,7 +19,6 @@ Targets (issue 11): one PNG under 0.5 s; the IDX file at 50,000 images/s or more
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import subprocess
 import sys

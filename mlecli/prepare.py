@@ -265,7 +265,7 @@ def prepare_many(g: np.ndarray, chunk: int = 256, style: Style = MNIST) -> tuple
 
 def _prepare_chunk(g: np.ndarray, style: Style) -> tuple[np.ndarray, np.ndarray]:
     """prepare_many on (n, H, W) float64 images, which it overwrites."""
-    n, H, W = g.shape
+    H, W = g.shape[1:]
     border = ring(g)
     m = np.median(border, axis=1)
     lowest, highest = g.min(axis=(1, 2)), g.max(axis=(1, 2))

@@ -78,7 +78,10 @@ def page(browser, page_file):
 
 def draw(page, lines) -> None:
     box = page.locator("#draw").bounding_box()
-    at = lambda x, y: (box["x"] + 2 + x, box["y"] + 2 + y)  # noqa: E731  (inside the 2 px border)
+
+    def at(x, y):  # canvas pixels -> page pixels, inside the canvas's 2 px border
+        return box["x"] + 2 + x, box["y"] + 2 + y
+
     for line in lines:
         page.mouse.move(*at(*line[0]))
         page.mouse.down()

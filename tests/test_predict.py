@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from fakes import TinyDataset, make_digits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from pictures import encode, strokes
+from PIL import Image
 
 import mlecli
 from mlecli.cli import main

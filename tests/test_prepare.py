@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pictures import random_strokes, strokes
 
+from mlecli.idx import parse_idx
 from mlecli.prepare import (
     FASHION_MNIST,
     MNIST,
@@ -25,7 +26,6 @@ from mlecli.prepare import (
     ring,
     style_for,
 )
-from mlecli.idx import parse_idx
 
 SEARCH = settings(max_examples=150, deadline=None)
 
