@@ -261,3 +261,21 @@ def test_fashion_mnist_s_pictures_come_through_its_style_nearly_unchanged():
           f"{blank.sum()} cover more than half their border (no background to judge)")
     assert (worst == 0).sum() >= 0.85 * len(images)  # the others: a longer side of 27 pixels, scaled to 28
     assert blank.sum() <= 0.001 * len(images)
+
+
+@pytest.mark.parametrize("style", [MNIST, FASHION_MNIST], ids=lambda s: s.name)
+def test_the_vectorised_version_equals_the_oracle_on_real_pictures(style):
+    # Most of these already have a longer side of B (20 for MNIST's digits, 28 for Fashion's):
+    # the vectorised version copies those instead of multiplying by 0/1 weights.
+    require(DEBIAN_FASHION.is_dir(), f"{DEBIAN_FASHION} is missing: apt-get install dataset-fashion-mnist")
+    images = parse_idx(gzip.decompress((DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").read_bytes()))[:300]
+    digits = np.stack([prepare(drawing(seed, (28, 28))) for seed in range(100)])  # MNIST's form: 20 pixels
+    for stack in (images, digits):
+        prepared, blank = prepare_many(stack, style=style)
+        for k, g in enumerate(stack / 255.0):
+            try:
+                expected = prepare(g, style=style)
+            except BlankImage:
+                assert blank[k]
+                continue
+            np.testing.assert_array_equal(prepared[k], expected)
