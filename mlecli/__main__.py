@@ -1,3 +1,4 @@
 from mlecli.cli import entry
 
-entry()
+if __name__ == "__main__":  # python -m mlecli; never on a mere import
+    entry()

@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,13 +471,56 @@ def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict
 def load_split(dataset: Dataset, data_dir: Path, split: str) -> Split | None:
     """Load a cached split without touching the network or writing, or None if it must be (re)built."""
     folder = dataset_dir(dataset, data_dir)
-    return _load_npz(folder, split, dataset, _read_record(folder, dataset))
+    return _load_split(folder, split, dataset, _read_record(folder, dataset))
 
 
 def _load_both(dataset: Dataset, folder: Path) -> dict[str, Split] | None:
     record = _read_record(folder, dataset)
-    splits = {s: _load_npz(folder, s, dataset, record) for s in SPLITS}
+    splits = {s: _load_split(folder, s, dataset, record) for s in SPLITS}
     return None if any(v is None for v in splits.values()) else splits  # type: ignore[return-value]
+
+
+def _load_split(folder: Path, split: str, dataset: Dataset, record: dict) -> Split | None:
+    if _kept is None:
+        return _load_npz(folder, split, dataset, record)
+    key = _stamp(folder, split, dataset)
+    if key is not None and key in _kept:
+        return _kept[key]
+    loaded = _load_npz(folder, split, dataset, record)
+    if loaded is not None and key is not None:
+        loaded.images.setflags(write=False)  # shared by every run of the process from now on
+        loaded.labels.setflags(write=False)
+        _kept[key] = loaded
+    return loaded
+
+
+_kept: dict[tuple, Split] | None = None  # splits kept loaded by `keep_loaded`, by _stamp
+
+
+@contextlib.contextmanager
+def keep_loaded() -> Iterator[None]:
+    """Within the block, a split once loaded is handed out again without reading it, for
+    as long as neither its .npz nor its raw files change (a sweep's worker process reads
+    each dataset once for all of its runs). The kept arrays are shared, hence read-only."""
+    global _kept
+    outer, _kept = _kept, {}
+    try:
+        yield
+    finally:
+        _kept = outer
+
+
+def _stamp(folder: Path, split: str, dataset: Dataset) -> tuple | None:
+    """What a kept split depends on: the dataset's files and hashes, and the size,
+    modification time and inode of the .npz and of the raw files behind it."""
+    roles = (f"{split}-images", f"{split}-labels")
+    try:
+        paths = [folder / f"{split}.npz", *(folder / RAW / dataset.files[r] for r in roles)]
+        stats = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
+        files = tuple((r, dataset.files[r], dataset.sha256.get(r)) for r in roles)
+    except (OSError, KeyError):
+        return None
+    return str(folder.resolve()), split, dataset.name, files, stats
 
 
 def prepare(

@@ -133,6 +133,12 @@ def _override(value):
     return parse_override(value)
 
 
+def _where(value):
+    from mlecli.runs import parse_where
+
+    return parse_where(value)
+
+
 @main.command()
 @click.option(
     "--dataset",
@@ -315,6 +321,116 @@ def _stdout_lines(quiet: bool):
     return say
 
 
+def _grid(value):
+    from mlecli.grid import parse_grid
+
+    return parse_grid(value)
+
+
+def _seeds(ctx, param, value):
+    from mlecli.grid import parse_seeds
+
+    try:
+        return parse_seeds(value)
+    except MlecliError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--seeds {value!r}: "), param_hint="'--seeds'") from None
+
+
+@main.command()
+@click.argument("config_path", metavar="[CONFIG]", required=False)
+@click.option(
+    "--grid",
+    "grids",
+    multiple=True,
+    callback=_each_checked(_grid, lambda item: f"--grid {item!r}: "),
+    metavar="KEY=V1,V2,...",
+    help="A config key and its values, each TOML as for --set, e.g. --grid train.learning_rate=0.01,0.05 or "
+    "--grid model.hidden=[64],[128,32]; repeatable: every combination is a grid point.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    callback=_each_checked(_override, lambda item: f"--set {item!r}: "),
+    metavar="KEY=VALUE",
+    help="Override a config key for every run, as for mlecli train (repeatable).",
+)
+@click.option(
+    "--seeds",
+    default="0-2",
+    callback=_seeds,
+    metavar="LIST",
+    help="Seeds of each grid point, e.g. 0-4 or 0,3,7: seed S sets model.seed and train.seed to S.",
+)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Runs at once, each in its own process.  [default: the number of cores]")
+@click.option(
+    "--sweep-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the sweep.  [default: the newest runs/<config name>-sweep-* made by the same command, "
+    "else a new runs/<config name>-sweep-<timestamp>]",
+)
+@data_dir_option
+@click.option("--evaluate", is_flag=True, help="Also evaluate each run's best checkpoint on the test split.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the mlecli train command of every run, one per line; start nothing.")
+@quiet_option
+def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
+    """Train one run per grid point and seed, in parallel, and compare them.
+
+    Every combination of the --grid values, with every seed, is an ordinary run in
+    its own folder inside the sweep folder. Running the same command again continues
+    the sweep: finished runs are skipped, interrupted ones resumed. At the end, a table
+    per grid point: the mean ± standard deviation over seeds of the best validation LL
+    and accuracy (and of test accuracy with --evaluate).
+    """
+    import json
+
+    from mlecli import grid
+    from mlecli import sweep as sweeping
+    from mlecli.compare import format_summary
+
+    plan = grid.plan(config_path, overrides, grids, seeds)
+    if dry_run:
+        folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name, create=False)
+        for line in grid.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
+            click.echo(line)
+        return
+    log = _log(quiet)
+    outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+                               progress=_progress(quiet), log=log)
+    if outcome.stopped:
+        extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
+                                            (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
+        stopped = [r for r in outcome.results.values() if r.status == "interrupted"]
+        at_once = sum(r.error is not None for r in stopped)
+        finished = sum(r["status"] == "finished" for r in outcome.summary["runs"])
+        click.echo(
+            f"Stopped by {outcome.stopped}: {finished} of {len(plan.runs)} runs finished, "
+            f"{len(stopped) - at_once} saved mid-run"
+            + (f", {at_once} stopped at once (they go on from their last checkpoint)" if at_once else "")
+            + f". Continue with: {grid.command(plan, outcome.sweep_dir, extra)}",
+            err=True,
+        )
+        sys.exit(130)
+    s = outcome.summary
+    click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+    failed = [r for r in s["runs"] if r["status"] != "finished"]
+    if failed:
+        for r in failed:
+            click.echo(f"{r['status']} {Path(r['run_dir']).name}: {r['error'] or 'see mlecli runs ' + s['sweep_dir']}",
+                       err=True)
+        raise MlecliError(
+            f"{len(failed)} of {len(s['runs'])} runs did not finish (listed above); the others did. "
+            "Run the same command again to retry them"
+        )
+    if not as_json:
+        click.echo(f"plot:     mlecli plot {outcome.sweep_dir}")
+        click.echo(f"runs:     mlecli runs {outcome.sweep_dir}")
+
+
 @main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option(
@@ -343,7 +459,8 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
 
     TARGET is a run folder or a checkpoint file. The task, dataset and network come
     from the checkpoint's own config. The JSON report is also written to
-    <run>/eval-<split>-<checkpoint>.json.
+    <run>/eval-<split>-<checkpoint>.json (at another --threshold than 0.5,
+    eval-<split>-<checkpoint>-t<threshold>.json, which never replaces it).
     """
     import json
     import re
@@ -478,23 +595,35 @@ def export(target, which, fmt, out):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path),
+                metavar="RUN_DIR | SWEEP_DIR | RUN_DIR...")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the PNG files.  [default: the run folder]",
+    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the current one]",
 )
 @data_dir_option
 def plot(run_dir, out, data_dir):
-    """Draw a run: curves.png, hidden-units.png and (after evaluate) mistakes.png.
+    """Draw a run, or compare runs.
+
+    One run folder: curves.png, hidden-units.png and (after evaluate) mistakes.png.
+    A sweep folder, or several run folders: compare.png, validation LL and accuracy per
+    epoch, one colour per grid point (runs that differ only in their seeds), the mean
+    over seeds as a line and their spread as a band.
 
     Needs matplotlib: pip install 'mlecli[plot]'.
     """
     from mlecli import plot as plotting
 
-    for path in plotting.plot_run(run_dir, out, _data_dir(data_dir, run_dir), log=_log(False)):
-        click.echo(str(path))
+    targets = run_dir  # one folder, or several
+    if len(targets) == 1 and not (targets[0] / "sweep.json").is_file():
+        for path in plotting.plot_run(targets[0], out, _data_dir(data_dir, targets[0]), log=_log(False)):
+            click.echo(str(path))
+        return
+    from mlecli.compare import plot_compare
+
+    click.echo(str(plot_compare(list(targets), out)))
 
 
 @main.command()
@@ -506,21 +635,31 @@ def plot(run_dir, out, data_dir):
     default="name",
     help="Order of the rows (figures best first).",
 )
-def runs(runs_dir, as_json, sort):
+@click.option(
+    "--where",
+    "filters",
+    multiple=True,
+    callback=_each_checked(_where, lambda item: f"--where {item!r}: "),
+    metavar="KEY=VALUE",
+    help="Only runs whose config key (train.learning_rate=0.05) or column (status=finished, sweep=NAME, "
+    "dataset=mnist) has this value; repeatable, all must hold.",
+)
+def runs(runs_dir, as_json, sort, filters):
     """List the runs in a folder side by side (default: runs).
 
-    Each run's task, hidden layers, epochs done, best validation LL and accuracy, test
-    accuracy where evaluated, seconds and status (finished, interrupted, failed,
-    running, broken).
+    Each run's task, dataset, hidden layers, learning rate, batch size (and optimizer,
+    once runs differ in it), epochs done, best validation LL and accuracy, test accuracy
+    where evaluated, seconds and status (finished, interrupted, failed, running, broken).
+    The runs of a sweep folder inside are listed too, with the sweep's name.
     """
     import json
 
     from mlecli import runs as listing
 
-    rows = listing.list_runs(runs_dir, sort)
+    rows = listing.list_runs(runs_dir, sort, tuple(listing.parse_where(f) for f in filters))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([listing.public(r) for r in rows], indent=2))
     elif not rows:
-        click.echo(f"no runs in {runs_dir}")
+        click.echo(f"no runs in {runs_dir}" + (f" with {' and '.join(filters)}" if filters else ""))
     else:
         click.echo(listing.format_table(rows))

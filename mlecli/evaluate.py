@@ -23,6 +23,9 @@ from mlecli.fsutil import atomic_write_text
 from mlecli.model import sigmoid
 from mlecli.task import build_task, image_scores
 
+DEFAULT_THRESHOLD = 0.5
+
+
 def run_dir_of(checkpoint_path: Path) -> Path | None:
     """The run folder holding a checkpoint (…/<run>/checkpoints/<file>), if it is one.
 
@@ -48,7 +51,7 @@ def evaluate(
     which: str = "best",
     split: str = "test",
     data_dir: Path,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     log: Callable[[str], None] = lambda msg: None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -117,6 +120,13 @@ def evaluate(
     }
 
 
+def report_name(split: str, checkpoint_name: str, threshold: float = DEFAULT_THRESHOLD) -> str:
+    """eval-<split>-<checkpoint>.json, with -t<threshold> before .json at any threshold but
+    the default: such a report never replaces the default one that `mlecli runs` shows."""
+    suffix = "" if threshold == DEFAULT_THRESHOLD else f"-t{threshold!r}"
+    return f"eval-{split}-{checkpoint_name}{suffix}.json"
+
+
 def read_report(path: Path) -> dict[str, Any]:
     """An evaluation report written by save_report, checked (schema.REPORT)."""
     from mlecli import schema
@@ -125,11 +135,11 @@ def read_report(path: Path) -> dict[str, Any]:
 
 
 def save_report(report: dict[str, Any]) -> Path | None:
-    """Write the report to <run>/eval-<split>-<checkpoint>.json when the checkpoint is in a run."""
+    """Write the report into the run folder (named by `report_name`) when the checkpoint is in one."""
     run = run_dir_of(Path(report["checkpoint"]))
     if run is None:
         return None
-    path = run / f"eval-{report['split']}-{report['checkpoint_name']}.json"
+    path = run / report_name(report["split"], report["checkpoint_name"], report["threshold"])
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     return path
 

@@ -1,19 +1,32 @@
 """Listing the runs in a folder, side by side. A broken run is listed as broken, never
-stops the listing."""
+stops the listing.
+
+A folder holding `sweep.json` is a sweep: its runs are listed with the sweep's name.
+The figures come from the newest checkpoint's `best` record (older checkpoints: its
+epoch's line in metrics.jsonl), test accuracy from the default-threshold evaluation
+report.
+"""
 
 from __future__ import annotations
 
+import difflib
 import fcntl
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from mlecli import checkpoint as ckpt
-from mlecli.errors import MlecliError
+from mlecli import config as config_mod
+from mlecli.errors import ConfigError, MlecliError
 from mlecli.evaluate import read_report
 from mlecli.rundir import read_manifest, read_metrics
 
 ASCENDING = {"name", "started"}
+# Columns --where can filter on besides config keys.
+COLUMNS = ("name", "sweep", "status", "dataset", "task")
+DEFAULT_OPTIMIZER = "sgd"  # what a config without train.optimizer trains with
 
 
 def _locked(run_dir: Path) -> bool:
@@ -31,12 +44,18 @@ def _locked(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def describe(run_dir: Path) -> dict[str, Any]:
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
     """One row: what the run is, how far it got, its best and test figures, its status.
     Whatever is wrong with the run's files makes it a `broken` row saying why."""
-    row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "task": None, "hidden": None,
-                           "epochs_done": None, "epochs": None, "val_ll": None, "val_acc": None,
-                           "test_acc": None, "seconds": None, "started": None, "status": "broken", "problem": None}
+    row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "sweep": sweep, "task": None,
+                           "dataset": None, "hidden": None, "learning_rate": None, "batch_size": None,
+                           "optimizer": None, "epochs_done": None, "epochs": None, "best_epoch": None,
+                           "val_ll": None, "val_acc": None, "test_acc": None, "seconds": None, "started": None,
+                           "status": "broken", "problem": None, "config": None}
     try:
         _fill(row, run_dir)
     except MlecliError as exc:
@@ -49,17 +68,25 @@ def describe(run_dir: Path) -> dict[str, Any]:
 def _fill(row: dict[str, Any], run_dir: Path) -> None:
     last = ckpt.load(run_dir / "checkpoints" / "last.npz")
     cfg = last.config
+    raw = cfg.to_dict()
+    # only what the newest checkpoint commits: a crash may have left a record after it
     epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
     best = last.meta.get("best") or {}
     best_row = best.get("record") or next((m for m in epochs if m.get("epoch") == best.get("epoch")), None)
     row.update(
         task=cfg.task.describe(),
+        dataset=cfg.data.dataset,
         hidden=list(cfg.model.hidden),
+        learning_rate=cfg.train.learning_rate,
+        batch_size=cfg.train.batch_size,
+        optimizer=raw["train"].get("optimizer", DEFAULT_OPTIMIZER),
         epochs_done=last.epoch,
         epochs=cfg.train.epochs,
-        val_ll=best_row.get("val_ll_mean") if best_row else None,
-        val_acc=best_row.get("val_acc") if best_row else None,
-        seconds=sum(m.get("seconds") or 0.0 for m in epochs) if epochs else 0.0,
+        best_epoch=best.get("epoch") if best_row else None,
+        val_ll=_number(best_row.get("val_ll_mean")) if best_row else None,
+        val_acc=_number(best_row.get("val_acc")) if best_row else None,
+        seconds=sum(_number(m.get("seconds")) or 0.0 for m in epochs),
+        config=raw,
     )
     manifest = read_manifest(run_dir, strict=True)
     row["started"] = manifest.get("started")
@@ -73,22 +100,96 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
         row["status"] = "finished"
     else:
         row["status"] = "interrupted"
+    # Only the default-threshold report: one at another threshold has its own name
+    # (eval-test-best-t0.3.json) and never stands in for it.
     for name in ("eval-test-best.json", "eval-test-last.json"):
         if (run_dir / name).exists():
-            row["test_acc"] = read_report(run_dir / name)["accuracy"]
+            row["test_acc"] = _number(read_report(run_dir / name)["accuracy"])
             break
 
 
-def list_runs(runs_dir: Path, sort: str = "name") -> list[dict[str, Any]]:
-    """Every subfolder of `runs_dir` that looks like a run (it has checkpoints/ or a config.toml)."""
+def _is_run(p: Path) -> bool:
+    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.toml").exists())
+
+
+def _is_sweep(p: Path) -> bool:
+    return p.is_dir() and (p / "sweep.json").is_file()
+
+
+def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
+    """(run folder, sweep name or None) for every run in `folder` and in the sweeps in it;
+    `folder` itself may be a sweep."""
+    if _is_sweep(folder):
+        return [(p, folder.name) for p in sorted(folder.iterdir()) if _is_run(p)]
+    found = []
+    for p in sorted(folder.iterdir()):
+        if _is_sweep(p):
+            found += [(q, p.name) for q in sorted(p.iterdir()) if _is_run(q)]
+        elif _is_run(p):
+            found.append((p, None))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# --where KEY=VALUE
+
+
+def parse_where(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE`, KEY a config key (train.learning_rate) or a column (name, sweep,
+    status, dataset, task), VALUE a TOML value as for --set; raises ConfigError."""
+    try:
+        path, value = config_mod.parse_override(item)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--set", "--where", 1)) from None
+    key = ".".join(path)
+    known = [*COLUMNS, *(k for k in config_mod.ALL_KEYS if "." in k)]
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]}?" if close
+                else f"use a config key such as train.learning_rate, or {', '.join(COLUMNS)}")
+        raise ConfigError(f"--where {item!r}: unknown key {key} ({hint})")
+    return key, value
+
+
+def _matches(row: dict[str, Any], key: str, want: Any) -> bool:
+    if key in COLUMNS:
+        have = row.get(key)
+        return have is not None and str(have) == (want if isinstance(want, str) else str(want))
+    if row["config"] is None:
+        return False
+    node: Any = row["config"]
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return _equal(node, want)
+
+
+def _equal(have: Any, want: Any) -> bool:
+    if isinstance(have, (list, tuple)) and isinstance(want, (list, tuple)):
+        return len(have) == len(want) and all(_equal(a, b) for a, b in zip(have, want))
+    if _number(have) is not None and _number(want) is not None:
+        return float(have) == float(want)
+    return have == want
+
+
+def list_runs(runs_dir: Path, sort: str = "name", where: tuple[tuple[str, Any], ...] = ()) -> list[dict[str, Any]]:
+    """Every run in `runs_dir` (and in the sweeps inside it) that passes every `where` filter."""
     if not runs_dir.is_dir():
         raise MlecliError(f"{runs_dir} is not a folder: give the folder that holds your runs (default: runs)")
-    rows = [describe(p) for p in sorted(runs_dir.iterdir())
-            if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.toml").exists())]
+    rows = [describe(p, sweep) for p, sweep in run_folders(runs_dir)]
+    rows = [r for r in rows if all(_matches(r, k, v) for k, v in where)]
+    if sort == "name":
+        return sorted(rows, key=lambda r: (r["sweep"] or "", r["name"]))
     present = [r for r in rows if r[sort] is not None]
     missing = [r for r in rows if r[sort] is None]
     present.sort(key=lambda r: r[sort], reverse=sort not in ASCENDING)
     return present + missing
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for --json (without the config it was filtered on)."""
+    return {k: v for k, v in row.items() if k != "config"}
 
 
 def _fmt(v: Any, kind: str) -> str:
@@ -100,18 +201,44 @@ def _fmt(v: Any, kind: str) -> str:
         return f"{v:.4f}"
     if kind == "s":
         return f"{v:.1f}"
+    if kind == "g":
+        return f"{v:g}"
     return str(v)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["name", "task", "hidden", "epochs", "best val LL", "best val acc", "test acc", "seconds", "status"]
-    body = [[
-        r["name"], r["task"] or "-", "-" if r["hidden"] is None else str(r["hidden"]),
-        "-" if r["epochs_done"] is None else f"{r['epochs_done']}/{r['epochs']}",
-        _fmt(r["val_ll"], "ll"), _fmt(r["val_acc"], "pct"), _fmt(r["test_acc"], "pct"), _fmt(r["seconds"], "s"),
-        r["status"],
-    ] for r in rows]
+    """The rows as a table. The sweep column shows when any run belongs to a sweep, the
+    optimizer column when the runs differ in it or any is not plain SGD."""
+    optimizers = {json.dumps(r["optimizer"], sort_keys=True) for r in rows if r["optimizer"] is not None}
+    show_optimizer = len(optimizers) > 1 or any(o != json.dumps(DEFAULT_OPTIMIZER) for o in optimizers)
+    show_sweep = any(r["sweep"] for r in rows)
+    columns = [
+        ("name", lambda r: r["name"]),
+        *([("sweep", lambda r: r["sweep"] or "-")] if show_sweep else []),
+        ("task", lambda r: r["task"] or "-"),
+        ("dataset", lambda r: r["dataset"] or "-"),
+        ("hidden", lambda r: "-" if r["hidden"] is None else str(r["hidden"])),
+        ("lr", lambda r: _fmt(r["learning_rate"], "g")),
+        ("batch", lambda r: _fmt(r["batch_size"], "")),
+        *([("optimizer", lambda r: _optimizer(r["optimizer"]))] if show_optimizer else []),
+        ("epochs", lambda r: "-" if r["epochs_done"] is None else f"{r['epochs_done']}/{r['epochs']}"),
+        ("best val LL", lambda r: _fmt(r["val_ll"], "ll")),
+        ("best val acc", lambda r: _fmt(r["val_acc"], "pct")),
+        ("test acc", lambda r: _fmt(r["test_acc"], "pct")),
+        ("seconds", lambda r: _fmt(r["seconds"], "s")),
+        ("status", lambda r: r["status"]),
+    ]
+    headers = [h for h, _ in columns]
+    body = [[cell(r) for _, cell in columns] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *body]]
     notes = [f"  {r['name']}: {r['problem']}" for r in rows if r["problem"]]
     return "\n".join(lines + notes)
+
+
+def _optimizer(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)

@@ -203,3 +203,19 @@ def test_threshold_out_of_range_is_a_usage_error(trained):
     run, data = trained
     res = evaluate(run, data, "--threshold", "1.5")
     assert res.exit_code == 2 and "Invalid value for '--threshold'" in res.stderr
+
+
+def test_an_evaluation_at_another_threshold_is_saved_under_its_own_name(trained, tmp_path):
+    run, data = trained
+    copy = copy_run_without_evaluations(run, tmp_path / "copy")
+    assert evaluate(copy, data).exit_code == 0
+    default = (copy / "eval-test-best.json").read_bytes()
+    res = evaluate(copy, data, "--threshold", "0.3")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == f"  report            {copy / 'eval-test-best-t0.3.json'}"
+    assert json.loads((copy / "eval-test-best-t0.3.json").read_text())["threshold"] == 0.3
+    assert (copy / "eval-test-best.json").read_bytes() == default  # never replaced
+    rows = json.loads(cli("runs", tmp_path, "--json").stdout)
+    assert [r["test_acc"] for r in rows] == [json.loads(default)["accuracy"]]
+    assert evaluate(copy, data, "--threshold", "0.5", "--json").exit_code == 0
+    assert sorted(p.name for p in copy.glob("eval-*.json")) == ["eval-test-best-t0.3.json", "eval-test-best.json"]

@@ -129,8 +129,8 @@ def test_runs_lists_every_run_with_its_status(runs_folder):
     res = cli("runs", runs_folder)
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[0].split() == ["name", "task", "hidden", "epochs", "best", "val", "LL", "best", "val", "acc", "test",
-                                "acc", "seconds", "status"]
+    assert lines[0].split() == ["name", "task", "dataset", "hidden", "lr", "batch", "epochs", "best", "val", "LL",
+                                "best", "val", "acc", "test", "acc", "seconds", "status"]
     by_name = {line.split()[0]: line for line in lines[1:] if not line.startswith(" ")}
     assert set(by_name) == {"a-finished", "b-interrupted", "c-failed", "d-broken", "e-empty"}
     assert by_name["a-finished"].endswith("finished") and " 3/3 " in by_name["a-finished"]
@@ -162,3 +162,155 @@ def test_runs_of_a_missing_folder(tmp_path):
     res = cli("runs", tmp_path / "nope")
     assert res.exit_code == 1
     assert res.stderr == f"Error: {tmp_path / 'nope'} is not a folder: give the folder that holds your runs (default: runs)\n"
+
+
+# ---------------------------------------------------------------------------
+# mlecli runs: the columns that tell runs apart, sweeps, --where
+
+
+@pytest.fixture(scope="module")
+def with_a_sweep(tmp_path_factory, tiny, tiny_folder):
+    """runs/: one run of its own (batch 8) and a sweep of 2 learning rates x 2 seeds."""
+    root = tmp_path_factory.mktemp("runs-sweep")
+    cfg = tiny.write_config(root / "tiny-run.toml", tiny_folder, "validation = 0.2\n[model]\nhidden = [6]\n"
+                            "[train]\nepochs = 2\nbatch_size = 16\n")
+    runs, data = root / "runs", root / "data"
+    res = cli("train", cfg, "--set", "train.batch_size=8", "--run-dir", runs / "alone", "--data-dir", data, "-q")
+    assert res.exit_code == 0, res.output
+    res = cli("sweep", cfg, "--grid", "train.learning_rate=0.01,0.1", "--seeds", "0-1", "--sweep-dir", runs / "lr",
+              "--data-dir", data, "-q")
+    assert res.exit_code == 0, res.output
+    return runs
+
+
+def test_runs_lists_a_sweeps_runs_with_dataset_learning_rate_batch_and_sweep(with_a_sweep):
+    res = cli("runs", with_a_sweep)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["name", "sweep", "task", "dataset", "hidden", "lr", "batch", "epochs", "best", "val",
+                                "LL", "best", "val", "acc", "test", "acc", "seconds", "status"]
+    cells = [line.split() for line in lines[1:]]
+    assert [(c[0], c[1], c[5], c[6], c[7], c[8]) for c in cells] == [  # the task is 3 words
+        ("alone", "-", "tiny", "[6]", "0.05", "8"),
+        ("learning_rate=0.01,seed=0", "lr", "tiny", "[6]", "0.01", "16"),
+        ("learning_rate=0.01,seed=1", "lr", "tiny", "[6]", "0.01", "16"),
+        ("learning_rate=0.1,seed=0", "lr", "tiny", "[6]", "0.1", "16"),
+        ("learning_rate=0.1,seed=1", "lr", "tiny", "[6]", "0.1", "16"),
+    ]
+    assert all(c[-1] == "finished" for c in cells)
+
+
+def test_runs_of_a_sweep_folder_lists_its_runs(with_a_sweep):
+    rows = json.loads(cli("runs", with_a_sweep / "lr", "--json").stdout)
+    got = [(r["name"], r["sweep"], r["learning_rate"], r["batch_size"], r["dataset"], r["optimizer"]) for r in rows]
+    assert got == [
+        ("learning_rate=0.01,seed=0", "lr", 0.01, 16, "tiny", "sgd"),
+        ("learning_rate=0.01,seed=1", "lr", 0.01, 16, "tiny", "sgd"),
+        ("learning_rate=0.1,seed=0", "lr", 0.1, 16, "tiny", "sgd"),
+        ("learning_rate=0.1,seed=1", "lr", 0.1, 16, "tiny", "sgd"),
+    ]
+
+
+@pytest.mark.parametrize("filters, names", [
+    (["train.learning_rate=0.1"], ["learning_rate=0.1,seed=0", "learning_rate=0.1,seed=1"]),
+    (["train.learning_rate=0.1", "model.seed=1"], ["learning_rate=0.1,seed=1"]),
+    (["train.batch_size=8"], ["alone"]),
+    (["sweep=lr", "train.seed=0"], ["learning_rate=0.01,seed=0", "learning_rate=0.1,seed=0"]),
+    (["model.hidden=[6]", "status=finished", "dataset=tiny"], ["alone", "learning_rate=0.01,seed=0",
+                                                                "learning_rate=0.01,seed=1", "learning_rate=0.1,seed=0",
+                                                                "learning_rate=0.1,seed=1"]),
+    (["train.learning_rate=1"], []),
+    (["data.dataset=mnist"], []),
+])
+def test_runs_where_keeps_the_rows_that_match_every_filter(with_a_sweep, filters, names):
+    args = [w for f in filters for w in ("--where", f)]
+    res = cli("runs", with_a_sweep, "--json", *args)
+    assert res.exit_code == 0, res.output
+    assert [r["name"] for r in json.loads(res.stdout)] == names
+
+
+def test_runs_where_that_matches_nothing_says_so(with_a_sweep):
+    res = cli("runs", with_a_sweep, "--where", "train.learning_rate=1")
+    assert res.exit_code == 0
+    assert res.stdout == f"no runs in {with_a_sweep} with train.learning_rate=1\n"
+
+
+def test_runs_where_an_unknown_key_suggests_the_closest():
+    res = cli("runs", "--where", "train.learning_rat=0.1")
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == ("Error: Invalid value for '--where train.learning_rat=0.1': unknown key "
+                                           "train.learning_rat (did you mean train.learning_rate?)")
+
+
+def test_the_optimizer_column_shows_only_when_runs_differ_in_it_or_one_is_not_sgd(with_a_sweep):
+    from mlecli.runs import format_table, list_runs
+
+    rows = list_runs(with_a_sweep)
+    assert "optimizer" not in format_table(rows).splitlines()[0]
+    rows[0]["optimizer"] = "adam"
+    header, first = format_table(rows).splitlines()[:2]
+    assert header.split()[7] == "optimizer" and first.split()[9] == "adam"
+    for r in rows:
+        r["optimizer"] = "adam"
+    assert format_table(rows).splitlines()[0].split()[7] == "optimizer"
+
+
+# ---------------------------------------------------------------------------
+# mlecli plot SWEEP_DIR / several run folders: compare.png
+
+
+def test_plot_of_a_sweep_draws_compare_png_and_the_same_input_gives_the_same_bytes(with_a_sweep, tmp_path):
+    sweep = with_a_sweep / "lr"
+    for out in ("a", "b"):
+        res = cli("plot", sweep, "--out", tmp_path / out)
+        assert res.exit_code == 0, res.output
+        assert res.stdout == f"{tmp_path / out / 'compare.png'}\n"
+    assert (tmp_path / "a" / "compare.png").read_bytes() == (tmp_path / "b" / "compare.png").read_bytes()
+    w, h = png_size(tmp_path / "a" / "compare.png")
+    assert (w, h) == (1200, 480)
+
+
+def test_plot_of_a_sweep_writes_into_the_sweep_folder_by_default(with_a_sweep, tmp_path):
+    copy = tmp_path / "lr"
+    shutil.copytree(with_a_sweep / "lr", copy)
+    res = cli("plot", copy)
+    assert res.exit_code == 0, res.output
+    assert (copy / "compare.png").is_file()
+
+
+def test_runs_that_differ_only_in_their_seeds_are_one_group(with_a_sweep):
+    from mlecli.compare import collect
+
+    sweep = with_a_sweep / "lr"
+    folders = sorted(p for p in sweep.iterdir() if p.is_dir())
+    groups, title = collect([*folders, with_a_sweep / "alone"])
+    assert title == "5 runs"
+    assert [(g.label, [p.name for p in g.runs]) for g in groups] == [
+        ("batch_size=16, learning_rate=0.01", ["learning_rate=0.01,seed=0", "learning_rate=0.01,seed=1"]),
+        ("batch_size=16, learning_rate=0.1", ["learning_rate=0.1,seed=0", "learning_rate=0.1,seed=1"]),
+        ("batch_size=8, learning_rate=0.05", ["alone"]),
+    ]
+    groups, title = collect([sweep])
+    assert title == "lr" and [g.label for g in groups] == ["learning_rate=0.01", "learning_rate=0.1"]
+    rows = json.loads(cli("runs", sweep, "--json").stdout)  # the best point: highest mean best val LL
+    means = {lr: sum(r["val_ll"] for r in rows if r["learning_rate"] == lr) / 2 for lr in (0.01, 0.1)}
+    best = max(means, key=means.get)
+    assert [g.best for g in groups] == [best == 0.01, best == 0.1]
+
+
+def test_the_band_spans_the_lowest_to_highest_seed_and_the_line_is_their_mean():
+    from mlecli.compare import band
+
+    runs = [
+        [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}],
+        [{"epoch": 1, "val_acc": 0.75}, {"epoch": 2, "val_acc": 0.8}, {"epoch": 3, "val_acc": 0.9}],
+        [{"epoch": 1, "val_acc": 1.0}, {"epoch": 2, "val_acc": None}],
+    ]
+    assert band(runs, "val_acc") == ([1, 2, 3], [0.75, 0.75, 0.9], [0.5, 0.7, 0.9], [1.0, 0.8, 0.9])
+
+
+def test_plot_of_a_folder_that_is_neither_a_run_nor_a_sweep_is_refused(with_a_sweep, tmp_path):
+    res = cli("plot", with_a_sweep / "alone", tmp_path)
+    assert res.exit_code == 1
+    assert res.stderr == (f"Error: {tmp_path} is neither a run folder (no config.toml) nor a sweep folder "
+                          "(no sweep.json)\n")

@@ -242,3 +242,25 @@ def test_a_signal_while_the_data_is_fetched_stops_before_any_run_is_written(tiny
             f"Stopped by {sig.name} before training began: no run was written.\n")
         assert not run.exists()
         server.requests.clear()
+
+
+def test_a_lock_removed_by_its_holder_is_taken_anew_by_whoever_waited(tmp_path):
+    import threading
+
+    from mlecli.fsutil import folder_lock
+
+    folder = tmp_path / "f"
+    got = {}
+    with folder_lock(folder, wait=True, what="f") as held:
+        def waiter():
+            with folder_lock(folder, wait=True, what="f"):
+                got["lock"] = (folder / ".lock").exists()
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.2)  # the waiter now blocks on the lock file about to be removed
+        held.discard()
+        assert not folder.exists()
+    t.join(timeout=10)
+    assert got["lock"] is True  # it holds the folder's lock as the folder is now
+    assert folder.is_dir()

@@ -1,0 +1,387 @@
+"""Sweeps: one ordinary run per grid point and seed (planned by mlecli/grid.py), in one
+sweep folder, carried out by worker processes (mlecli/workers.py).
+
+```
+<sweep dir>/sweep.json                       the grid, the seeds, the base config, the runs
+<sweep dir>/<key=value,...,seed=S>/          one ordinary run folder per grid point and seed
+<sweep dir>/.lock                            held while a sweep works in the folder
+```
+
+This module makes or finds the sweep folder, writes and recognises `sweep.json`, finds
+what is left to do in it (start, resume, evaluate, or nothing), and runs what is left,
+showing progress; the table per grid point is mlecli/compare.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlecli import __version__
+from mlecli.config import Config
+from mlecli.errors import MlecliError
+from mlecli.fsutil import atomic_write_text, describe_os_error
+from mlecli.grid import Plan, RunSpec, format_seeds, jsonable, show
+
+SWEEP_FORMAT = 1
+# What a run folder holds before its first checkpoint: such a folder is started afresh.
+TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "checkpoints"}
+
+
+# ---------------------------------------------------------------------------
+# The sweep folder and sweep.json
+
+
+def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True) -> Path:
+    """`runs/<name>-sweep-<timestamp>` (then `-2`, `-3`, … if taken), made with one
+    exclusive mkdir (unless `create` is False), so two sweeps never get the same folder."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = root / (f"{name}-sweep-{stamp}" if n == 1 else f"{name}-sweep-{stamp}-{n}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise MlecliError(describe_os_error(exc, path)) from None
+    raise MlecliError(f"no free sweep folder name for {name} in {root}; use --sweep-dir")
+
+
+def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
+    """sweep.json of a folder, None if there is none; MlecliError if it is unreadable."""
+    path = Path(sweep_dir) / "sweep.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise MlecliError(f"{path} is not a readable sweep description ({exc}); move it away or choose another "
+                          "--sweep-dir") from None
+    if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT or not isinstance(data.get("runs"), list):
+        raise MlecliError(f"{path} is not a sweep description this mlecli reads (format {SWEEP_FORMAT})")
+    return data
+
+
+def find_sweep(p: Plan, root: Path = Path("runs")) -> Path | None:
+    """The newest sweep folder under `root` made by this very sweep (same config, grid and seeds)."""
+    if not root.is_dir():
+        return None
+    want = p.description()
+    for folder in sorted(root.glob(f"{glob_escape(p.base.name)}-sweep-*"), key=lambda f: f.name, reverse=True):
+        try:
+            data = read_sweep_json(folder)
+        except MlecliError:
+            continue
+        if data is not None and _described(data) == want:
+            return folder
+    return None
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _described(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k in ("base_config", "grid", "seeds")}
+
+
+def check_sweep_dir(p: Plan, sweep_dir: Path) -> bool:
+    """True if `sweep_dir` already holds this sweep; False if it is new or empty. Raises
+    MlecliError if it holds another sweep, or things that are not this sweep's runs."""
+    data = read_sweep_json(sweep_dir)
+    if data is not None:
+        if _described(data) != p.description():
+            raise MlecliError(
+                f"sweep folder {sweep_dir} holds another sweep ({_difference(data, p)}); choose another "
+                f"--sweep-dir, or repeat the command that made it ({sweep_dir / 'sweep.json'} describes it)"
+            )
+        return True
+    if not sweep_dir.exists():
+        return False
+    if not sweep_dir.is_dir():
+        raise MlecliError(f"--sweep-dir {sweep_dir} is a file; give a folder")
+    names = {r.name for r in p.runs} | {".lock"}
+    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names)
+    if strangers:
+        raise MlecliError(
+            f"sweep folder {sweep_dir} already holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''} "
+            "and no sweep.json; choose another --sweep-dir"
+        )
+    return any(sweep_dir.iterdir())
+
+
+def _difference(data: dict[str, Any], p: Plan) -> str:
+    want = p.description()
+    if data.get("grid") != want["grid"]:
+        had = " ".join(f"{g['key']}={','.join(map(show, g['values']))}" for g in data.get("grid") or []) or "none"
+        return f"its grid is {had}"
+    if data.get("seeds") != want["seeds"]:
+        return f"its seeds are {format_seeds(tuple(data.get('seeds') or ()))}"
+    had, now = _flat(data.get("base_config") or {}), _flat(want["base_config"])
+    keys = sorted(k for k in had.keys() | now.keys() if had.get(k) != now.get(k))
+    return "its config differs in " + ", ".join(f"{k} ({show(had.get(k))} there)" for k in keys[:3])
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def write_sweep_json(p: Plan, sweep_dir: Path, blas_threads: int, created: str | None = None) -> None:
+    data = {
+        "format": SWEEP_FORMAT,
+        "mlecli": __version__,
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": p.source,
+        "set": list(p.sets),
+        **p.description(),
+        "blas_threads": blas_threads,
+        "runs": [{"dir": r.name, "point": {k: v for k, v in r.point}, "seed": r.seed} for r in p.runs],
+    }
+    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(jsonable(data), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# What is left to do in a sweep folder
+
+
+@dataclass(frozen=True)
+class Todo:
+    run: RunSpec
+    action: str  # "start", "restart" (a folder with no checkpoint yet), "resume", "evaluate" or "done"
+    epochs_done: int = 0
+    problem: str | None = None  # a run that cannot go on as it is
+
+
+def todo(p: Plan, sweep_dir: Path, evaluate: bool) -> list[Todo]:
+    """Each run of the plan (in start order) and what it needs."""
+    return [_todo_of(r, Path(sweep_dir) / r.name, evaluate) for r in p.order()]
+
+
+def _todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
+    from mlecli import checkpoint as ckpt
+
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return Todo(run, "start")
+    if not ckpt.checkpoints_in(run_dir):
+        extra = sorted(c.name for c in run_dir.iterdir() if c.name not in TRAINER_FILES)
+        if extra:
+            return Todo(run, "start", problem=f"run folder {run_dir} holds {', '.join(extra)} and no checkpoint; "
+                                              "move it away and run the sweep again")
+        return Todo(run, "restart")  # stopped before its first checkpoint: nothing to lose
+    try:
+        last = ckpt.load(run_dir / "checkpoints" / "last.npz")
+    except MlecliError:
+        return Todo(run, "resume")  # the trainer falls back to the newest readable checkpoint
+    if _comparable(last.config) != _comparable(run.config):
+        return Todo(run, "resume", problem=f"run folder {run_dir} holds a run of another config; move it away "
+                                           "and run the sweep again")
+    if last.epoch >= run.config.train.epochs and _ended(run_dir) != "failed":
+        has_eval = (run_dir / "eval-test-best.json").exists()
+        return Todo(run, "evaluate" if evaluate and not has_eval else "done", last.epoch)
+    return Todo(run, "resume", last.epoch)
+
+
+def _comparable(cfg: Config) -> dict[str, Any]:
+    """A config without the keys a resume may change (they do not change the weights so far)."""
+    d = cfg.to_dict()
+    for key in ("epochs", "checkpoint_every", "log_every"):
+        d["train"].pop(key, None)
+    return d
+
+
+def _ended(run_dir: Path) -> str | None:
+    from mlecli.rundir import read_manifest
+
+    ended = read_manifest(run_dir).get("ended")
+    return ended.get("status") if isinstance(ended, dict) else None
+
+
+def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
+    """The BLAS threads of each worker: what the sweep recorded when it began (the last bits
+    of a run with batches over 64 depend on it), else the cores shared among the workers."""
+    from mlecli.workers import cores
+
+    recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
+    threads = (recorded or {}).get("blas_threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+        return threads
+    return max(1, cores() // min(jobs or cores(), len(p.runs)))
+
+
+def clear_unstarted(run_dir: Path) -> None:
+    """Remove what a run stopped before its first checkpoint left (nothing of value), so
+    that it can start afresh; anything else in the folder stays and is refused later."""
+    from mlecli import checkpoint as ckpt
+    from mlecli.fsutil import remove_stale_temporaries
+
+    if ckpt.checkpoints_in(run_dir):
+        raise MlecliError(f"{run_dir} has checkpoints: resume it instead")  # the plan said otherwise: a bug
+    folder = run_dir / "checkpoints"
+    try:
+        if folder.is_dir():
+            remove_stale_temporaries(folder)
+            folder.rmdir()
+        for name in TRAINER_FILES - {"checkpoints"}:
+            (run_dir / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise MlecliError(f"cannot clear {run_dir}, which a run left before its first checkpoint: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# Running a sweep
+
+
+@dataclass
+class Outcome:
+    sweep_dir: Path
+    results: dict[str, Any]  # run name → workers.Result, for the runs worked on now
+    stopped: str | None  # the signal that stopped the sweep
+    summary: dict[str, Any]
+
+
+def execute(
+    p: Plan,
+    sweep_dir: Path | None,
+    *,
+    jobs: int | None,
+    data_dir: Path,
+    evaluate: bool,
+    progress: bool,
+    log,
+) -> Outcome:
+    """Run (or continue) the sweep `p` in `sweep_dir` (None: continue the newest folder
+    under runs/ holding this sweep, else a new runs/<config>-sweep-<timestamp>)."""
+    from mlecli import workers
+    from mlecli.cache import prepare
+    from mlecli.compare import summary
+    from mlecli.fsutil import folder_lock
+
+    if sweep_dir is not None:
+        check_sweep_dir(p, sweep_dir)  # before any download
+    # The data first, once, in this process: workers only read the cache, and a sweep that
+    # cannot get its data leaves no folder behind.
+    seen = set()
+    for r in p.runs:
+        key = json.dumps({k: v for k, v in r.config.to_dict()["data"].items() if k != "validation"}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prepare(r.config.data.resolve(), data_dir, progress=progress, log=log)
+    if sweep_dir is None:
+        sweep_dir = find_sweep(p) or default_sweep_dir(p.base.name)
+    continuing = check_sweep_dir(p, sweep_dir)
+    with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}"):
+        jobs = jobs or workers.cores()
+        threads = blas_threads(p, sweep_dir, jobs)
+        if read_sweep_json(sweep_dir) is None:
+            write_sweep_json(p, sweep_dir, threads)
+        plan_now = todo(p, sweep_dir, evaluate)
+        errors = {t.run.name: t.problem for t in plan_now if t.problem}
+        tasks = [
+            workers.Task(t.run.name, str(sweep_dir / t.run.name), t.run.config.to_dict(), t.action, evaluate)
+            for t in plan_now if t.action != "done" and not t.problem
+        ]
+        counts = {a: sum(t.action == a for t in plan_now if not t.problem) for a in ("done", "resume", "evaluate")}
+        workers_now = min(jobs, len(tasks))
+        log(f"{'continuing ' if continuing else ''}sweep {sweep_dir}: {_count(len(p.points()), 'grid point')} x "
+            f"{_count(len(p.seeds), 'seed')} = {_count(len(p.runs), 'run')} ({counts['done'] + counts['evaluate']} "
+            f"finished, {counts['resume']} to resume, {len(tasks) - counts['resume'] - counts['evaluate']} to start)"
+            + (f" on {_count(workers_now, 'worker')}, {_count(threads, 'BLAS thread')} each" if tasks else ""))
+        for name, problem in errors.items():
+            log(f"{name}: {problem}")
+        display = Progress(p, plan_now, sweep_dir, progress, log)
+        try:
+            results, stopped = workers.run_tasks(tasks, jobs=jobs, threads=threads, data_dir=data_dir,
+                                                 events=display)
+        finally:
+            display.close()
+        for name, result in results.items():
+            if result.status == "failed":
+                errors[name] = result.error
+        return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+class Progress:
+    """What a sweep shows while it runs: one line per run as it ends (on stderr) and, on a
+    terminal, one bar over all the epochs to train, with runs done and the best so far."""
+
+    def __init__(self, p: Plan, plan_now: list[Todo], sweep_dir: Path, bar: bool, log):
+        self.sweep_dir = sweep_dir
+        self.log = log
+        self.total = len(p.runs)
+        self.done = sum(t.action == "done" for t in plan_now)
+        self.best: tuple[float, str] | None = None
+        for t in plan_now:
+            if t.action in ("done", "evaluate"):
+                self._consider(t.run.name)
+        epochs = sum(t.run.config.train.epochs - t.epochs_done for t in plan_now if t.action != "done")
+        self.bar = None
+        if bar and epochs:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=epochs, desc="sweep", unit="epoch", file=sys.stderr, mininterval=0.5,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "
+                                       "[{elapsed}<{remaining}]{postfix}")
+            self._postfix()
+
+    def _consider(self, name: str) -> dict[str, Any] | None:
+        from mlecli.runs import describe
+
+        row = describe(self.sweep_dir / name)
+        if row["val_ll"] is not None and (self.best is None or row["val_ll"] > self.best[0]):
+            self.best = (row["val_ll"], name)
+        return row
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            best = f", best {self.best[1]} (val LL {self.best[0]:.4f})" if self.best else ""
+            self.bar.set_postfix_str(f"runs {self.done}/{self.total} done{best}", refresh=True)
+
+    def _say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            self.log(text)
+
+    def __call__(self, kind: str, name: str, detail: Any) -> None:
+        if kind == "epoch" and self.bar is not None:
+            self.bar.update(1)
+        elif kind == "log":
+            self._say(f"{name}: {detail}")
+        elif kind == "done":
+            if detail.status == "finished":
+                self.done += 1
+                row = self._consider(name)
+                test = f", test acc {100 * row['test_acc']:.2f}%" if row["test_acc"] is not None else ""
+                figures = (f"best val LL {row['val_ll']:.4f}/img, acc {100 * row['val_acc']:.2f}% "
+                           f"(epoch {row['best_epoch']}){test}" if row["val_ll"] is not None else "finished")
+                self._say(f"[{self.done}/{self.total}] {name}: {figures}")
+            elif detail.status == "failed":
+                self._say(f"failed {name}: {detail.error}")
+            elif detail.status == "interrupted":
+                self._say(f"stopped {name}: saved mid-run")
+            self._postfix()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
