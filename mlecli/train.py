@@ -310,24 +310,24 @@ def run(
     if resume_from is None:
         report.log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
     with rundir.claim(run_dir, fresh=resume_from is None, created=created):
-        run = None
+        opened = None  # not `run`: that would make the name local to this function
         try:
             stop.armed = True  # from here on, a first signal saves the run's position
-            run = _open(cfg, run_dir, data, report, resume_from is not None)
-            outcome = _train(run, report, stop)
+            opened = _open(cfg, run_dir, data, report, resume_from is not None)
+            outcome = _train(opened, report, stop)
         except StopNow as now:
             stop.settled = True
-            point = (run.committed if run is not None else (0, 0))
+            point = (opened.committed if opened is not None else (0, 0))
             rundir.record_end(run_dir, "interrupted", _now(), f"stopped at once by a second {now.signal_name}")
-            best = run.state.best if run is not None else None
+            best = opened.state.best if opened is not None else None
             return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
         except MlecliError as exc:
             stop.settled = True
             rundir.record_end(run_dir, "failed", _now(), str(exc))
             raise
         finally:
-            if run is not None:
-                run.metrics.close()
+            if opened is not None:
+                opened.metrics.close()
         rundir.record_end(run_dir, "interrupted" if outcome.interrupted else "finished", _now())
         return outcome
 

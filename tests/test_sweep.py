@@ -578,7 +578,11 @@ def test_the_sweep_downloads_the_data_once_before_any_worker_starts(tiny, mirror
     res = cli("sweep", cfg, "--grid", "train.learning_rate=0.05,0.1", "--seeds", "0-1", "--jobs", 2,
               "--sweep-dir", tmp_path / "s", "--data-dir", tmp_path / "d")
     assert res.exit_code == 0, res.output
-    assert res.stderr.startswith(f"tiny is not cached in {tmp_path / 'd' / 'tiny'}; downloading it\n")
+    from mlecli.cache import dataset_dir
+    from mlecli.config import load
+
+    folder = dataset_dir(load(cfg).data.resolve(), tmp_path / "d")
+    assert res.stderr.startswith(f"tiny is not cached in {folder}; downloading it\n")
     assert sorted(mirror.counts.items()) == sorted((name, 1) for name in tiny.gz_files())
 
 
@@ -619,7 +623,7 @@ def test_a_kept_split_is_read_again_once_its_cache_file_changes(tiny_config, tmp
         first = cache.load_split(dataset, tmp_path, "train")
         assert cache.load_split(dataset, tmp_path, "train") is first
         assert not first.images.flags.writeable
-        npz_file = tmp_path / "tiny" / "train.npz"
+        npz_file = cache.dataset_dir(dataset, tmp_path) / "train.npz"
         npz_file.write_bytes(npz_file.read_bytes())  # the same bytes, a new modification time
         again = cache.load_split(dataset, tmp_path, "train")
         assert again is not first and np.array_equal(again.images, first.images)
