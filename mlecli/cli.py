@@ -533,6 +533,118 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
             echo(printable(f"  report            {saved}"))
 
 
+def checkpoint_option(help_text: str):
+    def decorate(f):
+        return click.option(
+            "--checkpoint",
+            "which",
+            default="best",
+            metavar="best|last|epoch-N",
+            callback=_checkpoint_name,
+            help=help_text,
+        )(f)
+
+    return decorate
+
+
+def _checkpoint_name(ctx, param, value):
+    import re
+
+    if not re.fullmatch(r"best|last|epoch-\d+", value):
+        raise click.BadParameter(f"{value!r} is not best, last or epoch-N")
+    return value
+
+
+def threshold_option(f):
+    return click.option(
+        "--threshold",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=0.5,
+        help="Predict positive where ŷ ≥ this.",
+    )(f)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@checkpoint_option("Which checkpoint of a run folder to use (ignored for a checkpoint file).")
+@threshold_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image and line instead of the table.")
+@click.option("--raw", is_flag=True, help="Skip the preparation: inputs are already 28×28, light ink on black.")
+@click.option(
+    "--show",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write a PNG of the 28×28 images the network saw, with their ŷ.",
+)
+def predict(target, inputs, which, threshold, as_json, raw, show):
+    """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
+
+    TARGET is a run folder or a checkpoint file. INPUT: image files (PNG, JPEG, BMP, GIF,
+    TIFF, WebP), folders of them (sorted by name), .npy arrays (H×W or N×H×W, uint8 0-255
+    or float 0-1), IDX image files (.gz or not), or - for standard input. Each image is
+    prepared as the network's training images were (MNIST's digits: gray, ink light on
+    dark, cropped, longer side 20 pixels, centred by mass in 28×28; Fashion-MNIST's:
+    longer side 28, centred) unless --raw. An input that cannot be used gets one line on
+    stderr, the others are still predicted, and the exit status is 1.
+    """
+    from mlecli import inputs as sources_of
+    from mlecli import predict as pr
+
+    model = pr.load_model(target, which)
+    sources = sources_of.sources(list(inputs))
+    width = max((len(printable(s.name)) for s in sources if isinstance(s, sources_of.Source)), default=0)
+    failed = 0
+    shown: list = []
+    for result in model.predict_sources(sources, raw):
+        if isinstance(result, MlecliError):
+            failed += 1
+            click.echo(f"Error: {printable(str(result))}", err=True)
+            continue
+        if as_json:
+            lines = pr.json_lines(result, model.classes_, threshold)
+        else:
+            lines = pr.text_lines(result, model.classes_, threshold, width, printable(result.source))
+        click.echo("\n".join(lines))  # one write for the whole batch
+        if show is not None and sum(len(b.p) for b in shown) < pr.SHOW_LIMIT:
+            shown.append(result)
+    if show is not None:
+        count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
+        if count:
+            click.echo(f"wrote {show} ({count} images)", err=True)
+        else:
+            click.echo(f"no image to show: {show} not written", err=True)
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Where to write.  [default: <run>/<checkpoint>.onnx or .html; beside a checkpoint file outside a run]",
+)
+def export(target, which, fmt, out):
+    """Export a network to ONNX, or to a web page to draw on.
+
+    onnx needs the onnx package: pip install 'mlecli[onnx]'. The page works offline,
+    from a double-click (file://), and makes no network request of any kind.
+    """
+    from mlecli import export as ex
+
+    path = ex.export(target, which, fmt, out)
+    size = path.stat().st_size
+    click.echo(f"wrote {path} ({size / 1024:,.0f} KB)")
+    if fmt == "html":
+        click.echo(f"open it in a browser: {path.resolve().as_uri()}")
+
+
 @main.command()
 @click.argument("run_dir", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path),
                 metavar="RUN_DIR | SWEEP_DIR | RUN_DIR...")

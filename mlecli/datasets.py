@@ -142,3 +142,11 @@ def custom(
 
 def _strip_gz(fname: str) -> str:
     return fname.removesuffix(".gz")
+
+
+# What each label means, where it is not the digit itself (Fashion-MNIST's own names, in label order).
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+}

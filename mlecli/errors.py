@@ -43,3 +43,7 @@ class Stopped(BaseException):
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
         self.signal_name = signal_name
+
+
+class InputError(MlecliError):
+    """An input of `predict` (an image, array or folder) cannot be read or used."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from mlecli.cache import Split
 from mlecli.config import Config
+from mlecli.datasets import CLASS_NAMES
 from mlecli.errors import ConfigError
 from mlecli.model import Params, forward
 
@@ -172,3 +173,39 @@ def draw_offsets(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, 
     0..2k, i.e. moves uniform on −k..k in each direction."""
     oy, ox = rng.integers(0, 2 * k + 1, size=(2, n))
     return oy, ox
+
+
+ODD, EVEN = (1, 3, 5, 7, 9), (0, 2, 4, 6, 8)
+
+
+def class_words(cfg: Config) -> tuple[str, str]:
+    """The task's two classes in words, (y = 0, y = 1), for people reading a prediction.
+
+    Digits by name (`odd (1,3,5,7,9)`, `even (0,2,4,6,8)`, `4`, `0,1,2,3,4`); a negative
+    side of "rest" is `not 4 (0,1,2,3,5,6,7,8,9)`; a dataset with class names
+    (Fashion-MNIST) uses them instead of the label numbers.
+    """
+    names = CLASS_NAMES.get(cfg.data.dataset)
+    positive = cfg.task.positive
+    negative = cfg.task.negative_digits
+    if names is not None:
+        pos_word = ", ".join(names[d] for d in positive)
+        neg_word = ", ".join(names[d] for d in negative)
+        if cfg.task.negative == "rest":
+            neg_word = f"not {pos_word} ({neg_word})"
+        return neg_word, pos_word
+    pos_word = _digits_word(positive)
+    neg_word = _digits_word(negative)
+    if cfg.task.negative == "rest" and tuple(sorted(negative)) not in (ODD, EVEN):
+        neg_word = f"not {pos_word} ({neg_word})"
+    return neg_word, pos_word
+
+
+def _digits_word(digits: tuple[int, ...]) -> str:
+    listed = ",".join(map(str, sorted(digits)))
+    key = tuple(sorted(digits))
+    if key == ODD:
+        return f"odd ({listed})"
+    if key == EVEN:
+        return f"even ({listed})"
+    return listed

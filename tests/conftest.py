@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -76,6 +77,22 @@ def no_internet(monkeypatch):
         return real_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", local_names_only)
+
+
+_SIGNALS_AT_START = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+@pytest.fixture(autouse=True)
+def signals_as_they_were():
+    """Each test starts and ends with SIGINT/SIGTERM handled as when the session began. An
+    in-process `mlecli train` (CliRunner, here or in a module fixture) ignores both once its
+    run is saved, for the rest of the process: a worker forked after that (test_download's
+    pool) would ignore the pool's SIGTERM and never end."""
+    for sig, handler in _SIGNALS_AT_START.items():
+        signal.signal(sig, handler)
+    yield
+    for sig, handler in _SIGNALS_AT_START.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)

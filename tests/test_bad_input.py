@@ -255,6 +255,15 @@ BAD_OPTIONS = [
     ["sweep", "--jobs", "many"],
     ["sweep", "--sweep-dir", "README.md"],
     ["sweep", "--data-dir", "README.md"],
+    ["predict", "runs", "x.png", "--checkpoint", "newest"],
+    ["predict", "runs", "x.png", "--threshold", "0"],
+    ["predict", "runs", "x.png", "--threshold", "half"],
+    ["predict", "runs", "x.png", "--show", "tests"],
+    ["predict", "runs"],
+    ["export", "runs", "--format", "pdf"],
+    ["export", "runs"],
+    ["export", "runs", "--format", "html", "--checkpoint", "newest"],
+    ["export", "runs", "--format", "html", "--out", "tests"],
 ]
 
 

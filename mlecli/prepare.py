@@ -1,0 +1,378 @@
+"""MNIST's preparation of an image, as one exact algorithm (numpy; `web/prepare.js` is its twin).
+
+The makers of MNIST size-normalised each digit to fit a 20×20 box (keeping its aspect
+ratio, anti-aliased) and placed it in a 28×28 frame so that its centre of mass sits on
+the frame's centre; Fashion-MNIST's makers scaled each picture's longer side to 28 and
+centred its box. A photo or a drawing must go through the same steps before a network
+trained on those images can read it: the `Style` of the network's dataset says which.
+Every step below is written so that the page's JavaScript can do exactly the same
+arithmetic (float64, the same operations in the same order, sums taken first to last),
+which keeps the two within a rounding of each other.
+
+A gray image `g` (H, W) float64 in [0, 1] (0 black, 1 white) becomes a uint8 (28, 28) image,
+light ink on black, in nine steps:
+
+1. background: `m` = median of the border ring (the pixels of the first and last rows and
+   columns); the ink is whichever side departs further from it: if `m − min(g)` exceeds
+   `max(g) − m` the ink is dark, and `g ← 1 − g`, `m ← 1 − m`.
+2. noise: `σ` = max(1.4826 · median(d), f[⌊0.9 · (k − 1)⌋] / 1.6449), with `d` the ring's
+   deviations |ring − m| and `f` the k of them that are faint (below a sixteenth of the
+   image's contrast, `(max(g) − m) / 16`), sorted: the background's spread as a Gaussian's
+   σ, from the median deviation, or from the 90th percentile of the faint ones when more
+   than half of the ring is exactly `m` (a white page saved as JPEG keeps faint artifacts
+   there). Ink touching the border is not noise: it is rarely half the ring, and seldom
+   faint; the faint part alone can never make σ more than a 26th of the contrast.
+   σ = 0 for a clean border.
+3. blank: with `p = max(g)`, an image whose `p − m` is below max(0.1, 8σ) holds no ink.
+4. levels: `lo = m + 3σ`, `hi = p − 3σ`; `v = clip((g − lo) / (hi − lo), 0, 1)`: the
+   background and its noise become 0, the ink's core 1 (a clean image, σ = 0, keeps its
+   levels: v = (g − m) / (p − m)).
+5. box: row sums `r` and column sums `c` of `v`, each added first to last. The box's first
+   row is the first whose running total `r_0 + … + r_a` exceeds δ·Σr, its last row the last
+   whose total from the bottom `r_a + … + r_{H−1}` exceeds δ·Σr (with Σr the running total's
+   end); columns likewise. δ = 0.5% when the background is noisy (σ > 0): up to 0.5% of the
+   ink on each side, dust and specks, may fall outside; δ = 0 when it is perfectly clean:
+   every pixel of ink is inside. Crop `v` to the box, h × w pixels.
+6. scale: `s = B / max(h, w)`, with B = 20 (MNIST) or 28 (Fashion-MNIST); crop pixel a
+   spans [s·a, s·(a+1)) of a B×B box, and each box pixel is the area-weighted mean of the
+   crop over it:
+   `T[i, j] = Σ_a Σ_b Ly[i, a] · crop[a, b] · Lx[j, b]`, with the overlap lengths
+   `Ly[i, a] = max(0, min(i + 1, s·(a+1)) − max(i, s·a))` (anti-aliasing by area).
+7. quantise: `q = ⌊255 · (T / max(T)) + ½⌋` as integers 0-255 (the ink's peak becomes 255).
+8. centre: MNIST, the centre of mass of q (exact integer sums):
+   `cy = Σ_i (i + ½) Σ_j q[i, j] / Σ q`, `cx` likewise, and the target t = 14.5 (pixel 14's
+   centre, where MNIST's digits have theirs); Fashion-MNIST, the middle of the scaled
+   crop, `cy = s·h / 2`, `cx = s·w / 2`, and t = 14 (the frame's middle).
+9. place: q goes into the 28×28 frame shifted by whole pixels, `dy = ⌊t − cy + ½⌋` rows and
+   `dx = ⌊t − cx + ½⌋` columns: the centre lands within half a pixel of the target. Pixels
+   shifted out of the frame are lost, as in MNIST.
+
+A prepared image comes through a second preparation unchanged (when nothing was shifted out).
+`prepare` is the one-image oracle; `prepare_many` does the same for a stack of equal-sized
+images at once (vectorised; equal to the oracle up to the rounding of its matrix products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlecli import blas
+from mlecli.errors import MlecliError
+
+FRAME = 28  # side of the prepared image
+MAD_TO_SIGMA = 1.4826  # median absolute deviation -> σ of a Gaussian
+Q90_SIGMAS = 1.6449  # a Gaussian's 90th percentile of |x − μ|, in σ
+FAINT = 16.0  # a deviation below 1/16 of the contrast is faint: JPEG's artifacts, not ink
+NOISE_CUT = 3.0  # levels start 3σ above the background
+MIN_CONTRAST = 0.1  # ink must differ from the background by a tenth of full scale…
+BLANK_NOISE = 8.0  # …and by 8σ of the background's noise
+TRIM = 0.005  # share of a noisy image's ink that may lie beyond each side of the box
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a dataset's images were made: the longer side of the ink in the 28×28 frame (`box`),
+    what is centred (`centre`: "mass", its centre of mass, or "box", the middle of its box) and
+    where (`target`, in frame coordinates: pixel i spans [i, i+1))."""
+
+    name: str
+    box: int
+    centre: str
+    target: float
+
+
+MNIST = Style("mnist", 20, "mass", 14.5)
+FASHION_MNIST = Style("fashion-mnist", 28, "box", 14.0)
+
+
+def style_for(dataset: str) -> Style:
+    """Fashion-MNIST's style for networks trained on it; MNIST's for any other (digit) dataset."""
+    return FASHION_MNIST if dataset == FASHION_MNIST.name else MNIST
+
+
+class BlankImage(MlecliError):
+    """An image with no ink to prepare."""
+
+
+def blank_message(name: str) -> str:
+    return (f"{name}: no ink found: nothing stands out from the background (judged from the image's border: "
+            "leave a margin around the ink)")
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What the preparation found in one image (for tests and for explaining a result)."""
+
+    inverted: bool
+    background: float  # m, after inversion
+    noise: float  # σ
+    peak: float  # p
+    box: tuple[int, int, int, int]  # first row, last row, first column, last column (inclusive)
+    scale: float  # s
+    offset: tuple[int, int]  # dy, dx: where the box's top left corner lands in the frame
+    centre: tuple[float, float]  # cy, cx: in box coordinates, the centre that is placed
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """(…, 3) uint8 RGB -> gray in [0, 1]: ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B) / 255."""
+    rgb = rgb.astype(np.float64)
+    return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255.0
+
+
+def composite(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA -> gray in [0, 1], transparency filled with the colour opposite the ink.
+
+    The background behind transparent pixels is white when what is drawn (weighted by
+    alpha) is dark on average, black when it is light: dark ink on a transparent sheet
+    and light ink on one both come out as ink on a plain background.
+    """
+    lum = luminance(rgba[..., :3])
+    alpha = rgba[..., 3].astype(np.float64) / 255.0
+    if np.all(rgba[..., 3] == 255):
+        return lum
+    weight = float(np.sum(alpha))
+    mean = float(np.sum(alpha * lum)) / weight if weight > 0 else 0.0
+    back = 1.0 if mean < 0.5 else 0.0
+    return alpha * lum + (1.0 - alpha) * back
+
+
+def _seq_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Sum along `axis` strictly first to last (as a JavaScript loop does; np.sum adds pairwise)."""
+    if x.ndim == 1 or (x.ndim == 2 and axis in (1, -1) and x.shape[1] <= 64):
+        return np.cumsum(x, axis=-1)[..., -1] if x.shape[-1] else np.zeros(x.shape[:-1])
+    x = np.moveaxis(x, axis, 0)
+    if len(x) == 0:
+        return np.zeros(x.shape[1:])
+    acc = x[0].astype(np.float64, copy=True)
+    for row in x[1:]:
+        acc += row
+    return acc
+
+
+def ring(g: np.ndarray) -> np.ndarray:
+    """The border pixels of (…, H, W) images: first and last rows, then the other pixels of
+    the first and last columns; shape (…, 2W + 2(H−2)), or every pixel of a 1- or 2-row image."""
+    h = g.shape[-2]
+    if h <= 2:
+        return g.reshape(*g.shape[:-2], -1).copy()
+    return np.concatenate([g[..., 0, :], g[..., -1, :], g[..., 1:-1, 0], g[..., 1:-1, -1]], axis=-1)
+
+
+def area_weights(n_in: int, scale: float, n_out: int) -> np.ndarray:
+    """L (n_out, n_in): overlap of box pixel i = [i, i+1) with input pixel a = [s·a, s·(a+1))."""
+    a = np.arange(n_in, dtype=np.float64)
+    lo = scale * a
+    hi = scale * (a + 1.0)
+    i = np.arange(n_out, dtype=np.float64)[:, None]
+    return np.maximum(0.0, np.minimum(i + 1.0, hi) - np.maximum(i, lo))
+
+
+def quantise(T: np.ndarray) -> np.ndarray:
+    """Step 7: the box's values as integers 0-255 (float64), its peak 255."""
+    return np.floor(255.0 * (T / T.max()) + 0.5)
+
+
+def centre_of_mass(q: np.ndarray) -> tuple[float, float]:
+    """Step 8, on integers: every sum is exact, so any order of adding gives the same bits."""
+    total = q.sum()
+    rows, cols = q.sum(axis=1), q.sum(axis=0)
+    centres = np.arange(len(rows)) + 0.5
+    return float((centres * rows).sum() / total), float((centres * cols).sum() / total)
+
+
+def place(q: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Step 9: q (B, B) shifted into a zero (28, 28) frame by whole pixels; what falls outside is lost."""
+    out = np.zeros((FRAME, FRAME), np.uint8)
+    y0, x0 = max(dy, 0), max(dx, 0)
+    y1, x1 = min(dy + len(q), FRAME), min(dx + len(q), FRAME)
+    if y0 < y1 and x0 < x1:
+        out[y0:y1, x0:x1] = q[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+    return out
+
+
+def _box(profile: np.ndarray, trim: float) -> tuple[int, int]:
+    """Step 5 along one axis: the first and last index inside the box."""
+    ahead = np.cumsum(profile)  # running totals, added first to last
+    behind = np.cumsum(profile[::-1])[::-1]  # totals from the end, added last to first
+    limit = trim * ahead[-1]
+    return int(np.argmax(ahead > limit)), len(profile) - 1 - int(np.argmax((behind > limit)[::-1]))
+
+
+def prepare_steps(g: np.ndarray, name: str = "image", style: Style = MNIST) -> tuple[np.ndarray, Steps]:
+    """Prepare one gray image (H, W) float64 in [0, 1]; return the uint8 (28, 28) image and its Steps.
+
+    Raises BlankImage (naming `name`) when the image holds no ink.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    border = ring(g)
+    m = float(np.median(border))
+    inverted = bool(m - g.min() > g.max() - m)
+    if inverted:
+        g = 1.0 - g
+        border = 1.0 - border
+        m = 1.0 - m
+    p = float(g.max())
+    dev = np.sort(np.abs(border - m))
+    faint = dev[dev < (p - m) / FAINT]
+    sigma = MAD_TO_SIGMA * float(np.median(dev))
+    if len(faint):
+        sigma = max(sigma, float(faint[int(0.9 * (len(faint) - 1))]) / Q90_SIGMAS)
+    if p - m < max(MIN_CONTRAST, BLANK_NOISE * sigma):
+        raise BlankImage(blank_message(name))
+    lo = m + NOISE_CUT * sigma
+    hi = p - NOISE_CUT * sigma
+    v = np.clip((g - lo) / (hi - lo), 0.0, 1.0)
+    trim = TRIM if sigma > 0 else 0.0
+    rows, cols = _seq_sum(v, axis=1), _seq_sum(v, axis=0)
+    r0, r1 = _box(rows, trim)
+    c0, c1 = _box(cols, trim)
+    crop = v[r0 : r1 + 1, c0 : c1 + 1]
+    h, w = crop.shape
+    s = style.box / max(h, w)
+    with blas.threads(1):  # products this small lose more to waking a second thread than they gain
+        q = quantise(area_weights(h, s, style.box) @ crop @ area_weights(w, s, style.box).T)
+    cy, cx = centre_of_mass(q) if style.centre == "mass" else (s * h / 2, s * w / 2)
+    dy = int(np.floor(style.target - cy + 0.5))
+    dx = int(np.floor(style.target - cx + 0.5))
+    steps = Steps(inverted, m, sigma, p, (r0, r1, c0, c1), s, (dy, dx), (cy, cx))
+    return place(q.astype(np.uint8), dy, dx), steps
+
+
+def prepare(g: np.ndarray, name: str = "image", style: Style = MNIST) -> np.ndarray:
+    """One gray image (H, W) float64 in [0, 1] -> uint8 (28, 28) in `style`. See the module docstring."""
+    return prepare_steps(g, name, style)[0]
+
+
+def prepare_many(g: np.ndarray, chunk: int = 256, style: Style = MNIST) -> tuple[np.ndarray, np.ndarray]:
+    """A stack of gray images (N, H, W) in [0, 1] (or uint8 0-255) -> (uint8 (N, 28, 28), blank (N,) bool).
+
+    The same steps as `prepare`, vectorised over `chunk` images at a time (small enough
+    to stay in the CPU's cache); a blank image comes out all zeros and is flagged. Equal
+    to `prepare` image by image up to the rounding of the matrix products.
+    """
+    g = np.asarray(g)
+    n = len(g)
+    images = np.zeros((n, FRAME, FRAME), np.uint8)
+    blank = np.zeros(n, bool)
+    for start in range(0, n, chunk):
+        part = g[start : start + chunk]
+        part = part / 255.0 if part.dtype == np.uint8 else part.astype(np.float64)
+        images[start : start + chunk], blank[start : start + chunk] = _prepare_chunk(part, style)
+    return images, blank
+
+
+def _prepare_chunk(g: np.ndarray, style: Style) -> tuple[np.ndarray, np.ndarray]:
+    """prepare_many on (n, H, W) float64 images, which it overwrites."""
+    H, W = g.shape[1:]
+    border = ring(g)
+    m = np.median(border, axis=1)
+    lowest, highest = g.min(axis=(1, 2)), g.max(axis=(1, 2))
+    inverted = m - lowest > highest - m
+    if inverted.any():
+        g[inverted] = 1.0 - g[inverted]
+        border[inverted] = 1.0 - border[inverted]
+        m[inverted] = 1.0 - m[inverted]
+    p = np.where(inverted, 1.0 - lowest, highest)  # max(1 − g) = 1 − min(g), exactly
+    dev = np.sort(np.abs(border - m[:, None]), axis=1)
+    sigma = MAD_TO_SIGMA * np.median(dev, axis=1)
+    n_faint = np.count_nonzero(dev < ((p - m) / FAINT)[:, None], axis=1)  # sorted: the faint ones come first
+    q90 = dev[np.arange(len(dev)), (0.9 * np.maximum(n_faint - 1, 0)).astype(np.int64)] / Q90_SIGMAS
+    sigma = np.where(n_faint > 0, np.maximum(sigma, q90), sigma)
+    blank = p - m < np.maximum(MIN_CONTRAST, BLANK_NOISE * sigma)
+    lo = m + NOISE_CUT * sigma
+    span = np.where(blank, 1.0, (p - NOISE_CUT * sigma) - lo)
+    v = g
+    v -= lo[:, None, None]
+    v /= span[:, None, None]
+    np.clip(v, 0.0, 1.0, out=v)
+    v[blank] = 0.0
+
+    trim = np.where(sigma > 0, TRIM, 0.0)[:, None]
+    rows, cols = _seq_sum(v, axis=2), _seq_sum(v, axis=1)
+    r0, r1, in_rows = _boxes(rows, trim)
+    c0, c1, in_cols = _boxes(cols, trim)
+    h, w = r1 - r0 + 1, c1 - c0 + 1
+    s = style.box / np.maximum(h, w)
+    B = style.box
+    T = np.empty((len(v), B, B))
+    # A crop whose longer side is already B (s = 1: MNIST's own digits, Fashion-MNIST's pictures)
+    # is its own area-weighted mean: the products would add v·1 and zeros, exactly v. Copy it.
+    copy = (s == 1.0) & ~blank
+    if copy.any():
+        T[copy] = _windows(v[copy], r0[copy], c0[copy], h[copy], w[copy], B)
+    scale = ~copy & ~blank
+    if scale.any():
+        k = np.flatnonzero(scale)
+        # Crop coordinates a = row − r0; rows outside the crop get zero weight.
+        Ly = _batch_weights((np.arange(H) - r0[k, None]).astype(np.float64), in_rows[k], s[k], B)  # (k, B, H)
+        Lx = _batch_weights((np.arange(W) - c0[k, None]).astype(np.float64), in_cols[k], s[k], B)  # (k, B, W)
+        with blas.threads(1):  # hundreds of B×28 products: a second thread per product costs more than it saves
+            T[k] = np.matmul(np.matmul(Ly, v[k]), Lx.transpose(0, 2, 1))
+    T[blank] = 1.0
+    T /= T.max(axis=(1, 2), keepdims=True)
+    T *= 255.0
+    T += 0.5
+    q = np.floor(T, out=T)
+    if style.centre == "mass":
+        total = q.sum(axis=(1, 2))
+        centres = np.arange(style.box) + 0.5
+        cy = (centres * q.sum(axis=2)).sum(axis=1) / total
+        cx = (centres * q.sum(axis=1)).sum(axis=1) / total
+    else:
+        cy, cx = s * h / 2, s * w / 2
+    dy = np.floor(style.target - cy + 0.5).astype(np.int64)
+    dx = np.floor(style.target - cx + 0.5).astype(np.int64)
+    return _place_many(q.astype(np.uint8), dy, dx, blank), blank
+
+
+def _place_many(q: np.ndarray, dy: np.ndarray, dx: np.ndarray, blank: np.ndarray) -> np.ndarray:
+    """`place` for a chunk, as one scatter into frames padded by B on every side (no shift can
+    reach past that: |t − c| < B), then the 28×28 middles."""
+    n, box = q.shape[:2]
+    side = FRAME + 2 * box
+    padded = np.zeros((n, side, side), np.uint8)
+    i = np.arange(box)
+    where = (np.arange(n)[:, None, None] * (side * side)
+             + (dy[:, None, None] + box + i[None, :, None]) * side
+             + (dx[:, None, None] + box + i[None, None, :]))
+    q[blank] = 0
+    padded.ravel()[where.ravel()] = q.ravel()
+    return padded[:, box : box + FRAME, box : box + FRAME]
+
+
+def _windows(v: np.ndarray, r0: np.ndarray, c0: np.ndarray, h: np.ndarray, w: np.ndarray, box: int) -> np.ndarray:
+    """The crops (h, w) of a chunk at the top left of zero B×B boxes (every h, w ≤ B)."""
+    n, H, W = v.shape
+    padded = np.zeros((n, H + box, W + box))
+    padded[:, :H, :W] = v
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (box, box), axis=(1, 2))  # a view, no copy
+    T = windows[np.arange(n), r0, c0]  # (n, B, B): each image's window at its crop's corner
+    i = np.arange(box)
+    T *= (i[None, :, None] < h[:, None, None]) & (i[None, None, :] < w[:, None, None])
+    return T
+
+
+def _boxes(profiles: np.ndarray, trim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ahead = np.cumsum(profiles, axis=1)
+    behind = np.cumsum(profiles[:, ::-1], axis=1)  # reversed: behind[:, k] is the total of the last k+1
+    limit = trim * ahead[:, -1:]
+    first = np.argmax(ahead > limit, axis=1)
+    last = profiles.shape[1] - 1 - np.argmax(behind > limit, axis=1)
+    idx = np.arange(profiles.shape[1])
+    return first, last, (idx >= first[:, None]) & (idx <= last[:, None])
+
+
+def _batch_weights(coords: np.ndarray, inside: np.ndarray, scale: np.ndarray, box: int) -> np.ndarray:
+    """area_weights for each image of a chunk, zero outside its crop: (n, B, n_in).
+
+    The overlap of [i, i+1) with [lo, hi) is C(i+1) − C(i) with C(t) = min(max(t, lo), hi):
+    the same numbers as area_weights' max(0, min(i+1, hi) − max(i, lo)), in two passes; a
+    row outside the crop gets lo = hi = 0, so all its overlaps are 0."""
+    lo = np.where(inside, scale[:, None] * coords, 0.0)[:, None, :]  # (n, 1, n_in)
+    hi = np.where(inside, scale[:, None] * (coords + 1.0), 0.0)[:, None, :]
+    edges = np.arange(box + 1, dtype=np.float64)[None, :, None]
+    C = np.maximum(edges, lo)
+    np.minimum(C, hi, out=C)
+    return C[:, 1:] - C[:, :-1]
