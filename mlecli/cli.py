@@ -73,6 +73,8 @@ def entry() -> None:
             setattr(sys, name, open(os.devnull, "w"))
     try:
         main(prog_name="mlecli")
+    except KeyboardInterrupt:  # between start-up and the command (click's own parsing)
+        _error("Stopped by SIGINT before the command began.", 130, prefix="")
     finally:
         import signal
 
@@ -307,7 +309,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         if config_path is not None or run_dir is not None:
             raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
         resume_from = training.newest_checkpoint(resume, log)
-        cfg = training.resumed_config(resume_from.config, overrides)
+        cfg = training.resumed_config(resume_from.config, overrides, resume_from.epoch)
         run_dir = resume
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:
@@ -524,7 +526,11 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
         target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
         log=_log(as_json), progress=_progress(as_json),
     )
-    saved = ev.save_report(report)
+    try:
+        saved = ev.save_report(report)
+    except MlecliError as exc:  # a read-only run folder, say: the figures are still worth showing
+        saved = None
+        _log(False)(f"warning: the report was not saved: {exc}")
     if as_json:
         echo(json.dumps(report, indent=2))
     else:

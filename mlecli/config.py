@@ -120,10 +120,10 @@ def a_string(key: str, v: Any) -> str:
 
 def run_name(key: str, v: Any) -> str:
     """A name that is safe as a folder name: it names the run folder runs/<name>-<time>."""
-    if (not isinstance(v, str) or not 0 < len(v) <= 100 or v.startswith(".") or "/" in v or "\\" in v
-            or not all(c.isprintable() for c in v)):
-        raise _fail(key, v, "must be a plain name for the run folder: 1-100 printable characters, no '/' or "
-                    "'\\', not starting with '.' (set name = \"...\" in the config)")
+    if (not isinstance(v, str) or not 0 < len(v) <= 100 or len(v.encode("utf-8", "surrogatepass")) > 200
+            or v.startswith(".") or "/" in v or "\\" in v or not all(c.isprintable() for c in v)):
+        raise _fail(key, v, "must be a plain name for the run folder: 1-100 printable characters (200 bytes), "
+                    "no '/' or '\\', not starting with '.' (set name = \"...\" in the config)")
     return v
 
 

@@ -19,7 +19,7 @@ from mlecli import checkpoint as ckpt
 from mlecli import metrics
 from mlecli.cache import prepare
 from mlecli.errors import CheckpointError, printable
-from mlecli.fsutil import atomic_write_text
+from mlecli.fsutil import atomic_write_text, remove_stale_temporaries
 from mlecli.model import sigmoid
 from mlecli.task import build_task, image_scores
 
@@ -70,7 +70,10 @@ def evaluate(
         raise CheckpointError(f"{path} expects {cp.meta['n_inputs']} inputs, the dataset's images have {task.n_inputs}")
     subset = task.split(split)
     if len(subset) == 0:
-        raise CheckpointError(f"the {split} split of this run is empty (data.validation = {cfg.data.validation})")
+        why = {"validation": f"data.validation = {cfg.data.validation} holds no images out",
+               "test": f"the test files of {dataset.name} have none of the task's digits ({cfg.task.describe()})",
+               "train": "every training image of the task was held out for validation"}[split]
+        raise CheckpointError(f"the {split} split of this run is empty: {why}; choose another --split")
 
     t0 = time.perf_counter()
     z = image_scores(cp.params, subset.images)
@@ -140,7 +143,8 @@ def save_report(report: dict[str, Any]) -> Path | None:
     if run is None:
         return None
     path = run / report_name(report["split"], report["checkpoint_name"], report["threshold"])
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    remove_stale_temporaries(run)  # an earlier evaluate's, if it was killed mid-write
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -39,6 +39,11 @@ def describe_os_error(exc: OSError, path: Path) -> str:
         return f"no space left on the device while writing {path}: free some space and try again"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {exc.strerror}; make the folder writable or choose another one"
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return (f"cannot write {path}: {exc.strerror} (a folder or file of that name is in the way); move it "
+                "aside or choose another place")
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"cannot write {path}: {exc.strerror}; choose a shorter name or folder"
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
@@ -75,7 +80,9 @@ def open_regular(path: Path | str) -> BinaryIO:
 def read_regular(path: Path | str, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; OSError otherwise."""
     with open_regular(path) as f:
-        data = f.read(limit + 1)
+        if os.fstat(f.fileno()).st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+        data = f.read()  # a regular file: it ends (read(limit + 1) would allocate the limit)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
     return data
@@ -90,7 +97,8 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        # The writer's process id in the name: anyone may remove a temporary whose writer is gone.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise MlecliError(describe_os_error(exc, path)) from None
     try:
@@ -168,16 +176,38 @@ class Appender:
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed process left in `folder`; return how many."""
+    """Delete temporary files a killed process left in `folder`; return how many.
+
+    A temporary names its writer's process id (`.<name>.<pid>.<random>.tmp`): one whose
+    writer still lives is another process's write in progress and is left alone, so
+    any command may call this, holding a lock or not."""
     removed = 0
-    if not folder.is_dir():
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
         return 0
-    for p in folder.iterdir():
-        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX):
+    for p in entries:
+        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and not _writer_alive(p.name):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed += 1
     return removed
+
+
+def _writer_alive(name: str) -> bool:
+    parts = name.rsplit(".", 3)  # ['.<name>', '<pid>', '<random>', 'tmp']
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[1].isascii():
+        return False  # not named by atomic_write: nobody is writing it
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False  # ours, from a write that failed or was cut short in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # alive, another user's (or a number no process has: leave it)
+    return True
 
 
 class HeldLock:

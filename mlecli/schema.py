@@ -159,7 +159,9 @@ STOPPED_EARLY = obj(required={"epoch": integer(1), "best_epoch": integer(1), "pa
 WATCH = obj(required={"plateau_scale": number(), "plateau_best": FIGURE, "plateau_bad": COUNT,
                       "worse_than_base": COUNT})
 
-PARTIAL = obj(required={"ll": number(), "correct": COUNT, "seen": COUNT}, optional={"seconds": number()})
+_TALLY = {"ll": number(), "correct": COUNT, "seen": COUNT}
+PARTIAL = obj(required=_TALLY, optional={"seconds": number(), "window": obj(required=_TALLY,
+                                                                              optional={"seconds": number()})})
 
 _META_COMMON = {
     "config": OBJECT,  # checked by config.from_dict
@@ -182,7 +184,8 @@ _META_OPTIONAL = {
 
 META = {
     1: obj(required={"format": one_of(1), **_META_COMMON}, optional={**_META_OPTIONAL, "metrics": array(RECORD)}),
-    2: obj(required={"format": one_of(2), **_META_COMMON}, optional=_META_OPTIONAL),
+    2: obj(required={"format": one_of(2), **_META_COMMON, "dataset_sha256": mapping(SHA256)},
+           optional=_META_OPTIONAL),
 }
 
 MANIFEST = obj(optional={

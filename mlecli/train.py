@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -262,8 +263,9 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
 RESUME_OVERRIDABLE = {"train.epochs", "train.checkpoint_every", "train.log_every"}
 
 
-def resumed_config(saved: Config, overrides: tuple[str, ...]) -> Config:
-    """The saved config with only the keys that cannot change the weights so far overridden."""
+def resumed_config(saved: Config, overrides: tuple[str, ...], epochs_done: int = 0) -> Config:
+    """The saved config with only the keys that cannot change the weights so far overridden
+    (and train.epochs no fewer than the `epochs_done` of the checkpoint resumed)."""
     from mlecli.config import apply_overrides, from_dict, parse_override
 
     for item in overrides:
@@ -274,6 +276,11 @@ def resumed_config(saved: Config, overrides: tuple[str, ...]) -> Config:
                 f"allowed: {', '.join(sorted(RESUME_OVERRIDABLE))}"
             )
     cfg = from_dict(apply_overrides(saved.to_dict(), overrides), name=saved.name)
+    if cfg.train.epochs < epochs_done:
+        raise ConfigError(
+            f"--set train.epochs = {cfg.train.epochs} is fewer than the {epochs_done} epochs this run has done: "
+            "a run's epochs can only grow (its config.toml must keep saying what made its checkpoints)"
+        )
     if cfg.train.epochs != saved.train.epochs and saved.train.schedule == "cosine":
         raise ConfigError(
             f"--set train.epochs cannot change when resuming a run with the cosine schedule: it spreads the "
@@ -358,7 +365,8 @@ def run(
             outcome = _train(opened, report, stop)
         except StopNow as now:
             stop.settled = True
-            point = (opened.committed if opened is not None else (0, 0))
+            point = (opened.committed if opened is not None else
+                     (resume_from.epoch, resume_from.meta["batch_in_epoch"]) if resume_from is not None else (0, 0))
             rundir.record_end(run_dir, "interrupted", _now(), f"stopped at once by a second {now.signal_name}")
             best = opened.state.best if opened is not None else None
             return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
@@ -475,12 +483,34 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
     else:
         cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
+        _check_fits(cp, cfg, data.task)
         rule = make_rule(cfg)
         run = _Run(cfg, run_dir, data, _restore(cp, rule), rule)
         run.committed = (run.state.epochs_done, run.state.batch_in_epoch)
         _repair(run, cp, report)
     run.metrics = Appender(run_dir / "metrics.jsonl")
     return run
+
+
+def _check_fits(cp: ckpt.Checkpoint, cfg: Config, task: BinaryTask) -> None:
+    """Refuse a checkpoint whose position cannot be one of this run's on this data (each
+    field may be well-formed and the whole still impossible: a crafted or mixed-up file)."""
+    meta, bs = cp.meta, cfg.train.batch_size
+    batches = math.ceil(len(task.train) / bs)
+    done, batch, p = meta["epochs_done"], meta["batch_in_epoch"], meta["partial"]
+    problems = []
+    if meta["n_inputs"] != task.n_inputs or meta.get("image_shape", list(task.train.images.shape[1:])) != list(
+            task.train.images.shape[1:]):
+        problems.append(f"it was trained on images of {meta['n_inputs']} pixels, these have {task.n_inputs}")
+    elif batch >= batches:
+        problems.append(f"it stopped at batch {batch} of an epoch of {batches}")
+    elif meta["step"] != done * batches + batch:
+        problems.append(f"its step {meta['step']} is not {done} epochs of {batches} batches and {batch} more")
+    elif p["seen"] != batch * bs or p["correct"] > p["seen"]:
+        problems.append(f"its tally of the epoch so far ({p['seen']} images) is not {batch} batches of {bs}")
+    if problems:
+        raise CheckpointError(f"{cp.path} does not fit this run's data: {problems[0]}; the checkpoint is damaged "
+                              "or not this run's")
 
 
 def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
@@ -501,7 +531,17 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
             if not path.is_file() or path.read_bytes() != data:
                 atomic_write_bytes(path, data)
     atomic_write_text(run.dir / "config.toml", to_toml(run.cfg))
-    manifest = rundir.read_manifest(run.dir) or _manifest(run.cfg, run.data.sha256, _now(), run.data.data_dir)
+    try:
+        manifest = rundir.read_manifest(run.dir, strict=True)
+    except MlecliError as exc:  # keep what is there: it may be all that records the run's start
+        damaged = run.dir / "manifest.json.damaged"
+        try:
+            os.replace(run.dir / "manifest.json", damaged)
+        except OSError:
+            pass
+        report.log(f"warning: {exc}; writing a new manifest.json (the old one is kept as {damaged.name})")
+        manifest = {}
+    manifest = manifest or _manifest(run.cfg, run.data.sha256, _now(), run.data.data_dir)
     manifest.pop("ended", None)
     manifest["data_dir"] = str(run.data.data_dir.absolute())
     manifest.setdefault("resumed", []).append(
@@ -580,9 +620,10 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
     target = y_epoch - dtype.type(0.5)  # y − ½, see train_step
     p = state.partial
     loop.tally = tally = Tally(p["ll"], p["correct"], p["seen"])
-    window = Tally()
+    w = p.get("window") or {}  # the step record's tally since the last one, if an epoch was stopped
+    window = Tally(w.get("ll", 0.0), w.get("correct", 0), w.get("seen", 0))
     loop.t_start = time.perf_counter() - p.get("seconds", 0.0)  # optional in a checkpoint (schema.PARTIAL)
-    t_window = time.perf_counter()
+    t_window = time.perf_counter() - w.get("seconds", 0.0)
     bar = _bar(report, epoch, cfg.train.epochs, loop.batches, state.batch_in_epoch)
     measured = state.batch_in_epoch * bs  # examples whose logits are tallied
 
@@ -616,11 +657,15 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
                         f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%", refresh=False
                     )
             if record_due:
-                run.metrics.add(json.dumps(_step_record(epoch, state.step, window, time.perf_counter() - t_window, lr)))
+                run.metrics.add(json.dumps(_step_record(epoch, state.step, window, time.perf_counter() - t_window, lr),
+                                           allow_nan=False))
                 window, t_window = Tally(), time.perf_counter()
             if stopping:
+                now = time.perf_counter()
                 state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
-                                 "seconds": time.perf_counter() - loop.t_start}
+                                 "seconds": now - loop.t_start,
+                                 "window": {"ll": window.ll, "correct": window.correct, "seen": window.seen,
+                                            "seconds": now - t_window}}
                 return True
     finally:
         if bar is not None:
@@ -640,6 +685,12 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     task = run.data.task
     val_ll, val_acc = (ll_and_accuracy(state.params, task.validation.images, task.validation.y)
                        if len(task.validation) else (None, None))
+    if not all(np.all(np.isfinite(a)) for pair in state.params for a in pair) or (
+            val_ll is not None and not math.isfinite(val_ll)):
+        raise TrainingError(
+            f"the weights overflowed by the end of epoch {epoch} (the validation log-likelihood is {val_ll}): "
+            f"{_smaller_rate_advice(cfg)}. The last good checkpoint is {run.ckpt_dir / 'last.npz'}"
+        )
     prior = log_prior(state.params, t.prior, t.prior_biases) if t.prior is not None else None
     record = {
         "kind": "epoch",
@@ -656,7 +707,7 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
         "seconds": time.perf_counter() - loop.t_start,
         "images_per_s": tally.seen / train_seconds if train_seconds > 0 else None,
     }
-    run.metrics.add(json.dumps(record))
+    run.metrics.add(json.dumps(record, allow_nan=False))
     state.epochs_done = epoch
     state.batch_in_epoch = 0
     state.rng_state = run.data.rng.bit_generator.state

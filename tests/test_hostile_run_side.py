@@ -1,0 +1,276 @@
+"""What a hostile tester broke on the run side, each now a class of failure made
+impossible: files that are not files, files shared with another run, streams that are
+closed or full, checkpoints that are well-formed but impossible, resumes that would lose
+a newer state, and the rest of the list."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlecli import checkpoint as ckpt
+from mlecli.cli import main
+from mlecli.fsutil import TMP_SUFFIX, atomic_write_text
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def mlecli(*args, timeout=60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlecli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    (line,) = stderr.splitlines()
+    assert line.startswith("Error: "), line
+    return line
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny, tiny_folder):
+    root = tmp_path_factory.mktemp("hostile")
+    cfg = tiny.write_config(root / "c.toml", tiny_folder, "validation = 0.2\n[model]\nhidden = [4]\n"
+                            "[train]\nepochs = 2\nbatch_size = 16\nlog_every = 7\n")
+    run, data = root / "runs" / "run", root / "data"
+    assert cli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").exit_code == 0
+    assert cli("evaluate", run, "--data-dir", data).exit_code == 0
+    return cfg, run, data
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "runs" / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json", "eval-test-best.json", ".lock"])
+def test_a_fifo_in_place_of_a_run_file_never_blocks_a_command(trained, tmp_path, name):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    for args in (["runs", run.parent], ["plot", run, "--data-dir", data, "--out", tmp_path / "p"],
+                 ["evaluate", run, "--data-dir", data], ["train", "--resume", run, "--set", "train.epochs=3",
+                                                          "--data-dir", data, "-q"]):
+        res = mlecli(*args, timeout=60)  # blocked on the FIFO, this would time out
+        assert "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.returncode in (0, 1), (args, res.returncode)
+
+
+def test_a_metrics_file_shared_by_a_hard_link_is_not_written_through(trained, tmp_path):
+    _, run, data = trained
+    original = copy_of(run, tmp_path)
+    linked = tmp_path / "runs" / "linked"
+    subprocess.run(["cp", "-al", str(original), str(linked)], check=True)
+    before = (original / "metrics.jsonl").read_bytes()
+    res = cli("train", "--resume", linked, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert res.exit_code == 0, res.output
+    assert (original / "metrics.jsonl").read_bytes() == before  # the other run is as it was
+    assert [json.loads(x)["epoch"] for x in (linked / "metrics.jsonl").read_text().splitlines()][-1] == 3
+
+
+def test_a_symlinked_metrics_file_is_refused(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    (run / "metrics.jsonl").rename(elsewhere)
+    (run / "metrics.jsonl").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    res = cli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert res.exit_code == 1
+    assert "metrics.jsonl is a symbolic link: appending would write into the file it points to" in res.stderr
+    assert elsewhere.read_bytes() == before
+
+
+def test_an_unreadable_last_checkpoint_is_never_passed_over(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    last = run / "checkpoints" / "last.npz"
+    with np.load(last, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    arrays["meta"] = np.array(json.dumps({**meta, "format": 3}))
+    np.savez(last, **arrays)  # as a newer mlecli might write it
+    before = last.read_bytes()
+    res = cli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    line = one_line(res.stderr)
+    assert line.startswith(f"Error: cannot resume {run}: {last} has checkpoint format 3")
+    assert line.endswith(f"to go on from its newest epoch checkpoint instead (epoch-0002.npz), losing what came "
+                         f"after it, move last.npz out of {last.parent} and resume again")
+    assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"batch_in_epoch": 15}, "it stopped at batch 15 of an epoch of 15"),
+    ({"step": 5}, "its step 5 is not 2 epochs of 15 batches and 0 more"),
+    ({"n_inputs": 100}, "it was trained on images of 100 pixels, these have 784"),
+])
+def test_a_checkpoint_that_cannot_be_this_runs_position_is_refused(trained, tmp_path, change, says):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    cp = ckpt.load(run / "checkpoints" / "last.npz")
+    meta = {k: v for k, v in cp.meta.items() if k != "format"} | change
+    params = cp.params
+    if "n_inputs" in change:
+        params = [(np.zeros((100, 4), np.float32), params[0][1]), *params[1:]]
+    (run / "checkpoints" / "last.npz").write_bytes(ckpt.encode(params, meta, cp.extra))
+    res = cli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert one_line(res.stderr) == (f"Error: {run / 'checkpoints' / 'last.npz'} does not fit this run's data: {says}; "
+                                    "the checkpoint is damaged or not this run's")
+
+
+def test_weights_that_overflow_by_an_epochs_end_stop_with_advice_and_no_nan_record(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    res = cli("train", tiny_config(model={"hidden": []}, train={"batch_size": 100000, "learning_rate": 1e36,
+                                                                 "epochs": 2}), "--run-dir", run, "--data-dir",
+              tmp_path / "d")
+    line = one_line(res.stderr.splitlines()[-1])
+    assert line.startswith("Error: the weights overflowed by the end of epoch 1")
+    assert "start a new run with a smaller one (--resume cannot change it)" in line
+    for text in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    rows = json.loads(cli("runs", tmp_path, "--json").stdout)
+    assert [r["status"] for r in rows] == ["failed"]
+
+
+def test_the_first_step_record_after_a_resume_counts_the_whole_window(tiny_config, tmp_path, monkeypatch):
+    from mlecli import train as training
+
+    cfg = tiny_config(train={"epochs": 3, "log_every": 7})
+    data = tmp_path / "d"
+    assert cli("train", cfg, "--run-dir", tmp_path / "whole", "--data-dir", data, "-q").exit_code == 0
+    real, calls = training.train_step, {"n": 0}
+
+    def step_then_stop(*args):
+        calls["n"] += 1
+        if calls["n"] == 10:  # 3 steps past the record at step 7
+            os.kill(os.getpid(), 2)
+        return real(*args)
+
+    monkeypatch.setattr(training, "train_step", step_then_stop)
+    assert cli("train", cfg, "--run-dir", tmp_path / "cut", "--data-dir", data, "-q").exit_code == 130
+    monkeypatch.setattr(training, "train_step", real)
+    assert cli("train", "--resume", tmp_path / "cut", "--data-dir", data, "-q").exit_code == 0
+
+    def steps(run):
+        return [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}
+                for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+
+    whole, cut = steps(tmp_path / "whole"), steps(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [r["step"] for r in whole]
+    assert [r["train_acc"] for r in cut] == [r["train_acc"] for r in whole]
+    assert [r["train_ll"] for r in cut] == pytest.approx([r["train_ll"] for r in whole], rel=1e-9)
+
+
+def test_resume_cannot_make_a_run_shorter_than_it_is(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    before = (run / "config.toml").read_text()
+    res = cli("train", "--resume", run, "--set", "train.epochs=1", "--data-dir", data, "-q")
+    assert one_line(res.stderr) == ("Error: --set train.epochs = 1 is fewer than the 2 epochs this run has done: a "
+                                    "run's epochs can only grow (its config.toml must keep saying what made its "
+                                    "checkpoints)")
+    assert (run / "config.toml").read_text() == before
+
+
+def test_closed_or_full_output_streams(trained, tiny_config, tmp_path):
+    _, run, data = trained
+    cfg = tiny_config(train={"epochs": 1})
+    closed = subprocess.run([sys.executable, "-m", "mlecli", "train", str(cfg), "--run-dir", str(tmp_path / "a"),
+                             "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            close_fds=True, preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0, closed.stderr
+    assert ckpt.load(tmp_path / "a" / "checkpoints" / "last.npz").epoch == 1
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "mlecli", "train", str(cfg), "--run-dir", str(tmp_path / "b"),
+                              "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=full, text=True)
+        assert res.returncode == 0  # notes that cannot be shown stop nothing
+        assert ckpt.load(tmp_path / "b" / "checkpoints" / "last.npz").epoch == 1
+        res = subprocess.run([sys.executable, "-m", "mlecli", "runs", str(run.parent)], stdout=full,
+                             stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 1
+    assert res.stderr == "Error: standard output: No space left on device\n"
+
+
+def test_running_out_of_memory_is_one_line(tiny_config, tmp_path):
+    def small_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    res = subprocess.run([sys.executable, "-m", "mlecli", "train", str(tiny_config()), "--set", "model.hidden=[400000]",
+                          "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d"), "-q"],
+                         capture_output=True, text=True, preexec_fn=small_memory, timeout=120)
+    assert res.returncode == 1
+    line = one_line(res.stderr)
+    assert "memory" in line
+
+
+def test_names_with_control_characters_are_printed_escaped(trained, tmp_path):
+    _, run, data = trained
+    weird = tmp_path / "runs" / "evil\x1b]0;pwned\x07"
+    shutil.copytree(run, weird)
+    manifest = json.loads((weird / "manifest.json").read_text())
+    manifest["ended"] = {"status": "failed", "at": "x", "error": "boom\x1b[2J\nsecond line"}
+    (weird / "manifest.json").write_text(json.dumps(manifest))
+    res = cli("runs", tmp_path / "runs")
+    assert res.exit_code == 0
+    assert "\x1b" not in res.stdout and "\x07" not in res.stdout
+    assert "evil\\x1b]0;pwned\\x07" in res.stdout and "boom\\x1b[2J\\nsecond line" in res.stdout
+    res = cli("evaluate", weird, "--data-dir", data)
+    assert res.exit_code == 0 and "\x1b" not in res.stdout
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_command_and_a_live_ones_is_not(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = run / f".eval-test-best.json.{dead.stdout.strip()}.abcd1234{TMP_SUFFIX}"
+    alive = run / f".eval-test-best.json.{os.getppid()}.efgh5678{TMP_SUFFIX}"
+    stale.write_text("half")
+    alive.write_text("being written")
+    assert cli("evaluate", run, "--data-dir", data).exit_code == 0
+    assert not stale.exists() and alive.exists()
+
+
+def test_a_damaged_manifest_is_kept_aside_when_a_resume_writes_a_new_one(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    atomic_write_text(run / "manifest.json", "{not json")
+    res = cli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data)
+    assert res.exit_code == 0
+    assert "writing a new manifest.json (the old one is kept as manifest.json.damaged)" in res.stderr
+    assert (run / "manifest.json.damaged").read_text() == "{not json"
+    assert json.loads((run / "manifest.json").read_text())["ended"]["status"] == "finished"
+
+
+def test_an_evaluation_a_read_only_folder_cannot_keep_is_still_shown(trained, tmp_path, tmpfs):
+    _, run, data = trained
+    disk = tmpfs("ro", "4m")
+    copy = disk / "run"
+    shutil.copytree(run, copy)
+    tmpfs.readonly(disk)
+    res = cli("evaluate", copy, "--data-dir", data, "--json")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["split"] == "test"
+    assert res.stderr.startswith("warning: the report was not saved: cannot write ")
+
+
+def test_paths_too_long_for_the_file_system_are_one_line(tmp_path):
+    long = tmp_path / ("a" * 300)
+    for args in (["runs", long], ["evaluate", long], ["train", "--resume", long], ["plot", long],
+                 ["train", "default", "--run-dir", long]):
+        res = cli(*args)
+        assert res.exit_code == 1, args
+        assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
+        assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("Error: "), (args, res.stderr)
