@@ -53,6 +53,7 @@ class _Cblas:
         self.int_t = int_t
         self.gemm = {}  # dtype → (function, its float type)
         self.axpby = {}  # dtype → function
+        self.axpy = {}  # dtype → function (OpenBLAS splits a long axpy over its threads; axpby it does not)
         for code, ct in (("s", ctypes.c_float), ("d", ctypes.c_double)):
             # No argtypes: `bind` converts every argument once, to its exact C type, so
             # that a call costs ~1 µs of ctypes instead of ~4 µs of conversions.
@@ -63,6 +64,9 @@ class _Cblas:
             g = lib[gemm_name.format(code).replace("gemm", "axpby")]
             g.restype = None
             self.axpby[dtype] = g
+            a = lib[gemm_name.format(code).replace("gemm", "axpy")]
+            a.restype = None
+            self.axpy[dtype] = a
         self.set_threads = getattr(lib, set_name, None)
         self.get_threads = getattr(lib, get_name, None)
         if self.set_threads is not None:
@@ -153,8 +157,12 @@ def _bind_axpby_cblas(cblas: _Cblas, x, y, alpha, beta) -> Callable[[], None]:
         raise ValueError("axpby needs two C-contiguous arrays of one shape and dtype")
     _, real = cblas.gemm[y.dtype]
     n_, ptr = cblas.int_t, ctypes.c_void_p
-    call = functools.partial(cblas.axpby[y.dtype], n_(x.size), _real(real, alpha), ptr(x.ctypes.data), n_(1),
-                             _real(real, beta), ptr(y.ctypes.data), n_(1))
+    if type(beta) is float and beta == 1.0:  # y += α x: axpy, which runs on the BLAS's threads like the GEMMs
+        call = functools.partial(cblas.axpy[y.dtype], n_(x.size), _real(real, alpha), ptr(x.ctypes.data), n_(1),
+                                 ptr(y.ctypes.data), n_(1))
+    else:
+        call = functools.partial(cblas.axpby[y.dtype], n_(x.size), _real(real, alpha), ptr(x.ctypes.data), n_(1),
+                                 _real(real, beta), ptr(y.ctypes.data), n_(1))
     call.arrays = (x, y)
     return call
 

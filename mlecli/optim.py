@@ -234,10 +234,14 @@ class _MomentumFast(Fast):
     def __init__(self, params, state, prior, mu, nesterov):
         super().__init__(params, state, prior)
         self.mu, self.nesterov = mu, nesterov
-        self.eta_mu = blas.scalar(self.dtype)  # η μ
+        self.eta_mu = blas.scalar(self.dtype)  # η μ (nesterov with a prior)
+        self.minus_eta_mu = blas.scalar(self.dtype)  # −η μ (nesterov)
+        self.eta_1_mu = blas.scalar(self.dtype)  # η (1 + μ) (nesterov)
 
     def _begin(self, lr, m, t):
         self.eta_mu.value = lr * self.mu
+        self.minus_eta_mu.value = -lr * self.mu
+        self.eta_1_mu.value = lr * (1.0 + self.mu)
 
     def layer(self, l, h_prev, delta, ones, scale):
         W, b = self.params[l]
@@ -249,15 +253,24 @@ class _MomentumFast(Fast):
             return (*self._gradient_into(l, h_prev, delta, ones, scale, vW, vb_row, self.mu),
                     blas.bind_axpby(vW, W, self.eta, 1.0, tmp_W),
                     blas.bind_axpby(vb_row, b_row, self.eta, 1.0, tmp_b))
-        gW, gb = self.grad[l]
-        # g into a buffer; v ← μ v + g; θ ← θ + η g + η μ v
-        return (*self._gradient_into(l, h_prev, delta, ones, scale, gW, gb, 0.0),
-                blas.bind_axpby(gW, vW, 1.0, self.mu, tmp_W),
-                blas.bind_axpby(gb, vb_row, 1.0, self.mu, tmp_b),
-                blas.bind_axpby(gW, W, self.eta, 1.0, tmp_W),
-                blas.bind_axpby(gb, b_row, self.eta, 1.0, tmp_b),
-                blas.bind_axpby(vW, W, self.eta_mu, 1.0, tmp_W),
-                blas.bind_axpby(vb_row, b_row, self.eta_mu, 1.0, tmp_b))
+        if self.prior is not None:  # the prior's pull needs θ as it was: g into a buffer first
+            gW, gb = self.grad[l]
+            # v ← μ v + g; θ ← θ + η g + η μ v
+            return (*self._gradient_into(l, h_prev, delta, ones, scale, gW, gb, 0.0),
+                    blas.bind_axpby(gW, vW, 1.0, self.mu, tmp_W),
+                    blas.bind_axpby(gb, vb_row, 1.0, self.mu, tmp_b),
+                    blas.bind_axpby(gW, W, self.eta, 1.0, tmp_W),
+                    blas.bind_axpby(gb, b_row, self.eta, 1.0, tmp_b),
+                    blas.bind_axpby(vW, W, self.eta_mu, 1.0, tmp_W),
+                    blas.bind_axpby(vb_row, b_row, self.eta_mu, 1.0, tmp_b))
+        # θ + η (g + μ v') with v' = μ v + g is θ − η μ v + η (1 + μ) v': the gradient goes
+        # straight into v (the GEMMs' β = μ), with one pass over θ before and one after
+        # (rather than g into a buffer and three passes)
+        return (blas.bind_axpby(vW, W, self.minus_eta_mu, 1.0, tmp_W),
+                blas.bind_axpby(vb_row, b_row, self.minus_eta_mu, 1.0, tmp_b),
+                *self._gradient_into(l, h_prev, delta, ones, scale, vW, vb_row, self.mu),
+                blas.bind_axpby(vW, W, self.eta_1_mu, 1.0, tmp_W),
+                blas.bind_axpby(vb_row, b_row, self.eta_1_mu, 1.0, tmp_b))
 
 
 class Adam(Rule):
