@@ -193,7 +193,7 @@ def _where(value):
     return parse_where(value)
 
 
-@main.command()
+@main.command(short_help="Fetch a dataset from its mirrors, verify it and cache it.")
 @click.option(
     "--dataset",
     type=click.Choice(["mnist", "fashion-mnist"]),
@@ -267,7 +267,7 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
     echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
 
 
-@main.command()
+@main.command(short_help="Train a network on a binary digit task by maximum likelihood.")
 @click.argument("config_path", metavar="[CONFIG]", required=False)
 @click.option(
     "--set",
@@ -389,7 +389,7 @@ def _seeds(ctx, param, value):
         raise click.BadParameter(str(exc).removeprefix(f"--seeds {value!r}: "), param_hint="'--seeds'") from None
 
 
-@main.command()
+@main.command(short_help="Train a grid of settings over seeds, in parallel; compare them.")
 @click.argument("config_path", metavar="[CONFIG]", required=False)
 @click.option(
     "--grid",
@@ -484,7 +484,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
         echo(printable(f"runs:     mlecli runs {outcome.sweep_dir}"))
 
 
-@main.command()
+@main.command(short_help="Measure a checkpoint on held-out data.")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option(
     "--checkpoint",
@@ -497,7 +497,8 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     "--split",
     type=click.Choice(["test", "validation", "train"]),
     default="test",
-    help="test: the dataset's official test images; validation: the run's held-out images.",
+    help="test: the dataset's official test images of the task's classes; validation: the images the run held "
+    "out; train: the images it trained on.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @data_dir_option
@@ -570,7 +571,7 @@ def threshold_option(f):
     )(f)
 
 
-@main.command()
+@main.command(short_help="Predict on your own images, prepared as MNIST's were.")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @checkpoint_option("Which checkpoint of a run folder to use (ignored for a checkpoint file).")
@@ -625,7 +626,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Export a network to ONNX, or to a web page to draw on.")
 @click.argument("target", type=click.Path(path_type=Path))
 @checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
@@ -651,7 +652,7 @@ def export(target, which, fmt, out):
         click.echo(f"open it in a browser: {path.resolve().as_uri()}")
 
 
-@main.command()
+@main.command(short_help="Draw a run, or compare runs.")
 @click.argument("run_dir", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path),
                 metavar="RUN_DIR | SWEEP_DIR | RUN_DIR...")
 @click.option(
@@ -683,7 +684,7 @@ def plot(run_dir, out, data_dir):
     echo(printable(str(plot_compare(list(targets), out))))
 
 
-@main.command()
+@main.command(short_help="List the runs in a folder side by side (default: runs).")
 @click.argument("runs_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of the table.")
 @click.option(

@@ -8,6 +8,7 @@ from the same seed); `test` is the dataset's official test images of the task's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from mlecli.cache import prepare
 from mlecli.errors import CheckpointError, printable
 from mlecli.fsutil import atomic_write_text, remove_stale_temporaries
 from mlecli.model import sigmoid
-from mlecli.task import build_task, image_scores
+from mlecli.task import build_task, class_words, image_scores, label_name, short_word
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -88,6 +89,8 @@ def evaluate(
     precision, recall, f1 = metrics.precision_recall_f1(cm)
     bins = metrics.calibration_bins(y, p)
     worst = metrics.most_confident_errors(y, z, pred)
+    words = class_words(cfg)  # (y = 0, y = 1)
+    neg_log_lik = -total_ll / n
     return {
         "checkpoint": str(path),
         "checkpoint_name": path.stem,
@@ -96,6 +99,7 @@ def evaluate(
         "dataset": dataset.name,
         "dataset_sha256": sha256,
         "task": cfg.task.describe(),
+        "classes": {"0": words[0], "1": words[1]},
         "hidden": list(cfg.model.hidden),
         "threshold": threshold,
         "images": n,
@@ -103,7 +107,8 @@ def evaluate(
         "negatives": n - pos,
         "log_likelihood": total_ll,
         "log_likelihood_mean": total_ll / n,
-        "perplexity": float(np.exp(-total_ll / n)),
+        # exp(mean −LL): 1 is perfect, 2 a coin toss; past ~e^709 a float cannot hold it (null)
+        "perplexity": math.exp(neg_log_lik) if neg_log_lik < 709 else None,
         "accuracy": metrics.accuracy(y, pred),
         "majority_baseline": max(pos, n - pos) / n,
         "precision": precision,
@@ -115,7 +120,8 @@ def evaluate(
         "ece": metrics.expected_calibration_error(bins, n),
         "calibration": bins,
         "most_confident_errors": [
-            {"index": int(subset.index[i]), "digit": int(subset.digits[i]), "y": int(y[i]), "p": float(p[i])}
+            {"index": int(subset.index[i]), "digit": int(subset.digits[i]),
+             "label": label_name(dataset.name, int(subset.digits[i])), "y": int(y[i]), "p": float(p[i])}
             for i in worst
         ],
         "seconds": seconds,
@@ -152,6 +158,17 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _task_words(r: dict[str, Any]) -> str:
+    classes = r.get("classes")
+    return f"{classes['1']} (y=1) vs {classes['0']} (y=0)" if classes else r["task"]
+
+
+def _perplexity(r: dict[str, Any]) -> str:
+    if r["perplexity"] is not None:
+        return f"{r['perplexity']:.6f}"
+    return f"e^{-r['log_likelihood_mean']:.1f}, too large for a number"
+
+
 def _num(v: float | None, fmt: str = ".4f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -161,10 +178,11 @@ def format_report(r: dict[str, Any]) -> str:
     (tn, fp), (fn, tp) = r["confusion"]
     lines = [
         printable(f"{r['checkpoint']} (epoch {r['epoch']}) on the {r['split']} split of {r['dataset']}: "
-                  f"{r['task']}, hidden {r['hidden']}"),
+                  f"{_task_words(r)}, hidden {r['hidden']}"),
         f"  images            {r['images']:,} ({r['positives']:,} positive, {r['negatives']:,} negative)",
         f"  log-likelihood    {r['log_likelihood']:.4f} total, {r['log_likelihood_mean']:.6f} per image",
-        f"  perplexity        {r['perplexity']:.6f} (exp of the mean negative log-likelihood)",
+        f"  perplexity        {_perplexity(r)} (exp of the mean negative log-likelihood: 1 is perfect, "
+        "2 a coin toss)",
         f"  accuracy          {_pct(r['accuracy'])} at ŷ ≥ {r['threshold']:g} "
         f"(majority class: {_pct(r['majority_baseline'])})",
         f"  precision         {_pct(r['precision'])}",
@@ -183,11 +201,14 @@ def format_report(r: dict[str, Any]) -> str:
             f"    [{b['low']:.1f}, {b['high']:.1f}{']' if b['high'] == 1 else ')'}  {b['images']:>12,}  "
             f"{_num(b['mean_p'], '.4f'):>6}   {_num(b['positive_rate'], '.4f'):>6}"
         )
-    lines.append("  most confidently wrong (index in the split's IDX file, digit, target, ŷ):")
+    lines.append("  most confidently wrong (index in the split's IDX file, what it is, what was predicted, ŷ):")
     if not r["most_confident_errors"]:
         lines.append("    none")
+    classes = r.get("classes") or {"0": "y=0", "1": "y=1"}
     for e in r["most_confident_errors"]:
-        lines.append(f"    #{e['index']:<6} digit {e['digit']}  y={e['y']}  ŷ={e['p']:.6f}")
+        said = short_word(classes[str(1 - e["y"])], 1 - e["y"])
+        lines.append(printable(f"    #{e['index']:<6} {e.get('label') or 'digit ' + str(e['digit']):<12}  "
+                               f"predicted {said}  ŷ={e['p']:.6f}"))
     rate = f"{r['images_per_s']:,.0f} images/s" if r["images_per_s"] else "n/a"
     lines.append(f"  time              {r['seconds']:.3f} s ({rate})")
     return "\n".join(lines)

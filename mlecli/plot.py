@@ -17,6 +17,7 @@ from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
 from mlecli.fsutil import atomic_write
 from mlecli.rundir import read_metrics
+from mlecli.task import class_words, short_word
 
 MAX_UNITS = 64
 DPI = 100
@@ -72,7 +73,7 @@ def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title
         ax.legend(loc="lower right")
     ax_ll.set_title("log-likelihood (higher is better)")
     ax_acc.set_title("accuracy at ŷ ≥ 0.5")
-    fig.suptitle(title)
+    fig.suptitle(_wrapped(title, 11, 12))
     fig.tight_layout()
     path = out / "curves.png"
     _save(fig, path)
@@ -88,16 +89,35 @@ def _image_shape(meta: dict, n_inputs: int) -> tuple[int, int]:
     return (side, side) if side * side == n_inputs else (1, n_inputs)
 
 
+def _wrapped(text: str, inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit a figure `inches` wide at `fontsize` points."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(20, int(inches * 72 / (0.55 * fontsize))))
+
+
 def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
-    """The first layer's weights of up to 64 units as images, on one scale centred on 0."""
+    """The first layer's weights of up to 64 units as images, on one scale centred on 0
+    (logistic regression: its one weight image)."""
     W = cp.params[0][0]
     h, w = _image_shape(cp.meta, W.shape[0])
-    units = min(W.shape[1], MAX_UNITS)
+    total = W.shape[1]
+    units = min(total, MAX_UNITS)
     cols = math.ceil(math.sqrt(units))
     rows = math.ceil(units / cols)
     limit = float(np.percentile(np.abs(W[:, :units]), 99.5)) or 1.0
     size = 1.2 if units > 1 else 4.0
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size + 1.2, rows * size + 0.8), squeeze=False)
+    width = cols * size + 1.4
+    if not cp.config.model.hidden:
+        what = "logistic regression: the weight of each pixel"
+    elif units < total:
+        what = f"first-layer weights of units 1-{units} of {total}"
+    else:
+        what = f"first-layer weights of its {total} hidden units"
+    title = _wrapped(f"{title}: {what}", width, 11)
+    lines = title.count("\n") + 1
+    head = 0.25 + 0.25 * lines  # inches above the grid for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(width, rows * size + 0.25 + head), squeeze=False)
     image = None
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
@@ -108,8 +128,10 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
         image = ax.imshow(W[:, i].reshape(h, w), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
         if units > 1:
             ax.set_title(f"unit {i + 1}", fontsize=7)
+    top = 1 - head / (rows * size + 0.25 + head)
+    fig.subplots_adjust(left=0.03, right=0.82, bottom=0.03, top=top, wspace=0.08, hspace=0.3 if units > 1 else 0.0)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight (red +, blue −)")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
     path = out / "hidden-units.png"
     _save(fig, path)
     plt.close(fig)
@@ -117,7 +139,8 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
 
 
 def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
-    """The most confidently wrong images of an evaluation, with digit, target and ŷ."""
+    """The most confidently wrong images of an evaluation: what each is, what the network
+    predicted, and ŷ."""
     errors = report["most_confident_errors"]
     if not errors:
         fig, ax = plt.subplots(figsize=(6, 2))
@@ -130,14 +153,18 @@ def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
         return path
     cols = min(5, len(errors))
     rows = math.ceil(len(errors) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.6 + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.8 + 0.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    classes = report.get("classes") or {"0": "y=0", "1": "y=1"}
     for ax, e in zip(axes.flat, errors):
         ax.imshow(images[e["index"]], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"#{e['index']}  digit {e['digit']}\ny={e['y']}  ŷ={e['p']:.4f}", fontsize=8)
-    fig.suptitle(f"Most confidently wrong: {report['split']} split, {report['checkpoint_name']} checkpoint "
-                 f"(epoch {report['epoch']}), {report['task']}", fontsize=10)
+        label = e.get("label") or f"digit {e['digit']}"
+        said = short_word(classes[str(1 - e["y"])], 1 - e["y"], width=18)
+        ax.set_title(f"#{e['index']}  {label}\npredicted {said}\nŷ = {e['p']:.4f}", fontsize=8)
+    task = f"{classes['1']} (y=1) vs {classes['0']} (y=0)" if report.get("classes") else report["task"]
+    fig.suptitle(_wrapped(f"Most confidently wrong: {report['split']} split, {report['checkpoint_name']} "
+                          f"checkpoint (epoch {report['epoch']}); {task}", cols * 2.2, 10), fontsize=10)
     fig.tight_layout()
     path = out / "mistakes.png"
     _save(fig, path)
@@ -157,13 +184,15 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
     cfg = cp.config
     best = cp.meta.get("best") or {}
-    title = f"{run_dir.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}"
+    negative, positive = class_words(cfg)
+    network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
+    title = f"{run_dir.name}: {positive} vs {negative}, {network}"
     written = []
     if epochs:
         written.append(curves(plt, run_dir, epochs, best.get("epoch"), title, out))
     else:
         log(f"{run_dir} has no finished epoch yet: no curves.png")
-    written.append(hidden_units(plt, cp, f"{title}: first-layer weights ({which}.npz, epoch {cp.epoch})", out))
+    written.append(hidden_units(plt, cp, f"{title} ({which}.npz, epoch {cp.epoch})", out))
     report_path = _evaluation(run_dir)
     if report_path is None:
         log(f"no evaluation in {run_dir}: run `mlecli evaluate {run_dir}` for mistakes.png")

@@ -201,6 +201,17 @@ def class_words(cfg: Config) -> tuple[str, str]:
     return neg_word, pos_word
 
 
+def label_name(dataset: str, label: int) -> str:
+    """What a label is called: `digit 7`, or a class name (Fashion-MNIST's `Sneaker`)."""
+    names = CLASS_NAMES.get(dataset)
+    return names[label] if names is not None and 0 <= label < len(names) else f"digit {label}"
+
+
+def short_word(word: str, y: int, width: int = 24) -> str:
+    """A class word short enough for a caption: itself, or `y=1` when it is a long list."""
+    return word if len(word) <= width else f"y={y}"
+
+
 def _digits_word(digits: tuple[int, ...]) -> str:
     listed = ",".join(map(str, sorted(digits)))
     key = tuple(sorted(digits))

@@ -14,7 +14,7 @@ KEYS = {
     "checkpoint", "checkpoint_name", "epoch", "split", "dataset", "dataset_sha256", "task", "hidden", "threshold",
     "images", "positives", "negatives", "log_likelihood", "log_likelihood_mean", "perplexity", "accuracy",
     "majority_baseline", "precision", "recall", "f1", "confusion", "roc_auc", "brier", "ece", "calibration",
-    "most_confident_errors", "seconds", "images_per_s",
+    "most_confident_errors", "seconds", "images_per_s", "classes",
 }
 
 
@@ -78,8 +78,12 @@ def test_the_table_shows_the_same_numbers(trained):
     assert f"calibration error {report['ece']:.6f}" in out
     (tn, fp), (fn, tp) = report["confusion"]
     assert f"    actual 0 (neg)   {tn:>11,}  {fp:>11,}" in out
+    assert report["classes"] == {"0": "even (0,2,4,6,8)", "1": "odd (1,3,5,7,9)"}
+    assert "odd (1,3,5,7,9) (y=1) vs even (0,2,4,6,8) (y=0), hidden [8]" in out
     for e in report["most_confident_errors"]:
-        assert f"#{e['index']:<6} digit {e['digit']}  y={e['y']}  ŷ={e['p']:.6f}" in out
+        said = report["classes"][str(1 - e["y"])]
+        assert e["label"] == f"digit {e['digit']}"
+        assert f"#{e['index']:<6} {e['label']:<12}  predicted {said}  ŷ={e['p']:.6f}" in out
     assert out.rstrip().endswith(f"report            {run / 'eval-test-best.json'}")
 
 
@@ -219,3 +223,20 @@ def test_an_evaluation_at_another_threshold_is_saved_under_its_own_name(trained,
     assert [r["test_acc"] for r in rows] == [json.loads(default)["accuracy"]]
     assert evaluate(copy, data, "--threshold", "0.5", "--json").exit_code == 0
     assert sorted(p.name for p in copy.glob("eval-*.json")) == ["eval-test-best-t0.3.json", "eval-test-best.json"]
+
+
+def test_a_diverged_run_reports_its_perplexity_without_overflow(trained, tmp_path):
+    run, data = trained
+    run = copy_run(trained, tmp_path)[0]
+    path = run / "checkpoints" / "best.npz"
+    with np.load(path, allow_pickle=False) as z:
+        w2, b2 = z["W2"], z["b2"]
+    # the output layer turned round and scaled up: confidently wrong, as a diverged run is
+    rewrite_npz(path, replace={"W2": (w2 * -1e6).astype(w2.dtype), "b2": (b2 * -1e6).astype(b2.dtype)})
+    res = evaluate(run, data, "--json")
+    assert res.exit_code == 0 and "Warning" not in res.stderr
+    report = json.loads(res.stdout)
+    assert -report["log_likelihood_mean"] >= 709 and report["perplexity"] is None
+    line = next(x for x in evaluate(run, data).stdout.splitlines() if x.lstrip().startswith("perplexity"))
+    assert line == (f"  perplexity        e^{-report['log_likelihood_mean']:.1f}, too large for a number (exp of "
+                    "the mean negative log-likelihood: 1 is perfect, 2 a coin toss)")
