@@ -468,6 +468,11 @@ def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict
     return Split(images, labels, {role: sources[role]["sha256"] for role in roles})
 
 
+def split_hashes(splits: dict[str, Split]) -> dict[str, str]:
+    """The SHA-256 of the four raw files behind both splits, by role: what a run records."""
+    return {role: digest for split in SPLITS for role, digest in splits[split].sha256.items()}
+
+
 def load_split(dataset: Dataset, data_dir: Path, split: str) -> Split | None:
     """Load a cached split without touching the network or writing, or None if it must be (re)built."""
     folder = dataset_dir(dataset, data_dir)

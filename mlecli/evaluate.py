@@ -18,7 +18,7 @@ import numpy as np
 
 from mlecli import checkpoint as ckpt
 from mlecli import metrics
-from mlecli.cache import prepare
+from mlecli.cache import prepare, split_hashes
 from mlecli.errors import CheckpointError, printable
 from mlecli.fsutil import atomic_write_text, remove_stale_temporaries
 from mlecli.model import sigmoid
@@ -64,7 +64,7 @@ def evaluate(
     # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
     splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
                      progress=progress, log=log)
-    sha256 = {**splits["train"].sha256, **splits["test"].sha256}
+    sha256 = split_hashes(splits)
     ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
     task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
     if task.n_inputs != cp.meta["n_inputs"]:
@@ -136,6 +136,17 @@ def report_name(split: str, checkpoint_name: str, threshold: float = DEFAULT_THR
     return f"eval-{split}-{checkpoint_name}{suffix}.json"
 
 
+def default_report(run_dir: Path) -> Path | None:
+    """The report that stands for a run (runs' test acc, plot's mistakes): the test split
+    at the default threshold, of best.npz, else of last.npz. A report at another
+    threshold has its own name and never stands in for it."""
+    for checkpoint in ("best", "last"):
+        path = Path(run_dir) / report_name("test", checkpoint)
+        if path.exists():
+            return path
+    return None
+
+
 def read_report(path: Path) -> dict[str, Any]:
     """An evaluation report written by save_report, checked (schema.REPORT)."""
     from mlecli import schema
@@ -155,7 +166,7 @@ def save_report(report: dict[str, Any]) -> Path | None:
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
+    return metrics.shown(v, "%")
 
 
 def _task_words(r: dict[str, Any]) -> str:
@@ -170,7 +181,7 @@ def _perplexity(r: dict[str, Any]) -> str:
 
 
 def _num(v: float | None, fmt: str = ".4f") -> str:
-    return "n/a" if v is None else format(v, fmt)
+    return metrics.shown(v, fmt)
 
 
 def format_report(r: dict[str, Any]) -> str:

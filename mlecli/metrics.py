@@ -109,3 +109,11 @@ def most_confident_errors(y: np.ndarray, z: np.ndarray, pred: np.ndarray, k: int
     wrong = np.flatnonzero(y != pred)
     order = np.argsort(-np.abs(z[wrong].astype(np.float64)), kind="mergesort")
     return wrong[order[:k]]
+
+
+def shown(value: float | None, fmt: str = ".4f", missing: str = "n/a") -> str:
+    """A figure as text: `fmt` is a format spec, or "%" for a share shown as a percentage
+    with two decimals; an undefined figure (None) is `missing`."""
+    if value is None:
+        return missing
+    return f"{100 * value:.2f}%" if fmt == "%" else format(value, fmt)

@@ -210,11 +210,11 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
 
 
 def _evaluation(run_dir: Path) -> Path | None:
-    for name in ("eval-test-best.json", "eval-test-last.json"):
-        if (run_dir / name).exists():
-            return run_dir / name
+    """The run's default report (evaluate.default_report), else any other it has."""
+    from mlecli.evaluate import default_report
+
     found = sorted(run_dir.glob("eval-*.json"))
-    return found[0] if found else None
+    return default_report(run_dir) or (found[0] if found else None)
 
 
 def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:

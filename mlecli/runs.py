@@ -20,7 +20,8 @@ from typing import Any
 from mlecli import checkpoint as ckpt
 from mlecli import config as config_mod
 from mlecli.errors import ConfigError, MlecliError, printable
-from mlecli.evaluate import read_report
+from mlecli.evaluate import default_report, read_report
+from mlecli.metrics import shown
 from mlecli.rundir import read_manifest, read_metrics
 
 ASCENDING = {"name", "started"}
@@ -104,12 +105,9 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
                            f"{early['best_epoch']}")
     else:
         row["status"] = "interrupted"
-    # Only the default-threshold report: one at another threshold has its own name
-    # (eval-test-best-t0.3.json) and never stands in for it.
-    for name in ("eval-test-best.json", "eval-test-last.json"):
-        if (run_dir / name).exists():
-            row["test_acc"] = _number(read_report(run_dir / name)["accuracy"])
-            break
+    report = default_report(run_dir)
+    if report is not None:
+        row["test_acc"] = _number(read_report(report)["accuracy"])
 
 
 def _is_run(p: Path) -> bool:
@@ -197,17 +195,7 @@ def public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(v: Any, kind: str) -> str:
-    if v is None:
-        return "-"
-    if kind == "pct":
-        return f"{100 * v:.2f}%"
-    if kind == "ll":
-        return f"{v:.4f}"
-    if kind == "s":
-        return f"{v:.1f}"
-    if kind == "g":
-        return f"{v:g}"
-    return str(v)
+    return shown(v, {"pct": "%", "ll": ".4f", "s": ".1f", "g": "g"}.get(kind, ""), missing="-")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -239,7 +239,6 @@ def ll_and_accuracy(params: Params, images: np.ndarray, y: np.ndarray) -> tuple[
 
 def blas_threads(batch_size: int) -> int | None:
     """BLAS threads for the hot loop: one for small batches, where handing each small
-    GEMM to a second core costs more than it saves (measured with
-    benchmarks/bench_train.py: 784-128-1 at batch 32 runs an epoch in 0.38 s on one
-    thread, 0.54 s on two; at 512, 0.24 s on one, 0.19 s on two). None: the default."""
+    GEMM to a second core costs more than it saves (benchmarks/README.md has the
+    measurements); None: the BLAS's own default."""
     return 1 if batch_size <= 64 else None

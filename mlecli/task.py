@@ -110,8 +110,8 @@ def build_task(cfg: Config, splits: dict[str, Split], rng: np.random.Generator) 
 def pixels(images: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
     """Images (n, H, W) uint8 as inputs x (n, H*W): pixel / 255, correctly rounded in `dtype`.
 
-    The trainer calls this on each batch, into a reused `out`, so that the training set
-    stays uint8 (a quarter of the memory, and of the bytes read per batch).
+    For measuring (`image_scores`); the hot loop in step.py never forms x: its first
+    GEMMs take the uint8 pixels with α = 1/255.
     """
     dtype = np.dtype(dtype)
     flat = images.reshape(len(images), int(np.prod(images.shape[1:])))

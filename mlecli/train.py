@@ -43,7 +43,7 @@ import numpy as np
 
 from mlecli import __version__, blas, memory, optim, rundir
 from mlecli import checkpoint as ckpt
-from mlecli.cache import prepare
+from mlecli.cache import prepare, split_hashes
 from mlecli.config import STATE_SLOTS, Config, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
 from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
@@ -417,7 +417,7 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
         fetch = f"mlecli download --config {resumed / 'config.toml'} --data-dir {data_dir}"
         splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
                          log=report.log)
-    sha256 = {**splits["train"].sha256, **splits["test"].sha256}
+    sha256 = split_hashes(splits)
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
     task = build_task(cfg, splits, rng)
     memory.check_fits(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs,
@@ -657,7 +657,8 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
                         f"LL {tally.ll / tally.seen:.4f}/img acc {100 * tally.correct / tally.seen:.2f}%", refresh=False
                     )
             if record_due:
-                run.metrics.add(json.dumps(_step_record(epoch, state.step, window, time.perf_counter() - t_window, lr),
+                seconds = time.perf_counter() - t_window
+                run.metrics.add(json.dumps(_record("step", epoch, state.step, lr, window, seconds, seconds),
                                            allow_nan=False))
                 window, t_window = Tally(), time.perf_counter()
             if stopping:
@@ -692,21 +693,9 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
             f"{_smaller_rate_advice(cfg)}. The last good checkpoint is {run.ckpt_dir / 'last.npz'}"
         )
     prior = log_prior(state.params, t.prior, t.prior_biases) if t.prior is not None else None
-    record = {
-        "kind": "epoch",
-        "epoch": epoch,
-        "step": state.step,
-        "lr": loop.lr,
-        "train_ll": tally.ll,
-        "train_ll_mean": tally.ll / tally.seen,
-        "train_acc": tally.correct / tally.seen,
-        "log_prior": prior,
-        "log_posterior": tally.ll + prior if prior is not None else None,
-        "val_ll_mean": val_ll,
-        "val_acc": val_acc,
-        "seconds": time.perf_counter() - loop.t_start,
-        "images_per_s": tally.seen / train_seconds if train_seconds > 0 else None,
-    }
+    record = _record("epoch", epoch, state.step, loop.lr, tally, time.perf_counter() - loop.t_start, train_seconds,
+                     log_prior=prior, log_posterior=tally.ll + prior if prior is not None else None,
+                     val_ll_mean=val_ll, val_acc=val_acc)
     run.metrics.add(json.dumps(record, allow_nan=False))
     state.epochs_done = epoch
     state.batch_in_epoch = 0
@@ -732,18 +721,12 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
         )
 
 
-def _step_record(epoch: int, step: int, w: Tally, seconds: float, lr: float) -> dict:
-    return {
-        "kind": "step",
-        "epoch": epoch,
-        "step": step,
-        "lr": lr,
-        "train_ll": w.ll,
-        "train_ll_mean": w.ll / w.seen,
-        "train_acc": w.correct / w.seen,
-        "seconds": seconds,
-        "images_per_s": w.seen / seconds if seconds > 0 else None,
-    }
+def _record(kind: str, epoch: int, step: int, lr: float, t: Tally, seconds: float, busy: float, **figures) -> dict:
+    """A metrics.jsonl line: the tally's LL and accuracy (then `figures`), the seconds it
+    took, and its images per second of training (`busy`: without the validation pass)."""
+    return {"kind": kind, "epoch": epoch, "step": step, "lr": lr, "train_ll": t.ll, "train_ll_mean": t.ll / t.seen,
+            "train_acc": t.correct / t.seen, **figures, "seconds": seconds,
+            "images_per_s": t.seen / busy if busy > 0 else None}
 
 
 def _smaller_rate_advice(cfg: Config) -> str:
