@@ -41,17 +41,27 @@ def _is_temporary(p: Path) -> bool:
 
 
 def new_default(name: str, runs_dir: Path = RUNS_DIR) -> Path:
-    """Create and return `runs/<name>-<timestamp>` (then `-2`, `-3`, … if taken).
+    """Create and return `runs/<name>-<timestamp>` (then `-2`, `-3`, … if taken)."""
+    return unique_folder(runs_dir, name, option="--run-dir")
 
-    The folder is made with one exclusive mkdir, so two trainings started in the same
-    second can never be given the same folder."""
+
+def unique_folder(root: Path, base: str, *, option: str, create: bool = True) -> Path:
+    """`root/<base>-<timestamp>`, then `-2`, `-3`, … if taken, made with one exclusive
+    mkdir, so two commands started in the same second can never be given the same folder
+    (with `create` False: the first name free now, made by nobody). `option` is the one that
+    names a folder instead, for the message when there is none free."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MlecliError(describe_os_error(exc, runs_dir)) from None
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MlecliError(describe_os_error(exc, root)) from None
     for n in range(1, 10_000):
-        path = runs_dir / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        path = root / (f"{base}-{stamp}" if n == 1 else f"{base}-{stamp}-{n}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
         try:
             path.mkdir()
             return path
@@ -59,7 +69,7 @@ def new_default(name: str, runs_dir: Path = RUNS_DIR) -> Path:
             continue
         except OSError as exc:
             raise MlecliError(describe_os_error(exc, path)) from None
-    raise MlecliError(f"no free run folder name for {name} in {runs_dir}; use --run-dir")
+    raise MlecliError(f"no free folder name for {base} in {root}; use {option}")
 
 
 def _leftovers(run_dir: Path) -> list[str]:

@@ -40,22 +40,9 @@ TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "chec
 def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True) -> Path:
     """`runs/<name>-sweep-<timestamp>` (then `-2`, `-3`, … if taken), made with one
     exclusive mkdir (unless `create` is False), so two sweeps never get the same folder."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 10_000):
-        path = root / (f"{name}-sweep-{stamp}" if n == 1 else f"{name}-sweep-{stamp}-{n}")
-        if not create:
-            if not path.exists():
-                return path
-            continue
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise MlecliError(describe_os_error(exc, path)) from None
-    raise MlecliError(f"no free sweep folder name for {name} in {root}; use --sweep-dir")
+    from mlecli.rundir import unique_folder
+
+    return unique_folder(root, f"{name}-sweep", option="--sweep-dir", create=create)
 
 
 def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
