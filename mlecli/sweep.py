@@ -25,7 +25,7 @@ from typing import Any
 from mlecli import __version__
 from mlecli.config import Config
 from mlecli.errors import MlecliError
-from mlecli.fsutil import atomic_write_text, describe_os_error, read_regular
+from mlecli.fsutil import atomic_write_text, read_regular
 from mlecli.grid import Plan, RunSpec, format_seeds, jsonable, show
 
 SWEEP_FORMAT = 1

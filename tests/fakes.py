@@ -6,7 +6,10 @@ import gzip
 import hashlib
 import http.server
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -92,6 +95,40 @@ def copy_run_without_evaluations(run: Path, dst: Path) -> Path:
     for p in dst.glob("eval-*.json"):
         p.unlink()
     return dst
+
+
+# ---------------------------------------------------------------------------
+# mlecli as a separate process (to kill it, signal it, race it)
+
+
+def mlecli_process(*args, **popen) -> subprocess.Popen:
+    """`python -m mlecli ARGS…` started, its output piped, unbuffered."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **popen.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-m", "mlecli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, **popen)
+
+
+def wait_for(path: Path, proc, timeout: float = 60) -> None:
+    """Until `path` exists; fails if `proc` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def kill_once(path: Path, proc) -> None:
+    """kill -9 `proc` as soon as `path` appears."""
+    wait_for(path, proc)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def array_bytes(path: Path) -> dict[str, bytes]:
+    """The bytes of each array of a checkpoint but its meta record."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k].tobytes() for k in z.files if k != "meta"}
 
 
 # ---------------------------------------------------------------------------

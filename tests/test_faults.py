@@ -7,16 +7,15 @@ happened in one line.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from click.testing import CliRunner
-from fakes import trickle
+from fakes import array_bytes as weights
+from fakes import mlecli_process as mlecli
+from fakes import trickle, wait_for
 
 from mlecli import checkpoint as ckpt
 from mlecli.cache import dataset_dir, ensure_dataset, load_split
@@ -27,27 +26,8 @@ from mlecli.fsutil import TMP_SUFFIX
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 
 
-def mlecli(*args, **popen):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mlecli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, **popen)
-
-
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def weights(path: Path) -> dict[str, bytes]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k].tobytes() for k in z.files if k != "meta"}
-
-
-def wait_for(path: Path, proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -12,32 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from click.testing import CliRunner
-from fakes import rewrite_npz, trickle
+from fakes import array_bytes as weights
+from fakes import mlecli_process as mlecli
+from fakes import rewrite_npz, trickle, wait_for
 
 from mlecli import checkpoint as ckpt
 from mlecli.cache import dataset_dir
 from mlecli.cli import main
-
-
-def mlecli(*args, cwd=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mlecli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=cwd)
-
-
-def weights(path: Path) -> dict[str, bytes]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k].tobytes() for k in z.files if k != "meta"}
-
-
-def wait_for(path: Path, proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------------------

@@ -4,15 +4,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fakes import tiny_dataset
+from fakes import kill_once, mlecli_process, tiny_dataset
 
 from mlecli import checkpoint as ckpt
 from mlecli import train as training
@@ -134,27 +131,12 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_bit_identical(tiny_config, tmp_pat
     assert [m["train_acc"] for m in cut] == [m["train_acc"] for m in whole]
 
 
-def run_in_subprocess(cfg, run_dir, data_dir, *extra):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mlecli", "train", str(cfg), "--run-dir", str(run_dir), "--data-dir", str(data_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )
-
-
 def test_a_killed_process_resumes_from_its_newest_checkpoint_bit_identical(tiny_config, tmp_path):
     cfg = tiny_config(train={"epochs": 40, "batch_size": 1}, model={"hidden": [8]})
     data = tmp_path / "d"
     assert train_cli(cfg, "--run-dir", tmp_path / "whole", data_dir=data).exit_code == 0
     run = tmp_path / "killed"
-    proc = run_in_subprocess(cfg, run, data)
-    deadline = time.monotonic() + 60
-    while not (run / "checkpoints" / "epoch-0002.npz").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_once(run / "checkpoints" / "epoch-0002.npz", mlecli_process("train", cfg, "--run-dir", run, "--data-dir", data))
     done = ckpt.load(run / "checkpoints" / "last.npz").epoch
     assert 2 <= done < 40
     res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data), "-q"])

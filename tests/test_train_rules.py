@@ -4,13 +4,13 @@ divergence: what each records, and exact resume after Ctrl-C and kill -9 for eac
 import json
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from fakes import MNIST_FILES, TinyDataset, make_digits, rewrite_npz
-from test_train import assert_bit_identical, metrics, run_in_subprocess, train_cli, weights
+from fakes import kill_once, mlecli_process
+from test_train import assert_bit_identical, metrics, train_cli, weights
 
 from mlecli import checkpoint as ckpt
 from mlecli.idx import idx_bytes
@@ -106,14 +106,7 @@ def test_a_killed_process_resumes_bit_identical_with_rules_schedules_priors_and_
     data = tmp_path / "d"
     assert train_cli(cfg, "--run-dir", tmp_path / "whole", data_dir=data).exit_code == 0
     run = tmp_path / "killed"
-    proc = run_in_subprocess(cfg, run, data)
-    deadline = time.monotonic() + 60
-    while not (run / "checkpoints" / "epoch-0002.npz").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_once(run / "checkpoints" / "epoch-0002.npz", mlecli_process("train", cfg, "--run-dir", run, "--data-dir", data))
     assert 2 <= ckpt.load(run / "checkpoints" / "last.npz").epoch < 30
     res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data), "-q"])
     assert res.exit_code == 0, res.output
