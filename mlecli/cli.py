@@ -565,7 +565,7 @@ def _checkpoint_name(ctx, param, value):
 def threshold_option(f):
     return click.option(
         "--threshold",
-        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        type=Finite(0, 1, min_open=True, max_open=True),
         default=0.5,
         help="Predict positive where ŷ ≥ this.",
     )(f)

@@ -96,6 +96,14 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
     """
     path = Path(path)
     try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        # A rename would put a file where a device, a FIFO or a folder was (as root, /dev/null itself).
+        raise MlecliError(f"{path} is not a regular file (a folder, device or pipe): not replacing it; "
+                          "choose another name")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The writer's process id in the name: anyone may remove a temporary whose writer is gone.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)

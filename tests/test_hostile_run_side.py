@@ -274,3 +274,23 @@ def test_paths_too_long_for_the_file_system_are_one_line(tmp_path):
         assert res.exit_code == 1, args
         assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
         assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("Error: "), (args, res.stderr)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_no_file_is_ever_written_over_a_device_fifo_or_folder(tmp_path, kind):
+    from mlecli.errors import MlecliError
+    from mlecli.fsutil import atomic_write_text
+
+    target = tmp_path / "target"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        os.mknod(target, 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # like /dev/null (root)
+    before = os.lstat(target)
+    with pytest.raises(MlecliError, match=r"is not a regular file \(a folder, device or pipe\): not replacing it"):
+        atomic_write_text(target, "x")
+    after = os.lstat(target)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]
