@@ -74,6 +74,9 @@ class State:
     opt_state: optim.State = field(default_factory=dict)  # the update rule's arrays
     watch: Watch = field(default_factory=Watch)  # plateau and divergence, epoch to epoch
     stopped_early: dict | None = None  # {"epoch", "best_epoch"} once early stopping ended the run
+    # A stop between measurements keeps the logits not yet measured (partial["measured"] on),
+    # so the epoch's sums are grouped as in a run never stopped: the same bits.
+    pending_z: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 TIMING_KEYS = ("seconds", "images_per_s")  # wall-clock figures: in metrics.jsonl, never in a checkpoint's best
@@ -300,8 +303,11 @@ def _restore(cp: ckpt.Checkpoint, rule: optim.Rule) -> State:
                        and m.get("epoch") == best["epoch"]), {})
         best = {**best, "record": {k: v for k, v in record.items() if k not in TIMING_KEYS}}
     params = [(W.copy(), b.copy()) for W, b in cp.params]
+    pending = cp.extra.get("loop.z", np.empty(0, params[0][0].dtype))
     try:
-        opt_state = rule.from_arrays(cp.extra, params)
+        if pending.ndim != 1 or pending.dtype != params[0][0].dtype or not np.all(np.isfinite(pending)):
+            raise ValueError(f"its array loop.z is {pending.dtype} {pending.shape}, not finite logits of the network")
+        opt_state = rule.from_arrays({k: v for k, v in cp.extra.items() if k.startswith("opt.")}, params)
         watch = Watch.from_dict(meta.get("watch"))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{cp.path}: {exc}; it cannot be resumed") from None
@@ -316,6 +322,7 @@ def _restore(cp: ckpt.Checkpoint, rule: optim.Rule) -> State:
         opt_state=opt_state,
         watch=watch,
         stopped_early=meta.get("stopped_early"),
+        pending_z=pending.copy(),
     )
 
 
@@ -448,8 +455,10 @@ class _Run:
         if self.metrics is not None:
             self.metrics.sync()
         meta = _meta(self.cfg, self.state, self.data.task, self.data.sha256)
-        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta,
-                         extra=self.rule.to_arrays(self.state.opt_state))
+        extra = self.rule.to_arrays(self.state.opt_state)
+        if len(self.state.pending_z):
+            extra["loop.z"] = self.state.pending_z
+        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta, extra=extra)
         self.committed = (self.state.epochs_done, self.state.batch_in_epoch)
         for name in copies:
             atomic_write_bytes(self.ckpt_dir / name, data)
@@ -506,8 +515,10 @@ def _check_fits(cp: ckpt.Checkpoint, cfg: Config, task: BinaryTask) -> None:
         problems.append(f"it stopped at batch {batch} of an epoch of {batches}")
     elif meta["step"] != done * batches + batch:
         problems.append(f"its step {meta['step']} is not {done} epochs of {batches} batches and {batch} more")
-    elif p["seen"] != batch * bs or p["correct"] > p["seen"]:
-        problems.append(f"its tally of the epoch so far ({p['seen']} images) is not {batch} batches of {bs}")
+    elif not (p.get("measured", batch * bs) == p["seen"] >= p["correct"]
+              and p["seen"] + len(cp.extra.get("loop.z", ())) == batch * bs and p["seen"] % bs == 0):
+        problems.append(f"its tally of the epoch so far ({p['seen']} images measured, "
+                        f"{len(cp.extra.get('loop.z', ()))} logits pending) is not {batch} batches of {bs}")
     if problems:
         raise CheckpointError(f"{cp.path} does not fit this run's data: {problems[0]}; the checkpoint is damaged "
                               "or not this run's")
@@ -625,7 +636,8 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
     loop.t_start = time.perf_counter() - p.get("seconds", 0.0)  # optional in a checkpoint (schema.PARTIAL)
     t_window = time.perf_counter() - w.get("seconds", 0.0)
     bar = _bar(report, epoch, cfg.train.epochs, loop.batches, state.batch_in_epoch)
-    measured = state.batch_in_epoch * bs  # examples whose logits are tallied
+    measured = p.get("measured", state.batch_in_epoch * bs)  # examples whose logits are tallied
+    loop.z_epoch[measured : measured + len(state.pending_z), 0] = state.pending_z  # a stop's, not yet tallied
 
     def get_lr(step: int) -> float:
         """The schedule: η in force after `step` steps (the plateau's scale is fixed within an epoch)."""
@@ -645,7 +657,9 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
             record_due = cfg.train.log_every and state.step % cfg.train.log_every == 0
             if bar is not None:
                 bar.update(1)
-            if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
+            # Measured at the same batches whether or not the run stops in between (a stop
+            # keeps the logits not yet measured), so the sums come out bit for bit the same.
+            if (k + 1) % MEASURE_EVERY == 0 or last_batch or record_due:
                 z, y = loop.z_epoch[measured:hi, 0], y_epoch[measured:hi]
                 _check_logits(z, epoch, measured // bs, cfg, run.ckpt_dir)
                 chunk = Tally.of(z, y)
@@ -663,8 +677,9 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
                 window, t_window = Tally(), time.perf_counter()
             if stopping:
                 now = time.perf_counter()
+                state.pending_z = loop.z_epoch[measured:hi, 0].copy()
                 state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
-                                 "seconds": now - loop.t_start,
+                                 "measured": measured, "seconds": now - loop.t_start,
                                  "window": {"ll": window.ll, "correct": window.correct, "seen": window.seen,
                                             "seconds": now - t_window}}
                 return True
@@ -701,6 +716,7 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     state.batch_in_epoch = 0
     state.rng_state = run.data.rng.bit_generator.state
     state.partial = _fresh_partial()
+    state.pending_z = state.pending_z[:0]
     key = "val_ll_mean" if val_ll is not None else "train_ll_mean"
     improved = state.best is None or record[key] > state.best["value"]
     if improved:

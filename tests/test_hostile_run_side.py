@@ -171,7 +171,7 @@ def test_the_first_step_record_after_a_resume_counts_the_whole_window(tiny_confi
     whole, cut = steps(tmp_path / "whole"), steps(tmp_path / "cut")
     assert [r["step"] for r in cut] == [r["step"] for r in whole]
     assert [r["train_acc"] for r in cut] == [r["train_acc"] for r in whole]
-    assert [r["train_ll"] for r in cut] == pytest.approx([r["train_ll"] for r in whole], rel=1e-9)
+    assert [r["train_ll"] for r in cut] == [r["train_ll"] for r in whole]
 
 
 def test_resume_cannot_make_a_run_shorter_than_it_is(trained, tmp_path):
