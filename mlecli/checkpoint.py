@@ -181,7 +181,9 @@ def resolve(target: Path, which: str = "best") -> Path:
     folder = target / "checkpoints"
     if not folder.is_dir():
         raise CheckpointError(f"{target} is not a run folder (it has no checkpoints/ folder)")
-    m = re.fullmatch(r"epoch-(\d+)", which)
+    m = re.fullmatch(r"epoch-0*(\d{1,9})", which, flags=re.ASCII)  # more digits: no run has that many epochs
+    if which not in ("best", "last") and m is None:
+        raise CheckpointError(f"{which!r} is not a checkpoint of a run: give best, last or epoch-N")
     name = f"epoch-{int(m.group(1)):04d}.npz" if m else f"{which}.npz"
     path = folder / name
     if not path.is_file():

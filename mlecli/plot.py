@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mlecli import checkpoint as ckpt
-from mlecli.errors import MlecliError
+from mlecli.errors import MlecliError, printable
 from mlecli.fsutil import atomic_write
 from mlecli.rundir import read_metrics
 from mlecli.task import class_words, short_word
@@ -185,7 +185,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     best = cp.meta.get("best") or {}
     negative, positive = class_words(cfg)
     network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
-    title = f"{run_dir.name}: {positive} vs {negative}, {network}"
+    title = printable(f"{run_dir.name}: {positive} vs {negative}, {network}")  # a name may not be UTF-8
     written = []
     if epochs:
         written.append(curves(plt, run_dir, epochs, best.get("epoch"), title, out))

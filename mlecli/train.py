@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -493,6 +493,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
         cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
         _check_fits(cp, cfg, data.task)
+        _check_own(cp, run_dir)
         rule = make_rule(cfg)
         run = _Run(cfg, run_dir, data, _restore(cp, rule), rule)
         run.committed = (run.state.epochs_done, run.state.batch_in_epoch)
@@ -522,6 +523,32 @@ def _check_fits(cp: ckpt.Checkpoint, cfg: Config, task: BinaryTask) -> None:
     if problems:
         raise CheckpointError(f"{cp.path} does not fit this run's data: {problems[0]}; the checkpoint is damaged "
                               "or not this run's")
+
+
+def _check_own(cp: ckpt.Checkpoint, run_dir: Path) -> None:
+    """Refuse a checkpoint that is another run's (copied into this folder): its config must
+    be the one config.toml records, but for the keys a resume may change. (A config.toml
+    that is missing or damaged is written again from the checkpoint.)"""
+    from mlecli.config import load as load_config
+
+    try:
+        recorded = load_config(run_dir / "config.toml").to_dict()
+    except MlecliError:
+        return
+    mine = cp.config.to_dict()
+    for key in sorted(RESUME_OVERRIDABLE):
+        section, name = key.split(".")
+        recorded[section].pop(name, None)
+        mine[section].pop(name, None)
+    recorded.pop("name", None)
+    mine.pop("name", None)
+    differ = sorted(f"{s}.{k}" for s in recorded for k in set(recorded[s]) | set(mine.get(s, {}))
+                    if recorded[s].get(k) != mine.get(s, {}).get(k))
+    if differ:
+        raise CheckpointError(
+            f"{cp.path} is not this run's checkpoint: its config differs from {run_dir / 'config.toml'} in "
+            f"{', '.join(differ)}; put the run's own checkpoints back, or start a new run"
+        )
 
 
 def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
@@ -575,6 +602,12 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
 def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
     cfg = run.cfg
     # Overflow is caught by the finiteness check and reported in words, once.
+    if diverged(run.state.watch):  # its last commit says so: resuming it diverges again, however many epochs
+        raise TrainingError(
+            f"the run diverged by epoch {run.state.epochs_done} (it did no better than predicting the training "
+            f"base rate for every image, {run.state.watch.worse_than_base} epochs in a row): "
+            f"{_smaller_rate_advice(cfg)}. Its best checkpoint is {run.ckpt_dir / 'best.npz'}"
+        )
     with np.errstate(over="ignore", invalid="ignore"), blas.threads(blas_threads(cfg.train.batch_size)):
         loop = _Loop(run)
         while run.state.epochs_done < cfg.train.epochs and run.state.stopped_early is None:
@@ -610,7 +643,12 @@ class _Loop:
         self.ws = Workspace(state.params, min(self.bs, self.n), run.rule.bind(state.params, state.opt_state, prior),
                             t.shift, task.train.images.shape[1:])
         self.z_epoch = np.empty((self.n, 1), dtype)  # each batch's logits, measured in chunks
-        self.base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
+        base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
+        if base is not None:  # and the untrained network (the initial weights, made again from their seed)
+            untrained = init_params(layer_sizes(task.n_inputs, run.cfg.model.hidden),
+                                    np.random.default_rng(run.cfg.model.seed), dtype)
+            base = replace(base, start=ll_and_accuracy(untrained, task.validation.images, task.validation.y)[0])
+        self.base = base
         self.tally = Tally()
         self.t_start = 0.0
         self.lr = t.learning_rate  # the last step's
