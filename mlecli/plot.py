@@ -14,7 +14,7 @@ import numpy as np
 
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError, printable
-from mlecli.fsutil import atomic_write
+from mlecli.fsutil import atomic_write, remove_stale_temporaries
 from mlecli.rundir import read_metrics
 from mlecli.task import class_words, short_word
 
@@ -176,6 +176,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     plt = _pyplot()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
+    remove_stale_temporaries(out)  # an earlier plot's, if it was killed mid-write
     which = "best" if (run_dir / "checkpoints" / "best.npz").exists() else "last"
     cp = ckpt.load(ckpt.resolve(run_dir, which))
     last = cp if which == "last" else ckpt.load(ckpt.resolve(run_dir, "last"))
