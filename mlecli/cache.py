@@ -303,7 +303,8 @@ class _Fetching:
     fetch: bool
     how_to_fetch: str | None
 
-    def file(self, dataset: Dataset, mirrors: list[str], expected: Expected, dest: Path, partial: Path) -> tuple[str, str]:
+    def file(self, dataset: Dataset, mirrors: list[str], expected: Expected, dest: Path, partial: Path
+             ) -> tuple[str, str]:
         extra = {} if is_builtin(dataset) else {
             "advice": f"Check the network, and the url of the {dataset.name} dataset in its config's [data] table"
         }

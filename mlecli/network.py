@@ -312,7 +312,14 @@ def network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
         text += f" {e}"
         e = e.__cause__ or e.__context__
     if "CERTIFICATE_VERIFY_FAILED" in text or "SSLCertVerificationError" in names:
-        return "its TLS certificate could not be verified", False
+        why = re.search(r"certificate verify failed: (.+?)\.? \(_ssl", text)
+        return (f"its TLS certificate could not be verified ({why.group(1) if why else 'CERTIFICATE_VERIFY_FAILED'})"
+                "; if you trust this server, point REQUESTS_CA_BUNDLE at its CA certificate (a .pem file)"), False
+    not_tls = re.search(r"\[SSL: (WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG|HTTP_REQUEST"
+                        r"|UNKNOWN_PROTOCOL)\]", text)
+    if not_tls:
+        return (f"the server does not answer in TLS ({not_tls.group(1)}); if it serves plain HTTP, use an http:// "
+                "URL"), False
     if names & {"ConnectTimeout", "ConnectTimeoutError"}:
         return f"no connection within {policy.connect_timeout:g} s", True
     if names & {"ReadTimeout", "ReadTimeoutError", "TimeoutError", "timeout"} or "timed out" in text:
