@@ -144,7 +144,7 @@ def _read_record(folder: Path, dataset: Dataset) -> dict[str, dict]:
     entries = [files.get(dataset.files[role]) for role in ROLES]
     if any(e is None for e in entries):
         return {}
-    sources = {e.get("mirror") for e in entries}
+    sources = {e.get("mirror") if isinstance(e.get("mirror"), str) else None for e in entries}
     if len(sources) != 1 or sources.pop() not in source_key(dataset)["url"]:
         return {}
     if any(dataset.sha256.get(role, e["sha256"]) != e["sha256"] for role, e in zip(ROLES, entries)):

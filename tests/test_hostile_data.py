@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -248,6 +249,31 @@ def test_an_outsized_record_counts_as_none_and_costs_no_memory(tiny, tmp_path):
     assert peak < 1 << 20
     ensure_dataset(spec, tmp_path / "d")  # the set is fetched again and recorded anew
     assert record.read_bytes() == good
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_whatever_record_json_says_the_cache_loads_or_is_fetched_again(tiny, tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("rec")
+    spec = custom("mine", str(tiny.write_folder(root / "mirror")))
+    ensure_dataset(spec, root / "d")
+    path = dataset_dir(spec, root / "d") / "record.json"
+    record = json.loads(path.read_text())
+    # Change one value anywhere in the record (a hand, another version, a hostile copy).
+    entry = data.draw(st.sampled_from([None, *record["files"]]))
+    target = record if entry is None else record["files"][entry]
+    key = data.draw(st.sampled_from(sorted(target)))
+    target[key] = data.draw(JSON)
+    path.write_text(json.dumps(record))
+    load_split(spec, root / "d", "train")  # a Split or None, never an exception
+    ensure_dataset(spec, root / "d")
+    loaded = load_split(spec, root / "d", "train")
+    np.testing.assert_array_equal(loaded.labels, tiny.arrays["train-labels"])
 
 
 # ---------------------------------------------------------------------------
