@@ -159,6 +159,28 @@ def test_a_header_must_decode_within_the_first_64_kib(members, piece):
         assert b"".join(out) == idx
 
 
+NOTHING_FOR_EVER = {
+    "empty gzip members": EMPTY_MEMBER * 5000,
+    "empty stored deflate blocks": b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03" + b"\x00\x00\x00\xff\xff" * 20_000,
+    "an endless file name": b"\x1f\x8b\x08\x08\x00\x00\x00\x00\x02\x03" + b"n" * 100_000,
+    "an endless extra field": b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x02\x03\xff\xff" + b"x" * 100_000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOTHING_FOR_EVER))
+@settings(max_examples=10, deadline=None)
+@given(piece=st.integers(1, 70_000))
+def test_a_stream_that_decodes_to_nothing_is_refused_within_64_kib(kind, piece):
+    data = NOTHING_FOR_EVER[kind]
+    decoder = IdxDecoder("f")
+    with pytest.raises(DataError) as err:
+        for i in range(0, len(data), piece):
+            assert list(decoder.feed(data[i:i + piece])) == []
+    assert str(err.value) == (f"f: its first {HEADER_WITHIN:,} bytes decompress to no IDX header (0 bytes); "
+                              "it is not an IDX file")
+    assert decoder.fed <= HEADER_WITHIN
+
+
 def test_a_mirror_sending_empty_gzip_members_for_ever_is_given_up_within_64_kib(tiny, mirrors, tmp_path):
     def endless(h, name, data, n):
         h.send_response(200)
