@@ -565,7 +565,7 @@ def _checkpoint_name(ctx, param, value):
 def threshold_option(f):
     return click.option(
         "--threshold",
-        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        type=Finite(0, 1, min_open=True, max_open=True),
         default=0.5,
         help="Predict positive where ŷ ≥ this.",
     )(f)
@@ -583,7 +583,7 @@ def threshold_option(f):
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     metavar="FILE",
-    help="Also write a PNG of the 28×28 images the network saw, with their ŷ.",
+    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, with their ŷ.",
 )
 def predict(target, inputs, which, threshold, as_json, raw, show):
     """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
@@ -598,9 +598,13 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     """
     from mlecli import inputs as sources_of
     from mlecli import predict as pr
+    from mlecli.outputs import check_output
 
     model = pr.load_model(target, which)
     sources = sources_of.sources(list(inputs))
+    if show is not None:
+        read = [(s.path, "one of the inputs") for s in sources if isinstance(s, sources_of.Source) and s.path]
+        show = check_output(show, "--show", ".png", "PNG picture", keep=read)
     width = max((len(printable(s.name)) for s in sources if isinstance(s, sources_of.Source)), default=0)
     failed = 0
     shown: list = []
@@ -619,9 +623,9 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     if show is not None:
         count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
         if count:
-            click.echo(f"wrote {show} ({count} images)", err=True)
+            click.echo(printable(f"wrote {show} ({count} images)"), err=True)
         else:
-            click.echo(f"no image to show: {show} not written", err=True)
+            click.echo(printable(f"no image to show: {show} not written"), err=True)
     if failed:
         sys.exit(1)
 
@@ -632,10 +636,11 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=None,
     metavar="FILE",
-    help="Where to write.  [default: <run>/<checkpoint>.onnx or .html; beside a checkpoint file outside a run]",
+    help="Where to write (a name ending in .onnx or .html, or a folder).  [default: <run>/<checkpoint>.onnx or "
+    ".html; beside a checkpoint file outside a run]",
 )
 def export(target, which, fmt, out):
     """Export a network to ONNX, or to a web page to draw on.
@@ -647,9 +652,13 @@ def export(target, which, fmt, out):
 
     path = ex.export(target, which, fmt, out)
     size = path.stat().st_size
-    click.echo(f"wrote {path} ({size / 1024:,.0f} KB)")
+    echo(f"wrote {path} ({size / 1024:,.0f} KB)")
     if fmt == "html":
-        click.echo(f"open it in a browser: {path.resolve().as_uri()}")
+        echo(f"open it in a browser: {path.resolve().as_uri()}")
+        if size > ex.PAGE_LIMIT:
+            echo(f"warning: the page is {size / 1e6:.1f} MB, more than the {ex.PAGE_LIMIT / 1e6:.0f} MB a page should "
+                 "be: a browser loads it slowly (its weights are most of it; a smaller network makes a lighter page)",
+                 err=True)
 
 
 @main.command(short_help="Draw a run, or compare runs.")

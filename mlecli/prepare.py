@@ -130,18 +130,18 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255.0
 
 
-def composite(rgba: np.ndarray) -> np.ndarray:
+def composite(rgba: np.ndarray, back: float | None = None) -> np.ndarray:
     """(H, W, 4) uint8 RGBA -> gray in [0, 1], transparency filled with the colour opposite the ink.
 
-    The background behind transparent pixels is white when what is drawn (weighted by
-    alpha) is dark on average, black when it is light: dark ink on a transparent sheet
-    and light ink on one both come out as ink on a plain background.
+    The background behind transparent pixels (`back`, else `background_behind(rgba)`) is white
+    when what is drawn (weighted by alpha) is dark on average, black when it is light: dark
+    ink on a transparent sheet and light ink on one both come out as ink on a plain background.
     """
     lum = luminance(rgba[..., :3])
-    if np.all(rgba[..., 3] == 255):
+    if back is None and np.all(rgba[..., 3] == 255):
         return lum
     alpha = rgba[..., 3].astype(np.float64) / 255.0
-    back = background_behind(rgba)
+    back = background_behind(rgba) if back is None else back
     return alpha * lum + (1.0 - alpha) * back
 
 
