@@ -580,7 +580,7 @@ def threshold_option(f):
 @click.option("--raw", is_flag=True, help="Skip the preparation: inputs are already 28×28, light ink on black.")
 @click.option(
     "--show",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
     help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, with their ŷ.",
@@ -636,7 +636,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
     default=None,
     metavar="FILE",
     help="Where to write (a name ending in .onnx or .html, or a folder).  [default: <run>/<checkpoint>.onnx or "

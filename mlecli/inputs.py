@@ -609,7 +609,7 @@ def _gray(img) -> np.ndarray:
     return _by_rows(np.asarray(img.convert("RGB")), luminance)
 
 
-def _by_rows(pixels: np.ndarray, fn, block: int = 1 << 20) -> np.ndarray:
+def _by_rows(pixels: np.ndarray, fn, block: int = 1 << 18) -> np.ndarray:
     """fn on (H, W, C) uint8 pixels a block of rows at a time (the float64 temporaries of a
     whole 50-megapixel photo would take gigabytes); the same numbers as fn on the whole."""
     h, w = pixels.shape[:2]

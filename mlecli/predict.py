@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,11 +105,8 @@ def check_weights(cp: ckpt.Checkpoint) -> None:
 
 def check_threshold(threshold) -> float:
     """A decision threshold: a number strictly between 0 and 1."""
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(threshold, bool) or not 0 < value < 1:
+    value = float(threshold) if isinstance(threshold, numbers.Real) and not isinstance(threshold, bool) else math.nan
+    if not 0 < value < 1:
         raise MlecliError(f"threshold must be a number between 0 and 1 (both excluded), got {threshold!r}")
     return value
 

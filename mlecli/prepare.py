@@ -145,7 +145,7 @@ def composite(rgba: np.ndarray, back: float | None = None) -> np.ndarray:
     return alpha * lum + (1.0 - alpha) * back
 
 
-def background_behind(rgba: np.ndarray, block: int = 1 << 20) -> float:
+def background_behind(rgba: np.ndarray, block: int = 1 << 18) -> float:
     """1.0 (white) when the alpha-weighted mean luma of (H, W, 4) uint8 pixels is below ½, else
     0.0, decided in integers (exact in any order of adding, as the page's JavaScript does):
     Σ a·(299 R + 587 G + 114 B) < ½ · 255,000 · Σ a. A fully transparent image gets white."""
@@ -159,17 +159,23 @@ def background_behind(rgba: np.ndarray, block: int = 1 << 20) -> float:
     return 1.0 if 2 * weighted < 255_000 * total or total == 0 else 0.0
 
 
-def _seq_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Sum along `axis` strictly first to last (as a JavaScript loop does; np.sum adds pairwise)."""
-    if x.ndim == 1 or (x.ndim == 2 and axis in (1, -1) and x.shape[1] <= 64):
-        return np.cumsum(x, axis=-1)[..., -1] if x.shape[-1] else np.zeros(x.shape[:-1])
-    x = np.moveaxis(x, axis, 0)
-    if len(x) == 0:
-        return np.zeros(x.shape[1:])
-    acc = x[0].astype(np.float64, copy=True)
-    for row in x[1:]:
-        acc += row
-    return acc
+def _seq_sum(x: np.ndarray, axis: int = -1, block: int = 1 << 20) -> np.ndarray:
+    """Sum along `axis` strictly first to last (as a JavaScript loop does; np.sum adds pairwise):
+    np.cumsum (which adds in order) over blocks of the axis, each block started from the total
+    so far, so that no more than about `block` elements are copied at a time."""
+    axis %= x.ndim
+    n = x.shape[axis]
+    rest = x.shape[:axis] + x.shape[axis + 1 :]
+    if n == 0:
+        return np.zeros(rest)
+    step = max(1, block // max(1, int(np.prod(rest))))
+    total = None
+    for start in range(0, n, step):
+        part = x[(slice(None),) * axis + (slice(start, start + step),)]
+        if total is not None:
+            part = np.concatenate([np.expand_dims(total, axis), part], axis=axis)
+        total = np.cumsum(part, axis=axis, dtype=np.float64).take(-1, axis=axis)
+    return total
 
 
 def ring(g: np.ndarray) -> np.ndarray:
