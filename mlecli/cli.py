@@ -636,10 +636,10 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
-    type=click.Path(),
+    type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Where to write (a name ending in .onnx or .html, or a folder).  [default: <run>/<checkpoint>.onnx or "
+    help="Where to write (a name ending in .onnx or .html).  [default: <run>/<checkpoint>.onnx or "
     ".html; beside a checkpoint file outside a run]",
 )
 def export(target, which, fmt, out):

@@ -47,14 +47,14 @@ KINDS = {"onnx": "ONNX model", "html": "web page"}
 def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> Path:
     """Write the checkpoint of `target` as `fmt` ("onnx" or "html") to `out` (default: beside it); return the path.
 
-    `out` may be a folder (the default name inside it); it must end in .onnx or .html and may
-    not be the checkpoint: checked before the checkpoint is even read."""
+    `out` must end in .onnx or .html (not a folder) and may not be the checkpoint: checked
+    before the checkpoint is even read."""
     if fmt not in KINDS:
         raise MlecliError(f"unknown export format {fmt!r}: onnx or html")
     path = ckpt.resolve(Path(target), checkpoint_name(which))
     default = default_out(path, fmt)
     out = check_output(default if out is None else out, "--out", f".{fmt}", KINDS[fmt],
-                       keep=[(path, "the checkpoint being exported")], default_name=default.name)
+                       keep=[(path, "the checkpoint being exported")])
     cp = ckpt.load(path)
     check_weights(cp)
     info = describe(cp)

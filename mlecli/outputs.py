@@ -4,8 +4,7 @@ A command that writes a file the user named can destroy what the name points to 
 mistake (`--show mine.png` where mine.png is the input, `--out run/checkpoints/best.npz`).
 So an output's name must end in its format's suffix (a picture, a checkpoint, a config or a
 record of the run never does: .png is refused only when it is one of the inputs), must not
-be one of the files the command reads, and must be a regular file or nothing yet. A folder
-(an existing one, or a name ending in /) gets the default name inside it.
+be one of the files the command reads, and must be a regular file or nothing yet (a folder, or a name ending in /, is refused).
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ class OutputError(MlecliError):
 
 
 def check_output(value: str | Path, option: str, suffix: str, kind: str,
-                 keep: Iterable[tuple[Path, str]] = (), default_name: str | None = None) -> Path:
+                 keep: Iterable[tuple[Path, str]] = ()) -> Path:
     """The path to write the `kind` file (e.g. "PNG picture") named by `option`, or OutputError.
 
     `keep`: (path, what it is) of the files the command reads: none may be the output (the
-    same file, by device and inode, whatever the name or link). `default_name` is used
-    inside a folder; without it a folder is refused."""
+    same file, by device and inode, whatever the name or link)."""
     text = os.fspath(value)
     shown = text if text else "''"
     if text == "":
@@ -37,9 +35,7 @@ def check_output(value: str | Path, option: str, suffix: str, kind: str,
         raise OutputError(f"{option} -: standard output is not a file here; give a file name ending in {suffix}")
     path = Path(text)
     if text.endswith(("/", os.sep)) or path.is_dir():
-        if default_name is None:
-            raise OutputError(f"{option} {shown} is a folder: give a file name ending in {suffix}")
-        path = path / default_name
+        raise OutputError(f"{option} {shown} is a folder: give a file name ending in {suffix}")
     if path.suffix.lower() != suffix:
         raise OutputError(f"{option} {shown}: a {kind} is written there, so its name must end in {suffix} "
                           "(this keeps it from replacing a file of another kind by mistake)")

@@ -572,9 +572,13 @@ def test_export_never_writes_over_the_run_s_files_or_the_checkpoint(run, tmp_pat
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
-def test_export_into_a_folder_and_empty_names(run, tmp_path):
+def test_export_into_a_folder_and_empty_names_are_refused(run, tmp_path):
     res = cli("export", run, "--format", "html", "--out", f"{tmp_path / 'newdir'}/")
-    assert res.exit_code == 0 and (tmp_path / "newdir" / "best.html").is_file()
+    assert (res.exit_code, res.stderr) == (1, f"Error: --out {tmp_path / 'newdir'}/ is a folder: give a file name "
+                                              "ending in .html\n")
+    assert list(tmp_path.iterdir()) == []  # no file named newdir, no folder either
+    res = cli("export", run, "--format", "html", "--out", tmp_path)
+    assert res.exit_code == 2 and "Invalid value for '--out'" in res.stderr and list(tmp_path.iterdir()) == []
     res = cli("export", run, "--format", "html", "--out", "")
     assert (res.exit_code, res.stderr) == (1, "Error: --out '': an empty name; give a file name ending in .html\n")
 
