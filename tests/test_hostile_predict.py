@@ -9,7 +9,9 @@ where a search is possible.
 
 from __future__ import annotations
 
+import fractions
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -453,6 +455,16 @@ def test_the_api_s_threshold_is_checked(model, value):
     assert str(err.value) == f"threshold must be a number between 0 and 1 (both excluded), got {value!r}"
 
 
+@given(st.one_of(st.floats(), st.integers(-2, 2), st.fractions(), st.booleans(), st.none(), st.text(max_size=4)))
+def test_the_api_accepts_exactly_the_real_thresholds_strictly_between_0_and_1(model, value):
+    real = isinstance(value, (int, float, fractions.Fraction)) and not isinstance(value, bool)
+    if real and 0 < value < 1:
+        assert model.predict(PAGE8, threshold=value).tolist() == [int(model.predict_proba(PAGE8)[0, 1] >= value)]
+    else:
+        with pytest.raises(MlecliError, match=r"^threshold must be a number between 0 and 1 \(both excluded\), got "):
+            model.predict(PAGE8, threshold=value)
+
+
 # ---------------------------------------------------------------------------
 # 8, 9. One conversion for every picture, a file's or a PIL image
 
@@ -630,13 +642,46 @@ def test_a_report_with_nan_is_not_shown_and_no_json_holds_nan(run, tmp_path):
     shutil.copytree(run, copy)
     best = copy / "checkpoints" / "best.npz"
     report = {"split": "test", "checkpoint_name": "best", "checkpoint": str(best), "images": 10, "task": "x",
-              "epoch": ckpt.load(best).epoch, "accuracy": float("nan"), "threshold": 0.5}
+              "epoch": ckpt.load(best).epoch, "accuracy": float("nan"), "threshold": 0.5, "most_confident_errors": []}
     (copy / "eval-test-best.json").write_text(json.dumps(report))
     assert cli("export", copy, "--format", "html").exit_code == 0
     html = (copy / "best.html").read_text(encoding="utf-8")
     model_json = html.split('<script id="mlecli-model" type="application/json">', 1)[1].split("</script>", 1)[0]
     page = json.loads(model_json, parse_constant=lambda c: pytest.fail(f"the page's JSON holds {c}"))
     assert page["info"]["test_accuracy"] is None and "test accuracy: not evaluated (mlecli evaluate)" in page["footer"]
+
+
+REPORT_FIGURES = st.one_of(st.floats(), st.integers(-3, 3), st.booleans(), st.none(), st.text(max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(accuracy=REPORT_FIGURES, threshold=REPORT_FIGURES)
+def test_any_figures_in_a_report_give_strict_json_in_the_page_and_the_onnx_metadata(run, tmp_path, accuracy, threshold):
+    from mlecli import export as ex
+
+    require(importlib.util.find_spec("onnx") is not None, "pip install 'mlecli[onnx]'")
+    import onnx
+
+    copy = tmp_path / "run"
+    if not copy.exists():
+        shutil.copytree(run, copy)
+    best = copy / "checkpoints" / "best.npz"
+    cp = ckpt.load(best)
+    report = {"split": "test", "checkpoint_name": "best", "checkpoint": str(best), "images": 10, "task": "x",
+              "epoch": cp.epoch, "accuracy": accuracy, "threshold": threshold, "most_confident_errors": []}
+    (copy / "eval-test-best.json").write_text(json.dumps(report))
+    info = ex.describe(cp)
+    shown = info["test_accuracy"]
+    in_range = (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1
+                and isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1)
+    assert shown == ({"accuracy": accuracy, "threshold": threshold} if in_range else None)
+    strict = {"parse_constant": lambda c: pytest.fail(f"JSON holds {c}")}
+    json.loads(json.dumps(ex.page_model(cp, info), allow_nan=False), **strict)
+    props = onnx.load_from_string(ex.onnx_bytes(cp, info)).metadata_props
+    for prop in props:
+        if prop.key in ("mlecli.test_accuracy", "mlecli.hidden", "mlecli.image_shape"):
+            json.loads(prop.value, **strict)
+    assert ("mlecli.test_accuracy" in {p.key for p in props}) == in_range
 
 
 def test_a_checkpoint_name_is_best_last_or_epoch_n(run):
