@@ -193,6 +193,8 @@ def load(source: Source) -> Loaded:
     """Read one source into gray image(s); raise InputError naming it if it cannot be used."""
     name = source.name
     with guard(name), _opened(source) as (f, size):
+        if size is not None and size > MAX_FILE_BYTES + HEAD:  # no kind of input is this big: refused unread
+            raise _too_big(name, MAX_FILE_BYTES)
         head = _read_upto(f, HEAD)
         if not head:
             raise InputError(f"{name}: nothing came on standard input" if source.path is None

@@ -375,6 +375,22 @@ def test_a_stack_is_predicted_a_chunk_at_a_time_with_the_same_results(model, mon
     np.testing.assert_array_equal(model.prepare(digits), mlecli.load(model.checkpoint.path).prepare(digits))
 
 
+@pytest.mark.parametrize("name", ["sparse.png", "sparse.npy", "sparse.gz"])
+def test_a_file_over_the_byte_budget_is_refused_by_its_size_unread(tmp_path, name):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(2 << 30)  # 2 GB of holes: nothing on disk, nothing worth reading
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as err:
+            inputs.load(inputs.Source(name, path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(err.value) == f"{name}: larger than 512 MB; no image or array here is that big"
+    assert peak < 1 << 20
+
+
 def test_standard_input_from_dev_zero_is_refused_after_its_first_bytes(run):
     with open("/dev/zero", "rb") as zero:
         res = subprocess.run([sys.executable, "-m", "mlecli", "predict", str(run), "-"], stdin=zero,
