@@ -71,6 +71,12 @@ def entry() -> None:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:  # started with that stream closed (`>&-`)
             setattr(sys, name, open(os.devnull, "w"))
+        # A terminal whose encoding lacks a character we print (ŷ, ², a name's letters under
+        # LANG=…ISO-8859-1) gets an escape such as \u0177, not a UnicodeEncodeError.
+        try:
+            getattr(sys, name).reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         main(prog_name="mlecli")
     except KeyboardInterrupt:  # between start-up and the command (click's own parsing)

@@ -251,6 +251,21 @@ def test_every_name_is_shown_as_valid_unicode(name):
         assert shown == name
 
 
+@pytest.mark.parametrize("encoding,y_hat", [("latin-1", b"\\u0177"), ("cp1252", b"\\u0177"),
+                                            ("ascii", "ŷ".encode())])  # click writes UTF-8 where ASCII is said
+def test_a_terminal_that_cannot_show_every_character_gets_escapes_not_a_traceback(run, tmp_path, encoding, y_hat):
+    picture = tmp_path / "1²2-ŷ.png"
+    picture.write_bytes(encode(1.0 - INK))
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    for extra in ([], ["--json"], ["--threshold", "x"]):
+        res = subprocess.run([sys.executable, "-m", "mlecli", "predict", str(run), str(picture),
+                              str(tmp_path / "missing-ŷ.png"), *extra],
+                             capture_output=True, env=env, timeout=60)
+        assert b"Traceback" not in res.stderr and res.returncode == (2 if extra[:1] == ["--threshold"] else 1)
+        if not extra:
+            assert y_hat + b" 0." in res.stdout and res.stderr.count(b"\n") == 1
+
+
 def test_names_with_odd_characters_give_valid_json_in_valid_utf8(run, tmp_path):
     folder = tmp_path / "odd"
     folder.mkdir()
