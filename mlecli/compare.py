@@ -51,8 +51,9 @@ def summary(p: Plan, sweep_dir: Path, errors: dict[str, str] | None = None) -> d
             "error": error,
         })
     points = []
-    for point in p.points():
-        mine = [x for r, x in zip(p.runs, runs) if r.point == point]
+    row = {r.name: x for r, x in zip(p.runs, runs)}
+    for point, group in zip(p.points(), p.runs_of()):
+        mine = [row[r.name] for r in group]
         done = [x for x in mine if x["status"] == "finished"]
         points.append({
             "values": {k: v for k, v in point},

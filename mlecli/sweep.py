@@ -25,7 +25,7 @@ from typing import Any
 from mlecli import __version__
 from mlecli.config import Config
 from mlecli.errors import MlecliError
-from mlecli.fsutil import atomic_write_text, read_regular
+from mlecli.fsutil import atomic_write_text
 from mlecli.grid import Plan, RunSpec, format_seeds, jsonable, show
 
 SWEEP_FORMAT = 1
@@ -46,18 +46,14 @@ def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True)
 
 
 def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
-    """sweep.json of a folder, None if there is none; MlecliError if it is unreadable."""
+    """sweep.json of a folder, checked (schema.SWEEP); None if there is none. The one place
+    it is read: anything damaged in it is one line naming the file and the key."""
+    from mlecli import schema
+
     path = Path(sweep_dir) / "sweep.json"
-    try:
-        data = json.loads(read_regular(path, 64 << 20).decode("utf-8"))
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise MlecliError(f"{path} is not a readable sweep description ({exc}); move it away or choose another "
-                          "--sweep-dir") from None
-    if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT or not isinstance(data.get("runs"), list):
-        raise MlecliError(f"{path} is not a sweep description this mlecli reads (format {SWEEP_FORMAT})")
-    return data
+    return schema.read_json(path, schema.SWEEP)
 
 
 def find_sweep(p: Plan, root: Path = Path("runs")) -> Path | None:
