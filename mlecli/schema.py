@@ -201,7 +201,7 @@ MANIFEST = obj(optional={
 REPORT = obj(
     required={"split": one_of("test", "validation", "train"), "checkpoint_name": string(200), "epoch": COUNT,
               "accuracy": FIGURE, "images": COUNT, "task": string(1000)},
-    optional={"threshold": number()},
+    optional={"threshold": number(), "checkpoint_sha256": nullable(SHA256)},
 )
 REPORT.fields["most_confident_errors"] = (array(obj(
     required={"index": COUNT, "digit": integer(0, 255), "y": one_of(0, 1), "p": number()}), max_len=1000), True)
