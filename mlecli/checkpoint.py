@@ -33,7 +33,7 @@ from mlecli.model import Params, layer_sizes
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 CHECKPOINT_RE = re.compile(r"^(last|best|epoch-\d{4,})\.npz$")
-EXTRA_PREFIX = "opt."
+EXTRA_PREFIXES = ("opt.", "loop.")  # the update rule's state; the loop's (logits not yet measured)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Checkpoint:
     params: Params
     meta: dict[str, Any]
     config: Any  # mlecli.config.Config, parsed from meta["config"]
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the update rule's `opt.` arrays
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the `opt.` and `loop.` arrays
 
     @property
     def epoch(self) -> int:
@@ -60,8 +60,8 @@ def encode(params: Params, meta: dict[str, Any], extra: dict[str, np.ndarray] | 
         arrays[f"W{i}"] = W
         arrays[f"b{i}"] = b
     for name, arr in (extra or {}).items():
-        if not name.startswith(EXTRA_PREFIX):
-            raise ValueError(f"extra checkpoint array {name!r} must start with {EXTRA_PREFIX!r}")
+        if not name.startswith(EXTRA_PREFIXES):
+            raise ValueError(f"extra checkpoint array {name!r} must start with one of {EXTRA_PREFIXES}")
         arrays[name] = arr
     arrays["meta"] = np.array(json.dumps({"format": FORMAT_VERSION, **meta}, sort_keys=True, allow_nan=False))
     return npz.encode(arrays)
@@ -119,7 +119,7 @@ def load(path: Path) -> Checkpoint:
         cfg = config_mod.from_dict(raw_cfg, name=str(raw_cfg.get("name", path.stem)))
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its config is not valid ({exc})") from None
-    extra = {k: arrays.pop(k) for k in list(arrays) if k.startswith(EXTRA_PREFIX)} if version >= 2 else {}
+    extra = {k: arrays.pop(k) for k in list(arrays) if k.startswith(EXTRA_PREFIXES)} if version >= 2 else {}
     params = _params_from_arrays(path, arrays, cfg, n_inputs)
     return Checkpoint(path, params, meta, cfg, extra)
 
@@ -181,7 +181,9 @@ def resolve(target: Path, which: str = "best") -> Path:
     folder = target / "checkpoints"
     if not folder.is_dir():
         raise CheckpointError(f"{target} is not a run folder (it has no checkpoints/ folder)")
-    m = re.fullmatch(r"epoch-(\d+)", which)
+    m = re.fullmatch(r"epoch-0*(\d{1,9})", which, flags=re.ASCII)  # more digits: no run has that many epochs
+    if which not in ("best", "last") and m is None:
+        raise CheckpointError(f"{which!r} is not a checkpoint of a run: give best, last or epoch-N")
     name = f"epoch-{int(m.group(1)):04d}.npz" if m else f"{which}.npz"
     path = folder / name
     if not path.is_file():

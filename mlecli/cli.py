@@ -530,7 +530,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
 
     from mlecli import evaluate as ev
 
-    if not re.fullmatch(r"best|last|epoch-\d+", which):
+    if not re.fullmatch(r"best|last|epoch-\d{1,12}", which, flags=re.ASCII):
         raise click.BadParameter(f"{which!r} is not best, last or epoch-N", param_hint="'--checkpoint'")
     report = ev.evaluate(
         target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
@@ -566,7 +566,7 @@ def checkpoint_option(help_text: str):
 def _checkpoint_name(ctx, param, value):
     import re
 
-    if not re.fullmatch(r"best|last|epoch-\d+", value):
+    if not re.fullmatch(r"best|last|epoch-\d{1,12}", value, flags=re.ASCII):
         raise click.BadParameter(f"{value!r} is not best, last or epoch-N")
     return value
 

@@ -95,11 +95,15 @@ def a_bool(key: str, v: Any) -> bool:
     return v
 
 
+MIN_PRIOR_SD = 1e-6  # smaller, and 1/σ² is no longer a usable number (σ = 1e-200: 1/σ² overflows)
+
+
 def sd_or_none(key: str, v: Any) -> float | str:
     if v == "none":
         return "none"
-    if not _is_number(v) or v <= 0:
-        raise _fail(key, v, 'must be a finite number > 0 (the prior\'s standard deviation), or "none" for no prior')
+    if not _is_number(v) or not v >= MIN_PRIOR_SD:
+        raise _fail(key, v, f"must be a finite number of at least {MIN_PRIOR_SD:g} (the prior's standard deviation), "
+                    'or "none" for no prior')
     return float(v)
 
 
@@ -156,9 +160,14 @@ def digits_or_rest(key: str, v: Any) -> tuple[int, ...] | str:
     return digit_list(key, v, allow_rest=True)
 
 
+MAX_LAYERS = 32  # a checkpoint holds each layer's arrays and their update-rule state: npz.MAX_MEMBERS bounds them
+
+
 def hidden_sizes(key: str, v: Any) -> tuple[int, ...]:
     if not isinstance(v, list) or not all(_is_int(n) and n > 0 for n in v):
         raise _fail(key, v, "hidden must be a list of positive integers ([] = logistic regression)")
+    if len(v) > MAX_LAYERS:
+        raise _fail(key, v, f"at most {MAX_LAYERS} hidden layers")
     return tuple(v)
 
 

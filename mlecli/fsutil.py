@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -105,8 +106,9 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
                           "choose another name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The writer's process id in the name: anyone may remove a temporary whose writer is gone.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
+        # The writer's process (its pid namespace and id) in the name: anyone may remove a
+        # temporary whose writer is gone.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise MlecliError(describe_os_error(exc, path)) from None
     try:
@@ -195,27 +197,45 @@ def remove_stale_temporaries(folder: Path) -> int:
     except OSError:
         return 0
     for p in entries:
-        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and not _writer_alive(p.name):
+        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and not _writer_alive(p):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed += 1
     return removed
 
 
-def _writer_alive(name: str) -> bool:
-    parts = name.rsplit(".", 3)  # ['.<name>', '<pid>', '<random>', 'tmp']
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[1].isascii():
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return "0"
+
+
+_NAMESPACE = _pid_namespace()
+_WRITER = f"{_NAMESPACE}-{os.getpid()}"
+# A temporary written from another pid namespace (a container sharing the folder) cannot be
+# told alive or dead from here: it is removed only once it has not changed for this long.
+FOREIGN_TEMPORARY_AGE = 24 * 3600
+
+
+def _writer_alive(p: Path) -> bool:
+    parts = p.name.rsplit(".", 3)  # ['.<name>', '<namespace>-<pid>', '<random>', 'tmp']
+    namespace, _, pid = parts[1].rpartition("-") if len(parts) == 4 else ("", "", "")
+    if not (pid.isascii() and pid.isdigit()):
         return False  # not named by atomic_write: nobody is writing it
-    pid = int(parts[1])
-    if pid == os.getpid():
+    if namespace != _NAMESPACE:
+        try:
+            return time.time() - p.stat().st_mtime < FOREIGN_TEMPORARY_AGE
+        except OSError:
+            return False
+    if int(pid) == os.getpid():
         return False  # ours, from a write that failed or was cut short in this process
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # alive, another user's (or a number no process has: leave it)
-    return True
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError, ValueError):
+        return False  # no such process
+    return state not in (b"Z", b"X")  # a zombie writes nothing more
 
 
 class HeldLock:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mlecli import checkpoint as ckpt
-from mlecli.errors import MlecliError
-from mlecli.fsutil import atomic_write
+from mlecli.errors import MlecliError, printable
+from mlecli.fsutil import atomic_write, remove_stale_temporaries
 from mlecli.rundir import read_metrics
 from mlecli.task import class_words, short_word
 
@@ -176,6 +176,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     plt = _pyplot()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
+    remove_stale_temporaries(out)  # an earlier plot's, if it was killed mid-write
     which = "best" if (run_dir / "checkpoints" / "best.npz").exists() else "last"
     cp = ckpt.load(ckpt.resolve(run_dir, which))
     last = cp if which == "last" else ckpt.load(ckpt.resolve(run_dir, "last"))
@@ -185,7 +186,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     best = cp.meta.get("best") or {}
     negative, positive = class_words(cfg)
     network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
-    title = f"{run_dir.name}: {positive} vs {negative}, {network}"
+    title = printable(f"{run_dir.name}: {positive} vs {negative}, {network}")  # a name may not be UTF-8
     written = []
     if epochs:
         written.append(curves(plt, run_dir, epochs, best.get("epoch"), title, out))

@@ -61,6 +61,8 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
         _fill(row, run_dir)
     except MlecliError as exc:
         row["status"], row["problem"] = "broken", str(exc)
+    except OSError as exc:  # a folder or file this user may not read, say
+        row["status"], row["problem"] = "broken", f"cannot read {exc.filename or run_dir}: {exc.strerror or exc}"
     except Exception as exc:  # a bug of ours must not hide the other runs: show it on this row
         row["status"], row["problem"] = "broken", f"cannot be read ({type(exc).__name__}: {exc})"
     return row
@@ -118,16 +120,36 @@ def _is_sweep(p: Path) -> bool:
     return p.is_dir() and (p / "sweep.json").is_file()
 
 
+def _guarded(test, p: Path) -> bool | None:
+    """`test(p)`, or None when the file system will not say (permissions, a name too long)."""
+    try:
+        return test(p)
+    except OSError:
+        return None
+
+
 def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
     """(run folder, sweep name or None) for every run in `folder` and in the sweeps in it;
-    `folder` itself may be a sweep."""
+    `folder` itself may be a sweep. A folder that cannot be looked into is listed too (as
+    a run, which `describe` then shows broken, saying why): one unreadable folder never
+    hides the others."""
+    def runs_in(sweep: Path) -> list[tuple[Path, str | None]]:
+        try:
+            entries = sorted(sweep.iterdir())
+        except OSError:
+            return [(sweep, None)]
+        return [(q, sweep.name) for q in entries if _guarded(_is_run, q) is not False]
+
     if _is_sweep(folder):
-        return [(p, folder.name) for p in sorted(folder.iterdir()) if _is_run(p)]
+        return runs_in(folder)
     found = []
     for p in sorted(folder.iterdir()):
-        if _is_sweep(p):
-            found += [(q, p.name) for q in sorted(p.iterdir()) if _is_run(q)]
-        elif _is_run(p):
+        if not _guarded(lambda q: q.is_dir() and not q.name.startswith("."), p):
+            continue
+        sweep = _guarded(_is_sweep, p)
+        if sweep:
+            found += runs_in(p)
+        elif sweep is None or _guarded(_is_run, p) is not False:
             found.append((p, None))
     return found
 

@@ -72,6 +72,7 @@ class BaseRate:
 
     ll: float
     acc: float
+    start: float | None = None  # the untrained network's validation LL: diverging is getting worse than it
 
 
 def after_epoch(t: TrainConfig, watch: Watch, val_ll: float | None, val_acc: float | None,
@@ -87,7 +88,7 @@ def after_epoch(t: TrainConfig, watch: Watch, val_ll: float | None, val_acc: flo
             if bad >= t.plateau_patience:
                 scale, bad = scale * t.plateau_factor, 0
     no_better = (val_ll is not None and base is not None and val_ll < DIVERGED_MARGIN * base.ll
-                 and val_acc < base.acc + DIVERGED_ACCURACY)
+                 and val_acc < base.acc + DIVERGED_ACCURACY and (base.start is None or val_ll < base.start))
     return Watch(scale, best, bad, watch.worse_than_base + 1 if no_better else 0)
 
 
@@ -97,7 +98,8 @@ DIVERGED_AFTER = 2  # epochs in a row no better than the base rate
 DIVERGED_MARGIN = 1.1
 # and an accuracy less than this above the majority class's (a network that learned but
 # overfits can have a validation LL below the base rate's while it classifies well; one
-# whose steps overshoot is near a coin toss).
+# whose steps overshoot is near a coin toss). And worse than the network was untrained: a
+# learning rate so small the network has barely moved is not diverging, it is slow.
 DIVERGED_ACCURACY = 0.05
 
 

@@ -160,8 +160,8 @@ WATCH = obj(required={"plateau_scale": number(), "plateau_best": FIGURE, "platea
                       "worse_than_base": COUNT})
 
 _TALLY = {"ll": number(), "correct": COUNT, "seen": COUNT}
-PARTIAL = obj(required=_TALLY, optional={"seconds": number(), "window": obj(required=_TALLY,
-                                                                              optional={"seconds": number()})})
+PARTIAL = obj(required=_TALLY, optional={"seconds": number(), "measured": COUNT,
+                                         "window": obj(required=_TALLY, optional={"seconds": number()})})
 
 _META_COMMON = {
     "config": OBJECT,  # checked by config.from_dict

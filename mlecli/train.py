@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -74,6 +74,9 @@ class State:
     opt_state: optim.State = field(default_factory=dict)  # the update rule's arrays
     watch: Watch = field(default_factory=Watch)  # plateau and divergence, epoch to epoch
     stopped_early: dict | None = None  # {"epoch", "best_epoch"} once early stopping ended the run
+    # A stop between measurements keeps the logits not yet measured (partial["measured"] on),
+    # so the epoch's sums are grouped as in a run never stopped: the same bits.
+    pending_z: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 TIMING_KEYS = ("seconds", "images_per_s")  # wall-clock figures: in metrics.jsonl, never in a checkpoint's best
@@ -300,8 +303,11 @@ def _restore(cp: ckpt.Checkpoint, rule: optim.Rule) -> State:
                        and m.get("epoch") == best["epoch"]), {})
         best = {**best, "record": {k: v for k, v in record.items() if k not in TIMING_KEYS}}
     params = [(W.copy(), b.copy()) for W, b in cp.params]
+    pending = cp.extra.get("loop.z", np.empty(0, params[0][0].dtype))
     try:
-        opt_state = rule.from_arrays(cp.extra, params)
+        if pending.ndim != 1 or pending.dtype != params[0][0].dtype or not np.all(np.isfinite(pending)):
+            raise ValueError(f"its array loop.z is {pending.dtype} {pending.shape}, not finite logits of the network")
+        opt_state = rule.from_arrays({k: v for k, v in cp.extra.items() if k.startswith("opt.")}, params)
         watch = Watch.from_dict(meta.get("watch"))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{cp.path}: {exc}; it cannot be resumed") from None
@@ -316,6 +322,7 @@ def _restore(cp: ckpt.Checkpoint, rule: optim.Rule) -> State:
         opt_state=opt_state,
         watch=watch,
         stopped_early=meta.get("stopped_early"),
+        pending_z=pending.copy(),
     )
 
 
@@ -448,8 +455,10 @@ class _Run:
         if self.metrics is not None:
             self.metrics.sync()
         meta = _meta(self.cfg, self.state, self.data.task, self.data.sha256)
-        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta,
-                         extra=self.rule.to_arrays(self.state.opt_state))
+        extra = self.rule.to_arrays(self.state.opt_state)
+        if len(self.state.pending_z):
+            extra["loop.z"] = self.state.pending_z
+        data = ckpt.save(self.ckpt_dir / "last.npz", self.state.params, meta, extra=extra)
         self.committed = (self.state.epochs_done, self.state.batch_in_epoch)
         for name in copies:
             atomic_write_bytes(self.ckpt_dir / name, data)
@@ -484,6 +493,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
         cp = newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
         _check_fits(cp, cfg, data.task)
+        _check_own(cp, run_dir)
         rule = make_rule(cfg)
         run = _Run(cfg, run_dir, data, _restore(cp, rule), rule)
         run.committed = (run.state.epochs_done, run.state.batch_in_epoch)
@@ -506,11 +516,39 @@ def _check_fits(cp: ckpt.Checkpoint, cfg: Config, task: BinaryTask) -> None:
         problems.append(f"it stopped at batch {batch} of an epoch of {batches}")
     elif meta["step"] != done * batches + batch:
         problems.append(f"its step {meta['step']} is not {done} epochs of {batches} batches and {batch} more")
-    elif p["seen"] != batch * bs or p["correct"] > p["seen"]:
-        problems.append(f"its tally of the epoch so far ({p['seen']} images) is not {batch} batches of {bs}")
+    elif not (p.get("measured", batch * bs) == p["seen"] >= p["correct"]
+              and p["seen"] + len(cp.extra.get("loop.z", ())) == batch * bs and p["seen"] % bs == 0):
+        problems.append(f"its tally of the epoch so far ({p['seen']} images measured, "
+                        f"{len(cp.extra.get('loop.z', ()))} logits pending) is not {batch} batches of {bs}")
     if problems:
         raise CheckpointError(f"{cp.path} does not fit this run's data: {problems[0]}; the checkpoint is damaged "
                               "or not this run's")
+
+
+def _check_own(cp: ckpt.Checkpoint, run_dir: Path) -> None:
+    """Refuse a checkpoint that is another run's (copied into this folder): its config must
+    be the one config.toml records, but for the keys a resume may change. (A config.toml
+    that is missing or damaged is written again from the checkpoint.)"""
+    from mlecli.config import load as load_config
+
+    try:
+        recorded = load_config(run_dir / "config.toml").to_dict()
+    except MlecliError:
+        return
+    mine = cp.config.to_dict()
+    for key in sorted(RESUME_OVERRIDABLE):
+        section, name = key.split(".")
+        recorded[section].pop(name, None)
+        mine[section].pop(name, None)
+    recorded.pop("name", None)
+    mine.pop("name", None)
+    differ = sorted(f"{s}.{k}" for s in recorded for k in set(recorded[s]) | set(mine.get(s, {}))
+                    if recorded[s].get(k) != mine.get(s, {}).get(k))
+    if differ:
+        raise CheckpointError(
+            f"{cp.path} is not this run's checkpoint: its config differs from {run_dir / 'config.toml'} in "
+            f"{', '.join(differ)}; put the run's own checkpoints back, or start a new run"
+        )
 
 
 def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
@@ -564,6 +602,12 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
 def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
     cfg = run.cfg
     # Overflow is caught by the finiteness check and reported in words, once.
+    if diverged(run.state.watch):  # its last commit says so: resuming it diverges again, however many epochs
+        raise TrainingError(
+            f"the run diverged by epoch {run.state.epochs_done} (it did no better than predicting the training "
+            f"base rate for every image, {run.state.watch.worse_than_base} epochs in a row): "
+            f"{_smaller_rate_advice(cfg)}. Its best checkpoint is {run.ckpt_dir / 'best.npz'}"
+        )
     with np.errstate(over="ignore", invalid="ignore"), blas.threads(blas_threads(cfg.train.batch_size)):
         loop = _Loop(run)
         while run.state.epochs_done < cfg.train.epochs and run.state.stopped_early is None:
@@ -599,7 +643,12 @@ class _Loop:
         self.ws = Workspace(state.params, min(self.bs, self.n), run.rule.bind(state.params, state.opt_state, prior),
                             t.shift, task.train.images.shape[1:])
         self.z_epoch = np.empty((self.n, 1), dtype)  # each batch's logits, measured in chunks
-        self.base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
+        base = base_rate(task.train.y, task.validation.y)  # what divergence is measured against
+        if base is not None:  # and the untrained network (the initial weights, made again from their seed)
+            untrained = init_params(layer_sizes(task.n_inputs, run.cfg.model.hidden),
+                                    np.random.default_rng(run.cfg.model.seed), dtype)
+            base = replace(base, start=ll_and_accuracy(untrained, task.validation.images, task.validation.y)[0])
+        self.base = base
         self.tally = Tally()
         self.t_start = 0.0
         self.lr = t.learning_rate  # the last step's
@@ -625,7 +674,8 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
     loop.t_start = time.perf_counter() - p.get("seconds", 0.0)  # optional in a checkpoint (schema.PARTIAL)
     t_window = time.perf_counter() - w.get("seconds", 0.0)
     bar = _bar(report, epoch, cfg.train.epochs, loop.batches, state.batch_in_epoch)
-    measured = state.batch_in_epoch * bs  # examples whose logits are tallied
+    measured = p.get("measured", state.batch_in_epoch * bs)  # examples whose logits are tallied
+    loop.z_epoch[measured : measured + len(state.pending_z), 0] = state.pending_z  # a stop's, not yet tallied
 
     def get_lr(step: int) -> float:
         """The schedule: η in force after `step` steps (the plateau's scale is fixed within an epoch)."""
@@ -645,7 +695,9 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
             record_due = cfg.train.log_every and state.step % cfg.train.log_every == 0
             if bar is not None:
                 bar.update(1)
-            if (k + 1) % MEASURE_EVERY == 0 or last_batch or stopping or record_due:
+            # Measured at the same batches whether or not the run stops in between (a stop
+            # keeps the logits not yet measured), so the sums come out bit for bit the same.
+            if (k + 1) % MEASURE_EVERY == 0 or last_batch or record_due:
                 z, y = loop.z_epoch[measured:hi, 0], y_epoch[measured:hi]
                 _check_logits(z, epoch, measured // bs, cfg, run.ckpt_dir)
                 chunk = Tally.of(z, y)
@@ -663,8 +715,9 @@ def _train_epoch(run: _Run, loop: _Loop, stop: StopRequest, report: Reporter) ->
                 window, t_window = Tally(), time.perf_counter()
             if stopping:
                 now = time.perf_counter()
+                state.pending_z = loop.z_epoch[measured:hi, 0].copy()
                 state.partial = {"ll": tally.ll, "correct": tally.correct, "seen": tally.seen,
-                                 "seconds": now - loop.t_start,
+                                 "measured": measured, "seconds": now - loop.t_start,
                                  "window": {"ll": window.ll, "correct": window.correct, "seen": window.seen,
                                             "seconds": now - t_window}}
                 return True
@@ -701,6 +754,7 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
     state.batch_in_epoch = 0
     state.rng_state = run.data.rng.bit_generator.state
     state.partial = _fresh_partial()
+    state.pending_z = state.pending_z[:0]
     key = "val_ll_mean" if val_ll is not None else "train_ll_mean"
     improved = state.best is None or record[key] > state.best["value"]
     if improved:

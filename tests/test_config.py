@@ -204,11 +204,11 @@ def test_default_config_loads_outside_the_repo(tmp_path):
     ("beta2 = 1", "train.beta2 = 1: must be a number from 0 (inclusive) up to (not including) 1"),
     ("epsilon = 0", "train.epsilon = 0: must be a finite number > 0"),
     ("epsilon = nan", "train.epsilon = nan: must be a finite number > 0"),
-    ("prior_sd = 0", 'train.prior_sd = 0: must be a finite number > 0 (the prior\'s standard deviation), or "none" '
+    ("prior_sd = 0", 'train.prior_sd = 0: must be a finite number of at least 1e-06 (the prior\'s standard deviation), or "none" '
                      "for no prior"),
-    ('prior_sd = "off"', 'train.prior_sd = \'off\': must be a finite number > 0 (the prior\'s standard deviation), '
+    ('prior_sd = "off"', 'train.prior_sd = \'off\': must be a finite number of at least 1e-06 (the prior\'s standard deviation), '
                          'or "none" for no prior'),
-    ("prior_sd = inf", 'train.prior_sd = inf: must be a finite number > 0 (the prior\'s standard deviation), '
+    ("prior_sd = inf", 'train.prior_sd = inf: must be a finite number of at least 1e-06 (the prior\'s standard deviation), '
                        'or "none" for no prior'),
     ("prior_biases = 1", "train.prior_biases = 1: must be true or false"),
     ('schedule = "linear"', "train.schedule = 'linear': must be one of 'constant', 'step', 'cosine'"),

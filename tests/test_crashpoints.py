@@ -104,3 +104,40 @@ def test_a_crash_at_every_boundary_of_a_resume_resumes_again(setup, tmp_path):
         assert got == files(whole), f"crash at boundary {n}"
         assert records(run) == records(whole), f"crash at boundary {n}"
     assert n > 15
+
+
+def test_a_stop_at_every_batch_resumes_into_identical_files(tiny_config, tmp_path, monkeypatch):
+    """Ctrl-C after each batch of a run in turn (log records and measurements fall between
+    them): the resumed run's files are those of a run never stopped, sums included."""
+    import os
+    import signal
+
+    from mlecli import train as training
+
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 32, "log_every": 3, "optimizer": "momentum"},
+                      model={"hidden": [4], "dtype": "float64"})
+    data = tmp_path / "d"
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(whole), "--data-dir", str(data),
+                                     "-q"]).exit_code == 0
+    want_files, want_records = files(whole), records(whole)
+    steps = records(whole)[-1]["step"]
+    real = training.train_step
+    for stop_after in range(1, steps):
+        calls = {"n": 0}
+
+        def step_then_stop(*args, stop_after=stop_after, calls=calls):
+            calls["n"] += 1
+            real(*args)
+            if calls["n"] == stop_after:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        run = tmp_path / f"stop-{stop_after}"
+        monkeypatch.setattr(training, "train_step", step_then_stop)
+        res = CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(run), "--data-dir", str(data), "-q"])
+        assert res.exit_code in (0, 130), res.output  # 0: the stop came with the run's last batch
+        monkeypatch.setattr(training, "train_step", real)
+        res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data), "-q"])
+        assert res.exit_code == 0, res.output
+        assert files(run) == want_files, f"stopped after step {stop_after}"
+        assert records(run) == want_records, f"stopped after step {stop_after}"

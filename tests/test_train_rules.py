@@ -208,3 +208,26 @@ def test_run_as_a_library_call_handles_its_own_signals(tiny_config, tmp_path):
                            report=report)
     assert outcome.epochs_done == 2 and outcome.interrupted is None
     assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.npz").epoch == 2
+
+
+def test_a_run_that_diverged_diverges_again_when_resumed_however_many_epochs(tiny_config, tmp_path):
+    run, data = tmp_path / "run", tmp_path / "d"
+    assert train_cli(tiny_config(train={"learning_rate": 5.0, "epochs": 20}), "--run-dir", run,
+                     data_dir=data).exit_code == 1
+    epoch = metrics(run)[-1]["epoch"]
+    for more in ([], ["--set", "train.epochs=40"]):
+        res = CliRunner().invoke(main, ["train", "--resume", str(run), *more, "--data-dir", str(data)])
+        assert res.exit_code == 1, res.output
+        assert res.stderr.splitlines()[-1].startswith(
+            f"Error: the run diverged by epoch {epoch} (it did no better than predicting the training base rate for "
+            "every image, 2 epochs in a row): train.learning_rate = 5 is too large")
+        assert json.loads((run / "manifest.json").read_text())["ended"]["status"] == "failed"
+        assert metrics(run)[-1]["epoch"] == epoch  # nothing more was trained
+
+
+@pytest.mark.parametrize("lr", [1e-6, 1e-9])
+def test_a_learning_rate_too_small_to_move_the_network_is_slow_not_diverged(tiny_config, tmp_path, lr):
+    run = tmp_path / "run"
+    res = train_cli(tiny_config(train={"learning_rate": lr, "epochs": 4}), "--run-dir", run, data_dir=tmp_path / "d")
+    assert res.exit_code == 0, res.output  # it learns next to nothing, but nothing got worse: not stopped
+    assert [m["epoch"] for m in metrics(run)] == [1, 2, 3, 4]
