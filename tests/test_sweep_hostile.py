@@ -458,3 +458,22 @@ def test_ctrl_c_ends_a_sweep_whose_worker_someone_stopped_and_the_same_command_c
     assert time.monotonic() - started < workers.GIVE_UP_AFTER
     for name in NAMES:
         assert json.loads((sw / name / "manifest.json").read_text())["ended"]["status"] == "interrupted"
+
+
+# ---------------------------------------------------------------------------
+# B9: a sweep folder too deep for its runs' files is refused before anything is written
+
+
+@pytest.mark.parametrize("length", [4030, 4060])
+def test_a_sweep_folder_too_deep_for_its_runs_files_is_refused_before_anything_is_written(done, tmp_path, length):
+    cfg, data, ref = done
+    pad = length - len(os.fsencode(str(tmp_path)))
+    sw = tmp_path.joinpath(*["d" * 99] * (pad // 100), "e" * max(pad % 100 - 1, 1))
+    longest = (max(len(os.fsencode(str(sw / n))) for n in NAMES)
+               + len("/checkpoints/.epoch-000000.npz.4194304.abcdefgh.tmp"))
+    assert len(os.fsencode(str(sw))) < 4095 < longest
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", sw, "--data-dir", data)
+    assert res.exit_code == 1
+    assert res.stderr == (f"Error: --sweep-dir {sw}: the paths of its runs' files would be up to {longest:,} bytes "
+                          "long, more than the 4,095 a path may have; choose a folder with a shorter path\n")
+    assert list(tmp_path.iterdir()) == []
