@@ -477,3 +477,19 @@ def test_a_sweep_folder_too_deep_for_its_runs_files_is_refused_before_anything_i
     assert res.stderr == (f"Error: --sweep-dir {sw}: the paths of its runs' files would be up to {longest:,} bytes "
                           "long, more than the 4,095 a path may have; choose a folder with a shorter path\n")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# The commands the sweep prints can be pasted into a shell
+
+
+@pytest.mark.parametrize("name", ["with space", "it's", "$HOME;ls"])
+def test_the_plot_and_runs_commands_quote_the_sweep_folder_for_the_shell(done, tmp_path, name):
+    cfg, data, ref = done
+    sw = tmp_path / name
+    shutil.copytree(ref, sw)
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", sw, "--data-dir", data)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-2:] == [f"plot:     mlecli plot {shlex.quote(str(sw))}",
+                                            f"runs:     mlecli runs {shlex.quote(str(sw))}"]
+    assert shlex.split(res.stdout.splitlines()[-1])[-1] == str(sw)
