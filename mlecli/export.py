@@ -93,12 +93,17 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
 
 
 def _test_accuracy(run: Path, cp: ckpt.Checkpoint) -> dict[str, float] | None:
-    """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch), if any."""
+    """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch,
+    and the bytes it measured: evaluate.measured), if any."""
+    from mlecli.evaluate import measured
+
     report_path = run / f"eval-test-{cp.path.stem}.json"
     try:
         report = json.loads(report_path.read_text())
         if report["epoch"] != cp.epoch or Path(report["checkpoint"]).name != cp.path.name:
             return None
+        if not measured(report, cp.path):
+            return None  # made before the checkpoint was replaced by a later best
         return {"accuracy": float(report["accuracy"]), "threshold": float(report["threshold"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
