@@ -445,11 +445,9 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     per grid point: the mean ± standard deviation over seeds of the best validation LL
     and accuracy (and of test accuracy with --evaluate).
     """
-    import json
-
     from mlecli import grid
     from mlecli import sweep as sweeping
-    from mlecli.compare import format_summary
+    from mlecli.train import StopRequest
 
     plan = grid.plan(config_path, overrides, grids, seeds)
     if dry_run:
@@ -458,8 +456,19 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
             echo(printable(line))
         return
     log = _log(quiet)
-    outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
-                               progress=_progress(quiet), log=log)
+    with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
+        outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+                                   progress=_progress(quiet), log=log, stop=stop)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
+
+
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
+    import json
+    import shlex
+
+    from mlecli import grid
+    from mlecli.compare import format_summary
+
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
@@ -480,14 +489,14 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     if failed:
         for r in failed:
             echo(printable(f"{r['status']} {Path(r['run_dir']).name}: "
-                           f"{r['error'] or 'see mlecli runs ' + s['sweep_dir']}"), err=True)
+                           f"{r['error'] or 'see mlecli runs ' + shlex.quote(s['sweep_dir'])}"), err=True)
         raise MlecliError(
             f"{len(failed)} of {len(s['runs'])} runs did not finish (listed above); the others did. "
             "Run the same command again to retry them"
         )
     if not as_json:
-        echo(printable(f"plot:     mlecli plot {outcome.sweep_dir}"))
-        echo(printable(f"runs:     mlecli runs {outcome.sweep_dir}"))
+        echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
+        echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
 
 
 @main.command(short_help="Measure a checkpoint on held-out data.")

@@ -105,8 +105,11 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
 
 
 def _test_accuracy(run: Path, cp: ckpt.Checkpoint) -> dict[str, float] | None:
-    """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch), if
-    any: a report that is damaged, or whose figures are not numbers in range, counts as none."""
+    """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch,
+    and the bytes it measured: evaluate.measured), if any: a report that is damaged, or whose
+    figures are not numbers in range, counts as none."""
+    from mlecli.evaluate import measured
+
     report_path = run / f"eval-test-{cp.path.stem}.json"
     if not report_path.is_file():
         return None
@@ -118,6 +121,8 @@ def _test_accuracy(run: Path, cp: ckpt.Checkpoint) -> dict[str, float] | None:
     if (report["epoch"] != cp.epoch or not isinstance(report.get("checkpoint"), str)
             or Path(report["checkpoint"]).name != cp.path.name):
         return None
+    if not measured(report, cp.path):
+        return None  # made before the checkpoint was replaced by a later best
     if accuracy is None or not 0 <= accuracy <= 1 or not 0 < threshold < 1:
         return None
     return {"accuracy": float(accuracy), "threshold": float(threshold)}
