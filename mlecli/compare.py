@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlecli.grid import Plan, format_seeds, show
+from mlecli.grid import Plan, config_keys, format_seeds, show
 
 
 # ---------------------------------------------------------------------------
@@ -151,16 +151,6 @@ class Group:
         return counted + (f", {unfinished} unfinished" if unfinished else "")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not prefix:
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[prefix + k] = json.dumps(v, sort_keys=True)
-    return out
-
-
 def collect(targets: list[Path]) -> tuple[list[Group], str]:
     """The groups of runs in `targets` (sweep folders and run folders, in order) and a
     title; raises MlecliError if there is nothing to draw. The best group is the one
@@ -197,7 +187,7 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
             runs.append((folder, config_mod.load(folder / "config.toml").to_dict(), row))
     if not runs:
         raise MlecliError(f"no run in {', '.join(map(str, targets))} has started yet: nothing to compare")
-    flat = [_flat(cfg) for _, cfg, _ in runs]
+    flat = [{k: json.dumps(v, sort_keys=True) for k, v in config_keys(cfg).items()} for _, cfg, _ in runs]
     keys = sorted({k for f in flat for k in f} - SEED_LIKE)
     varying = [k for k in keys if len({f.get(k) for f in flat}) > 1]
     varying = [k for k in key_order if k in varying] + [k for k in varying if k not in key_order]

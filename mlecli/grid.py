@@ -230,6 +230,18 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def config_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's dict by dotted key (`train.learning_rate`): sections opened one level,
+    values (lists and tables included) kept whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(config_keys(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def size(axes: list[Axis] | tuple[Axis, ...], seeds: tuple[int, ...]) -> int:
     """The number of runs: the product of the axes' sizes, times the seeds."""
     return math.prod(len(a.values) for a in axes) * len(seeds)

@@ -26,7 +26,7 @@ from mlecli import __version__
 from mlecli.config import Config
 from mlecli.errors import MlecliError
 from mlecli.fsutil import atomic_write_text
-from mlecli.grid import Plan, RunSpec, format_seeds, jsonable, show
+from mlecli.grid import Plan, RunSpec, config_keys, format_seeds, jsonable, show
 
 SWEEP_FORMAT = 1
 # What a run folder holds before its first checkpoint: such a folder is started afresh.
@@ -136,19 +136,10 @@ def _difference(data: dict[str, Any], p: Plan) -> str:
         return f"its grid is {had}"
     if data.get("seeds") != want["seeds"]:
         return f"its seeds are {format_seeds(tuple(data.get('seeds') or ()))}"
-    had, now = _flat(data.get("base_config") or {}), _flat(want["base_config"])
+    had, now = config_keys(data.get("base_config") or {}), config_keys(want["base_config"])
     keys = sorted(k for k in had.keys() | now.keys() if had.get(k) != now.get(k))
     return "its config differs in " + ", ".join(f"{k} ({show(had.get(k))} there)" for k in keys[:3])
 
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not prefix:
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def write_sweep_json(p: Plan, sweep_dir: Path, blas_threads: int, created: str | None = None) -> None:
@@ -238,7 +229,7 @@ def config_difference(have: Config, want: Config) -> str | None:
     """The first config key in which a run folder's run differs from the sweep's run, in
     words (`train.epochs is 1, not 2 as the sweep says`); None if they agree (the name,
     which trains nothing, may differ)."""
-    a, b = _flat(have.to_dict()), _flat(want.to_dict())
+    a, b = config_keys(have.to_dict()), config_keys(want.to_dict())
     for key in sorted(a.keys() | b.keys()):
         if key != "name" and (type(a.get(key)), a.get(key)) != (type(b.get(key)), b.get(key)):
             return f"{key} is {show(a.get(key)) if key in a else 'not set'}, not {show(b.get(key))} as the sweep says"
