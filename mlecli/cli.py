@@ -71,6 +71,12 @@ def entry() -> None:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:  # started with that stream closed (`>&-`)
             setattr(sys, name, open(os.devnull, "w"))
+        # A terminal whose encoding lacks a character we print (ŷ, ², a name's letters under
+        # LANG=…ISO-8859-1) gets an escape such as \u0177, not a UnicodeEncodeError.
+        try:
+            getattr(sys, name).reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         main(prog_name="mlecli")
     except KeyboardInterrupt:  # between start-up and the command (click's own parsing)
@@ -439,11 +445,9 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     per grid point: the mean ± standard deviation over seeds of the best validation LL
     and accuracy (and of test accuracy with --evaluate).
     """
-    import json
-
     from mlecli import grid
     from mlecli import sweep as sweeping
-    from mlecli.compare import format_summary
+    from mlecli.train import StopRequest
 
     plan = grid.plan(config_path, overrides, grids, seeds)
     if dry_run:
@@ -452,8 +456,19 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
             echo(printable(line))
         return
     log = _log(quiet)
-    outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
-                               progress=_progress(quiet), log=log)
+    with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
+        outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+                                   progress=_progress(quiet), log=log, stop=stop)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
+
+
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
+    import json
+    import shlex
+
+    from mlecli import grid
+    from mlecli.compare import format_summary
+
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
@@ -474,14 +489,14 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     if failed:
         for r in failed:
             echo(printable(f"{r['status']} {Path(r['run_dir']).name}: "
-                           f"{r['error'] or 'see mlecli runs ' + s['sweep_dir']}"), err=True)
+                           f"{r['error'] or 'see mlecli runs ' + shlex.quote(s['sweep_dir'])}"), err=True)
         raise MlecliError(
             f"{len(failed)} of {len(s['runs'])} runs did not finish (listed above); the others did. "
             "Run the same command again to retry them"
         )
     if not as_json:
-        echo(printable(f"plot:     mlecli plot {outcome.sweep_dir}"))
-        echo(printable(f"runs:     mlecli runs {outcome.sweep_dir}"))
+        echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
+        echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
 
 
 @main.command(short_help="Measure a checkpoint on held-out data.")
@@ -580,10 +595,10 @@ def threshold_option(f):
 @click.option("--raw", is_flag=True, help="Skip the preparation: inputs are already 28×28, light ink on black.")
 @click.option(
     "--show",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Also write a PNG of the 28×28 images the network saw, with their ŷ.",
+    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, with their ŷ.",
 )
 def predict(target, inputs, which, threshold, as_json, raw, show):
     """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
@@ -598,9 +613,13 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     """
     from mlecli import inputs as sources_of
     from mlecli import predict as pr
+    from mlecli.outputs import check_output
 
     model = pr.load_model(target, which)
     sources = sources_of.sources(list(inputs))
+    if show is not None:
+        read = [(s.path, "one of the inputs") for s in sources if isinstance(s, sources_of.Source) and s.path]
+        show = check_output(show, "--show", ".png", "PNG picture", keep=read)
     width = max((len(printable(s.name)) for s in sources if isinstance(s, sources_of.Source)), default=0)
     failed = 0
     shown: list = []
@@ -619,9 +638,9 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     if show is not None:
         count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
         if count:
-            click.echo(f"wrote {show} ({count} images)", err=True)
+            click.echo(printable(f"wrote {show} ({count} images)"), err=True)
         else:
-            click.echo(f"no image to show: {show} not written", err=True)
+            click.echo(printable(f"no image to show: {show} not written"), err=True)
     if failed:
         sys.exit(1)
 
@@ -632,10 +651,11 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Where to write.  [default: <run>/<checkpoint>.onnx or .html; beside a checkpoint file outside a run]",
+    help="Where to write (a name ending in .onnx or .html).  [default: <run>/<checkpoint>.onnx or "
+    ".html; beside a checkpoint file outside a run]",
 )
 def export(target, which, fmt, out):
     """Export a network to ONNX, or to a web page to draw on.
@@ -647,9 +667,13 @@ def export(target, which, fmt, out):
 
     path = ex.export(target, which, fmt, out)
     size = path.stat().st_size
-    click.echo(f"wrote {path} ({size / 1024:,.0f} KB)")
+    echo(f"wrote {path} ({size / 1024:,.0f} KB)")
     if fmt == "html":
-        click.echo(f"open it in a browser: {path.resolve().as_uri()}")
+        echo(f"open it in a browser: {path.resolve().as_uri()}")
+        if size > ex.PAGE_LIMIT:
+            echo(f"warning: the page is {size / 1e6:.1f} MB, more than the {ex.PAGE_LIMIT / 1e6:.0f} MB a page should "
+                 "be: a browser loads it slowly (its weights are most of it; a smaller network makes a lighter page)",
+                 err=True)
 
 
 @main.command(short_help="Draw a run, or compare runs.")

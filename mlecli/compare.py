@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlecli.grid import Plan, format_seeds, show
+from mlecli.grid import Plan, config_keys, format_seeds, show
 
 
 # ---------------------------------------------------------------------------
@@ -51,19 +51,18 @@ def summary(p: Plan, sweep_dir: Path, errors: dict[str, str] | None = None) -> d
             "error": error,
         })
     points = []
-    for point in p.points():
-        mine = [x for r, x in zip(p.runs, runs) if r.point == point]
+    row = {r.name: x for r, x in zip(p.runs, runs)}
+    groups = [[row[r.name] for r in group] for group in p.runs_of()]
+    best = best_point(groups)
+    for i, (point, mine) in enumerate(zip(p.points(), groups)):
         done = [x for x in mine if x["status"] == "finished"]
         points.append({
             "values": {k: v for k, v in point},
             "runs": len(mine),
             "finished": len(done),
             **{key: spread([x[key] for x in done]) for key in ("val_ll", "val_acc", "test_acc")},
-            "best": False,
+            "best": i == best,
         })
-    ranked = [pt for pt in points if pt["val_ll"] is not None]
-    if len(points) > 1 and ranked:
-        max(ranked, key=lambda pt: pt["val_ll"]["mean"])["best"] = True
     return json.loads(json.dumps({
         "sweep_dir": str(sweep_dir),
         "grid": {a.key: list(a.values) for a in p.axes},
@@ -71,6 +70,18 @@ def summary(p: Plan, sweep_dir: Path, errors: dict[str, str] | None = None) -> d
         "points": points,
         "runs": runs,
     }))
+
+
+def best_point(groups: list[list[dict[str, Any]]]) -> int | None:
+    """Which grid point is the best, given each point's runs as `mlecli runs` rows (their
+    status and best validation LL): the highest mean over its finished runs of each run's
+    best validation LL, the figure training maximises. None with one point, or none with
+    a figure. The sweep's table and compare.png both mark the one this gives."""
+    means = [spread([r["val_ll"] for r in rows if r["status"] == "finished"]) for rows in groups]
+    ranked = [(m["mean"], i) for i, m in enumerate(means) if m is not None]
+    if len(groups) < 2 or not ranked:
+        return None
+    return max(ranked, key=lambda t: t[0])[1]  # the first of equals
 
 
 def spread(values: list[float | None]) -> dict[str, Any] | None:
@@ -127,51 +138,61 @@ class Group:
     label: str
     runs: list[Path]
     epochs: list[list[dict[str, Any]]]  # each run's epoch records
+    rows: list[dict[str, Any]] = field(default_factory=list)  # each run as `mlecli runs` describes it
     best: bool = False
 
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not prefix:
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[prefix + k] = json.dumps(v, sort_keys=True)
-    return out
+    def legend(self) -> str:
+        """How many runs (and seeds) the curves stand for, and how many have not finished."""
+        seeds = {(r["config"]["model"]["seed"], r["config"]["train"]["seed"]) if r["config"] else None
+                 for r in self.rows}
+        n, unfinished = len(self.runs), sum(r["status"] != "finished" for r in self.rows)
+        counted = f"{n} seed{'s' if n != 1 else ''}" if len(seeds) == n else \
+            f"{n} run{'s' if n != 1 else ''}, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+        return counted + (f", {unfinished} unfinished" if unfinished else "")
 
 
 def collect(targets: list[Path]) -> tuple[list[Group], str]:
     """The groups of runs in `targets` (sweep folders and run folders, in order) and a
-    title; raises MlecliError if there is nothing to draw."""
+    title; raises MlecliError if there is nothing to draw. The best group is the one
+    `best_point` gives, from the same figures as the sweep's table."""
     from mlecli import config as config_mod
     from mlecli.errors import MlecliError
     from mlecli.plot import read_metrics
-    from mlecli.sweep import read_sweep_json
+    from mlecli.runs import describe
+    from mlecli.sweep import expected_configs, read_sweep_json
 
-    runs: list[tuple[Path, dict[str, Any]]] = []
+    runs: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
     key_order: list[str] = []
+    sweeps = 0
     for target in targets:
         target = Path(target)
         data = read_sweep_json(target) if target.is_dir() else None
         if data is not None:
-            key_order += [g["key"] for g in data.get("grid", []) if g["key"] not in key_order]
-            folders = [target / r["dir"] for r in data["runs"] if isinstance(r, dict) and "dir" in r]
+            sweeps += 1
+            key_order += [g["key"] for g in data["grid"] if g["key"] not in key_order]
+            folders = list(expected_configs(target, data).items())
         elif (target / "config.toml").is_file():
-            folders = [target]
+            folders = [(target, None)]
         else:
             raise MlecliError(f"{target} is neither a run folder (no config.toml) nor a sweep folder (no sweep.json)")
-        for folder in folders:
+        for folder, expected in folders:
             if not (folder / "config.toml").is_file():
                 continue  # a sweep's run that has not started yet
-            runs.append((folder, config_mod.load(folder / "config.toml").to_dict()))
+            row = describe(folder)
+            if expected is not None and row["config"] is not None and row["status"] == "finished":
+                from mlecli.sweep import config_difference
+
+                if config_difference(config_mod.from_dict(row["config"], name=row["config"]["name"]), expected):
+                    row = {**row, "status": "not the sweep's"}  # the sweep's table counts it out too
+            runs.append((folder, config_mod.load(folder / "config.toml").to_dict(), row))
     if not runs:
         raise MlecliError(f"no run in {', '.join(map(str, targets))} has started yet: nothing to compare")
-    flat = [_flat(cfg) for _, cfg in runs]
+    flat = [{k: json.dumps(v, sort_keys=True) for k, v in config_keys(cfg).items()} for _, cfg, _ in runs]
     keys = sorted({k for f in flat for k in f} - SEED_LIKE)
     varying = [k for k in keys if len({f.get(k) for f in flat}) > 1]
     varying = [k for k in key_order if k in varying] + [k for k in varying if k not in key_order]
     groups: dict[tuple, Group] = {}
-    for (folder, cfg), f in zip(runs, flat):
+    for (folder, cfg, row), f in zip(runs, flat):
         key = tuple(f.get(k) for k in varying)
         if key not in groups:
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={show(json.loads(v)) if v is not None else '-'}"
@@ -179,21 +200,13 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
             groups[key] = Group(label, [], [])
         groups[key].runs.append(folder)
         groups[key].epochs.append(read_metrics(folder))
+        groups[key].rows.append(row)
     ordered = list(groups.values())
-    scored = [(b, i) for i, b in enumerate(map(_mean_best, ordered)) if b is not None]
-    if scored:
-        ordered[max(scored, key=lambda t: t[0])[1]].best = True
-    if len(targets) == 1 and read_sweep_json(Path(targets[0])) is not None:
-        title = Path(targets[0]).name
-    else:
-        title = f"{len(runs)} runs"
+    best = best_point([g.rows for g in ordered])
+    if best is not None:
+        ordered[best].best = True
+    title = Path(targets[0]).name if len(targets) == 1 and sweeps == 1 else f"{len(runs)} runs"
     return ordered, title
-
-
-def _mean_best(g: Group) -> float | None:
-    per_run = ([m["val_ll_mean"] for m in e if _finite(m.get("val_ll_mean"))] for e in g.epochs)
-    bests = [max(v) for v in per_run if v]
-    return statistics.fmean(bests) if bests else None
 
 
 def _finite(v: Any) -> bool:
@@ -230,8 +243,7 @@ def draw(groups: list[Group], title: str, out: Path) -> Path:
         cmap = plt.get_cmap("viridis")
         colours = [cmap(i / (len(groups) - 1)) for i in range(len(groups))]
     for g, colour in zip(groups, colours):
-        n = sum(1 for e in g.epochs if e)
-        label = f"{g.label} ({n} seed{'s' if n != 1 else ''}){'  ← best' if g.best else ''}"
+        label = f"{g.label} ({g.legend()}){'  ← best' if g.best else ''}"
         for ax, key, scale in ((ax_ll, f"{which}_ll_mean", 1.0), (ax_acc, f"{which}_acc", 100.0)):
             x, mean, lo, hi = band(g.epochs, key)
             if not x:

@@ -7,6 +7,7 @@ from the same seed); `test` is the dataset's official test images of the task's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every figure of the report, as one JSON-ready dict."""
     path = ckpt.resolve(Path(target), which)
+    digest = file_sha256(path)  # before loading: if the file is replaced meanwhile, the report looks stale, not current
     cp = ckpt.load(path)
     cfg = cp.config
     dataset = cfg.data.resolve()
@@ -94,6 +96,7 @@ def evaluate(
     return {
         "checkpoint": str(path),
         "checkpoint_name": path.stem,
+        "checkpoint_sha256": digest,
         "epoch": cp.epoch,
         "split": split,
         "dataset": dataset.name,
@@ -137,14 +140,47 @@ def report_name(split: str, checkpoint_name: str, threshold: float = DEFAULT_THR
 
 
 def default_report(run_dir: Path) -> Path | None:
-    """The report that stands for a run (runs' test acc, plot's mistakes): the test split
-    at the default threshold, of best.npz, else of last.npz. A report at another
-    threshold has its own name and never stands in for it."""
+    """The report that stands for a run (runs' and the sweep's test acc, plot's mistakes):
+    the test split at the default threshold, of best.npz, else of last.npz, and only if it
+    measured the very checkpoint the run's best is now (best.npz, or last.npz for a run
+    without one): the SHA-256 of the checkpoint file it recorded, or for an older report
+    without one, its checkpoint's epoch. A report made before the run went on is stale:
+    None then (evaluate again). A report at another threshold has its own name and never
+    stands in for it."""
+    run_dir = Path(run_dir)
+    best = run_dir / "checkpoints" / "best.npz"
+    target = best if best.exists() else run_dir / "checkpoints" / "last.npz"
     for checkpoint in ("best", "last"):
-        path = Path(run_dir) / report_name("test", checkpoint)
-        if path.exists():
+        path = run_dir / report_name("test", checkpoint)
+        if path.exists() and measured(read_report(path), target):
             return path
     return None
+
+
+def measured(report: dict[str, Any], checkpoint_path: Path) -> bool:
+    """Whether `report` measured the checkpoint file that is at `checkpoint_path` now."""
+    if not checkpoint_path.is_file():
+        return False
+    if report.get("checkpoint_sha256") is not None:
+        return report["checkpoint_sha256"] == file_sha256(checkpoint_path)
+    try:  # a report from before reports recorded the file's hash: the epoch must match
+        return report["epoch"] == ckpt.load(checkpoint_path).epoch
+    except CheckpointError:
+        return False
+
+
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of a regular file's bytes (None for anything else)."""
+    from mlecli.fsutil import open_regular
+
+    digest = hashlib.sha256()
+    try:
+        with open_regular(path) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def read_report(path: Path) -> dict[str, Any]:

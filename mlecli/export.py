@@ -9,7 +9,10 @@ task, the classes, the dataset, the checkpoint (and its SHA-256) and the mlecli 
 HTML: mlecli/web/page.html with the network's weights (base64, little-endian) and its
 description embedded as JSON, and mlecli/web/prepare.js and page.js inlined: one file
 that works offline from file://, and whose Content-Security-Policy forbids any request.
-Both files are byte-identical for the same checkpoint (no timestamps).
+Both files are byte-identical for the same checkpoint (no timestamps). Every JSON written
+(the page's model, ONNX metadata) refuses NaN and infinities: an evaluation report that holds
+one is not shown. The output's name is checked before anything is done (`outputs.py`): it
+must end in .onnx or .html and cannot be the checkpoint itself.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from mlecli import __version__
+from mlecli import __version__, schema
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError
 from mlecli.fsutil import atomic_write_bytes
-from mlecli.predict import check_image_shape
+from mlecli.outputs import check_output
+from mlecli.predict import check_image_shape, check_weights, checkpoint_name
 from mlecli.prepare import style_for
 from mlecli.task import class_words
 
@@ -36,21 +40,29 @@ OPSET = 13  # Cast, Div, Gemm and Sigmoid as every ONNX runtime of the last year
 IR_VERSION = 7
 THRESHOLD = 0.5
 LINE_WIDTH = 22  # pixels of the page's pen on its 280×280 canvas: MNIST's stroke width once scaled to 20 px
+PAGE_LIMIT = 2_000_000  # bytes: a page over this loads slowly; `mlecli export` warns
+KINDS = {"onnx": "ONNX model", "html": "web page"}
 
 
-def export(target: Path | str, which: str, fmt: str, out: Path | None) -> Path:
-    """Write the checkpoint of `target` as `fmt` ("onnx" or "html") to `out` (default: beside it); return the path."""
-    path = ckpt.resolve(Path(target), which)
+def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> Path:
+    """Write the checkpoint of `target` as `fmt` ("onnx" or "html") to `out` (default: beside it); return the path.
+
+    `out` must end in .onnx or .html (not a folder) and may not be the checkpoint: checked
+    before the checkpoint is even read."""
+    if fmt not in KINDS:
+        raise MlecliError(f"unknown export format {fmt!r}: onnx or html")
+    path = ckpt.resolve(Path(target), checkpoint_name(which))
+    default = default_out(path, fmt)
+    out = check_output(default if out is None else out, "--out", f".{fmt}", KINDS[fmt],
+                       keep=[(path, "the checkpoint being exported")])
     cp = ckpt.load(path)
+    check_weights(cp)
     info = describe(cp)
     if fmt == "onnx":
         data = onnx_bytes(cp, info)
-    elif fmt == "html":
+    else:
         check_image_shape(cp)
         data = page_html(cp, info).encode("utf-8")
-    else:
-        raise MlecliError(f"unknown export format {fmt!r}: onnx or html")
-    out = Path(out) if out is not None else default_out(path, fmt)
     atomic_write_bytes(out, data)
     return out
 
@@ -93,15 +105,27 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
 
 
 def _test_accuracy(run: Path, cp: ckpt.Checkpoint) -> dict[str, float] | None:
-    """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch), if any."""
+    """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch,
+    and the bytes it measured: evaluate.measured), if any: a report that is damaged, or whose
+    figures are not numbers in range, counts as none."""
+    from mlecli.evaluate import measured
+
     report_path = run / f"eval-test-{cp.path.stem}.json"
-    try:
-        report = json.loads(report_path.read_text())
-        if report["epoch"] != cp.epoch or Path(report["checkpoint"]).name != cp.path.name:
-            return None
-        return {"accuracy": float(report["accuracy"]), "threshold": float(report["threshold"])}
-    except (OSError, ValueError, KeyError, TypeError):
+    if not report_path.is_file():
         return None
+    try:
+        report = schema.read_json(report_path, schema.REPORT)
+    except MlecliError:
+        return None
+    accuracy, threshold = report.get("accuracy"), report.get("threshold", 0.5)
+    if (report["epoch"] != cp.epoch or not isinstance(report.get("checkpoint"), str)
+            or Path(report["checkpoint"]).name != cp.path.name):
+        return None
+    if not measured(report, cp.path):
+        return None  # made before the checkpoint was replaced by a later best
+    if accuracy is None or not 0 <= accuracy <= 1 or not 0 < threshold < 1:
+        return None
+    return {"accuracy": float(accuracy), "threshold": float(threshold)}
 
 
 # ---------------------------------------------------------------------------
@@ -117,6 +141,11 @@ def onnx_bytes(cp: ckpt.Checkpoint, info: dict[str, Any]) -> bytes:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         raise MlecliError("--format onnx needs the onnx package: pip install 'mlecli[onnx]'") from None
+    except Exception as exc:  # an install that is broken: its import itself fails
+        why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise MlecliError(f"--format onnx: the onnx package is installed but cannot be imported "
+                          f"({type(exc).__name__}: {why}); reinstall it: pip install --force-reinstall "
+                          "'mlecli[onnx]'") from None
 
     DOUBLE, FLOAT = TensorProto.DOUBLE, TensorProto.FLOAT
     n_in = info["n_inputs"]
@@ -171,7 +200,7 @@ def onnx_bytes(cp: ckpt.Checkpoint, info: dict[str, Any]) -> bytes:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +259,8 @@ def page_model(cp: ckpt.Checkpoint, info: dict[str, Any]) -> dict[str, Any]:
 
 def page_html(cp: ckpt.Checkpoint, info: dict[str, Any]) -> str:
     # "<" is escaped so that no string in the JSON can close the <script> element holding it.
-    model_json = json.dumps(page_model(cp, info), ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    model_json = json.dumps(page_model(cp, info), ensure_ascii=False, separators=(",", ":"),
+                            allow_nan=False).replace("<", "\\u003c")
     page = _web("page.html")
     parts = {
         "<!--mlecli:title-->": html.escape(f"{info['run']}: {info['positive_class']} or {info['negative_class']}"),

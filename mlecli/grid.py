@@ -6,10 +6,13 @@ Carrying a plan out is mlecli/sweep.py's job.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from mlecli.errors import ConfigError
 
 SEED_KEYS = ("model.seed", "train.seed")
 MAX_SEEDS = 10_000
+MAX_RUNS = 10_000  # grid points x seeds: refused beyond, before the grid is expanded
+MAX_NAME_BYTES = 128  # a run folder's name; longer ones end in a hash (file systems allow 255)
 
 
 # ---------------------------------------------------------------------------
@@ -37,8 +42,9 @@ class Axis:
 
 
 def split_values(text: str) -> list[str]:
-    """Split V1,V2,... at the commas outside brackets, braces and quotes."""
-    items, depth, quote, start, i = [], 0, None, 0, 0
+    """Split V1,V2,... at the commas outside brackets, braces and quotes; ValueError for a
+    bracket, brace or quote that is never closed, or closes nothing."""
+    items, stack, quote, start, i = [], [], None, 0, 0
     while i < len(text):
         c = text[i]
         if quote:
@@ -49,13 +55,16 @@ def split_values(text: str) -> list[str]:
         elif c in "\"'":
             quote = c
         elif c in "[{":
-            depth += 1
+            stack.append(c)
         elif c in "]}":
-            depth -= 1
-        elif c == "," and depth == 0:
+            if not stack or stack.pop() != "[{"["]}".index(c)]:
+                raise ValueError(f"a {c!r} closes nothing")
+        elif c == "," and not stack:
             items.append(text[start:i])
             start = i + 1
         i += 1
+    if quote or stack:
+        raise ValueError(f"a {quote or stack[-1]!r} is never closed")
     items.append(text[start:])
     return [item.strip() for item in items]
 
@@ -66,22 +75,41 @@ def parse_grid(text: str) -> Axis:
     key = key.strip()
     if not sep or not key or not rest.strip():
         raise ConfigError(f"--grid {text!r}: expected KEY=V1,V2,..., e.g. --grid train.learning_rate=0.01,0.05")
-    items = split_values(rest)
+    try:
+        items = split_values(rest)
+    except ValueError as exc:
+        advice = ("; a value with spaces must be inside one quoted argument, e.g. --grid 'model.hidden=[64, 32],[128]'"
+                  if "never closed" in str(exc) else "")
+        raise ConfigError(f"--grid {text!r}: {exc}{advice}") from None
     if any(not item for item in items):
         raise ConfigError(f"--grid {text!r}: an empty value (two commas in a row, or one at an end)")
-    values = []
+    if len(items) > MAX_RUNS:
+        raise ConfigError(f"--grid {text!r}: {len(items):,} values; a sweep takes at most {MAX_RUNS:,} runs")
+    values, seen = [], {}
     for item in items:
-        path, value = config_mod.parse_override(f"{key}={item}")
+        try:
+            path, value = config_mod.parse_override(f"{key}={item}")
+        except ConfigError as exc:  # its words are --set's: say them as the grid's
+            why = str(exc).removeprefix(f"--set {f'{key}={item}'!r}: ")
+            why = re.sub(r" \(a value with spaces must be one quoted argument: .*\)$", "", why)
+            raise ConfigError(f"--grid {text!r}: {why}") from None
+        same = seen.setdefault(_identity(value), item)
+        if same is not item:
+            raise ConfigError(f"--grid {'.'.join(path)}: {same} and {item} are the same value; give each value once")
         values.append(value)
-    key = ".".join(path)
-    for a, b in itertools.combinations(range(len(values)), 2):
-        if _same(values[a], values[b]):
-            raise ConfigError(f"--grid {key}: {items[a]} and {items[b]} are the same value; give each value once")
-    return Axis(key, tuple(items), tuple(values))
+    return Axis(".".join(path), tuple(items), tuple(values))
 
 
-def _same(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
+def _identity(value: Any) -> str:
+    """Equal for two values of one type that are equal (1 and 1.0 differ, as do true and 1)."""
+    def tag(v: Any) -> Any:
+        if isinstance(v, dict):
+            return ["dict", sorted([k, tag(x)] for k, x in v.items())]
+        if isinstance(v, (list, tuple)):
+            return ["list", [tag(x) for x in v]]
+        return [type(v).__name__, v if not isinstance(v, float) else repr(v)]
+
+    return json.dumps(tag(value), default=str)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -137,9 +165,11 @@ def show(value: Any) -> str:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: its folder's name, its grid point, its seed and its config."""
+    """One run: its folder's name, its grid point (the index of each axis's value, and the
+    values), its seed and its config."""
 
     name: str
+    index: tuple[int, ...]  # which value of each axis: what identifies the grid point
     point: tuple[tuple[str, Any], ...]  # (key, value) for each axis
     items: tuple[str, ...]  # KEY=VALUE for each axis, the value as typed
     seed: int
@@ -163,7 +193,19 @@ class Plan:
     runs: tuple[RunSpec, ...]  # grid points in order, each with every seed
 
     def points(self) -> list[tuple[tuple[str, Any], ...]]:
-        return list(dict.fromkeys(r.point for r in self.runs))
+        """The grid points in order, each once. A point is told by its indices, never by
+        its values (a list or a table cannot be a dict key)."""
+        first = {}
+        for r in self.runs:
+            first.setdefault(r.index, r.point)
+        return list(first.values())
+
+    def runs_of(self) -> list[list[RunSpec]]:
+        """The runs of each grid point (as `points` orders them)."""
+        groups: dict[tuple[int, ...], list[RunSpec]] = {}
+        for r in self.runs:
+            groups.setdefault(r.index, []).append(r)
+        return list(groups.values())
 
     def description(self) -> dict[str, Any]:
         """What makes two sweeps the same sweep (not where they came from)."""
@@ -176,8 +218,8 @@ class Plan:
     def order(self) -> list[RunSpec]:
         """Runs in the order to start them: every grid point's first seed, then the second
         seed of each..., so that the first results already span the grid."""
-        by_seed = {s: [r for r in self.runs if r.seed == s] for s in self.seeds}
-        return [r for s in self.seeds for r in by_seed[s]]
+        position = {s: i for i, s in enumerate(self.seeds)}
+        return sorted(self.runs, key=lambda r: position[r.seed])  # stable: grid points in order
 
 
 def _short(key: str) -> str:
@@ -188,31 +230,78 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def config_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's dict by dotted key (`train.learning_rate`): sections opened one level,
+    values (lists and tables included) kept whole."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(config_keys(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def size(axes: list[Axis] | tuple[Axis, ...], seeds: tuple[int, ...]) -> int:
+    """The number of runs: the product of the axes' sizes, times the seeds."""
+    return math.prod(len(a.values) for a in axes) * len(seeds)
+
+
+def keys_set(path: list[str], value: Any) -> list[tuple[str, Any]]:
+    """The config keys an override sets, with their values: a table given to a whole
+    section (`--set 'train={epochs=1, learning_rate=0.3}'`) sets each key it lists."""
+    key = ".".join(path)
+    if len(path) == 1 and path[0] in config_mod.SCHEMA and isinstance(value, dict):
+        return [(f"{key}.{k}", v) for k, v in value.items()]
+    return [(key, value)]
+
+
 def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seeds: tuple[int, ...]) -> Plan:
     """Check everything and list the runs; raises ConfigError before anything starts."""
     base = config_mod.load(source, sets)
-    set_keys = {".".join(config_mod.parse_override(item)[0]) for item in sets}
-    for key in sorted(set_keys & set(SEED_KEYS)):
-        raise ConfigError(f"--set {key}: a sweep sets model.seed and train.seed from --seeds; drop the --set")
+    owner: dict[str, str] = {}  # config key → the option that sets it
+    for item in sets:
+        path, value = config_mod.parse_override(item)
+        for key, _ in keys_set(path, value):
+            said = f"--set {'.'.join(path)}"
+            if key in SEED_KEYS:
+                raise ConfigError(f"{said}: a sweep sets model.seed and train.seed from --seeds; drop the --set"
+                                  if said == f"--set {key}" else
+                                  f"{said} sets {key}: a sweep sets model.seed and train.seed from --seeds; "
+                                  f"drop {key} from the table")
+            owner[key] = said
     axes: list[Axis] = []
     for text in grids:
         axis = parse_grid(text)
-        if axis.key in SEED_KEYS:
-            raise ConfigError(f"--grid {axis.key}: a sweep sets model.seed and train.seed from --seeds; use --seeds")
+        said = f"--grid {axis.key}"
         if axis.key == "name":
             raise ConfigError("--grid name: the run name cannot vary within a sweep; use --set name=...")
-        if axis.key in set_keys:
-            raise ConfigError(f"--grid {axis.key} and --set {axis.key} both set it; keep one")
         if any(a.key == axis.key for a in axes):
             raise ConfigError(f"--grid {axis.key} is given twice; list all its values in one --grid")
-        alone = {}  # each value alone first: the error names that value
+        keys = dict.fromkeys(k for v in axis.values for k, _ in keys_set(axis.key.split("."), v))
+        for key in keys:
+            if key in SEED_KEYS:
+                raise ConfigError(f"{said}: a sweep sets model.seed and train.seed from --seeds; use --seeds"
+                                  if key == axis.key else
+                                  f"{said} sets {key}: a sweep sets model.seed and train.seed from --seeds; "
+                                  f"drop {key} from the tables and use --seeds")
+            if key in owner:
+                other = owner[key]
+                raise ConfigError(f"{said} and {other} both set it; keep one" if other.endswith(f" {key}") and
+                                  key == axis.key else f"{said} and {other} both set {key}; keep one")
+            owner[key] = said
+        alone: dict[str, str] = {}  # each value alone first: the error names that value
         for item in axis.items:
             cfg = _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={item}")
-            same = next((other for other, c in alone.items() if c == cfg), None)
-            if same is not None:
+            same = alone.setdefault(json.dumps(cfg.to_dict(), sort_keys=True), item)
+            if same is not item:
                 raise ConfigError(f"--grid {axis.key}: {same} and {item} give the same config; give each value once")
-            alone[item] = cfg
         axes.append(axis)
+    n = size(axes, seeds)
+    if n > MAX_RUNS:
+        sizes = " x ".join([*(f"{len(a.values):,}" for a in axes), f"{len(seeds):,} seeds"])
+        raise ConfigError(f"the grid is {sizes} = {n:,} runs; a sweep takes at most {MAX_RUNS:,}: split it into "
+                          "smaller sweeps")
     runs = []
     names = []
     for combo in itertools.product(*(range(len(a.values)) for a in axes)):
@@ -220,13 +309,15 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
         items = tuple(f"{a.key}={a.items[i]}" for a, i in zip(axes, combo))
         for seed in seeds:
             overrides = (*items, *(f"{k}={seed}" for k in SEED_KEYS))
-            cfg = _checked(base, overrides, "--grid " + ", ".join(items) if items else "--seeds")
-            names.append(_folder_name(point, seed))
-            runs.append(RunSpec("", point, items, seed, cfg))
+            where = "--grid " + ", ".join(items) if items else "--seeds"
+            cfg = _checked(base, overrides, where)
+            _check_kept(cfg, sets, items, seed, where)
+            names.append(folder_name(point, seed))
+            runs.append(RunSpec("", combo, point, items, seed, cfg))
     if len(set(names)) != len(names):  # values that look alike in a file name
         width = len(str(len(names)))
         names = [f"{i:0{width}d}-{n}" for i, n in enumerate(names, start=1)]
-    runs = [RunSpec(n, r.point, r.items, r.seed, r.config) for n, r in zip(names, runs)]
+    runs = [RunSpec(n, r.index, r.point, r.items, r.seed, r.config) for n, r in zip(names, runs)]
     return Plan(source, tuple(sets), tuple(axes), tuple(seeds), base, tuple(runs))
 
 
@@ -237,9 +328,34 @@ def _checked(base: Config, overrides: tuple[str, ...], where: str) -> Config:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _folder_name(point: tuple[tuple[str, Any], ...], seed: int) -> str:
+def _check_kept(cfg: Config, sets: tuple[str, ...], items: tuple[str, ...], seed: int, where: str) -> None:
+    """Every value the --sets, the grid point and the seed give is in the run's config: a
+    table given to a whole section replaces that section, and would silently undo a key
+    set before it."""
+    have = cfg.to_dict()
+    wanted = [(option, key, value) for option, group in (("--set", sets), ("--grid", items)) for item in group
+              for key, value in keys_set(*config_mod.parse_override(item))]
+    wanted += [("--seeds", key, seed) for key in SEED_KEYS]
+    for option, key, value in wanted:
+        section, _, sub = key.partition(".")
+        now = have.get(section, {}).get(sub) if sub else have.get(section)
+        if now != value:
+            raise ConfigError(f"{where}: {key} ends up {show(now)}, not {show(value)} as {option} gives it: a table "
+                              f"given to a whole section replaces it; set the keys one by one ({option} {key}=...)")
+
+
+def folder_name(point: tuple[tuple[str, Any], ...], seed: int) -> str:
+    """The run folder's name: `key=value,...,seed=S`, at most MAX_NAME_BYTES bytes; a
+    longer one is cut and ends in a hash of the grid point (the same point, the same
+    name), so that every name fits in any file system."""
     parts = [f"{_short(k)}={_name_part(v)}" for k, v in point]
-    return ",".join([*parts, f"seed={seed}"])
+    name = ",".join([*parts, f"seed={seed}"])
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(json.dumps(jsonable(point), sort_keys=True).encode()).hexdigest()[:12]
+    tail = f"~{digest},seed={seed}"
+    head = ",".join(parts).encode()[: MAX_NAME_BYTES - len(tail)].decode("utf-8", "ignore")
+    return head + tail
 
 
 def _name_part(value: Any) -> str:
@@ -253,12 +369,12 @@ def _name_part(value: Any) -> str:
 # --dry-run: the `mlecli train` command of each run
 
 
-def train_commands(p: Plan, sweep_dir: Path, data_dir: Path | None, blas_threads: int) -> list[str]:
-    """One shell command per run, in start order. A run whose batches exceed 64 gets the
-    sweep's BLAS thread count, which its last bits depend on."""
+def train_commands(p: Plan, sweep_dir: Path, data_dir: Path | None, blas_threads: int) -> Iterator[str]:
+    """One shell command per run, in start order, each made as it is asked for. A run
+    whose batches exceed 64 gets the sweep's BLAS thread count, which its last bits
+    depend on."""
     from mlecli.step import blas_threads as trainer_threads
 
-    lines = []
     for r in p.order():
         words = ["mlecli", "train"] + ([p.source] if p.source is not None else [])
         for item in (*p.sets, *r.overrides):
@@ -267,8 +383,7 @@ def train_commands(p: Plan, sweep_dir: Path, data_dir: Path | None, blas_threads
         if data_dir is not None:
             words += ["--data-dir", str(data_dir)]
         env = f"OPENBLAS_NUM_THREADS={blas_threads} " if trainer_threads(r.config.train.batch_size) is None else ""
-        lines.append(env + shlex.join(words))
-    return lines
+        yield env + shlex.join(words)
 
 
 def command(p: Plan, sweep_dir: Path | None, extra: tuple[str, ...] = ()) -> str:

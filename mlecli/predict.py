@@ -2,7 +2,10 @@
 
 Every image is prepared as MNIST's were (`prepare.py`) unless `raw`, then the network
 gives ŷ = P(y = 1 | image). Inputs are read by `inputs.py`; a failed input is reported
-in its place and the others still go through.
+in its place and the others still go through: each input is read, prepared and predicted
+inside `inputs.guard`, and a stack goes through a chunk of images at a time (memory bounded
+by the chunk, not by the file). A network is checked when it is loaded: trained on 28×28
+images, and with weights whose sums cannot overflow its float type, so every ŷ is finite.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +23,17 @@ import numpy as np
 
 from mlecli import checkpoint as ckpt
 from mlecli import inputs
-from mlecli.errors import CheckpointError, InputError
+from mlecli.errors import CheckpointError, InputError, MlecliError, printable
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.model import forward, sigmoid
-from mlecli.prepare import FRAME, BlankImage, Style, blank_message, prepare, prepare_many, style_for
+from mlecli.prepare import FRAME, BlankImage, Style, blank_message, prepare_many, prepare_steps, style_for
 from mlecli.task import class_words, image_scores
 
 SHAPE = (FRAME, FRAME)
 SHOW_LIMIT = 400  # images in a --show grid
+MAX_REFUSALS = 10  # images of one file refused one line each; the rest of them in one line
+CHUNK_PIXELS = 1 << 21  # pixels of a stack prepared and predicted at a time (2,674 images of 28×28)
+CHECKPOINT_NAMES = re.compile(r"best|last|epoch-\d+")
 
 
 @dataclass(frozen=True)
@@ -61,15 +69,53 @@ def blank_error(name: str) -> InputError:
 
 
 def check_image_shape(cp: ckpt.Checkpoint) -> None:
-    """Refuse a network trained on images that are not 28×28 (predict prepares 28×28 images)."""
+    """Refuse a network trained on images that are not 28×28 (predict prepares 28×28 images),
+    and one whose meta does not say what it was trained on (no image_shape: only a network
+    of 784 inputs trained on MNIST or Fashion-MNIST, both 28×28, is taken without it)."""
     n_inputs = cp.meta.get("n_inputs")
     shape = cp.meta.get("image_shape")
-    if n_inputs != FRAME * FRAME or (shape is not None and list(shape) != list(SHAPE)):
-        seen = "×".join(map(str, shape)) if isinstance(shape, list) else "?"
-        raise CheckpointError(
-            f"{cp.path} was trained on {seen} images ({n_inputs} inputs); predict and export work with "
-            "28×28 images (MNIST's form): use a network trained on a 28×28 dataset"
-        )
+    advice = "predict and export work with 28×28 images (MNIST's form): use a network trained on a 28×28 dataset"
+    if shape is None:
+        if n_inputs == FRAME * FRAME and cp.config.data.dataset in ("mnist", "fashion-mnist"):
+            return
+        raise CheckpointError(f"{cp.path} does not say what size of image it was trained on (no image_shape in its "
+                              f"meta record; {n_inputs} inputs, dataset {cp.config.data.dataset}); {advice}")
+    seen = "×".join(map(str, shape))
+    if math.prod(shape) != n_inputs:
+        raise CheckpointError(f"{cp.path}: its meta record says {seen} images ({math.prod(shape)} pixels) but "
+                              f"{n_inputs} inputs; the checkpoint is damaged")
+    if list(shape) != list(SHAPE):
+        raise CheckpointError(f"{cp.path} was trained on {seen} images ({n_inputs} inputs); {advice}")
+
+
+def check_weights(cp: ckpt.Checkpoint) -> None:
+    """Refuse weights whose sums can overflow the network's float type. Every layer's inputs
+    lie in [0, 1] (pixels / 255, sigmoids), so |z_j| ≤ Σ_i |W_ij| + |b_j|: below half the
+    type's largest number, no partial sum in any order can overflow, and ŷ is always finite."""
+    limit = float(np.finfo(cp.params[-1][0].dtype).max) / 2
+    for k, (W, b) in enumerate(cp.params, start=1):
+        with np.errstate(over="ignore"):
+            reach = float(np.max(np.abs(W).astype(np.float64).sum(axis=0) + np.abs(b).astype(np.float64)))
+        if not reach < limit:
+            raise CheckpointError(
+                f"{cp.path}: its weights are too large to compute with (layer {k}'s sums reach {reach:.3g}, beyond "
+                f"{W.dtype}'s range); the checkpoint is damaged"
+            )
+
+
+def check_threshold(threshold) -> float:
+    """A decision threshold: a number strictly between 0 and 1."""
+    value = float(threshold) if isinstance(threshold, numbers.Real) and not isinstance(threshold, bool) else math.nan
+    if not 0 < value < 1:
+        raise MlecliError(f"threshold must be a number between 0 and 1 (both excluded), got {threshold!r}")
+    return value
+
+
+def checkpoint_name(which: str) -> str:
+    """`best`, `last` or `epoch-N`, the only checkpoints of a run one may name."""
+    if not isinstance(which, str) or not CHECKPOINT_NAMES.fullmatch(which):
+        raise CheckpointError(f"checkpoint {which!r} is not best, last or epoch-N")
+    return which
 
 
 class Model:
@@ -84,6 +130,7 @@ class Model:
 
     def __init__(self, cp: ckpt.Checkpoint):
         check_image_shape(cp)
+        check_weights(cp)
         self.checkpoint = cp
         self.config = cp.config
         self.params = cp.params
@@ -100,12 +147,16 @@ class Model:
     # -- the math ---------------------------------------------------------
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """ŷ (N,) float64 of 28×28 network inputs (N, 28, 28): uint8 0-255 or float 0-1."""
-        if images.dtype == np.uint8:
-            z = image_scores(self.params, images)
-        else:
-            dtype = self.params[-1][0].dtype
-            z = forward(self.params, images.reshape(len(images), -1).astype(dtype))[1]
-        return sigmoid(z.astype(np.float64))
+        with np.errstate(all="ignore"):  # check_weights bounds every sum; nothing is left to warn about
+            if images.dtype == np.uint8:
+                z = image_scores(self.params, images)
+            else:
+                dtype = self.params[-1][0].dtype
+                z = forward(self.params, images.reshape(len(images), -1).astype(dtype))[1]
+            p = sigmoid(z.astype(np.float64))
+        if not np.all(np.isfinite(p)):  # unreachable after check_weights: the last guard before any output
+            raise CheckpointError(f"{self.checkpoint.path}: the network gives a ŷ that is not a number")
+        return p
 
     # -- the Python API ---------------------------------------------------
     def prepare(self, image) -> np.ndarray:
@@ -120,6 +171,7 @@ class Model:
 
     def predict(self, images, threshold: float = 0.5, raw: bool = False) -> np.ndarray:
         """(N,) int: 1 where ŷ ≥ threshold, else 0; `classes_[k]` names class k."""
+        threshold = check_threshold(threshold)
         return (self._p(images, raw) >= threshold).astype(np.int64)
 
     def _p(self, images, raw: bool) -> np.ndarray:
@@ -128,11 +180,14 @@ class Model:
     def _network_inputs(self, images, raw: bool) -> np.ndarray:
         """(N, 28, 28) network inputs of the API's images; the first unusable one raises its InputError."""
         parts = []
-        for loaded in _loaded(images):
-            usable = network_inputs(loaded, raw, self.style)
-            if usable.errors:
-                raise usable.errors[0]
-            parts.append(usable.images)
+        for loaded_or_error in _loaded(images):
+            if isinstance(loaded_or_error, InputError):
+                raise loaded_or_error
+            with inputs.guard(loaded_or_error.source.name):
+                for usable in network_inputs(loaded_or_error, raw, self.style):
+                    if usable.errors:
+                        raise usable.errors[0]
+                    parts.append(usable.images)
         if not parts:
             return np.zeros((0, FRAME, FRAME), np.uint8)
         if any(p.dtype != parts[0].dtype for p in parts):
@@ -141,48 +196,69 @@ class Model:
 
     # -- the command ------------------------------------------------------
     def predict_sources(self, sources: list[inputs.Source | InputError], raw: bool) -> Iterator[Batch | InputError]:
-        """For each source (`inputs.sources`) in order: the error that stopped it, or its Batch
-        followed by an error for each image inside it that could not be used (a blank one)."""
+        """For each source (`inputs.sources`) in order: the error that stopped it, or its Batches
+        (a stack comes a chunk at a time), each followed by an error for each image inside it
+        that could not be used (a blank one; past MAX_REFUSALS of one file, one line for the rest)."""
         for src in sources:
             if isinstance(src, InputError):
                 yield src
-                continue
-            try:
+            else:
+                yield from self._predict_source(src, raw)
+
+    def _predict_source(self, src: inputs.Source, raw: bool) -> Iterator[Batch | InputError]:
+        refused = 0
+        try:
+            with inputs.guard(src.name):
                 loaded = inputs.load(src)
-            except InputError as exc:
-                yield exc
-                continue
-            usable = network_inputs(loaded, raw, self.style)
-            if len(usable.images):
-                yield Batch(src.name, usable.index, usable.images, self.probabilities(usable.images))
-            yield from usable.errors
+                for usable in network_inputs(loaded, raw, self.style):
+                    if len(usable.images):
+                        yield Batch(src.name, usable.index, usable.images, self.probabilities(usable.images))
+                    for error in usable.errors:
+                        refused += 1
+                        if refused <= MAX_REFUSALS:
+                            yield error
+        except InputError as exc:
+            yield exc
+        if refused > MAX_REFUSALS:
+            yield InputError(f"{src.name}: {refused - MAX_REFUSALS:,} more images with no ink found "
+                             f"({refused:,} in all; the first {MAX_REFUSALS} are named above)")
 
 
-def network_inputs(loaded: inputs.Loaded, raw: bool, style: Style) -> Usable:
+def network_inputs(loaded: inputs.Loaded, raw: bool, style: Style) -> Iterator[Usable]:
     """The 28×28 network inputs of a source, prepared in `style` unless `raw`, and the errors of
-    the images that cannot be used."""
+    the images that cannot be used: one Usable for a picture, one per chunk of a stack (at most
+    CHUNK_PIXELS pixels of it converted and prepared at a time)."""
     name = loaded.source.name
     if loaded.picture:
         g = loaded.images
         if raw:
             if g.shape != SHAPE:
-                return Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, g.shape)])
-            return Usable(None, g[None], [])
+                yield Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, g.shape)])
+            else:
+                yield Usable(None, g[None], [])
+            return
         try:
-            return Usable(None, prepare(g, name, style)[None], [])
+            yield Usable(None, prepare_steps(g, name, style, overwrite=True)[0][None], [])
         except BlankImage:
-            return Usable(None, np.zeros((0, *SHAPE), np.uint8), [blank_error(name)])
+            yield Usable(None, np.zeros((0, *SHAPE), np.uint8), [blank_error(name)])
+        return
     stack = loaded.images
-    index = np.arange(len(stack)) if loaded.indexed else None
-    if raw:
-        if stack.shape[1:] != SHAPE:
-            return Usable(index, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:])])
-        return Usable(index, stack, [])
-    images, blank = prepare_many(stack, style=style)
-    if not blank.any():
-        return Usable(index, images, [])
-    errors = [blank_error(name if index is None else f"{name}[{i}]") for i in np.flatnonzero(blank).tolist()]
-    return Usable(None if index is None else index[~blank], images[~blank], errors)
+    if raw and stack.shape[1:] != SHAPE:
+        yield Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:])])
+        return
+    step = max(1, CHUNK_PIXELS // (stack.shape[1] * stack.shape[2]))
+    for start in range(0, len(stack), step):
+        part = stack[start : start + step]
+        index = np.arange(start, start + len(part)) if loaded.indexed else None
+        if raw:
+            yield Usable(index, part if part.dtype == np.uint8 else part.astype(np.float64), [])
+            continue
+        images, blank = prepare_many(part, style=style)
+        if not blank.any():
+            yield Usable(index, images, [])
+            continue
+        errors = [blank_error(name if index is None else f"{name}[{i}]") for i in (np.flatnonzero(blank) + start).tolist()]
+        yield Usable(None if index is None else index[~blank], images[~blank], errors)
 
 
 def _raw_shape_error(name: str, shape: tuple[int, ...]) -> InputError:
@@ -196,14 +272,14 @@ def _is_many(images) -> bool:
     if isinstance(images, (list, tuple)):
         return True
     if isinstance(images, np.ndarray):
-        return images.ndim == 3 or (images.ndim == 2 and images.shape[1] == 784 and images.shape[0] != 28)
+        return images.ndim == 3 or (images.ndim == 2 and images.shape[1] == 784)
     if isinstance(images, (str, Path)):
         return Path(images).is_dir()
     return False
 
 
-def _loaded(images) -> Iterator[inputs.Loaded]:
-    """The API's inputs as Loaded sources (raising InputError for the first unusable one)."""
+def _loaded(images) -> Iterator[inputs.Loaded | InputError]:
+    """The API's inputs as Loaded sources, or the InputError of one that cannot be used."""
     if isinstance(images, (list, tuple)):
         for item in images:
             yield from _loaded(item)
@@ -211,26 +287,40 @@ def _loaded(images) -> Iterator[inputs.Loaded]:
     if isinstance(images, (str, Path)):
         for src in inputs.sources([str(images)]):
             if isinstance(src, InputError):
-                raise src
-            yield inputs.load(src)
+                yield src
+                return
+            try:
+                yield inputs.load(src)
+            except InputError as exc:
+                yield exc
+                return
         return
     if isinstance(images, np.ndarray):
-        arr, indexed = inputs.check_array(images, "array")
+        try:
+            with inputs.guard("array"):
+                arr, indexed = inputs.check_array(images, "array")
+        except InputError as exc:
+            yield exc
+            return
         yield inputs.Loaded(inputs.Source("array", None), arr, picture=False, indexed=indexed)
         return
-    if type(images).__module__.startswith("PIL."):
-        buf = io.BytesIO()
-        images.save(buf, format="PNG" if images.mode not in ("CMYK", "F", "I") else "TIFF")
-        yield inputs.Loaded(inputs.Source("image", None), inputs.read_image(buf.getvalue(), "image"), picture=True)
+    if type(images).__module__.startswith("PIL."):  # the same conversion as a picture file's
+        try:
+            with inputs.guard("image"):
+                gray = inputs.picture_gray(images, "image")
+        except InputError as exc:
+            yield exc
+            return
+        yield inputs.Loaded(inputs.Source("image", None), gray, picture=True)
         return
-    raise InputError(
+    yield InputError(
         f"cannot predict on a {type(images).__name__}: give a path, a PIL image, or a gray array (H, W) or (N, H, W)"
     )
 
 
 def load_model(path: str | Path, checkpoint: str = "best") -> Model:
     """A run folder (its `checkpoint`: best, last or epoch-N) or a checkpoint file, as a Model."""
-    return Model(ckpt.load(ckpt.resolve(Path(path), checkpoint)))
+    return Model(ckpt.load(ckpt.resolve(Path(path), checkpoint_name(checkpoint))))
 
 
 # ---------------------------------------------------------------------------
@@ -248,9 +338,14 @@ def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: in
 
 
 def json_lines(batch: Batch, words: tuple[str, str], threshold: float) -> list[str]:
-    """One JSON object per image, as json.dumps writes it (built by hand: ten times faster)."""
-    source = json.dumps(batch.source, ensure_ascii=False)
-    label = [json.dumps(w, ensure_ascii=False) for w in words]
+    """One JSON object per image, as json.dumps writes it (built by hand: ten times faster).
+
+    Valid JSON in valid UTF-8 whatever the names: each string goes through `inputs.display`
+    (no lone surrogate from a file name that is not UTF-8) and JSON's own escapes, and every
+    ŷ is finite (Model.probabilities makes sure of it)."""
+    assert np.all(np.isfinite(batch.p)), "Model.probabilities gives finite ŷ only"
+    source = json.dumps(inputs.display(batch.source), ensure_ascii=False)
+    label = [json.dumps(inputs.display(w), ensure_ascii=False) for w in words]
     index = ["null"] * len(batch.p) if batch.index is None else batch.index.tolist()
     decided = (batch.p >= threshold).tolist()
     return [
@@ -277,7 +372,7 @@ def show_grid(batches: Iterable[Batch], words: tuple[str, str], threshold: float
         x, y = (k % cols) * cell_w + 8, (k // cols) * cell_h + 4
         pixels = image if image.dtype == np.uint8 else np.floor(255 * image + 0.5).astype(np.uint8)
         sheet.paste(Image.fromarray(pixels).resize((FRAME * scale, FRAME * scale), Image.NEAREST), (x, y))
-        draw.text((x, y + FRAME * scale + 2), _fit(label, 14), fill=0, font=font)
+        draw.text((x, y + FRAME * scale + 2), _fit(printable(label), 14), fill=0, font=font)
         draw.text((x, y + FRAME * scale + 15), _fit(f"{p:.3f} {words[p >= threshold]}", 14), fill=0, font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")

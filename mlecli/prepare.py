@@ -5,9 +5,10 @@ ratio, anti-aliased) and placed it in a 28×28 frame so that its centre of mass 
 the frame's centre; Fashion-MNIST's makers scaled each picture's longer side to 28 and
 centred its box. A photo or a drawing must go through the same steps before a network
 trained on those images can read it: the `Style` of the network's dataset says which.
-Every step below is written so that the page's JavaScript can do exactly the same
-arithmetic (float64, the same operations in the same order, sums taken first to last),
-which keeps the two within a rounding of each other.
+Every step below is written so that the page's JavaScript computes the same bits: each
+step is either elementwise (the same IEEE operations in the same order), a sum taken
+first to last on both sides, or a sum of integers small enough to be exact in float64,
+which any order of adding (a BLAS product, a JavaScript loop) gives exactly.
 
 A gray image `g` (H, W) float64 in [0, 1] (0 black, 1 white) becomes a uint8 (28, 28) image,
 light ink on black, in nine steps:
@@ -33,11 +34,13 @@ light ink on black, in nine steps:
    end); columns likewise. δ = 0.5% when the background is noisy (σ > 0): up to 0.5% of the
    ink on each side, dust and specks, may fall outside; δ = 0 when it is perfectly clean:
    every pixel of ink is inside. Crop `v` to the box, h × w pixels.
-6. scale: `s = B / max(h, w)`, with B = 20 (MNIST) or 28 (Fashion-MNIST); crop pixel a
-   spans [s·a, s·(a+1)) of a B×B box, and each box pixel is the area-weighted mean of the
-   crop over it:
-   `T[i, j] = Σ_a Σ_b Ly[i, a] · crop[a, b] · Lx[j, b]`, with the overlap lengths
-   `Ly[i, a] = max(0, min(i + 1, s·(a+1)) − max(i, s·a))` (anti-aliasing by area).
+6. scale: `s = B / n` with `n = max(h, w)` and B = 20 (MNIST) or 28 (Fashion-MNIST); crop
+   pixel a spans [s·a, s·(a+1)) of a B×B box, and each box pixel is the area-weighted sum
+   of the crop over it (anti-aliasing by area), computed in integers: the crop's levels as
+   `V = ⌊65535 · crop + ½⌋`, and the overlaps in units of 1/n of a box pixel,
+   `Ay[i, a] = max(0, min((i + 1)·n, (a + 1)·B) − max(i·n, a·B))` (Ax likewise), so that
+   `T[i, j] = Σ_a Σ_b Ay[i, a] · V[a, b] · Ax[j, b]` is an integer below n² · 65535 < 2⁵³
+   (n ≤ MAX_SIDE = 65,536): exact in float64 whatever the order of its sums.
 7. quantise: `q = ⌊255 · (T / max(T)) + ½⌋` as integers 0-255 (the ink's peak becomes 255).
 8. centre: MNIST, the centre of mass of q (exact integer sums):
    `cy = Σ_i (i + ½) Σ_j q[i, j] / Σ q`, `cx` likewise, and the target t = 14.5 (pixel 14's
@@ -49,7 +52,9 @@ light ink on black, in nine steps:
 
 A prepared image comes through a second preparation unchanged (when nothing was shifted out).
 `prepare` is the one-image oracle; `prepare_many` does the same for a stack of equal-sized
-images at once (vectorised; equal to the oracle up to the rounding of its matrix products).
+images at once (vectorised, with BLAS products): the same bits, since every sum that the two
+take in a different order is a sum of integers. Memory: the oracle works in place on one
+float64 copy of the image; the resampling never builds a weight matrix larger than B × 4096.
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ NOISE_CUT = 3.0  # levels start 3σ above the background
 MIN_CONTRAST = 0.1  # ink must differ from the background by a tenth of full scale…
 BLANK_NOISE = 8.0  # …and by 8σ of the background's noise
 TRIM = 0.005  # share of a noisy image's ink that may lie beyond each side of the box
+LEVELS = 65535  # step 6: the crop's levels as integers 0-65535 (finer than any 16-bit picture)
+# The longest side the resampling takes: its sums stay below n² · LEVELS ≤ 2⁴⁸, exact in float64.
+MAX_SIDE = 1 << 16
+WEIGHT_BLOCK = 4096  # input pixels per block of resampling weights (B × 4096 float64: 0.9 MB at most)
 
 
 @dataclass(frozen=True)
@@ -121,34 +130,52 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255.0
 
 
-def composite(rgba: np.ndarray) -> np.ndarray:
+def composite(rgba: np.ndarray, back: float | None = None) -> np.ndarray:
     """(H, W, 4) uint8 RGBA -> gray in [0, 1], transparency filled with the colour opposite the ink.
 
-    The background behind transparent pixels is white when what is drawn (weighted by
-    alpha) is dark on average, black when it is light: dark ink on a transparent sheet
-    and light ink on one both come out as ink on a plain background.
+    The background behind transparent pixels (`back`, else `background_behind(rgba)`) is white
+    when what is drawn (weighted by alpha) is dark on average, black when it is light: dark
+    ink on a transparent sheet and light ink on one both come out as ink on a plain background.
     """
     lum = luminance(rgba[..., :3])
-    alpha = rgba[..., 3].astype(np.float64) / 255.0
-    if np.all(rgba[..., 3] == 255):
+    if back is None and np.all(rgba[..., 3] == 255):
         return lum
-    weight = float(np.sum(alpha))
-    mean = float(np.sum(alpha * lum)) / weight if weight > 0 else 0.0
-    back = 1.0 if mean < 0.5 else 0.0
+    alpha = rgba[..., 3].astype(np.float64) / 255.0
+    back = background_behind(rgba) if back is None else back
     return alpha * lum + (1.0 - alpha) * back
 
 
-def _seq_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Sum along `axis` strictly first to last (as a JavaScript loop does; np.sum adds pairwise)."""
-    if x.ndim == 1 or (x.ndim == 2 and axis in (1, -1) and x.shape[1] <= 64):
-        return np.cumsum(x, axis=-1)[..., -1] if x.shape[-1] else np.zeros(x.shape[:-1])
-    x = np.moveaxis(x, axis, 0)
-    if len(x) == 0:
-        return np.zeros(x.shape[1:])
-    acc = x[0].astype(np.float64, copy=True)
-    for row in x[1:]:
-        acc += row
-    return acc
+def background_behind(rgba: np.ndarray, block: int = 1 << 18) -> float:
+    """1.0 (white) when the alpha-weighted mean luma of (H, W, 4) uint8 pixels is below ½, else
+    0.0, decided in integers (exact in any order of adding, as the page's JavaScript does):
+    Σ a·(299 R + 587 G + 114 B) < ½ · 255,000 · Σ a. A fully transparent image gets white."""
+    flat = rgba.reshape(-1, 4)
+    weighted = total = 0
+    for k in range(0, len(flat), block):
+        part = flat[k : k + block].astype(np.int64)
+        a = part[:, 3]
+        weighted += int(a @ (299 * part[:, 0] + 587 * part[:, 1] + 114 * part[:, 2]))
+        total += int(a.sum())
+    return 1.0 if 2 * weighted < 255_000 * total or total == 0 else 0.0
+
+
+def _seq_sum(x: np.ndarray, axis: int = -1, block: int = 1 << 20) -> np.ndarray:
+    """Sum along `axis` strictly first to last (as a JavaScript loop does; np.sum adds pairwise):
+    np.cumsum (which adds in order) over blocks of the axis, each block started from the total
+    so far, so that no more than about `block` elements are copied at a time."""
+    axis %= x.ndim
+    n = x.shape[axis]
+    rest = x.shape[:axis] + x.shape[axis + 1 :]
+    if n == 0:
+        return np.zeros(rest)
+    step = max(1, block // max(1, int(np.prod(rest))))
+    total = None
+    for start in range(0, n, step):
+        part = x[(slice(None),) * axis + (slice(start, start + step),)]
+        if total is not None:
+            part = np.concatenate([np.expand_dims(total, axis), part], axis=axis)
+        total = np.cumsum(part, axis=axis, dtype=np.float64).take(-1, axis=axis)
+    return total
 
 
 def ring(g: np.ndarray) -> np.ndarray:
@@ -160,13 +187,41 @@ def ring(g: np.ndarray) -> np.ndarray:
     return np.concatenate([g[..., 0, :], g[..., -1, :], g[..., 1:-1, 0], g[..., 1:-1, -1]], axis=-1)
 
 
-def area_weights(n_in: int, scale: float, n_out: int) -> np.ndarray:
-    """L (n_out, n_in): overlap of box pixel i = [i, i+1) with input pixel a = [s·a, s·(a+1))."""
-    a = np.arange(n_in, dtype=np.float64)
-    lo = scale * a
-    hi = scale * (a + 1.0)
-    i = np.arange(n_out, dtype=np.float64)[:, None]
-    return np.maximum(0.0, np.minimum(i + 1.0, hi) - np.maximum(i, lo))
+def overlaps(start: int, stop: int, n: int, box: int) -> np.ndarray:
+    """Step 6's weights for crop pixels a in [start, stop): (box, stop − start) float64 integers,
+    A[i, a] = |[i·n, (i+1)·n) ∩ [a·box, (a+1)·box)|, the overlap of box pixel i with crop pixel a
+    in units of 1/n of a box pixel (n = the crop's longer side)."""
+    a = np.arange(start, stop, dtype=np.float64)
+    i = np.arange(box, dtype=np.float64)[:, None]
+    return np.maximum(0.0, np.minimum((i + 1.0) * n, (a + 1.0) * box) - np.maximum(i * n, a * box))
+
+
+def resample(V: np.ndarray, box: int) -> np.ndarray:
+    """Step 6: T = Ay · V · Axᵀ (box, box) for a crop of integer levels V (h, w), exactly.
+
+    The longer axis is reduced first, a block of WEIGHT_BLOCK input pixels at a time, so that
+    no array larger than the crop itself is built (a 3 × 16,000,000 picture needs 20 × 4096
+    weights, not 20 × 16,000,000). Every product and partial sum is an integer below 2⁵³."""
+    h, w = V.shape
+    n = max(h, w)
+    assert n <= MAX_SIDE, n
+    with blas.threads(1):  # products this small lose more to waking a second thread than they gain
+        if h >= w:
+            X = np.zeros((box, w))
+            for r in range(0, h, WEIGHT_BLOCK):
+                X += overlaps(r, min(r + WEIGHT_BLOCK, h), n, box) @ V[r : r + WEIGHT_BLOCK]
+            return X @ overlaps(0, w, n, box).T
+        X = np.zeros((h, box))
+        for c in range(0, w, WEIGHT_BLOCK):
+            X += V[:, c : c + WEIGHT_BLOCK] @ overlaps(c, min(c + WEIGHT_BLOCK, w), n, box).T
+        return overlaps(0, h, n, box) @ X
+
+
+def to_levels(v: np.ndarray) -> np.ndarray:
+    """Step 6: levels v in [0, 1] as the integers ⌊65535 · v + ½⌋ (float64), in place."""
+    v *= LEVELS
+    v += 0.5
+    return np.floor(v, out=v)
 
 
 def quantise(T: np.ndarray) -> np.ndarray:
@@ -200,17 +255,31 @@ def _box(profile: np.ndarray, trim: float) -> tuple[int, int]:
     return int(np.argmax(ahead > limit)), len(profile) - 1 - int(np.argmax((behind > limit)[::-1]))
 
 
-def prepare_steps(g: np.ndarray, name: str = "image", style: Style = MNIST) -> tuple[np.ndarray, Steps]:
+class TooLarge(MlecliError):
+    """An image with a side longer than the preparation takes."""
+
+
+def too_large_message(name: str, h: int, w: int) -> str:
+    return (f"{name}: {w}×{h} pixels: a side longer than {MAX_SIDE:,} pixels is more than mlecli prepares; "
+            "scale it down or crop it to the digit")
+
+
+def prepare_steps(g: np.ndarray, name: str = "image", style: Style = MNIST, *,
+                  overwrite: bool = False) -> tuple[np.ndarray, Steps]:
     """Prepare one gray image (H, W) float64 in [0, 1]; return the uint8 (28, 28) image and its Steps.
 
-    Raises BlankImage (naming `name`) when the image holds no ink.
+    Works in place on one float64 copy of `g` (on `g` itself if `overwrite` and it is float64).
+    Raises BlankImage (naming `name`) when the image holds no ink, TooLarge when a side is
+    longer than MAX_SIDE.
     """
-    g = np.asarray(g, dtype=np.float64)
+    if max(np.shape(g)) > MAX_SIDE:
+        raise TooLarge(too_large_message(name, *np.shape(g)))
+    g = np.require(g, np.float64, "C") if overwrite else np.array(g, dtype=np.float64, order="C")
     border = ring(g)
     m = float(np.median(border))
     inverted = bool(m - g.min() > g.max() - m)
     if inverted:
-        g = 1.0 - g
+        np.subtract(1.0, g, out=g)
         border = 1.0 - border
         m = 1.0 - m
     p = float(g.max())
@@ -223,16 +292,18 @@ def prepare_steps(g: np.ndarray, name: str = "image", style: Style = MNIST) -> t
         raise BlankImage(blank_message(name))
     lo = m + NOISE_CUT * sigma
     hi = p - NOISE_CUT * sigma
-    v = np.clip((g - lo) / (hi - lo), 0.0, 1.0)
+    v = g  # step 4 in place: (g − lo) / (hi − lo), clipped
+    v -= lo
+    v /= hi - lo
+    np.clip(v, 0.0, 1.0, out=v)
     trim = TRIM if sigma > 0 else 0.0
     rows, cols = _seq_sum(v, axis=1), _seq_sum(v, axis=0)
     r0, r1 = _box(rows, trim)
     c0, c1 = _box(cols, trim)
-    crop = v[r0 : r1 + 1, c0 : c1 + 1]
+    crop = to_levels(v[r0 : r1 + 1, c0 : c1 + 1].copy())
     h, w = crop.shape
     s = style.box / max(h, w)
-    with blas.threads(1):  # products this small lose more to waking a second thread than they gain
-        q = quantise(area_weights(h, s, style.box) @ crop @ area_weights(w, s, style.box).T)
+    q = quantise(resample(crop, style.box))
     cy, cx = centre_of_mass(q) if style.centre == "mass" else (s * h / 2, s * w / 2)
     dy = int(np.floor(style.target - cy + 0.5))
     dx = int(np.floor(style.target - cx + 0.5))
@@ -248,12 +319,16 @@ def prepare(g: np.ndarray, name: str = "image", style: Style = MNIST) -> np.ndar
 def prepare_many(g: np.ndarray, chunk: int = 256, style: Style = MNIST) -> tuple[np.ndarray, np.ndarray]:
     """A stack of gray images (N, H, W) in [0, 1] (or uint8 0-255) -> (uint8 (N, 28, 28), blank (N,) bool).
 
-    The same steps as `prepare`, vectorised over `chunk` images at a time (small enough
-    to stay in the CPU's cache); a blank image comes out all zeros and is flagged. Equal
-    to `prepare` image by image up to the rounding of the matrix products.
+    The same steps as `prepare`, vectorised over `chunk` images at a time (fewer when the
+    images are large: at most about 2²⁰ pixels, to stay in the CPU's cache); a blank image
+    comes out all zeros and is flagged. Equal to `prepare` image by image, bit for bit.
+    Any float dtype (or byte order) is taken; each chunk is converted to float64 on its own.
     """
     g = np.asarray(g)
     n = len(g)
+    if n and max(g.shape[1:]) > MAX_SIDE:
+        raise TooLarge(too_large_message("image", *g.shape[1:]))
+    chunk = max(1, min(chunk, (1 << 20) // max(1, g.shape[1] * g.shape[2]))) if n else chunk
     images = np.zeros((n, FRAME, FRAME), np.uint8)
     blank = np.zeros(n, bool)
     for start in range(0, n, chunk):
@@ -294,22 +369,24 @@ def _prepare_chunk(g: np.ndarray, style: Style) -> tuple[np.ndarray, np.ndarray]
     r0, r1, in_rows = _boxes(rows, trim)
     c0, c1, in_cols = _boxes(cols, trim)
     h, w = r1 - r0 + 1, c1 - c0 + 1
-    s = style.box / np.maximum(h, w)
+    n = np.maximum(h, w)
+    s = style.box / n
     B = style.box
+    to_levels(v)  # step 6's integer levels, for every pixel (those outside a crop get no weight)
     T = np.empty((len(v), B, B))
-    # A crop whose longer side is already B (s = 1: MNIST's own digits, Fashion-MNIST's pictures)
-    # is its own area-weighted mean: the products would add v·1 and zeros, exactly v. Copy it.
-    copy = (s == 1.0) & ~blank
+    # A crop whose longer side is already B (s = 1: MNIST's own digits, Fashion-MNIST's pictures):
+    # its overlaps are n on the diagonal, so T = n² · V, and step 7 divides n² out again. Copy V.
+    copy = (n == B) & ~blank
     if copy.any():
         T[copy] = _windows(v[copy], r0[copy], c0[copy], h[copy], w[copy], B)
     scale = ~copy & ~blank
     if scale.any():
         k = np.flatnonzero(scale)
         # Crop coordinates a = row − r0; rows outside the crop get zero weight.
-        Ly = _batch_weights((np.arange(H) - r0[k, None]).astype(np.float64), in_rows[k], s[k], B)  # (k, B, H)
-        Lx = _batch_weights((np.arange(W) - c0[k, None]).astype(np.float64), in_cols[k], s[k], B)  # (k, B, W)
+        Ly = _batch_weights((np.arange(H) - r0[k, None]).astype(np.float64), in_rows[k], n[k], B)  # (k, B, H)
+        Lx = _batch_weights((np.arange(W) - c0[k, None]).astype(np.float64), in_cols[k], n[k], B)  # (k, B, W)
         with blas.threads(1):  # hundreds of B×28 products: a second thread per product costs more than it saves
-            T[k] = np.matmul(np.matmul(Ly, v[k]), Lx.transpose(0, 2, 1))
+            T[k] = np.matmul(np.matmul(Ly, v[k]), Lx.transpose(0, 2, 1))  # integers below 2⁵³: exact
     T[blank] = 1.0
     T /= T.max(axis=(1, 2), keepdims=True)
     T *= 255.0
@@ -364,15 +441,15 @@ def _boxes(profiles: np.ndarray, trim: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return first, last, (idx >= first[:, None]) & (idx <= last[:, None])
 
 
-def _batch_weights(coords: np.ndarray, inside: np.ndarray, scale: np.ndarray, box: int) -> np.ndarray:
-    """area_weights for each image of a chunk, zero outside its crop: (n, B, n_in).
+def _batch_weights(coords: np.ndarray, inside: np.ndarray, n: np.ndarray, box: int) -> np.ndarray:
+    """`overlaps` for each image of a chunk, zero outside its crop: (k, B, n_in) float64 integers.
 
-    The overlap of [i, i+1) with [lo, hi) is C(i+1) − C(i) with C(t) = min(max(t, lo), hi):
-    the same numbers as area_weights' max(0, min(i+1, hi) − max(i, lo)), in two passes; a
+    The overlap of [i·n, (i+1)·n) with [lo, hi) is C(i+1) − C(i) with C(t) = min(max(t·n, lo), hi):
+    the same integers as overlaps' max(0, min((i+1)·n, hi) − max(i·n, lo)), in two passes; a
     row outside the crop gets lo = hi = 0, so all its overlaps are 0."""
-    lo = np.where(inside, scale[:, None] * coords, 0.0)[:, None, :]  # (n, 1, n_in)
-    hi = np.where(inside, scale[:, None] * (coords + 1.0), 0.0)[:, None, :]
-    edges = np.arange(box + 1, dtype=np.float64)[None, :, None]
+    lo = np.where(inside, coords * box, 0.0)[:, None, :]  # (k, 1, n_in)
+    hi = np.where(inside, (coords + 1.0) * box, 0.0)[:, None, :]
+    edges = np.arange(box + 1, dtype=np.float64)[None, :, None] * n.astype(np.float64)[:, None, None]
     C = np.maximum(edges, lo)
     np.minimum(C, hi, out=C)
     return C[:, 1:] - C[:, :-1]

@@ -30,7 +30,7 @@ COLUMNS = ("name", "sweep", "status", "dataset", "task")
 DEFAULT_OPTIMIZER = "sgd"  # what a config without train.optimizer trains with
 
 
-def _locked(run_dir: Path) -> bool:
+def locked(run_dir: Path) -> bool:
     """True if a training process holds the run's lock right now."""
     try:
         fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block
@@ -94,7 +94,7 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
     manifest = read_manifest(run_dir, strict=True)
     row["started"] = manifest.get("started")
     ended = manifest.get("ended") or {}
-    if _locked(run_dir):
+    if locked(run_dir):
         row["status"] = "running"
     elif ended.get("status") == "failed":
         row["status"] = "failed"
@@ -166,6 +166,8 @@ def parse_where(item: str) -> tuple[str, Any]:
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("--set", "--where", 1)) from None
     key = ".".join(path)
+    if key in COLUMNS and not isinstance(value, str):
+        value = item.partition("=")[2].strip()  # a column holds text: a run named true or 1e3 is named so
     known = [*COLUMNS, *(k for k in config_mod.ALL_KEYS if "." in k)]
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -178,7 +180,7 @@ def parse_where(item: str) -> tuple[str, Any]:
 def _matches(row: dict[str, Any], key: str, want: Any) -> bool:
     if key in COLUMNS:
         have = row.get(key)
-        return have is not None and str(have) == (want if isinstance(want, str) else str(want))
+        return have is not None and str(have) == want
     if row["config"] is None:
         return False
     node: Any = row["config"]
@@ -190,11 +192,15 @@ def _matches(row: dict[str, Any], key: str, want: Any) -> bool:
 
 
 def _equal(have: Any, want: Any) -> bool:
+    """Equal as config values: numbers by value (1 and 1.0), everything else by type and
+    value (true is not 1, "1" is not 1)."""
     if isinstance(have, (list, tuple)) and isinstance(want, (list, tuple)):
         return len(have) == len(want) and all(_equal(a, b) for a, b in zip(have, want))
+    if isinstance(have, dict) and isinstance(want, dict):
+        return have.keys() == want.keys() and all(_equal(have[k], want[k]) for k in have)
     if _number(have) is not None and _number(want) is not None:
         return float(have) == float(want)
-    return have == want
+    return type(have) is type(want) and have == want
 
 
 def list_runs(runs_dir: Path, sort: str = "name", where: tuple[tuple[str, Any], ...] = ()) -> list[dict[str, Any]]:

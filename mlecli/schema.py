@@ -201,7 +201,25 @@ MANIFEST = obj(optional={
 REPORT = obj(
     required={"split": one_of("test", "validation", "train"), "checkpoint_name": string(200), "epoch": COUNT,
               "accuracy": FIGURE, "images": COUNT, "task": string(1000)},
-    optional={"threshold": number()},
+    optional={"threshold": number(), "checkpoint_sha256": nullable(SHA256)},
 )
 REPORT.fields["most_confident_errors"] = (array(obj(
     required={"index": COUNT, "digit": integer(0, 255), "y": one_of(0, 1), "p": number()}), max_len=1000), True)
+
+# A run folder's name inside a sweep folder: one path component, never a way out of it
+FOLDER_NAME = Spec("a folder name (no '/', not '.' or '..')",
+                   lambda v: isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\0" not in v
+                   and len(v.encode("utf-8", "surrogatepass")) <= 255)
+
+# sweep.json (mlecli/sweep.py writes it)
+SWEEP = obj(
+    required={
+        "format": one_of(1),
+        "base_config": OBJECT,  # checked by config.from_dict where it is used
+        "grid": array(obj(required={"key": string(200), "values": array(ANY, max_len=10_000)}), max_len=100),
+        "seeds": array(COUNT, max_len=10_000),
+        "runs": array(obj(required={"dir": FOLDER_NAME, "point": OBJECT, "seed": COUNT}), max_len=10_000),
+    },
+    optional={"mlecli": string(64), "created": string(64), "config": nullable(string(4096)),
+              "set": array(string(), max_len=10_000), "blas_threads": integer(1, 4096)},
+)

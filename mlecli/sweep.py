@@ -25,12 +25,13 @@ from typing import Any
 from mlecli import __version__
 from mlecli.config import Config
 from mlecli.errors import MlecliError
-from mlecli.fsutil import atomic_write_text, read_regular
-from mlecli.grid import Plan, RunSpec, format_seeds, jsonable, show
+from mlecli.fsutil import atomic_write_text
+from mlecli.grid import Plan, RunSpec, config_keys, format_seeds, jsonable, show
 
 SWEEP_FORMAT = 1
 # What a run folder holds before its first checkpoint: such a folder is started afresh.
 TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "checkpoints"}
+PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
 
 # ---------------------------------------------------------------------------
@@ -46,18 +47,38 @@ def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True)
 
 
 def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
-    """sweep.json of a folder, None if there is none; MlecliError if it is unreadable."""
+    """sweep.json of a folder, checked (schema.SWEEP); None if there is none. The one place
+    it is read: anything damaged in it is one line naming the file and the key."""
+    from mlecli import schema
+
     path = Path(sweep_dir) / "sweep.json"
-    try:
-        data = json.loads(read_regular(path, 64 << 20).decode("utf-8"))
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise MlecliError(f"{path} is not a readable sweep description ({exc}); move it away or choose another "
-                          "--sweep-dir") from None
-    if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT or not isinstance(data.get("runs"), list):
-        raise MlecliError(f"{path} is not a sweep description this mlecli reads (format {SWEEP_FORMAT})")
-    return data
+    return schema.read_json(path, schema.SWEEP)
+
+
+def expected_configs(sweep_dir: Path, data: dict[str, Any]) -> dict[Path, Config | None]:
+    """Each run folder a sweep.json lists, and the config its run must have (its grid
+    point's values and its seed in the base config; None where that is not a valid config)."""
+    from mlecli import config as config_mod
+    from mlecli.grid import SEED_KEYS
+
+    out: dict[Path, Config | None] = {}
+    for entry in data["runs"]:
+        raw = json.loads(json.dumps(data["base_config"]))
+        for key, value in [*entry["point"].items(), *((k, entry["seed"]) for k in SEED_KEYS)]:
+            *sections, leaf = key.split(".")  # as --set puts a value in (config.apply_overrides)
+            node = raw
+            for part in sections:
+                child = dict(node[part]) if isinstance(node.get(part), dict) else {}
+                node[part] = child
+                node = child
+            node[leaf] = value
+        try:
+            out[Path(sweep_dir) / entry["dir"]] = config_mod.from_dict(raw, name=str(raw.get("name", "run")))
+        except MlecliError:
+            out[Path(sweep_dir) / entry["dir"]] = None
+    return out
 
 
 def find_sweep(p: Plan, root: Path = Path("runs")) -> Path | None:
@@ -99,13 +120,13 @@ def check_sweep_dir(p: Plan, sweep_dir: Path) -> bool:
     if not sweep_dir.is_dir():
         raise MlecliError(f"--sweep-dir {sweep_dir} is a file; give a folder")
     names = {r.name for r in p.runs} | {".lock"}
-    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names)
+    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names and not _is_temporary(c.name))
     if strangers:
         raise MlecliError(
             f"sweep folder {sweep_dir} already holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''} "
             "and no sweep.json; choose another --sweep-dir"
         )
-    return any(sweep_dir.iterdir())
+    return any(c.name in names - {".lock"} for c in sweep_dir.iterdir())
 
 
 def _difference(data: dict[str, Any], p: Plan) -> str:
@@ -115,19 +136,10 @@ def _difference(data: dict[str, Any], p: Plan) -> str:
         return f"its grid is {had}"
     if data.get("seeds") != want["seeds"]:
         return f"its seeds are {format_seeds(tuple(data.get('seeds') or ()))}"
-    had, now = _flat(data.get("base_config") or {}), _flat(want["base_config"])
+    had, now = config_keys(data.get("base_config") or {}), config_keys(want["base_config"])
     keys = sorted(k for k in had.keys() | now.keys() if had.get(k) != now.get(k))
     return "its config differs in " + ", ".join(f"{k} ({show(had.get(k))} there)" for k in keys[:3])
 
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not prefix:
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def write_sweep_json(p: Plan, sweep_dir: Path, blas_threads: int, created: str | None = None) -> None:
@@ -151,23 +163,44 @@ def write_sweep_json(p: Plan, sweep_dir: Path, blas_threads: int, created: str |
 @dataclass(frozen=True)
 class Todo:
     run: RunSpec
-    action: str  # "start", "restart" (a folder with no checkpoint yet), "resume", "evaluate" or "done"
+    action: str  # "start", "restart" (a folder with no checkpoint yet), "resume", "evaluate", "done" or "running"
     epochs_done: int = 0
-    problem: str | None = None  # a run that cannot go on as it is
+    problem: str | None = None  # a run that cannot go on as it is: left alone, and said why
 
 
 def todo(p: Plan, sweep_dir: Path, evaluate: bool) -> list[Todo]:
-    """Each run of the plan (in start order) and what it needs."""
+    """Each run of the plan (in start order) and what it needs. Only looks: a run folder
+    is changed only by whoever holds its lock (the trainer, or `clear_unstarted`)."""
     return [_todo_of(r, Path(sweep_dir) / r.name, evaluate) for r in p.order()]
 
 
 def _todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
-    from mlecli import checkpoint as ckpt
+    try:
+        return _look(run, run_dir, evaluate)
+    except OSError as exc:  # a folder that cannot be read is that run's problem, not the sweep's
+        return Todo(run, "start", problem=f"cannot read {run_dir}: {exc.strerror or exc}; make it readable, or move "
+                                          "it away, and run the sweep again")
 
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+
+def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
+    from mlecli import checkpoint as ckpt
+    from mlecli.evaluate import default_report
+    from mlecli.runs import locked
+
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return Todo(run, "start")
+    if not run_dir.is_dir():
+        return Todo(run, "start", problem=f"{run_dir} is not a folder: a run of the sweep goes there; move it away "
+                                          "and run the sweep again")
+    if locked(run_dir):  # a training process holds it: never touched, never counted finished
+        return Todo(run, "running", problem=f"run folder {run_dir} is in use by another mlecli process (its .lock "
+                                            "is held); left alone: run the sweep again once it has ended")
+    if not any(run_dir.iterdir()):
         return Todo(run, "start")
     if not ckpt.checkpoints_in(run_dir):
-        extra = sorted(c.name for c in run_dir.iterdir() if c.name not in TRAINER_FILES)
+        extra = sorted(c.name for c in run_dir.iterdir()
+                       if (c.name not in TRAINER_FILES or c.name == "checkpoints" and not c.is_dir())
+                       and not _is_temporary(c.name))
         if extra:
             return Todo(run, "start", problem=f"run folder {run_dir} holds {', '.join(extra)} and no checkpoint; "
                                               "move it away and run the sweep again")
@@ -175,22 +208,32 @@ def _todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     try:
         last = ckpt.load(run_dir / "checkpoints" / "last.npz")
     except MlecliError:
-        return Todo(run, "resume")  # the trainer falls back to the newest readable checkpoint
-    if _comparable(last.config) != _comparable(run.config):
-        return Todo(run, "resume", problem=f"run folder {run_dir} holds a run of another config; move it away "
-                                           "and run the sweep again")
-    if last.epoch >= run.config.train.epochs and _ended(run_dir) != "failed":
-        has_eval = (run_dir / "eval-test-best.json").exists()
-        return Todo(run, "evaluate" if evaluate and not has_eval else "done", last.epoch)
+        return Todo(run, "resume")  # the trainer falls back to the newest readable checkpoint, or says why not
+    differs = config_difference(last.config, run.config)
+    if differs:
+        return Todo(run, "resume", problem=f"run folder {run_dir} holds a run whose {differs}; move it away and run "
+                                           "the sweep again")
+    if (last.epoch >= run.config.train.epochs or last.meta.get("stopped_early")) and _ended(run_dir) != "failed":
+        stale = evaluate and default_report(run_dir) is None  # none yet, or one of an earlier best
+        return Todo(run, "evaluate" if stale else "done", last.epoch)
     return Todo(run, "resume", last.epoch)
 
 
-def _comparable(cfg: Config) -> dict[str, Any]:
-    """A config without the keys a resume may change (they do not change the weights so far)."""
-    d = cfg.to_dict()
-    for key in ("epochs", "checkpoint_every", "log_every"):
-        d["train"].pop(key, None)
-    return d
+def _is_temporary(name: str) -> bool:
+    from mlecli.fsutil import TMP_SUFFIX
+
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def config_difference(have: Config, want: Config) -> str | None:
+    """The first config key in which a run folder's run differs from the sweep's run, in
+    words (`train.epochs is 1, not 2 as the sweep says`); None if they agree (the name,
+    which trains nothing, may differ)."""
+    a, b = config_keys(have.to_dict()), config_keys(want.to_dict())
+    for key in sorted(a.keys() | b.keys()):
+        if key != "name" and (type(a.get(key)), a.get(key)) != (type(b.get(key)), b.get(key)):
+            return f"{key} is {show(a.get(key)) if key in a else 'not set'}, not {show(b.get(key))} as the sweep says"
+    return None
 
 
 def _ended(run_dir: Path) -> str | None:
@@ -214,21 +257,27 @@ def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
 
 def clear_unstarted(run_dir: Path) -> None:
     """Remove what a run stopped before its first checkpoint left (nothing of value), so
-    that it can start afresh; anything else in the folder stays and is refused later."""
+    that it can start afresh, holding the run folder's lock: a trainer that holds it is
+    alive, and its folder is left alone (MlecliError). The lock file itself stays (whoever
+    waits on it keeps a valid lock); anything else in the folder stays and is refused later."""
     from mlecli import checkpoint as ckpt
-    from mlecli.fsutil import remove_stale_temporaries
+    from mlecli.fsutil import folder_lock, remove_stale_temporaries
 
-    if ckpt.checkpoints_in(run_dir):
-        raise MlecliError(f"{run_dir} has checkpoints: resume it instead")  # the plan said otherwise: a bug
-    folder = run_dir / "checkpoints"
-    try:
-        if folder.is_dir():
-            remove_stale_temporaries(folder)
-            folder.rmdir()
-        for name in TRAINER_FILES - {"checkpoints"}:
-            (run_dir / name).unlink(missing_ok=True)
-    except OSError as exc:
-        raise MlecliError(f"cannot clear {run_dir}, which a run left before its first checkpoint: {exc}") from None
+    with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
+        if ckpt.checkpoints_in(run_dir):
+            raise MlecliError(f"{run_dir} has checkpoints: resume it instead")  # the plan said otherwise: a bug
+        folder = run_dir / "checkpoints"
+        try:
+            remove_stale_temporaries(run_dir)
+            if folder.is_dir() and not folder.is_symlink():
+                for leftover in folder.iterdir():  # under the lock, every temporary here is a dead writer's
+                    if _is_temporary(leftover.name):
+                        leftover.unlink()
+                folder.rmdir()
+            for name in TRAINER_FILES - {"checkpoints", ".lock"}:
+                (run_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise MlecliError(f"cannot clear {run_dir}, which a run left before its first checkpoint: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -252,16 +301,21 @@ def execute(
     evaluate: bool,
     progress: bool,
     log,
+    stop=None,
 ) -> Outcome:
     """Run (or continue) the sweep `p` in `sweep_dir` (None: continue the newest folder
-    under runs/ holding this sweep, else a new runs/<config>-sweep-<timestamp>)."""
+    under runs/ holding this sweep, else a new runs/<config>-sweep-<timestamp>).
+
+    `stop` (a train.StopRequest the caller has entered) turns a signal before the workers
+    start into Stopped: a folder this call made is removed again unless sweep.json is in
+    it. Once the workers have ended, it is told that the sweep is settled."""
     from mlecli import workers
     from mlecli.cache import prepare
-    from mlecli.compare import summary
-    from mlecli.fsutil import folder_lock
+    from mlecli.fsutil import folder_lock, remove_stale_temporaries
 
     if sweep_dir is not None:
         check_sweep_dir(p, sweep_dir)  # before any download
+        check_paths(p, sweep_dir)
     # The data first, once, in this process: workers only read the cache, and a sweep that
     # cannot get its data leaves no folder behind.
     seen = set()
@@ -270,38 +324,77 @@ def execute(
         if key not in seen:
             seen.add(key)
             prepare(r.config.data.resolve(), data_dir, progress=progress, log=log)
+    made = False
     if sweep_dir is None:
-        sweep_dir = find_sweep(p) or default_sweep_dir(p.base.name)
-    continuing = check_sweep_dir(p, sweep_dir)
-    with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}"):
-        jobs = jobs or workers.cores()
-        threads = blas_threads(p, sweep_dir, jobs)
-        if read_sweep_json(sweep_dir) is None:
-            write_sweep_json(p, sweep_dir, threads)
+        sweep_dir = find_sweep(p)
+        if sweep_dir is None:
+            sweep_dir = default_sweep_dir(p.base.name, create=False)
+            check_paths(p, sweep_dir)
+            sweep_dir, made = default_sweep_dir(p.base.name), True
+    made = made or not sweep_dir.exists()
+    jobs = jobs or workers.cores()
+    if check_sweep_dir(p, sweep_dir) and read_sweep_json(sweep_dir) is not None:
         plan_now = todo(p, sweep_dir, evaluate)
-        errors = {t.run.name: t.problem for t in plan_now if t.problem}
-        tasks = [
-            workers.Task(t.run.name, str(sweep_dir / t.run.name), t.run.config.to_dict(), t.action, evaluate)
-            for t in plan_now if t.action != "done" and not t.problem
-        ]
-        counts = {a: sum(t.action == a for t in plan_now if not t.problem) for a in ("done", "resume", "evaluate")}
-        workers_now = min(jobs, len(tasks))
-        log(f"{'continuing ' if continuing else ''}sweep {sweep_dir}: {_count(len(p.points()), 'grid point')} x "
-            f"{_count(len(p.seeds), 'seed')} = {_count(len(p.runs), 'run')} ({counts['done'] + counts['evaluate']} "
-            f"finished, {counts['resume']} to resume, {len(tasks) - counts['resume'] - counts['evaluate']} to start)"
-            + (f" on {_count(workers_now, 'worker')}, {_count(threads, 'BLAS thread')} each" if tasks else ""))
-        for name, problem in errors.items():
-            log(f"{name}: {problem}")
-        display = Progress(p, plan_now, sweep_dir, progress, log)
+        if all(t.action == "done" or t.problem for t in plan_now):  # only to be read: no lock, nothing written
+            return _carry_out(p, sweep_dir, plan_now, True, jobs, blas_threads(p, sweep_dir, jobs), data_dir,
+                              evaluate, progress, log, stop)
+    with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}") as lock:
         try:
-            results, stopped = workers.run_tasks(tasks, jobs=jobs, threads=threads, data_dir=data_dir,
-                                                 events=display)
-        finally:
-            display.close()
-        for name, result in results.items():
-            if result.status == "failed":
-                errors[name] = result.error
-        return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
+            continuing = check_sweep_dir(p, sweep_dir)  # again, holding the lock: what is there now counts
+            remove_stale_temporaries(sweep_dir)
+            threads = blas_threads(p, sweep_dir, jobs)
+            if read_sweep_json(sweep_dir) is None:
+                write_sweep_json(p, sweep_dir, threads)
+        except BaseException:
+            if made and read_sweep_json(sweep_dir) is None:
+                lock.discard()
+            raise
+        plan_now = todo(p, sweep_dir, evaluate)
+        return _carry_out(p, sweep_dir, plan_now, continuing, jobs, threads, data_dir, evaluate, progress, log, stop)
+
+
+def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool, jobs: int, threads: int,
+               data_dir: Path, evaluate: bool, progress: bool, log, stop) -> Outcome:
+    from mlecli import workers
+    from mlecli.compare import summary
+
+    errors = {t.run.name: t.problem for t in plan_now if t.problem}
+    tasks = [
+        workers.Task(t.run.name, str(sweep_dir / t.run.name), t.run.config.to_dict(), t.action, evaluate)
+        for t in plan_now if t.action != "done" and not t.problem
+    ]
+    counts = {a: sum(t.action == a for t in plan_now if not t.problem) for a in ("done", "resume", "evaluate")}
+    workers_now = min(jobs, len(tasks))
+    log(f"{'continuing ' if continuing else ''}sweep {sweep_dir}: {_count(len(p.points()), 'grid point')} x "
+        f"{_count(len(p.seeds), 'seed')} = {_count(len(p.runs), 'run')} ({counts['done'] + counts['evaluate']} "
+        f"finished, {counts['resume']} to resume, {len(tasks) - counts['resume'] - counts['evaluate']} to start"
+        + (f", {len(errors)} left alone" if errors else "") + ")"
+        + (f" on {_count(workers_now, 'worker')}, {_count(threads, 'BLAS thread')} each" if tasks else ""))
+    for name, problem in errors.items():
+        log(f"{name}: {problem}")
+    display = Progress(p, plan_now, sweep_dir, progress, log)
+    try:
+        results, stopped = workers.run_tasks(tasks, jobs=jobs, threads=threads, data_dir=data_dir, events=display)
+    finally:
+        display.close()
+        if stop is not None:
+            stop.settled = True  # what is said about the sweep from here on is never cut short
+    for name, result in results.items():
+        if result.status == "failed":
+            errors[name] = result.error
+    return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
+
+
+def check_paths(p: Plan, sweep_dir: Path) -> None:
+    """Refuse a sweep folder so deep that its runs' files could not be named (before
+    anything is written). Each run folder's own name fits: grid.folder_name cuts it."""
+    import os
+
+    inside = len("/checkpoints/.epoch-000000.npz.4194304.abcdefgh.tmp")
+    longest = max(len(os.fsencode(os.path.abspath(Path(sweep_dir) / r.name))) for r in p.runs) + inside
+    if longest > PATH_MAX:
+        raise MlecliError(f"--sweep-dir {sweep_dir}: the paths of its runs' files would be up to {longest:,} bytes "
+                          f"long, more than the {PATH_MAX:,} a path may have; choose a folder with a shorter path")
 
 
 def _count(n: int, what: str) -> str:

@@ -11,7 +11,10 @@ workers have their own process group. The parent then starts no more runs and se
 each busy worker exactly one SIGTERM: a trainer finishes its batch, saves last.npz and
 returns (a worker not yet training drops its run). A second signal is passed on as a
 second SIGTERM, which stops a trainer at once (the trainer's own rule), and a worker
-that has still not ended 5 s later is killed. Ctrl-Z stops the workers with the parent,
+that has still not ended 5 s later is killed. Each SIGTERM comes with a SIGCONT, so that
+a worker someone stopped (SIGSTOP) ends too; one that has not ended 30 s after the
+first signal is killed (its run goes on from its last checkpoint, like a run stopped at
+once). Ctrl-Z stops the workers with the parent,
 and they go on with it. A worker that dies (kill -9, out of memory) fails its run only:
 a new worker takes the next run. Workers die with the parent (PR_SET_PDEATHSIG: a
 SIGTERM, so a trainer saves first).
@@ -40,6 +43,7 @@ from mlecli.errors import MlecliError
 
 POLL = 0.5  # seconds between looks at the clock while waiting for the workers
 KILL_AFTER = 5.0  # seconds after a second signal before a worker is killed
+GIVE_UP_AFTER = 30.0  # seconds after the first signal before a worker that has not ended is killed
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
@@ -214,6 +218,7 @@ class _Worker:
         """Ask the worker to end, and make sure it does."""
         with contextlib.suppress(OSError):
             self.conn.send(None)
+        self.signal(signal.SIGCONT)  # a stopped worker could not read it
         self.process.join(timeout=5)
         if self.process.is_alive():
             self.process.kill()
@@ -239,6 +244,7 @@ class _Stop:
         self.signal: str | None = None
         self.count = 0  # signals received
         self.at_once: float | None = None  # when the second one came
+        self.first_at: float | None = None  # when the first was passed on
         self._workers = workers
         self._told: dict[int, int] = {}  # worker pid → SIGTERMs sent
         self._old: dict[int, Any] = {}
@@ -271,17 +277,24 @@ class _Stop:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def pass_on(self, busy: list[_Worker]) -> None:
-        """Send each busy worker one SIGTERM per signal received (up to two), and kill
-        the ones still busy 5 s after the second."""
+    def pass_on(self, busy: list[_Worker], now: float | None = None) -> None:
+        """Send each busy worker one SIGTERM per signal received (up to two), each with a
+        SIGCONT (a stopped worker would never see it), and kill the ones still busy 5 s
+        after the second, or GIVE_UP_AFTER s after the first: their runs go on from their
+        last checkpoints."""
         if self.signal is None:
             return
+        now = time.monotonic() if now is None else now
+        if self.first_at is None:
+            self.first_at = now
         for w in busy:
             pid = w.process.pid
             while self._told.get(pid, 0) < min(self.count, 2):
                 w.signal(signal.SIGTERM)
+                w.signal(signal.SIGCONT)
                 self._told[pid] = self._told.get(pid, 0) + 1
-            if self.at_once is not None and time.monotonic() - self.at_once > KILL_AFTER:
+            if ((self.at_once is not None and now - self.at_once > KILL_AFTER)
+                    or now - self.first_at > GIVE_UP_AFTER):
                 w.signal(signal.SIGKILL)
 
 
@@ -353,10 +366,21 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
         os._exit(1)
 
 
+def recorded_threads(cp) -> int | None:
+    """The BLAS threads a checkpoint's run trained on, where its bits depend on them
+    (batches over 64: step.blas_threads), else None (the trainer sets its own)."""
+    from mlecli.step import blas_threads
+
+    threads = (cp.meta.get("blas") or {}).get("threads")
+    if blas_threads(cp.config.train.batch_size) is not None or not isinstance(threads, int) or threads < 1:
+        return None
+    return threads
+
+
 def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
+    from mlecli import blas, sweep, train
     from mlecli import evaluate as ev
-    from mlecli import sweep, train
     from mlecli.config import from_dict
     from mlecli.runs import describe
 
@@ -376,13 +400,19 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
         if _stop_signal is not None:
             return Result("not started")
         if task.action != "evaluate":
-            resume_from = None
+            resume_from, threads = None, None
             if task.action == "resume":
                 resume_from = train.newest_checkpoint(run_dir, report.log)
+                differs = sweep.config_difference(resume_from.config, cfg)
+                if differs:
+                    raise MlecliError(f"{resume_from.path} holds a run whose {differs}; move {run_dir} away and run "
+                                      "the sweep again")
                 cfg = train.resumed_config(resume_from.config, ())
+                threads = recorded_threads(resume_from)
             elif task.action == "restart":
                 sweep.clear_unstarted(run_dir)
-            outcome = train.run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from)
+            with blas.threads(threads):  # a resumed run goes on with the threads it began with: the same bits
+                outcome = train.run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from)
             if outcome.interrupted:
                 return Result("interrupted", "stopped at once: it goes on from its last checkpoint"
                               if outcome.at_once else None)

@@ -1,5 +1,6 @@
 """`mlecli evaluate`: figures that match training's, the JSON, and every refusal."""
 
+import hashlib
 import json
 import shutil
 
@@ -11,7 +12,7 @@ from fakes import copy_run_without_evaluations, rewrite_npz, tiny_dataset
 from mlecli.cli import main
 
 KEYS = {
-    "checkpoint", "checkpoint_name", "epoch", "split", "dataset", "dataset_sha256", "task", "hidden", "threshold",
+    "checkpoint", "checkpoint_name", "checkpoint_sha256", "epoch", "split", "dataset", "dataset_sha256", "task", "hidden", "threshold",
     "images", "positives", "negatives", "log_likelihood", "log_likelihood_mean", "perplexity", "accuracy",
     "majority_baseline", "precision", "recall", "f1", "confusion", "roc_auc", "brier", "ece", "calibration",
     "most_confident_errors", "seconds", "images_per_s", "classes",
@@ -55,6 +56,7 @@ def test_json_holds_every_figure_and_is_saved_in_the_run(trained):
     report = json.loads(res.stdout)
     assert set(report) == KEYS
     assert report["split"] == "test" and report["checkpoint_name"] == "best" and report["images"] == 100
+    assert report["checkpoint_sha256"] == hashlib.sha256((run / "checkpoints" / "best.npz").read_bytes()).hexdigest()
     assert report["positives"] + report["negatives"] == 100
     assert sum(map(sum, report["confusion"])) == 100
     assert report["perplexity"] == pytest.approx(np.exp(-report["log_likelihood_mean"]))

@@ -271,3 +271,6 @@ def test_the_footer_shows_test_accuracy_only_for_this_very_checkpoint(tiny_runs)
     (run / "eval-test-best.json").write_text(json.dumps({**stale, "epoch": 99}))
     cli("export", run, "--format", "html")
     assert "test accuracy: not evaluated (mlecli evaluate)" in page_model((run / "best.html").read_text())["footer"]
+    (run / "eval-test-best.json").write_text(json.dumps({**stale, "checkpoint_sha256": "0" * 64}))  # another file
+    cli("export", run, "--format", "html")
+    assert "test accuracy: not evaluated (mlecli evaluate)" in page_model((run / "best.html").read_text())["footer"]

@@ -249,7 +249,7 @@ def _npy(arr) -> bytes:
 BLANK = "{p}: no ink found: nothing stands out from the background (judged from the image's border: leave a margin around the ink)"
 REFUSALS = {
     "empty.png": (b"", "{p}: the file is empty"),
-    "notes.png": (b"hello, not an image", "{p}: not an image mlecli can read (PNG, JPEG, BMP, GIF, TIFF, WebP), nor a .npy or IDX file"),
+    "notes.png": (b"hello, not an image", "{p}: not an image mlecli can read (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM), nor a .npy or IDX file"),
     "labels.gz": (gzip.compress(idx_bytes(np.arange(10, dtype=np.uint8))),
                   "{p}: an IDX file of 10 labels (one number each), not of images: give the images file (…-images-idx3-ubyte)"),
     "cube.npy": (_npy(np.zeros((2, 3, 4, 5), np.uint8)),
@@ -325,7 +325,7 @@ def test_an_image_over_50_megapixels_is_refused_before_it_is_decoded(run, tmp_pa
     Image.new("1", (10_000, 5_001)).save(path)
     res = cli("predict", run, path)
     assert res.exit_code == 1
-    assert res.stderr == (f"Error: {path}: 10000×5001 pixels is more than the 50 megapixels mlecli reads; "
+    assert res.stderr == (f"Error: {path}: 10000×5001 pixels: more than the 50 megapixels mlecli reads; "
                           "scale it down or crop it to the digit\n")
 
 
@@ -337,15 +337,20 @@ def test_a_decompression_bomb_is_refused_by_its_header(run, tmp_path):
                                               "scale it down or crop it to the digit\n")
 
 
-def test_devices_and_files_over_a_gigabyte_are_refused_unread(run, tmp_path):
+def test_devices_pipes_and_files_over_512_mb_are_refused_unread(run, tmp_path):
     big = tmp_path / "big.png"
     with open(big, "wb") as f:
-        f.truncate((1 << 30) + 1)  # sparse: nothing is read or written
-    res = cli("predict", run, "/dev/zero", big)
+        f.write(b"\x89PNG\r\n\x1a\n")  # starts as a PNG does
+        f.truncate((512 << 20) + 1)  # sparse: nothing is read or written
+    unknown = tmp_path / "unknown.png"
+    with open(unknown, "wb") as f:
+        f.truncate(2 << 30)  # larger than any input can be: refused by its size, before its first byte
+    res = cli("predict", run, "/dev/zero", big, unknown)
     assert res.exit_code == 1
     assert res.stderr.splitlines() == [
         "Error: /dev/zero is not a file or a folder (a device or a socket): give an image file",
-        f"Error: {big}: larger than 1024 MB; no image or array here is that big",
+        f"Error: {big}: larger than 512 MB; no image or array here is that big",
+        f"Error: {unknown}: larger than 512 MB; no image or array here is that big",
     ]
 
 

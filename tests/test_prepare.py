@@ -279,3 +279,44 @@ def test_the_vectorised_version_equals_the_oracle_on_real_pictures(style):
                 assert blank[k]
                 continue
             np.testing.assert_array_equal(prepared[k], expected)
+
+
+def exact_resample(V: np.ndarray, box: int) -> np.ndarray:
+    """Step 6 in Python's integers, term by term: the reference `resample` must equal exactly."""
+    h, w = V.shape
+    n = max(h, w)
+
+    def A(i: int, a: int) -> int:
+        return max(0, min((i + 1) * n, (a + 1) * box) - max(i * n, a * box))
+
+    cells = [[int(x) for x in row] for row in V]
+    U = [[sum(A(i, a) * cells[a][b] for a in range(h)) for b in range(w)] for i in range(box)]
+    return np.array([[sum(U[i][b] * A(j, b) for b in range(w)) for j in range(box)] for i in range(box)], float)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([20, 28]), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_the_resampling_is_exact_in_any_order_of_its_sums(h, w, box, block, seed):
+    from mlecli import prepare as prep
+
+    rng = np.random.default_rng(seed)
+    V = np.floor(rng.random((h, w)) ** 3 * prep.LEVELS + 0.5) * (rng.random((h, w)) < 0.6)
+    expected = exact_resample(V, box)
+    np.testing.assert_array_equal(prep.resample(V, box), expected)
+    old = prep.WEIGHT_BLOCK
+    prep.WEIGHT_BLOCK = block  # weights a few input pixels at a time: other orders of adding, the same bits
+    try:
+        np.testing.assert_array_equal(prep.resample(V, box), expected)
+    finally:
+        prep.WEIGHT_BLOCK = old
+
+
+def test_the_largest_sums_the_resampling_can_meet_are_exact():
+    from mlecli import prepare as prep
+
+    # A crop n × n of full levels sums to n² · LEVELS ≤ 2⁴⁸ (n ≤ MAX_SIDE): below 2⁵³, where float64
+    # stops holding every integer. A full row of MAX_SIDE pixels, worked by hand: box row 0 covers the
+    # crop's one row over B units of its n; each box column covers n units of the row: T[0, j] = B · L · n.
+    assert prep.MAX_SIDE**2 * prep.LEVELS <= 2**48
+    T = prep.resample(np.full((1, prep.MAX_SIDE), float(prep.LEVELS)), 20)
+    assert T[0].tolist() == [20.0 * prep.LEVELS * prep.MAX_SIDE] * 20 and not T[1:].any()

@@ -495,11 +495,21 @@ def test_a_run_that_fails_is_reported_while_the_others_finish(tiny_config, tmp_p
 
 def test_a_second_sweep_in_the_same_folder_is_refused(setup, tmp_path):
     cfg, data, ref, _ = setup
-    with folder_lock(ref, wait=False, what="test"):
-        res = cli("sweep", cfg, *GRID, "--sweep-dir", ref, "--data-dir", data)
+    busy = tmp_path / "busy"
+    with folder_lock(busy, wait=False, what="test"):
+        res = cli("sweep", cfg, *GRID, "--sweep-dir", busy, "--data-dir", data)
     assert res.exit_code == 1
-    assert res.stderr == (f"Error: sweep folder {ref} is in use by another mlecli process (lock {ref / '.lock'}); "
+    assert res.stderr == (f"Error: sweep folder {busy} is in use by another mlecli process (lock {busy / '.lock'}); "
                           "wait for it to finish or use another folder\n")
+    assert sorted(p.name for p in busy.iterdir()) == [".lock"]  # the holder's lock, nothing else
+
+
+def test_a_finished_sweep_is_only_read_it_needs_no_lock(setup):
+    cfg, data, ref, first = setup
+    with folder_lock(ref, wait=False, what="test"):  # another sweep in it, or a disk that cannot be written
+        res = cli("sweep", cfg, *GRID, "--sweep-dir", ref, "--data-dir", data)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == first.stdout
 
 
 def test_a_sweep_folder_holding_another_sweep_is_refused(setup):

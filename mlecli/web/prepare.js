@@ -1,9 +1,11 @@
 // MNIST's preparation of a digit image, and the network's forward pass, for the exported page.
 //
-// The twin of mlecli/prepare.py, step for step: the same float64 arithmetic, the same
-// operations in the same order, sums taken first to last, so that the page and
-// `mlecli predict` prepare a drawing to the same 28×28 pixels. The steps are written out
-// in prepare.py's docstring and in docs/predict.md. No DOM here: pure functions on arrays.
+// The twin of mlecli/prepare.py, step for step, to the bit: each step is elementwise (the
+// same IEEE operations in the same order), a sum taken first to last on both sides, or a
+// sum of integers below 2^53 (exact in any order: numpy's BLAS products give the same), so
+// that the page and `mlecli predict` prepare a drawing to the same 28×28 pixels. The steps
+// are written out in prepare.py's docstring and in docs/predict.md. No DOM here: pure
+// functions on arrays.
 "use strict";
 
 var MlecliPrepare = (function () {
@@ -14,6 +16,7 @@ var MlecliPrepare = (function () {
     "fashion-mnist": { box: 28, centre: "box", target: 14.0 }
   };
   var MAD_TO_SIGMA = 1.4826, Q90_SIGMAS = 1.6449, FAINT = 16.0, NOISE_CUT = 3.0, MIN_CONTRAST = 0.1, BLANK_NOISE = 8.0, TRIM = 0.005;
+  var LEVELS = 65535;  // step 6: the crop's levels as integers, so that every sum after is exact
 
   // RGBA bytes (as getImageData gives) -> gray in [0, 1]: ITU-R 601 luma / 255.
   function luminance(rgba, n) {
@@ -24,20 +27,24 @@ var MlecliPrepare = (function () {
     return g;
   }
 
-  // Transparency filled with the colour opposite the ink (white behind dark ink, black behind light).
+  // Transparency filled with the colour opposite the ink (white behind dark ink, black behind light),
+  // decided in integers as prepare.py's background_behind: Σ a·(299 R + 587 G + 114 B) < ½·255000·Σ a.
   function composite(rgba, n) {
     var lum = luminance(rgba, n);
     var opaque = true;
     for (var k = 0; k < n; k++) if (rgba[4 * k + 3] !== 255) { opaque = false; break; }
     if (opaque) return lum;
-    var weight = 0.0, sum = 0.0, alpha = new Float64Array(n);
+    var weighted = 0, total = 0;
     for (k = 0; k < n; k++) {
-      alpha[k] = rgba[4 * k + 3] / 255.0;
-      weight += alpha[k];
-      sum += alpha[k] * lum[k];
+      var a = rgba[4 * k + 3];
+      weighted += a * (299 * rgba[4 * k] + 587 * rgba[4 * k + 1] + 114 * rgba[4 * k + 2]);
+      total += a;
     }
-    var back = (weight > 0 ? sum / weight : 0.0) < 0.5 ? 1.0 : 0.0;
-    for (k = 0; k < n; k++) lum[k] = alpha[k] * lum[k] + (1.0 - alpha[k]) * back;
+    var back = (2 * weighted < 255000 * total || total === 0) ? 1.0 : 0.0;
+    for (k = 0; k < n; k++) {
+      var alpha = rgba[4 * k + 3] / 255.0;
+      lum[k] = alpha * lum[k] + (1.0 - alpha) * back;
+    }
     return lum;
   }
 
@@ -72,16 +79,16 @@ var MlecliPrepare = (function () {
     return [first, last];
   }
 
-  // L[i * n + a]: overlap of box pixel [i, i+1) with input pixel [s·a, s·(a+1)), i < B.
-  function areaWeights(n, scale, B) {
-    var L = new Float64Array(B * n);
+  // A[i * m + a]: overlap of box pixel [i·n, (i+1)·n) with crop pixel [a·B, (a+1)·B), in units of
+  // 1/n of a box pixel (n = the crop's longer side): integers, as prepare.py's overlaps.
+  function overlaps(m, n, B) {
+    var A = new Float64Array(B * m);
     for (var i = 0; i < B; i++) {
-      for (var a = 0; a < n; a++) {
-        var lo = scale * a, hi = scale * (a + 1.0);
-        L[i * n + a] = Math.max(0.0, Math.min(i + 1.0, hi) - Math.max(i, lo));
+      for (var a = 0; a < m; a++) {
+        A[i * m + a] = Math.max(0.0, Math.min((i + 1.0) * n, (a + 1.0) * B) - Math.max(i * n, a * B));
       }
     }
-    return L;
+    return A;
   }
 
   // gray (w·h, row-major, 0 black … 1 white) -> {image: Uint8Array(784), steps} or {blank: true}.
@@ -127,17 +134,20 @@ var MlecliPrepare = (function () {
     var rb = box(rows, trim), cb = box(cols, trim);
     var r0 = rb[0], r1 = rb[1], c0 = cb[0], c1 = cb[1];
     var bh = r1 - r0 + 1, bw = c1 - c0 + 1;
-    var s = B / Math.max(bh, bw);
-    var Ly = areaWeights(bh, s, B), Lx = areaWeights(bw, s, B);
+    var nBox = Math.max(bh, bw), s = B / nBox;
+    var Ly = overlaps(bh, nBox, B), Lx = overlaps(bw, nBox, B);
 
-    // 6. T = Ly · crop · Lxᵀ (B × B): first U = Ly · crop (B × bw), then T = U · Lxᵀ.
+    // 6. T = Ay · V · Axᵀ (B × B) in integers: V = ⌊65535·crop + ½⌋; U = Ay · V (B × bw), T = U · Axᵀ.
+    var V = new Float64Array(bh * bw);
+    for (a = 0; a < bh; a++) {
+      for (b = 0; b < bw; b++) V[a * bw + b] = Math.floor(v[(r0 + a) * w + c0 + b] * LEVELS + 0.5);
+    }
     var U = new Float64Array(B * bw);
     for (i = 0; i < B; i++) {
       for (a = 0; a < bh; a++) {
         var wy = Ly[i * bh + a];
         if (wy === 0) continue;
-        var row = (r0 + a) * w + c0;
-        for (b = 0; b < bw; b++) U[i * bw + b] += wy * v[row + b];
+        for (b = 0; b < bw; b++) U[i * bw + b] += wy * V[a * bw + b];
       }
     }
     var T = new Float64Array(B * B), tmax = 0.0;
@@ -210,6 +220,6 @@ var MlecliPrepare = (function () {
 
   return {
     FRAME: FRAME, STYLES: STYLES, luminance: luminance, composite: composite, median: median, ring: ring,
-    areaWeights: areaWeights, prepare: prepare, forward: forward
+    overlaps: overlaps, prepare: prepare, forward: forward
   };
 })();
