@@ -6,8 +6,9 @@
     record.json                   the content record: what the folder is keyed by, and per file
                                   its sha256, size and where it came from
     train.npz, test.npz           uint8 images N x H x W, uint8 labels, and `meta` naming the
-                                  sha256 of the raw files they were built from
+                                  sha256 of the raw files they were built from (mlecli.splits)
     partial/<file>[.gz].part      downloads in progress (+ `.part.json`: URL and validators to resume)
+    staged/<file>                 an unpinned dataset's new files, verified, until all four are
     .lock                         writers queue on it; reading never needs it
 ```
 
@@ -16,18 +17,24 @@ are pinned by hash: any mirror gives the same bytes); a custom dataset with all 
 hashes pinned is keyed by those hashes; any other custom dataset by its URL and file
 names, so that pointing a config at another URL never finds the old files.
 
+An unpinned dataset's four files are one set: fetched together from its URL into
+staged/, then committed (the record names all four, then they are renamed into raw/),
+never one at a time, so that two versions of the data never mix. Its record counts only
+if it names all four files, all from the URL the folder is keyed by.
+
 Freshness is decided by content records, never by modification times: a split's .npz
 is fresh when the hashes it was built from are the pinned hashes (or, for an unpinned
-file, the hashes in record.json, written when the file was verified). A complete cache
-therefore loads from a read-only copy (`cp -r` included) without writing anything.
-Every write is an atomic rename made under the lock; leftovers of a killed writer
-(temporaries, partial downloads) are removed by the next writer, or by the next reader
-that finds the lock free.
+file, the hashes in record.json, written when the set was verified), and it is used only
+if every byte is as it was built (mlecli.splits). A complete cache therefore loads from
+a read-only copy (`cp -r` included) without writing anything. Every write is an atomic
+rename made under the lock; leftovers of a killed writer (temporaries, partial downloads)
+are removed by the next writer, or by the next reader that finds the lock free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,20 +44,32 @@ from pathlib import Path
 
 import numpy as np
 
-from mlecli import npz
+from mlecli import splits as npz_splits
 from mlecli.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
-from mlecli.download import Expected, fetch_file, hash_file, meta_path, mirror_location
-from mlecli.errors import DataError, MlecliError
-from mlecli.fsutil import atomic_write, atomic_write_text, folder_lock, remove_stale_temporaries
-from mlecli.idx import MAX_HEADER, IdxHeader, read_header
+from mlecli.download import Expected, discard, fetch_file, hash_file, meta_path, mirror_location
+from mlecli.errors import DataError, DownloadError, MlecliError
+from mlecli.fsutil import (
+    atomic_write_text,
+    describe_os_error,
+    folder_lock,
+    fsync_dir,
+    read_regular,
+    remove_stale_temporaries,
+)
+from mlecli.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
+from mlecli.lockwait import waiting_lock
 from mlecli.network import DEFAULT_POLICY, HttpPolicy, new_session
-from mlecli.resources import need_memory, need_space
+from mlecli.resources import need_memory, need_space, physical_memory
+from mlecli.splits import MAX_SIDE, Split, Unusable, split_hashes
+
+__all__ = ["Split", "split_hashes", "ensure_dataset", "prepare", "load_split", "keep_loaded", "dataset_dir"]
 
 CACHE_FORMAT = 2
 RECORD = "record.json"
+RECORD_LIMIT = 1 << 16  # bytes: a record is a few kB (four entries, a key of file names and a URL)
 RAW = "raw"
 PARTIAL = "partial"
-MAX_SIDE = 4096  # pixels per side of an image
+STAGED = "staged"
 # Memory that training needs per image, beyond its pixels twice (the split, and the task's
 # copy of the images it chose): indices, labels and targets.
 BYTES_PER_IMAGE = 48
@@ -78,15 +97,6 @@ class FileReport:
     source: str  # "cache" or the URL / path it was fetched from
 
 
-@dataclass(frozen=True)
-class Split:
-    """One split of a dataset: images (N x H x W uint8), labels (N uint8), raw file hashes."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    sha256: dict[str, str]
-
-
 # ---------------------------------------------------------------------------
 # Where a dataset lives
 
@@ -112,9 +122,12 @@ def dataset_dir(dataset: Dataset, data_dir: Path) -> Path:
 
 
 def _read_record(folder: Path, dataset: Dataset) -> dict[str, dict]:
-    """The verified files' records by file name; empty unless the record is this dataset's."""
-    try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    """The verified files' records by file name; empty unless the record is this dataset's.
+
+    For an unpinned dataset, empty unless it names all four files as one set from the URL
+    the folder is keyed by (files from elsewhere, or of two fetches, never count)."""
+    try:  # a few kB: a damaged or outsized record.json (a sparse 3 GB file) counts as none
+        record = json.loads(read_regular(folder / RECORD, RECORD_LIMIT))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
     if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or record.get("key") != source_key(dataset):
@@ -122,10 +135,21 @@ def _read_record(folder: Path, dataset: Dataset) -> dict[str, dict]:
     files = record.get("files")
     if not isinstance(files, dict):
         return {}
-    return {
+    files = {
         name: entry for name, entry in files.items()
         if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)
     }
+    if dataset.verified:
+        return files
+    entries = [files.get(dataset.files[role]) for role in ROLES]
+    if any(e is None for e in entries):
+        return {}
+    sources = {e.get("mirror") if isinstance(e.get("mirror"), str) else None for e in entries}
+    if len(sources) != 1 or sources.pop() not in source_key(dataset)["url"]:
+        return {}
+    if any(dataset.sha256.get(role, e["sha256"]) != e["sha256"] for role, e in zip(ROLES, entries)):
+        return {}
+    return files
 
 
 def _write_record(folder: Path, dataset: Dataset, files: dict[str, dict]) -> None:
@@ -141,11 +165,30 @@ def _want(dataset: Dataset, role: str, record: dict[str, dict]) -> str | None:
     return (record.get(dataset.files[role]) or {}).get("sha256")
 
 
+def _check_path(folder: Path, dataset: Dataset) -> None:
+    """MlecliError with advice if the cache's longest paths under `folder` are longer than the system allows."""
+    # The longest: the temporary of a part's meta file, `.<file>.gz.part.json.<pid>.<random>.tmp`.
+    longest = folder / PARTIAL / ("x" * (max(map(len, dataset.files.values())) + 48))
+    try:
+        os.stat(longest)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            shown = str(folder) if len(str(folder)) <= 100 else f"{str(folder)[:60]}…{str(folder)[-30:]}"
+            raise MlecliError(
+                f"the data folder {shown} ({len(str(folder)):,} characters) makes paths longer than this system "
+                f"allows ({exc.strerror}): choose a shorter data folder (--data-dir or $MLECLI_DATA_DIR)"
+            ) from None
+
+
 # ---------------------------------------------------------------------------
 # What a file must be
 
 
-def _expected(dataset: Dataset, role: str, folder: Path, record: dict[str, dict]) -> Expected:
+def _expected(dataset: Dataset, role: str, folder: Path, record: dict[str, dict], mirror: str | None, *,
+              record_each: bool) -> Expected:
+    """What `role`'s file must be; once verified, its entry goes into `record` (and, with
+    `record_each`, into record.json right away), naming `mirror` if it is given."""
+
     def on_header(header: IdxHeader, source: str, body_left: int) -> None:
         check_header(dataset, role, header, source)
         # The raw file, and about as much again for the split's .npz, beside what is still to arrive.
@@ -161,19 +204,33 @@ def _expected(dataset: Dataset, role: str, folder: Path, record: dict[str, dict]
                 raise DataError(f"{source}: label {int(values[i])} at index {offset + i} is not a digit 0-9")
 
     def on_verified(sha256: str, size: int, source: str) -> None:
-        # Recorded before the file is renamed in: a crash in between leaves a record the file
-        # does not match yet (so it is fetched again), never a file the record does not know.
-        record[dataset.files[role]] = {"sha256": sha256, "size": size, "source": source}
-        _write_record(folder, dataset, record)
+        entry = {"sha256": sha256, "size": size, "source": source}
+        record[dataset.files[role]] = entry if mirror is None else {**entry, "mirror": mirror}
+        if record_each:
+            # Recorded before the file is renamed in: a crash in between leaves a record the file
+            # does not match yet (so it is fetched again), never a file the record does not know.
+            _write_record(folder, dataset, record)
 
     return Expected(
         name=dataset.files[role],
         sha256=dataset.sha256.get(role),
         size=dataset.sizes.get(role),
+        plausible=largest_plausible(role),
         on_header=on_header,
         on_data=on_data,
         on_verified=on_verified,
     )
+
+
+def largest_plausible(role: str) -> int:
+    """Most bytes a `role` file can have and still pass check_header on this machine: images
+    whose pixels fit twice in its memory, labels for as many images as fit (each takes at
+    least 2 + BYTES_PER_IMAGE bytes)."""
+    have = physical_memory()
+    if have is None:
+        return MAX_DECOMPRESSED
+    per_item = 2 if role.endswith("images") else 2 + BYTES_PER_IMAGE
+    return min(MAX_DECOMPRESSED, MAX_HEADER + have // per_item)
 
 
 def check_header(dataset: Dataset, role: str, header: IdxHeader, source: str) -> None:
@@ -207,29 +264,52 @@ def _read_header_of(path: Path) -> IdxHeader:
     return header
 
 
-def _check_together(dataset: Dataset, paths: dict[str, Path]) -> dict[str, IdxHeader]:
-    """The four files' headers, once they are known to belong together."""
+def _check_together(dataset: Dataset, paths: dict[str, Path], shown: dict[str, str] | None = None
+                    ) -> dict[str, IdxHeader]:
+    """The four files' headers, once they are known to belong together (`shown` names them in errors)."""
+    shown = shown or {role: str(p) for role, p in paths.items()}
     headers = {role: _read_header_of(paths[role]) for role in ROLES}
     for role, header in headers.items():
-        check_header(dataset, role, header, str(paths[role]))
+        check_header(dataset, role, header, shown[role])
     for split in SPLITS:
         n_img, n_lab = headers[f"{split}-images"].dims[0], headers[f"{split}-labels"].dims[0]
         if n_img != n_lab:
             raise DataError(
                 f"{dataset.name} {split}: {n_img} images but {n_lab} labels "
-                f"({paths[f'{split}-images']}, {paths[f'{split}-labels']}); the files do not belong together"
+                f"({shown[f'{split}-images']}, {shown[f'{split}-labels']}); the files do not belong together"
             )
     train, test = headers["train-images"].dims[1:], headers["test-images"].dims[1:]
     if train != test:
         raise DataError(
             f"{dataset.name}: train images are {train[0]}x{train[1]} but test images are {test[0]}x{test[1]} "
-            f"({paths['train-images']}, {paths['test-images']}); the files do not belong together"
+            f"({shown['train-images']}, {shown['test-images']}); the files do not belong together"
         )
     return headers
 
 
 # ---------------------------------------------------------------------------
 # Making the cache complete
+
+
+@dataclass
+class _Fetching:
+    """How to fetch what is missing: the mirrors and the settings of one ensure_dataset call."""
+
+    mirrors: list[str]
+    policy: HttpPolicy
+    progress: bool
+    log: Callable[[str], None]
+    session: Callable[[], object]
+    fetch: bool
+    how_to_fetch: str | None
+
+    def file(self, dataset: Dataset, mirrors: list[str], expected: Expected, dest: Path, partial: Path
+             ) -> tuple[str, str]:
+        extra = {} if is_builtin(dataset) else {
+            "advice": f"Check the network, and the url of the {dataset.name} dataset in its config's [data] table"
+        }
+        return fetch_file(mirrors, expected, dest, partial, session_factory=self.session, policy=self.policy,
+                          progress=self.progress, log=self.log, **extra)
 
 
 def ensure_dataset(
@@ -247,22 +327,25 @@ def ensure_dataset(
 ) -> list[FileReport]:
     """Make the four raw files and both .npz splits present and verified.
 
-    A complete cache (every raw file hashing to what it must, both splits fresh) is only
-    read: no lock, no write, no network. Otherwise, under the dataset folder's lock (so
-    that concurrent downloads queue up), whatever is missing or wrong is fetched (unless
-    `fetch` is False: then DataError says to run `how_to_fetch`) and the splits are
-    rebuilt. `force` fetches every file again (the cached copy stays until a verified
-    replacement is renamed over it). Mirrors in `mirrors` are tried before the
-    dataset's own.
+    A complete cache (every raw file hashing to what it must, both splits fresh and whole)
+    is only read: no lock, no write, no network. Otherwise, under the dataset folder's lock
+    (so that concurrent downloads queue up; mlecli.lockwait says who is waited for),
+    whatever is missing or wrong is fetched (unless `fetch` is False: then DataError says
+    to run `how_to_fetch`) and the splits are rebuilt. `force` fetches every file again
+    (the cached copy stays until a verified replacement is renamed over it; an unpinned
+    dataset's four files are replaced together or not at all). Mirrors in `mirrors` are
+    tried before the dataset's own; an unpinned dataset takes none (nothing would tell
+    their files from those at its URL).
     """
     folder = dataset_dir(dataset, data_dir)
+    _check_path(folder, dataset)
+    _refuse_other_sources(dataset, mirrors)
     if not force:
         reports = _complete(dataset, folder)
         if reports is not None:
             _tidy_if_free(folder, dataset)
             _warn_unverified(dataset, reports, log)
             return reports
-    all_mirrors = list(dict.fromkeys([*mirrors, *dataset.mirrors]))
     sessions = []  # one HTTP session for every file, opened only if a file is fetched over HTTP
 
     def shared_session():
@@ -270,26 +353,56 @@ def ensure_dataset(
             sessions.append((session_factory or new_session)())
         return sessions[0]
 
-    made = [p for p in (Path(data_dir), folder) if not p.exists()]  # what a failure should not leave behind
+    how = _Fetching(list(dict.fromkeys([*mirrors, *dataset.mirrors])), policy, progress, log, shared_session, fetch,
+                    how_to_fetch)
+    made = _missing_folders(folder)  # what a failure should not leave behind, deepest first
     try:
-        with folder_lock(folder, wait=True, what=f"the data folder {folder}") as lock:
+        with waiting_lock(folder, what=f"the data folder {folder}", log=log) as lock:
             try:
-                reports = _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, shared_session,
-                                         fetch, how_to_fetch)
+                reports = _ensure_locked(dataset, folder, force, how)
             except BaseException:
-                if folder in made:
-                    _remove_if_unused(folder, lock)
+                _clean_after_failure(folder, lock, made)
                 raise
     except BaseException:
-        if Path(data_dir) in made:
+        for p in made:
             with contextlib.suppress(OSError):
-                Path(data_dir).rmdir()  # only if the failure left it empty
+                p.rmdir()  # only if the failure left it empty
         raise
     finally:
         for s in sessions:
             s.close()
     _warn_unverified(dataset, reports, log)
     return reports
+
+
+def _refuse_other_sources(dataset: Dataset, mirrors: tuple[str, ...]) -> None:
+    if dataset.verified:
+        return
+    own = source_key(dataset)["url"]
+    other = [m for m in mirrors if _normal_url(m) not in own]
+    if other:
+        raise MlecliError(
+            f"--mirror {other[0]}: the files of {dataset.name} are not pinned by a sha256 in its config, so nothing "
+            f"would tell the mirror's files from those at its url {dataset.mirrors[0]}; to fetch them from the mirror, "
+            f"set url = \"{other[0]}\" in the config's [data] table (or pin the files' sha256 there: then any mirror "
+            "will do)"
+        )
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and each of its parents that does not exist yet, deepest first."""
+    missing = []
+    p = Path(folder)
+    while p != p.parent:
+        try:
+            os.lstat(p)
+            break
+        except FileNotFoundError:
+            missing.append(p)
+            p = p.parent
+        except OSError:  # not ours to remove, whatever it is
+            break
+    return missing
 
 
 def _warn_unverified(dataset: Dataset, reports: list[FileReport], log) -> None:
@@ -312,46 +425,138 @@ def _complete(dataset: Dataset, folder: Path) -> list[FileReport] | None:
         if got is None or got[0] != want or (dataset.sizes.get(role) not in (None, got[1])):
             return None
         reports.append(FileReport(role, path, got[1], got[0], verified=role in dataset.sha256, source="cache"))
-    if any(_load_npz(folder, split, dataset, record) is None for split in SPLITS):
+    if any(not isinstance(_load_npz(folder, split, dataset, record), Split) for split in SPLITS):
         return None
     return reports
 
 
-def _ensure_locked(dataset, folder, all_mirrors, force, policy, progress, log, session_factory, fetch,
-                   how_to_fetch) -> list[FileReport]:
-    raw, partial = folder / RAW, folder / PARTIAL
+def _ensure_locked(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
+    raw = folder / RAW
     try:
         raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MlecliError(f"cannot create {raw}: {exc.strerror}; choose another --data-dir") from None
     _tidy(folder, dataset, everything=False)
+    if dataset.verified:
+        reports = _ensure_each(dataset, folder, force, how)
+    else:
+        reports = _ensure_set(dataset, folder, force, how)
+    record = _read_record(folder, dataset)
+    headers = _check_together(dataset, {r.role: r.path for r in reports})
+    for split in SPLITS:
+        path = folder / f"{split}.npz"
+        loaded = _load_npz(folder, split, dataset, record)
+        if isinstance(loaded, Split):
+            continue
+        if loaded.damaged:
+            how.log(f"{path}: {loaded.why}; rebuilding it from the verified raw files")
+        raw_files = {r.role: (r.path, r.sha256) for r in reports}
+        npz_splits.build(path, dataset, split, raw_files, headers)
+    _tidy(folder, dataset, everything=True)
+    return reports
+
+
+def _ensure_each(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
+    """A pinned dataset's files, each fetched if it is not as pinned: any copy of it is the same bytes."""
     record = _read_record(folder, dataset)
     reports = []
     for role in ROLES:
-        expected = _expected(dataset, role, folder, record)
-        path = raw / expected.name
-        want = _want(dataset, role, record)
-        got = None if force or want is None else hash_file(path)
-        if got is not None and got[0] == want and expected.size in (None, got[1]):
-            digest, size, source = got[0], got[1], "cache"
-        else:
-            if not fetch:
-                raise DataError(_refusal(dataset, folder, how_to_fetch))
-            extra = {} if is_builtin(dataset) else {
-                "advice": f"Check the network, and the url of the {dataset.name} dataset in its config's [data] table"
-            }
-            digest, source = fetch_file(
-                all_mirrors, expected, path, partial,
-                session_factory=session_factory, policy=policy, progress=progress, log=log, **extra,
-            )
-            size = record[expected.name]["size"]
-        reports.append(FileReport(role, path, size, digest, verified=role in dataset.sha256, source=source))
-    headers = _check_together(dataset, {r.role: r.path for r in reports})
-    for split in SPLITS:
-        if _load_npz(folder, split, dataset, record) is None:
-            _build_npz(dataset, folder, split, {r.role: r for r in reports}, headers)
-    _tidy(folder, dataset, everything=True)
+        path = folder / RAW / dataset.files[role]
+        got = None if force else hash_file(path)
+        if got is not None and got[0] == dataset.sha256[role] and dataset.sizes.get(role) in (None, got[1]):
+            reports.append(FileReport(role, path, got[1], got[0], verified=True, source="cache"))
+            continue
+        if not how.fetch:
+            raise DataError(_refusal(dataset, folder, how.how_to_fetch))
+        expected = _expected(dataset, role, folder, record, None, record_each=True)
+        digest, source = how.file(dataset, how.mirrors, expected, path, folder / PARTIAL)
+        reports.append(FileReport(role, path, record[expected.name]["size"], digest, verified=True, source=source))
     return reports
+
+
+def _ensure_set(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
+    """An unpinned dataset's four files: the recorded set if it is whole, else a new set, fetched whole."""
+    current = _current_set(dataset, folder)  # finishes a commit a crash cut short, even before --force
+    if current is not None and not force:
+        return current
+    _remove_staged(folder)  # a killed fetch's files: of another moment, never mixed into a new set
+    if not how.fetch:
+        raise DataError(_refusal(dataset, folder, how.how_to_fetch))
+    failures = []
+    for i, mirror in enumerate(how.mirrors):
+        try:
+            return _fetch_set(dataset, folder, mirror, how)
+        except DownloadError as exc:
+            if len(how.mirrors) == 1:
+                raise
+            failures.append(str(exc))
+            if i < len(how.mirrors) - 1:
+                how.log(f"{dataset.name}: {mirror} failed; trying the next mirror for all four files")
+    raise DownloadError("; ".join(failures))
+
+
+def _current_set(dataset: Dataset, folder: Path) -> list[FileReport] | None:
+    """The recorded set if every file of it is in raw/, finishing a commit a crash cut short
+    (from staged/, without the network); None if the set must be fetched again."""
+    record = _read_record(folder, dataset)
+    if not record:
+        return None
+    reports = []
+    for role in ROLES:
+        name = dataset.files[role]
+        path, staged = folder / RAW / name, folder / STAGED / name
+        want = (record[name]["sha256"], record[name]["size"])
+        if hash_file(path) != want:
+            if hash_file(staged) != want:
+                return None
+            _rename_in(staged, path)
+        reports.append(FileReport(role, path, want[1], want[0], verified=role in dataset.sha256, source="cache"))
+    fsync_dir(folder / RAW)
+    return reports
+
+
+def _fetch_set(dataset: Dataset, folder: Path, mirror: str, how: _Fetching) -> list[FileReport]:
+    """All four files from `mirror` into staged/, verified; then committed: the record names
+    the new set, then its files are renamed into raw/ one by one. A crash in between leaves a
+    record that raw/ does not match yet: the next run finishes the renames (_current_set)."""
+    staged = folder / STAGED
+    entries: dict[str, dict] = {}
+    reports = []
+    try:
+        for role in ROLES:
+            expected = _expected(dataset, role, folder, entries, _normal_url(mirror), record_each=False)
+            digest, source = how.file(dataset, [mirror], expected, staged / expected.name, folder / PARTIAL)
+            reports.append(FileReport(role, folder / RAW / expected.name, entries[expected.name]["size"], digest,
+                                      verified=role in dataset.sha256, source=source))
+        _check_together(dataset, {role: staged / dataset.files[role] for role in ROLES},
+                        {r.role: r.source for r in reports})
+    except BaseException:
+        _remove_staged(folder)  # none of it is used: the cached set stays as it was
+        raise
+    _write_record(folder, dataset, entries)
+    for r in reports:
+        _rename_in(staged / r.path.name, r.path)
+    fsync_dir(folder / RAW)
+    _remove_staged(folder)
+    return reports
+
+
+def _rename_in(src: Path, dest: Path) -> None:
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        raise MlecliError(describe_os_error(exc, dest)) from None
+
+
+def _remove_staged(folder: Path) -> None:
+    staged = folder / STAGED
+    if not staged.is_dir():
+        return
+    for p in staged.iterdir():
+        with contextlib.suppress(OSError):
+            p.unlink()
+    with contextlib.suppress(OSError):
+        staged.rmdir()
 
 
 def _refusal(dataset: Dataset, folder: Path, how_to_fetch: str | None) -> str:
@@ -363,11 +568,18 @@ def _refusal(dataset: Dataset, folder: Path, how_to_fetch: str | None) -> str:
     )
 
 
+# ---------------------------------------------------------------------------
+# Leftovers
+
+
 def _tidy(folder: Path, dataset: Dataset, *, everything: bool) -> None:
     """Remove what killed writers left: temporaries always; partial downloads that are not this
-    dataset's (or, with `everything`, all of them: the cache is complete). Holds the lock."""
-    for sub in (folder, folder / RAW, folder / PARTIAL):
+    dataset's, or are empty (or, with `everything`, all of them, and staged/: the cache is
+    complete). Holds the lock."""
+    for sub in (folder, folder / RAW, folder / PARTIAL, folder / STAGED):
         remove_stale_temporaries(sub)
+    if everything:
+        _remove_staged(folder)
     partial = folder / PARTIAL
     if not partial.is_dir():
         return
@@ -380,9 +592,21 @@ def _tidy(folder: Path, dataset: Dataset, *, everything: bool) -> None:
         if p.name not in keep:
             with contextlib.suppress(OSError):
                 p.unlink()
+    _discard_empty_parts(partial)
     if everything:
         with contextlib.suppress(OSError):
             partial.rmdir()
+
+
+def _discard_empty_parts(partial: Path) -> None:
+    """A part of 0 bytes is not worth resuming; nor is a meta file without its part."""
+    with contextlib.suppress(OSError, MlecliError):
+        for p in list(partial.iterdir()):
+            if p.name.endswith(".part") and p.stat().st_size == 0:
+                discard(p)
+            elif p.name.endswith(".part.json") and not p.with_name(p.name.removesuffix(".json")).exists():
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def _leftovers(folder: Path) -> bool:
@@ -393,17 +617,21 @@ def _leftovers(folder: Path) -> bool:
                 return True
         except OSError:
             pass
-    return (folder / PARTIAL).exists()
+    return (folder / PARTIAL).exists() or (folder / STAGED).exists()
 
 
-def _remove_if_unused(folder: Path, lock) -> None:
-    """Remove a dataset folder this call made, if a failure left no file of the dataset in it
-    (its empty raw/ and partial/ folders go too; partial downloads worth resuming stay)."""
-    for sub in (RAW, PARTIAL):
+def _clean_after_failure(folder: Path, lock, made: list[Path]) -> None:
+    """What a failed call leaves: no empty part, no empty folder of the cache; and if it made
+    the dataset folder, nothing of it unless a part worth resuming."""
+    partial = folder / PARTIAL
+    if partial.is_dir():
+        _discard_empty_parts(partial)
+    for sub in (RAW, PARTIAL, STAGED):
         with contextlib.suppress(OSError):
             (folder / sub).rmdir()
-    if all(p.name == ".lock" for p in folder.iterdir()):
-        lock.discard()
+    with contextlib.suppress(OSError):
+        if folder in made and all(p.name == ".lock" for p in folder.iterdir()):
+            lock.discard()
 
 
 def _tidy_if_free(folder: Path, dataset: Dataset) -> None:
@@ -418,81 +646,31 @@ def _tidy_if_free(folder: Path, dataset: Dataset) -> None:
 # The splits' arrays
 
 
-def _build_npz(dataset: Dataset, folder: Path, split: str, reports: dict[str, FileReport],
-               headers: dict[str, IdxHeader]) -> None:
-    roles = (f"{split}-images", f"{split}-labels")
-    arrays = {}
-    for role in roles:
-        h = headers[role]
-        # Mapped, not read: the page cache holds the bytes, the process only streams them out.
-        if h.count:
-            arrays[role] = np.memmap(reports[role].path, dtype=np.uint8, mode="r", offset=h.header_len, shape=h.dims)
-        else:
-            arrays[role] = np.zeros(h.dims, np.uint8)
-    sources = {role: {"file": reports[role].path.name, "sha256": reports[role].sha256} for role in roles}
-    meta = json.dumps({"format": CACHE_FORMAT, "dataset": dataset.name, "split": split, "sources": sources},
-                      sort_keys=True)
-    need = sum(a.nbytes for a in arrays.values()) + len(meta) + 4096
-    need_space(folder, need, f"building {split}.npz of {dataset.name}")
-    images, labels = arrays[roles[0]], arrays[roles[1]]
-    atomic_write(folder / f"{split}.npz",
-                 lambda f: npz.write(f, {"images": images, "labels": labels, "meta": np.array(meta)}))
-
-
-def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict]) -> Split | None:
-    """The cached split, or None if it is missing, stale (built from other content) or damaged."""
-    path = folder / f"{split}.npz"
-    roles = (f"{split}-images", f"{split}-labels")
-    try:
-        # The cache is our own, written whole by atomic rename from verified raw files:
-        # skipping the CRC (most of np.load's time on 55 MB) is safe here.
-        meta = json.loads(str(npz.read(path, check_crc=False, names=("meta",))["meta"][()]))
-        if meta.get("format") != CACHE_FORMAT or meta.get("dataset") != dataset.name or meta.get("split") != split:
-            return None
-        sources = meta["sources"]
-        for role in roles:
-            src = sources[role]
-            if src["file"] != dataset.files[role] or src["sha256"] != _want(dataset, role, record):
-                return None
-        sizes = npz.member_sizes(path)
-        need_memory(sizes.get("images", 0) + sizes.get("labels", 0),
-                    f"loading the {split} split of {dataset.name} ({path})", now=True)
-        z = npz.read(path, check_crc=False, names=("images", "labels"))  # only once it is known fresh
-        images, labels = z["images"], z["labels"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        # Missing, stale or corrupt: the caller rebuilds it from the verified raw files.
-        return None
-    if (images.dtype != np.uint8 or labels.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1
-            or len(images) != len(labels) or not all(1 <= d <= MAX_SIDE for d in images.shape[1:])):
-        return None
-    return Split(images, labels, {role: sources[role]["sha256"] for role in roles})
-
-
-def split_hashes(splits: dict[str, Split]) -> dict[str, str]:
-    """The SHA-256 of the four raw files behind both splits, by role: what a run records."""
-    return {role: digest for split in SPLITS for role, digest in splits[split].sha256.items()}
+def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict]) -> Split | Unusable:
+    want = {role: _want(dataset, role, record) for role in npz_splits.roles(split)}
+    return npz_splits.load(folder / f"{split}.npz", dataset, split, want)
 
 
 def load_split(dataset: Dataset, data_dir: Path, split: str) -> Split | None:
     """Load a cached split without touching the network or writing, or None if it must be (re)built."""
     folder = dataset_dir(dataset, data_dir)
-    return _load_split(folder, split, dataset, _read_record(folder, dataset))
+    loaded = _load_split(folder, split, dataset, _read_record(folder, dataset))
+    return loaded if isinstance(loaded, Split) else None
 
 
-def _load_both(dataset: Dataset, folder: Path) -> dict[str, Split] | None:
+def _load_both(dataset: Dataset, folder: Path) -> dict[str, Split | Unusable]:
     record = _read_record(folder, dataset)
-    splits = {s: _load_split(folder, s, dataset, record) for s in SPLITS}
-    return None if any(v is None for v in splits.values()) else splits  # type: ignore[return-value]
+    return {s: _load_split(folder, s, dataset, record) for s in SPLITS}
 
 
-def _load_split(folder: Path, split: str, dataset: Dataset, record: dict) -> Split | None:
+def _load_split(folder: Path, split: str, dataset: Dataset, record: dict) -> Split | Unusable:
     if _kept is None:
         return _load_npz(folder, split, dataset, record)
     key = _stamp(folder, split, dataset)
     if key is not None and key in _kept:
         return _kept[key]
     loaded = _load_npz(folder, split, dataset, record)
-    if loaded is not None and key is not None:
+    if isinstance(loaded, Split) and key is not None:
         loaded.images.setflags(write=False)  # shared by every run of the process from now on
         loaded.labels.setflags(write=False)
         _kept[key] = loaded
@@ -518,7 +696,7 @@ def keep_loaded() -> Iterator[None]:
 def _stamp(folder: Path, split: str, dataset: Dataset) -> tuple | None:
     """What a kept split depends on: the dataset's files and hashes, and the size,
     modification time and inode of the .npz and of the raw files behind it."""
-    roles = (f"{split}-images", f"{split}-labels")
+    roles = npz_splits.roles(split)
     try:
         paths = [folder / f"{split}.npz", *(folder / RAW / dataset.files[r] for r in roles)]
         stats = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
@@ -538,7 +716,8 @@ def prepare(
     log: Callable[[str], None] = lambda msg: None,
     policy: HttpPolicy = DEFAULT_POLICY,
 ) -> dict[str, Split]:
-    """Both splits, from the cache when it is fresh (read only: no lock, no write), else made complete first.
+    """Both splits, from the cache when it is fresh and whole (read only: no lock, no write),
+    else made complete first (a damaged split is rebuilt from the verified raw files).
 
     `download` says where missing data may come from:
     - "any": the dataset's own mirrors, including a config's `url` (a config the user wrote);
@@ -554,18 +733,21 @@ def prepare(
     if download == DOWNLOAD_BUILTIN and builtin:
         dataset = BUILTIN[dataset.name]
     folder = dataset_dir(dataset, data_dir)
-    splits = _load_both(dataset, folder)
-    if splits is None:
+    _check_path(folder, dataset)
+    loaded = _load_both(dataset, folder)
+    if not all(isinstance(v, Split) for v in loaded.values()):
         fetch = download == DOWNLOAD_ANY or (download == DOWNLOAD_BUILTIN and builtin)
-        if fetch:
+        if fetch and not any(isinstance(v, Unusable) and v.damaged for v in loaded.values()):
             log(f"{dataset.name} is not cached in {folder}; downloading it")
         ensure_dataset(dataset, data_dir, progress=progress, log=log, policy=policy, fetch=fetch,
                        how_to_fetch=how_to_fetch)
-        splits = _load_both(dataset, folder)
-        if splits is None:
-            raise DataError(f"could not load the splits of {dataset.name} from {folder}")
+        loaded = _load_both(dataset, folder)
+        unusable = [f"{folder / f'{s}.npz'}: {v.why}" for s, v in loaded.items() if isinstance(v, Unusable)]
+        if unusable:
+            raise DataError(f"could not load the splits of {dataset.name} ({'; '.join(unusable)})")
     else:
         _tidy_if_free(folder, dataset)
+    splits: dict[str, Split] = loaded  # type: ignore[assignment]
     train, test = splits["train"].images.shape[1:], splits["test"].images.shape[1:]
     if train != test:
         raise DataError(

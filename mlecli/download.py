@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from mlecli import fsutil
 from mlecli.errors import DataError, DownloadError, MlecliError
 from mlecli.fsutil import atomic_write, atomic_write_text, describe_os_error
 from mlecli.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
@@ -48,6 +49,8 @@ from mlecli.network import (
 )
 
 CHUNK = 1 << 16
+# A part's meta file holds a URL and two validators of at most 255 bytes each.
+META_LIMIT = 1 << 14
 
 
 def wire_bound(size: int) -> int:
@@ -78,11 +81,15 @@ class Expected:
     in order (`offset` counts from the first byte after the header). `on_verified(sha256,
     size, source)` runs once the content is verified, right before it is renamed into
     place (a record written there is never missing for a file that is in place).
+    `plausible` is the most decoded bytes a file that passes `on_header` can have (what
+    fits in this machine): until a header says how big the file is, its deadline is
+    that of a file this big, not of the largest IDX file there may be.
     """
 
     name: str
     sha256: str | None
     size: int | None
+    plausible: int | None = None
     on_header: Callable[[IdxHeader, str, int], None] = _no_header_check
     on_data: Callable[[IdxHeader, int, bytes, str], None] = _no_data_check
     on_verified: Callable[[str, int, str], None] = _nothing_to_record
@@ -95,6 +102,11 @@ class Expected:
     @property
     def wire_limit(self) -> int:
         return wire_bound(self.limit)
+
+    @property
+    def wire_plausible(self) -> int:
+        """Most bytes on the wire of a file that can be used here: the deadline before its header arrives."""
+        return wire_bound(min(self.limit, self.plausible or self.limit))
 
 
 class _NotFound(MirrorFailed):
@@ -226,7 +238,8 @@ def _whose(digest: str) -> str:
 
 def _looks_like(head: bytes) -> str:
     head = head.lstrip().lower()
-    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+    # A tag: '<' and a letter, '!' or '?' ("<6>[0.1] …", the kernel's log, is not a page).
+    if head[:1] == b"<" and (head[1:2].isalpha() or head[1:2] in (b"!", b"?")):
         return "served an HTML/XML page, not the file: "
     return ""
 
@@ -244,9 +257,12 @@ def hash_file(path: Path) -> tuple[str, int] | None:
     return digest.hexdigest(), size
 
 
-def read_regular(path: Path, limit: int | None) -> Iterator[bytes]:
-    """The bytes of `path` in pieces. MirrorFailed for anything but a regular file (a FIFO,
-    /dev/zero, a folder: never read), a file over `limit` bytes, or one that cannot be read."""
+def read_regular(path: Path, limit: int | None, *, refuse_empty: bool = False) -> Iterator[bytes]:
+    """The bytes of `path` in pieces: at most as many as its size says. MirrorFailed for
+    anything but a regular file (a FIFO, /dev/zero, a folder: never read), a file over
+    `limit` bytes, one of size 0 if `refuse_empty` (never read either: files the kernel
+    makes up, such as /proc/kmsg, are regular files of size 0, and reading some has
+    effects), or one that cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
     except OSError as exc:
@@ -257,13 +273,18 @@ def read_regular(path: Path, limit: int | None) -> Iterator[bytes]:
             raise MirrorFailed(f"{path} is not a regular file")
         if limit is not None and st.st_size > limit:
             raise MirrorFailed(f"{path} has {st.st_size:,} bytes, far more than the file can be ({limit:,} at most)")
-        while True:
+        if refuse_empty and st.st_size == 0:
+            raise MirrorFailed(f"{path} has a size of 0 (an empty file, or one the kernel makes up, as in /proc); "
+                               "not read")
+        left = st.st_size
+        while left > 0:
             try:
-                piece = os.read(fd, CHUNK)
+                piece = os.read(fd, min(CHUNK, left))
             except OSError as exc:
                 raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
             if not piece:
                 return
+            left -= len(piece)
             yield piece
     finally:
         os.close(fd)
@@ -276,7 +297,8 @@ def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str
         path = folder / candidate
         if not (path.exists() or path.is_symlink()):
             continue
-        return install(dest, read_regular(path, expected.wire_limit), expected, str(path)), str(path)
+        pieces = read_regular(path, expected.wire_limit, refuse_empty=True)
+        return install(dest, pieces, expected, str(path)), str(path)
     raise MirrorFailed(f"neither {expected.name}.gz nor {expected.name} is in {folder}")
 
 
@@ -286,7 +308,7 @@ def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str
 
 def _fetch_http(session, base: str, expected: Expected, dest: Path, part_dir: Path, policy, progress, log):
     not_found = []
-    clock = Clock(policy, expected.wire_limit)
+    clock = Clock(policy, expected.wire_plausible)
     for candidate in _candidates(expected.name):
         url = base + candidate
         try:
@@ -339,8 +361,9 @@ def meta_path(part: Path) -> Path:
 
 
 def _read_meta(part: Path) -> dict:
+    """A part's URL and validators; {} if its meta file is missing, damaged or too large to be one."""
     try:
-        meta = json.loads(meta_path(part).read_text())
+        meta = json.loads(fsutil.read_regular(meta_path(part), META_LIMIT))
         return meta if isinstance(meta, dict) else {}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}

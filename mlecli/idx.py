@@ -6,7 +6,8 @@ big-endian uint32 per dimension, then the data in C order, big-endian.
 Files arrive gzip-compressed (any compressor, any number of members) or raw. The header
 in the first decoded bytes says exactly how long the whole content is, so `IdxDecoder`
 refuses every byte beyond that at once: a gzip bomb costs at most one chunk more than
-the file it claims to be, whatever its ratio.
+the file it claims to be, whatever its ratio. The header itself must arrive within the
+first HEADER_WITHIN bytes: a stream of empty gzip members never gets that far.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ MAX_DECOMPRESSED = 4 << 30
 MAX_HEADER = 4 + 4 * 255
 # Decoded bytes are handed on in pieces of at most this many bytes.
 CHUNK = 1 << 16
+# The header (at most MAX_HEADER decoded bytes) must be complete within this many bytes of the
+# file as stored: room for gzip's own header with a file name, a comment or an extra field
+# (gzip(1) writes a name of a few dozen bytes) before the first deflated bytes. A stream that
+# decodes to no header in that much (empty gzip members, an endless name) is not an IDX file.
+HEADER_WITHIN = 1 << 16
 
 
 def is_gzip(data: bytes) -> bool:
@@ -133,8 +139,9 @@ class IdxDecoder:
     or raw IDX. `feed(data)` and, at the end, `finish()` yield the decoded content in
     pieces of at most CHUNK bytes; consume each whole before feeding more. Once the
     header has arrived (`header`), any byte beyond the length it declares, or a header
-    declaring more than `limit` bytes, raises DataError naming `name`; so does a
-    truncated or malformed stream. Memory use is O(CHUNK) whatever the input.
+    declaring more than `limit` bytes, raises DataError naming `name`; so do a header
+    still incomplete after HEADER_WITHIN bytes of input, and a truncated or malformed
+    stream. Memory use is O(CHUNK) whatever the input.
     """
 
     def __init__(self, name: str, limit: int = MAX_DECOMPRESSED):
@@ -142,6 +149,7 @@ class IdxDecoder:
         self.limit = limit
         self.header: IdxHeader | None = None
         self.produced = 0  # decoded bytes handed out so far
+        self.fed = 0  # bytes of the file fed so far
         self.kind: str | None = None  # "gzip" or "raw", once two bytes have arrived
         self._start = b""  # the first byte, while the kind is unknown
         self._head = b""  # decoded bytes while the header is incomplete
@@ -150,6 +158,20 @@ class IdxDecoder:
         self._padding = False  # zeros after the last member: only zeros may follow
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        if self.header is None and self.fed + len(data) > HEADER_WITHIN:
+            cut = max(0, HEADER_WITHIN - self.fed)
+            yield from self._feed(data[:cut])
+            if self.header is None:
+                # (only gzip gets here: raw bytes show a header, or that they are none, in 1 KiB)
+                raise DataError(
+                    f"{self.name}: its first {HEADER_WITHIN:,} bytes decompress to no IDX header "
+                    f"({self.produced:,} bytes); it is not an IDX file"
+                )
+            data = data[cut:]
+        yield from self._feed(data)
+
+    def _feed(self, data: bytes) -> Iterator[bytes]:
+        self.fed += len(data)
         if self.kind is None:
             data = self._start + data
             if len(data) < 2:

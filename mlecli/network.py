@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import os
 import re
 import socket
 import threading
@@ -99,10 +100,13 @@ def shown_header(value: str | None) -> str:
 _WATCH = threading.local()
 
 
-def _register(sock) -> None:
+def _register(sock, *, ready: bool = False) -> None:
+    """Put `sock` under the attempt's watchdog; `ready`: connected (the TLS handshake done)."""
     dog = getattr(_WATCH, "dog", None)
     if dog is not None and sock is not None:
         dog.add(sock)
+        if ready:
+            dog.ready = True
 
 
 def _watched_session_classes():
@@ -118,10 +122,10 @@ def _watched_session_classes():
 
         def connect(self):
             super().connect()
-            _register(self.sock)
+            _register(self.sock, ready=True)
 
         def request(self, *args, **kwargs):
-            _register(self.sock)  # a kept-alive connection starts a new attempt
+            _register(self.sock, ready=True)  # a kept-alive connection starts a new attempt
             return super().request(*args, **kwargs)
 
     class WatchedHTTP(Watched, HTTPConnection):
@@ -166,9 +170,20 @@ def new_session():
     return s
 
 
-def _shutdown(sock) -> None:
+def _handle(sock) -> socket.socket | None:
+    """A socket of our own on `sock`'s connection, to shut it down from the watchdog's thread.
+    (The socket itself will not do: TLS wraps it in a new object during the handshake and
+    detaches the old one, which then refers to nothing; a duplicate keeps referring to the
+    connection whatever wraps it.)"""
+    try:
+        return socket.socket(fileno=os.dup(sock.fileno()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _shutdown(handle: socket.socket) -> None:
     with contextlib.suppress(OSError, ValueError, TypeError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        handle.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -213,6 +228,7 @@ class Watchdog:
         self.start = time.monotonic()
         self.connected: float | None = None  # when the first socket was connected
         self.received = 0  # bytes of body so far (written by the downloading thread)
+        self.ready = False  # connected, with the TLS handshake done (for https)
         self.answered = False  # the headers have arrived
         self.reason: str | None = None
         self._socks: list = []
@@ -229,14 +245,19 @@ class Watchdog:
         _WATCH.dog = None
         self._stop.set()
         self._thread.join()
+        for handle in self._socks:
+            handle.close()
 
     def add(self, sock) -> None:
+        handle = _handle(sock)
         with self._lock:
             if self.connected is None:
                 self.connected = time.monotonic()
-            self._socks.append(sock)
+            if handle is None:
+                return
+            self._socks.append(handle)
             if self.reason is not None:
-                _shutdown(sock)
+                _shutdown(handle)
 
     def overdue(self, now: float) -> str | None:
         """Why the attempt must end at `now`, or None."""
@@ -250,6 +271,8 @@ class Watchdog:
         elapsed = now - self.connected
         if policy.min_rate * (elapsed - policy.rate_grace) <= self.received:
             return None
+        if not self.ready:
+            return f"no TLS handshake within {policy.rate_grace:g} s of connecting (it trickled in)"
         if not self.answered:
             return f"no complete answer within {policy.rate_grace:g} s of connecting (its headers trickled in)"
         return (
@@ -289,7 +312,14 @@ def network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
         text += f" {e}"
         e = e.__cause__ or e.__context__
     if "CERTIFICATE_VERIFY_FAILED" in text or "SSLCertVerificationError" in names:
-        return "its TLS certificate could not be verified", False
+        why = re.search(r"certificate verify failed: (.+?)\.? \(_ssl", text)
+        return (f"its TLS certificate could not be verified ({why.group(1) if why else 'CERTIFICATE_VERIFY_FAILED'})"
+                "; if you trust this server, point REQUESTS_CA_BUNDLE at its CA certificate (a .pem file)"), False
+    not_tls = re.search(r"\[SSL: (WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG|HTTP_REQUEST"
+                        r"|UNKNOWN_PROTOCOL)\]", text)
+    if not_tls:
+        return (f"the server does not answer in TLS ({not_tls.group(1)}); if it serves plain HTTP, use an http:// "
+                "URL"), False
     if names & {"ConnectTimeout", "ConnectTimeoutError"}:
         return f"no connection within {policy.connect_timeout:g} s", True
     if names & {"ReadTimeout", "ReadTimeoutError", "TimeoutError", "timeout"} or "timed out" in text:

@@ -246,11 +246,12 @@ def test_train_and_test_images_of_different_sizes_are_refused_when_caching(tiny,
     contents[MNIST_FILES["test-images"]] = idx_bytes(np.zeros((100, 32, 32), np.uint8))
     folder = TinyDataset(contents, tiny.arrays).write_folder(tmp_path / "mirror")
     res = cli("download", "--config", unpinned_config(tmp_path / "c.toml", folder), "--data-dir", tmp_path / "d", "-q")
-    raw = dataset_dir(config.load(tmp_path / "c.toml").data.resolve(), tmp_path / "d") / "raw"
+    # An unpinned set is checked before it is committed: the files are named by where they came from.
     assert one_line(res) == (
-        f"mine: train images are 28x28 but test images are 32x32 ({raw / TRAIN_IMAGES}, "
-        f"{raw / MNIST_FILES['test-images']}); the files do not belong together"
+        f"mine: train images are 28x28 but test images are 32x32 ({folder / TRAIN_IMAGES}.gz, "
+        f"{folder / MNIST_FILES['test-images']}.gz); the files do not belong together"
     )
+    assert not (dataset_dir(config.load(tmp_path / "c.toml").data.resolve(), tmp_path / "d") / "raw").exists()
 
 
 def test_train_and_test_images_of_different_sizes_in_a_cache_are_refused_when_loading(tiny, tmp_path, monkeypatch):
@@ -262,7 +263,7 @@ def test_train_and_test_images_of_different_sizes_in_a_cache_are_refused_when_lo
     folder = TinyDataset(contents, tiny.arrays).write_folder(tmp_path / "mirror")
     spec = custom("mine", str(folder))
     with monkeypatch.context() as m:
-        m.setattr(cache, "_check_together", lambda ds, paths: {r: cache._read_header_of(paths[r]) for r in ROLES})
+        m.setattr(cache, "_check_together", lambda ds, paths, shown=None: {r: cache._read_header_of(paths[r]) for r in ROLES})
         ensure_dataset(spec, tmp_path / "d")
     with pytest.raises(DataError) as err:
         prepare(spec, tmp_path / "d")

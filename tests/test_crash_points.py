@@ -34,6 +34,7 @@ from fakes import tiny_dataset
 
 from mlecli import npz
 from mlecli.cache import dataset_dir, ensure_dataset, load_split
+from mlecli.datasets import custom
 
 CRASHED = 99
 FAILED = 98
@@ -233,3 +234,40 @@ def test_a_forced_download_crashed_at_every_write_boundary_keeps_the_cache_usabl
     assert boundaries >= 30, boundaries
     print(f"\n{boundaries} crash points enumerated over a complete cache")
 
+
+
+def test_an_unpinned_sets_forced_replacement_crashed_at_every_boundary_is_one_version_or_the_other(tmp_path):
+    # An unpinned dataset's four files are one set: whatever the crash point, the splits
+    # that load are all of the old set or all of the new one, and the next run ends with
+    # one whole set, byte for byte, never a mix.
+    v2 = tiny_dataset(n_train=40, n_test=20, seed=8)
+    mirror = tmp_path / "mirror"
+    TINY.write_folder(mirror)
+    spec = custom("tiny", str(mirror))
+    old = tmp_path / "old"
+    ensure_dataset(spec, old)
+    v2.write_folder(mirror)  # the URL now serves the new set
+    new = tmp_path / "new"
+    ensure_dataset(spec, new)
+    whole = {"old": snapshot(dataset_dir(spec, old)), "new": snapshot(dataset_dir(spec, new))}
+    versions = {"old": TINY, "new": v2}
+    assert whole["old"] != whole["new"]
+
+    def after_crash(data_dir: Path, n: int) -> None:
+        seen = set()
+        for split in ("train", "test"):
+            loaded = load_split(spec, data_dir, split)
+            if loaded is None:  # stale: the record names the new set, raw/ is still being renamed in
+                continue
+            for name, ds in versions.items():
+                if np.array_equal(loaded.images, ds.arrays[f"{split}-images"]):
+                    np.testing.assert_array_equal(loaded.labels, ds.arrays[f"{split}-labels"])
+                    seen.add(name)
+        assert len(seen) <= 1, f"crash at boundary {n}: the splits mix the old set and the new one"
+        ensure_dataset(spec, data_dir)  # the next, uninterrupted run
+        assert snapshot(dataset_dir(spec, data_dir)) in whole.values(), f"crash at boundary {n}: a mixed cache"
+
+    boundaries = enumerate_crashes(lambda d: ensure_dataset(spec, d, force=True), tmp_path / "runs", after_crash,
+                                   start_from=old)
+    assert boundaries >= 20, boundaries
+    print(f"\n{boundaries} crash points enumerated over an unpinned set's replacement")

@@ -333,7 +333,8 @@ def test_cli_custom_dataset_without_hashes_is_marked_unverified(tiny, mirrors, t
     assert f'train-images = "{digest}"' in res.stderr.splitlines()[-1]
     assert "UNVERIFIED" in res.stdout.splitlines()[1]
     record = json.loads((dataset_dir(tiny.spec((m.url,), verified=False), tmp_path / "d") / "record.json").read_text())
-    assert record["files"][TRAIN_IMAGES] == {"sha256": digest, "size": 235216, "source": m.url + TRAIN_IMAGES + ".gz"}
+    assert record["files"][TRAIN_IMAGES] == {
+        "sha256": digest, "size": 235216, "source": m.url + TRAIN_IMAGES + ".gz", "mirror": m.url}
 
 
 def test_cli_failure_is_one_line_and_exit_1(tiny, mirrors, tmp_path):

@@ -144,6 +144,7 @@ def test_a_dataset_that_cannot_fit_on_the_disk_is_refused_before_writing_it(tiny
 def test_disk_full_while_caching_leaves_only_verified_files(tiny, tiny_folder, tmpfs, monkeypatch):
     # The free space was there when checked, then something else took it: the writes themselves fail.
     monkeypatch.setattr("mlecli.cache.need_space", lambda *a: None)
+    monkeypatch.setattr("mlecli.splits.need_space", lambda *a: None)
     disk = tmpfs("data", "400k")
     res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
     assert res.exit_code == 1
