@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mlecli import __version__
-from mlecli.errors import MlecliError, Stopped, printable
+from mlecli.errors import MlecliError, Stopped, printable, quoted
 
 
 class Group(click.Group):
@@ -499,62 +499,6 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
 
 
-@main.command(short_help="Measure a checkpoint on held-out data.")
-@click.argument("target", type=click.Path(path_type=Path))
-@click.option(
-    "--checkpoint",
-    "which",
-    default="best",
-    metavar="best|last|epoch-N",
-    help="Which checkpoint of a run folder to measure (ignored for a checkpoint file).",
-)
-@click.option(
-    "--split",
-    type=click.Choice(["test", "validation", "train"]),
-    default="test",
-    help="test: the dataset's official test images of the task's classes; validation: the images the run held "
-    "out; train: the images it trained on.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@data_dir_option
-@click.option(
-    "--threshold",
-    type=Finite(0, 1, min_open=True, max_open=True),
-    default=0.5,
-    help="Predict positive where ŷ ≥ this.",
-)
-def evaluate(target, which, split, as_json, data_dir, threshold):
-    """Measure a checkpoint on held-out data.
-
-    TARGET is a run folder or a checkpoint file. The task, dataset and network come
-    from the checkpoint's own config. The JSON report is also written to
-    <run>/eval-<split>-<checkpoint>.json (at another --threshold than 0.5,
-    eval-<split>-<checkpoint>-t<threshold>.json, which never replaces it).
-    """
-    import json
-    import re
-
-    from mlecli import evaluate as ev
-
-    if not re.fullmatch(r"best|last|epoch-\d{1,12}", which, flags=re.ASCII):
-        raise click.BadParameter(f"{which!r} is not best, last or epoch-N", param_hint="'--checkpoint'")
-    report = ev.evaluate(
-        target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
-        log=_log(as_json), progress=_progress(as_json),
-    )
-    try:
-        saved = ev.save_report(report)
-    except MlecliError as exc:  # a read-only run folder, say: the figures are still worth showing
-        saved = None
-        _log(False)(f"warning: the report was not saved: {exc}")
-    if as_json:
-        echo(json.dumps(report, indent=2))
-    else:
-        echo(ev.format_report(report))
-        if saved is not None:
-            echo(printable(f"  report            {saved}"))
-
-
 def checkpoint_option(help_text: str):
     def decorate(f):
         return click.option(
@@ -573,7 +517,7 @@ def _checkpoint_name(ctx, param, value):
     import re
 
     if not re.fullmatch(r"best|last|epoch-\d{1,12}", value, flags=re.ASCII):
-        raise click.BadParameter(f"{value!r} is not best, last or epoch-N")
+        raise click.BadParameter(f"{quoted(value)} is not best, last or epoch-N")
     return value
 
 
@@ -584,6 +528,48 @@ def threshold_option(f):
         default=0.5,
         help="Predict positive where ŷ ≥ this.",
     )(f)
+
+
+@main.command(short_help="Measure a checkpoint on held-out data.")
+@click.argument("target", type=click.Path(path_type=Path))
+@checkpoint_option("Which checkpoint of a run folder to measure (ignored for a checkpoint file).")
+@click.option(
+    "--split",
+    type=click.Choice(["test", "validation", "train"]),
+    default="test",
+    help="test: the dataset's official test images of the task's classes; validation: the images the run held "
+    "out; train: the images it trained on.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@data_dir_option
+@threshold_option
+def evaluate(target, which, split, as_json, data_dir, threshold):
+    """Measure a checkpoint on held-out data.
+
+    TARGET is a run folder or a checkpoint file. The task, dataset and network come
+    from the checkpoint's own config. The JSON report is also written to
+    <run>/eval-<split>-<checkpoint>.json (at another --threshold than 0.5,
+    eval-<split>-<checkpoint>-t<threshold>.json, which never replaces it).
+    """
+    import json
+
+    from mlecli import evaluate as ev
+
+    report = ev.evaluate(
+        target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
+        log=_log(as_json), progress=_progress(as_json),
+    )
+    try:
+        saved = ev.save_report(report)
+    except MlecliError as exc:  # a read-only run folder, say: the figures are still worth showing
+        saved = None
+        _log(False)(f"warning: the report was not saved: {exc}")
+    if as_json:
+        echo(json.dumps(report, indent=2))
+    else:
+        echo(ev.format_report(report))
+        if saved is not None:
+            echo(printable(f"  report            {saved}"))
 
 
 @main.command(short_help="Predict on your own images, prepared as MNIST's were.")

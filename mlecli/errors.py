@@ -5,11 +5,29 @@ non-zero exit. A message says what went wrong, where (file, key, URL) and what t
 """
 
 
+def display(name: str) -> str:
+    """`name` as valid Unicode, for every output: bytes of a file name that are not UTF-8
+    (Python holds them as surrogates) become the text `\\xNN`; nothing else changes (each
+    output escapes control characters its own way: errors.printable, JSON's escapes)."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name gave
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def printable(text: str) -> str:
     """`text` with control characters (a newline in a file name, an escape sequence from a
-    server or a damaged file) shown as escapes: it stays one line and cannot drive the
-    terminal. Every value a command prints that came from outside goes through here."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+    server or a damaged file) shown as escapes and bytes that are not UTF-8 as `\\xNN`: it
+    stays one line and cannot drive the terminal. Every value a command prints that came
+    from outside goes through here."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in display(str(text)))
+
+
+def quoted(value: object, limit: int = 60) -> str:
+    """`value` as Python writes it (`'epoch-x'`), cut to `limit` characters with its length
+    said, so that a message quoting what a user typed stays readable."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text) - 2:,} characters)"
 
 
 class MlecliError(Exception):

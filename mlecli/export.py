@@ -29,7 +29,7 @@ import numpy as np
 
 from mlecli import __version__, schema
 from mlecli import checkpoint as ckpt
-from mlecli.errors import MlecliError
+from mlecli.errors import MlecliError, display
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.outputs import check_output
 from mlecli.predict import check_image_shape, check_weights, checkpoint_name
@@ -83,8 +83,8 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
     run = run_dir_of(cp.path)
     negative, positive = class_words(cfg)
     info: dict[str, Any] = {
-        "run": run.name if run is not None else cfg.name,
-        "checkpoint": cp.path.name,
+        "run": display(run.name) if run is not None else cfg.name,
+        "checkpoint": display(cp.path.name),
         "checkpoint_sha256": hashlib.sha256(cp.path.read_bytes()).hexdigest(),
         "epoch": cp.epoch,
         "task": cfg.task.describe(),

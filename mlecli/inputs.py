@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mlecli.errors import DataError, InputError, MlecliError
+from mlecli.errors import DataError, InputError, MlecliError, display
 from mlecli.idx import GZIP_MAGIC, TYPE_CODES, IdxDecoder, IdxHeader, read_header
 from mlecli.prepare import MAX_SIDE, background_behind, composite, luminance
 
@@ -76,15 +76,6 @@ class Loaded:
     picture: bool
     indexed: bool = False
 
-
-def display(name: str) -> str:
-    """`name` as valid Unicode, for every output: bytes of a file name that are not UTF-8
-    (Python holds them as surrogates) become the text `\\xNN`; nothing else changes (each
-    output escapes control characters its own way: errors.printable, JSON's escapes)."""
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that no file name gave
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _why(exc: BaseException) -> str:

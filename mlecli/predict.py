@@ -23,7 +23,7 @@ import numpy as np
 
 from mlecli import checkpoint as ckpt
 from mlecli import inputs
-from mlecli.errors import CheckpointError, InputError, MlecliError, printable
+from mlecli.errors import CheckpointError, InputError, MlecliError, printable, quoted
 from mlecli.fsutil import atomic_write_bytes
 from mlecli.model import forward, sigmoid
 from mlecli.prepare import FRAME, BlankImage, Style, blank_message, prepare_many, prepare_steps, style_for
@@ -114,7 +114,7 @@ def check_threshold(threshold) -> float:
 def checkpoint_name(which: str) -> str:
     """`best`, `last` or `epoch-N`, the only checkpoints of a run one may name."""
     if not isinstance(which, str) or not CHECKPOINT_NAMES.fullmatch(which):
-        raise CheckpointError(f"checkpoint {which!r} is not best, last or epoch-N")
+        raise CheckpointError(f"checkpoint {quoted(which)} is not best, last or epoch-N")
     return which
 
 

@@ -146,6 +146,14 @@ def test_bad_checkpoint_name_is_a_usage_error(trained):
     assert res.exit_code == 2 and "'newest' is not best, last or epoch-N" in res.stderr
 
 
+def test_a_checkpoint_name_of_5000_characters_is_quoted_short(trained):
+    run, data = trained
+    res = evaluate(run, data, "--checkpoint", "epoch-" + "9" * 4994)
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == ("Error: Invalid value for '--checkpoint': 'epoch-" + "9" * 52
+                                           + "… (5,000 characters) is not best, last or epoch-N")
+
+
 def test_a_future_format_version(trained, tmp_path):
     run, data = copy_run(trained, tmp_path)
     path = run / "checkpoints" / "best.npz"

@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -274,3 +276,16 @@ def test_the_footer_shows_test_accuracy_only_for_this_very_checkpoint(tiny_runs)
     (run / "eval-test-best.json").write_text(json.dumps({**stale, "checkpoint_sha256": "0" * 64}))  # another file
     cli("export", run, "--format", "html")
     assert "test accuracy: not evaluated (mlecli evaluate)" in page_model((run / "best.html").read_text())["footer"]
+
+
+@pytest.mark.parametrize("fmt", ["html", "onnx"])
+def test_a_run_folder_whose_name_is_not_utf8_exports_with_the_bytes_shown_as_escapes(tiny_runs, tmp_path, fmt):
+    run = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))  # e.g. a folder from an old Latin-1 archive
+    shutil.copytree(tiny_runs["default"], run)
+    res = cli("export", run, "--format", fmt)
+    assert res.exit_code == 0, res.output
+    assert re.fullmatch(rf"wrote {re.escape(str(tmp_path))}/caf\\xe9/best\.{fmt} \(\d+ KB\)", res.output.splitlines()[0])
+    if fmt == "html":
+        assert page_model((run / "best.html").read_text(encoding="utf-8"))["footer"][0] == "run caf\\xe9"
+    else:
+        assert onnx.load(run / "best.onnx").doc_string.startswith(f"mlecli {__version__}: caf\\xe9 (best.npz")
