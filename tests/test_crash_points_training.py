@@ -77,6 +77,7 @@ def test_a_crash_at_every_write_boundary_of_training_resumes_into_identical_file
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["ended"]["status"] == "finished", f"crash at boundary {n}"
     assert n > 30  # the run has that many boundaries: the enumeration really ran
+    print(f"\n{n - 1} crash points of a 3-epoch run enumerated")
 
 
 def test_a_crash_at_every_boundary_of_a_resume_resumes_again(setup, tmp_path):
@@ -104,6 +105,7 @@ def test_a_crash_at_every_boundary_of_a_resume_resumes_again(setup, tmp_path):
         assert got == files(whole), f"crash at boundary {n}"
         assert records(run) == records(whole), f"crash at boundary {n}"
     assert n > 15
+    print(f"\n{n - 1} crash points of a resume enumerated")
 
 
 def test_a_stop_at_every_batch_resumes_into_identical_files(tiny_config, tmp_path, monkeypatch):
