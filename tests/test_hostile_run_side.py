@@ -376,3 +376,21 @@ def test_another_runs_checkpoint_copied_into_a_run_is_not_resumed(trained, tiny_
                            f"differs from {run / 'config.toml'} in ")
     assert "model.seed" in line
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_with_a_record_every_step_the_metrics_are_appended_and_checkpoints_do_not_grow(tiny_config, tmp_path):
+    """log_every = 1 once rewrote the whole metrics file at every step and copied every
+    step record into every checkpoint: the cost of a step grew with the run."""
+    cfg = tiny_config(train={"epochs": 1, "log_every": 1})
+    run, data = tmp_path / "run", tmp_path / "d"
+    assert cli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").exit_code == 0
+    first_metrics, inode = (run / "metrics.jsonl").read_bytes(), (run / "metrics.jsonl").stat().st_ino
+    first_size = (run / "checkpoints" / "last.npz").stat().st_size
+    assert cli("train", "--resume", run, "--set", "train.epochs=4", "--data-dir", data, "-q").exit_code == 0
+    metrics = (run / "metrics.jsonl").read_bytes()
+    assert metrics.startswith(first_metrics)  # appended: not a byte of the first epoch's records rewritten
+    assert (run / "metrics.jsonl").stat().st_ino == inode  # nor the file replaced by a rewritten copy
+    added = metrics[len(first_metrics):].count(b'"kind": "step"')
+    assert added >= 3 * first_metrics.count(b'"kind": "step"') > 0
+    grown = (run / "checkpoints" / "last.npz").stat().st_size - first_size
+    assert abs(grown) < 100 < len(metrics) - len(first_metrics)  # the step records are not in the checkpoint
