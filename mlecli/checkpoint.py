@@ -186,6 +186,9 @@ def resolve(target: Path, which: str = "best") -> Path:
         raise CheckpointError(f"{which!r} is not a checkpoint of a run: give best, last or epoch-N")
     name = f"epoch-{int(m.group(1)):04d}.npz" if m else f"{which}.npz"
     path = folder / name
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a folder, device or pipe): put the run's checkpoint "
+                              "back, or name another with --checkpoint")
     if not path.is_file():
         have = ", ".join(p.stem for p in checkpoints_in(target)) or "none"
         raise CheckpointError(f"{target} has no {which} checkpoint ({path}); it has: {have}")

@@ -157,7 +157,8 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
     `best_point` gives, from the same figures as the sweep's table."""
     from mlecli import config as config_mod
     from mlecli.errors import MlecliError
-    from mlecli.plot import read_metrics
+    from mlecli import checkpoint as ckpt
+    from mlecli.rundir import committed_epochs
     from mlecli.runs import describe
     from mlecli.sweep import expected_configs, read_sweep_json
 
@@ -199,7 +200,11 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
                               for k, v in zip(varying, key)) or cfg["name"]
             groups[key] = Group(label, [], [])
         groups[key].runs.append(folder)
-        groups[key].epochs.append(read_metrics(folder))
+        if row["status"] == "broken":  # its row says why; it has no curve to draw
+            groups[key].epochs.append([])
+        else:
+            last = ckpt.load(folder / "checkpoints" / "last.npz")
+            groups[key].epochs.append(committed_epochs(folder, last.meta, last.path))
         groups[key].rows.append(row)
     ordered = list(groups.values())
     best = best_point([g.rows for g in ordered])

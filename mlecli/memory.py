@@ -31,3 +31,12 @@ def check_fits(hidden: tuple[int, ...], batch_size: int, dtype: str, inputs: int
             f"would need about {resources.fmt_bytes(need)} of memory, more than this machine's "
             f"{resources.fmt_bytes(have)} (for {inputs}-pixel images); use smaller layers or batches"
         )
+
+
+def checkpoint_bytes(hidden: tuple[int, ...], dtype: str, inputs: int, state_slots: int) -> int:
+    """About the size of an epoch's checkpoint: the weights and the update rule's state,
+    and room for its JSON record (about 9 KB measured)."""
+    sizes = [inputs, *hidden, 1]
+    params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+    itemsize = 4 if dtype == "float32" else 8
+    return (1 + state_slots) * params * itemsize + (16 << 10)

@@ -15,7 +15,7 @@ import numpy as np
 from mlecli import checkpoint as ckpt
 from mlecli.errors import MlecliError, printable
 from mlecli.fsutil import atomic_write, remove_stale_temporaries
-from mlecli.rundir import read_metrics
+from mlecli.rundir import committed_epochs
 from mlecli.task import class_words, short_word
 
 MAX_UNITS = 64
@@ -181,7 +181,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     cp = ckpt.load(ckpt.resolve(run_dir, which))
     last = cp if which == "last" else ckpt.load(ckpt.resolve(run_dir, "last"))
     # only what the newest checkpoint commits: a crash may have left a record after it
-    epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
+    epochs = committed_epochs(run_dir, last.meta, last.path)
     cfg = cp.config
     best = cp.meta.get("best") or {}
     negative, positive = class_words(cfg)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from mlecli import schema
 from mlecli.errors import ConfigError, MlecliError
-from mlecli.fsutil import TMP_SUFFIX, atomic_write_text, describe_os_error, folder_lock, read_regular
+from mlecli.fsutil import TMP_SUFFIX, atomic_write_bytes, atomic_write_text, describe_os_error, folder_lock, open_regular
 
 RUNS_DIR = Path("runs")
 MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file
@@ -182,48 +183,90 @@ def record_end(run_dir: Path, status: str, at: str, error: str | None = None, **
 # metrics.jsonl
 
 
-def read_metrics(run_dir: Path, upto_step: int | None = None) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl in order (those with step <= `upto_step`, if given).
+def _metric_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """metrics.jsonl's lines (numbered from 1, each with its newline), read a piece at a
+    time. A last line without its newline is one a crash cut short: it is not a line."""
+    try:
+        f = open_regular(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MlecliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with f:
+        if os.fstat(f.fileno()).st_size > MAX_METRICS_BYTES:
+            raise MlecliError(f"cannot read {path}: larger than {MAX_METRICS_BYTES:,} bytes; it is not mlecli's")
+        for i, line in enumerate(f, start=1):
+            if line.endswith(b"\n"):
+                yield i, line
 
-    A last line without its newline is one a crash cut short: it is not a record. Any
-    other line that is not a JSON object with an integer step is damage, and is refused
+
+def read_metrics(run_dir: Path, upto_step: int | None = None, kinds: tuple[str, ...] | None = None
+                 ) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl in order (those with step <= `upto_step`, if given; of
+    the `kinds` given, if any: a record without a kind is an epoch's).
+
+    Every line is checked, whatever is kept, and only what is kept is held, so a file of
+    millions of step records costs the memory of its epoch records. A line that is not a
+    record, or a record out of the order the trainer writes them (steps never going back,
+    step records' steps rising, epochs counting up by one), is damage, and is refused
     naming the file and line."""
     path = run_dir / "metrics.jsonl"
-    try:
-        text = read_regular(path, MAX_METRICS_BYTES).decode("utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MlecliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    lines = text.split("\n")
-    lines.pop()  # after the last newline: "" or a line cut short
-    records = []
-    for i, line in enumerate(lines, start=1):
-        record = schema.load_json(line, schema.RECORD, f"{path}, line {i}")
-        if upto_step is None or record["step"] <= upto_step:
+    records: list[dict[str, Any]] = []
+    last_step, last_epoch_step, last_epoch = -1, -1, None
+    for i, line in _metric_lines(path):
+        where = f"{path}, line {i}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise schema.SchemaError(f"{where}: not UTF-8 text; the file is damaged or not mlecli's") from None
+        record = schema.load_json(text, schema.RECORD, where)
+        kind, step = record.get("kind", "epoch"), record["step"]
+        if kind == "epoch":  # after the step record of its last step, if one was due
+            wrong = step < last_step or step <= last_epoch_step or (
+                last_epoch is not None and record["epoch"] != last_epoch + 1)
+            last_epoch_step, last_epoch = step, record["epoch"]
+        else:
+            wrong = step <= last_step
+        if wrong:
+            raise schema.SchemaError(f"{where}: a record of epoch {record['epoch']}, step {step}, out of the order "
+                                     "the trainer writes them in; the file is damaged or edited")
+        last_step = step
+        if (upto_step is None or step <= upto_step) and (kinds is None or kind in kinds):
             records.append(record)
     return records
 
 
+def committed_epochs(run_dir: Path, last_meta: dict[str, Any], last_path: Path) -> list[dict[str, Any]]:
+    """The epoch records the run's newest checkpoint (`last_meta`, read from `last_path`)
+    commits, the whole file checked. A crash only ever loses records after that
+    checkpoint; a metrics.jsonl that ends before its epoch was cut or edited, and is
+    refused. (No metrics.jsonl at all is a run whose records were moved away.)"""
+    path, done = run_dir / "metrics.jsonl", last_meta["epochs_done"]
+    epochs = read_metrics(run_dir, upto_step=last_meta["step"], kinds=("epoch",))
+    reached = epochs[-1]["epoch"] if epochs else 0
+    if reached != done and path.exists():
+        raise MlecliError(
+            f"{path} ends at {f'epoch {reached}' if reached else 'no epoch'}'s record, but {last_path} has finished "
+            f"epoch {done}: records of the run were lost after they were written (the file was cut or edited); "
+            "restore the file, or move it away (a resumed run then records only what comes next)"
+        )
+    return epochs
+
+
 def cut_metrics(run_dir: Path, step: int) -> None:
-    """Keep only the records a checkpoint at `step` covers (the rest are replayed)."""
+    """Keep only the records a checkpoint at `step` covers (the rest are replayed), and
+    drop a last line that a crash cut short."""
     path = run_dir / "metrics.jsonl"
-    try:
-        text = read_regular(path, MAX_METRICS_BYTES).decode("utf-8")
-    except FileNotFoundError:
-        return
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MlecliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    keep = []
-    for line in text.split("\n")[:-1]:  # a last line cut short by a crash goes too
+    keep, dropped = [], False
+    for _, line in _metric_lines(path):
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):
             record = None  # damage is not ours to drop: read_metrics names it
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped = True
             continue
-        keep.append(line + "\n")
-    kept = "".join(keep)
-    if kept != text:
-        atomic_write_text(path, kept)
+        keep.append(line)
+    if dropped or (path.exists() and sum(map(len, keep)) != path.stat().st_size):
+        atomic_write_bytes(path, b"".join(keep))
 

@@ -22,7 +22,7 @@ from mlecli import config as config_mod
 from mlecli.errors import ConfigError, MlecliError, printable
 from mlecli.evaluate import default_report, read_report
 from mlecli.metrics import shown
-from mlecli.rundir import read_manifest, read_metrics
+from mlecli.rundir import committed_epochs, read_manifest
 
 ASCENDING = {"name", "started"}
 # Columns --where can filter on besides config keys.
@@ -73,7 +73,7 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
     cfg = last.config
     raw = cfg.to_dict()
     # only what the newest checkpoint commits: a crash may have left a record after it
-    epochs = [m for m in read_metrics(run_dir, upto_step=last.meta["step"]) if m.get("kind", "epoch") == "epoch"]
+    epochs = committed_epochs(run_dir, last.meta, last.path)
     best = last.meta.get("best") or {}
     best_row = best.get("record") or next((m for m in epochs if m.get("epoch") == best.get("epoch")), None)
     row.update(

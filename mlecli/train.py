@@ -48,6 +48,7 @@ from mlecli.config import STATE_SLOTS, Config, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
 from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from mlecli.model import Params, init_params, layer_sizes, log_prior
+from mlecli.resources import NoRoom, fmt_bytes, free_space
 from mlecli.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
 from mlecli.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
 from mlecli.task import BinaryTask, build_task, draw_offsets, pad_images
@@ -268,12 +269,14 @@ RESUME_OVERRIDABLE = {"train.epochs", "train.checkpoint_every", "train.log_every
 
 def resumed_config(saved: Config, overrides: tuple[str, ...], epochs_done: int = 0) -> Config:
     """The saved config with only the keys that cannot change the weights so far overridden
-    (and train.epochs no fewer than the `epochs_done` of the checkpoint resumed)."""
+    (others only set to the value they have), and train.epochs no fewer than the
+    `epochs_done` of the checkpoint resumed."""
     from mlecli.config import apply_overrides, from_dict, parse_override
 
     for item in overrides:
         key = ".".join(parse_override(item)[0])
-        if key not in RESUME_OVERRIDABLE:
+        if key not in RESUME_OVERRIDABLE and from_dict(apply_overrides(saved.to_dict(), (item,)),
+                                                       name=saved.name) != saved:  # a value it already has is fine
             raise ConfigError(
                 f"--set {key} cannot change when resuming (it would change the weights already trained); "
                 f"allowed: {', '.join(sorted(RESUME_OVERRIDABLE))}"
@@ -356,6 +359,8 @@ def run(
     if resume_from is None and run_dir is not None:
         rundir.check_unused(Path(run_dir))  # fail before any download; checked again under the lock
     data = _prepare_data(cfg, data_dir, report, None if resume_from is None else Path(run_dir))
+    _check_room(cfg, data, Path(run_dir) if run_dir is not None else rundir.RUNS_DIR,
+                0 if resume_from is None else resume_from.epoch)
     created = False
     if run_dir is None:
         run_dir, created = rundir.new_default(cfg.name), True
@@ -379,7 +384,8 @@ def run(
             return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
         except MlecliError as exc:
             stop.settled = True
-            rundir.record_end(run_dir, "failed", _now(), str(exc))
+            if opened is not None or resume_from is None:  # a resume refused while opening changed nothing
+                rundir.record_end(run_dir, "failed", _now(), str(exc))
             raise
         finally:
             if opened is not None:
@@ -388,6 +394,23 @@ def run(
         rundir.record_end(run_dir, "interrupted" if outcome.interrupted else "finished", _now(),
                           **({"stopped_early": early} if early else {}))
         return outcome
+
+
+def _check_room(cfg: Config, data: _Data, folder: Path, epochs_done: int) -> None:
+    """Refuse a run whose checkpoints (last, best and every checkpoint_every-th epoch's,
+    the last epoch's always) cannot fit on the disk it writes to, before it starts."""
+    t = cfg.train
+    kept = max(0, t.epochs // t.checkpoint_every - epochs_done // t.checkpoint_every) + (
+        1 if t.epochs % t.checkpoint_every and t.epochs > epochs_done else 0)
+    size = memory.checkpoint_bytes(cfg.model.hidden, cfg.model.dtype, data.task.n_inputs, STATE_SLOTS[t.optimizer])
+    need, free = (kept + 2) * size, free_space(folder)
+    if free is not None and need > free:
+        raise NoRoom(
+            f"train.epochs = {t.epochs} with train.checkpoint_every = {t.checkpoint_every} keeps {kept:,} more "
+            f"epoch checkpoints of about {fmt_bytes(size)} ({fmt_bytes(need)} with last and best) in {folder}, only "
+            f"{fmt_bytes(free)} is free there: raise train.checkpoint_every (only every N-th epoch is kept), train "
+            "fewer epochs, or free some space"
+        )
 
 
 def _make_folder(run_dir: Path) -> bool:
@@ -494,6 +517,8 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
         ckpt.check_same_data(cp, data.name, data.sha256, data.data_dir, "resume with the data it was trained on")
         _check_fits(cp, cfg, data.task)
         _check_own(cp, run_dir)
+        if cp.format > 1:  # a format-1 checkpoint's history is written again from it
+            rundir.committed_epochs(run_dir, cp.meta, cp.path)  # never add to a history cut short or damaged
         rule = make_rule(cfg)
         run = _Run(cfg, run_dir, data, _restore(cp, rule), rule)
         run.committed = (run.state.epochs_done, run.state.batch_in_epoch)

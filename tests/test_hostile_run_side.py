@@ -11,14 +11,18 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mlecli import checkpoint as ckpt
 from mlecli.cli import main
+from mlecli.errors import MlecliError
 from mlecli.fsutil import TMP_SUFFIX, atomic_write_text
 
 
@@ -394,3 +398,154 @@ def test_with_a_record_every_step_the_metrics_are_appended_and_checkpoints_do_no
     assert added >= 3 * first_metrics.count(b'"kind": "step"') > 0
     grown = (run / "checkpoints" / "last.npz").stat().st_size - first_size
     assert abs(grown) < 100 < len(metrics) - len(first_metrics)  # the step records are not in the checkpoint
+
+
+# Third hostile round ---------------------------------------------------------------
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_resume_refused_for_another_runs_config_changes_no_file_of_the_run(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("positive = [1, 3, 5, 7, 9]", "positive = [1, 3, 5, 7]"))
+    before = snapshot(run)
+    res = mlecli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert res.returncode == 1 and "is not this run's checkpoint" in one_line(res.stderr)
+    assert snapshot(run) == before  # the manifest still says how the run ended: finished, not failed
+    assert json.loads((run / "manifest.json").read_text())["ended"]["status"] == "finished"
+
+
+@pytest.mark.parametrize("cut", [1, 40, "line"])
+def test_a_metrics_file_cut_after_it_was_written_is_never_added_to(trained, tmp_path, cut):
+    """A crash loses only records after the newest checkpoint; records it covers that are
+    gone (a torn or deleted epoch record) are damage: resume, runs and plot say so."""
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    path = run / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]) if cut == "line" else path.read_bytes()[:-cut])
+    before = snapshot(run)
+    res = mlecli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert one_line(res.stderr) == (
+        f"Error: {path} ends at epoch 1's record, but {run / 'checkpoints' / 'last.npz'} has finished epoch 2: "
+        "records of the run were lost after they were written (the file was cut or edited); restore the file, or "
+        "move it away (a resumed run then records only what comes next)")
+    assert snapshot(run) == before
+    (row,) = json.loads(cli("runs", run.parent, "--json").output)
+    assert row["status"] == "broken" and "ends at epoch 1's record" in row["problem"]
+    res = mlecli("plot", run, "--data-dir", data, "--out", tmp_path / "p")
+    assert "ends at epoch 1's record" in one_line(res.stderr)
+    path.rename(run / "metrics.jsonl.kept")  # moved away: the run goes on, recording what comes next
+    assert mlecli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q").returncode == 0
+    assert [json.loads(x)["epoch"] for x in path.read_text().splitlines() if '"epoch"' in x][-1] == 3
+
+
+def test_a_damaged_metrics_line_stops_a_resume_before_it_writes_anything(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("not json\n")
+    n = len((run / "metrics.jsonl").read_text().splitlines())
+    before = snapshot(run)
+    res = mlecli("train", "--resume", run, "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert one_line(res.stderr) == f"Error: {run}/metrics.jsonl, line {n}: not valid JSON; the file is damaged or not mlecli's"
+    assert snapshot(run) == before
+
+
+@given(st.lists(st.tuples(st.sampled_from(["drop", "twice", "swap"]), st.integers(0, 10**6), st.integers(0, 10**6)),
+                min_size=1, max_size=4))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_lines_of_metrics_dropped_doubled_or_swapped_are_refused_or_leave_a_history_in_order(trained, ops):
+    from mlecli.rundir import committed_epochs
+    from mlecli.schema import SchemaError
+
+    _, run, _ = trained
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    for op, i, j in ops:
+        i, j = i % len(lines), j % len(lines)
+        if op == "drop" and len(lines) > 1:
+            del lines[i]
+        elif op == "twice":
+            lines.insert(i, lines[i])
+        else:
+            lines[i], lines[j] = lines[j], lines[i]
+    last = ckpt.load(run / "checkpoints" / "last.npz")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "metrics.jsonl").write_bytes(b"".join(lines))
+        try:
+            epochs = committed_epochs(Path(tmp), last.meta, last.path)
+        except (SchemaError, MlecliError):
+            return
+    assert [m["epoch"] for m in epochs] == list(range(epochs[0]["epoch"], 3))
+    assert all(a["step"] < b["step"] for a, b in zip(epochs, epochs[1:]))
+
+
+@pytest.mark.parametrize("steps", ["rising", "repeated"])
+def test_runs_reads_a_metrics_file_of_300000_records_in_bounded_memory(trained, tmp_path, steps):
+    """Every line is checked, only the epoch records are held: 300,000 step records (after
+    the checkpoint, as a crash would leave them, or one record repeated: damage) cost no
+    more memory than a few."""
+    _, run, _ = trained
+    run = copy_of(run, tmp_path)
+    text = (run / "metrics.jsonl").read_text()
+    record = json.loads(next(x for x in text.splitlines() if '"kind": "step"' in x))
+    first = 1000 if steps == "rising" else record["step"]
+    with open(run / "metrics.jsonl", "w" if steps == "repeated" else "a") as f:
+        f.writelines(json.dumps({**record, "step": first + (i if steps == "rising" else 0)}) + "\n"
+                     for i in range(300_000))
+    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', 'mlecli', 'runs', sys.argv[1], "
+             "'--json'], capture_output=True, text=True); print(r.stdout); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, str(run.parent)], capture_output=True, text=True,
+                         timeout=300).stdout.splitlines()
+    (row,) = json.loads("\n".join(out[:-2]))
+    if steps == "rising":
+        assert row["status"] == "finished" and row["epochs_done"] == 2
+    else:
+        assert row["status"] == "broken" and "line 2: a record of epoch 1" in row["problem"]
+    assert int(out[-1]) < 150_000  # KiB; held as dicts, 300,000 records would take about 500 MB
+
+
+def test_a_resume_may_set_a_key_to_the_value_it_has(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    res = mlecli("train", "--resume", run, "--set", "train.learning_rate=0.05", "--set", "train.batch_size=16",
+                 "--set", "train.epochs=3", "--data-dir", data, "-q")
+    assert res.returncode == 0, res.stderr
+    res = mlecli("train", "--resume", run, "--set", "train.batch_size=32", "--data-dir", data, "-q")
+    assert one_line(res.stderr).startswith("Error: --set train.batch_size cannot change when resuming")
+
+
+def test_a_pipe_in_place_of_a_checkpoint_is_named_as_such(trained, tmp_path):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    (run / "checkpoints" / "best.npz").unlink()
+    os.mkfifo(run / "checkpoints" / "best.npz")
+    res = mlecli("evaluate", run, "--data-dir", data)
+    assert one_line(res.stderr) == (f"Error: {run / 'checkpoints' / 'best.npz'} is not a regular file (a folder, "
+                                    "device or pipe): put the run's checkpoint back, or name another with --checkpoint")
+
+
+def test_a_run_whose_checkpoints_cannot_fit_on_its_disk_is_refused_before_it_starts(tiny_config, tmp_path,
+                                                                                       monkeypatch):
+    from mlecli import memory
+    from mlecli import train as training
+
+    size = memory.checkpoint_bytes((4,), "float32", 28 * 28, 0)
+    monkeypatch.setattr(training, "free_space", lambda folder: 8 * size)  # room for 6 epoch checkpoints
+    cfg = tiny_config(model={"hidden": [4]}, train={"epochs": 12})
+    res = CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(tmp_path / "r"), "--data-dir",
+                                    str(tmp_path / "d"), "-q"])
+    assert res.exit_code == 1 and res.output.startswith(
+        "Error: train.epochs = 12 with train.checkpoint_every = 1 keeps 12 more epoch checkpoints of about ")
+    assert "raise train.checkpoint_every" in res.output and not (tmp_path / "r").exists()
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(tmp_path / "r"), "--data-dir",
+                                     str(tmp_path / "d"), "-q", "--set", "train.checkpoint_every=2"]).exit_code == 0
+    assert len(list((tmp_path / "r" / "checkpoints").glob("epoch-*.npz"))) == 6
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d"),
+                                    "-q", "--set", "train.epochs=30"])  # 9 more: too many
+    assert res.exit_code == 1 and "keeps 9 more epoch checkpoints" in res.output

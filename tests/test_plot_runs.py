@@ -314,3 +314,21 @@ def test_plot_of_a_folder_that_is_neither_a_run_nor_a_sweep_is_refused(with_a_sw
     assert res.exit_code == 1
     assert res.stderr == (f"Error: {tmp_path} is neither a run folder (no config.toml) nor a sweep folder "
                           "(no sweep.json)\n")
+
+
+def test_compare_draws_each_run_from_its_epoch_records_only(tiny_config, tmp_path):
+    """A run without validation draws its training LL per epoch; its step records (one every
+    step here) carry a training LL of their own window, and must not be averaged in."""
+    from mlecli.compare import band, collect
+
+    cfg = tiny_config(data={"validation": 0.0}, train={"epochs": 2, "log_every": 1})
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run, seed in zip(runs, (1, 2)):
+        assert cli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "d", "-q", "--set",
+                   f"train.seed={seed}").exit_code == 0
+    (group,) = collect(runs)[0]
+    epochs = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x]
+              for run in runs]
+    assert group.epochs == epochs
+    x, mean, _, _ = band(group.epochs, "train_ll_mean")
+    assert x == [1, 2] and mean == [(a["train_ll_mean"] + b["train_ll_mean"]) / 2 for a, b in zip(*epochs)]
