@@ -125,7 +125,8 @@ class Model:
     `predict_proba(images)` gives (N, 2) probabilities of them, `predict(images)` the
     class (0 or 1) at a threshold, `prepare(image)` the 28×28 image the network sees.
     Images: a path (image file, folder, .npy, IDX), a PIL image, a gray array (H, W) or
-    (N, H, W) (uint8 0-255 or float 0-1), or a list of these.
+    (N, H, W) (uint8 0-255 or float 0-1), a colour array (H, W, 3|4) or (N, H, W, 3|4) (RGB or
+    RGBA, as `np.array(PIL image)` gives), or a list of these.
     """
 
     def __init__(self, cp: ckpt.Checkpoint):
@@ -243,12 +244,14 @@ def network_inputs(loaded: inputs.Loaded, raw: bool, style: Style) -> Iterator[U
             yield Usable(None, np.zeros((0, *SHAPE), np.uint8), [blank_error(name)])
         return
     stack = loaded.images
-    if raw and stack.shape[1:] != SHAPE:
-        yield Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:])])
+    if raw and stack.shape[1:3] != SHAPE:
+        yield Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:3])])
         return
     step = max(1, CHUNK_PIXELS // (stack.shape[1] * stack.shape[2]))
     for start in range(0, len(stack), step):
         part = stack[start : start + step]
+        if part.ndim == 4:  # colour pictures, made gray as picture files are
+            part = np.stack([inputs.colour_gray(picture) for picture in part])
         index = np.arange(start, start + len(part)) if loaded.indexed else None
         if raw:
             yield Usable(index, part if part.dtype == np.uint8 else part.astype(np.float64), [])
@@ -272,6 +275,8 @@ def _is_many(images) -> bool:
     if isinstance(images, (list, tuple)):
         return True
     if isinstance(images, np.ndarray):
+        if inputs.colour_channels(images.shape):
+            return images.ndim == 4
         return images.ndim == 3 or (images.ndim == 2 and images.shape[1] == 784)
     if isinstance(images, (str, Path)):
         return Path(images).is_dir()
@@ -298,11 +303,11 @@ def _loaded(images) -> Iterator[inputs.Loaded | InputError]:
     if isinstance(images, np.ndarray):
         try:
             with inputs.guard("array"):
-                arr, indexed = inputs.check_array(images, "array")
+                loaded = inputs.array_loaded(inputs.Source("array", None), images, "array")
         except InputError as exc:
             yield exc
             return
-        yield inputs.Loaded(inputs.Source("array", None), arr, picture=False, indexed=indexed)
+        yield loaded
         return
     if type(images).__module__.startswith("PIL."):  # the same conversion as a picture file's
         try:
@@ -314,7 +319,8 @@ def _loaded(images) -> Iterator[inputs.Loaded | InputError]:
         yield inputs.Loaded(inputs.Source("image", None), gray, picture=True)
         return
     yield InputError(
-        f"cannot predict on a {type(images).__name__}: give a path, a PIL image, or a gray array (H, W) or (N, H, W)"
+        f"cannot predict on a {type(images).__name__}: give a path, a PIL image, or a gray array (H, W) or (N, H, W) "
+        "or a colour one (H, W, 3|4) or (N, H, W, 3|4)"
     )
 
 

@@ -553,6 +553,67 @@ def test_a_colour_key_transparency_reads_like_an_alpha_band(model, tmp_path):
     np.testing.assert_array_equal(model.prepare(tmp_path / "l_trns.png"), expected)
 
 
+def _colour_picture(data, channels: int) -> np.ndarray:
+    """INK in one colour on a paper of another, RGB or RGBA (opaque, a transparent sheet under
+    the ink, or any alpha), as `np.array(PIL image)` gives it."""
+    colour = st.tuples(*[st.integers(0, 255)] * 3)
+    ink, paper = np.array(data.draw(colour), float), np.array(data.draw(colour), float)
+    pixels = np.floor(INK[..., None] * ink + (1 - INK[..., None]) * paper + 0.5).astype(np.uint8)
+    if channels == 3:
+        return pixels
+    alpha = data.draw(st.sampled_from(["opaque", "sheet", "any"]))
+    a = {"opaque": np.full(INK.shape, 255, np.uint8), "sheet": np.floor(255 * INK + 0.5).astype(np.uint8),
+         "any": np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, 256, INK.shape, dtype=np.uint8)}[alpha]
+    return np.concatenate([pixels, a[..., None]], axis=2)
+
+
+def _prepared_or_error(model, image):
+    try:
+        return model.prepare(image)
+    except InputError as exc:
+        return str(exc).split(": ", 1)[1]  # the same error, whatever the input's name
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), channels=st.sampled_from([3, 4]), as_float=st.booleans())
+def test_a_colour_array_is_prepared_as_the_picture_of_the_same_pixels(model, data, channels, as_float):
+    pictures = [_colour_picture(data, channels) for _ in range(data.draw(st.integers(1, 3)))]
+    to_array = (lambda a: a / 255.0) if as_float else (lambda a: a)
+    one = [_prepared_or_error(model, to_array(p)) for p in pictures]
+    assert all(isinstance(o, str) or o.shape == (28, 28) for o in one)
+    for got, p in zip(one, pictures):
+        expected = _prepared_or_error(model, Image.fromarray(p))
+        assert got == expected if isinstance(got, str) else np.array_equal(got, expected)
+    if not any(isinstance(o, str) for o in one):  # N pictures at once: each as on its own
+        np.testing.assert_array_equal(model.prepare(to_array(np.stack(pictures))), np.stack(one))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_npy_reads_as_one_picture_and_a_stack_of_them_as_n(run, model, tmp_path, channels):
+    rng = np.random.default_rng(channels)
+    pictures = np.zeros((3, 60, 60, channels), np.uint8)  # light ink on black, as arrays are, in colour
+    for k, picture in enumerate(pictures):
+        top, left = rng.integers(5, 20, 2)
+        picture[top : top + 30, left : left + 8 + 6 * k, :3] = rng.integers(128, 256, 3)
+        if channels == 4:
+            picture[..., 3] = 255
+    for k, picture in enumerate(pictures):
+        np.save(tmp_path / f"one{k}.npy", picture)
+        Image.fromarray(picture).save(tmp_path / f"one{k}.png")
+    np.save(tmp_path / "stack.npy", pictures)
+    res = cli("predict", run, *[tmp_path / f"one{k}.{ext}" for k in range(3) for ext in ("npy", "png")],
+              tmp_path / "stack.npy", "--json")
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(Path(d["input"]).name, d["index"]) for d in got] == [
+        ("one0.npy", None), ("one0.png", None), ("one1.npy", None), ("one1.png", None), ("one2.npy", None),
+        ("one2.png", None), ("stack.npy", 0), ("stack.npy", 1), ("stack.npy", 2)]
+    p = [d["p"] for d in got]
+    assert p[0:6:2] == p[1:6:2]
+    assert p[6:] == pytest.approx(p[0:6:2], abs=1e-7)  # a batch's products round apart from one image's
+    assert len(set(p[6:])) == 3
+
+
 def test_a_32_bit_picture_is_scaled_from_its_own_darkest_to_lightest(model, tmp_path):
     Image.fromarray(PAGE8.astype(np.int32), "I").save(tmp_path / "int32.tif")
     np.testing.assert_array_equal(model.prepare(tmp_path / "int32.tif"), model.prepare(PAGE8))
