@@ -717,16 +717,29 @@ def test_finite_but_extreme_weights_are_refused_when_the_network_is_loaded(run, 
         mlecli.load(huge)
 
 
-def test_a_checkpoint_that_does_not_say_its_image_size_or_says_two_is_refused(run, tmp_path, good):
+def test_a_checkpoint_that_does_not_say_its_image_size_is_refused(run, tmp_path, good):
     unsaid = crafted(run, tmp_path, image_shape=None)
     res = cli("predict", unsaid, good)
     assert res.stderr == (f"Error: {unsaid} does not say what size of image it was trained on (no image_shape in its "
                           "meta record; 784 inputs, dataset tiny); predict and export work with 28×28 images (MNIST's "
                           "form): use a network trained on a 28×28 dataset\n")
-    twice = crafted(run, tmp_path, image_shape=[20, 35])  # 700 pixels, but 784 inputs
-    res = cli("export", twice, "--format", "html")
-    assert res.stderr == (f"Error: {twice}: its meta record says 20×35 images (700 pixels) but 784 inputs; the "
-                          "checkpoint is damaged\n")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.tuples(st.integers(1, 1 << 16), st.integers(1, 1 << 16)).filter(lambda s: s[0] * s[1] != 784))
+def test_a_checkpoint_whose_image_shape_is_at_odds_with_its_inputs_is_refused_by_every_command(run, tmp_path, good,
+                                                                                               shape):
+    twice = crafted(run, tmp_path, image_shape=list(shape))  # e.g. 20×35: 700 pixels, but 784 inputs
+    says = (f"{twice}: its meta record says {shape[0]}×{shape[1]} images ({shape[0] * shape[1]} pixels) but 784 "
+            "inputs; the checkpoint is damaged")
+    for args in (["predict", twice, good], ["export", twice, "--format", "html"], ["export", twice, "--format", "onnx"],
+                 ["evaluate", twice, "--data-dir", tmp_path / "data"]):
+        res = cli(*args)
+        assert (res.exit_code, res.stderr) == (1, f"Error: {says}\n"), args
+    with pytest.raises(CheckpointError) as raised:
+        mlecli.load(twice)
+    assert str(raised.value) == says
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.npz", "good.png"]  # nothing exported
 
 
 def test_a_report_with_nan_is_not_shown_and_no_json_holds_nan(run, tmp_path):
