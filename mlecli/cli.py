@@ -602,7 +602,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     from mlecli.outputs import check_output
 
     model = pr.load_model(target, which)
-    sources = sources_of.sources(list(inputs))
+    sources = sources_of.sources(list(inputs), skip=show)  # a folder's images, not the --show written there before
     if show is not None:
         read = [(s.path, "one of the inputs") for s in sources if isinstance(s, sources_of.Source) and s.path]
         show = check_output(show, "--show", ".png", "PNG picture", keep=read)

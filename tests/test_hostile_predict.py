@@ -642,6 +642,29 @@ def test_show_never_writes_over_an_input_whatever_its_name(run, tmp_path, good):
     assert good.read_bytes() == before
 
 
+@pytest.mark.parametrize("show,entry", [("scans/seen.png", "seen.png"), ("./scans/../scans/seen.png", "seen.png"),
+                                        ("out/seen.png", "seen-link.png")])
+def test_show_written_into_a_folder_it_reads_is_not_one_of_its_images_run_after_run(run, tmp_path, good, show, entry,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("scans").mkdir()
+    shutil.copy(good, "scans/a.png")
+    if entry != "seen.png":  # the folder holds a link to the file --show names
+        Path("out").mkdir()
+        Path("scans", entry).symlink_to(Path("../out/seen.png"))
+    for _ in range(3):  # the second and third runs find the picture the first wrote in the folder
+        res = cli("predict", run, "scans", "--show", show, "--json")
+        assert (res.exit_code, [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]) == (0, ["a.png"])
+        assert res.stderr == f"wrote {Path(show)} (1 images)\n"
+        assert Image.open(Path("scans", entry)).size == (100, 128)  # one image: it alone is shown
+    res = cli("predict", run, "scans", Path("scans", entry), "--show", show)  # named: still refused
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert res.stderr == (f"Error: --show {Path(show)} is one of the inputs: writing there would destroy it; "
+                          "give another name\n")
+    res = cli("predict", run, "scans", "--json")  # without --show, the picture is a picture like any other
+    assert [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())] == ["a.png", entry]
+
+
 @pytest.mark.parametrize("show,says", [
     ("-", "--show -: standard output is not a file here; give a file name ending in .png"),
     ("", "--show '': an empty name; give a file name ending in .png"),
