@@ -340,15 +340,27 @@ def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: in
     return [f"{label:<{width}}  ŷ {p:.4f}  {words[d]}" for label, p, d in zip(labels, batch.p.tolist(), decided.tolist())]
 
 
+# What str.splitlines (and other Unicode-aware readers) end a line at, that JSON leaves raw:
+# the rest (\n, \r, \v, \f, \x1c-\x1e) are control characters JSON escapes anyway.
+LINE_BREAKS = "\x85\u2028\u2029"
+_ESCAPED_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in LINE_BREAKS})
+
+
+def json_string(text: str) -> str:
+    """`text` as a JSON string in valid Unicode (`inputs.display`), non-ASCII kept as it is
+    except the line breaks of LINE_BREAKS, escaped: the string never ends a line for any reader."""
+    return json.dumps(inputs.display(text), ensure_ascii=False).translate(_ESCAPED_BREAKS)
+
+
 def json_lines(batch: Batch, words: tuple[str, str], threshold: float) -> list[str]:
     """One JSON object per image, as json.dumps writes it (built by hand: ten times faster).
 
-    Valid JSON in valid UTF-8 whatever the names: each string goes through `inputs.display`
-    (no lone surrogate from a file name that is not UTF-8) and JSON's own escapes, and every
-    ŷ is finite (Model.probabilities makes sure of it)."""
+    Valid JSON in valid UTF-8 whatever the names, one object a line whatever splits the lines:
+    each string goes through `json_string`, and every ŷ is finite (Model.probabilities makes
+    sure of it)."""
     assert np.all(np.isfinite(batch.p)), "Model.probabilities gives finite ŷ only"
-    source = json.dumps(inputs.display(batch.source), ensure_ascii=False)
-    label = [json.dumps(inputs.display(w), ensure_ascii=False) for w in words]
+    source = json_string(batch.source)
+    label = [json_string(w) for w in words]
     index = ["null"] * len(batch.p) if batch.index is None else batch.index.tolist()
     decided = (batch.p >= threshold).tolist()
     return [

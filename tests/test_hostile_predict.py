@@ -35,6 +35,7 @@ from PIL import Image
 import mlecli
 from mlecli import checkpoint as ckpt
 from mlecli import inputs
+from mlecli import predict as pr
 from mlecli.cli import main
 from mlecli.errors import CheckpointError, InputError, MlecliError
 from mlecli.idx import idx_bytes
@@ -280,6 +281,35 @@ def test_names_with_odd_characters_give_valid_json_in_valid_utf8(run, tmp_path):
     table = cli("predict", run, folder).stdout_bytes.decode("utf-8").splitlines()
     assert [line.split("  ")[0].strip().rsplit("/", 1)[1] for line in table] == [
         "1²2.png", "2.png", "10.png", "latin1-\\xe9.png", "two\\nlines.png"]
+
+
+SPLITTERS = [chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) > 1]  # \n, \r, \v, …, U+2029
+
+
+def test_every_character_a_unicode_line_splitter_splits_on_is_escaped_in_json_names(run, tmp_path):
+    assert len(SPLITTERS) >= 10  # the search above found them (str.splitlines' own list, whatever its version)
+    folder = tmp_path / "uni"
+    folder.mkdir()
+    names = [f"{k:02d}{c}x.png" for k, c in enumerate(SPLITTERS)]
+    for name in names:
+        (folder / name).write_bytes(encode(1.0 - INK))
+    res = cli("predict", run, folder, "--json")
+    assert res.exit_code == 0, res.output
+    text = res.stdout_bytes.decode("utf-8")
+    assert not any(c in text for c in SPLITTERS if c != "\n")
+    lines = text.splitlines()
+    assert [Path(json.loads(line)["input"]).name for line in lines] == names
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(st.characters(blacklist_categories=["Cs"]), max_size=12) | st.sampled_from(SPLITTERS),
+       words=st.tuples(st.text(max_size=6), st.text(max_size=6)))
+def test_a_json_line_is_one_line_for_any_line_splitter_whatever_the_names(name, words):
+    batch = pr.Batch(name, np.array([0, 3]), np.zeros((2, 28, 28), np.uint8), np.array([0.25, 0.75]))
+    for line in pr.json_lines(batch, words, 0.5):
+        assert line.splitlines() == [line] and line.encode("utf-8")  # one line, valid UTF-8
+        got = json.loads(line)
+        assert (got["input"], got["label"]) in {(inputs.display(name), inputs.display(w)) for w in words}
 
 
 # ---------------------------------------------------------------------------
