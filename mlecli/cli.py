@@ -467,18 +467,18 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
     import shlex
 
     from mlecli import grid
+    from mlecli import sweep as sweeping
     from mlecli.compare import format_summary
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
-        stopped = [r for r in outcome.results.values() if r.status == "interrupted"]
-        at_once = sum(r.error is not None for r in stopped)
-        finished = sum(r["status"] == "finished" for r in outcome.summary["runs"])
+        n = sweeping.stop_counts(plan, outcome)  # each run once
         echo(
-            f"Stopped by {outcome.stopped}: {finished} of {len(plan.runs)} runs finished, "
-            f"{len(stopped) - at_once} saved mid-run"
-            + (f", {at_once} stopped at once (they go on from their last checkpoint)" if at_once else "")
+            f"Stopped by {outcome.stopped}: {n['finished']} of {len(plan.runs)} runs finished, "
+            f"{n['saved']} saved mid-run"
+            + (f", {n['at_once']} stopped at once (they go on from their last checkpoint)" if n["at_once"] else "")
+            + (f", {n['failed']} failed" if n["failed"] else "")
             + f". Continue with: {grid.command(plan, outcome.sweep_dir, extra)}",
             err=True,
         )

@@ -385,6 +385,22 @@ def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool,
     return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
 
 
+def stop_counts(p: Plan, outcome: Outcome) -> dict[str, int]:
+    """How a stopped sweep's runs stand, each run counted once: "finished" (by its folder, also
+    when the stop came as it ended), "saved" mid-run or stopped "at_once" now (by its worker),
+    "failed" now."""
+    status = {r.name: row["status"] for r, row in zip(p.runs, outcome.summary["runs"])}
+    counts = {"finished": sum(s == "finished" for s in status.values()), "saved": 0, "at_once": 0, "failed": 0}
+    for name, result in outcome.results.items():
+        if status.get(name) == "finished":
+            continue
+        if result.status == "interrupted":
+            counts["at_once" if result.error is not None else "saved"] += 1
+        elif result.status == "failed":
+            counts["failed"] += 1
+    return counts
+
+
 def check_paths(p: Plan, sweep_dir: Path) -> None:
     """Refuse a sweep folder so deep that its runs' files could not be named (before
     anything is written). Each run folder's own name fits: grid.folder_name cuts it."""

@@ -493,3 +493,80 @@ def test_the_plot_and_runs_commands_quote_the_sweep_folder_for_the_shell(done, t
     assert res.stdout.splitlines()[-2:] == [f"plot:     mlecli plot {shlex.quote(str(sw))}",
                                             f"runs:     mlecli runs {shlex.quote(str(sw))}"]
     assert shlex.split(res.stdout.splitlines()[-1])[-1] == str(sw)
+
+
+# ---------------------------------------------------------------------------
+# Hostile round 5: a signal at any moment of a worker's run gives the run's own status, once
+
+
+class _Pipe:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+def _then_sigterm(real, when=lambda *args: True, before=False):
+    def wrapped(*args, **kw):
+        if before and when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+        out = real(*args, **kw)
+        if not before and when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)  # as PR_SET_PDEATHSIG or the sweep's stop sends it
+        return out
+    return wrapped
+
+
+@pytest.mark.parametrize("moment", ["fetching its data", "epoch 1 ends", "epoch 2 ends", "epoch 3 ends",
+                                    "evaluating it"])
+def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_says_and_no_internal_error(
+        done, tmp_path, monkeypatch, capfd, moment):
+    from mlecli import config
+    from mlecli import evaluate as ev
+    from mlecli import train as training
+    from mlecli.rundir import read_manifest
+    from mlecli.runs import describe
+
+    cfg_path, data, _ = done
+    if moment == "fetching its data":  # before its training began: the trainer's own Stopped
+        monkeypatch.setattr(training, "_prepare_data", _then_sigterm(training._prepare_data))
+    elif moment.startswith("epoch"):  # the last one: the run is finished, whatever the signal
+        k = int(moment.split()[1])
+        monkeypatch.setattr(training, "_end_epoch", _then_sigterm(training._end_epoch,
+                                                                  lambda run, *_: run.state.epochs_done == k))
+    else:
+        monkeypatch.setattr(ev, "evaluate", _then_sigterm(ev.evaluate, before=True))
+    monkeypatch.setattr(workers, "_stop_signal", None)
+    for sig in workers.STOP_SIGNALS:  # the worker's own handlers, as worker_main installs them
+        signal.signal(sig, workers._on_stop_signal)
+    run = tmp_path / "run"
+    task = workers.Task("run", str(run), config.load(cfg_path).to_dict(), "start", evaluate=True)
+    result = workers._perform(task, _Pipe(), data)
+    if moment == "fetching its data":
+        assert (result, run.exists()) == (workers.Result("not started"), False)
+    else:
+        expected = "interrupted" if moment in ("epoch 1 ends", "epoch 2 ends") else "finished"
+        assert (result.status, describe(run)["status"], read_manifest(run)["ended"]["status"]) == (expected,) * 3
+    assert "internal error" not in capfd.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.tuples(st.sampled_from(["finished", "interrupted", "failed", "not started", "broken"]),
+                               st.sampled_from([None, "finished", "interrupted", "at once", "failed", "not started"])),
+                     min_size=1, max_size=6))
+def test_a_stopped_sweep_counts_each_run_once_whatever_its_folder_and_its_worker_said(done, runs):
+    from mlecli import sweep as sweeping
+
+    cfg_path, _, _ = done
+    rates = ",".join(str(k + 1) for k in range(len(runs)))
+    p = grid.plan(str(cfg_path), (), (f"train.learning_rate={rates}",), (0,))
+    results = {r.name: workers.Result(said if said != "at once" else "interrupted",
+                                      "stopped at once" if said == "at once" else None)
+               for r, (_, said) in zip(p.runs, runs) if said is not None}
+    rows = [{"status": folder} for folder, _ in runs]
+    n = sweeping.stop_counts(p, sweeping.Outcome(Path("sw"), results, "SIGINT", {"runs": rows}))
+    assert sum(n.values()) <= len(runs)
+    assert n["finished"] == sum(folder == "finished" for folder, _ in runs)
+    assert n["saved"] + n["at_once"] == sum(said in ("interrupted", "at once") and folder != "finished"
+                                            for folder, said in runs)
