@@ -490,10 +490,14 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         for r in failed:
             echo(printable(f"{r['status']} {Path(r['run_dir']).name}: "
                            f"{r['error'] or 'see mlecli runs ' + shlex.quote(s['sweep_dir'])}"), err=True)
-        raise MlecliError(
-            f"{len(failed)} of {len(s['runs'])} runs did not finish (listed above); the others did. "
-            "Run the same command again to retry them"
-        )
+        total = len(s["runs"])
+        if total == 1:
+            said = "the sweep's one run did not finish (listed above)"
+        elif len(failed) == total:
+            said = f"none of the {total} runs finished (listed above)"
+        else:
+            said = f"{len(failed)} of {total} runs did not finish (listed above); the others did"
+        raise MlecliError(f"{said}. Run the same command again to retry them")
     if not as_json:
         echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
         echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))

@@ -189,6 +189,10 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
 
     if not run_dir.exists() and not run_dir.is_symlink():
         return Todo(run, "start")
+    if run_dir.is_symlink() and not (run_dir.is_dir() and ckpt.checkpoints_in(run_dir)):  # the trainer starts none
+        target = "a folder" if run_dir.is_dir() else "nothing it can use (a missing, looping or non-folder target)"
+        return Todo(run, "start", problem=f"{run_dir} is a symbolic link to {target}: a run of the sweep starts in a "
+                                          "folder of its own; move the link away and run the sweep again")
     if not run_dir.is_dir():
         return Todo(run, "start", problem=f"{run_dir} is not a folder: a run of the sweep goes there; move it away "
                                           "and run the sweep again")

@@ -570,3 +570,56 @@ def test_a_stopped_sweep_counts_each_run_once_whatever_its_folder_and_its_worker
     assert n["finished"] == sum(folder == "finished" for folder, _ in runs)
     assert n["saved"] + n["at_once"] == sum(said in ("interrupted", "at once") and folder != "finished"
                                             for folder, said in runs)
+
+
+def _link_to_nothing(run: Path, tmp: Path):
+    run.symlink_to(tmp / "nowhere")
+
+
+def _link_to_an_empty_folder(run: Path, tmp: Path):
+    (tmp / f"empty-{run.name}").mkdir()
+    run.symlink_to(tmp / f"empty-{run.name}")
+
+
+def _link_in_a_loop(run: Path, tmp: Path):
+    run.symlink_to(run.name)
+
+
+def _link_to_a_file(run: Path, tmp: Path):
+    (tmp / f"file-{run.name}").write_text("x")
+    run.symlink_to(tmp / f"file-{run.name}")
+
+
+@pytest.mark.parametrize("how", [_link_to_nothing, _link_to_an_empty_folder, _link_in_a_loop, _link_to_a_file])
+@pytest.mark.parametrize("replaced", [1, 2])
+def test_a_run_folder_replaced_by_a_link_is_refused_in_the_sweeps_own_words(done, tmp_path, how, replaced):
+    cfg, data, ref = done
+    sw = tmp_path / "sw"
+    shutil.copytree(ref, sw, symlinks=True)
+    for name in NAMES[:replaced]:
+        shutil.rmtree(sw / name)
+        how(sw / name, tmp_path)
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", sw, "--data-dir", data, "--jobs", 1)
+    assert res.exit_code == 1
+    target = "a folder" if how is _link_to_an_empty_folder else \
+        "nothing it can use (a missing, looping or non-folder target)"
+    lines = res.stderr.splitlines()
+    for name in NAMES[:replaced]:
+        assert (f"failed {name}: {sw / name} is a symbolic link to {target}: a run of the sweep starts in a folder of "
+                "its own; move the link away and run the sweep again") in lines
+    assert lines[-1] == ("Error: none of the 2 runs finished (listed above). Run the same command again to retry them"
+                         if replaced == 2 else "Error: 1 of 2 runs did not finish (listed above); the others did. "
+                                               "Run the same command again to retry them")
+    assert "--run-dir" not in res.output
+
+
+def test_a_sweep_of_one_run_that_did_not_finish_says_so_in_the_singular(done, tmp_path):
+    cfg, data, ref = done
+    sw = tmp_path / "sw"
+    (sw / NAMES[0]).mkdir(parents=True)
+    (sw / NAMES[0] / "notes.txt").write_text("mine")
+    res = cli("sweep", cfg, "--grid", "train.learning_rate=0.05", "--seeds", "0", "--sweep-dir", sw, "--data-dir",
+              data)
+    assert res.exit_code == 1
+    assert res.stderr.splitlines()[-1] == ("Error: the sweep's one run did not finish (listed above). Run the same "
+                                           "command again to retry them")
