@@ -595,7 +595,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 
     TARGET is a run folder or a checkpoint file. INPUT: image files (PNG, JPEG, BMP, GIF,
     TIFF, WebP), folders of them (sorted by name), .npy arrays (H×W or N×H×W, uint8 0-255
-    or float 0-1), IDX image files (.gz or not), or - for standard input. Each image is
+    or float 0-1; colour H×W×3|4 or N×H×W×3|4), IDX image files (.gz or not), or - for standard input. Each image is
     prepared as the network's training images were (MNIST's digits: gray, ink light on
     dark, cropped, longer side 20 pixels, centred by mass in 28×28; Fashion-MNIST's:
     longer side 28, centred) unless --raw. An input that cannot be used gets one line on

@@ -2,10 +2,11 @@
 
 Each input becomes a `Loaded`: one gray image (H, W) float64 in [0, 1] (0 black, 1
 white), or a stack of images (N, H, W) (uint8 0-255, or float 0-1 in the file's own float
-type, light ink on dark as in MNIST's files), or of colour pictures (N, H, W, 3|4) uint8. What a file is, is told by its first bytes,
-not its name: a .npy header, a gzip stream (an IDX file inside), an IDX header, or the
-signature of a picture format mlecli reads through Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP,
-PNM). Anything unusable raises InputError with one line naming it.
+type, light ink on dark as in MNIST's files), or of colour pictures (N, H, W, 3|4) uint8.
+What a file is, is told by its first bytes, not its name: a .npy header, a gzip stream
+(an IDX file inside), an IDX header, or the signature of a picture format mlecli reads
+through Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM). Anything unusable raises InputError
+with one line naming it.
 
 Four mechanisms keep one input from hurting the others or the machine:
 
@@ -171,8 +172,9 @@ def _not_a_file(name: str, mode: int) -> str:
 
 def _folder(item: str, name: str, skipped: _Skipped | None = None) -> list[Source | InputError]:
     """A folder's pictures by name: not hidden files, not subfolders, not the file `skipped`
-    (the command's output, written into the folder it reads by a run before this one). An entry that cannot be looked at (a link into a folder this process may not
-    search) is kept: reading it gives its own line, and the folder's other pictures are still read."""
+    (the command's output, written into the folder it reads by a run before this one). An
+    entry that cannot be looked at (a link into a folder this process may not search) is
+    kept: reading it gives its own line, and the folder's other pictures are still read."""
     try:
         with os.scandir(item) as entries:
             found = [e for e in entries if not e.name.startswith(".")

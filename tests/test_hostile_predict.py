@@ -684,7 +684,8 @@ def test_show_written_into_a_folder_it_reads_is_not_one_of_its_images_run_after_
         Path("scans", entry).symlink_to(Path("../out/seen.png"))
     for _ in range(3):  # the second and third runs find the picture the first wrote in the folder
         res = cli("predict", run, "scans", "--show", show, "--json")
-        assert (res.exit_code, [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]) == (0, ["a.png"])
+        names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
+        assert (res.exit_code, names) == (0, ["a.png"])
         assert res.stderr == f"wrote {Path(show)} (1 images)\n"
         assert Image.open(Path("scans", entry)).size == (100, 128)  # one image: it alone is shown
     res = cli("predict", run, "scans", Path("scans", entry), "--show", show)  # named: still refused
