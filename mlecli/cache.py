@@ -38,6 +38,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ import numpy as np
 
 from mlecli import splits as npz_splits
 from mlecli.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
-from mlecli.download import Expected, discard, fetch_file, hash_file, meta_path, mirror_location
+from mlecli.download import Expected, fetch_file, hash_file, meta_path, mirror_location
 from mlecli.errors import DataError, DownloadError, MlecliError
 from mlecli.fsutil import (
     atomic_write_text,
@@ -54,6 +55,9 @@ from mlecli.fsutil import (
     folder_lock,
     fsync_dir,
     read_regular,
+    is_temporary_name,
+    open_own_folder,
+    remove_own_files,
     remove_stale_temporaries,
 )
 from mlecli.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
@@ -432,6 +436,7 @@ def _complete(dataset: Dataset, folder: Path) -> list[FileReport] | None:
 
 def _ensure_locked(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
     raw = folder / RAW
+    _refuse_linked_subfolders(folder)
     try:
         raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -479,7 +484,7 @@ def _ensure_set(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> 
     current = _current_set(dataset, folder)  # finishes a commit a crash cut short, even before --force
     if current is not None and not force:
         return current
-    _remove_staged(folder)  # a killed fetch's files: of another moment, never mixed into a new set
+    _remove_staged(folder, dataset)  # a killed fetch's files: of another moment, never mixed into a new set
     if not how.fetch:
         raise DataError(_refusal(dataset, folder, how.how_to_fetch))
     failures = []
@@ -531,14 +536,32 @@ def _fetch_set(dataset: Dataset, folder: Path, mirror: str, how: _Fetching) -> l
         _check_together(dataset, {role: staged / dataset.files[role] for role in ROLES},
                         {r.role: r.source for r in reports})
     except BaseException:
-        _remove_staged(folder)  # none of it is used: the cached set stays as it was
+        _remove_staged(folder, dataset)  # none of it is used: the cached set stays as it was
         raise
     _write_record(folder, dataset, entries)
     for r in reports:
         _rename_in(staged / r.path.name, r.path)
     fsync_dir(folder / RAW)
-    _remove_staged(folder)
+    _remove_staged(folder, dataset)
     return reports
+
+
+def _refuse_linked_subfolders(folder: Path) -> None:
+    """MlecliError if raw/, partial/ or staged/ is there but not a folder of its own (a symbolic
+    link to someone's folder, a file): a writer would write and delete through it."""
+    for sub in (RAW, PARTIAL, STAGED):
+        path = folder / sub
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise MlecliError(
+                f"{path} is a symbolic link: mlecli keeps only its own files in its cache and never writes or deletes "
+                f"through a link; remove the link (rm {path}: the folder it points to is not touched) and run again"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise MlecliError(f"{path} is not a folder: mlecli keeps its own files there; move it away and run again")
 
 
 def _rename_in(src: Path, dest: Path) -> None:
@@ -548,15 +571,13 @@ def _rename_in(src: Path, dest: Path) -> None:
         raise MlecliError(describe_os_error(exc, dest)) from None
 
 
-def _remove_staged(folder: Path) -> None:
+def _remove_staged(folder: Path, dataset: Dataset) -> None:
+    """Remove staged/'s files: the dataset's own file names and temporaries, never through a link."""
     staged = folder / STAGED
-    if not staged.is_dir():
-        return
-    for p in staged.iterdir():
-        with contextlib.suppress(OSError):
-            p.unlink()
+    names = set(dataset.files.values())
+    remove_own_files(staged, lambda name: name in names or is_temporary_name(name))
     with contextlib.suppress(OSError):
-        staged.rmdir()
+        staged.rmdir()  # only if empty; a symbolic link is not removed (ENOTDIR)
 
 
 def _refusal(dataset: Dataset, folder: Path, how_to_fetch: str | None) -> str:
@@ -579,34 +600,48 @@ def _tidy(folder: Path, dataset: Dataset, *, everything: bool) -> None:
     for sub in (folder, folder / RAW, folder / PARTIAL, folder / STAGED):
         remove_stale_temporaries(sub)
     if everything:
-        _remove_staged(folder)
+        _remove_staged(folder, dataset)
     partial = folder / PARTIAL
-    if not partial.is_dir():
-        return
     keep = set()
     if not everything:
         for name in dataset.files.values():
             for candidate in (name + ".gz", name):
                 keep |= {candidate + ".part", meta_path(Path(candidate + ".part")).name}
-    for p in partial.iterdir():
-        if p.name not in keep:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    remove_own_files(partial, lambda name: _is_part_name(name) and name not in keep)
     _discard_empty_parts(partial)
     if everything:
         with contextlib.suppress(OSError):
             partial.rmdir()
 
 
+def _is_part_name(name: str) -> bool:
+    """Whether `name` is one a partial download or its meta file has: `<file>[.gz].part[.json]`."""
+    return not name.startswith(".") and (name.endswith(".part") or name.endswith(".part.json"))
+
+
 def _discard_empty_parts(partial: Path) -> None:
-    """A part of 0 bytes is not worth resuming; nor is a meta file without its part."""
-    with contextlib.suppress(OSError, MlecliError):
-        for p in list(partial.iterdir()):
-            if p.name.endswith(".part") and p.stat().st_size == 0:
-                discard(p)
-            elif p.name.endswith(".part.json") and not p.with_name(p.name.removesuffix(".json")).exists():
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    """A part of 0 bytes is not worth resuming; nor is a meta file without its part (never through a link)."""
+    fd = open_own_folder(partial)
+    if fd is None:
+        return
+    try:
+        names = set(os.listdir(fd))
+        empty = set()
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if name.endswith(".part") and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    empty.add(name)
+        gone = empty | {n + ".json" for n in empty}
+        gone |= {n for n in names if n.endswith(".part.json") and n.removesuffix(".json") not in names}
+        for name in gone:
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _leftovers(folder: Path) -> bool:

@@ -1,0 +1,171 @@
+"""Hostile round 4, data side: what a hostile tester did to `mlecli download`, the cache and
+custom datasets, each held by a test that searches around the case it found."""
+
+from __future__ import annotations
+
+import os
+import string
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlecli import fsutil
+from mlecli.cache import dataset_dir, ensure_dataset, prepare
+from mlecli.cli import main
+from mlecli.datasets import MNIST_FILES
+from mlecli.errors import MlecliError
+
+TRAIN_IMAGES = MNIST_FILES["train-images"]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid() -> int:
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid += 1
+    return pid
+
+
+def stale_temporary(name: str) -> str:
+    """The name atomic_write gives a temporary of `name`, its writer gone."""
+    return f".{name}.{fsutil._NAMESPACE}-{dead_pid()}.abcdefgh.tmp"
+
+
+# ---------------------------------------------------------------------------
+# 1. Cleanup never deletes through a symbolic link, and only names mlecli gives its own files
+
+# What a user's folder may hold: names of every kind the cache's cleanup knows, and others.
+VICTIM_NAMES = ["thesis.tex", ".notes", ".hidden.tmp", ".x.tmp", ".my.abc.tmp", "x.part", "x.gz.part.json",
+                TRAIN_IMAGES, TRAIN_IMAGES + ".gz.part", TRAIN_IMAGES + ".gz.part.json", "empty.part"]
+
+
+def plant_victim(folder: Path) -> dict[str, bytes]:
+    folder.mkdir()
+    for name in [*VICTIM_NAMES, stale_temporary(TRAIN_IMAGES)]:
+        (folder / name).write_bytes(b"" if name == "empty.part" else b"precious " + name.encode())
+    return files_in(folder)
+
+
+def _failing(spec):
+    return type(spec)(**{**spec.__dict__, "mirrors": ("/nonexistent/",)})
+
+
+# name -> (whether raw/train-images is missing first, what runs)
+OPERATIONS = {
+    "download": (False, lambda spec, data: ensure_dataset(spec, data)),
+    "download of a missing file": (True, lambda spec, data: ensure_dataset(spec, data)),
+    "download --force": (False, lambda spec, data: ensure_dataset(spec, data, force=True)),
+    "a reader (train)": (False, lambda spec, data: prepare(spec, data)),
+    "a failing download": (True, lambda spec, data: ensure_dataset(_failing(spec), data)),
+}
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+@pytest.mark.parametrize("sub", ["partial", "staged", "raw"])
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+def test_a_linked_cache_subfolder_never_loses_a_file_of_the_folder_it_points_to(tiny, tiny_folder, tmp_path,
+                                                                                 sub, operation, pinned):
+    spec = tiny.spec((str(tiny_folder),), verified=pinned)
+    data = tmp_path / "data"
+    ensure_dataset(spec, data)
+    folder = dataset_dir(spec, data)
+    missing, run = OPERATIONS[operation]
+    if missing:
+        (folder / "raw" / TRAIN_IMAGES).unlink()
+    victim = tmp_path / "victim"
+    before = plant_victim(victim)
+    if sub == "raw":  # the user moved the raw files to their folder and linked it
+        for p in (folder / "raw").iterdir():
+            os.replace(p, victim / p.name)
+        before = files_in(victim)
+        (folder / "raw").rmdir()
+    (folder / sub).symlink_to(victim)
+    try:
+        run(spec, data)
+    except MlecliError as exc:
+        message = str(exc)
+        if "is a symbolic link" in message:
+            assert message == (
+                f"{folder / sub} is a symbolic link: mlecli keeps only its own files in its cache and never writes or "
+                f"deletes through a link; remove the link (rm {folder / sub}: the folder it points to is not touched) "
+                "and run again")
+        else:
+            assert operation == "a failing download", message
+    assert files_in(victim) == before
+    assert (folder / sub).is_symlink()
+
+
+def test_a_linked_subfolder_is_refused_by_download_in_one_line(tiny, tiny_folder, tmp_path):
+    cfg = tiny.write_config(tmp_path / "tiny.toml", str(tiny_folder))
+    data = tmp_path / "data"
+    assert cli("download", "--config", cfg, "--data-dir", data, "-q").exit_code == 0
+    folder = dataset_dir(tiny.spec(()), data)
+    victim = tmp_path / "victim"
+    before = plant_victim(victim)
+    (folder / "partial").symlink_to(victim)
+    res = cli("download", "--config", cfg, "--data-dir", data, "-q", "--force")
+    assert res.exit_code == 1
+    link = folder / "partial"
+    assert res.stderr == (f"Error: {link} is a symbolic link: mlecli keeps only its own files in its cache and never "
+                          f"writes or deletes through a link; remove the link (rm {link}: the folder it points to is not "
+                          "touched) and run again\n")
+    assert files_in(victim) == before
+
+
+NAME_CHARS = string.ascii_letters + string.digits + "._-~ "
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.one_of(
+    st.text(NAME_CHARS, min_size=1, max_size=40),
+    st.builds(lambda a, b: f".{a}.{b}.tmp", st.text(NAME_CHARS, min_size=0, max_size=12),
+              st.text(NAME_CHARS, min_size=0, max_size=12)),
+    st.builds(lambda a, ns, pid, r: f".{a}.{ns}-{pid}.{r}.tmp", st.text(NAME_CHARS, min_size=1, max_size=12),
+              st.sampled_from([fsutil._NAMESPACE, "0", "x", ""]), st.sampled_from([str(dead_pid()), str(os.getpid()),
+                                                                                   "1", "", "a1"]),
+              st.text("abcdefghijklmnopqrstuvwxyz0123456789_.", min_size=0, max_size=10)),
+), min_size=1, max_size=8, unique=True).filter(lambda ns: all(n not in (".", "..") and "/" not in n for n in ns)))
+def test_remove_stale_temporaries_removes_only_names_of_its_own_pattern_whose_writer_is_gone(names):
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        for n in names:
+            (folder / n).write_bytes(b"x")
+        fsutil.remove_stale_temporaries(folder)
+        left = set(os.listdir(folder))
+        for n in names:
+            parts = n.rsplit(".", 3)
+            ours = (len(parts) == 4 and parts[0].startswith(".") and len(parts[0]) > 1 and parts[3] == "tmp"
+                    and len(parts[2]) == 8 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_" for c in parts[2])
+                    and parts[1].partition("-")[0].isdigit() and parts[1].partition("-")[2].isdigit())
+            if not ours:
+                assert n in left, n
+        # and through a link to the folder, nothing at all
+        link = Path(d + "-link")
+        for n in names:
+            (folder / n).write_bytes(b"x")
+        link.symlink_to(folder)
+        try:
+            assert fsutil.remove_stale_temporaries(link) == 0
+            assert set(os.listdir(folder)) == set(names)
+        finally:
+            link.unlink()
+
+
+def test_remove_stale_temporaries_removes_a_dead_writers_temporary_and_keeps_a_live_ones(tmp_path):
+    dead = tmp_path / stale_temporary("record.json")
+    live = tmp_path / f".record.json.{fsutil._NAMESPACE}-1.abcdefgh.tmp"  # pid 1 lives
+    for p in (dead, live):
+        p.write_bytes(b"x")
+    assert fsutil.remove_stale_temporaries(tmp_path) == 1
+    assert sorted(os.listdir(tmp_path)) == [live.name]
