@@ -414,15 +414,19 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
         offset = part.stat().st_size if part.exists() else 0
     except OSError as exc:
         raise MlecliError(describe_os_error(exc, part)) from None
-    if offset and (meta.get("url") != url or offset > expected.wire_limit):
+    unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
+    # An unpinned file's part continues only the same version of the file: without a validator
+    # to send in If-Range, nothing would tell if the rest is of another (a pinned file's hash does).
+    if offset and (meta.get("url") != url or offset > expected.wire_limit
+                   or (expected.sha256 is None and not unchanged_since)):
         discard(part)
         offset = 0
     headers = {"Accept-Encoding": "identity", "Connection": "close"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
         if unchanged_since:
             headers["If-Range"] = unchanged_since
+    changed = False
     with get(session, url, headers, policy) as resp:
         dog.answered = True
         status = resp.status_code
@@ -451,18 +455,32 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
                 discard(part)
                 raise Retryable("the server answered a range that does not continue the partial file", 0.0)
             resuming = offset > 0
-        if not resuming:
-            offset = 0
-        total = offset + length if length is not None else None
-        if total is not None and total > expected.wire_limit:
-            raise MirrorFailed(f"the server offers {total:,} bytes, far more than the expected {expected.limit:,}")
-        atomic_write_text(
-            meta_path(part),
-            json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),
-                        "last_modified": validator(resp.headers.get("Last-Modified"))}),
-        )
-        _stream(resp, part, offset, total, expected, clock, dog, progress, url)
+            if resuming and expected.sha256 is None and not _same_version(meta, resp.headers):
+                # The server ignored If-Range, and the rest it sends is of another version: start again whole.
+                discard(part)
+                changed = True
+        if not changed:
+            if not resuming:
+                offset = 0
+            total = offset + length if length is not None else None
+            if total is not None and total > expected.wire_limit:
+                raise MirrorFailed(f"the server offers {total:,} bytes, far more than the expected {expected.limit:,}")
+            atomic_write_text(
+                meta_path(part),
+                json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),
+                            "last_modified": validator(resp.headers.get("Last-Modified"))}),
+            )
+            _stream(resp, part, offset, total, expected, clock, dog, progress, url)
+    if changed:  # the part is gone: the same attempt asks for the whole file
+        return _attempt(session, url, part, expected, clock, dog, progress)
     return resuming
+
+
+def _same_version(meta: dict, headers) -> bool:
+    """Whether an answer carries the validator saved with a part (its ETag, else its Last-Modified)."""
+    if validator(meta.get("etag")):
+        return headers.get("ETag") == meta["etag"]
+    return validator(meta.get("last_modified")) is not None and headers.get("Last-Modified") == meta["last_modified"]
 
 
 class _HeaderPeek:

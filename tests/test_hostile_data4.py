@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import FAST
+from fakes import send
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -169,3 +171,67 @@ def test_remove_stale_temporaries_removes_a_dead_writers_temporary_and_keeps_a_l
         p.write_bytes(b"x")
     assert fsutil.remove_stale_temporaries(tmp_path) == 1
     assert sorted(os.listdir(tmp_path)) == [live.name]
+
+
+# ---------------------------------------------------------------------------
+# 2. An unpinned file's part is resumed only when the server says it is the same version
+
+
+VALIDATORS = {"none": lambda v: {}, "etag": lambda v: {"ETag": f'"{v}"'},
+              "last-modified": lambda v: {"Last-Modified": f"Fri, 0{v} Jan 2026 00:00:00 GMT"}}
+
+
+def changing_server(v1: bytes, v2: bytes, kind: str, honours_if_range: bool, fraction: float):
+    """The first request for train-images gets `fraction` of v1 then a closed connection; later
+    ones get v2 (its own validators), the rest of it for a Range request unless If-Range names
+    another version and the server `honours_if_range`."""
+
+    def behave(h, name, data, n):
+        if name != TRAIN_IMAGES:
+            return False
+        if n == 0:
+            h.send_response(200)
+            for k, v in {"Content-Length": str(len(v1)), **VALIDATORS[kind](1)}.items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(v1[: int(len(v1) * fraction)])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return True
+        version = 1 if v2 == v1 else 2
+        mine = VALIDATORS[kind](version)
+        rng, if_range = h.headers.get("Range"), h.headers.get("If-Range")
+        stale = if_range is not None and if_range not in mine.values()
+        if rng and not (stale and honours_if_range):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            return send(h, 206, v2[start:], {"Content-Range": f"bytes {start}-{len(v2) - 1}/{len(v2)}", **mine})
+        return send(h, 200, v2, mine)
+
+    return behave
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("honours_if_range", [True, False], ids=["honours-If-Range", "ignores-If-Range"])
+@pytest.mark.parametrize("kind", list(VALIDATORS))
+@pytest.mark.parametrize("changes", [True, False], ids=["file-changes", "file-stays"])
+def test_an_unpinned_files_part_never_mixes_two_versions(tiny, tmp_path, mirrors, kind, honours_if_range, fraction,
+                                                         changes):
+    v1 = tiny.contents[TRAIN_IMAGES]
+    header = 16
+    v2 = v1[:header] + bytes(255 - b for b in v1[header:]) if changes else v1
+    m = mirrors(tiny.raw_files(), behave=changing_server(v1, v2, kind, honours_if_range, fraction))
+    spec = tiny.spec((m.url,), verified=False)
+    ensure_dataset(spec, tmp_path / "data", policy=FAST)
+    cached = (dataset_dir(spec, tmp_path / "data") / "raw" / TRAIN_IMAGES).read_bytes()
+    assert cached == v2
+    asked = [r.headers for r in m.requests if r.path.endswith("/" + TRAIN_IMAGES)]
+    if kind == "none":  # nothing tells the versions apart: never resumed
+        assert [("Range" in h) for h in asked] == [False, False]
+    else:
+        assert asked[1]["Range"] == f"bytes={int(len(v1) * fraction)}-"
+        assert asked[1]["If-Range"] == next(iter(VALIDATORS[kind](1).values()))
+        whole_again = changes and not honours_if_range  # a 206 of another version: asked whole once more
+        assert len(asked) == (3 if whole_again else 2)
+        if whole_again:
+            assert "Range" not in asked[2]
