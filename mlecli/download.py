@@ -19,8 +19,10 @@ a file that would not fit in memory or on disk before it is downloaded.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -114,23 +116,84 @@ class _NotFound(MirrorFailed):
 
 
 def mirror_location(mirror: str) -> tuple[str, str]:
-    """Classify a mirror as ("http", base URL ending in '/') or ("local", folder path)."""
+    """Classify a mirror as ("http", base URL ending in '/') or ("local", folder path);
+    MlecliError for one that could not be used (url_problem)."""
+    kind, where, problem = _classify(mirror)
+    if problem is not None:
+        raise MlecliError(f"mirror {shown(mirror)}: {problem}")
+    return kind, where
+
+
+def url_problem(mirror: str) -> str | None:
+    """What makes `mirror` unusable as a URL or folder (the request could never be sent, or it
+    names a file elsewhere as a local one), or None if it will do."""
+    return _classify(mirror)[2]
+
+
+def _classify(mirror: str) -> tuple[str, str, str | None]:
     try:
         parts = urlsplit(mirror)
     except ValueError:
-        raise MlecliError(f"mirror {shown(mirror)} is not a valid URL") from None
+        return "", "", "not a valid URL (a '[' without its ']'?); give a URL like https://host/path/"
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        if not parts.netloc:
-            raise MlecliError(f"mirror {shown(mirror)} has no host; give a URL like https://host/path/")
-        return "http", mirror if mirror.endswith("/") else mirror + "/"
+        return "http", mirror if mirror.endswith("/") else mirror + "/", _http_problem(mirror, parts)
     if scheme == "file":
-        return "local", unquote(parts.path)
+        host = parts.netloc.lower()
+        if host not in ("", "localhost"):
+            return "local", "", (f"a file:// URL of the host {shown(parts.netloc)}: only this machine's files can "
+                                 "be read; give file:///path/to/folder/ or the folder's path")
+        if not parts.path:
+            return "local", "", "a file:// URL names no folder; give file:///path/to/folder/ or the folder's path"
+        return "local", unquote(parts.path), None
     if scheme == "" or (len(scheme) == 1 and mirror[1:3] in (":\\", ":/")):
-        return "local", mirror
-    raise MlecliError(
-        f"mirror {shown(mirror)}: unsupported URL scheme {scheme!r}; use http://, https://, file:// or a local folder"
-    )
+        return "local", mirror, None
+    return "", "", (f"unsupported URL scheme {scheme!r}; use http://, https://, file:// or a local folder")
+
+
+# A host as RFC 3986 spells a registered name (with any non-ASCII letters IDNA makes ASCII).
+_REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()+,;=]|%[0-9A-Fa-f]{2}|[^\x00-\x7f])+")
+_NOT_A_HOST = "give a URL like https://host/path/"
+
+
+def _http_problem(url: str, parts) -> str | None:
+    if any(c <= " " or c == "\x7f" for c in url):
+        return "a URL cannot contain spaces or control characters; write a space as %20"
+    where = parts.netloc.rpartition("@")[2]
+    if not where:
+        return f"it has no host; {_NOT_A_HOST}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "its port must be a number from 1 to 65535; give a URL like http://host:8080/path/"
+    if where.startswith("["):
+        literal, _, rest = where[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal.partition("%")[0])
+        except ValueError:
+            return f"{shown(literal)} is not an IPv6 address; give one like http://[::1]:8080/path/"
+        if rest not in ("", ":") and not rest[1:].isdigit():
+            return f"{shown(where)} is not a host and port; {_NOT_A_HOST}"
+        return None
+    host = where.rpartition(":")[0] if ":" in where else where
+    if not host:
+        return f"it has no host; {_NOT_A_HOST}"
+    if not _REG_NAME.fullmatch(host):
+        return f"{shown(host)} is not a host name (letters, digits, '-' and '.'); {_NOT_A_HOST}"
+    try:
+        name = unquote(host, errors="strict")
+        if name.isascii():
+            name.encode("idna")
+        else:
+            import idna  # what requests encodes a host with
+
+            idna.encode(name, uts46=True)
+    except (UnicodeError, ValueError):
+        return (f"{shown(host)} is not a host name (a name's parts, between dots, are 1 to 63 letters, digits or "
+                f"'-'); {_NOT_A_HOST}")
+    return None
 
 
 def fetch_file(

@@ -3,6 +3,8 @@ custom datasets, each held by a test that searches around the case it found."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import string
 import tempfile
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import FAST
-from fakes import send
+from fakes import send, tiny_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,7 @@ from mlecli import fsutil
 from mlecli.cache import dataset_dir, ensure_dataset, prepare
 from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES
+from mlecli.download import mirror_location, url_problem
 from mlecli.errors import MlecliError
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
@@ -235,3 +238,77 @@ def test_an_unpinned_files_part_never_mixes_two_versions(tiny, tmp_path, mirrors
         assert len(asked) == (3 if whole_again else 2)
         if whole_again:
             assert "Range" not in asked[2]
+
+
+# ---------------------------------------------------------------------------
+# 3. A URL that could not be sent is refused where it is given, never blamed on a server
+
+URL_CHARS = "aZ09.-_:@[]/%é☃*! ~?#\t"
+URLS = st.one_of(
+    st.builds(lambda scheme, netloc, path: f"{scheme}://{netloc}{path}",
+              st.sampled_from(["http", "https", "HTTP", "file", "ftp"]),
+              st.one_of(st.text(URL_CHARS, max_size=16),
+                        st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(["127.0.0.1", "localhost", "a..b", "[::1]",
+                                                                          "x" * 64 + ".org", "é.org", ""]),
+                                  st.one_of(st.integers(-5, 200_000).map(str), st.text(URL_CHARS, max_size=6)))),
+              st.sampled_from(["", "/", "/data/", "/a b/", "/%zz/"])),
+    st.text(URL_CHARS, max_size=30),
+)
+BLAMING = ("not valid HTTP", "LocationParseError", "UnicodeError", "InvalidURL", "Failed to parse", "Traceback")
+
+
+@functools.cache
+def tiny_hashes() -> str:
+    return ", ".join(f'{k} = "{v}"' for k, v in tiny_dataset().spec(()).sha256.items())
+
+
+def pinned_config(path: Path, url: str) -> Path:
+    sha = tiny_hashes()
+    path.write_text(f'[data]\ndataset = "tiny"\nurl = {json.dumps(url)}\nsha256 = {{ {sha} }}\n')
+    return path
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(url=URLS)
+def test_a_mirror_url_that_could_not_be_sent_is_a_usage_error_and_never_blamed_on_a_server(tmp_path, url):
+    from urllib.parse import urlsplit
+
+    import requests
+    import urllib3
+
+    problem = url_problem(url)
+    if problem is None and mirror_location(url)[0] == "http":  # the request can be made, to the host it names
+        base = mirror_location(url)[1]
+        requests.Request("GET", base + TRAIN_IMAGES).prepare()
+        urllib3.util.parse_url(base + TRAIN_IMAGES)
+        urlsplit(base).hostname.encode("idna")
+    if problem is None and urlsplit(url).scheme.lower() == "file":
+        assert urlsplit(url).netloc.lower() in ("", "localhost") and urlsplit(url).path
+    cfg = pinned_config(tmp_path / "tiny.toml", "/nonexistent/")
+    res = cli("download", "--config", cfg, "--mirror", url, "--data-dir", tmp_path / "d", "--retries", "0", "-q")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and not any(b in res.stderr for b in BLAMING), res.stderr
+    assert res.exit_code == (2 if problem is not None else 1), res.stderr
+    # the same URL in a config's [data] url: one line naming the key
+    res = cli("download", "--config", pinned_config(tmp_path / "url.toml", url), "--data-dir", tmp_path / "d",
+              "--retries", "0", "-q")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert res.exit_code == 1 and len(errors) == 1 and not any(b in res.stderr for b in BLAMING), res.stderr
+    if problem is not None:
+        assert errors[0] == f"Error: config {tmp_path / 'url.toml'}: data.url = {url!r}: {problem}"
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://127.0.0.1:99999/", "its port must be a number from 1 to 65535; give a URL like http://host:8080/path/"),
+    ("http://a..b/", "'a..b' is not a host name (a name's parts, between dots, are 1 to 63 letters, digits or "
+                     "'-'); give a URL like https://host/path/"),
+    ("file://otherhost/srv/mnist/", "a file:// URL of the host 'otherhost': only this machine's files can be read; "
+                                    "give file:///path/to/folder/ or the folder's path"),
+    ("file://", "a file:// URL names no folder; give file:///path/to/folder/ or the folder's path"),
+])
+def test_the_hostile_testers_urls_are_usage_errors(tmp_path, url, problem):
+    cfg = pinned_config(tmp_path / "tiny.toml", "/nonexistent/")
+    res = cli("download", "--config", cfg, "--mirror", url, "--data-dir", tmp_path / "d")
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == f"Error: Invalid value for '--mirror {url}': {problem}"
+    assert not (tmp_path / "d").exists()
