@@ -110,10 +110,19 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+class _Folder(click.Path):
+    """A folder's path; an empty one is refused (Path('') would be the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value:
+            self.fail("an empty name is no folder; give one, such as --data-dir data", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def data_dir_option(f):
     return click.option(
         "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=_Folder(file_okay=False, path_type=Path),
         default=None,
         help="Dataset cache folder.  [default: $MLECLI_DATA_DIR, else ./data]",
     )(f)

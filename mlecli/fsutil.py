@@ -48,6 +48,12 @@ def describe_os_error(exc: OSError, path: Path) -> str:
                 "aside or choose another place")
     if exc.errno == errno.ENAMETOOLONG:
         return f"cannot write {path}: {exc.strerror}; choose a shorter name or folder"
+    if exc.errno == errno.ELOOP:
+        return (f"cannot write {path}: {exc.strerror} (a symbolic link on the way points, through others, back to "
+                "itself); remove the loop or choose another folder")
+    if exc.errno == errno.ENOENT:
+        return (f"cannot write {path}: {exc.strerror} (its folder cannot be made there: a folder of the system, "
+                "such as /proc?); choose another folder")
     return f"cannot write {path}: {exc.strerror or exc}"
 
 

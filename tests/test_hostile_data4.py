@@ -312,3 +312,41 @@ def test_the_hostile_testers_urls_are_usage_errors(tmp_path, url, problem):
     assert res.exit_code == 2
     assert res.stderr.splitlines()[-1] == f"Error: Invalid value for '--mirror {url}': {problem}"
     assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------------------
+# 4. --data-dir: an empty name is refused; a folder that cannot be made says what to do
+
+
+@pytest.mark.parametrize("command", [["download", "--dataset", "fashion-mnist"], ["train"], ["evaluate", "run"],
+                                     ["plot", "run"], ["sweep", "--grid", "train.lr=[0.1]"]])
+def test_an_empty_data_dir_is_a_usage_error(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    res = cli(*command, "--data-dir", "")
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == ("Error: Invalid value for '--data-dir': an empty name is no folder; give "
+                                           "one, such as --data-dir data")
+    assert os.listdir(tmp_path) == []
+
+
+DATA_DIRS = {
+    "a symbolic link loop": ("loop", "Too many levels of symbolic links (a symbolic link on the way points, through "
+                                     "others, back to itself); remove the loop or choose another folder"),
+    "a link to nowhere": ("nowhere", "File exists (a folder or file of that name is in the way); move it aside or "
+                                     "choose another place"),
+    "a folder under /proc": ("/proc/self", "No such file or directory (its folder cannot be made there: a folder of "
+                                           "the system, such as /proc?); choose another folder"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DATA_DIRS))
+def test_a_data_dir_that_cannot_be_made_says_what_to_do(tiny_folder, tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    os.symlink("/nonexistent/folder", "nowhere")
+    data, why = DATA_DIRS[kind]
+    cfg = pinned_config(tmp_path / "tiny.toml", str(tiny_folder))
+    res = cli("download", "--config", cfg, "--data-dir", data, "-q")
+    assert res.exit_code == 1
+    folder = dataset_dir(tiny_dataset().spec(()), Path(data))
+    assert res.stderr == f"Error: cannot write {folder / '.lock'}: {why}\n"
