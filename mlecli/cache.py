@@ -189,12 +189,14 @@ def _check_path(folder: Path, dataset: Dataset) -> None:
 
 
 def _expected(dataset: Dataset, role: str, folder: Path, record: dict[str, dict], mirror: str | None, *,
-              record_each: bool) -> Expected:
+              record_each: bool, known: dict[str, tuple[Path, str]]) -> Expected:
     """What `role`'s file must be; once verified, its entry goes into `record` (and, with
-    `record_each`, into record.json right away), naming `mirror` if it is given."""
+    `record_each`, into record.json right away), naming `mirror` if it is given. `known`
+    holds the verified files of the set there are already: the header must agree with theirs."""
 
     def on_header(header: IdxHeader, source: str, body_left: int) -> None:
         check_header(dataset, role, header, source)
+        _check_with_known(dataset, role, header, source, known)
         # The raw file, and about as much again for the split's .npz, beside what is still to arrive.
         need_space(folder, body_left + 2 * header.total_len,
                    f"caching {dataset.files[role]} of {dataset.name} ({header.describe()})")
@@ -250,6 +252,37 @@ def check_header(dataset: Dataset, role: str, header: IdxHeader, source: str) ->
                     "(held in memory to train on)", now=False)
     elif header.code != 0x08 or len(header.dims) != 1:
         raise DataError(f"{source}: labels must be a uint8 vector, got {header.dtype.name} {header.describe()}")
+
+
+class _NotTogether(MlecliError):
+    """A file's header at odds with the set's: not this mirror's fault alone, so not a DataError
+    (which would move on to the next mirror); ensure_dataset raises it as one."""
+
+
+def _check_with_known(dataset: Dataset, role: str, header: IdxHeader, source: str,
+                      known: dict[str, tuple[Path, str]]) -> None:
+    """_NotTogether if a header is at odds with those of the set's files already there (as
+    soon as it is known: before the body is downloaded or written). `known` maps a role to
+    its file and what to call it."""
+    split, kind = role.split("-")
+    for other_role, (path, shown) in known.items():
+        if other_role == role:
+            continue
+        try:
+            other = _read_header_of(path)
+        except (MlecliError, DataError):
+            continue  # _check_together says what is wrong with it
+        other_split, other_kind = other_role.split("-")
+        if other_split == split and header.dims[0] != other.dims[0]:
+            mine, theirs = (header.dims[0], source), (other.dims[0], shown)
+            (n_img, img), (n_lab, lab) = (mine, theirs) if kind == "images" else (theirs, mine)
+            raise _NotTogether(f"{dataset.name} {split}: {n_img} images but {n_lab} labels ({img}, {lab}); the files "
+                               "do not belong together")
+        if kind == "images" and other_kind == "images" and header.dims[1:] != other.dims[1:]:
+            mine, theirs = (header.dims[1:], source), (other.dims[1:], shown)
+            (train, train_src), (test, test_src) = (mine, theirs) if split == "train" else (theirs, mine)
+            raise _NotTogether(f"{dataset.name}: train images are {train[0]}x{train[1]} but test images are "
+                               f"{test[0]}x{test[1]} ({train_src}, {test_src}); the files do not belong together")
 
 
 def training_memory(images: IdxHeader) -> int:
@@ -464,18 +497,29 @@ def _ensure_locked(dataset: Dataset, folder: Path, force: bool, how: _Fetching) 
 def _ensure_each(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
     """A pinned dataset's files, each fetched if it is not as pinned: any copy of it is the same bytes."""
     record = _read_record(folder, dataset)
-    reports = []
+    cached = {}
     for role in ROLES:
         path = folder / RAW / dataset.files[role]
         got = None if force else hash_file(path)
         if got is not None and got[0] == dataset.sha256[role] and dataset.sizes.get(role) in (None, got[1]):
-            reports.append(FileReport(role, path, got[1], got[0], verified=True, source="cache"))
+            cached[role] = FileReport(role, path, got[1], got[0], verified=True, source="cache")
+    # What a fetched file's header must agree with: the files there are, each file once fetched.
+    known = {role: (r.path, str(r.path)) for role, r in cached.items()}
+    reports = []
+    for role in ROLES:
+        if role in cached:
+            reports.append(cached[role])
             continue
         if not how.fetch:
             raise DataError(_refusal(dataset, folder, how.how_to_fetch))
-        expected = _expected(dataset, role, folder, record, None, record_each=True)
-        digest, source = how.file(dataset, how.mirrors, expected, path, folder / PARTIAL)
+        path = folder / RAW / dataset.files[role]
+        expected = _expected(dataset, role, folder, record, None, record_each=True, known=known)
+        try:
+            digest, source = how.file(dataset, how.mirrors, expected, path, folder / PARTIAL)
+        except _NotTogether as exc:
+            raise DataError(str(exc)) from None
         reports.append(FileReport(role, path, record[expected.name]["size"], digest, verified=True, source=source))
+        known[role] = (path, source)
     return reports
 
 
@@ -527,10 +571,15 @@ def _fetch_set(dataset: Dataset, folder: Path, mirror: str, how: _Fetching) -> l
     staged = folder / STAGED
     entries: dict[str, dict] = {}
     reports = []
+    known: dict[str, tuple[Path, str]] = {}  # the set's files fetched so far: a header must agree with theirs
     try:
         for role in ROLES:
-            expected = _expected(dataset, role, folder, entries, _normal_url(mirror), record_each=False)
-            digest, source = how.file(dataset, [mirror], expected, staged / expected.name, folder / PARTIAL)
+            expected = _expected(dataset, role, folder, entries, _normal_url(mirror), record_each=False, known=known)
+            try:
+                digest, source = how.file(dataset, [mirror], expected, staged / expected.name, folder / PARTIAL)
+            except _NotTogether as exc:
+                raise DataError(str(exc)) from None
+            known[role] = (staged / expected.name, source)
             reports.append(FileReport(role, folder / RAW / expected.name, entries[expected.name]["size"], digest,
                                       verified=role in dataset.sha256, source=source))
         _check_together(dataset, {role: staged / dataset.files[role] for role in ROLES},

@@ -3,13 +3,19 @@ custom datasets, each held by a test that searches around the case it found."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import string
+import struct
 import tempfile
+import threading
+import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import FAST
@@ -22,7 +28,7 @@ from mlecli.cache import dataset_dir, ensure_dataset, prepare
 from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES
 from mlecli.download import mirror_location, url_problem
-from mlecli.errors import MlecliError
+from mlecli.errors import DataError, MlecliError
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 
@@ -350,3 +356,85 @@ def test_a_data_dir_that_cannot_be_made_says_what_to_do(tiny_folder, tmp_path, m
     assert res.exit_code == 1
     folder = dataset_dir(tiny_dataset().spec(()), Path(data))
     assert res.stderr == f"Error: cannot write {folder / '.lock'}: {why}\n"
+
+
+# ---------------------------------------------------------------------------
+# 5. A header at odds with the set's headers already known is refused before its body is written
+
+
+def big_gz(dims: tuple[int, ...]) -> bytes:
+    """A gzip'd IDX file of uint8 zeros of `dims`: small on the wire, big decoded."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [c.compress(bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims))]
+    size, block = int(np.prod(dims)), bytes(1 << 20)
+    for start in range(0, size, len(block)):
+        out.append(c.compress(block[: min(len(block), size - start)]))
+    out.append(c.flush())
+    return b"".join(out)
+
+
+class Peak:
+    """The most bytes the files under `folder` held at once, sampled every millisecond."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.most, self.done = folder, 0, threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self):
+        while not self.done.is_set():
+            total = 0
+            for root, _, names in os.walk(self.folder):
+                for n in names:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(root, n)).st_size
+            self.most = max(self.most, total)
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+# file -> (its header's dims, the error: `{known}` names the file of the set it is at odds with, `{source}` itself)
+AT_ODDS = {
+    "train-labels": ((20_000_000,), "tiny train: 300 images but 20000000 labels ({known}, {source}); the files do not "
+                                    "belong together"),
+    "test-labels": ((20_000_000,), "tiny test: 100 images but 20000000 labels ({known}, {source}); the files do not "
+                                   "belong together"),
+    "test-images": ((30_000, 29, 28), "tiny: train images are 28x28 but test images are 29x28 ({known}, {source}); "
+                                      "the files do not belong together"),
+}
+KNOWN = {"train-labels": "train-images", "test-labels": "test-images", "test-images": "train-images"}
+
+
+@pytest.mark.parametrize("over", ["http", "folder"])
+@pytest.mark.parametrize("pinned", [False, True], ids=["unpinned", "pinned-others"])
+@pytest.mark.parametrize("role", list(AT_ODDS))
+def test_a_header_at_odds_with_the_sets_known_headers_is_refused_before_its_body_is_written(
+        tiny, tmp_path, mirrors, role, over, pinned):
+    dims, why = AT_ODDS[role]
+    files = tiny.gz_files()
+    files[MNIST_FILES[role] + ".gz"] = big_gz(dims)
+    if over == "http":
+        where = mirrors(files).url
+    else:
+        where = str(tmp_path / "files")
+        os.mkdir(where)
+        for name, data in files.items():
+            Path(where, name).write_bytes(data)
+    spec = tiny.spec((where,), verified=pinned)
+    if pinned:  # every file but this one pinned
+        spec = type(spec)(**{**spec.__dict__, "sha256": {r: h for r, h in spec.sha256.items() if r != role},
+                             "sizes": {r: n for r, n in spec.sizes.items() if r != role}})
+    data = tmp_path / "data"
+    with Peak(tmp_path / "data") as peak, pytest.raises(DataError) as caught:
+        ensure_dataset(spec, data, policy=FAST)
+    name = (lambda role: f"{where}{MNIST_FILES[role]}.gz") if over == "http" else \
+        (lambda role: f"{Path(where, MNIST_FILES[role])}.gz")
+    assert str(caught.value) == why.format(known=name(KNOWN[role]), source=name(role))
+    assert not (dataset_dir(spec, data) / "staged").exists()
+    assert peak.most < 2 * sum(len(c) for c in tiny.contents.values()), peak.most  # the four small files, twice
