@@ -735,6 +735,21 @@ def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict
     return npz_splits.load(folder / f"{split}.npz", dataset, split, want)
 
 
+def _raw_files_there(dataset: Dataset, folder: Path) -> bool:
+    """Whether the four raw files are in the cache with the sizes they must have (cheap: no hashing)."""
+    record = _read_record(folder, dataset)
+    for role in ROLES:
+        name = dataset.files[role]
+        size = dataset.sizes.get(role) or record.get(name, {}).get("size")
+        try:
+            st = os.stat(folder / RAW / name)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or size is None or st.st_size != size:
+            return False
+    return True
+
+
 def load_split(dataset: Dataset, data_dir: Path, split: str) -> Split | None:
     """Load a cached split without touching the network or writing, or None if it must be (re)built."""
     folder = dataset_dir(dataset, data_dir)
@@ -821,8 +836,13 @@ def prepare(
     loaded = _load_both(dataset, folder)
     if not all(isinstance(v, Split) for v in loaded.values()):
         fetch = download == DOWNLOAD_ANY or (download == DOWNLOAD_BUILTIN and builtin)
-        if fetch and not any(isinstance(v, Unusable) and v.damaged for v in loaded.values()):
-            log(f"{dataset.name} is not cached in {folder}; downloading it")
+        if not any(isinstance(v, Unusable) and v.damaged for v in loaded.values()):
+            missing = [f"{s}.npz" for s, v in loaded.items() if not isinstance(v, Split)]
+            if _raw_files_there(dataset, folder):
+                log(f"{dataset.name}: {' and '.join(missing)} not in {folder}; building "
+                    f"{'it' if len(missing) == 1 else 'them'} from the raw files cached there")
+            elif fetch:
+                log(f"{dataset.name} is not cached in {folder}; downloading it")
         ensure_dataset(dataset, data_dir, progress=progress, log=log, policy=policy, fetch=fetch,
                        how_to_fetch=how_to_fetch)
         loaded = _load_both(dataset, folder)

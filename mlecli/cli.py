@@ -244,8 +244,8 @@ def _where(value):
     type=Finite(min=0.001),
     default=50.0,
     metavar="KB/S",
-    help="Slowest average rate (kB/s) a mirror may send at, counted after its first --timeout + 10 seconds; "
-    "a slower mirror is given up.",
+    help="Slowest average rate (kB/s) a mirror may send at, counted once 2 x --timeout seconds have passed since "
+    "it was connected to; a slower mirror is given up.",
 )
 @quiet_option
 def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, min_rate, quiet):

@@ -29,6 +29,7 @@ from mlecli.cli import main
 from mlecli.datasets import MNIST_FILES
 from mlecli.download import mirror_location, url_problem
 from mlecli.errors import DataError, MlecliError
+from mlecli.network import HttpPolicy
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 
@@ -128,9 +129,9 @@ def test_a_linked_subfolder_is_refused_by_download_in_one_line(tiny, tiny_folder
     res = cli("download", "--config", cfg, "--data-dir", data, "-q", "--force")
     assert res.exit_code == 1
     link = folder / "partial"
-    assert res.stderr == (f"Error: {link} is a symbolic link: mlecli keeps only its own files in its cache and never "
-                          f"writes or deletes through a link; remove the link (rm {link}: the folder it points to is not "
-                          "touched) and run again\n")
+    assert res.stderr == (f"Error: {link} is a symbolic link: mlecli keeps only its own files in its cache and "
+                          f"never writes or deletes through a link; remove the link (rm {link}: the folder it points "
+                          "to is not touched) and run again\n")
     assert files_in(victim) == before
 
 
@@ -438,3 +439,36 @@ def test_a_header_at_odds_with_the_sets_known_headers_is_refused_before_its_body
     assert str(caught.value) == why.format(known=name(KNOWN[role]), source=name(role))
     assert not (dataset_dir(spec, data) / "staged").exists()
     assert peak.most < 2 * sum(len(c) for c in tiny.contents.values()), peak.most  # the four small files, twice
+
+
+# ---------------------------------------------------------------------------
+# 6. What the help and the log say is what the code does
+
+
+def test_download_help_states_the_min_rate_grace_the_watchdog_uses():
+    res = cli("download", "--help")
+    assert "counted once 2 x --timeout seconds have passed since it was connected to" in " ".join(res.output.split())
+    for timeout in (0.5, 3.0, 30.0):
+        assert HttpPolicy(read_timeout=timeout).rate_grace == 2 * timeout
+
+
+@pytest.mark.parametrize("gone", [("train.npz",), ("test.npz",), ("train.npz", "test.npz"),
+                                  ("raw/" + TRAIN_IMAGES,), ("raw/" + TRAIN_IMAGES, "train.npz")])
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_a_reader_says_whether_it_rebuilds_a_split_or_downloads(tiny, tiny_folder, tmp_path, gone, pinned):
+    spec = tiny.spec((str(tiny_folder),), verified=pinned)
+    ensure_dataset(spec, tmp_path)
+    folder = dataset_dir(spec, tmp_path)
+    for name in gone:
+        (folder / name).unlink()
+    said = []
+    prepare(spec, tmp_path, log=said.append)
+    splits = [n for n in gone if n.endswith(".npz")]
+    if not splits:  # the splits alone are read: the raw files are not needed
+        assert said == []
+    elif any(n.startswith("raw/") for n in gone):
+        assert said[0] == f"tiny is not cached in {folder}; downloading it"
+    else:
+        assert said[0] == (f"tiny: {' and '.join(splits)} not in {folder}; building "
+                           f"{'it' if len(splits) == 1 else 'them'} from the raw files cached there")
+        assert not [line for line in said if "download" in line]
