@@ -401,7 +401,7 @@ def _seeds(ctx, param, value):
     try:
         return parse_seeds(value)
     except MlecliError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"--seeds {value!r}: "), param_hint="'--seeds'") from None
+        raise click.BadParameter(str(exc).removeprefix(f"--seeds {quoted(value)}: "), param_hint="'--seeds'") from None
 
 
 @main.command(short_help="Train a grid of settings over seeds, in parallel; compare them.")

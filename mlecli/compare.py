@@ -215,7 +215,9 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    from mlecli.schema import is_number
+
+    return is_number(v)
 
 
 def band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:

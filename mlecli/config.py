@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +19,7 @@ from typing import Any
 from mlecli.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.errors import ConfigError
 from mlecli.memory import check_fits
+from mlecli.schema import is_number, show_int
 
 DTYPES = ("float32", "float64")
 DIGITS = range(10)
@@ -44,6 +44,8 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
+    if _is_int(value):
+        return show_int(value)
     return str(value)
 
 
@@ -52,7 +54,10 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return is_number(v)
+
+
+BIG = 1 << 63  # every integer of a config is below this: sums and products of a few stay usable as floats
 
 
 def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
@@ -60,6 +65,8 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
         if not _is_int(v) or v < lo or (hi is not None and v > hi):
             bound = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
             raise _fail(key, v, f"must be {bound}")
+        if v >= BIG:
+            raise _fail(key, v, f"must be an integer >= {lo} and below 2**63")
         return v
 
     return check
@@ -138,7 +145,7 @@ def string_table(key: str, v: Any) -> dict[str, str]:
 
 
 def validation_share(key: str, v: Any) -> float | int:
-    if _is_int(v) and v >= 0:
+    if _is_int(v) and 0 <= v < BIG:
         return v
     if isinstance(v, float) and 0 <= v < 1:
         return v
@@ -166,6 +173,8 @@ MAX_LAYERS = 32  # a checkpoint holds each layer's arrays and their update-rule 
 def hidden_sizes(key: str, v: Any) -> tuple[int, ...]:
     if not isinstance(v, list) or not all(_is_int(n) and n > 0 for n in v):
         raise _fail(key, v, "hidden must be a list of positive integers ([] = logistic regression)")
+    if any(n >= BIG for n in v):
+        raise _fail(key, v, "a layer's units must be below 2**63")
     if len(v) > MAX_LAYERS:
         raise _fail(key, v, f"at most {MAX_LAYERS} hidden layers")
     return tuple(v)
@@ -426,6 +435,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
                 raise ConfigError(f"--set {item!r}: {part} is not a table")
             node[part] = child = dict(child)
             node = child
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            value = {**node[path[-1]], **value}  # a table sets the keys it lists, as one --set each would
         node[path[-1]] = value
     return out
 
@@ -445,11 +456,16 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         where = f"config {p}"
         name = p.stem
         text = _read_config_file(p)
-    raw = apply_overrides(parse_toml(text, where), overrides)
+    base = parse_toml(text, where)
     try:
-        return from_dict(raw, name=name)
+        return from_dict(apply_overrides(base, overrides), name=name)
+    except ConfigError as exc:
+        error = exc
+    try:
+        from_dict(base, name=name)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    raise ConfigError(f"--set: {error}") from None  # the config is fine: an override is not
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config

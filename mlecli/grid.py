@@ -19,7 +19,7 @@ from typing import Any
 
 from mlecli import config as config_mod
 from mlecli.config import Config
-from mlecli.errors import ConfigError
+from mlecli.errors import ConfigError, quoted
 
 SEED_KEYS = ("model.seed", "train.seed")
 MAX_SEEDS = 10_000
@@ -118,18 +118,20 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise ConfigError(f"--seeds {text!r}: {part.strip()!r} is not a seed (0, 1, ...) or a range such as 0-4")
+            raise ConfigError(f"--seeds {quoted(text)}: {part.strip()!r} is not a seed (0, 1, ...) or a range such as 0-4")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi >= config_mod.BIG:
+            raise ConfigError(f"--seeds {quoted(text)}: a seed must be below 2**63")
         if hi < lo:
-            raise ConfigError(f"--seeds {text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+            raise ConfigError(f"--seeds {quoted(text)}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
         if len(seeds) + hi - lo + 1 > MAX_SEEDS:
-            raise ConfigError(f"--seeds {text!r}: more than {MAX_SEEDS:,} seeds; a sweep takes at most that many")
+            raise ConfigError(f"--seeds {quoted(text)}: more than {MAX_SEEDS:,} seeds; a sweep takes at most that many")
         seeds.extend(range(lo, hi + 1))
     seen: set[int] = set()
     for s in seeds:
         if s in seen:
-            raise ConfigError(f"--seeds {text!r} lists seed {s} twice")
+            raise ConfigError(f"--seeds {quoted(text)} lists seed {s} twice")
         seen.add(s)
     return tuple(seeds)
 
@@ -222,6 +224,11 @@ class Plan:
         return sorted(self.runs, key=lambda r: position[r.seed])  # stable: grid points in order
 
 
+def _cut(text: str, limit: int = 40) -> str:
+    """A value as typed, for a message: cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
 def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
@@ -292,7 +299,7 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
             owner[key] = said
         alone: dict[str, str] = {}  # each value alone first: the error names that value
         for item in axis.items:
-            cfg = _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={item}")
+            cfg = _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={_cut(item)}")
             same = alone.setdefault(json.dumps(cfg.to_dict(), sort_keys=True), item)
             if same is not item:
                 raise ConfigError(f"--grid {axis.key}: {same} and {item} give the same config; give each value once")
@@ -340,8 +347,8 @@ def _check_kept(cfg: Config, sets: tuple[str, ...], items: tuple[str, ...], seed
         section, _, sub = key.partition(".")
         now = have.get(section, {}).get(sub) if sub else have.get(section)
         if now != value:
-            raise ConfigError(f"{where}: {key} ends up {show(now)}, not {show(value)} as {option} gives it: a table "
-                              f"given to a whole section replaces it; set the keys one by one ({option} {key}=...)")
+            raise ConfigError(f"{where}: {key} ends up {show(now)}, not {show(value)} as {option} gives it; "
+                              f"set it with one option only ({option} {key}=...)")
 
 
 def folder_name(point: tuple[tuple[str, Any], ...], seed: int) -> str:

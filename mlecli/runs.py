@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 import fcntl
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from mlecli import checkpoint as ckpt
 from mlecli import config as config_mod
+from mlecli import schema
 from mlecli.errors import ConfigError, MlecliError, printable
 from mlecli.evaluate import default_report, read_report
 from mlecli.metrics import shown
@@ -46,7 +46,7 @@ def locked(run_dir: Path) -> bool:
 
 
 def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    return float(v) if schema.is_number(v) else None
 
 
 def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:

@@ -26,7 +26,16 @@ class SchemaError(MlecliError):
     """A file mlecli wrote earlier does not hold what mlecli writes."""
 
 
+def show_int(v: int) -> str:
+    """An integer for a message: its digits, or for one past 64 bits how many there are."""
+    if v.bit_length() <= 64:
+        return str(v)
+    return f"an integer of {len(str(v)) if v.bit_length() < 14000 else 'thousands of'} digits"
+
+
 def _show(v: Any) -> str:
+    if _is_int(v):
+        return show_int(v)
     text = json.dumps(v) if isinstance(v, (dict, list, str, bool)) or v is None else repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -50,9 +59,16 @@ def integer(lo: int | None = None, hi: int | None = None) -> Spec:
     return Spec(f"an integer{bounds}", lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
 
 
+def is_number(v: Any, finite: bool = True) -> bool:
+    """An int (not a bool) or a float, usable as a float: an integer past float's range
+    (10**400 is valid JSON and TOML) is not a number here."""
+    if _is_int(v):
+        return v.bit_length() <= 1023
+    return isinstance(v, float) and (not finite or math.isfinite(v))
+
+
 def number(finite: bool = True) -> Spec:
-    return Spec("a finite number" if finite else "a number",
-                lambda v: (_is_int(v) or isinstance(v, float)) and (not finite or math.isfinite(v)))
+    return Spec("a finite number" if finite else "a number", lambda v: is_number(v, finite))
 
 
 def string(max_len: int = 10_000) -> Spec:
@@ -68,15 +84,15 @@ def nullable(spec: Spec) -> Spec:
 
 
 def array(of: Spec, length: int | None = None, max_len: int = 10_000_000) -> Spec:
-    size = f"{length} " if length is not None else ""
-    return Spec(f"a list of {size}{of.what}s".replace("a s", "s"),
+    size = f"{length} items" if length is not None else "items"
+    return Spec(f"a list of {size}, each {of.what}",
                 lambda v: isinstance(v, list) and (length is None or len(v) == length) and len(v) <= max_len,
                 items=of)
 
 
 def mapping(of: Spec) -> Spec:
     """An object with any keys, each value `of`."""
-    return Spec(f"an object of {of.what}s", lambda v: isinstance(v, dict), items=of)
+    return Spec(f"an object whose values are each {of.what}", lambda v: isinstance(v, dict), items=of)
 
 
 def obj(required: dict[str, Spec] | None = None, optional: dict[str, Spec] | None = None) -> Spec:

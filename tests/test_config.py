@@ -1,5 +1,6 @@
 """Configs: loading, every kind of refusal, overrides, the resolved TOML."""
 
+import math
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlecli import config
 from mlecli.config import BUILTIN_CONFIGS, SCHEMA, from_dict, load, parse_override, to_toml
@@ -157,7 +160,7 @@ def test_overrides_are_parsed_as_toml_and_type_checked(tmp_path):
     cfg = load(None, ["train.epochs=3", "model.hidden=[256, 64]", "data.dataset=fashion-mnist", "train.learning_rate=1e-3"])
     assert cfg.train.epochs == 3 and cfg.model.hidden == (256, 64)
     assert cfg.data.dataset == "fashion-mnist" and cfg.train.learning_rate == 0.001
-    with pytest.raises(ConfigError, match=r"^built-in config default: train.epochs = 'three': must be an integer >= 1$"):
+    with pytest.raises(ConfigError, match=r"^--set: train.epochs = 'three': must be an integer >= 1$"):
         load(None, ["train.epochs=three"])
     with pytest.raises(ConfigError, match=r"unknown key train.epohcs \(did you mean train.epochs\?\)"):
         load(None, ["train.epohcs=3"])
@@ -257,3 +260,31 @@ def test_the_memory_estimate_counts_the_update_rules_state(tmp_path, monkeypatch
     monkeypatch.setattr(resources, "physical_memory", lambda: sgd + 1)
     load(write(tmp_path, "[model]\nhidden = [128]\n"))
     assert "the network would need about" in refused(tmp_path, '[train]\noptimizer = "adam"\n')
+
+
+_NUMBERS = st.one_of(st.integers(-(10 ** 500), 10 ** 500), st.integers(-(2 ** 70), 2 ** 70),
+                     st.floats(allow_nan=True, allow_infinity=True))
+
+
+def _toml_number(v) -> str:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return repr(v)
+
+
+@given(key=st.sampled_from([k for k in config.ALL_KEYS if "." in k]), value=_NUMBERS, as_list=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_any_number_for_any_key_is_a_config_or_one_line_naming_the_key(key, value, as_list):
+    """Integers of hundreds of digits (valid TOML) once overflowed float() into a traceback."""
+    text = _toml_number(value)
+    item = f"{key}=[{text}]" if as_list else f"{key}={text}"
+    try:
+        cfg = load(None, [item])
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith("--set: ") and key in message and "\n" not in message and len(message) < 400, message
+    else:
+        for section in cfg.to_dict().values():
+            for v in section.values() if isinstance(section, dict) else ():
+                for x in v if isinstance(v, (list, tuple)) else (v,):
+                    assert not isinstance(x, int) or abs(x) < 2 ** 63

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlecli import config as config_mod
 from mlecli import grid
 from mlecli.cli import main
 from mlecli.compare import summary
@@ -204,18 +205,29 @@ def test_the_dry_run_is_made_line_by_line():
      "--grid train.learning_rate and --set train both set train.learning_rate; keep one"),
     (["--grid", "train.epochs=1,2", "--grid", "train={epochs=3},{epochs=4}"],
      "--grid train and --grid train.epochs both set train.epochs; keep one"),
-    (["--set", "model.dtype=float64", "--grid", "model={hidden=[8]},{hidden=[4]}"],
-     "--grid model={hidden=[8]}: model.dtype ends up float32, not float64 as --set gives it: a table given to a "
-     "whole section replaces it; set the keys one by one (--set model.dtype=...)"),
-    (["--grid", "train.batch_size=8,16", "--grid", "train={learning_rate=0.1},{learning_rate=0.2}"],
-     "--grid train.batch_size=8, train={learning_rate=0.1}: train.batch_size ends up 32, not 8 as --grid gives it: "
-     "a table given to a whole section replaces it; set the keys one by one (--grid train.batch_size=...)"),
 ])
 def test_keys_set_through_a_table_obey_the_same_rules(tiny_config, tmp_path, args, message):
     res = cli("sweep", tiny_config(), *args, "--sweep-dir", tmp_path / "s")
     assert res.exit_code == 1
     assert res.stderr == f"Error: {message}\n"
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("sets, grids, want", [
+    (("model.dtype=float64",), ("model={hidden=[8]},{hidden=[4]}",), {"model.dtype": "float64"}),
+    ((), ("train.batch_size=8,16", "train={learning_rate=0.1},{learning_rate=0.2}"), {"train.epochs": 3}),
+    (("train={optimizer='momentum', momentum=0.5}",), ("train.learning_rate=0.1,0.2",),
+     {"train.epochs": 3, "train.batch_size": 16, "train.optimizer": "momentum", "train.momentum": 0.5}),
+])
+def test_a_table_sets_the_keys_it_lists_and_keeps_the_rest_of_the_section(tiny_config, sets, grids, want):
+    """`--set 'train={a=1}'` is `--set train.a=1`: the config's other keys of that section stay
+    (a table once replaced the section, and a sweep silently trained with defaults)."""
+    base = tiny_config(train={"epochs": 3, "batch_size": 16})
+    for spec in grid.plan(str(base), sets, grids, (0,)).order():
+        have = grid.config_keys(spec.config.to_dict())
+        assert {k: have[k] for k in want} == want
+        assert all(have[key] == value for item in (*sets, *spec.items)
+                   for key, value in grid.keys_set(*config_mod.parse_override(item)))
 
 
 # ---------------------------------------------------------------------------

@@ -493,3 +493,23 @@ def test_the_plot_and_runs_commands_quote_the_sweep_folder_for_the_shell(done, t
     assert res.stdout.splitlines()[-2:] == [f"plot:     mlecli plot {shlex.quote(str(sw))}",
                                             f"runs:     mlecli runs {shlex.quote(str(sw))}"]
     assert shlex.split(res.stdout.splitlines()[-1])[-1] == str(sw)
+
+
+@pytest.mark.parametrize("args", [
+    ["--seeds", "1" + "0" * 400],
+    ["--grid", "train.learning_rate=1" + "0" * 400 + ",0.1"],
+    ["--set", "model.seed=1" + "0" * 400],
+])
+def test_integers_of_hundreds_of_digits_are_one_short_line(tiny_config, tmp_path, args):
+    res = cli("sweep", tiny_config(), *args, "--sweep-dir", tmp_path / "s", "--dry-run")
+    assert res.exit_code in (1, 2) and "Traceback" not in res.stderr
+    line = res.stderr.splitlines()[-1]
+    assert line.startswith("Error: ") and len(line) < 200 and ("2**63" in line or "finite number" in line), line
+    assert not (tmp_path / "s").exists()
+
+
+def test_runs_where_with_an_integer_of_hundreds_of_digits_matches_nothing(tiny_config, tmp_path):
+    cfg = tiny_config(train={"epochs": 1}, model={"hidden": [4]})
+    assert cli("train", cfg, "--run-dir", tmp_path / "runs" / "r", "--data-dir", tmp_path / "d", "-q").exit_code == 0
+    res = cli("runs", tmp_path / "runs", "--where", "train.learning_rate=1" + "0" * 400)
+    assert res.exit_code == 0 and res.output.startswith("no runs in "), res.output
