@@ -38,6 +38,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ import numpy as np
 
 from mlecli import splits as npz_splits
 from mlecli.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
-from mlecli.download import Expected, discard, fetch_file, hash_file, meta_path, mirror_location
+from mlecli.download import Expected, fetch_file, hash_file, meta_path, mirror_location
 from mlecli.errors import DataError, DownloadError, MlecliError
 from mlecli.fsutil import (
     atomic_write_text,
@@ -54,6 +55,9 @@ from mlecli.fsutil import (
     folder_lock,
     fsync_dir,
     read_regular,
+    is_temporary_name,
+    open_own_folder,
+    remove_own_files,
     remove_stale_temporaries,
 )
 from mlecli.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
@@ -185,12 +189,14 @@ def _check_path(folder: Path, dataset: Dataset) -> None:
 
 
 def _expected(dataset: Dataset, role: str, folder: Path, record: dict[str, dict], mirror: str | None, *,
-              record_each: bool) -> Expected:
+              record_each: bool, known: dict[str, tuple[Path, str]]) -> Expected:
     """What `role`'s file must be; once verified, its entry goes into `record` (and, with
-    `record_each`, into record.json right away), naming `mirror` if it is given."""
+    `record_each`, into record.json right away), naming `mirror` if it is given. `known`
+    holds the verified files of the set there are already: the header must agree with theirs."""
 
     def on_header(header: IdxHeader, source: str, body_left: int) -> None:
         check_header(dataset, role, header, source)
+        _check_with_known(dataset, role, header, source, known)
         # The raw file, and about as much again for the split's .npz, beside what is still to arrive.
         need_space(folder, body_left + 2 * header.total_len,
                    f"caching {dataset.files[role]} of {dataset.name} ({header.describe()})")
@@ -246,6 +252,37 @@ def check_header(dataset: Dataset, role: str, header: IdxHeader, source: str) ->
                     "(held in memory to train on)", now=False)
     elif header.code != 0x08 or len(header.dims) != 1:
         raise DataError(f"{source}: labels must be a uint8 vector, got {header.dtype.name} {header.describe()}")
+
+
+class _NotTogether(MlecliError):
+    """A file's header at odds with the set's: not this mirror's fault alone, so not a DataError
+    (which would move on to the next mirror); ensure_dataset raises it as one."""
+
+
+def _check_with_known(dataset: Dataset, role: str, header: IdxHeader, source: str,
+                      known: dict[str, tuple[Path, str]]) -> None:
+    """_NotTogether if a header is at odds with those of the set's files already there (as
+    soon as it is known: before the body is downloaded or written). `known` maps a role to
+    its file and what to call it."""
+    split, kind = role.split("-")
+    for other_role, (path, shown) in known.items():
+        if other_role == role:
+            continue
+        try:
+            other = _read_header_of(path)
+        except (MlecliError, DataError):
+            continue  # _check_together says what is wrong with it
+        other_split, other_kind = other_role.split("-")
+        if other_split == split and header.dims[0] != other.dims[0]:
+            mine, theirs = (header.dims[0], source), (other.dims[0], shown)
+            (n_img, img), (n_lab, lab) = (mine, theirs) if kind == "images" else (theirs, mine)
+            raise _NotTogether(f"{dataset.name} {split}: {n_img} images but {n_lab} labels ({img}, {lab}); the files "
+                               "do not belong together")
+        if kind == "images" and other_kind == "images" and header.dims[1:] != other.dims[1:]:
+            mine, theirs = (header.dims[1:], source), (other.dims[1:], shown)
+            (train, train_src), (test, test_src) = (mine, theirs) if split == "train" else (theirs, mine)
+            raise _NotTogether(f"{dataset.name}: train images are {train[0]}x{train[1]} but test images are "
+                               f"{test[0]}x{test[1]} ({train_src}, {test_src}); the files do not belong together")
 
 
 def training_memory(images: IdxHeader) -> int:
@@ -432,6 +469,7 @@ def _complete(dataset: Dataset, folder: Path) -> list[FileReport] | None:
 
 def _ensure_locked(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
     raw = folder / RAW
+    _refuse_linked_subfolders(folder)
     try:
         raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -459,18 +497,29 @@ def _ensure_locked(dataset: Dataset, folder: Path, force: bool, how: _Fetching) 
 def _ensure_each(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
     """A pinned dataset's files, each fetched if it is not as pinned: any copy of it is the same bytes."""
     record = _read_record(folder, dataset)
-    reports = []
+    cached = {}
     for role in ROLES:
         path = folder / RAW / dataset.files[role]
         got = None if force else hash_file(path)
         if got is not None and got[0] == dataset.sha256[role] and dataset.sizes.get(role) in (None, got[1]):
-            reports.append(FileReport(role, path, got[1], got[0], verified=True, source="cache"))
+            cached[role] = FileReport(role, path, got[1], got[0], verified=True, source="cache")
+    # What a fetched file's header must agree with: the files there are, each file once fetched.
+    known = {role: (r.path, str(r.path)) for role, r in cached.items()}
+    reports = []
+    for role in ROLES:
+        if role in cached:
+            reports.append(cached[role])
             continue
         if not how.fetch:
             raise DataError(_refusal(dataset, folder, how.how_to_fetch))
-        expected = _expected(dataset, role, folder, record, None, record_each=True)
-        digest, source = how.file(dataset, how.mirrors, expected, path, folder / PARTIAL)
+        path = folder / RAW / dataset.files[role]
+        expected = _expected(dataset, role, folder, record, None, record_each=True, known=known)
+        try:
+            digest, source = how.file(dataset, how.mirrors, expected, path, folder / PARTIAL)
+        except _NotTogether as exc:
+            raise DataError(str(exc)) from None
         reports.append(FileReport(role, path, record[expected.name]["size"], digest, verified=True, source=source))
+        known[role] = (path, source)
     return reports
 
 
@@ -479,7 +528,7 @@ def _ensure_set(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> 
     current = _current_set(dataset, folder)  # finishes a commit a crash cut short, even before --force
     if current is not None and not force:
         return current
-    _remove_staged(folder)  # a killed fetch's files: of another moment, never mixed into a new set
+    _remove_staged(folder, dataset)  # a killed fetch's files: of another moment, never mixed into a new set
     if not how.fetch:
         raise DataError(_refusal(dataset, folder, how.how_to_fetch))
     failures = []
@@ -522,23 +571,46 @@ def _fetch_set(dataset: Dataset, folder: Path, mirror: str, how: _Fetching) -> l
     staged = folder / STAGED
     entries: dict[str, dict] = {}
     reports = []
+    known: dict[str, tuple[Path, str]] = {}  # the set's files fetched so far: a header must agree with theirs
     try:
         for role in ROLES:
-            expected = _expected(dataset, role, folder, entries, _normal_url(mirror), record_each=False)
-            digest, source = how.file(dataset, [mirror], expected, staged / expected.name, folder / PARTIAL)
+            expected = _expected(dataset, role, folder, entries, _normal_url(mirror), record_each=False, known=known)
+            try:
+                digest, source = how.file(dataset, [mirror], expected, staged / expected.name, folder / PARTIAL)
+            except _NotTogether as exc:
+                raise DataError(str(exc)) from None
+            known[role] = (staged / expected.name, source)
             reports.append(FileReport(role, folder / RAW / expected.name, entries[expected.name]["size"], digest,
                                       verified=role in dataset.sha256, source=source))
         _check_together(dataset, {role: staged / dataset.files[role] for role in ROLES},
                         {r.role: r.source for r in reports})
     except BaseException:
-        _remove_staged(folder)  # none of it is used: the cached set stays as it was
+        _remove_staged(folder, dataset)  # none of it is used: the cached set stays as it was
         raise
     _write_record(folder, dataset, entries)
     for r in reports:
         _rename_in(staged / r.path.name, r.path)
     fsync_dir(folder / RAW)
-    _remove_staged(folder)
+    _remove_staged(folder, dataset)
     return reports
+
+
+def _refuse_linked_subfolders(folder: Path) -> None:
+    """MlecliError if raw/, partial/ or staged/ is there but not a folder of its own (a symbolic
+    link to someone's folder, a file): a writer would write and delete through it."""
+    for sub in (RAW, PARTIAL, STAGED):
+        path = folder / sub
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise MlecliError(
+                f"{path} is a symbolic link: mlecli keeps only its own files in its cache and never writes or deletes "
+                f"through a link; remove the link (rm {path}: the folder it points to is not touched) and run again"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise MlecliError(f"{path} is not a folder: mlecli keeps its own files there; move it away and run again")
 
 
 def _rename_in(src: Path, dest: Path) -> None:
@@ -548,15 +620,13 @@ def _rename_in(src: Path, dest: Path) -> None:
         raise MlecliError(describe_os_error(exc, dest)) from None
 
 
-def _remove_staged(folder: Path) -> None:
+def _remove_staged(folder: Path, dataset: Dataset) -> None:
+    """Remove staged/'s files: the dataset's own file names and temporaries, never through a link."""
     staged = folder / STAGED
-    if not staged.is_dir():
-        return
-    for p in staged.iterdir():
-        with contextlib.suppress(OSError):
-            p.unlink()
+    names = set(dataset.files.values())
+    remove_own_files(staged, lambda name: name in names or is_temporary_name(name))
     with contextlib.suppress(OSError):
-        staged.rmdir()
+        staged.rmdir()  # only if empty; a symbolic link is not removed (ENOTDIR)
 
 
 def _refusal(dataset: Dataset, folder: Path, how_to_fetch: str | None) -> str:
@@ -579,34 +649,48 @@ def _tidy(folder: Path, dataset: Dataset, *, everything: bool) -> None:
     for sub in (folder, folder / RAW, folder / PARTIAL, folder / STAGED):
         remove_stale_temporaries(sub)
     if everything:
-        _remove_staged(folder)
+        _remove_staged(folder, dataset)
     partial = folder / PARTIAL
-    if not partial.is_dir():
-        return
     keep = set()
     if not everything:
         for name in dataset.files.values():
             for candidate in (name + ".gz", name):
                 keep |= {candidate + ".part", meta_path(Path(candidate + ".part")).name}
-    for p in partial.iterdir():
-        if p.name not in keep:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    remove_own_files(partial, lambda name: _is_part_name(name) and name not in keep)
     _discard_empty_parts(partial)
     if everything:
         with contextlib.suppress(OSError):
             partial.rmdir()
 
 
+def _is_part_name(name: str) -> bool:
+    """Whether `name` is one a partial download or its meta file has: `<file>[.gz].part[.json]`."""
+    return not name.startswith(".") and (name.endswith(".part") or name.endswith(".part.json"))
+
+
 def _discard_empty_parts(partial: Path) -> None:
-    """A part of 0 bytes is not worth resuming; nor is a meta file without its part."""
-    with contextlib.suppress(OSError, MlecliError):
-        for p in list(partial.iterdir()):
-            if p.name.endswith(".part") and p.stat().st_size == 0:
-                discard(p)
-            elif p.name.endswith(".part.json") and not p.with_name(p.name.removesuffix(".json")).exists():
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    """A part of 0 bytes is not worth resuming; nor is a meta file without its part (never through a link)."""
+    fd = open_own_folder(partial)
+    if fd is None:
+        return
+    try:
+        names = set(os.listdir(fd))
+        empty = set()
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if name.endswith(".part") and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    empty.add(name)
+        gone = empty | {n + ".json" for n in empty}
+        gone |= {n for n in names if n.endswith(".part.json") and n.removesuffix(".json") not in names}
+        for name in gone:
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _leftovers(folder: Path) -> bool:
@@ -649,6 +733,21 @@ def _tidy_if_free(folder: Path, dataset: Dataset) -> None:
 def _load_npz(folder: Path, split: str, dataset: Dataset, record: dict[str, dict]) -> Split | Unusable:
     want = {role: _want(dataset, role, record) for role in npz_splits.roles(split)}
     return npz_splits.load(folder / f"{split}.npz", dataset, split, want)
+
+
+def _raw_files_there(dataset: Dataset, folder: Path) -> bool:
+    """Whether the four raw files are in the cache with the sizes they must have (cheap: no hashing)."""
+    record = _read_record(folder, dataset)
+    for role in ROLES:
+        name = dataset.files[role]
+        size = dataset.sizes.get(role) or record.get(name, {}).get("size")
+        try:
+            st = os.stat(folder / RAW / name)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or size is None or st.st_size != size:
+            return False
+    return True
 
 
 def load_split(dataset: Dataset, data_dir: Path, split: str) -> Split | None:
@@ -737,8 +836,13 @@ def prepare(
     loaded = _load_both(dataset, folder)
     if not all(isinstance(v, Split) for v in loaded.values()):
         fetch = download == DOWNLOAD_ANY or (download == DOWNLOAD_BUILTIN and builtin)
-        if fetch and not any(isinstance(v, Unusable) and v.damaged for v in loaded.values()):
-            log(f"{dataset.name} is not cached in {folder}; downloading it")
+        if not any(isinstance(v, Unusable) and v.damaged for v in loaded.values()):
+            missing = [f"{s}.npz" for s, v in loaded.items() if not isinstance(v, Split)]
+            if _raw_files_there(dataset, folder):
+                log(f"{dataset.name}: {' and '.join(missing)} not in {folder}; building "
+                    f"{'it' if len(missing) == 1 else 'them'} from the raw files cached there")
+            elif fetch:
+                log(f"{dataset.name} is not cached in {folder}; downloading it")
         ensure_dataset(dataset, data_dir, progress=progress, log=log, policy=policy, fetch=fetch,
                        how_to_fetch=how_to_fetch)
         loaded = _load_both(dataset, folder)

@@ -110,10 +110,19 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+class _Folder(click.Path):
+    """A folder's path; an empty one is refused (Path('') would be the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value:
+            self.fail("an empty name is no folder; give one, such as --data-dir data", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def data_dir_option(f):
     return click.option(
         "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=_Folder(file_okay=False, path_type=Path),
         default=None,
         help="Dataset cache folder.  [default: $MLECLI_DATA_DIR, else ./data]",
     )(f)
@@ -235,8 +244,8 @@ def _where(value):
     type=Finite(min=0.001),
     default=50.0,
     metavar="KB/S",
-    help="Slowest average rate (kB/s) a mirror may send at, counted after its first --timeout + 10 seconds; "
-    "a slower mirror is given up.",
+    help="Slowest average rate (kB/s) a mirror may send at, counted once 2 x --timeout seconds have passed since "
+    "it was connected to; a slower mirror is given up.",
 )
 @quiet_option
 def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, min_rate, quiet):

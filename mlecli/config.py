@@ -200,6 +200,12 @@ class DataConfig:
 
     def resolve(self) -> Dataset:
         """The Dataset this table describes (a built-in one, or a custom IDX dataset)."""
+        if self.url is not None:
+            from mlecli.download import url_problem
+
+            problem = url_problem(self.url)
+            if problem is not None:
+                raise ConfigError(f"data.url = {self.url!r}: {problem}")
         if self.dataset in BUILTIN:
             ds = builtin(self.dataset)
             if self.url is None:

@@ -19,8 +19,10 @@ a file that would not fit in memory or on disk before it is downloaded.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -114,23 +116,84 @@ class _NotFound(MirrorFailed):
 
 
 def mirror_location(mirror: str) -> tuple[str, str]:
-    """Classify a mirror as ("http", base URL ending in '/') or ("local", folder path)."""
+    """Classify a mirror as ("http", base URL ending in '/') or ("local", folder path);
+    MlecliError for one that could not be used (url_problem)."""
+    kind, where, problem = _classify(mirror)
+    if problem is not None:
+        raise MlecliError(f"mirror {shown(mirror)}: {problem}")
+    return kind, where
+
+
+def url_problem(mirror: str) -> str | None:
+    """What makes `mirror` unusable as a URL or folder (the request could never be sent, or it
+    names a file elsewhere as a local one), or None if it will do."""
+    return _classify(mirror)[2]
+
+
+def _classify(mirror: str) -> tuple[str, str, str | None]:
     try:
         parts = urlsplit(mirror)
     except ValueError:
-        raise MlecliError(f"mirror {shown(mirror)} is not a valid URL") from None
+        return "", "", "not a valid URL (a '[' without its ']'?); give a URL like https://host/path/"
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        if not parts.netloc:
-            raise MlecliError(f"mirror {shown(mirror)} has no host; give a URL like https://host/path/")
-        return "http", mirror if mirror.endswith("/") else mirror + "/"
+        return "http", mirror if mirror.endswith("/") else mirror + "/", _http_problem(mirror, parts)
     if scheme == "file":
-        return "local", unquote(parts.path)
+        host = parts.netloc.lower()
+        if host not in ("", "localhost"):
+            return "local", "", (f"a file:// URL of the host {shown(parts.netloc)}: only this machine's files can "
+                                 "be read; give file:///path/to/folder/ or the folder's path")
+        if not parts.path:
+            return "local", "", "a file:// URL names no folder; give file:///path/to/folder/ or the folder's path"
+        return "local", unquote(parts.path), None
     if scheme == "" or (len(scheme) == 1 and mirror[1:3] in (":\\", ":/")):
-        return "local", mirror
-    raise MlecliError(
-        f"mirror {shown(mirror)}: unsupported URL scheme {scheme!r}; use http://, https://, file:// or a local folder"
-    )
+        return "local", mirror, None
+    return "", "", (f"unsupported URL scheme {scheme!r}; use http://, https://, file:// or a local folder")
+
+
+# A host as RFC 3986 spells a registered name (with any non-ASCII letters IDNA makes ASCII).
+_REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()+,;=]|%[0-9A-Fa-f]{2}|[^\x00-\x7f])+")
+_NOT_A_HOST = "give a URL like https://host/path/"
+
+
+def _http_problem(url: str, parts) -> str | None:
+    if any(c <= " " or c == "\x7f" for c in url):
+        return "a URL cannot contain spaces or control characters; write a space as %20"
+    where = parts.netloc.rpartition("@")[2]
+    if not where:
+        return f"it has no host; {_NOT_A_HOST}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "its port must be a number from 1 to 65535; give a URL like http://host:8080/path/"
+    if where.startswith("["):
+        literal, _, rest = where[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal.partition("%")[0])
+        except ValueError:
+            return f"{shown(literal)} is not an IPv6 address; give one like http://[::1]:8080/path/"
+        if rest not in ("", ":") and not rest[1:].isdigit():
+            return f"{shown(where)} is not a host and port; {_NOT_A_HOST}"
+        return None
+    host = where.rpartition(":")[0] if ":" in where else where
+    if not host:
+        return f"it has no host; {_NOT_A_HOST}"
+    if not _REG_NAME.fullmatch(host):
+        return f"{shown(host)} is not a host name (letters, digits, '-' and '.'); {_NOT_A_HOST}"
+    try:
+        name = unquote(host, errors="strict")
+        if name.isascii():
+            name.encode("idna")
+        else:
+            import idna  # what requests encodes a host with
+
+            idna.encode(name, uts46=True)
+    except (UnicodeError, ValueError):
+        return (f"{shown(host)} is not a host name (a name's parts, between dots, are 1 to 63 letters, digits or "
+                f"'-'); {_NOT_A_HOST}")
+    return None
 
 
 def fetch_file(
@@ -414,15 +477,19 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
         offset = part.stat().st_size if part.exists() else 0
     except OSError as exc:
         raise MlecliError(describe_os_error(exc, part)) from None
-    if offset and (meta.get("url") != url or offset > expected.wire_limit):
+    unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
+    # An unpinned file's part continues only the same version of the file: without a validator
+    # to send in If-Range, nothing would tell if the rest is of another (a pinned file's hash does).
+    if offset and (meta.get("url") != url or offset > expected.wire_limit
+                   or (expected.sha256 is None and not unchanged_since)):
         discard(part)
         offset = 0
     headers = {"Accept-Encoding": "identity", "Connection": "close"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
         if unchanged_since:
             headers["If-Range"] = unchanged_since
+    changed = False
     with get(session, url, headers, policy) as resp:
         dog.answered = True
         status = resp.status_code
@@ -451,18 +518,32 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
                 discard(part)
                 raise Retryable("the server answered a range that does not continue the partial file", 0.0)
             resuming = offset > 0
-        if not resuming:
-            offset = 0
-        total = offset + length if length is not None else None
-        if total is not None and total > expected.wire_limit:
-            raise MirrorFailed(f"the server offers {total:,} bytes, far more than the expected {expected.limit:,}")
-        atomic_write_text(
-            meta_path(part),
-            json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),
-                        "last_modified": validator(resp.headers.get("Last-Modified"))}),
-        )
-        _stream(resp, part, offset, total, expected, clock, dog, progress, url)
+            if resuming and expected.sha256 is None and not _same_version(meta, resp.headers):
+                # The server ignored If-Range, and the rest it sends is of another version: start again whole.
+                discard(part)
+                changed = True
+        if not changed:
+            if not resuming:
+                offset = 0
+            total = offset + length if length is not None else None
+            if total is not None and total > expected.wire_limit:
+                raise MirrorFailed(f"the server offers {total:,} bytes, far more than the expected {expected.limit:,}")
+            atomic_write_text(
+                meta_path(part),
+                json.dumps({"url": url, "etag": validator(resp.headers.get("ETag")),
+                            "last_modified": validator(resp.headers.get("Last-Modified"))}),
+            )
+            _stream(resp, part, offset, total, expected, clock, dog, progress, url)
+    if changed:  # the part is gone: the same attempt asks for the whole file
+        return _attempt(session, url, part, expected, clock, dog, progress)
     return resuming
+
+
+def _same_version(meta: dict, headers) -> bool:
+    """Whether an answer carries the validator saved with a part (its ETag, else its Last-Modified)."""
+    if validator(meta.get("etag")):
+        return headers.get("ETag") == meta["etag"]
+    return validator(meta.get("last_modified")) is not None and headers.get("Last-Modified") == meta["last_modified"]
 
 
 class _HeaderPeek:

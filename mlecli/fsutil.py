@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import stat
 import tempfile
 import time
@@ -22,6 +23,8 @@ from typing import BinaryIO
 from mlecli.errors import MlecliError
 
 TMP_SUFFIX = ".tmp"
+# What tempfile.mkstemp adds between atomic_write's prefix and suffix: 8 of these characters.
+_TEMPORARY = re.compile(r"\..+\.\d+-\d+\.[a-z0-9_]{8}\.tmp", re.DOTALL)
 
 
 def _current_umask() -> int:
@@ -45,6 +48,12 @@ def describe_os_error(exc: OSError, path: Path) -> str:
                 "aside or choose another place")
     if exc.errno == errno.ENAMETOOLONG:
         return f"cannot write {path}: {exc.strerror}; choose a shorter name or folder"
+    if exc.errno == errno.ELOOP:
+        return (f"cannot write {path}: {exc.strerror} (a symbolic link on the way points, through others, back to "
+                "itself); remove the loop or choose another folder")
+    if exc.errno == errno.ENOENT:
+        return (f"cannot write {path}: {exc.strerror} (its folder cannot be made there: a folder of the system, "
+                "such as /proc?); choose another folder")
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
@@ -185,23 +194,54 @@ class Appender:
             self._f.close()
 
 
+def is_temporary_name(name: str) -> bool:
+    """Whether `name` is one atomic_write gives its temporaries: `.<name>.<pidns>-<pid>.<random>.tmp`."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def open_own_folder(folder: Path) -> int | None:
+    """A descriptor of `folder` if it is a folder itself (a symbolic link is not followed), else None."""
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+
+
+def remove_own_files(folder: Path, ours: Callable[[str], bool]) -> int:
+    """Delete the regular files in `folder` whose names `ours` accepts; return how many.
+
+    Nothing else is touched: a `folder` that is a symbolic link is not followed (it may
+    point at anyone's files), and neither is an entry that is a link or a folder. The
+    folder is opened once and its entries removed relative to it, so that a folder
+    swapped for a link meanwhile changes nothing."""
+    fd = open_own_folder(folder)
+    if fd is None:
+        return 0
+    removed = 0
+    try:
+        for name in os.listdir(fd):
+            if not ours(name):
+                continue
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=fd)
+                    removed += 1
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return removed
+
+
 def remove_stale_temporaries(folder: Path) -> int:
     """Delete temporary files a killed process left in `folder`; return how many.
 
-    A temporary names its writer's process id (`.<name>.<pid>.<random>.tmp`): one whose
-    writer still lives is another process's write in progress and is left alone, so
-    any command may call this, holding a lock or not."""
-    removed = 0
-    try:
-        entries = list(Path(folder).iterdir())
-    except OSError:
-        return 0
-    for p in entries:
-        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and not _writer_alive(p):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed += 1
-    return removed
+    A temporary names its writer's process id (`.<name>.<pidns>-<pid>.<random>.tmp`): one
+    whose writer still lives is another process's write in progress and is left alone, so
+    any command may call this, holding a lock or not. Only names of that exact pattern are
+    removed, and never through a symbolic link (remove_own_files)."""
+    folder = Path(folder)
+    return remove_own_files(folder, lambda name: is_temporary_name(name) and not _writer_alive(folder / name))
 
 
 def _pid_namespace() -> str:

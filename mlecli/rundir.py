@@ -30,15 +30,13 @@ from typing import Any
 
 from mlecli import schema
 from mlecli.errors import ConfigError, MlecliError
-from mlecli.fsutil import TMP_SUFFIX, atomic_write_bytes, atomic_write_text, describe_os_error, folder_lock, open_regular
+from mlecli.fsutil import (atomic_write_bytes, atomic_write_text, describe_os_error, folder_lock, is_temporary_name,
+                           open_regular)
 
 RUNS_DIR = Path("runs")
 MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file
 LOCK = ".lock"
 
-
-def _is_temporary(p: Path) -> bool:
-    return p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
 
 
 def new_default(name: str, runs_dir: Path = RUNS_DIR) -> Path:
@@ -78,10 +76,10 @@ def _leftovers(run_dir: Path) -> list[str]:
     checkpoint (its lock, an empty checkpoints/ folder, temporaries)."""
     found = []
     for p in sorted(run_dir.iterdir()):
-        if p.name == LOCK or _is_temporary(p):
+        if p.name == LOCK or is_temporary_name(p.name):
             continue
         if p.name == "checkpoints" and p.is_dir() and not p.is_symlink() and all(
-            _is_temporary(q) for q in p.iterdir()
+            is_temporary_name(q.name) for q in p.iterdir()
         ):
             continue
         found.append(p.name)
@@ -123,10 +121,11 @@ def claim(run_dir: Path, *, fresh: bool, created: bool = False) -> Iterator[None
 def _remove_unstarted(run_dir: Path, created: bool) -> None:
     ckpt_dir = run_dir / "checkpoints"
     with contextlib.suppress(OSError):
-        for p in ckpt_dir.iterdir():
-            if _is_temporary(p):
-                p.unlink()
-        ckpt_dir.rmdir()
+        if not ckpt_dir.is_symlink():  # never delete in the folder a link points to
+            for p in ckpt_dir.iterdir():
+                if is_temporary_name(p.name):
+                    p.unlink()
+            ckpt_dir.rmdir()
     for name in ("config.toml", "manifest.json", "metrics.jsonl"):
         with contextlib.suppress(OSError):
             (run_dir / name).unlink()

@@ -25,7 +25,7 @@ from typing import Any
 from mlecli import __version__
 from mlecli.config import Config
 from mlecli.errors import MlecliError
-from mlecli.fsutil import atomic_write_text
+from mlecli.fsutil import atomic_write_text, is_temporary_name
 from mlecli.grid import Plan, RunSpec, config_keys, format_seeds, jsonable, show
 
 SWEEP_FORMAT = 1
@@ -120,7 +120,7 @@ def check_sweep_dir(p: Plan, sweep_dir: Path) -> bool:
     if not sweep_dir.is_dir():
         raise MlecliError(f"--sweep-dir {sweep_dir} is a file; give a folder")
     names = {r.name for r in p.runs} | {".lock"}
-    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names and not _is_temporary(c.name))
+    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names and not is_temporary_name(c.name))
     if strangers:
         raise MlecliError(
             f"sweep folder {sweep_dir} already holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''} "
@@ -204,7 +204,7 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     if not ckpt.checkpoints_in(run_dir):
         extra = sorted(c.name for c in run_dir.iterdir()
                        if (c.name not in TRAINER_FILES or c.name == "checkpoints" and not c.is_dir())
-                       and not _is_temporary(c.name))
+                       and not is_temporary_name(c.name))
         if extra:
             return Todo(run, "start", problem=f"run folder {run_dir} holds {', '.join(extra)} and no checkpoint; "
                                               "move it away and run the sweep again")
@@ -222,11 +222,6 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
         return Todo(run, "evaluate" if stale else "done", last.epoch)
     return Todo(run, "resume", last.epoch)
 
-
-def _is_temporary(name: str) -> bool:
-    from mlecli.fsutil import TMP_SUFFIX
-
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
 def config_difference(have: Config, want: Config) -> str | None:
@@ -275,7 +270,7 @@ def clear_unstarted(run_dir: Path) -> None:
             remove_stale_temporaries(run_dir)
             if folder.is_dir() and not folder.is_symlink():
                 for leftover in folder.iterdir():  # under the lock, every temporary here is a dead writer's
-                    if _is_temporary(leftover.name):
+                    if is_temporary_name(leftover.name):
                         leftover.unlink()
                 folder.rmdir()
             for name in TRAINER_FILES - {"checkpoints", ".lock"}:

@@ -23,7 +23,7 @@ from fakes import TinyDataset, tiny_dataset, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import config
+from mlecli import config, fsutil
 from mlecli.cache import dataset_dir, ensure_dataset, load_split, prepare
 from mlecli.cli import main
 from mlecli.datasets import FASHION_MNIST, FILE_RE, MNIST_FILES, ROLES, custom
@@ -264,6 +264,7 @@ def test_train_and_test_images_of_different_sizes_in_a_cache_are_refused_when_lo
     spec = custom("mine", str(folder))
     with monkeypatch.context() as m:
         m.setattr(cache, "_check_together", lambda ds, paths, shown=None: {r: cache._read_header_of(paths[r]) for r in ROLES})
+        m.setattr(cache, "_check_with_known", lambda *args: None)
         ensure_dataset(spec, tmp_path / "d")
     with pytest.raises(DataError) as err:
         prepare(spec, tmp_path / "d")
@@ -330,8 +331,11 @@ def test_a_killed_downloads_leftovers_are_resumed_or_removed_by_the_next_run(tin
     proc.kill()
     proc.wait()
     # What else a killed writer can leave: temporaries anywhere, parts of other files.
-    for leftover in (folder / ".record.json.x1.tmp", folder / "raw" / f".{TRAIN_IMAGES}.x2.tmp",
-                     folder / "partial" / "not-ours.gz.part", folder / "partial" / f".{TRAIN_IMAGES}.gz.part.json.x3.tmp"):
+    writer = f"{fsutil._NAMESPACE}-{proc.pid}"  # the killed process's temporaries name it
+    for leftover in (folder / f".record.json.{writer}.x1abcdef.tmp",
+                     folder / "raw" / f".{TRAIN_IMAGES}.{writer}.x2abcdef.tmp",
+                     folder / "partial" / "not-ours.gz.part",
+                     folder / "partial" / f".{TRAIN_IMAGES}.gz.part.json.{writer}.x3abcdef.tmp"):
         leftover.write_bytes(b"\0" * 1000)
     kept = part.stat().st_size
     reports = ensure_dataset(tiny.spec((m.url,)), data, policy=FAST)
@@ -344,12 +348,19 @@ def test_a_killed_downloads_leftovers_are_resumed_or_removed_by_the_next_run(tin
     ]
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_a_reader_tidies_leftovers_only_when_no_writer_holds_the_lock(tiny, tiny_folder, tmp_path):
     spec = tiny.spec((str(tiny_folder),))
     ensure_dataset(spec, tmp_path)
     folder = dataset_dir(spec, tmp_path)
     clean = files_in(folder)
-    leftovers = [folder / "raw" / ".x.1.tmp", folder / "partial" / f"{TRAIN_IMAGES}.gz.part"]
+    leftovers = [folder / "raw" / f".x.{fsutil._NAMESPACE}-{_dead_pid()}.abcdefgh.tmp",
+                 folder / "partial" / f"{TRAIN_IMAGES}.gz.part"]
 
     def plant():
         leftovers[1].parent.mkdir(exist_ok=True)

@@ -247,3 +247,18 @@ def test_a_lock_removed_by_its_holder_is_taken_anew_by_whoever_waited(tmp_path):
     t.join(timeout=10)
     assert got["lock"] is True  # it holds the folder's lock as the folder is now
     assert folder.is_dir()
+
+
+def test_clearing_an_unstarted_run_never_deletes_through_a_linked_checkpoints_folder(tmp_path):
+    from mlecli import rundir
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    names = [".notes.tmp", ".x.1.tmp", ".a.4026531836-999999.abcdefgh.tmp", "thesis.tex"]
+    for name in names:
+        (victim / name).write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(victim)
+    rundir._remove_unstarted(run, created=False)
+    assert sorted(p.name for p in victim.iterdir()) == sorted(names)
