@@ -110,6 +110,10 @@ def load(path: Path) -> Checkpoint:
         schema.check(meta, schema.META[version], f"{path}: meta record")
     except schema.SchemaError as exc:
         raise CheckpointError(str(exc)) from None
+    shape = meta.get("image_shape")
+    if shape is not None and shape[0] * shape[1] != meta["n_inputs"]:  # each field well-formed, the two at odds
+        raise CheckpointError(f"{path}: its meta record says {shape[0]}×{shape[1]} images ({shape[0] * shape[1]} "
+                              f"pixels) but {meta['n_inputs']} inputs; the checkpoint is damaged")
     try:  # the generator's state, exactly as numpy will take it on resume
         np.random.default_rng().bit_generator.state = meta["rng_state"]
     except (TypeError, ValueError, KeyError, OverflowError):

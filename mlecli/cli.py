@@ -476,18 +476,18 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
     import shlex
 
     from mlecli import grid
+    from mlecli import sweep as sweeping
     from mlecli.compare import format_summary
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
-        stopped = [r for r in outcome.results.values() if r.status == "interrupted"]
-        at_once = sum(r.error is not None for r in stopped)
-        finished = sum(r["status"] == "finished" for r in outcome.summary["runs"])
+        n = sweeping.stop_counts(plan, outcome)  # each run once
         echo(
-            f"Stopped by {outcome.stopped}: {finished} of {len(plan.runs)} runs finished, "
-            f"{len(stopped) - at_once} saved mid-run"
-            + (f", {at_once} stopped at once (they go on from their last checkpoint)" if at_once else "")
+            f"Stopped by {outcome.stopped}: {n['finished']} of {len(plan.runs)} runs finished, "
+            f"{n['saved']} saved mid-run"
+            + (f", {n['at_once']} stopped at once (they go on from their last checkpoint)" if n["at_once"] else "")
+            + (f", {n['failed']} failed" if n["failed"] else "")
             + f". Continue with: {grid.command(plan, outcome.sweep_dir, extra)}",
             err=True,
         )
@@ -499,10 +499,14 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         for r in failed:
             echo(printable(f"{r['status']} {Path(r['run_dir']).name}: "
                            f"{r['error'] or 'see mlecli runs ' + shlex.quote(s['sweep_dir'])}"), err=True)
-        raise MlecliError(
-            f"{len(failed)} of {len(s['runs'])} runs did not finish (listed above); the others did. "
-            "Run the same command again to retry them"
-        )
+        total = len(s["runs"])
+        if total == 1:
+            said = "the sweep's one run did not finish (listed above)"
+        elif len(failed) == total:
+            said = f"none of the {total} runs finished (listed above)"
+        else:
+            said = f"{len(failed)} of {total} runs did not finish (listed above); the others did"
+        raise MlecliError(f"{said}. Run the same command again to retry them")
     if not as_json:
         echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
         echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
@@ -600,7 +604,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 
     TARGET is a run folder or a checkpoint file. INPUT: image files (PNG, JPEG, BMP, GIF,
     TIFF, WebP), folders of them (sorted by name), .npy arrays (H×W or N×H×W, uint8 0-255
-    or float 0-1), IDX image files (.gz or not), or - for standard input. Each image is
+    or float 0-1; colour H×W×3|4 or N×H×W×3|4), IDX image files (.gz or not), or - for standard input. Each image is
     prepared as the network's training images were (MNIST's digits: gray, ink light on
     dark, cropped, longer side 20 pixels, centred by mass in 28×28; Fashion-MNIST's:
     longer side 28, centred) unless --raw. An input that cannot be used gets one line on
@@ -611,7 +615,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     from mlecli.outputs import check_output
 
     model = pr.load_model(target, which)
-    sources = sources_of.sources(list(inputs))
+    sources = sources_of.sources(list(inputs), skip=show)  # a folder's images, not the --show written there before
     if show is not None:
         read = [(s.path, "one of the inputs") for s in sources if isinstance(s, sources_of.Source) and s.path]
         show = check_output(show, "--show", ".png", "PNG picture", keep=read)

@@ -2,10 +2,11 @@
 
 Each input becomes a `Loaded`: one gray image (H, W) float64 in [0, 1] (0 black, 1
 white), or a stack of images (N, H, W) (uint8 0-255, or float 0-1 in the file's own float
-type, light ink on dark as in MNIST's files). What a file is, is told by its first bytes,
-not its name: a .npy header, a gzip stream (an IDX file inside), an IDX header, or the
-signature of a picture format mlecli reads through Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP,
-PNM). Anything unusable raises InputError with one line naming it.
+type, light ink on dark as in MNIST's files), or of colour pictures (N, H, W, 3|4) uint8.
+What a file is, is told by its first bytes, not its name: a .npy header, a gzip stream
+(an IDX file inside), an IDX header, or the signature of a picture format mlecli reads
+through Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM). Anything unusable raises InputError
+with one line naming it.
 
 Four mechanisms keep one input from hurting the others or the machine:
 
@@ -67,9 +68,10 @@ class Source:
 
 @dataclass(frozen=True)
 class Loaded:
-    """What one source held. A picture: `images` (H, W) float64 gray, `picture` True. An array
-    file: `images` (N, H, W) uint8, or float 0-1 of any float type (converted a chunk at a
-    time where it is used), `indexed` when it held a stack (not one 2-D image)."""
+    """What one source held. A picture (a picture file, or an array of one colour picture):
+    `images` (H, W) float64 gray, `picture` True. An array file: `images` (N, H, W) uint8, or
+    float 0-1 of any float type, or (N, H, W, 3|4) uint8 colour pictures (converted a chunk
+    at a time where they are used), `indexed` when it held a stack (not one image)."""
 
     source: Source
     images: np.ndarray
@@ -105,25 +107,48 @@ def guard(name: str) -> Iterator[None]:
 # Finding the inputs
 
 
-def sources(inputs: list[str]) -> list[Source | InputError]:
+def sources(inputs: list[str], skip: str | os.PathLike | None = None) -> list[Source | InputError]:
     """Expand the command line's inputs in order: a folder becomes its image files sorted by
-    name (numbers in names compared as numbers: 2.png before 10.png); `-` is standard input.
-    An input that cannot be used (missing, unreadable, a pipe or a device, a folder without
-    images) is an InputError in its place; nothing here raises."""
+    name (numbers in names compared as numbers: 2.png before 10.png), leaving out the file
+    `skip` (the command's own output, e.g. `--show`, by any name or link) if it is there;
+    `-` is standard input. An input that cannot be used (missing, unreadable, a pipe or a
+    device, a folder without images) is an InputError in its place; nothing here raises."""
     out: list[Source | InputError] = []
+    skipped = _Skipped(os.path.realpath(skip), file_id(skip)) if skip is not None else None
     for item in inputs:
         name = display(item)
         if item == STDIN:
             out.append(Source("<stdin>", None))
             continue
         try:
-            out += _expand(item, name)
+            out += _expand(item, name, skipped)
         except InputError as exc:
             out.append(exc)
     return out
 
 
-def _expand(item: str, name: str) -> list[Source | InputError]:
+def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path` (links followed), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    """A file a folder's listing leaves out: where its name leads (it may not exist yet, and a
+    link to it may already be in the folder), and (device, inode) once it exists (by any name)."""
+
+    real: str
+    id: tuple[int, int] | None
+
+    def __contains__(self, path: str) -> bool:
+        return os.path.realpath(path) == self.real or (self.id is not None and file_id(path) == self.id)
+
+
+def _expand(item: str, name: str, skipped: _Skipped | None) -> list[Source | InputError]:
     with guard(name):
         if not item:
             raise InputError("'': an empty name is not a file: give an image file or a folder")
@@ -132,7 +157,7 @@ def _expand(item: str, name: str) -> list[Source | InputError]:
         except FileNotFoundError:
             raise InputError(f"{name} does not exist") from None
         if stat.S_ISDIR(mode):
-            return _folder(item, name)
+            return _folder(item, name, skipped)
         if stat.S_ISREG(mode):
             return [Source(name, Path(item))]
         raise InputError(_not_a_file(name, mode))
@@ -145,10 +170,11 @@ def _not_a_file(name: str, mode: int) -> str:
     return f"{name} is not a file or a folder (a device or a socket): give an image file"
 
 
-def _folder(item: str, name: str) -> list[Source | InputError]:
-    """A folder's pictures by name: not hidden files, not subfolders. An entry that cannot be
-    looked at (a link into a folder this process may not search) is kept: reading it gives
-    its own line, and the folder's other pictures are still read."""
+def _folder(item: str, name: str, skipped: _Skipped | None = None) -> list[Source | InputError]:
+    """A folder's pictures by name: not hidden files, not subfolders, not the file `skipped`
+    (the command's output, written into the folder it reads by a run before this one). An
+    entry that cannot be looked at (a link into a folder this process may not search) is
+    kept: reading it gives its own line, and the folder's other pictures are still read."""
     try:
         with os.scandir(item) as entries:
             found = [e for e in entries if not e.name.startswith(".")
@@ -159,6 +185,8 @@ def _folder(item: str, name: str) -> list[Source | InputError]:
     for entry in found:
         try:
             if entry.is_dir():
+                continue
+            if skipped is not None and entry.path in skipped:
                 continue
         except OSError:
             pass
@@ -278,7 +306,16 @@ def is_picture(head: bytes) -> bool:
 
 
 def _array(source: Source, arr: np.ndarray, idx: bool) -> Loaded:
-    images, indexed = check_array(arr, source.name, "IDX file" if idx else ".npy file")
+    return array_loaded(source, arr, "IDX file" if idx else ".npy file")
+
+
+def array_loaded(source: Source, arr: np.ndarray, what: str) -> Loaded:
+    """An array file's (or the API's) array as a Loaded: gray images as they are (`check_array`);
+    one colour picture H×W×3|4 as a picture, gray by `colour_gray` as a picture file's pixels
+    are; N colour pictures as a stack N×H×W×C, made gray a chunk at a time where it is used."""
+    images, indexed = check_array(arr, source.name, what)
+    if images.ndim == 4 and not indexed:
+        return Loaded(source, colour_gray(images[0]), picture=True)
     return Loaded(source, images, picture=False, indexed=indexed)
 
 
@@ -291,11 +328,15 @@ def image_layout(shape: tuple[int, ...], name: str, what: str) -> tuple[int, int
     budget checked: no array is built from a shape that fails here.
 
     (H, W) is one image; (N, H, W) a stack; (784,) one and (N, 784) N flattened 28×28 images;
-    a single colour channel (N×H×W×1, N×1×H×W, H×W×1) is dropped."""
+    a single colour channel (N×H×W×1, N×1×H×W, H×W×1) is dropped; H×W×3|4 is one colour
+    picture (RGB, RGBA: as `np.array(PIL image)` gives) and N×H×W×3|4 N of them
+    (`colour_channels` tells them apart)."""
     s = tuple(int(d) for d in shape)
     if any(d < 0 for d in s):
         raise InputError(f"{name}: the {what}'s header is damaged (shape {_shape(s)})")
-    if len(s) == 4 and s[3] == 1:  # N×H×W×1, channels last (Keras)
+    if colour_channels(s):
+        s, indexed = (s[:3] if len(s) == 4 else (1, *s[:2])), len(s) == 4
+    elif len(s) == 4 and s[3] == 1:  # N×H×W×1, channels last (Keras)
         s, indexed = s[:3], True
     elif len(s) == 4 and s[1] == 1:  # N×1×H×W, channels first (PyTorch)
         s, indexed = (s[0], s[2], s[3]), True
@@ -311,7 +352,7 @@ def image_layout(shape: tuple[int, ...], name: str, what: str) -> tuple[int, int
         indexed = True
     else:
         raise InputError(f"{name}: the {what} holds an array of shape {_shape(tuple(shape))}; images are H×W or "
-                         "N×H×W (e.g. 28×28 or N×28×28)")
+                         "N×H×W (e.g. 28×28 or N×28×28), or colour pictures H×W×3|4 or N×H×W×3|4")
     n, h, w = s
     if n == 0:
         raise InputError(f"{name}: the {what} holds no images (shape {_shape(tuple(shape))})")
@@ -323,6 +364,11 @@ def image_layout(shape: tuple[int, ...], name: str, what: str) -> tuple[int, int
         raise InputError(f"{name}: the {what} holds {n:,} images, more than the {MAX_IMAGES:,} mlecli reads from "
                          "one file: split it")
     return n, h, w, indexed
+
+
+def colour_channels(shape: tuple[int, ...]) -> int:
+    """3 (RGB) or 4 (RGBA) for an array of colour pictures, H×W×C or N×H×W×C; else 0."""
+    return shape[-1] if len(shape) in (3, 4) and shape[-1] in (3, 4) else 0
 
 
 def too_large(h: int, w: int) -> str:
@@ -344,7 +390,8 @@ def read_npy_stream(f: BinaryIO, head: bytearray, size: int | None, name: str) -
     its shape and type checked, and only then the bytes it declares are read."""
     offset, shape, fortran, dtype = _npy_header(bytes(head), name)
     n, h, w, _ = image_layout(shape, name, ".npy file")
-    need = n * h * w * dtype.itemsize  # Python integers: exact however large the header's numbers
+    count = n * h * w * (colour_channels(shape) or 1)
+    need = count * dtype.itemsize  # Python integers: exact however large the header's numbers
     if need > MAX_FILE_BYTES:
         raise _declares_too_much(name, ".npy file", need)
     if size is not None and size - offset < need:
@@ -354,7 +401,7 @@ def read_npy_stream(f: BinaryIO, head: bytearray, size: int | None, name: str) -
     if len(data) < offset + need:
         raise InputError(f"{name}: the .npy file is truncated (its header promises {need} bytes of data, "
                          f"it has {len(data) - offset})")
-    arr = np.frombuffer(data, dtype=dtype, count=n * h * w, offset=offset)
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
@@ -462,14 +509,22 @@ def _pieces(pieces: Iterator[bytes], decoder: IdxDecoder, name: str) -> Iterator
 
 
 def check_array(arr: np.ndarray, name: str, what: str = "array") -> tuple[np.ndarray, bool]:
-    """An array of images as (N, H, W) and whether it was a stack (N, …) rather than one image.
+    """An array of images as (N, H, W), or of colour pictures as (N, H, W, C) uint8, and whether
+    it was a stack (N, …) rather than one image.
 
     Layout and budgets as `image_layout`. bool becomes 0/255 uint8, integers 0-255 uint8,
     floats 0-1 stay in their own float type (checked here a block at a time, converted
-    where they are used, a chunk at a time)."""
+    where they are used, a chunk at a time); colour floats 0-1 become uint8 ⌊255·x + ½⌋,
+    the pixels of the picture file the array would be saved as."""
     _check_dtype(arr.dtype, name, what)
     n, h, w, indexed = image_layout(arr.shape, name, what)
-    return _pixels(arr.reshape(n, h, w), name, what), indexed
+    channels = colour_channels(arr.shape)
+    if not channels:
+        return _pixels(arr.reshape(n, h, w), name, what), indexed
+    pixels = _pixels(arr.reshape(n, h, w, channels), name, what)
+    if pixels.dtype != np.uint8:
+        pixels = np.concatenate([np.floor(255 * b.astype(np.float64) + 0.5).astype(np.uint8) for b in _blocks(pixels)])
+    return pixels, indexed
 
 
 BLOCK_PIXELS = 1 << 22  # pixels checked at a time (32 MB of float64 temporaries at most)
@@ -592,14 +647,22 @@ def _gray(img) -> np.ndarray:
     if mode in ("La", "RGBa", "PA"):  # premultiplied alpha, or a palette with alpha: plain RGBA
         img = img.convert("LA" if mode == "La" else "RGBA")
     if "A" in img.getbands() or "transparency" in img.info:
-        pixels = np.asarray(img if img.mode == "RGBA" else img.convert("RGBA"))
-        if np.all(pixels[..., 3] == 255):
-            return _by_rows(pixels, lambda p: luminance(p[..., :3]))
-        back = background_behind(pixels)  # decided on the whole picture, then applied by rows
-        return _by_rows(pixels, lambda p: composite(p, back))
+        return colour_gray(np.asarray(img if img.mode == "RGBA" else img.convert("RGBA")))
     if img.mode == "L":
         return np.asarray(img, dtype=np.uint8) / 255.0
-    return _by_rows(np.asarray(img.convert("RGB")), luminance)
+    return colour_gray(np.asarray(img.convert("RGB")))
+
+
+def colour_gray(pixels: np.ndarray) -> np.ndarray:
+    """Colour pixels (H, W, 3) RGB or (H, W, 4) RGBA uint8 as gray (H, W) float64 in [0, 1]: the
+    conversion of every colour picture, a file's, a PIL image's or an array's. Luma; behind
+    transparent pixels the colour opposite the ink, decided on the whole picture."""
+    if pixels.shape[-1] == 3:
+        return _by_rows(pixels, luminance)
+    if np.all(pixels[..., 3] == 255):
+        return _by_rows(pixels, lambda p: luminance(p[..., :3]))
+    back = background_behind(pixels)  # decided on the whole picture, then applied by rows
+    return _by_rows(pixels, lambda p: composite(p, back))
 
 
 def _by_rows(pixels: np.ndarray, fn, block: int = 1 << 18) -> np.ndarray:

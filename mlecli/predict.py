@@ -80,10 +80,7 @@ def check_image_shape(cp: ckpt.Checkpoint) -> None:
             return
         raise CheckpointError(f"{cp.path} does not say what size of image it was trained on (no image_shape in its "
                               f"meta record; {n_inputs} inputs, dataset {cp.config.data.dataset}); {advice}")
-    seen = "×".join(map(str, shape))
-    if math.prod(shape) != n_inputs:
-        raise CheckpointError(f"{cp.path}: its meta record says {seen} images ({math.prod(shape)} pixels) but "
-                              f"{n_inputs} inputs; the checkpoint is damaged")
+    seen = "×".join(map(str, shape))  # its product is n_inputs: checkpoint.load refuses meta records at odds
     if list(shape) != list(SHAPE):
         raise CheckpointError(f"{cp.path} was trained on {seen} images ({n_inputs} inputs); {advice}")
 
@@ -125,7 +122,8 @@ class Model:
     `predict_proba(images)` gives (N, 2) probabilities of them, `predict(images)` the
     class (0 or 1) at a threshold, `prepare(image)` the 28×28 image the network sees.
     Images: a path (image file, folder, .npy, IDX), a PIL image, a gray array (H, W) or
-    (N, H, W) (uint8 0-255 or float 0-1), or a list of these.
+    (N, H, W) (uint8 0-255 or float 0-1), a colour array (H, W, 3|4) or (N, H, W, 3|4) (RGB or
+    RGBA, as `np.array(PIL image)` gives), or a list of these.
     """
 
     def __init__(self, cp: ckpt.Checkpoint):
@@ -243,12 +241,14 @@ def network_inputs(loaded: inputs.Loaded, raw: bool, style: Style) -> Iterator[U
             yield Usable(None, np.zeros((0, *SHAPE), np.uint8), [blank_error(name)])
         return
     stack = loaded.images
-    if raw and stack.shape[1:] != SHAPE:
-        yield Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:])])
+    if raw and stack.shape[1:3] != SHAPE:
+        yield Usable(None, np.zeros((0, *SHAPE)), [_raw_shape_error(name, stack.shape[1:3])])
         return
     step = max(1, CHUNK_PIXELS // (stack.shape[1] * stack.shape[2]))
     for start in range(0, len(stack), step):
         part = stack[start : start + step]
+        if part.ndim == 4:  # colour pictures, made gray as picture files are
+            part = np.stack([inputs.colour_gray(picture) for picture in part])
         index = np.arange(start, start + len(part)) if loaded.indexed else None
         if raw:
             yield Usable(index, part if part.dtype == np.uint8 else part.astype(np.float64), [])
@@ -272,6 +272,8 @@ def _is_many(images) -> bool:
     if isinstance(images, (list, tuple)):
         return True
     if isinstance(images, np.ndarray):
+        if inputs.colour_channels(images.shape):
+            return images.ndim == 4
         return images.ndim == 3 or (images.ndim == 2 and images.shape[1] == 784)
     if isinstance(images, (str, Path)):
         return Path(images).is_dir()
@@ -298,11 +300,11 @@ def _loaded(images) -> Iterator[inputs.Loaded | InputError]:
     if isinstance(images, np.ndarray):
         try:
             with inputs.guard("array"):
-                arr, indexed = inputs.check_array(images, "array")
+                loaded = inputs.array_loaded(inputs.Source("array", None), images, "array")
         except InputError as exc:
             yield exc
             return
-        yield inputs.Loaded(inputs.Source("array", None), arr, picture=False, indexed=indexed)
+        yield loaded
         return
     if type(images).__module__.startswith("PIL."):  # the same conversion as a picture file's
         try:
@@ -314,7 +316,8 @@ def _loaded(images) -> Iterator[inputs.Loaded | InputError]:
         yield inputs.Loaded(inputs.Source("image", None), gray, picture=True)
         return
     yield InputError(
-        f"cannot predict on a {type(images).__name__}: give a path, a PIL image, or a gray array (H, W) or (N, H, W)"
+        f"cannot predict on a {type(images).__name__}: give a path, a PIL image, or a gray array (H, W) or (N, H, W) "
+        "or a colour one (H, W, 3|4) or (N, H, W, 3|4)"
     )
 
 
@@ -337,15 +340,27 @@ def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: in
     return [f"{label:<{width}}  ŷ {p:.4f}  {words[d]}" for label, p, d in zip(labels, batch.p.tolist(), decided.tolist())]
 
 
+# What str.splitlines (and other Unicode-aware readers) end a line at, that JSON leaves raw:
+# the rest (\n, \r, \v, \f, \x1c-\x1e) are control characters JSON escapes anyway.
+LINE_BREAKS = "\x85\u2028\u2029"
+_ESCAPED_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in LINE_BREAKS})
+
+
+def json_string(text: str) -> str:
+    """`text` as a JSON string in valid Unicode (`inputs.display`), non-ASCII kept as it is
+    except the line breaks of LINE_BREAKS, escaped: the string never ends a line for any reader."""
+    return json.dumps(inputs.display(text), ensure_ascii=False).translate(_ESCAPED_BREAKS)
+
+
 def json_lines(batch: Batch, words: tuple[str, str], threshold: float) -> list[str]:
     """One JSON object per image, as json.dumps writes it (built by hand: ten times faster).
 
-    Valid JSON in valid UTF-8 whatever the names: each string goes through `inputs.display`
-    (no lone surrogate from a file name that is not UTF-8) and JSON's own escapes, and every
-    ŷ is finite (Model.probabilities makes sure of it)."""
+    Valid JSON in valid UTF-8 whatever the names, one object a line whatever splits the lines:
+    each string goes through `json_string`, and every ŷ is finite (Model.probabilities makes
+    sure of it)."""
     assert np.all(np.isfinite(batch.p)), "Model.probabilities gives finite ŷ only"
-    source = json.dumps(inputs.display(batch.source), ensure_ascii=False)
-    label = [json.dumps(inputs.display(w), ensure_ascii=False) for w in words]
+    source = json_string(batch.source)
+    label = [json_string(w) for w in words]
     index = ["null"] * len(batch.p) if batch.index is None else batch.index.tolist()
     decided = (batch.p >= threshold).tolist()
     return [

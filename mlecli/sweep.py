@@ -189,6 +189,10 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
 
     if not run_dir.exists() and not run_dir.is_symlink():
         return Todo(run, "start")
+    if run_dir.is_symlink() and not (run_dir.is_dir() and ckpt.checkpoints_in(run_dir)):  # the trainer starts none
+        target = "a folder" if run_dir.is_dir() else "nothing it can use (a missing, looping or non-folder target)"
+        return Todo(run, "start", problem=f"{run_dir} is a symbolic link to {target}: a run of the sweep starts in a "
+                                          "folder of its own; move the link away and run the sweep again")
     if not run_dir.is_dir():
         return Todo(run, "start", problem=f"{run_dir} is not a folder: a run of the sweep goes there; move it away "
                                           "and run the sweep again")
@@ -378,6 +382,22 @@ def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool,
         if result.status == "failed":
             errors[name] = result.error
     return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
+
+
+def stop_counts(p: Plan, outcome: Outcome) -> dict[str, int]:
+    """How a stopped sweep's runs stand, each run counted once: "finished" (by its folder, also
+    when the stop came as it ended), "saved" mid-run or stopped "at_once" now (by its worker),
+    "failed" now."""
+    status = {r.name: row["status"] for r, row in zip(p.runs, outcome.summary["runs"])}
+    counts = {"finished": sum(s == "finished" for s in status.values()), "saved": 0, "at_once": 0, "failed": 0}
+    for name, result in outcome.results.items():
+        if status.get(name) == "finished":
+            continue
+        if result.status == "interrupted":
+            counts["at_once" if result.error is not None else "saved"] += 1
+        elif result.status == "failed":
+            counts["failed"] += 1
+    return counts
 
 
 def check_paths(p: Plan, sweep_dir: Path) -> None:

@@ -644,8 +644,11 @@ def _train(run: _Run, report: Reporter, stop: StopRequest) -> Outcome:
                 break
     stop.settled = True
     state = run.state
-    return Outcome(run.dir, state.epochs_done, stop.signal, state.best, resume_point=run.committed,
-                   stopped_early=state.stopped_early)
+    # A signal that came as the last epoch ended stopped nothing: the run is finished, and
+    # says so everywhere (its manifest, the sweep's count), not "interrupted" with nothing to resume.
+    complete = state.epochs_done >= cfg.train.epochs or state.stopped_early is not None
+    return Outcome(run.dir, state.epochs_done, None if complete else stop.signal, state.best,
+                   resume_point=run.committed, stopped_early=state.stopped_early)
 
 
 class _Loop:

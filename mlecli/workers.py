@@ -39,7 +39,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from mlecli.errors import MlecliError
+from mlecli.errors import MlecliError, Stopped
 
 POLL = 0.5  # seconds between looks at the clock while waiting for the workers
 KILL_AFTER = 5.0  # seconds after a second signal before a worker is killed
@@ -356,11 +356,15 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
                 task = conn.recv()
                 if task is None:
                     return
-                result = _perform(task, conn, Path(data_dir))
-                with _no_signals():
-                    conn.send(("done", task.name, result))
-    except (_Stopped, EOFError, OSError):
-        return  # stopped while idle, or the parent is gone
+                result = None
+                try:
+                    result = _perform(task, conn, Path(data_dir))
+                finally:  # a signal landing as the run ends stops the worker, not its result on the way
+                    if result is not None:
+                        with _no_signals():
+                            conn.send(("done", task.name, result))
+    except (_Stopped, Stopped, EOFError, OSError):
+        return  # stopped by a signal (the trainer's own Stopped: before its training began), or the parent is gone
     except BaseException as exc:  # a bug: one line, and the parent reports the run as failed
         print(f"mlecli sweep worker {os.getpid()}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         os._exit(1)
@@ -419,7 +423,7 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
         if task.evaluate:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
-    except (_Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
+    except (_Stopped, Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
         status = describe(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:

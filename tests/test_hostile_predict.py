@@ -35,6 +35,7 @@ from PIL import Image
 import mlecli
 from mlecli import checkpoint as ckpt
 from mlecli import inputs
+from mlecli import predict as pr
 from mlecli.cli import main
 from mlecli.errors import CheckpointError, InputError, MlecliError
 from mlecli.idx import idx_bytes
@@ -280,6 +281,35 @@ def test_names_with_odd_characters_give_valid_json_in_valid_utf8(run, tmp_path):
     table = cli("predict", run, folder).stdout_bytes.decode("utf-8").splitlines()
     assert [line.split("  ")[0].strip().rsplit("/", 1)[1] for line in table] == [
         "1²2.png", "2.png", "10.png", "latin1-\\xe9.png", "two\\nlines.png"]
+
+
+SPLITTERS = [chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) > 1]  # \n, \r, \v, …, U+2029
+
+
+def test_every_character_a_unicode_line_splitter_splits_on_is_escaped_in_json_names(run, tmp_path):
+    assert len(SPLITTERS) >= 10  # the search above found them (str.splitlines' own list, whatever its version)
+    folder = tmp_path / "uni"
+    folder.mkdir()
+    names = [f"{k:02d}{c}x.png" for k, c in enumerate(SPLITTERS)]
+    for name in names:
+        (folder / name).write_bytes(encode(1.0 - INK))
+    res = cli("predict", run, folder, "--json")
+    assert res.exit_code == 0, res.output
+    text = res.stdout_bytes.decode("utf-8")
+    assert not any(c in text for c in SPLITTERS if c != "\n")
+    lines = text.splitlines()
+    assert [Path(json.loads(line)["input"]).name for line in lines] == names
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(st.characters(blacklist_categories=["Cs"]), max_size=12) | st.sampled_from(SPLITTERS),
+       words=st.tuples(st.text(max_size=6), st.text(max_size=6)))
+def test_a_json_line_is_one_line_for_any_line_splitter_whatever_the_names(name, words):
+    batch = pr.Batch(name, np.array([0, 3]), np.zeros((2, 28, 28), np.uint8), np.array([0.25, 0.75]))
+    for line in pr.json_lines(batch, words, 0.5):
+        assert line.splitlines() == [line] and line.encode("utf-8")  # one line, valid UTF-8
+        got = json.loads(line)
+        assert (got["input"], got["label"]) in {(inputs.display(name), inputs.display(w)) for w in words}
 
 
 # ---------------------------------------------------------------------------
@@ -553,6 +583,67 @@ def test_a_colour_key_transparency_reads_like_an_alpha_band(model, tmp_path):
     np.testing.assert_array_equal(model.prepare(tmp_path / "l_trns.png"), expected)
 
 
+def _colour_picture(data, channels: int) -> np.ndarray:
+    """INK in one colour on a paper of another, RGB or RGBA (opaque, a transparent sheet under
+    the ink, or any alpha), as `np.array(PIL image)` gives it."""
+    colour = st.tuples(*[st.integers(0, 255)] * 3)
+    ink, paper = np.array(data.draw(colour), float), np.array(data.draw(colour), float)
+    pixels = np.floor(INK[..., None] * ink + (1 - INK[..., None]) * paper + 0.5).astype(np.uint8)
+    if channels == 3:
+        return pixels
+    alpha = data.draw(st.sampled_from(["opaque", "sheet", "any"]))
+    a = {"opaque": np.full(INK.shape, 255, np.uint8), "sheet": np.floor(255 * INK + 0.5).astype(np.uint8),
+         "any": np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, 256, INK.shape, dtype=np.uint8)}[alpha]
+    return np.concatenate([pixels, a[..., None]], axis=2)
+
+
+def _prepared_or_error(model, image):
+    try:
+        return model.prepare(image)
+    except InputError as exc:
+        return str(exc).split(": ", 1)[1]  # the same error, whatever the input's name
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), channels=st.sampled_from([3, 4]), as_float=st.booleans())
+def test_a_colour_array_is_prepared_as_the_picture_of_the_same_pixels(model, data, channels, as_float):
+    pictures = [_colour_picture(data, channels) for _ in range(data.draw(st.integers(1, 3)))]
+    to_array = (lambda a: a / 255.0) if as_float else (lambda a: a)
+    one = [_prepared_or_error(model, to_array(p)) for p in pictures]
+    assert all(isinstance(o, str) or o.shape == (28, 28) for o in one)
+    for got, p in zip(one, pictures):
+        expected = _prepared_or_error(model, Image.fromarray(p))
+        assert got == expected if isinstance(got, str) else np.array_equal(got, expected)
+    if not any(isinstance(o, str) for o in one):  # N pictures at once: each as on its own
+        np.testing.assert_array_equal(model.prepare(to_array(np.stack(pictures))), np.stack(one))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_npy_reads_as_one_picture_and_a_stack_of_them_as_n(run, model, tmp_path, channels):
+    rng = np.random.default_rng(channels)
+    pictures = np.zeros((3, 60, 60, channels), np.uint8)  # light ink on black, as arrays are, in colour
+    for k, picture in enumerate(pictures):
+        top, left = rng.integers(5, 20, 2)
+        picture[top : top + 30, left : left + 8 + 6 * k, :3] = rng.integers(128, 256, 3)
+        if channels == 4:
+            picture[..., 3] = 255
+    for k, picture in enumerate(pictures):
+        np.save(tmp_path / f"one{k}.npy", picture)
+        Image.fromarray(picture).save(tmp_path / f"one{k}.png")
+    np.save(tmp_path / "stack.npy", pictures)
+    res = cli("predict", run, *[tmp_path / f"one{k}.{ext}" for k in range(3) for ext in ("npy", "png")],
+              tmp_path / "stack.npy", "--json")
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(Path(d["input"]).name, d["index"]) for d in got] == [
+        ("one0.npy", None), ("one0.png", None), ("one1.npy", None), ("one1.png", None), ("one2.npy", None),
+        ("one2.png", None), ("stack.npy", 0), ("stack.npy", 1), ("stack.npy", 2)]
+    p = [d["p"] for d in got]
+    assert p[0:6:2] == p[1:6:2]
+    assert p[6:] == pytest.approx(p[0:6:2], abs=1e-7)  # a batch's products round apart from one image's
+    assert len(set(p[6:])) == 3
+
+
 def test_a_32_bit_picture_is_scaled_from_its_own_darkest_to_lightest(model, tmp_path):
     Image.fromarray(PAGE8.astype(np.int32), "I").save(tmp_path / "int32.tif")
     np.testing.assert_array_equal(model.prepare(tmp_path / "int32.tif"), model.prepare(PAGE8))
@@ -579,6 +670,30 @@ def test_show_never_writes_over_an_input_whatever_its_name(run, tmp_path, good):
         assert (res.exit_code, res.stdout) == (1, "")
         assert res.stderr == f"Error: --show {show} is one of the inputs: writing there would destroy it; give another name\n"
     assert good.read_bytes() == before
+
+
+@pytest.mark.parametrize("show,entry", [("scans/seen.png", "seen.png"), ("./scans/../scans/seen.png", "seen.png"),
+                                        ("out/seen.png", "seen-link.png")])
+def test_show_written_into_a_folder_it_reads_is_not_one_of_its_images_run_after_run(run, tmp_path, good, show, entry,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("scans").mkdir()
+    shutil.copy(good, "scans/a.png")
+    if entry != "seen.png":  # the folder holds a link to the file --show names
+        Path("out").mkdir()
+        Path("scans", entry).symlink_to(Path("../out/seen.png"))
+    for _ in range(3):  # the second and third runs find the picture the first wrote in the folder
+        res = cli("predict", run, "scans", "--show", show, "--json")
+        names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
+        assert (res.exit_code, names) == (0, ["a.png"])
+        assert res.stderr == f"wrote {Path(show)} (1 images)\n"
+        assert Image.open(Path("scans", entry)).size == (100, 128)  # one image: it alone is shown
+    res = cli("predict", run, "scans", Path("scans", entry), "--show", show)  # named: still refused
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert res.stderr == (f"Error: --show {Path(show)} is one of the inputs: writing there would destroy it; "
+                          "give another name\n")
+    res = cli("predict", run, "scans", "--json")  # without --show, the picture is a picture like any other
+    assert [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())] == ["a.png", entry]
 
 
 @pytest.mark.parametrize("show,says", [
@@ -656,16 +771,29 @@ def test_finite_but_extreme_weights_are_refused_when_the_network_is_loaded(run, 
         mlecli.load(huge)
 
 
-def test_a_checkpoint_that_does_not_say_its_image_size_or_says_two_is_refused(run, tmp_path, good):
+def test_a_checkpoint_that_does_not_say_its_image_size_is_refused(run, tmp_path, good):
     unsaid = crafted(run, tmp_path, image_shape=None)
     res = cli("predict", unsaid, good)
     assert res.stderr == (f"Error: {unsaid} does not say what size of image it was trained on (no image_shape in its "
                           "meta record; 784 inputs, dataset tiny); predict and export work with 28×28 images (MNIST's "
                           "form): use a network trained on a 28×28 dataset\n")
-    twice = crafted(run, tmp_path, image_shape=[20, 35])  # 700 pixels, but 784 inputs
-    res = cli("export", twice, "--format", "html")
-    assert res.stderr == (f"Error: {twice}: its meta record says 20×35 images (700 pixels) but 784 inputs; the "
-                          "checkpoint is damaged\n")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.tuples(st.integers(1, 1 << 16), st.integers(1, 1 << 16)).filter(lambda s: s[0] * s[1] != 784))
+def test_a_checkpoint_whose_image_shape_is_at_odds_with_its_inputs_is_refused_by_every_command(run, tmp_path, good,
+                                                                                               shape):
+    twice = crafted(run, tmp_path, image_shape=list(shape))  # e.g. 20×35: 700 pixels, but 784 inputs
+    says = (f"{twice}: its meta record says {shape[0]}×{shape[1]} images ({shape[0] * shape[1]} pixels) but 784 "
+            "inputs; the checkpoint is damaged")
+    for args in (["predict", twice, good], ["export", twice, "--format", "html"], ["export", twice, "--format", "onnx"],
+                 ["evaluate", twice, "--data-dir", tmp_path / "data"]):
+        res = cli(*args)
+        assert (res.exit_code, res.stderr) == (1, f"Error: {says}\n"), args
+    with pytest.raises(CheckpointError) as raised:
+        mlecli.load(twice)
+    assert str(raised.value) == says
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.npz", "good.png"]  # nothing exported
 
 
 def test_a_report_with_nan_is_not_shown_and_no_json_holds_nan(run, tmp_path):

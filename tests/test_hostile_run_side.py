@@ -119,7 +119,7 @@ def test_an_unreadable_last_checkpoint_is_never_passed_over(trained, tmp_path):
 @pytest.mark.parametrize("change,says", [
     ({"batch_in_epoch": 15}, "it stopped at batch 15 of an epoch of 15"),
     ({"step": 5}, "its step 5 is not 2 epochs of 15 batches and 0 more"),
-    ({"n_inputs": 100}, "it was trained on images of 100 pixels, these have 784"),
+    ({"n_inputs": 100, "image_shape": [10, 10]}, "it was trained on images of 100 pixels, these have 784"),
 ])
 def test_a_checkpoint_that_cannot_be_this_runs_position_is_refused(trained, tmp_path, change, says):
     _, run, data = trained

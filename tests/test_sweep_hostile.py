@@ -513,3 +513,133 @@ def test_runs_where_with_an_integer_of_hundreds_of_digits_matches_nothing(tiny_c
     assert cli("train", cfg, "--run-dir", tmp_path / "runs" / "r", "--data-dir", tmp_path / "d", "-q").exit_code == 0
     res = cli("runs", tmp_path / "runs", "--where", "train.learning_rate=1" + "0" * 400)
     assert res.exit_code == 0 and res.output.startswith("no runs in "), res.output
+
+
+# ---------------------------------------------------------------------------
+# Hostile round 5: a signal at any moment of a worker's run gives the run's own status, once
+
+
+class _Pipe:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+def _then_sigterm(real, when=lambda *args: True, before=False):
+    def wrapped(*args, **kw):
+        if before and when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+        out = real(*args, **kw)
+        if not before and when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)  # as PR_SET_PDEATHSIG or the sweep's stop sends it
+        return out
+    return wrapped
+
+
+@pytest.mark.parametrize("moment", ["fetching its data", "epoch 1 ends", "epoch 2 ends", "epoch 3 ends",
+                                    "evaluating it"])
+def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_says_and_no_internal_error(
+        done, tmp_path, monkeypatch, capfd, moment):
+    from mlecli import config
+    from mlecli import evaluate as ev
+    from mlecli import train as training
+    from mlecli.rundir import read_manifest
+    from mlecli.runs import describe
+
+    cfg_path, data, _ = done
+    if moment == "fetching its data":  # before its training began: the trainer's own Stopped
+        monkeypatch.setattr(training, "_prepare_data", _then_sigterm(training._prepare_data))
+    elif moment.startswith("epoch"):  # the last one: the run is finished, whatever the signal
+        k = int(moment.split()[1])
+        monkeypatch.setattr(training, "_end_epoch", _then_sigterm(training._end_epoch,
+                                                                  lambda run, *_: run.state.epochs_done == k))
+    else:
+        monkeypatch.setattr(ev, "evaluate", _then_sigterm(ev.evaluate, before=True))
+    monkeypatch.setattr(workers, "_stop_signal", None)
+    for sig in workers.STOP_SIGNALS:  # the worker's own handlers, as worker_main installs them
+        signal.signal(sig, workers._on_stop_signal)
+    run = tmp_path / "run"
+    task = workers.Task("run", str(run), config.load(cfg_path).to_dict(), "start", evaluate=True)
+    result = workers._perform(task, _Pipe(), data)
+    if moment == "fetching its data":
+        assert (result, run.exists()) == (workers.Result("not started"), False)
+    else:
+        expected = "interrupted" if moment in ("epoch 1 ends", "epoch 2 ends") else "finished"
+        assert (result.status, describe(run)["status"], read_manifest(run)["ended"]["status"]) == (expected,) * 3
+    assert "internal error" not in capfd.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.tuples(st.sampled_from(["finished", "interrupted", "failed", "not started", "broken"]),
+                               st.sampled_from([None, "finished", "interrupted", "at once", "failed", "not started"])),
+                     min_size=1, max_size=6))
+def test_a_stopped_sweep_counts_each_run_once_whatever_its_folder_and_its_worker_said(done, runs):
+    from mlecli import sweep as sweeping
+
+    cfg_path, _, _ = done
+    rates = ",".join(str(k + 1) for k in range(len(runs)))
+    p = grid.plan(str(cfg_path), (), (f"train.learning_rate={rates}",), (0,))
+    results = {r.name: workers.Result(said if said != "at once" else "interrupted",
+                                      "stopped at once" if said == "at once" else None)
+               for r, (_, said) in zip(p.runs, runs) if said is not None}
+    rows = [{"status": folder} for folder, _ in runs]
+    n = sweeping.stop_counts(p, sweeping.Outcome(Path("sw"), results, "SIGINT", {"runs": rows}))
+    assert sum(n.values()) <= len(runs)
+    assert n["finished"] == sum(folder == "finished" for folder, _ in runs)
+    assert n["saved"] + n["at_once"] == sum(said in ("interrupted", "at once") and folder != "finished"
+                                            for folder, said in runs)
+
+
+def _link_to_nothing(run: Path, tmp: Path):
+    run.symlink_to(tmp / "nowhere")
+
+
+def _link_to_an_empty_folder(run: Path, tmp: Path):
+    (tmp / f"empty-{run.name}").mkdir()
+    run.symlink_to(tmp / f"empty-{run.name}")
+
+
+def _link_in_a_loop(run: Path, tmp: Path):
+    run.symlink_to(run.name)
+
+
+def _link_to_a_file(run: Path, tmp: Path):
+    (tmp / f"file-{run.name}").write_text("x")
+    run.symlink_to(tmp / f"file-{run.name}")
+
+
+@pytest.mark.parametrize("how", [_link_to_nothing, _link_to_an_empty_folder, _link_in_a_loop, _link_to_a_file])
+@pytest.mark.parametrize("replaced", [1, 2])
+def test_a_run_folder_replaced_by_a_link_is_refused_in_the_sweeps_own_words(done, tmp_path, how, replaced):
+    cfg, data, ref = done
+    sw = tmp_path / "sw"
+    shutil.copytree(ref, sw, symlinks=True)
+    for name in NAMES[:replaced]:
+        shutil.rmtree(sw / name)
+        how(sw / name, tmp_path)
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", sw, "--data-dir", data, "--jobs", 1)
+    assert res.exit_code == 1
+    target = "a folder" if how is _link_to_an_empty_folder else \
+        "nothing it can use (a missing, looping or non-folder target)"
+    lines = res.stderr.splitlines()
+    for name in NAMES[:replaced]:
+        assert (f"failed {name}: {sw / name} is a symbolic link to {target}: a run of the sweep starts in a folder of "
+                "its own; move the link away and run the sweep again") in lines
+    assert lines[-1] == ("Error: none of the 2 runs finished (listed above). Run the same command again to retry them"
+                         if replaced == 2 else "Error: 1 of 2 runs did not finish (listed above); the others did. "
+                                               "Run the same command again to retry them")
+    assert "--run-dir" not in res.output
+
+
+def test_a_sweep_of_one_run_that_did_not_finish_says_so_in_the_singular(done, tmp_path):
+    cfg, data, ref = done
+    sw = tmp_path / "sw"
+    (sw / NAMES[0]).mkdir(parents=True)
+    (sw / NAMES[0] / "notes.txt").write_text("mine")
+    res = cli("sweep", cfg, "--grid", "train.learning_rate=0.05", "--seeds", "0", "--sweep-dir", sw, "--data-dir",
+              data)
+    assert res.exit_code == 1
+    assert res.stderr.splitlines()[-1] == ("Error: the sweep's one run did not finish (listed above). Run the same "
+                                           "command again to retry them")
