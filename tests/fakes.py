@@ -231,12 +231,13 @@ def serve(h, data: bytes, ranges: bool = True) -> bool:
     return send(h, 200, data, headers)
 
 
-def drop_midway(h, data: bytes, fraction: float = 0.5) -> bool:
-    """Promise the whole body, send part of it, then close the connection."""
+def drop_midway(h, data: bytes, fraction: float = 0.5, headers: dict[str, str] | None = None) -> bool:
+    """Promise the whole body, send part of it, then close the connection (the headers:
+    an ETag and Accept-Ranges, unless given)."""
     h.send_response(200)
     h.send_header("Content-Length", str(len(data)))
-    h.send_header("ETag", '"v1"')
-    h.send_header("Accept-Ranges", "bytes")
+    for k, v in ({"ETag": '"v1"', "Accept-Ranges": "bytes"} if headers is None else headers).items():
+        h.send_header(k, v)
     h.end_headers()
     h.wfile.write(data[: int(len(data) * fraction)])
     h.wfile.flush()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import FAST
-from fakes import send, tiny_dataset
+from fakes import drop_midway, send, tiny_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -200,15 +200,7 @@ def changing_server(v1: bytes, v2: bytes, kind: str, honours_if_range: bool, fra
         if name != TRAIN_IMAGES:
             return False
         if n == 0:
-            h.send_response(200)
-            for k, v in {"Content-Length": str(len(v1)), **VALIDATORS[kind](1)}.items():
-                h.send_header(k, v)
-            h.end_headers()
-            h.wfile.write(v1[: int(len(v1) * fraction)])
-            h.wfile.flush()
-            h.close_connection = True
-            h.connection.shutdown(2)
-            return True
+            return drop_midway(h, v1, fraction, headers=VALIDATORS[kind](1))
         version = 1 if v2 == v1 else 2
         mine = VALIDATORS[kind](version)
         rng, if_range = h.headers.get("Range"), h.headers.get("If-Range")
