@@ -57,6 +57,7 @@ from mlecli.fsutil import (
     read_regular,
     is_temporary_name,
     open_own_folder,
+    open_regular,
     remove_own_files,
     remove_stale_temporaries,
 )
@@ -292,7 +293,7 @@ def training_memory(images: IdxHeader) -> int:
 
 def _read_header_of(path: Path) -> IdxHeader:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(MAX_HEADER)
     except OSError as exc:
         raise MlecliError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -408,6 +408,26 @@ def _read_part(part: Path) -> Iterator[bytes]:
         raise MlecliError(exc.reason) from None
 
 
+def _own_part_size(part: Path) -> int:
+    """The bytes of a partial download to resume (0 if none). A part or meta file that is
+    not a plain file of mlecli's own (a symbolic link, a pipe, a file with other names) is
+    not continued or written through: its name is removed, whatever it points to is left."""
+    size = 0
+    for p in (part, meta_path(part)):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            size = st.st_size if p == part else size
+        else:
+            p.unlink()  # a folder raises: the caller says so in one line
+            if p == part:
+                meta_path(part).unlink(missing_ok=True)
+                return 0
+    return size
+
+
 def discard(part: Path) -> None:
     """Remove a partial download and its meta file (a disk error is the user's, not the mirror's)."""
     for p in (part, meta_path(part)):
@@ -474,7 +494,7 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
     meta = _read_meta(part)
     try:  # the disk, not the network: never mistaken for a dropped connection
         part.parent.mkdir(parents=True, exist_ok=True)
-        offset = part.stat().st_size if part.exists() else 0
+        offset = _own_part_size(part)
     except OSError as exc:
         raise MlecliError(describe_os_error(exc, part)) from None
     unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
@@ -592,7 +612,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
                 limit = _bound(peek.header, expected, clock, url, total, offset)
                 break
     try:
-        f = open(part, "ab" if offset else "wb")
+        f = fsutil.open_own(part, append=bool(offset))
     except OSError as exc:
         discard(part)
         raise MlecliError(describe_os_error(exc, part)) from None

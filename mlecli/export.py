@@ -18,7 +18,6 @@ must end in .onnx or .html and cannot be the checkpoint itself.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 from importlib import resources
@@ -77,7 +76,7 @@ def default_out(checkpoint_path: Path, fmt: str) -> Path:
 
 def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
     """What a reader of the exported file should know about the network, as plain values."""
-    from mlecli.evaluate import run_dir_of
+    from mlecli.evaluate import file_sha256, run_dir_of
 
     cfg = cp.config
     run = run_dir_of(cp.path)
@@ -85,7 +84,7 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
     info: dict[str, Any] = {
         "run": display(run.name) if run is not None else cfg.name,
         "checkpoint": display(cp.path.name),
-        "checkpoint_sha256": hashlib.sha256(cp.path.read_bytes()).hexdigest(),
+        "checkpoint_sha256": file_sha256(cp.path),
         "epoch": cp.epoch,
         "task": cfg.task.describe(),
         "negative_class": negative,

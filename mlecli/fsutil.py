@@ -71,17 +71,57 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+PSEUDO_FILE_SYSTEMS = ("/proc/", "/sys/")
+
+
+def check_readable(fd: int, path: Path | str) -> os.stat_result:
+    """The stat of an open file that reading will end on: a regular file, and not one of
+    the kernel's pseudo files (/proc/kmsg is "regular" with size 0 and blocks a reader for
+    ever). OSError otherwise."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")  # where the file really is, links followed
+    except OSError:
+        return st
+    if target.startswith(PSEUDO_FILE_SYSTEMS):
+        raise OSError(errno.EINVAL, f"a kernel file ({target}), not a file of data", str(path))
+    return st
+
+
 def open_regular(path: Path | str) -> BinaryIO:
     """Open `path` for reading if it is a regular file; OSError otherwise.
 
     Every file mlecli reads back goes through here: a FIFO put in a file's place would
-    block the reader forever, a device (/dev/zero) would never end."""
+    block the reader forever, a device (/dev/zero) or a kernel file (/proc/kmsg) would
+    never end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # does not wait for a FIFO's writer
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        check_readable(fd, path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_own(path: Path | str, *, append: bool) -> BinaryIO:
+    """Open `path` to write (or append to) as a file of mlecli's own: never through a
+    symbolic link, never a FIFO or device, never a file that has other names (a hard link
+    from elsewhere would be written too). OSError otherwise; nothing is truncated before
+    the checks."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if append else 0),
+                 FILE_MODE)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise OSError(errno.EINVAL, "not a file of mlecli's own (a pipe, a device or a file with other names)",
+                          str(path))
+        if not append:
+            os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "ab" if append else "wb")
     except BaseException:
         os.close(fd)
         raise
@@ -305,8 +345,15 @@ def folder_lock(folder: Path, *, wait: bool, what: str) -> Iterator[HeldLock]:
     while True:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            # never through a link (a dangling one would create its target), never a pipe
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file", str(lock_path))
         except OSError as exc:
+            if exc.errno == errno.ELOOP and os.path.islink(lock_path):  # not a loop on the way to it
+                raise MlecliError(f"{lock_path} is a symbolic link: mlecli never writes through one; remove it "
+                                  f"(rm {lock_path}) and run again") from None
             raise MlecliError(describe_os_error(exc, lock_path)) from None
         try:
             flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB

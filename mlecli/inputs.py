@@ -41,6 +41,7 @@ from typing import BinaryIO
 import numpy as np
 
 from mlecli.errors import DataError, InputError, MlecliError, display
+from mlecli.fsutil import check_readable
 from mlecli.idx import GZIP_MAGIC, TYPE_CODES, IdxDecoder, IdxHeader, read_header
 from mlecli.prepare import MAX_SIDE, background_behind, composite, luminance
 
@@ -256,6 +257,10 @@ def _opened(source: Source) -> Iterator[tuple[BinaryIO, int | None]]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # replaced since it was found
             raise InputError(_not_a_file(source.name, st.st_mode))
+        try:
+            check_readable(fd, source.path)
+        except OSError as exc:
+            raise InputError(f"{source.name}: {exc.strerror}: mlecli reads pictures, arrays and IDX files") from None
         os.set_blocking(fd, True)
         f = os.fdopen(fd, "rb")
     except BaseException:

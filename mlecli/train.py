@@ -46,7 +46,7 @@ from mlecli import checkpoint as ckpt
 from mlecli.cache import prepare, split_hashes
 from mlecli.config import STATE_SLOTS, Config, to_toml
 from mlecli.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
-from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from mlecli.fsutil import Appender, atomic_write_bytes, atomic_write_text, read_regular, remove_stale_temporaries
 from mlecli.model import Params, init_params, layer_sizes, log_prior
 from mlecli.resources import NoRoom, fmt_bytes, free_space
 from mlecli.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
@@ -576,6 +576,14 @@ def _check_own(cp: ckpt.Checkpoint, run_dir: Path) -> None:
         )
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a plain file holding exactly `data` (anything else is written anew)."""
+    try:
+        return os.lstat(path).st_size == len(data) and read_regular(path, len(data)) == data
+    except OSError:
+        return False
+
+
 def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
     """Bring the folder back to what `cp` commits: metrics cut back to its step, the
     copies due at its epoch written, config and manifest rewritten."""
@@ -588,10 +596,10 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
         due = [f"epoch-{epoch:04d}.npz"] if epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs else []
         if state.best is not None and state.best["epoch"] == epoch:
             due.append("best.npz")
-        data = cp.path.read_bytes()
+        data = read_regular(cp.path, 1 << 40)
         for name in due:
             path = run.ckpt_dir / name
-            if not path.is_file() or path.read_bytes() != data:
+            if not _holds(path, data):
                 atomic_write_bytes(path, data)
     atomic_write_text(run.dir / "config.toml", to_toml(run.cfg))
     try:
