@@ -13,6 +13,7 @@ import fractions
 import gzip
 import importlib.util
 import io
+import itertools
 import json
 import os
 import shutil
@@ -672,28 +673,73 @@ def test_show_never_writes_over_an_input_whatever_its_name(run, tmp_path, good):
     assert good.read_bytes() == before
 
 
-@pytest.mark.parametrize("show,entry", [("scans/seen.png", "seen.png"), ("./scans/../scans/seen.png", "seen.png"),
-                                        ("out/seen.png", "seen-link.png")])
-def test_show_written_into_a_folder_it_reads_is_not_one_of_its_images_run_after_run(run, tmp_path, good, show, entry,
-                                                                                      monkeypatch):
+def _snapshot(folder: Path) -> dict:
+    """Every entry of `folder` (not following links): a link's target, a file's bytes, a folder's entries."""
+    return {p.name: (os.readlink(p) if p.is_symlink() else _snapshot(p) if p.is_dir() else p.read_bytes())
+            for p in folder.iterdir()}
+
+
+FOLDER_SPELLINGS = ["scans", "./scans", "scans/", "ABS", "linked", "linked/", "other/../scans"]
+SHOW_SPELLINGS = ["scans/seen.png", "./scans/seen.png", "ABS/seen.png", "linked/seen.png", "other/../scans/seen.png",
+                  "scans/sub/../seen.png", "scans//seen.png"]
+
+
+@pytest.mark.parametrize("state", ["missing", "a picture", "a link to a picture of the folder",
+                                   "a link to a missing file of the folder"])
+def test_show_inside_a_folder_that_is_an_input_is_refused_before_anything_is_read(run, tmp_path, good, state,
+                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scans = Path("scans")
+    (scans / "sub").mkdir(parents=True)
+    Path("other").mkdir()
+    Path("linked").symlink_to("scans", target_is_directory=True)
+    shutil.copy(good, scans / "a.png")
+    if state == "a picture":  # the user's own scan
+        shutil.copy(good, scans / "seen.png")
+    elif state == "a link to a picture of the folder":
+        (scans / "seen.png").symlink_to("a.png")
+    elif state == "a link to a missing file of the folder":
+        (scans / "seen.png").symlink_to("later.png")
+    before = _snapshot(scans)
+    for folder, show in itertools.product(FOLDER_SPELLINGS, SHOW_SPELLINGS):
+        folder, show = folder.replace("ABS", str(tmp_path / "scans")), show.replace("ABS", str(tmp_path / "scans"))
+        for target in (run, tmp_path / "no-run"):  # refused before the network is even looked for
+            res = cli("predict", target, folder, "--show", show)
+            assert (res.exit_code, res.stdout) == (1, "")
+            assert res.stderr == (f"Error: --show {Path(show)} is inside the input folder {folder}: the sheet would be "
+                                  "read as an input; write it elsewhere\n")
+    assert _snapshot(scans) == before
+
+
+def test_show_that_is_not_written_into_an_input_folder_is_written_run_after_run(run, tmp_path, good, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("scans/sub").mkdir(parents=True)
+    shutil.copy(good, "scans/a.png")
+    for show in ("seen.png", "scans/sub/seen.png"):  # beside the folder; in a subfolder (a folder's subfolders are not read)
+        for _ in range(2):
+            res = cli("predict", run, "scans", "--show", show, "--json")
+            names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
+            assert (res.exit_code, names, res.stderr) == (0, ["a.png"], f"wrote {show} (1 images)\n")
+            assert Image.open(show).size == (100, 128)  # one image: it alone is shown
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_show_named_by_a_link_in_an_input_folder_is_refused_as_an_input_written_or_not(run, tmp_path, good, written,
+                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("scans").mkdir()
+    Path("out").mkdir()
     shutil.copy(good, "scans/a.png")
-    if entry != "seen.png":  # the folder holds a link to the file --show names
-        Path("out").mkdir()
-        Path("scans", entry).symlink_to(Path("../out/seen.png"))
-    for _ in range(3):  # the second and third runs find the picture the first wrote in the folder
-        res = cli("predict", run, "scans", "--show", show, "--json")
-        names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
-        assert (res.exit_code, names) == (0, ["a.png"])
-        assert res.stderr == f"wrote {Path(show)} (1 images)\n"
-        assert Image.open(Path("scans", entry)).size == (100, 128)  # one image: it alone is shown
-    res = cli("predict", run, "scans", Path("scans", entry), "--show", show)  # named: still refused
-    assert (res.exit_code, res.stdout) == (1, "")
-    assert res.stderr == (f"Error: --show {Path(show)} is one of the inputs: writing there would destroy it; "
-                          "give another name\n")
-    res = cli("predict", run, "scans", "--json")  # without --show, the picture is a picture like any other
-    assert [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())] == ["a.png", entry]
+    Path("scans/seen-link.png").symlink_to(Path("../out/seen.png"))  # read as one of the folder's pictures
+    if written:
+        shutil.copy(good, "out/seen.png")
+    before = _snapshot(Path("out"))
+    for show in ("out/seen.png", "./out/seen.png", str(tmp_path / "out/seen.png")):
+        res = cli("predict", run, "scans", "--show", show)
+        assert (res.exit_code, res.stdout) == (1, "")
+        assert res.stderr == (f"Error: --show {Path(show)} is one of the inputs: writing there would destroy it; "
+                              "give another name\n")
+    assert _snapshot(Path("out")) == before
 
 
 @pytest.mark.parametrize("show,says", [
