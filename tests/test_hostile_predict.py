@@ -28,8 +28,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import require
 from fakes import make_digits
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from pictures import encode, strokes
 from PIL import Image
 
@@ -938,3 +939,85 @@ def test_a_damaged_gzip_and_a_gzip_of_something_else_are_one_line(tmp_path):
     assert refusal(tmp_path, "bad.gz", b"\x1f\x8b" + b"\xff" * 20).startswith("bad.gz: not a valid gzip file (")
     assert refusal(tmp_path, "text.gz", gz(b"plain text")) == (
         "text.gz: a gzip file that does not hold an IDX file (images like MNIST's)")
+
+
+def _outcome(call):
+    """What an API call gives: ("ok", the array) or ("refused", its one line); anything else escapes."""
+    try:
+        return "ok", call()
+    except InputError as exc:
+        return "refused", str(exc)
+
+
+_SUBCLASSES = {
+    "matrix": lambda a, tmp, data: np.matrix(a),
+    "masked": lambda a, tmp, data: np.ma.masked_array(a, mask=data.draw(hnp.arrays(bool, a.shape))),
+    "memmap": lambda a, tmp, data: _memmap(a, tmp),
+    "subclass": lambda a, tmp, data: a.view(type("Pixels", (np.ndarray,), {})),
+}
+
+
+def _memmap(a, tmp):
+    if a.size == 0:  # no file can be mapped for it
+        return a.view(np.memmap)
+    m = np.memmap(tmp / f"m{len(list(tmp.iterdir()))}.bin", dtype=a.dtype, mode="w+", shape=a.size)
+    m[...] = a.reshape(-1)
+    return m.reshape(a.shape)
+
+
+_DTYPES = st.sampled_from([np.uint8, np.int16, ">u2", np.int64, np.float16, np.float32, ">f8", np.float64, bool,
+                           np.complex64, "U1", "M8[s]"])
+
+
+def _inked(shape, dtype, rng):
+    """An array of `shape` (as `inputs.image_layout` reads it): each image black with a block of
+    light ink (0.5-1) in its middle, as `dtype` holds it (0-1 floats, 0-255 integers, bool)."""
+    ink = np.zeros(shape)
+    if shape and shape[-1] == 784:
+        images = ink.reshape(*shape[:-1], 28, 28)
+    elif len(shape) == 3 and shape[-1] in (1, 3, 4):
+        images = np.moveaxis(ink, -1, 0)  # channels first: the image axes are last (a view, as the reshape is)
+    else:
+        images = ink
+    if images.ndim >= 2:
+        h, w = images.shape[-2:]
+        images[..., h // 4 : h // 4 + max(1, h // 2), w // 4 : w // 4 + max(1, w // 2)] = rng.uniform(0.5, 1)
+    if dtype.kind in "fb":
+        return ink.astype(dtype)
+    return np.floor(255 * ink, out=ink).astype(dtype)  # `out`: an array even of 0 dimensions
+
+
+_SHAPES = st.one_of(
+    hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=6),  # mostly refused: no images, no pixels, …
+    st.tuples(st.integers(2, 40), st.integers(2, 40)),  # one gray image
+    st.tuples(st.integers(1, 3), st.integers(2, 30), st.integers(2, 30)),  # a stack
+    st.tuples(st.integers(2, 30), st.integers(2, 30), st.sampled_from([1, 3, 4])),  # one colour picture
+    st.tuples(st.integers(1, 3), st.just(784)), st.just((784,)),  # flattened 28×28
+)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@FUZZ
+@given(data=st.data(), kind=st.sampled_from(sorted(_SUBCLASSES)), dtype=_DTYPES, shape=_SHAPES,
+       pixels=st.sampled_from(["inked", "inked", "any"]), seed=st.integers(0, 2**32 - 1))
+def test_an_ndarray_subclass_is_read_as_its_plain_array_and_no_array_leaks_an_internal_error(
+        model, tmp_path, data, kind, dtype, shape, pixels, seed):
+    if kind == "matrix":  # a matrix has two dimensions
+        shape = shape[-2:] if len(shape) >= 2 else (1, *shape, 1)[:2]
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    if pixels == "inked" and dtype.kind in "buif":  # a block of light ink on black, in the array's own kind
+        plain = _inked(shape, dtype, rng)
+    else:  # anything: NaN, inf, negative, past 255, strings, dates
+        plain = data.draw(hnp.arrays(dtype, shape))
+    other = _SUBCLASSES[kind](plain, tmp_path, data)
+    values = np.asarray(other)
+    assert type(other) is not np.ndarray and (values.shape, values.tobytes()) == (plain.shape, plain.tobytes())
+    for call in ("predict_proba", "prepare"):
+        want, got = _outcome(lambda: getattr(model, call)(plain)), _outcome(lambda: getattr(model, call)(other))
+        event(f"{call} {want[0]} {kind}")
+        assert want[0] == got[0]
+        if want[0] == "refused":
+            assert got[1] == want[1] and "cannot read it" not in want[1], want[1]  # no IndexError, TypeError, …
+        else:
+            np.testing.assert_array_equal(got[1], want[1])
