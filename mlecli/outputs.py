@@ -50,9 +50,9 @@ def check_output(value: str | Path, option: str, suffix: str, kind: str,
                           "(this keeps it from replacing a file of another kind by mistake)")
     refuse_inside(path, option, folders, what)
     keep = list(keep)
-    leads = os.path.realpath(path)
+    leads = _leads(path)
     for other, role in keep:
-        if os.path.realpath(other) == leads:  # a link to a file not written yet, say
+        if leads is not None and _leads(other) == leads:  # a link to a file not written yet, say
             raise OutputError(f"{option} {path} is {role}: writing there would destroy it; give another name")
     try:
         st = os.stat(path)
@@ -80,7 +80,7 @@ def refuse_inside(path: Path, option: str, folders: Iterable[tuple[str | Path, s
     name leads (`path` a link). Whether the file exists or not: the rule is the place, not the
     file, so a run and the next one see the same folder. `what`: the output, in words."""
     places = set()
-    for folder in (Path(path).parent, os.path.dirname(os.path.realpath(path))):  # ".." as the system takes it
+    for folder in (Path(path).parent, os.path.dirname(_leads(path) or path)):  # ".." as the system takes it
         with contextlib.suppress(OSError, ValueError):
             st = os.stat(folder)
             places.add((st.st_dev, st.st_ino))
@@ -92,3 +92,12 @@ def refuse_inside(path: Path, option: str, folders: Iterable[tuple[str | Path, s
         if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in places:
             raise OutputError(f"{option} {path} is inside the input folder {name}: {what} would be read as an "
                               "input; write it elsewhere")
+
+
+def _leads(path: str | Path) -> str | None:
+    """Where the name `path` leads (links followed, even to a file not there yet), or None for a
+    name no file can have (a NUL byte in it)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return None

@@ -716,7 +716,7 @@ def test_show_that_is_not_written_into_an_input_folder_is_written_run_after_run(
     monkeypatch.chdir(tmp_path)
     Path("scans/sub").mkdir(parents=True)
     shutil.copy(good, "scans/a.png")
-    for show in ("seen.png", "scans/sub/seen.png"):  # beside the folder; in a subfolder (a folder's subfolders are not read)
+    for show in ("seen.png", "scans/sub/seen.png"):  # beside the folder; in a subfolder (subfolders are not read)
         for _ in range(2):
             res = cli("predict", run, "scans", "--show", show, "--json")
             names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
