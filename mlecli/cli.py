@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mlecli import __version__
-from mlecli.errors import MlecliError, Stopped, printable, quoted
+from mlecli.errors import MlecliError, Stopped, display, printable, quoted
 
 
 class Group(click.Group):
@@ -614,11 +614,14 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     from mlecli import predict as pr
     from mlecli.outputs import check_output
 
+    sources = sources_of.sources(list(inputs))
+    if show is not None:  # refused before anything is read or written
+        named = [item for item in inputs if item not in ("", sources_of.STDIN)]
+        read = [(Path(p), "one of the inputs") for p in named]
+        read += [(s.path, "one of the inputs") for s in sources if isinstance(s, sources_of.Source) and s.path]
+        folders = [(item, display(item)) for item in named]
+        show = check_output(show, "--show", ".png", "PNG picture", keep=read, folders=folders, what="the sheet")
     model = pr.load_model(target, which)
-    sources = sources_of.sources(list(inputs), skip=show)  # a folder's images, not the --show written there before
-    if show is not None:
-        read = [(s.path, "one of the inputs") for s in sources if isinstance(s, sources_of.Source) and s.path]
-        show = check_output(show, "--show", ".png", "PNG picture", keep=read)
     width = max((len(printable(s.name)) for s in sources if isinstance(s, sources_of.Source)), default=0)
     failed = 0
     shown: list = []

@@ -108,48 +108,25 @@ def guard(name: str) -> Iterator[None]:
 # Finding the inputs
 
 
-def sources(inputs: list[str], skip: str | os.PathLike | None = None) -> list[Source | InputError]:
+def sources(inputs: list[str]) -> list[Source | InputError]:
     """Expand the command line's inputs in order: a folder becomes its image files sorted by
-    name (numbers in names compared as numbers: 2.png before 10.png), leaving out the file
-    `skip` (the command's own output, e.g. `--show`, by any name or link) if it is there;
-    `-` is standard input. An input that cannot be used (missing, unreadable, a pipe or a
-    device, a folder without images) is an InputError in its place; nothing here raises."""
+    name (numbers in names compared as numbers: 2.png before 10.png); `-` is standard input.
+    An input that cannot be used (missing, unreadable, a pipe or a device, a folder without
+    images) is an InputError in its place; nothing here raises."""
     out: list[Source | InputError] = []
-    skipped = _Skipped(os.path.realpath(skip), file_id(skip)) if skip is not None else None
     for item in inputs:
         name = display(item)
         if item == STDIN:
             out.append(Source("<stdin>", None))
             continue
         try:
-            out += _expand(item, name, skipped)
+            out += _expand(item, name)
         except InputError as exc:
             out.append(exc)
     return out
 
 
-def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path` (links followed), or None if there is none."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
-
-
-@dataclass(frozen=True)
-class _Skipped:
-    """A file a folder's listing leaves out: where its name leads (it may not exist yet, and a
-    link to it may already be in the folder), and (device, inode) once it exists (by any name)."""
-
-    real: str
-    id: tuple[int, int] | None
-
-    def __contains__(self, path: str) -> bool:
-        return os.path.realpath(path) == self.real or (self.id is not None and file_id(path) == self.id)
-
-
-def _expand(item: str, name: str, skipped: _Skipped | None) -> list[Source | InputError]:
+def _expand(item: str, name: str) -> list[Source | InputError]:
     with guard(name):
         if not item:
             raise InputError("'': an empty name is not a file: give an image file or a folder")
@@ -158,7 +135,7 @@ def _expand(item: str, name: str, skipped: _Skipped | None) -> list[Source | Inp
         except FileNotFoundError:
             raise InputError(f"{name} does not exist") from None
         if stat.S_ISDIR(mode):
-            return _folder(item, name, skipped)
+            return _folder(item, name)
         if stat.S_ISREG(mode):
             return [Source(name, Path(item))]
         raise InputError(_not_a_file(name, mode))
@@ -171,11 +148,10 @@ def _not_a_file(name: str, mode: int) -> str:
     return f"{name} is not a file or a folder (a device or a socket): give an image file"
 
 
-def _folder(item: str, name: str, skipped: _Skipped | None = None) -> list[Source | InputError]:
-    """A folder's pictures by name: not hidden files, not subfolders, not the file `skipped`
-    (the command's output, written into the folder it reads by a run before this one). An
-    entry that cannot be looked at (a link into a folder this process may not search) is
-    kept: reading it gives its own line, and the folder's other pictures are still read."""
+def _folder(item: str, name: str) -> list[Source | InputError]:
+    """A folder's pictures by name: not hidden files, not subfolders. An entry that cannot be
+    looked at (a link into a folder this process may not search) is kept: reading it gives
+    its own line, and the folder's other pictures are still read."""
     try:
         with os.scandir(item) as entries:
             found = [e for e in entries if not e.name.startswith(".")
@@ -186,8 +162,6 @@ def _folder(item: str, name: str, skipped: _Skipped | None = None) -> list[Sourc
     for entry in found:
         try:
             if entry.is_dir():
-                continue
-            if skipped is not None and entry.path in skipped:
                 continue
         except OSError:
             pass

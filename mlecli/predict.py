@@ -268,7 +268,16 @@ def _raw_shape_error(name: str, shape: tuple[int, ...]) -> InputError:
     )
 
 
+def _plain(images):
+    """An ndarray subclass (np.matrix, a masked array, a memmap, …) as the plain array of its
+    values (np.asarray: a masked array's mask is not used); anything else as it is. A matrix
+    stays 2-D whatever it is reshaped to, and a masked array's minimum can be `masked`: what
+    is read is the values, not the subclass's arithmetic."""
+    return np.asarray(images) if isinstance(images, np.ndarray) and type(images) is not np.ndarray else images
+
+
 def _is_many(images) -> bool:
+    images = _plain(images)
     if isinstance(images, (list, tuple)):
         return True
     if isinstance(images, np.ndarray):
@@ -300,6 +309,7 @@ def _loaded(images) -> Iterator[inputs.Loaded | InputError]:
     if isinstance(images, np.ndarray):
         try:
             with inputs.guard("array"):
+                images = _plain(images)
                 loaded = inputs.array_loaded(inputs.Source("array", None), images, "array")
         except InputError as exc:
             yield exc

@@ -13,6 +13,7 @@ import fractions
 import gzip
 import importlib.util
 import io
+import itertools
 import json
 import os
 import shutil
@@ -27,8 +28,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import require
 from fakes import make_digits
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from pictures import encode, strokes
 from PIL import Image
 
@@ -672,28 +674,73 @@ def test_show_never_writes_over_an_input_whatever_its_name(run, tmp_path, good):
     assert good.read_bytes() == before
 
 
-@pytest.mark.parametrize("show,entry", [("scans/seen.png", "seen.png"), ("./scans/../scans/seen.png", "seen.png"),
-                                        ("out/seen.png", "seen-link.png")])
-def test_show_written_into_a_folder_it_reads_is_not_one_of_its_images_run_after_run(run, tmp_path, good, show, entry,
-                                                                                      monkeypatch):
+def _snapshot(folder: Path) -> dict:
+    """Every entry of `folder` (not following links): a link's target, a file's bytes, a folder's entries."""
+    return {p.name: (os.readlink(p) if p.is_symlink() else _snapshot(p) if p.is_dir() else p.read_bytes())
+            for p in folder.iterdir()}
+
+
+FOLDER_SPELLINGS = ["scans", "./scans", "scans/", "ABS", "linked", "linked/", "other/../scans"]
+SHOW_SPELLINGS = ["scans/seen.png", "./scans/seen.png", "ABS/seen.png", "linked/seen.png", "other/../scans/seen.png",
+                  "scans/sub/../seen.png", "scans//seen.png"]
+
+
+@pytest.mark.parametrize("state", ["missing", "a picture", "a link to a picture of the folder",
+                                   "a link to a missing file of the folder"])
+def test_show_inside_a_folder_that_is_an_input_is_refused_before_anything_is_read(run, tmp_path, good, state,
+                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scans = Path("scans")
+    (scans / "sub").mkdir(parents=True)
+    Path("other").mkdir()
+    Path("linked").symlink_to("scans", target_is_directory=True)
+    shutil.copy(good, scans / "a.png")
+    if state == "a picture":  # the user's own scan
+        shutil.copy(good, scans / "seen.png")
+    elif state == "a link to a picture of the folder":
+        (scans / "seen.png").symlink_to("a.png")
+    elif state == "a link to a missing file of the folder":
+        (scans / "seen.png").symlink_to("later.png")
+    before = _snapshot(scans)
+    for folder, show in itertools.product(FOLDER_SPELLINGS, SHOW_SPELLINGS):
+        folder, show = folder.replace("ABS", str(tmp_path / "scans")), show.replace("ABS", str(tmp_path / "scans"))
+        for target in (run, tmp_path / "no-run"):  # refused before the network is even looked for
+            res = cli("predict", target, folder, "--show", show)
+            assert (res.exit_code, res.stdout) == (1, "")
+            assert res.stderr == (f"Error: --show {Path(show)} is inside the input folder {folder}: the sheet would be "
+                                  "read as an input; write it elsewhere\n")
+    assert _snapshot(scans) == before
+
+
+def test_show_that_is_not_written_into_an_input_folder_is_written_run_after_run(run, tmp_path, good, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("scans/sub").mkdir(parents=True)
+    shutil.copy(good, "scans/a.png")
+    for show in ("seen.png", "scans/sub/seen.png"):  # beside the folder; in a subfolder (subfolders are not read)
+        for _ in range(2):
+            res = cli("predict", run, "scans", "--show", show, "--json")
+            names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
+            assert (res.exit_code, names, res.stderr) == (0, ["a.png"], f"wrote {show} (1 images)\n")
+            assert Image.open(show).size == (100, 128)  # one image: it alone is shown
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_show_named_by_a_link_in_an_input_folder_is_refused_as_an_input_written_or_not(run, tmp_path, good, written,
+                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("scans").mkdir()
+    Path("out").mkdir()
     shutil.copy(good, "scans/a.png")
-    if entry != "seen.png":  # the folder holds a link to the file --show names
-        Path("out").mkdir()
-        Path("scans", entry).symlink_to(Path("../out/seen.png"))
-    for _ in range(3):  # the second and third runs find the picture the first wrote in the folder
-        res = cli("predict", run, "scans", "--show", show, "--json")
-        names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
-        assert (res.exit_code, names) == (0, ["a.png"])
-        assert res.stderr == f"wrote {Path(show)} (1 images)\n"
-        assert Image.open(Path("scans", entry)).size == (100, 128)  # one image: it alone is shown
-    res = cli("predict", run, "scans", Path("scans", entry), "--show", show)  # named: still refused
-    assert (res.exit_code, res.stdout) == (1, "")
-    assert res.stderr == (f"Error: --show {Path(show)} is one of the inputs: writing there would destroy it; "
-                          "give another name\n")
-    res = cli("predict", run, "scans", "--json")  # without --show, the picture is a picture like any other
-    assert [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())] == ["a.png", entry]
+    Path("scans/seen-link.png").symlink_to(Path("../out/seen.png"))  # read as one of the folder's pictures
+    if written:
+        shutil.copy(good, "out/seen.png")
+    before = _snapshot(Path("out"))
+    for show in ("out/seen.png", "./out/seen.png", str(tmp_path / "out/seen.png")):
+        res = cli("predict", run, "scans", "--show", show)
+        assert (res.exit_code, res.stdout) == (1, "")
+        assert res.stderr == (f"Error: --show {Path(show)} is one of the inputs: writing there would destroy it; "
+                              "give another name\n")
+    assert _snapshot(Path("out")) == before
 
 
 @pytest.mark.parametrize("show,says", [
@@ -892,3 +939,85 @@ def test_a_damaged_gzip_and_a_gzip_of_something_else_are_one_line(tmp_path):
     assert refusal(tmp_path, "bad.gz", b"\x1f\x8b" + b"\xff" * 20).startswith("bad.gz: not a valid gzip file (")
     assert refusal(tmp_path, "text.gz", gz(b"plain text")) == (
         "text.gz: a gzip file that does not hold an IDX file (images like MNIST's)")
+
+
+def _outcome(call):
+    """What an API call gives: ("ok", the array) or ("refused", its one line); anything else escapes."""
+    try:
+        return "ok", call()
+    except InputError as exc:
+        return "refused", str(exc)
+
+
+_SUBCLASSES = {
+    "matrix": lambda a, tmp, data: np.matrix(a),
+    "masked": lambda a, tmp, data: np.ma.masked_array(a, mask=data.draw(hnp.arrays(bool, a.shape))),
+    "memmap": lambda a, tmp, data: _memmap(a, tmp),
+    "subclass": lambda a, tmp, data: a.view(type("Pixels", (np.ndarray,), {})),
+}
+
+
+def _memmap(a, tmp):
+    if a.size == 0:  # no file can be mapped for it
+        return a.view(np.memmap)
+    m = np.memmap(tmp / f"m{len(list(tmp.iterdir()))}.bin", dtype=a.dtype, mode="w+", shape=a.size)
+    m[...] = a.reshape(-1)
+    return m.reshape(a.shape)
+
+
+_DTYPES = st.sampled_from([np.uint8, np.int16, ">u2", np.int64, np.float16, np.float32, ">f8", np.float64, bool,
+                           np.complex64, "U1", "M8[s]"])
+
+
+def _inked(shape, dtype, rng):
+    """An array of `shape` (as `inputs.image_layout` reads it): each image black with a block of
+    light ink (0.5-1) in its middle, as `dtype` holds it (0-1 floats, 0-255 integers, bool)."""
+    ink = np.zeros(shape)
+    if shape and shape[-1] == 784:
+        images = ink.reshape(*shape[:-1], 28, 28)
+    elif len(shape) == 3 and shape[-1] in (1, 3, 4):
+        images = np.moveaxis(ink, -1, 0)  # channels first: the image axes are last (a view, as the reshape is)
+    else:
+        images = ink
+    if images.ndim >= 2:
+        h, w = images.shape[-2:]
+        images[..., h // 4 : h // 4 + max(1, h // 2), w // 4 : w // 4 + max(1, w // 2)] = rng.uniform(0.5, 1)
+    if dtype.kind in "fb":
+        return ink.astype(dtype)
+    return np.floor(255 * ink, out=ink).astype(dtype)  # `out`: an array even of 0 dimensions
+
+
+_SHAPES = st.one_of(
+    hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=6),  # mostly refused: no images, no pixels, …
+    st.tuples(st.integers(2, 40), st.integers(2, 40)),  # one gray image
+    st.tuples(st.integers(1, 3), st.integers(2, 30), st.integers(2, 30)),  # a stack
+    st.tuples(st.integers(2, 30), st.integers(2, 30), st.sampled_from([1, 3, 4])),  # one colour picture
+    st.tuples(st.integers(1, 3), st.just(784)), st.just((784,)),  # flattened 28×28
+)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@FUZZ
+@given(data=st.data(), kind=st.sampled_from(sorted(_SUBCLASSES)), dtype=_DTYPES, shape=_SHAPES,
+       pixels=st.sampled_from(["inked", "inked", "any"]), seed=st.integers(0, 2**32 - 1))
+def test_an_ndarray_subclass_is_read_as_its_plain_array_and_no_array_leaks_an_internal_error(
+        model, tmp_path, data, kind, dtype, shape, pixels, seed):
+    if kind == "matrix":  # a matrix has two dimensions
+        shape = shape[-2:] if len(shape) >= 2 else (1, *shape, 1)[:2]
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    if pixels == "inked" and dtype.kind in "buif":  # a block of light ink on black, in the array's own kind
+        plain = _inked(shape, dtype, rng)
+    else:  # anything: NaN, inf, negative, past 255, strings, dates
+        plain = data.draw(hnp.arrays(dtype, shape))
+    other = _SUBCLASSES[kind](plain, tmp_path, data)
+    values = np.asarray(other)
+    assert type(other) is not np.ndarray and (values.shape, values.tobytes()) == (plain.shape, plain.tobytes())
+    for call in ("predict_proba", "prepare"):
+        want, got = _outcome(lambda: getattr(model, call)(plain)), _outcome(lambda: getattr(model, call)(other))
+        event(f"{call} {want[0]} {kind}")
+        assert want[0] == got[0]
+        if want[0] == "refused":
+            assert got[1] == want[1] and "cannot read it" not in want[1], want[1]  # no IndexError, TypeError, …
+        else:
+            np.testing.assert_array_equal(got[1], want[1])
