@@ -50,6 +50,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _show_table(v: dict[str, str]) -> str:
+    shown = "{" + ", ".join(f"{k} = {_show(x)}" for k, x in v.items()) + "}"
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -208,6 +213,11 @@ class DataConfig:
             if problem is not None:
                 raise ConfigError(f"data.url = {self.url!r}: {problem}")
         if self.dataset in BUILTIN:
+            for name in ("files", "sha256"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"data.{name} = {_show_table(getattr(self, name))}: only for a custom dataset; "
+                        f"{self.dataset}'s file names and hashes are built in (remove data.{name})")
             ds = builtin(self.dataset)
             if self.url is None:
                 return ds
