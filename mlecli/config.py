@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -47,6 +48,11 @@ def _show(value: Any) -> str:
     if _is_int(value):
         return show_int(value)
     return str(value)
+
+
+def _show_table(v: dict[str, str]) -> str:
+    shown = "{" + ", ".join(f"{k} = {_show(x)}" for k, x in v.items()) + "}"
+    return shown if len(shown) <= 120 else shown[:117] + "..."
 
 
 def _is_int(v: Any) -> bool:
@@ -207,6 +213,11 @@ class DataConfig:
             if problem is not None:
                 raise ConfigError(f"data.url = {self.url!r}: {problem}")
         if self.dataset in BUILTIN:
+            for name in ("files", "sha256"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"data.{name} = {_show_table(getattr(self, name))}: only for a custom dataset; "
+                        f"{self.dataset}'s file names and hashes are built in (remove data.{name})")
             ds = builtin(self.dataset)
             if self.url is None:
                 return ds
@@ -369,7 +380,45 @@ def _cross_checks(cfg: Config) -> None:
                     f"train.{name} = {value} watches the validation log-likelihood, but data.validation = 0 "
                     f"holds out no images: set data.validation (e.g. 0.1) or train.{name} = 0"
                 )
+    _fits_the_dtype(cfg)
     check_fits(cfg.model.hidden, t.batch_size, cfg.model.dtype, state_slots=STATE_SLOTS[t.optimizer])
+
+
+def _fits_the_dtype(cfg: Config) -> None:
+    """Refuse a number the update's arithmetic in model.dtype would hold as 0, a subnormal, inf
+    or (for a fraction below 1) as 1: the training would not do what the config says (Adam with
+    ε held as 0 divides 0 by 0 where a weight's gradient is 0, e.g. a border pixel's)."""
+    import numpy as np
+
+    t, dtype = cfg.train, cfg.model.dtype
+    info = np.finfo(dtype)
+    tiny, top = float(info.tiny), float(info.max)
+    where = f"model.dtype = {dtype!r} holds numbers up to {top:.8g}"
+    for name in ("learning_rate", "min_learning_rate", "momentum", "beta1", "beta2"):
+        v = getattr(t, name)
+        # a rate reaches the first layer as η/255 (pixels are scaled by 1/255 inside the step)
+        floor, why = (255 * tiny, f"η/255, the first layer's rate, would be below the smallest normal {dtype} number"
+                      ) if "learning_rate" in name else (tiny, f"it is below the smallest normal {dtype} number")
+        if 0 < v < floor:
+            zero = "at least" if name == "learning_rate" else "0 or at least"
+            raise ConfigError(f"train.{name} = {v:g}: {why} ({tiny:.8g}; model.dtype = {dtype!r}), where it becomes 0 "
+                              f"or loses its digits; use {zero} {floor:.8g}")
+        if v > top:
+            raise ConfigError(f"train.{name} = {v:g} is above the largest {dtype} number: {where}")
+        if name in ("momentum", "beta1", "beta2") and np.dtype(dtype).type(v) == 1:
+            below = float(np.nextafter(np.dtype(dtype).type(1), np.dtype(dtype).type(0)))
+            raise ConfigError(f"train.{name} = {v!r} rounds to 1 in {dtype} (model.dtype), and it must be below 1: "
+                              f"use at most {below!r}")
+    # Adam adds ε·√(1 − β₂ᵗ) to √v (optim._AdamFast); it is smallest at the first step
+    eps_first = t.epsilon * math.sqrt(1.0 - t.beta2)
+    if not eps_first >= tiny:
+        need = tiny / math.sqrt(1.0 - t.beta2)
+        raise ConfigError(
+            f"train.epsilon = {t.epsilon:g}: Adam's first step adds ε·√(1 − train.beta2) = {eps_first:.3g}, below the "
+            f"smallest normal {dtype} number ({tiny:.8g}, model.dtype), where it becomes 0 or a subnormal and 0/0 "
+            f"gives NaN; use at least {need:.8g}")
+    if t.epsilon > top:
+        raise ConfigError(f"train.epsilon = {t.epsilon:g} is above the largest {dtype} number: {where}")
 
 
 STATE_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2}  # arrays like the weights each keeps

@@ -319,11 +319,8 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
             where = "--grid " + ", ".join(items) if items else "--seeds"
             cfg = _checked(base, overrides, where)
             _check_kept(cfg, sets, items, seed, where)
-            names.append(folder_name(point, seed))
             runs.append(RunSpec("", combo, point, items, seed, cfg))
-    if len(set(names)) != len(names):  # values that look alike in a file name
-        width = len(str(len(names)))
-        names = [f"{i:0{width}d}-{n}" for i, n in enumerate(names, start=1)]
+    names = run_names([(r.point, r.seed) for r in runs])
     runs = [RunSpec(n, r.index, r.point, r.items, r.seed, r.config) for n, r in zip(names, runs)]
     return Plan(source, tuple(sets), tuple(axes), tuple(seeds), base, tuple(runs))
 
@@ -349,6 +346,25 @@ def _check_kept(cfg: Config, sets: tuple[str, ...], items: tuple[str, ...], seed
         if now != value:
             raise ConfigError(f"{where}: {key} ends up {show(now)}, not {show(value)} as {option} gives it; "
                               f"set it with one option only ({option} {key}=...)")
+
+
+def run_names(runs: list[tuple[tuple[tuple[str, Any], ...], int]]) -> list[str]:
+    """The folder name of each (grid point, seed), in order: folder_name's, numbered when
+    two values look alike in a file name."""
+    names = [folder_name(point, seed) for point, seed in runs]
+    if len(set(names)) != len(names):
+        width = len(str(len(names)))
+        names = [f"{i:0{width}d}-{n}" for i, n in enumerate(names, start=1)]
+    return names
+
+
+def planned_runs(grid: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+    """The `runs` of sweep.json for its `grid` and `seeds` ([{"key", "values"}], as
+    sweep.json holds them): what `plan` makes, each {"dir", "point", "seed"}, in order."""
+    pairs = [(tuple((g["key"], g["values"][i]) for g, i in zip(grid, combo)), seed)
+             for combo in itertools.product(*(range(len(g["values"])) for g in grid)) for seed in seeds]
+    return jsonable([{"dir": name, "point": dict(point), "seed": seed}
+                     for name, (point, seed) in zip(run_names(pairs), pairs)])
 
 
 def folder_name(point: tuple[tuple[str, Any], ...], seed: int) -> str:

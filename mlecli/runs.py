@@ -23,6 +23,7 @@ from mlecli.errors import ConfigError, MlecliError, printable
 from mlecli.evaluate import default_report, read_report
 from mlecli.metrics import shown
 from mlecli.rundir import committed_epochs, read_manifest
+from mlecli.sweep import read_sweep_json
 
 ASCENDING = {"name", "started"}
 # Columns --where can filter on besides config keys.
@@ -69,6 +70,8 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
 
 
 def _fill(row: dict[str, Any], run_dir: Path) -> None:
+    if _is_sweep(run_dir):  # listed as a row only when its sweep.json is damaged (run_folders)
+        read_sweep_json(run_dir)
     last = ckpt.load(run_dir / "checkpoints" / "last.npz")
     cfg = last.config
     raw = cfg.to_dict()
@@ -141,6 +144,7 @@ def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
         return [(q, sweep.name) for q in entries if _guarded(_is_run, q) is not False]
 
     if _is_sweep(folder):
+        read_sweep_json(folder)  # damaged: one line, as sweep and plot say it
         return runs_in(folder)
     found = []
     for p in sorted(folder.iterdir()):
@@ -148,10 +152,20 @@ def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
             continue
         sweep = _guarded(_is_sweep, p)
         if sweep:
-            found += runs_in(p)
+            found += _unless_damaged(p, runs_in(p))
         elif sweep is None or _guarded(_is_run, p) is not False:
             found.append((p, None))
     return found
+
+
+def _unless_damaged(sweep: Path, runs: list[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
+    """A sweep's runs, or, when its sweep.json is damaged, the sweep folder itself (which
+    `describe` then shows broken, saying why): the other runs are still listed."""
+    try:
+        read_sweep_json(sweep)
+    except MlecliError:
+        return [(sweep, None)]
+    return runs
 
 
 # ---------------------------------------------------------------------------

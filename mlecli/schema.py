@@ -71,6 +71,17 @@ def number(finite: bool = True) -> Spec:
     return Spec("a finite number" if finite else "a number", lambda v: is_number(v, finite))
 
 
+def number_in(lo: float | None = None, hi: float | None = None) -> Spec:
+    """A finite number from lo to hi (either end open when None)."""
+    if lo is not None and hi is not None:
+        what = f"a number from {lo:g} to {hi:g}"
+    elif lo is not None:
+        what = f"a finite number >= {lo:g}"
+    else:
+        what = f"a finite number <= {hi:g}"
+    return Spec(what, lambda v: is_number(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
+
+
 def string(max_len: int = 10_000) -> Spec:
     return Spec("a string", lambda v: isinstance(v, str) and len(v) <= max_len)
 
@@ -155,29 +166,37 @@ def read_json(path: Path, spec: Spec) -> Any:
 
 SHA256 = Spec("64 hex digits", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
 FIGURE = nullable(number())
+# What mlecli writes: a share of images, a sum or mean of log-probabilities, a time, a rate
+RATE = nullable(number_in(0, 1))
+LOG_LIKELIHOOD = nullable(number_in(hi=0))
+NON_NEGATIVE = nullable(number_in(lo=0))
+MAX_SECONDS = 1e10  # three centuries: a longer time was not measured
+SECONDS = nullable(number_in(0, MAX_SECONDS))
 COUNT = integer(0)
 
-_FIGURES = {"train_ll": FIGURE, "train_ll_mean": FIGURE, "train_acc": FIGURE, "val_ll_mean": FIGURE,
-            "val_acc": FIGURE, "seconds": FIGURE, "images_per_s": FIGURE, "lr": FIGURE, "log_prior": FIGURE,
-            "log_posterior": FIGURE}
+# log_prior is a log density (above 0 for a narrow prior), log_posterior LL plus it: any finite number
+_FIGURES = {"train_ll": LOG_LIKELIHOOD, "train_ll_mean": LOG_LIKELIHOOD, "train_acc": RATE,
+            "val_ll_mean": LOG_LIKELIHOOD, "val_acc": RATE, "seconds": SECONDS, "images_per_s": NON_NEGATIVE,
+            "lr": NON_NEGATIVE, "log_prior": FIGURE, "log_posterior": FIGURE}
 
 # A metrics.jsonl line: {"kind": "epoch" | "step", ...}; the figures may be null.
 RECORD = obj(required={"step": COUNT, "epoch": integer(1)}, optional={"kind": string(64), **_FIGURES})
 
 BEST = obj(
-    required={"epoch": COUNT, "key": one_of("val_ll_mean", "train_ll_mean"), "value": number()},
+    required={"epoch": COUNT, "key": one_of("val_ll_mean", "train_ll_mean"), "value": number_in(hi=0)},
     optional={"record": obj(optional={"kind": string(64), "epoch": COUNT, "step": COUNT, **_FIGURES})},
 )
 
 # How early stopping ended a run (checkpoint meta and the manifest's `ended`)
 STOPPED_EARLY = obj(required={"epoch": integer(1), "best_epoch": integer(1), "patience": integer(1)})
 # The epoch-end watches of schedule.Watch
-WATCH = obj(required={"plateau_scale": number(), "plateau_best": FIGURE, "plateau_bad": COUNT,
+WATCH = obj(required={"plateau_scale": number_in(0, 1), "plateau_best": LOG_LIKELIHOOD, "plateau_bad": COUNT,
                       "worse_than_base": COUNT})
 
-_TALLY = {"ll": number(), "correct": COUNT, "seen": COUNT}
-PARTIAL = obj(required=_TALLY, optional={"seconds": number(), "measured": COUNT,
-                                         "window": obj(required=_TALLY, optional={"seconds": number()})})
+_TALLY = {"ll": number_in(hi=0), "correct": COUNT, "seen": COUNT}
+PARTIAL = obj(required=_TALLY, optional={"seconds": number_in(0, MAX_SECONDS), "measured": COUNT,
+                                         "window": obj(required=_TALLY,
+                                                       optional={"seconds": number_in(0, MAX_SECONDS)})})
 
 _META_COMMON = {
     "config": OBJECT,  # checked by config.from_dict
@@ -216,11 +235,11 @@ MANIFEST = obj(optional={
 
 REPORT = obj(
     required={"split": one_of("test", "validation", "train"), "checkpoint_name": string(200), "epoch": COUNT,
-              "accuracy": FIGURE, "images": COUNT, "task": string(1000)},
-    optional={"threshold": number(), "checkpoint_sha256": nullable(SHA256)},
+              "accuracy": RATE, "images": COUNT, "task": string(1000)},
+    optional={"threshold": number_in(0, 1), "checkpoint_sha256": nullable(SHA256)},
 )
 REPORT.fields["most_confident_errors"] = (array(obj(
-    required={"index": COUNT, "digit": integer(0, 255), "y": one_of(0, 1), "p": number()}), max_len=1000), True)
+    required={"index": COUNT, "digit": integer(0, 255), "y": one_of(0, 1), "p": number_in(0, 1)}), max_len=1000), True)
 
 # A run folder's name inside a sweep folder: one path component, never a way out of it
 FOLDER_NAME = Spec("a folder name (no '/', not '.' or '..')",

@@ -54,7 +54,40 @@ def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
     path = Path(sweep_dir) / "sweep.json"
     if not path.exists() and not path.is_symlink():
         return None
-    return schema.read_json(path, schema.SWEEP)
+    data = schema.read_json(path, schema.SWEEP)
+    _check_runs(data, path)
+    return data
+
+
+def _check_runs(data: dict[str, Any], path: Path) -> None:
+    """sweep.json's runs must be the ones its grid and seeds make (as write_sweep_json wrote
+    them): an emptied or edited list would have sweep, runs and plot disagree on what the
+    sweep is."""
+    from mlecli.grid import planned_runs
+    from mlecli.schema import SchemaError
+
+    n = len(data["seeds"])
+    for g in data["grid"]:
+        n *= len(g["values"])
+        if n > len(data["runs"]):  # known short before listing the runs a damaged grid would make
+            break
+    why = None
+    if not data["runs"]:
+        why = "runs lists no run; a sweep has at least one"
+    elif n != len(data["runs"]):
+        why = f"runs lists {len(data['runs'])} runs, its grid and seeds make {n}{'+' if n > len(data['runs']) else ''}"
+    else:
+        want = planned_runs(data["grid"], data["seeds"])
+        bad = next((i for i, (a, b) in enumerate(zip(data["runs"], want)) if _jsonkey(a) != _jsonkey(b)), None)
+        if bad is not None:
+            why = f"runs[{bad}] is not the run its grid and seeds make there ({want[bad]['dir']})"
+    if why:
+        raise SchemaError(f"{path}: {why}; the file is damaged or not mlecli's")
+
+
+def _jsonkey(value: Any) -> str:
+    """Equal for the same JSON (1 and 1.0, true and 1 differ)."""
+    return json.dumps({k: value.get(k) for k in ("dir", "point", "seed")}, sort_keys=True)
 
 
 def expected_configs(sweep_dir: Path, data: dict[str, Any]) -> dict[Path, Config | None]:

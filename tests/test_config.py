@@ -145,6 +145,21 @@ def test_custom_dataset_keys_are_checked(tmp_path):
     )
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+@pytest.mark.parametrize("key, table, shown", [
+    ("sha256", '{ bogus = "00", train-images = "zz" }', "{bogus = '00', train-images = 'zz'}"),
+    ("files", '{ nonsense = "x" }', "{nonsense = 'x'}"),
+    ("files", '{ train-images = "train-images-idx3-ubyte" }', "{train-images = 'train-images-idx3-ubyte'}"),
+    ("sha256", "{}", "{}"),
+])
+def test_a_built_in_dataset_refuses_files_and_sha256(tmp_path, dataset, key, table, shown):
+    """They name a custom dataset's files; a built-in one's are pinned: given, they would be ignored."""
+    assert refused(tmp_path, f'[data]\ndataset = "{dataset}"\n{key} = {table}\n') == (
+        f"data.{key} = {shown}: only for a custom dataset; {dataset}'s file names and hashes are built in "
+        f"(remove data.{key})"
+    )
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     p = write(tmp_path, "[train\n")
     with pytest.raises(ConfigError, match=rf"^config {p}: not valid TOML: "):

@@ -7,6 +7,7 @@ Never a traceback."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -154,3 +155,56 @@ def test_files_that_are_not_json_at_all(evaluated, tmp_path, text):
         (run / name).write_text(text)
     (run / "metrics.jsonl").write_text(text + "\n")
     every_reader(run, cache)
+
+
+# Numbers mlecli never writes: a share of images outside [0, 1], a log-likelihood above 0, a
+# time below 0 or past three centuries, a negative rate; and any number that is not finite.
+_NOT_FINITE = st.sampled_from([math.inf, -math.inf, math.nan])
+OUT_OF_RANGE = {
+    "share": st.one_of(st.floats(max_value=-1e-300), st.floats(min_value=1.0000001), st.integers(2, 10**30),
+                       st.integers(-(10**30), -1), _NOT_FINITE),
+    "log-likelihood": st.one_of(st.floats(min_value=1e-300), st.integers(1, 10**30), _NOT_FINITE),
+    "seconds": st.one_of(st.floats(max_value=-1e-300), st.floats(min_value=1.0001e10), st.integers(-(10**30), -1),
+                         st.integers(10**10 + 1, 10**300), _NOT_FINITE),
+    "rate": st.one_of(st.floats(max_value=-1e-300), st.integers(-(10**30), -1), _NOT_FINITE),
+}
+METRICS_FIGURES = {"train_acc": "share", "val_acc": "share", "train_ll": "log-likelihood",
+                   "train_ll_mean": "log-likelihood", "val_ll_mean": "log-likelihood", "seconds": "seconds",
+                   "images_per_s": "rate", "lr": "rate"}
+REPORT_FIGURES = {"accuracy": "share", "threshold": "share"}
+
+
+def listed_as_broken_for(run: Path, problem: str) -> None:
+    res = CliRunner().invoke(main, ["runs", str(run.parent)])
+    assert res.exit_code == 0, res.output
+    assert f"{run.name}: {problem}" in res.stdout, res.stdout
+
+
+@FUZZ
+@given(data=st.data(), key=st.sampled_from(sorted(METRICS_FIGURES)))
+def test_a_metrics_figure_mlecli_cannot_write_makes_the_run_broken(evaluated, tmp_path, data, key):
+    run, cache = evaluated
+    run = fresh_copy(run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    i = data.draw(st.integers(0, len(lines) - 1), label="line")
+    value = data.draw(OUT_OF_RANGE[METRICS_FIGURES[key]], label=key)
+    lines[i] = json.dumps({**json.loads(lines[i]), key: value})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    listed_as_broken_for(run, f"{run / 'metrics.jsonl'}, line {i + 1}: {key} is ")
+    res = CliRunner().invoke(main, ["plot", str(run), "--data-dir", str(cache), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    assert res.stderr.startswith(f"Error: {run / 'metrics.jsonl'}, line {i + 1}: {key} is "), res.stderr
+
+
+@FUZZ
+@given(data=st.data(), key=st.sampled_from(sorted(REPORT_FIGURES)))
+def test_a_report_figure_mlecli_cannot_write_makes_the_run_broken(evaluated, tmp_path, data, key):
+    run, cache = evaluated
+    run = fresh_copy(run, tmp_path)
+    path = run / "eval-test-best.json"
+    value = data.draw(OUT_OF_RANGE[REPORT_FIGURES[key]], label=key)
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    listed_as_broken_for(run, f"{path}: {key} is ")
+    res = CliRunner().invoke(main, ["plot", str(run), "--data-dir", str(cache), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    assert res.stderr.startswith(f"Error: {path}: {key} is "), res.stderr

@@ -280,10 +280,42 @@ def sweep_json(done):
     return json.loads((done[2] / "sweep.json").read_text())
 
 
+def _same_line_from_sweep_runs_and_plot(done, sw: Path, damaged: dict) -> str | None:
+    """Write `damaged` as sweep.json of a copy of the finished sweep in `sw`; then sweep,
+    runs and plot either all read it (None) or all say the same one line (returned);
+    nothing is written either way."""
+    cfg, data_dir, ref = done
+    shutil.copytree(ref, sw)
+    (sw / "sweep.json").write_text(json.dumps(damaged))
+    before = files_of(sw)
+    commands = {"sweep": ("sweep", cfg, *GRID, "--sweep-dir", sw, "--data-dir", data_dir, "-q"), "runs": ("runs", sw),
+                "plot": ("plot", sw, "--data-dir", data_dir, "--out", sw.parent / "pictures")}
+    said = {}
+    for name, args in commands.items():
+        res = cli(*args)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (name, res.exception)
+        if res.exit_code != 0:
+            assert res.exit_code == 1 and res.stderr.count("\n") == 1, (name, res.output)
+        said[name] = res.stderr if res.exit_code else None
+    try:
+        collect([sw])  # what `mlecli plot` draws compare.png from
+        read = None
+    except Exception as exc:
+        from mlecli.errors import MlecliError
+
+        assert isinstance(exc, MlecliError), exc
+        read = f"Error: {exc}\n"
+    assert files_of(sw) == before
+    if read is not None and f"{sw / 'sweep.json'}: " in read:  # the file is damaged: all three say so
+        assert said == {"sweep": read, "runs": read, "plot": read}, said
+        return read.removeprefix(f"Error: {sw / 'sweep.json'}: ").rstrip("\n")
+    assert said["runs"] is None, said  # readable: listed (plot may have nothing to draw, sweep another sweep)
+    return None
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_damage_to_sweep_json_is_one_error_line_for_sweep_plot_and_runs(done, sweep_json, tmp_path_factory, data):
-    cfg, data_dir, ref = done
     where = data.draw(st.sampled_from([p for p in _paths(sweep_json) if p]))
     damaged = copy.deepcopy(sweep_json)
     node = damaged
@@ -293,22 +325,30 @@ def test_any_damage_to_sweep_json_is_one_error_line_for_sweep_plot_and_runs(done
         del node[where[-1]]
     else:
         node[where[-1]] = data.draw(st.sampled_from(ODD), label="value")
-    sw = tmp_path_factory.mktemp("damaged") / "sw"
-    shutil.copytree(ref, sw)
-    (sw / "sweep.json").write_text(json.dumps(damaged))
-    before = files_of(sw)
-    for args in (("sweep", cfg, *GRID, "--sweep-dir", sw, "--data-dir", data_dir, "-q"), ("runs", sw)):
-        res = cli(*args)
-        assert res.exception is None or isinstance(res.exception, SystemExit), (args[0], where, res.exception)
-        if res.exit_code != 0:
-            assert res.stderr.count("\n") == 1 and res.stderr.startswith("Error: "), (args[0], res.stderr)
-    try:
-        collect([sw])  # what `mlecli plot` draws compare.png from
-    except Exception as exc:
-        from mlecli.errors import MlecliError
+    _same_line_from_sweep_runs_and_plot(done, tmp_path_factory.mktemp("damaged") / "sw", damaged)
 
-        assert isinstance(exc, MlecliError), (where, exc)
-    assert files_of(sw) == before
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_runs_list_that_is_not_the_grids_is_damage_for_sweep_plot_and_runs(done, sweep_json, tmp_path_factory,
+                                                                            data):
+    """Of the right types, but emptied, cut, doubled, reordered, or a run's folder, seed or
+    grid value changed: sweep.json no longer describes the sweep its grid and seeds make."""
+    runs = sweep_json["runs"]
+    i = data.draw(st.integers(0, len(runs) - 1), label="run")
+    edits = {
+        "emptied": lambda: [],
+        "cut": lambda: runs[:i] + runs[i + 1:],
+        "doubled": lambda: runs + [runs[i]],
+        "reordered": lambda: runs[::-1],
+        "dir": lambda: [{**r, "dir": r["dir"] + "x"} if j == i else r for j, r in enumerate(runs)],
+        "seed": lambda: [{**r, "seed": r["seed"] + 1} if j == i else r for j, r in enumerate(runs)],
+        "point": lambda: [{**r, "point": {k: 0.2 for k in r["point"]}} if j == i else r for j, r in enumerate(runs)],
+    }
+    edit = data.draw(st.sampled_from(sorted(edits)), label="edit")
+    damaged = {**sweep_json, "runs": edits[edit]()}
+    said = _same_line_from_sweep_runs_and_plot(done, tmp_path_factory.mktemp("edited") / "sw", damaged)
+    assert said is not None and said.startswith("runs") and said.endswith("; the file is damaged or not mlecli's")
 
 
 # ---------------------------------------------------------------------------
@@ -643,3 +683,17 @@ def test_a_sweep_of_one_run_that_did_not_finish_says_so_in_the_singular(done, tm
     assert res.exit_code == 1
     assert res.stderr.splitlines()[-1] == ("Error: the sweep's one run did not finish (listed above). Run the same "
                                            "command again to retry them")
+
+
+def test_a_damaged_sweep_inside_a_listed_folder_is_one_broken_row(done, sweep_json, tmp_path):
+    cfg, data_dir, ref = done
+    shutil.copytree(ref, tmp_path / "all" / "sw")
+    shutil.copytree(next(p for p in ref.iterdir() if p.is_dir()), tmp_path / "all" / "alone")
+    (tmp_path / "all" / "sw" / "sweep.json").write_text(json.dumps({**sweep_json, "runs": []}))
+    res = cli("runs", tmp_path / "all")
+    assert res.exit_code == 0, res.output
+    rows = res.stdout.splitlines()
+    assert [r.split()[0] for r in rows[1:3]] == ["alone", "sw"] and rows[1].split()[-1] == "finished"
+    assert rows[2].split()[-1] == "broken"
+    assert rows[3:] == [f"  sw: {tmp_path / 'all' / 'sw' / 'sweep.json'}: runs lists no run; a sweep has at least "
+                        "one; the file is damaged or not mlecli's"]

@@ -4,9 +4,13 @@ divergence: what each records, and exact resume after Ctrl-C and kill -9 for eac
 import json
 import os
 import signal
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 from fakes import MNIST_FILES, TinyDataset, make_digits, rewrite_npz
 from fakes import kill_once, mlecli_process
@@ -16,6 +20,7 @@ from mlecli import checkpoint as ckpt
 from mlecli.idx import idx_bytes
 from mlecli import train as training
 from mlecli.cli import main
+from mlecli.config import _toml_value
 from mlecli.model import log_prior
 from mlecli.runs import describe
 
@@ -231,3 +236,67 @@ def test_a_learning_rate_too_small_to_move_the_network_is_slow_not_diverged(tiny
     res = train_cli(tiny_config(train={"learning_rate": lr, "epochs": 4}), "--run-dir", run, data_dir=tmp_path / "d")
     assert res.exit_code == 0, res.output  # it learns next to nothing, but nothing got worse: not stopped
     assert [m["epoch"] for m in metrics(run)] == [1, 2, 3, 4]
+
+
+def _powers_of_ten(lo: float, hi: float):
+    return st.floats(min_value=lo, max_value=hi).map(lambda e: 10.0 ** e).filter(lambda v: v > 0)
+
+
+# Each float key of [train] over its whole accepted range and beyond it at the small end (0,
+# subnormal in float32 or float64), and the fractions up to 1 (1 − 10⁻¹⁷ is 1 as a double).
+_NEAR_ONE = st.floats(min_value=-17, max_value=0).map(lambda e: 1.0 - 10.0 ** e)
+FLOAT_KEYS = {
+    "learning_rate": _powers_of_ten(-330, -1),
+    "epsilon": _powers_of_ten(-330, 0),
+    "momentum": st.one_of(_powers_of_ten(-330, 0), _NEAR_ONE),
+    "beta1": st.one_of(_powers_of_ten(-330, 0), _NEAR_ONE),
+    "beta2": st.one_of(_powers_of_ten(-330, 0), _NEAR_ONE),
+    "min_learning_rate": _powers_of_ten(-330, -2),
+    "prior_sd": _powers_of_ten(-6, 308),
+}
+
+
+@pytest.fixture
+def bordered_config(tmp_path):
+    """tiny_config's maker for a dataset whose top row of pixels is black in every image, as
+    MNIST's border is: those weights' gradient is exactly 0 (Adam then divides 0 by √0 + ε)."""
+    arrays = {}
+    for role, (n, seed) in {"train": (200, 0), "test": (50, 1)}.items():
+        x, y = make_digits(n, seed)
+        x[:, 0, :] = 0
+        arrays[f"{role}-images"], arrays[f"{role}-labels"] = x, y
+    data = TinyDataset({MNIST_FILES[r]: idx_bytes(a) for r, a in arrays.items()}, arrays)
+    folder = data.write_folder(tmp_path / "bordered-mirror")
+
+    def make(**sections) -> Path:
+        path = data.write_config(tmp_path / "bordered.toml", str(folder))
+        lines = [f"[{section}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+                 for section, values in sections.items()]
+        path.write_text(path.read_text() + "validation = 0.2\n" + "".join(lines))
+        return path
+
+    return make
+
+
+USED_BY = {"epsilon": ["adam"], "beta1": ["adam"], "beta2": ["adam"], "momentum": ["momentum", "nesterov"]}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), dtype=st.sampled_from(["float32", "float64"]), name=st.sampled_from(sorted(FLOAT_KEYS)))
+def test_a_float_key_trains_to_finite_weights_or_is_refused_naming_it(bordered_config, tmp_path, data, dtype, name):
+    """One step of training (the whole training set is one batch), the key drawn for the
+    update rules that read it."""
+    optimizer = data.draw(st.sampled_from(USED_BY.get(name, ["sgd", "momentum", "nesterov", "adam"])), label="rule")
+    value = data.draw(FLOAT_KEYS[name], label=name)
+    train = {"epochs": 1, "batch_size": 100000, "optimizer": optimizer, name: value}  # one step
+    if name == "min_learning_rate":
+        train["schedule"] = "cosine"
+    run = tmp_path / f"run-{uuid.uuid4().hex}"
+    config = bordered_config(model={"hidden": [4], "dtype": dtype, "seed": 1}, train=train)
+    res = train_cli(config, "--run-dir", run, "-q", data_dir=tmp_path / "d")
+    if res.exit_code == 0:
+        assert all(np.all(np.isfinite(a)) for a in weights(run).values())
+    else:
+        assert res.exit_code == 1 and len(res.stderr.splitlines()) == 1, res.output
+        assert res.stderr.startswith(f"Error: config {config}: train.{name} = "), res.stderr
+        assert not run.exists()  # refused before anything started
