@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 import sys
 from pathlib import Path
 
@@ -353,7 +354,7 @@ def _say_how_it_ended(outcome, say) -> int:
         else:
             said = f"Stopped by {outcome.interrupted}: saved {last}."
         with contextlib.suppress(OSError):  # stderr full: the exit status 130 still says it
-            echo(printable(f"{said} Resume with: mlecli train --resume {run_dir}"), err=True)
+            echo(printable(f"{said} Resume with: mlecli train --resume {shlex.quote(str(run_dir))}"), err=True)
         return 130
     early = outcome.stopped_early
     if early is not None:
@@ -364,8 +365,8 @@ def _say_how_it_ended(outcome, say) -> int:
         label = "validation" if best["key"] == "val_ll_mean" else "training"
         say(printable(f"best: epoch {best['epoch']} ({label} LL {best['value']:.4f}/img) -> "
                       f"{run_dir / 'checkpoints' / 'best.npz'}"))
-    say(printable(f"evaluate: mlecli evaluate {run_dir}"))
-    say(printable(f"plot:     mlecli plot {run_dir}"))
+    say(printable(f"evaluate: mlecli evaluate {shlex.quote(str(run_dir))}"))
+    say(printable(f"plot:     mlecli plot {shlex.quote(str(run_dir))}"))
     return 0
 
 
@@ -473,7 +474,6 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
 
 def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
     import json
-    import shlex
 
     from mlecli import grid
     from mlecli import sweep as sweeping

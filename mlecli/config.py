@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 import math
 import tomllib
 from collections.abc import Callable
@@ -534,7 +535,7 @@ def _read_config_file(p: Path) -> str:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
         if (p / "checkpoints").is_dir():
-            raise ConfigError(f"{p} is a run folder, not a config: to continue it, mlecli train --resume {p}")
+            raise ConfigError(f"{p} is a run folder, not a config: to continue it, mlecli train --resume {shlex.quote(str(p))}")
         raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"config {p} is not a regular file: give a TOML file")

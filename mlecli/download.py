@@ -159,6 +159,9 @@ _NOT_A_HOST = "give a URL like https://host/path/"
 def _http_problem(url: str, parts) -> str | None:
     if any(c <= " " or c == "\x7f" for c in url):
         return "a URL cannot contain spaces or control characters; write a space as %20"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return ("a ?query or #fragment: the file names are added to the URL's path, so it must end in its folder; "
+                "give a URL like https://host/path/")
     where = parts.netloc.rpartition("@")[2]
     if not where:
         return f"it has no host; {_NOT_A_HOST}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import math
 import os
 import time
@@ -44,7 +45,7 @@ def how_to_fetch(checkpoint_path: Path, data_dir: Path) -> str:
     """The command that fetches a checkpoint's custom dataset deliberately."""
     run_dir = run_dir_of(checkpoint_path)
     config = run_dir / "config.toml" if run_dir is not None else "CONFIG (a config with the checkpoint's [data] table)"
-    return f"mlecli download --config {config} --data-dir {data_dir}"
+    return f"mlecli download --config {shlex.quote(str(config))} --data-dir {shlex.quote(str(data_dir))}"
 
 
 def evaluate(
@@ -230,7 +231,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"  log-likelihood    {r['log_likelihood']:.4f} total, {r['log_likelihood_mean']:.6f} per image",
         f"  perplexity        {_perplexity(r)} (exp of the mean negative log-likelihood: 1 is perfect, "
         "2 a coin toss)",
-        f"  accuracy          {_pct(r['accuracy'])} at ŷ ≥ {r['threshold']:g} "
+        f"  accuracy          {_pct(r['accuracy'])} at ŷ ≥ {float(r['threshold'])!r} "
         f"(majority class: {_pct(r['majority_baseline'])})",
         f"  precision         {_pct(r['precision'])}",
         f"  recall            {_pct(r['recall'])}",

@@ -232,7 +232,7 @@ def page_model(cp: ckpt.Checkpoint, info: dict[str, Any]) -> dict[str, Any]:
     ]
     acc = info["test_accuracy"]
     if acc is not None:
-        footer.append(f"test accuracy {100 * acc['accuracy']:.2f}% (ŷ ≥ {acc['threshold']:g})")
+        footer.append(f"test accuracy {100 * acc['accuracy']:.2f}% (ŷ ≥ {float(acc['threshold'])!r})")
     else:
         footer.append("test accuracy: not evaluated (mlecli evaluate)")
     footer += [f"mlecli {info['mlecli_version']}", "works offline: nothing you draw leaves this page"]

@@ -332,6 +332,9 @@ def network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
         return f"the server's answer is not valid HTTP ({_exc_name(exc, names)})", False
     if "Connection refused" in text:
         return "connection refused", True
+    if "NewConnectionError" in names or "Failed to establish a new connection" in text:
+        why = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+        return f"no connection could be made ({why.group(1).strip() if why else 'the host cannot be reached'})", True
     if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, OSError)) or (
         names & {"ProtocolError", "IncompleteRead", "RemoteDisconnected", "ConnectionResetError", "SSLError"}
     ):

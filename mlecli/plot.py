@@ -7,6 +7,8 @@ gives byte-identical files.
 
 from __future__ import annotations
 
+import shlex
+
 import math
 from pathlib import Path
 
@@ -195,7 +197,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     written.append(hidden_units(plt, cp, f"{title} ({which}.npz, epoch {cp.epoch})", out))
     report_path = _evaluation(run_dir)
     if report_path is None:
-        log(f"no evaluation in {run_dir}: run `mlecli evaluate {run_dir}` for mistakes.png")
+        log(f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png")
     else:
         from mlecli.evaluate import read_report
 
@@ -221,6 +223,6 @@ def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
     from mlecli.cache import prepare
 
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
-    how = f"mlecli download --config {run_dir / 'config.toml'} --data-dir {data_dir}"
+    how = f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
     splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import sys
 import threading
@@ -444,7 +445,7 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
     if resumed is None:
         splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
     else:
-        fetch = f"mlecli download --config {resumed / 'config.toml'} --data-dir {data_dir}"
+        fetch = f"mlecli download --config {shlex.quote(str(resumed / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
         splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
                          log=report.log)
     sha256 = split_hashes(splits)

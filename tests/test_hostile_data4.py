@@ -464,3 +464,23 @@ def test_a_reader_says_whether_it_rebuilds_a_split_or_downloads(tiny, tiny_folde
         assert said[0] == (f"tiny: {' and '.join(splits)} not in {folder}; building "
                            f"{'it' if len(splits) == 1 else 'them'} from the raw files cached there")
         assert not [line for line in said if "download" in line]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/#frag", "http://127.0.0.1:8000/?q=1", "http://host/data?",
+                                 "https://host/data/#"])
+def test_a_mirror_with_a_query_or_fragment_is_a_usage_error(tmp_path, url):
+    res = CliRunner().invoke(main, ["download", "--dataset", "fashion-mnist", "--mirror", url, "--data-dir",
+                                    str(tmp_path / "d")])
+    assert res.exit_code == 2 and "a ?query or #fragment" in res.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_host_that_cannot_be_reached_is_said_so_not_a_dropped_connection():
+    import requests
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+    from mlecli.network import DEFAULT_POLICY, network_reason
+
+    inner = NewConnectionError(None, "Failed to establish a new connection: [Errno 113] No route to host")
+    exc = requests.exceptions.ConnectionError(MaxRetryError(None, "http://[fd00::1]:81/x", inner))
+    assert network_reason(exc, DEFAULT_POLICY) == ("no connection could be made (No route to host)", True)

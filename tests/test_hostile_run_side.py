@@ -549,3 +549,26 @@ def test_a_run_whose_checkpoints_cannot_fit_on_its_disk_is_refused_before_it_sta
     res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d"),
                                     "-q", "--set", "train.epochs=30"])  # 9 more: too many
     assert res.exit_code == 1 and "keeps 9 more epoch checkpoints" in res.output
+
+
+@pytest.mark.parametrize("name", ["my run", "a;$(touch PWNED)", "it's", "*"])
+def test_the_commands_training_prints_paste_back_into_a_shell_as_the_same_folder(tiny_config, tmp_path, name):
+    import shlex
+
+    run = tmp_path / name
+    cfg = tiny_config(train={"epochs": 1}, model={"hidden": [4]})
+    res = cli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()[-2:]
+    assert [shlex.split(x.split(":", 1)[1]) for x in lines] == [["mlecli", "evaluate", str(run)],
+                                                                ["mlecli", "plot", str(run)]]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("threshold", ["0.999999999", "1e-300", "0.5", "0.25"])
+def test_evaluate_shows_the_threshold_as_given(trained, tmp_path, threshold):
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    res = cli("evaluate", run, "--data-dir", data, "--threshold", threshold)
+    assert res.exit_code == 0
+    assert f" at ŷ ≥ {float(threshold)!r} " in res.output
