@@ -325,7 +325,12 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         if config_path is not None or run_dir is not None:
             raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
         resume_from = training.newest_checkpoint(resume, log)
-        cfg = training.resumed_config(resume_from.config, overrides, resume_from.epoch)
+        given = {item.partition("=")[0].strip() for item in overrides}
+        edited = tuple(e for e in training.edited_keys(Path(resume), resume_from.config)
+                       if e.partition("=")[0] not in given)
+        if edited:
+            log(printable(f"{Path(resume) / 'config.toml'} sets {', '.join(edited)}: used for this resume"))
+        cfg = training.resumed_config(resume_from.config, (*edited, *overrides), resume_from.epoch)
         run_dir = resume
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:

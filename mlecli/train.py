@@ -268,6 +268,25 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
 RESUME_OVERRIDABLE = {"train.epochs", "train.checkpoint_every", "train.log_every"}
 
 
+def edited_keys(run_dir: Path, saved: Config) -> tuple[str, ...]:
+    """The keys a resume may change that the run's config.toml sets otherwise than its
+    checkpoint (edited by hand, or by a resume that stopped before its first checkpoint),
+    as `--set` items; () if config.toml cannot be read."""
+    from mlecli.config import _toml_value, load
+
+    try:
+        recorded = load(run_dir / "config.toml").to_dict()
+    except MlecliError:
+        return ()
+    mine = saved.to_dict()
+    items = []
+    for key in sorted(RESUME_OVERRIDABLE):
+        section, name = key.split(".")
+        if recorded[section].get(name) != mine[section].get(name):
+            items.append(f"{key}={_toml_value(recorded[section][name])}")
+    return tuple(items)
+
+
 def resumed_config(saved: Config, overrides: tuple[str, ...], epochs_done: int = 0) -> Config:
     """The saved config with only the keys that cannot change the weights so far overridden
     (others only set to the value they have), and train.epochs no fewer than the

@@ -572,3 +572,22 @@ def test_evaluate_shows_the_threshold_as_given(trained, tmp_path, threshold):
     res = cli("evaluate", run, "--data-dir", data, "--threshold", threshold)
     assert res.exit_code == 0
     assert f" at ŷ ≥ {float(threshold)!r} " in res.output
+
+
+def test_epochs_edited_in_config_toml_are_used_by_a_resume(tiny_config, tmp_path):
+    """A hand edit of a key a resume may change was silently thrown away (config.toml was
+    written back from the checkpoint); now it is used, and said, as a --set of it would be."""
+    cfg, data = tiny_config(train={"epochs": 1}, model={"hidden": [4]}), tmp_path / "d"
+    assert cli("train", cfg, "--run-dir", tmp_path / "run", "--data-dir", data, "-q").exit_code == 0
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace("epochs = 1\n", "epochs = 3\n"))
+    res = mlecli("train", "--resume", tmp_path / "run", "--data-dir", data)
+    assert res.returncode == 0, res.stderr
+    assert f"{config} sets train.epochs=3: used for this resume" in res.stderr.splitlines()
+    assert cli("train", cfg, "--run-dir", tmp_path / "whole", "--data-dir", data, "-q", "--set",
+               "train.epochs=3").exit_code == 0
+    for name in ("last.npz", "best.npz", "epoch-0003.npz"):
+        assert (tmp_path / "run" / "checkpoints" / name).read_bytes() == \
+            (tmp_path / "whole" / "checkpoints" / name).read_bytes()
+    res = mlecli("train", "--resume", tmp_path / "run", "--set", "train.epochs=4", "--data-dir", data)
+    assert res.returncode == 0 and "used for this resume" not in res.stderr  # config.toml says 3 = the checkpoint
