@@ -41,6 +41,23 @@ class Group(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else "standard output: " if exc.errno == 28 else ""
             _error(f"{where}{exc.strerror or exc}", 1)
+        except Exception as exc:
+            if not _interrupted(exc):
+                raise
+            # a Ctrl-C inside a library's import, which wraps it (matplotlib: a RuntimeError)
+            _error("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", 130, prefix="")
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` was caused by a Ctrl-C (a KeyboardInterrupt it wraps)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return False
 
 
 def _error(message: str, code: int, prefix: str = "Error: ") -> None:
@@ -78,6 +95,15 @@ def entry() -> None:
             getattr(sys, name).reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError, OSError):
             pass
+    default_hook = sys.unraisablehook
+
+    def quiet_interrupts(unraisable) -> None:
+        # A Ctrl-C that lands in a callback Python cannot raise from (a weakref's, during an
+        # import) would print a traceback and be lost; it is lost quietly instead.
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupts
     try:
         main(prog_name="mlecli")
     except KeyboardInterrupt:  # between start-up and the command (click's own parsing)

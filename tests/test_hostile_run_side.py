@@ -591,3 +591,31 @@ def test_epochs_edited_in_config_toml_are_used_by_a_resume(tiny_config, tmp_path
             (tmp_path / "whole" / "checkpoints" / name).read_bytes()
     res = mlecli("train", "--resume", tmp_path / "run", "--set", "train.epochs=4", "--data-dir", data)
     assert res.returncode == 0 and "used for this resume" not in res.stderr  # config.toml says 3 = the checkpoint
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_ctrl_c_a_library_wraps_in_its_own_error_is_a_stop_not_a_traceback(wrapped):
+    """matplotlib's import turns a Ctrl-C into a RuntimeError ('Error calling __set_name__')."""
+    import click
+
+    from mlecli.cli import Group
+
+    @click.group(cls=Group)
+    def tool():
+        pass
+
+    @tool.command()
+    def work():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            if wrapped:
+                raise RuntimeError("Error calling __set_name__ on '_axis_method_wrapper'") from exc
+            raise ValueError("a bug of ours") from None
+
+    res = CliRunner().invoke(tool, ["work"])
+    if wrapped:
+        assert res.exit_code == 130 and res.output == (
+            "Stopped by SIGINT: what was done so far is kept, nothing is half-written.\n")
+    else:
+        assert isinstance(res.exception, ValueError)  # a bug is not hidden as a stop
