@@ -497,6 +497,9 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     A bare name of a built-in config (default, logreg, four-vs-nine, deep, accurate) that is not
     a file in the current folder loads the copy shipped inside the package.
     """
+    if path is not None and not str(path).strip():
+        raise ConfigError(f"config {str(path)!r} is an empty name: give a TOML file, or the name of a built-in config "
+                          f"({', '.join(BUILTIN_CONFIGS)})")
     if path is None or (str(path) in BUILTIN_CONFIGS and not Path(path).exists()):
         name = "default" if path is None else str(path)
         where = f"built-in config {name}"

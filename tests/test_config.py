@@ -303,3 +303,9 @@ def test_any_number_for_any_key_is_a_config_or_one_line_naming_the_key(key, valu
             for v in section.values() if isinstance(section, dict) else ():
                 for x in v if isinstance(v, (list, tuple)) else (v,):
                     assert not isinstance(x, int) or abs(x) < 2 ** 63
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_config_name_is_named_as_such(name):
+    with pytest.raises(ConfigError, match=r"^config .* is an empty name: give a TOML file, or the name of a built-in"):
+        load(name)
