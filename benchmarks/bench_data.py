@@ -23,8 +23,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, median_time, require_fashion, serve_folder, table, write_results
 
-from mlecli.cache import ensure_dataset, load_split
-from mlecli.datasets import FASHION_MNIST
+from mlecli.data.cache import ensure_dataset, load_split
+from mlecli.data.datasets import FASHION_MNIST
 
 
 def naive_load(folder: Path) -> None:

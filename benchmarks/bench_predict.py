@@ -60,8 +60,8 @@ def main() -> None:
 
     import mlecli
     from mlecli.cli import main as cli
-    from mlecli.inputs import Source, load
-    from mlecli.task import image_scores
+    from mlecli.use.inputs import Source, load
+    from mlecli.run.task import image_scores
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -54,7 +54,9 @@ CORES = len(os.sched_getaffinity(0))
 SEQUENTIAL = """
 import sys, time
 from pathlib import Path
-from mlecli import blas, grid, train
+from mlecli.nn import blas
+from mlecli.sweep.folder import grid
+from mlecli.run import train
 sweep_dir, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
 p = grid.plan("default", tuple(sys.argv[3:]), ({grid!r},), {seeds!r})
 report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)

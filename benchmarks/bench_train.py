@@ -10,7 +10,7 @@ below in turn, each right after its own untimed warm-up epoch (this machine is s
 its speed drifts by ±20% over minutes; a drift then lands on all three). Reported:
 medians, and ratios as the median of each round's own ratio.
 
-- mlecli: the real trainer (`mlecli.train.run`), a 2-epoch run per round, the second
+- mlecli: the real trainer (`mlecli.run.train.run`), a 2-epoch run per round, the second
   epoch's time as it logs it in metrics.jsonl (training only: validation and checkpoint
   writes excluded).
 - PyTorch 2.13 CPU: the same network, torch.set_num_threads(2), plain SGD on the summed
@@ -50,10 +50,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, median_time, table, write_results  # noqa: E402
 
-from mlecli import config, train  # noqa: E402
-from mlecli.cache import load_split, prepare  # noqa: E402
-from mlecli.model import init_params, layer_sizes  # noqa: E402
-from mlecli.task import build_task, pixels  # noqa: E402
+from mlecli.run import config, train  # noqa: E402
+from mlecli.data.cache import load_split, prepare  # noqa: E402
+from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
+from mlecli.run.task import build_task, pixels  # noqa: E402
 
 HIDDEN = 128
 LR = 0.01

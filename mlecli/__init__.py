@@ -7,8 +7,8 @@ def load(path, checkpoint: str = "best"):
     """A trained network as a Model: `mlecli.load("runs/default-…").predict_proba("digit.png")`.
 
     `path` is a run folder (its `checkpoint`: best, last or epoch-N) or a checkpoint file.
-    See mlecli.predict.Model. (Imported here on first use: `import mlecli` stays instant.)
+    See mlecli.use.predict.Model. (Imported here on first use: `import mlecli` stays instant.)
     """
-    from mlecli.predict import load_model
+    from mlecli.use.predict import load_model
 
     return load_model(path, checkpoint)

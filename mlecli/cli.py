@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from mlecli import __version__
-from mlecli.errors import MlecliError, Stopped, display, printable, quoted
+from mlecli.safe.errors import MlecliError, Stopped, display, printable, quoted
 
 
 class Group(click.Group):
@@ -164,12 +164,12 @@ def _data_dir(value: Path | None, run: Path | None = None) -> Path:
     with (if it is still there), else ./data."""
     import os
 
-    from mlecli.cache import default_data_dir
+    from mlecli.data.cache import default_data_dir
 
     if value is not None:
         return value
     if run is not None and not os.environ.get("MLECLI_DATA_DIR"):
-        from mlecli.rundir import trained_data_dir
+        from mlecli.run.rundir import trained_data_dir
 
         remembered = trained_data_dir(run)
         if remembered is not None:
@@ -218,19 +218,19 @@ class Finite(click.FloatRange):
 
 
 def _mirror_location(value):
-    from mlecli.download import mirror_location
+    from mlecli.data.download import mirror_location
 
     return mirror_location(value)
 
 
 def _override(value):
-    from mlecli.config import parse_override
+    from mlecli.run.config import parse_override
 
     return parse_override(value)
 
 
 def _where(value):
-    from mlecli.runs import parse_where
+    from mlecli.sweep.runs import parse_where
 
     return parse_where(value)
 
@@ -281,14 +281,14 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
     Each file's decompressed content must match its known SHA-256 and size; nothing
     unverified enters the cache. A file already cached costs no network.
     """
-    from mlecli.cache import dataset_dir, ensure_dataset
-    from mlecli.datasets import builtin
-    from mlecli.download import HttpPolicy
+    from mlecli.data.cache import dataset_dir, ensure_dataset
+    from mlecli.data.datasets import builtin
+    from mlecli.data.download import HttpPolicy
 
     if config_path is not None:
         if dataset is not None:
             raise click.UsageError("give --dataset or --config, not both")
-        from mlecli import config
+        from mlecli.run import config
 
         ds = config.load(config_path).data.resolve()
     else:
@@ -342,8 +342,8 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     four-vs-nine, deep, accurate); without it the built-in default is used. The run
     folder gets config.toml, manifest.json, metrics.jsonl and checkpoints/.
     """
-    from mlecli import config
-    from mlecli import train as training
+    from mlecli.run import config
+    from mlecli.run import train as training
 
     log = _log(quiet)
     resume_from = None
@@ -422,13 +422,13 @@ def _stdout_lines(quiet: bool):
 
 
 def _grid(value):
-    from mlecli.grid import parse_grid
+    from mlecli.sweep.grid import parse_grid
 
     return parse_grid(value)
 
 
 def _seeds(ctx, param, value):
-    from mlecli.grid import parse_seeds
+    from mlecli.sweep.grid import parse_seeds
 
     try:
         return parse_seeds(value)
@@ -486,9 +486,9 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     per grid point: the mean ± standard deviation over seeds of the best validation LL
     and accuracy (and of test accuracy with --evaluate).
     """
-    from mlecli import grid
-    from mlecli import sweep as sweeping
-    from mlecli.train import StopRequest
+    from mlecli.sweep.folder import grid
+    from mlecli.sweep.folder import folder as sweeping
+    from mlecli.run.train import StopRequest
 
     plan = grid.plan(config_path, overrides, grids, seeds)
     if dry_run:
@@ -506,9 +506,9 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
 def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
     import json
 
-    from mlecli import grid
-    from mlecli import sweep as sweeping
-    from mlecli.compare import format_summary
+    from mlecli.sweep.folder import grid
+    from mlecli.sweep.folder import folder as sweeping
+    from mlecli.sweep.compare import format_summary
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
@@ -597,7 +597,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     """
     import json
 
-    from mlecli import evaluate as ev
+    from mlecli.run import evaluate as ev
 
     report = ev.evaluate(
         target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
@@ -641,9 +641,9 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     longer side 28, centred) unless --raw. An input that cannot be used gets one line on
     stderr, the others are still predicted, and the exit status is 1.
     """
-    from mlecli import inputs as sources_of
-    from mlecli import predict as pr
-    from mlecli.outputs import check_output
+    from mlecli.use import inputs as sources_of
+    from mlecli.use import predict as pr
+    from mlecli.safe.outputs import check_output
 
     sources = sources_of.sources(list(inputs))
     if show is not None:  # refused before anything is read or written
@@ -696,7 +696,7 @@ def export(target, which, fmt, out):
     onnx needs the onnx package: pip install 'mlecli[onnx]'. The page works offline,
     from a double-click (file://), and makes no network request of any kind.
     """
-    from mlecli import export as ex
+    from mlecli.use import export as ex
 
     path = ex.export(target, which, fmt, out)
     size = path.stat().st_size
@@ -729,14 +729,14 @@ def plot(run_dir, out, data_dir):
 
     Needs matplotlib: pip install 'mlecli[plot]'.
     """
-    from mlecli import plot as plotting
+    from mlecli.use import plot as plotting
 
     targets = run_dir  # one folder, or several
     if len(targets) == 1 and not (targets[0] / "sweep.json").is_file():
         for path in plotting.plot_run(targets[0], out, _data_dir(data_dir, targets[0]), log=_log(False)):
             echo(printable(str(path)))
         return
-    from mlecli.compare import plot_compare
+    from mlecli.sweep.compare import plot_compare
 
     echo(printable(str(plot_compare(list(targets), out))))
 
@@ -769,7 +769,7 @@ def runs(runs_dir, as_json, sort, filters):
     """
     import json
 
-    from mlecli import runs as listing
+    from mlecli.sweep.folder import runs as listing
 
     rows = listing.list_runs(runs_dir, sort, tuple(listing.parse_where(f) for f in filters))
     if as_json:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fakes import Mirror, tiny_dataset
 
-from mlecli.network import HttpPolicy
+from mlecli.data.http import HttpPolicy
 
 FAST = HttpPolicy(connect_timeout=2.0, read_timeout=1.0, retries=3, backoff=0.01, max_wait=5.0)
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -140,7 +140,7 @@ def tiny_config(tmp_path, tiny, tiny_folder):
         }
         for section, values in sections.items():
             body[section] = {**body[section], **values}
-        from mlecli.config import _toml_value
+        from mlecli.run.config import _toml_value
 
         lines = []
         for section, values in body.items():

@@ -41,7 +41,7 @@ def main() -> None:
     for name in ("replace", "rename", "unlink", "rmdir", "mkdir", "truncate", "ftruncate"):
         wrap(os, name)
 
-    from mlecli import fsutil
+    from mlecli.safe import files as fsutil
 
     real_add = fsutil.Appender.add
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlecli.datasets import MNIST_FILES, ROLES, Dataset
-from mlecli.idx import idx_bytes
+from mlecli.data.datasets import MNIST_FILES, ROLES, Dataset
+from mlecli.data.idx import idx_bytes
 
 
 def make_digits(n: int, seed: int, side: int = 28) -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,11 @@ import time
 import pytest
 from fakes import send, trickle_body, trickle_headers
 
-from mlecli.cache import ensure_dataset
-from mlecli.datasets import MNIST_FILES
-from mlecli.download import wire_bound
-from mlecli.network import HttpPolicy, Watchdog
-from mlecli.errors import DownloadError
+from mlecli.data.cache import ensure_dataset
+from mlecli.data.datasets import MNIST_FILES
+from mlecli.data.download import wire_bound
+from mlecli.data.http import HttpPolicy, Watchdog
+from mlecli.safe.errors import DownloadError
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 # `--timeout 0.5`; the minimum rate at its default.

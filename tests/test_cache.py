@@ -23,12 +23,13 @@ from fakes import TinyDataset, tiny_dataset, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import config, fsutil
-from mlecli.cache import dataset_dir, ensure_dataset, load_split, prepare
+from mlecli.run import config
+from mlecli.safe import files as fsutil
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split, prepare
 from mlecli.cli import main
-from mlecli.datasets import FASHION_MNIST, FILE_RE, MNIST_FILES, ROLES, custom
-from mlecli.errors import ConfigError, DataError, DownloadError, MlecliError
-from mlecli.idx import idx_bytes
+from mlecli.data.datasets import FASHION_MNIST, FILE_RE, MNIST_FILES, ROLES, custom
+from mlecli.safe.errors import ConfigError, DataError, DownloadError, MlecliError
+from mlecli.data.idx import idx_bytes
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 
@@ -208,7 +209,7 @@ def test_a_bigger_gzip_bomb_is_refused_by_its_size_on_the_wire_before_its_body_i
 
 
 def test_a_header_of_two_billion_tiny_images_is_refused_before_the_body_is_read(tiny, mirrors, tmp_path, monkeypatch):
-    monkeypatch.setattr("mlecli.resources.physical_memory", lambda: 8 << 30)
+    monkeypatch.setattr("mlecli.safe.resources.physical_memory", lambda: 8 << 30)
     header = b"\x00\x00\x08\x03" + struct.pack(">3I", 2**31, 1, 1)
     m = mirrors({**tiny.gz_files(), TRAIN_IMAGES + ".gz": gzip.compress(header + b"\0" * 100_000, mtime=0)})
     with pytest.raises(MlecliError) as err:
@@ -231,7 +232,7 @@ def test_images_larger_than_4096_pixels_a_side_are_refused(tiny, tmp_path):
 def test_loading_a_split_that_does_not_fit_in_the_available_memory_is_one_line(tiny, tiny_folder, tmp_path, monkeypatch):
     spec = tiny.spec((str(tiny_folder),))
     ensure_dataset(spec, tmp_path)
-    monkeypatch.setattr("mlecli.resources.available_memory", lambda: 100_000)
+    monkeypatch.setattr("mlecli.safe.resources.available_memory", lambda: 100_000)
     with pytest.raises(MlecliError) as err:
         prepare(spec, tmp_path)
     path = dataset_dir(spec, tmp_path) / "train.npz"
@@ -256,7 +257,7 @@ def test_train_and_test_images_of_different_sizes_are_refused_when_caching(tiny,
 
 def test_train_and_test_images_of_different_sizes_in_a_cache_are_refused_when_loading(tiny, tmp_path, monkeypatch):
     # A cache written without the check (by an earlier version, say) is refused when it is read.
-    from mlecli import cache
+    from mlecli.data import cache
 
     contents = dict(tiny.contents)
     contents[MNIST_FILES["test-images"]] = idx_bytes(np.zeros((100, 32, 32), np.uint8))
@@ -417,7 +418,7 @@ def test_a_built_in_dataset_named_by_a_checkpoint_comes_only_from_its_built_in_m
 
 
 def test_a_containers_memory_limit_counts_as_the_machines_memory(tmp_path, monkeypatch):
-    from mlecli import resources
+    from mlecli.safe import resources
 
     (tmp_path / "max").write_text("1073741824\n")
     (tmp_path / "current").write_text("268435456\n")

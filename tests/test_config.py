@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlecli import config
-from mlecli.config import BUILTIN_CONFIGS, SCHEMA, from_dict, load, parse_override, to_toml
-from mlecli.errors import ConfigError
+from mlecli.run import config
+from mlecli.run.config import BUILTIN_CONFIGS, SCHEMA, from_dict, load, parse_override, to_toml
+from mlecli.safe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,7 +208,7 @@ def test_schema_defaults_pass_their_own_checks():
 def test_default_config_loads_outside_the_repo(tmp_path):
     # An installed mlecli finds its built-in configs in the package, whatever the cwd.
     env = {**os.environ, "PYTHONPATH": ""}
-    code = "from mlecli.config import load; c = load(None); d = load('deep'); print(c.name, c.model.hidden, d.name)"
+    code = "from mlecli.run.config import load; c = load(None); d = load('deep'); print(c.name, c.model.hidden, d.name)"
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "default (128,) deep\n"
@@ -267,7 +267,7 @@ def test_training_keys_load_and_round_trip(tmp_path):
 
 
 def test_the_memory_estimate_counts_the_update_rules_state(tmp_path, monkeypatch):
-    from mlecli import memory, resources
+    from mlecli.safe import memory, resources
 
     sgd, adam = (memory.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
     params = (784 + 1) * 128 + 129

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from crash import CRASHED
 
-from mlecli import checkpoint as ckpt
+from mlecli.run import checkpoint as ckpt
 from mlecli.cli import main
-from mlecli.fsutil import TMP_SUFFIX
+from mlecli.safe.files import TMP_SUFFIX
 
 CRASH = Path(__file__).with_name("crash.py")
 TIMING = ("seconds", "images_per_s")
@@ -114,7 +114,7 @@ def test_a_stop_at_every_batch_resumes_into_identical_files(tiny_config, tmp_pat
     import os
     import signal
 
-    from mlecli import train as training
+    from mlecli.run import train as training
 
     cfg = tiny_config(train={"epochs": 2, "batch_size": 32, "log_every": 3, "optimizer": "momentum"},
                       model={"hidden": [4], "dtype": "float64"})

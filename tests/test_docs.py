@@ -261,7 +261,7 @@ def test_no_file_of_the_project_points_outside_the_clone():
 
 
 def test_training_md_documents_every_training_key():
-    from mlecli.config import SCHEMA
+    from mlecli.run.config import SCHEMA
 
     text = (ROOT / "docs" / "training.md").read_text()
     new = ["optimizer", "momentum", "beta1", "beta2", "epsilon", "prior_sd", "prior_biases", "schedule",

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from conftest import FAST
 from fakes import drop_midway, send, stall
 
-from mlecli.cache import dataset_dir, ensure_dataset, load_split
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES, ROLES
-from mlecli.network import HttpPolicy
-from mlecli.errors import DownloadError, MlecliError
+from mlecli.data.datasets import MNIST_FILES, ROLES
+from mlecli.data.http import HttpPolicy
+from mlecli.safe.errors import DownloadError, MlecliError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 
@@ -256,7 +256,7 @@ def test_a_touched_raw_file_is_still_fresh_and_costs_no_network(tiny, mirrors, t
 def test_mismatched_counts_of_images_and_labels_are_refused(tiny, mirrors, tmp_path):
     from fakes import TinyDataset
 
-    from mlecli.idx import idx_bytes
+    from mlecli.data.idx import idx_bytes
 
     contents = dict(tiny.contents)
     contents["train-labels-idx1-ubyte"] = idx_bytes(tiny.arrays["train-labels"][:-1])
@@ -269,7 +269,7 @@ def test_mismatched_counts_of_images_and_labels_are_refused(tiny, mirrors, tmp_p
 def test_labels_outside_0_to_9_are_refused(tiny, mirrors, tmp_path):
     from fakes import TinyDataset
 
-    from mlecli.idx import idx_bytes
+    from mlecli.data.idx import idx_bytes
 
     contents = dict(tiny.contents)
     labels = tiny.arrays["test-labels"].copy()
@@ -373,7 +373,7 @@ def test_real_fashion_mnist_from_debian_verifies_against_built_in_hashes(debian_
     )
     assert res.exit_code == 0, res.output
     assert res.stdout.count("verified    from " + m.url) == 4
-    train = load_split(__import__("mlecli.datasets").datasets.FASHION_MNIST, tmp_path, "train")
+    train = load_split(__import__("mlecli.data.datasets").datasets.FASHION_MNIST, tmp_path, "train")
     assert train.images.shape == (60000, 28, 28) and train.labels.shape == (60000,)
     assert np.bincount(train.labels).tolist() == [6000] * 10
 
@@ -385,7 +385,7 @@ def test_a_corrupt_npz_is_rebuilt_from_the_raw_files(tiny, mirrors, tmp_path):
     npz = folder_of(tiny, tmp_path) / "train.npz"
     with np.load(npz, allow_pickle=False) as z:
         expected = {k: z[k] for k in z.files}
-    from mlecli import npz as npz_reader
+    from mlecli.safe import npz as npz_reader
 
     got = npz_reader.read(npz, check_crc=True)
     assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)

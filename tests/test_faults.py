@@ -17,11 +17,11 @@ from fakes import array_bytes as weights
 from fakes import mlecli_process as mlecli
 from fakes import trickle, wait_for
 
-from mlecli import checkpoint as ckpt
-from mlecli.cache import dataset_dir, ensure_dataset, load_split
+from mlecli.run import checkpoint as ckpt
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES, ROLES
-from mlecli.fsutil import TMP_SUFFIX
+from mlecli.data.datasets import MNIST_FILES, ROLES
+from mlecli.safe.files import TMP_SUFFIX
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 
@@ -107,7 +107,7 @@ def test_a_download_killed_mid_file_is_finished_by_the_next_one(tiny, mirrors, t
 def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(tiny_config, tmpfs, tmp_path, monkeypatch):
     # The disk fills while the run goes on (others' files, say): the check of its room
     # before it starts, which would refuse this run on this disk, is not asked.
-    monkeypatch.setattr("mlecli.train.free_space", lambda folder: None)
+    monkeypatch.setattr("mlecli.run.train.free_space", lambda folder: None)
     disk = tmpfs("runs", "600k")
     cfg = tiny_config(train={"epochs": 40, "checkpoint_every": 1}, model={"hidden": [16]})
     run = disk / "run"
@@ -146,8 +146,8 @@ def test_a_dataset_that_cannot_fit_on_the_disk_is_refused_before_writing_it(tiny
 
 def test_disk_full_while_caching_leaves_only_verified_files(tiny, tiny_folder, tmpfs, monkeypatch):
     # The free space was there when checked, then something else took it: the writes themselves fail.
-    monkeypatch.setattr("mlecli.cache.need_space", lambda *a: None)
-    monkeypatch.setattr("mlecli.splits.need_space", lambda *a: None)
+    monkeypatch.setattr("mlecli.data.cache.need_space", lambda *a: None)
+    monkeypatch.setattr("mlecli.data.splits.need_space", lambda *a: None)
     disk = tmpfs("data", "400k")
     res = cli("download", "--config", tiny.write_config(disk.parent / "c.toml", tiny_folder), "--data-dir", disk, "-q")
     assert res.exit_code == 1

@@ -130,7 +130,7 @@ def train_case(name: str, tmp: Path) -> dict:
 
 
 def environment() -> dict:
-    from mlecli.blas import describe
+    from mlecli.nn.blas import describe
 
     return {"numpy": np.__version__, "blas": describe(), "machine": platform.machine()}
 

@@ -1,4 +1,4 @@
-"""Planning a sweep (mlecli/grid.py): any grid over any kind of config value plans, names
+"""Planning a sweep (mlecli/sweep/grid.py): any grid over any kind of config value plans, names
 and lists its runs; what cannot be a sweep is refused in one line before anything is
 written. Hypothesis searches the grids; a few of them are run for real."""
 
@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import config as config_mod
-from mlecli import grid
+from mlecli.run import config as config_mod
+from mlecli.sweep.folder import grid
 from mlecli.cli import main
-from mlecli.compare import summary
-from mlecli.config import _toml_value, load
-from mlecli.errors import ConfigError
+from mlecli.sweep.compare import summary
+from mlecli.run.config import _toml_value, load
+from mlecli.safe.errors import ConfigError
 
 SEARCH = settings(max_examples=150, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -26,12 +26,12 @@ from fakes import send, tiny_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import lockwait, npz
-from mlecli.cache import DOWNLOAD_NEVER, dataset_dir, ensure_dataset, load_split, prepare
+from mlecli.safe import locks as lockwait, npz
+from mlecli.data.cache import DOWNLOAD_NEVER, dataset_dir, ensure_dataset, load_split, prepare
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES, ROLES, custom
-from mlecli.errors import DataError, MlecliError
-from mlecli.idx import HEADER_WITHIN, IdxDecoder
+from mlecli.data.datasets import MNIST_FILES, ROLES, custom
+from mlecli.safe.errors import DataError, MlecliError
+from mlecli.data.idx import HEADER_WITHIN, IdxDecoder
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 EMPTY_MEMBER = gzip.compress(b"", mtime=0)  # 20 bytes that decompress to nothing
@@ -311,7 +311,7 @@ def holder(tmp_path):
     procs = []
 
     def start(folder: Path, seconds: float = 60) -> subprocess.Popen:
-        code = ("import sys, time; from pathlib import Path; from mlecli.fsutil import folder_lock\n"
+        code = ("import sys, time; from pathlib import Path; from mlecli.safe.files import folder_lock\n"
                 "with folder_lock(Path(sys.argv[1]), wait=False, what='x'):\n"
                 "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
         p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE)

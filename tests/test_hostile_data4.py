@@ -23,13 +23,13 @@ from fakes import drop_midway, send, tiny_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import fsutil
-from mlecli.cache import dataset_dir, ensure_dataset, prepare
+from mlecli.safe import files as fsutil
+from mlecli.data.cache import dataset_dir, ensure_dataset, prepare
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES
-from mlecli.download import mirror_location, url_problem
-from mlecli.errors import DataError, MlecliError
-from mlecli.network import HttpPolicy
+from mlecli.data.datasets import MNIST_FILES
+from mlecli.data.download import mirror_location, url_problem
+from mlecli.safe.errors import DataError, MlecliError
+from mlecli.data.http import HttpPolicy
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 
@@ -479,7 +479,7 @@ def test_a_host_that_cannot_be_reached_is_said_so_not_a_dropped_connection():
     import requests
     from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-    from mlecli.network import DEFAULT_POLICY, network_reason
+    from mlecli.data.http import DEFAULT_POLICY, network_reason
 
     inner = NewConnectionError(None, "Failed to establish a new connection: [Errno 113] No route to host")
     exc = requests.exceptions.ConnectionError(MaxRetryError(None, "http://[fd00::1]:81/x", inner))

@@ -35,13 +35,13 @@ from pictures import encode, strokes
 from PIL import Image
 
 import mlecli
-from mlecli import checkpoint as ckpt
-from mlecli import inputs
-from mlecli import predict as pr
+from mlecli.run import checkpoint as ckpt
+from mlecli.use import inputs
+from mlecli.use import predict as pr
 from mlecli.cli import main
-from mlecli.errors import CheckpointError, InputError, MlecliError
-from mlecli.idx import idx_bytes
-from mlecli.prepare import prepare, prepare_steps
+from mlecli.safe.errors import CheckpointError, InputError, MlecliError
+from mlecli.data.idx import idx_bytes
+from mlecli.use.preparation import prepare, prepare_steps
 
 INK = strokes([[(6, 8), (5, 20), (16, 13), (26, 17), (30, 9)], [(16, 13), (16, 22)]], (36, 30), width=3.5)
 PAGE8 = np.floor(255 * (1.0 - INK) + 0.5).astype(np.uint8)
@@ -360,7 +360,7 @@ def test_a_picture_over_the_longest_side_is_refused_before_it_is_decoded(tmp_pat
 
 
 def test_a_long_thin_picture_is_resampled_without_weights_as_long_as_it():
-    from mlecli.prepare import resample
+    from mlecli.use.preparation import resample
 
     V = np.zeros((3, 65_536))
     V[:, 30_000:36_000] = 65535.0
@@ -413,7 +413,7 @@ def test_a_file_of_blank_images_gives_ten_lines_and_one_for_the_rest(run, tmp_pa
 
 
 def test_a_stack_is_predicted_a_chunk_at_a_time_with_the_same_results(model, monkeypatch):
-    from mlecli import predict
+    from mlecli.use import predict
 
     digits, _ = make_digits(37, seed=5)
     whole = model.predict_proba(digits)
@@ -863,7 +863,7 @@ REPORT_FIGURES = st.one_of(st.floats(), st.integers(-3, 3), st.booleans(), st.no
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(accuracy=REPORT_FIGURES, threshold=REPORT_FIGURES)
 def test_any_figures_in_a_report_give_strict_json_in_the_page_and_the_onnx_metadata(run, tmp_path, accuracy, threshold):
-    from mlecli import export as ex
+    from mlecli.use import export as ex
 
     require(importlib.util.find_spec("onnx") is not None, "pip install 'mlecli[onnx]'")
     import onnx

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import checkpoint as ckpt
+from mlecli.run import checkpoint as ckpt
 from mlecli.cli import main
-from mlecli.errors import MlecliError
-from mlecli.fsutil import TMP_SUFFIX, atomic_write_text
+from mlecli.safe.errors import MlecliError
+from mlecli.safe.files import TMP_SUFFIX, atomic_write_text
 
 
 def cli(*args):
@@ -150,7 +150,7 @@ def test_weights_that_overflow_by_an_epochs_end_stop_with_advice_and_no_nan_reco
 
 
 def test_the_first_step_record_after_a_resume_counts_the_whole_window(tiny_config, tmp_path, monkeypatch):
-    from mlecli import train as training
+    from mlecli.run import train as training
 
     cfg = tiny_config(train={"epochs": 3, "log_every": 7})
     data = tmp_path / "d"
@@ -236,7 +236,7 @@ def test_names_with_control_characters_are_printed_escaped(trained, tmp_path):
 
 
 def test_a_killed_writers_temporary_is_removed_by_the_next_command_and_a_live_ones_is_not(trained, tmp_path):
-    from mlecli import fsutil
+    from mlecli.safe import files as fsutil
 
     _, run, data = trained
     run = copy_of(run, tmp_path)
@@ -296,8 +296,8 @@ def test_paths_too_long_for_the_file_system_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
 def test_no_file_is_ever_written_over_a_device_fifo_or_folder(tmp_path, kind):
-    from mlecli.errors import MlecliError
-    from mlecli.fsutil import atomic_write_text
+    from mlecli.safe.errors import MlecliError
+    from mlecli.safe.files import atomic_write_text
 
     target = tmp_path / "target"
     if kind == "fifo":
@@ -347,7 +347,7 @@ def test_runs_lists_every_run_when_one_folder_cannot_be_read(trained, tmp_path, 
 
 
 def test_the_deepest_network_allowed_writes_checkpoints_it_can_read_and_resume(tiny_config, tmp_path):
-    from mlecli.config import MAX_LAYERS
+    from mlecli.run.config import MAX_LAYERS
 
     run, data = tmp_path / "deep", tmp_path / "d"
     cfg = tiny_config(model={"hidden": [2] * MAX_LAYERS}, train={"optimizer": "adam", "learning_rate": 0.001,
@@ -460,8 +460,8 @@ def test_a_damaged_metrics_line_stops_a_resume_before_it_writes_anything(trained
                 min_size=1, max_size=4))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_lines_of_metrics_dropped_doubled_or_swapped_are_refused_or_leave_a_history_in_order(trained, ops):
-    from mlecli.rundir import committed_epochs
-    from mlecli.schema import SchemaError
+    from mlecli.run.rundir import committed_epochs
+    from mlecli.safe.schema import SchemaError
 
     _, run, _ = trained
     lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
@@ -532,8 +532,8 @@ def test_a_pipe_in_place_of_a_checkpoint_is_named_as_such(trained, tmp_path):
 
 def test_a_run_whose_checkpoints_cannot_fit_on_its_disk_is_refused_before_it_starts(tiny_config, tmp_path,
                                                                                        monkeypatch):
-    from mlecli import memory
-    from mlecli import train as training
+    from mlecli.safe import memory
+    from mlecli.run import train as training
 
     size = memory.checkpoint_bytes((4,), "float32", 28 * 28, 0)
     monkeypatch.setattr(training, "free_space", lambda folder: 8 * size)  # room for 6 epoch checkpoints

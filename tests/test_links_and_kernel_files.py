@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mlecli.cache import dataset_dir, ensure_dataset
+from mlecli.data.cache import dataset_dir, ensure_dataset
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES
+from mlecli.data.datasets import MNIST_FILES
 
 KMSG = Path("/proc/kmsg")
 TRAIN_LABELS = MNIST_FILES["train-labels"]

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mlecli import metrics as M
+from mlecli.nn import metrics as M
 
 
 def brute_force_auc(y, s):

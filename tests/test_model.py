@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from mlecli import blas
-from mlecli.model import (
+from mlecli.nn import blas
+from mlecli.nn.model import (
     ascent_step,
     forward,
     gradients,
@@ -19,8 +19,8 @@ from mlecli.model import (
     predict_proba,
     sigmoid,
 )
-from mlecli.step import Workspace, train_step
-from mlecli.task import pixels
+from mlecli.nn.step import Workspace, train_step
+from mlecli.run.task import pixels
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):

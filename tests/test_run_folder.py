@@ -17,8 +17,8 @@ from fakes import array_bytes as weights
 from fakes import mlecli_process as mlecli
 from fakes import rewrite_npz, trickle, wait_for
 
-from mlecli import checkpoint as ckpt
-from mlecli.cache import dataset_dir
+from mlecli.run import checkpoint as ckpt
+from mlecli.data.cache import dataset_dir
 from mlecli.cli import main
 
 
@@ -230,7 +230,7 @@ def test_a_signal_while_the_data_is_fetched_stops_before_any_run_is_written(tiny
 def test_a_lock_removed_by_its_holder_is_taken_anew_by_whoever_waited(tmp_path):
     import threading
 
-    from mlecli.fsutil import folder_lock
+    from mlecli.safe.files import folder_lock
 
     folder = tmp_path / "f"
     got = {}
@@ -250,7 +250,7 @@ def test_a_lock_removed_by_its_holder_is_taken_anew_by_whoever_waited(tmp_path):
 
 
 def test_clearing_an_unstarted_run_never_deletes_through_a_linked_checkpoints_folder(tmp_path):
-    from mlecli import rundir
+    from mlecli.run import rundir
 
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlecli import grid
+from mlecli.sweep.folder import grid
 from mlecli.cli import main
-from mlecli.config import _toml_value
-from mlecli.errors import ConfigError
-from mlecli.fsutil import folder_lock
+from mlecli.run.config import _toml_value
+from mlecli.safe.errors import ConfigError
+from mlecli.safe.files import folder_lock
 
 RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order
         "learning_rate=0.05,seed=1", "learning_rate=0.1,seed=1"]
@@ -187,7 +187,7 @@ def test_dry_run_prints_one_train_command_per_run_and_writes_nothing(tiny_config
 
 
 def test_dry_run_gives_runs_with_batches_over_64_the_sweeps_blas_threads(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr("mlecli.workers.cores", lambda: 4)  # 2 jobs on 4 cores: 2 BLAS threads each
+    monkeypatch.setattr("mlecli.sweep.workers.cores", lambda: 4)  # 2 jobs on 4 cores: 2 BLAS threads each
     res = cli("sweep", tiny_config(), "--grid", "train.batch_size=64,65", "--seeds", "0", "--jobs", "2",
               "--sweep-dir", tmp_path / "s", "--dry-run")
     lines = res.stdout.splitlines()
@@ -588,8 +588,8 @@ def test_the_sweep_downloads_the_data_once_before_any_worker_starts(tiny, mirror
     res = cli("sweep", cfg, "--grid", "train.learning_rate=0.05,0.1", "--seeds", "0-1", "--jobs", 2,
               "--sweep-dir", tmp_path / "s", "--data-dir", tmp_path / "d")
     assert res.exit_code == 0, res.output
-    from mlecli.cache import dataset_dir
-    from mlecli.config import load
+    from mlecli.data.cache import dataset_dir
+    from mlecli.run.config import load
 
     folder = dataset_dir(load(cfg).data.resolve(), tmp_path / "d")
     assert res.stderr.startswith(f"tiny is not cached in {folder}; downloading it\n")
@@ -605,8 +605,10 @@ def test_a_sweep_that_cannot_get_its_data_leaves_no_folder(tiny_config, tmp_path
 
 
 def test_within_keep_loaded_two_trainings_read_the_cached_dataset_once(tiny_config, tmp_path, monkeypatch):
-    from mlecli import cache, npz, train
-    from mlecli.config import load
+    from mlecli.data import cache
+    from mlecli.safe import npz
+    from mlecli.run import train
+    from mlecli.run.config import load
 
     cfg = load(tiny_config(train={"epochs": 1}))
     report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
@@ -624,8 +626,8 @@ def test_within_keep_loaded_two_trainings_read_the_cached_dataset_once(tiny_conf
 
 
 def test_a_kept_split_is_read_again_once_its_cache_file_changes(tiny_config, tmp_path):
-    from mlecli import cache
-    from mlecli.config import load
+    from mlecli.data import cache
+    from mlecli.run.config import load
 
     dataset = load(tiny_config()).data.resolve()
     cache.prepare(dataset, tmp_path)

@@ -18,11 +18,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli import blas, grid, workers
+from mlecli.nn import blas
+from mlecli.sweep.folder import grid, workers
 from mlecli.cli import main
-from mlecli.compare import best_point, collect, summary
-from mlecli.fsutil import folder_lock
-from mlecli.runs import _equal
+from mlecli.sweep.compare import best_point, collect, summary
+from mlecli.safe.files import folder_lock
+from mlecli.sweep.runs import _equal
 
 NAMES = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0"]
 GRID = ("--grid", "train.learning_rate=0.05,0.1", "--seeds", "0")
@@ -96,8 +97,8 @@ def test_a_run_folder_whose_lock_a_trainer_holds_is_left_alone_in_every_state(do
 
 
 def test_clearing_a_run_folder_a_trainer_holds_is_refused(done, tmp_path):
-    from mlecli.errors import MlecliError
-    from mlecli.sweep import clear_unstarted
+    from mlecli.safe.errors import MlecliError
+    from mlecli.sweep.folder import clear_unstarted
 
     cfg, data, ref = done
     run = tmp_path / "run"
@@ -152,8 +153,8 @@ def test_an_adopted_run_made_by_its_dry_run_command_is_the_sweeps(done, tmp_path
 
 def test_an_adopted_interrupted_run_resumes_on_the_blas_threads_its_checkpoint_records(
         tiny_config, tmp_path, monkeypatch):
-    from mlecli import checkpoint as ckpt
-    from mlecli import train as training
+    from mlecli.run import checkpoint as ckpt
+    from mlecli.run import train as training
 
     if blas.current_threads() is None:
         pytest.skip("this BLAS cannot be asked for its thread count")
@@ -301,7 +302,7 @@ def _same_line_from_sweep_runs_and_plot(done, sw: Path, damaged: dict) -> str | 
         collect([sw])  # what `mlecli plot` draws compare.png from
         read = None
     except Exception as exc:
-        from mlecli.errors import MlecliError
+        from mlecli.safe.errors import MlecliError
 
         assert isinstance(exc, MlecliError), exc
         read = f"Error: {exc}\n"
@@ -582,11 +583,11 @@ def _then_sigterm(real, when=lambda *args: True, before=False):
                                     "evaluating it"])
 def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_says_and_no_internal_error(
         done, tmp_path, monkeypatch, capfd, moment):
-    from mlecli import config
-    from mlecli import evaluate as ev
-    from mlecli import train as training
-    from mlecli.rundir import read_manifest
-    from mlecli.runs import describe
+    from mlecli.run import config
+    from mlecli.run import evaluate as ev
+    from mlecli.run import train as training
+    from mlecli.run.rundir import read_manifest
+    from mlecli.sweep.runs import describe
 
     cfg_path, data, _ = done
     if moment == "fetching its data":  # before its training began: the trainer's own Stopped
@@ -616,7 +617,7 @@ def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_sa
                                st.sampled_from([None, "finished", "interrupted", "at once", "failed", "not started"])),
                      min_size=1, max_size=6))
 def test_a_stopped_sweep_counts_each_run_once_whatever_its_folder_and_its_worker_said(done, runs):
-    from mlecli import sweep as sweeping
+    from mlecli.sweep.folder import folder as sweeping
 
     cfg_path, _, _ = done
     rates = ",".join(str(k + 1) for k in range(len(runs)))

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from mlecli.cache import Split
-from mlecli.config import load
-from mlecli.errors import ConfigError
-from mlecli.task import build_task, pixels, validation_counts
+from mlecli.data.cache import Split
+from mlecli.run.config import load
+from mlecli.safe.errors import ConfigError
+from mlecli.run.task import build_task, pixels, validation_counts
 
 
 def splits(train_labels, test_labels):

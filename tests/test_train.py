@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from fakes import kill_once, mlecli_process, tiny_dataset
 
-from mlecli import checkpoint as ckpt
-from mlecli import train as training
+from mlecli.run import checkpoint as ckpt
+from mlecli.run import train as training
 from mlecli.cli import main
-from mlecli.config import load
+from mlecli.run.config import load
 
 
 def train_cli(*args, data_dir):
@@ -260,7 +260,7 @@ def test_a_run_that_cannot_get_its_data_leaves_no_run_folder_and_can_be_retried(
 
 
 def test_a_network_too_big_for_the_memory_leaves_no_run_folder(tiny_config, tmp_path, monkeypatch):
-    from mlecli import resources
+    from mlecli.safe import resources
 
     monkeypatch.setattr(resources, "physical_memory", lambda: 1000)
     run = tmp_path / "run"

@@ -16,13 +16,13 @@ from fakes import MNIST_FILES, TinyDataset, make_digits, rewrite_npz
 from fakes import kill_once, mlecli_process
 from test_train import assert_bit_identical, metrics, train_cli, weights
 
-from mlecli import checkpoint as ckpt
-from mlecli.idx import idx_bytes
-from mlecli import train as training
+from mlecli.run import checkpoint as ckpt
+from mlecli.data.idx import idx_bytes
+from mlecli.run import train as training
 from mlecli.cli import main
-from mlecli.config import _toml_value
-from mlecli.model import log_prior
-from mlecli.runs import describe
+from mlecli.run.config import _toml_value
+from mlecli.nn.model import log_prior
+from mlecli.sweep.runs import describe
 
 # Each variant uses every feature at least once; together they cover each rule, schedule,
 # the prior (weights, weights and biases), the plateau and shifts.
@@ -206,7 +206,7 @@ def test_a_checkpoint_whose_update_rule_state_is_missing_is_refused(tiny_config,
 
 def test_run_as_a_library_call_handles_its_own_signals(tiny_config, tmp_path):
     # the benchmarks call train.run without a StopRequest of their own
-    from mlecli.config import load
+    from mlecli.run.config import load
 
     report = training.Reporter(line=lambda s: None, log=lambda s: None, progress=False)
     outcome = training.run(load(tiny_config(train={"epochs": 2})), tmp_path / "run", data_dir=tmp_path / "d",

@@ -1,7 +1,7 @@
 // The page: drawing with mouse, pen or finger, and ŷ live as you draw.
 //
 // Reads the model (weights and the run's description) from the JSON in #mlecli-model,
-// prepares the drawing with MlecliPrepare (the twin of mlecli/prepare.py) and shows
+// prepares the drawing with MlecliPrepare (the twin of mlecli/use/preparation.py) and shows
 // ŷ = P(y = 1) between the task's two words. window.mlecli exposes the current state
 // (ŷ, the prepared 28×28 image, the preparation's steps) for tests and the curious.
 "use strict";

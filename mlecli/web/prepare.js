@@ -1,6 +1,6 @@
 // MNIST's preparation of a digit image, and the network's forward pass, for the exported page.
 //
-// The twin of mlecli/prepare.py, step for step, to the bit: each step is elementwise (the
+// The twin of mlecli/use/preparation.py, step for step, to the bit: each step is elementwise (the
 // same IEEE operations in the same order), a sum taken first to last on both sides, or a
 // sum of integers below 2^53 (exact in any order: numpy's BLAS products give the same), so
 // that the page and `mlecli predict` prepare a drawing to the same 28×28 pixels. The steps
@@ -9,7 +9,7 @@
 "use strict";
 
 var MlecliPrepare = (function () {
-  var FRAME = 28;  // see mlecli/prepare.py
+  var FRAME = 28;  // see mlecli/use/preparation.py
   // Styles: MNIST's (a 20-pixel box placed by its centre of mass at 14.5) and Fashion-MNIST's.
   var STYLES = {
     "mnist": { box: 20, centre: "mass", target: 14.5 },
@@ -197,7 +197,7 @@ var MlecliPrepare = (function () {
   }
 
   // layers: [{W: Float32Array (nIn·nOut, row-major nIn × nOut), b: Float32Array(nOut), nIn, nOut}].
-  // image: Uint8Array(784) -> ŷ = σ(z), with σ(z) = ½(1 + tanh(z/2)) as in mlecli/model.py.
+  // image: Uint8Array(784) -> ŷ = σ(z), with σ(z) = ½(1 + tanh(z/2)) as in mlecli/nn/model.py.
   function forward(layers, image) {
     var h = new Float64Array(image.length), k;
     for (k = 0; k < image.length; k++) h[k] = image[k] / 255.0;

@@ -1,0 +1,285 @@
+"""Runs side by side per grid point: the sweep's table (mean ± standard deviation over
+seeds) and compare.png (validation curves, a line for the mean over seeds, a band for
+their spread).
+
+A grid point is a group of runs whose configs differ in nothing but the seeds: in a
+sweep, one per combination of grid values; for run folders given by hand, the same rule
+finds the groups, labelled by the keys in which they differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlecli.sweep.grid import Plan, config_keys, format_seeds, show
+
+
+# ---------------------------------------------------------------------------
+# The sweep's table
+
+
+def summary(p: Plan, sweep_dir: Path, errors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every run's figures (as `mlecli runs` reads them) and, per grid point, their mean and
+    standard deviation over the seeds that finished; the best point by mean validation LL.
+    `errors` (run name → message) overrides what a run folder says about how it ended."""
+    from mlecli.sweep.runs import describe
+
+    errors = errors or {}
+    runs = []
+    for r in p.runs:
+        row = describe(Path(sweep_dir) / r.name) if (Path(sweep_dir) / r.name).exists() else None
+        status = row["status"] if row else "not started"
+        error = errors.get(r.name) or (row["problem"] if row and status in ("failed", "broken") else None)
+        if r.name in errors:
+            status = "failed"
+        runs.append({
+            "run_dir": str(Path(sweep_dir) / r.name),
+            "values": {k: v for k, v in r.point},
+            "seed": r.seed,
+            "status": status,
+            "epochs_done": row["epochs_done"] if row else None,
+            "epochs": r.config.train.epochs,
+            "best_epoch": row.get("best_epoch") if row else None,
+            "val_ll": row["val_ll"] if row else None,
+            "val_acc": row["val_acc"] if row else None,
+            "test_acc": row["test_acc"] if row else None,
+            "error": error,
+        })
+    points = []
+    row = {r.name: x for r, x in zip(p.runs, runs)}
+    groups = [[row[r.name] for r in group] for group in p.runs_of()]
+    best = best_point(groups)
+    for i, (point, mine) in enumerate(zip(p.points(), groups)):
+        done = [x for x in mine if x["status"] == "finished"]
+        points.append({
+            "values": {k: v for k, v in point},
+            "runs": len(mine),
+            "finished": len(done),
+            **{key: spread([x[key] for x in done]) for key in ("val_ll", "val_acc", "test_acc")},
+            "best": i == best,
+        })
+    return json.loads(json.dumps({
+        "sweep_dir": str(sweep_dir),
+        "grid": {a.key: list(a.values) for a in p.axes},
+        "seeds": list(p.seeds),
+        "points": points,
+        "runs": runs,
+    }))
+
+
+def best_point(groups: list[list[dict[str, Any]]]) -> int | None:
+    """Which grid point is the best, given each point's runs as `mlecli runs` rows (their
+    status and best validation LL): the highest mean over its finished runs of each run's
+    best validation LL, the figure training maximises. None with one point, or none with
+    a figure. The sweep's table and compare.png both mark the one this gives."""
+    means = [spread([r["val_ll"] for r in rows if r["status"] == "finished"]) for rows in groups]
+    ranked = [(m["mean"], i) for i, m in enumerate(means) if m is not None]
+    if len(groups) < 2 or not ranked:
+        return None
+    return max(ranked, key=lambda t: t[0])[1]  # the first of equals
+
+
+def spread(values: list[float | None]) -> dict[str, Any] | None:
+    """Mean and sample standard deviation (n − 1) of the known values; None if there are none."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if not known:
+        return None
+    return {"mean": statistics.fmean(known), "std": statistics.stdev(known) if len(known) > 1 else None,
+            "n": len(known)}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The table: one row per grid point, the best marked."""
+    keys = list(s["grid"]) or ["grid point"]
+    headers = [*keys, "runs", "best val LL", "best val acc", "test acc", ""]
+    body = [[
+        *(show(pt["values"][k]) for k in s["grid"]), *([] if s["grid"] else ["the config"]),
+        f"{pt['finished']}/{pt['runs']}",
+        _pm(pt["val_ll"], 1, 4, ""),
+        _pm(pt["val_acc"], 100, 2, "%"),
+        _pm(pt["test_acc"], 100, 2, "%"),
+        "<- best" if pt["best"] else "",
+    ] for pt in s["points"]]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
+    right = range(len(keys) + 1, len(headers) - 1)  # the figures
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    lines = [line(headers), line(["-" * w for w in widths[:-1]] + [""]), *map(line, body)]
+    lines.append(f"runs: finished/all; mean ± standard deviation over seeds {format_seeds(tuple(s['seeds']))} of "
+                 "each run's best epoch (by validation LL); test acc: that epoch's checkpoint")
+    return "\n".join(lines)
+
+
+def _pm(stat: dict[str, Any] | None, scale: float, digits: int, unit: str) -> str:
+    if stat is None:
+        return "-"
+    mean = f"{scale * stat['mean']:.{digits}f}"
+    if stat["std"] is None:
+        return f"{mean}{unit}"
+    return f"{mean} ± {scale * stat['std']:.{digits}f}{unit}"
+
+
+# ---------------------------------------------------------------------------
+# compare.png
+
+# Keys that never make two runs different grid points.
+SEED_LIKE = {"name", "model.seed", "train.seed", "train.checkpoint_every", "train.log_every"}
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Path]
+    epochs: list[list[dict[str, Any]]]  # each run's epoch records
+    rows: list[dict[str, Any]] = field(default_factory=list)  # each run as `mlecli runs` describes it
+    best: bool = False
+
+    def legend(self) -> str:
+        """How many runs (and seeds) the curves stand for, and how many have not finished."""
+        seeds = {(r["config"]["model"]["seed"], r["config"]["train"]["seed"]) if r["config"] else None
+                 for r in self.rows}
+        n, unfinished = len(self.runs), sum(r["status"] != "finished" for r in self.rows)
+        counted = f"{n} seed{'s' if n != 1 else ''}" if len(seeds) == n else \
+            f"{n} run{'s' if n != 1 else ''}, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+        return counted + (f", {unfinished} unfinished" if unfinished else "")
+
+
+def collect(targets: list[Path]) -> tuple[list[Group], str]:
+    """The groups of runs in `targets` (sweep folders and run folders, in order) and a
+    title; raises MlecliError if there is nothing to draw. The best group is the one
+    `best_point` gives, from the same figures as the sweep's table."""
+    from mlecli.run import config as config_mod
+    from mlecli.safe.errors import MlecliError
+    from mlecli.run import checkpoint as ckpt
+    from mlecli.run.rundir import committed_epochs
+    from mlecli.sweep.runs import describe
+    from mlecli.sweep.folder import expected_configs, read_sweep_json
+
+    runs: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
+    key_order: list[str] = []
+    sweeps = 0
+    for target in targets:
+        target = Path(target)
+        data = read_sweep_json(target) if target.is_dir() else None
+        if data is not None:
+            sweeps += 1
+            key_order += [g["key"] for g in data["grid"] if g["key"] not in key_order]
+            folders = list(expected_configs(target, data).items())
+        elif (target / "config.toml").is_file():
+            folders = [(target, None)]
+        else:
+            raise MlecliError(f"{target} is neither a run folder (no config.toml) nor a sweep folder (no sweep.json)")
+        for folder, expected in folders:
+            if not (folder / "config.toml").is_file():
+                continue  # a sweep's run that has not started yet
+            row = describe(folder)
+            if expected is not None and row["config"] is not None and row["status"] == "finished":
+                from mlecli.sweep.folder import config_difference
+
+                if config_difference(config_mod.from_dict(row["config"], name=row["config"]["name"]), expected):
+                    row = {**row, "status": "not the sweep's"}  # the sweep's table counts it out too
+            runs.append((folder, config_mod.load(folder / "config.toml").to_dict(), row))
+    if not runs:
+        raise MlecliError(f"no run in {', '.join(map(str, targets))} has started yet: nothing to compare")
+    flat = [{k: json.dumps(v, sort_keys=True) for k, v in config_keys(cfg).items()} for _, cfg, _ in runs]
+    keys = sorted({k for f in flat for k in f} - SEED_LIKE)
+    varying = [k for k in keys if len({f.get(k) for f in flat}) > 1]
+    varying = [k for k in key_order if k in varying] + [k for k in varying if k not in key_order]
+    groups: dict[tuple, Group] = {}
+    for (folder, cfg, row), f in zip(runs, flat):
+        key = tuple(f.get(k) for k in varying)
+        if key not in groups:
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={show(json.loads(v)) if v is not None else '-'}"
+                              for k, v in zip(varying, key)) or cfg["name"]
+            groups[key] = Group(label, [], [])
+        groups[key].runs.append(folder)
+        if row["status"] == "broken":  # its row says why; it has no curve to draw
+            groups[key].epochs.append([])
+        else:
+            last = ckpt.load(folder / "checkpoints" / "last.npz")
+            groups[key].epochs.append(committed_epochs(folder, last.meta, last.path))
+        groups[key].rows.append(row)
+    ordered = list(groups.values())
+    best = best_point([g.rows for g in ordered])
+    if best is not None:
+        ordered[best].best = True
+    title = Path(targets[0]).name if len(targets) == 1 and sweeps == 1 else f"{len(runs)} runs"
+    return ordered, title
+
+
+def _finite(v: Any) -> bool:
+    from mlecli.safe.schema import is_number
+
+    return is_number(v)
+
+
+def band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per epoch that any run reached: the epoch, and the mean, lowest and highest of
+    `key` over the runs that have it."""
+    by_epoch: dict[int, list[float]] = {}
+    for records in runs:
+        for m in records:
+            if _finite(m.get(key)):
+                by_epoch.setdefault(int(m["epoch"]), []).append(float(m[key]))
+    x = sorted(by_epoch)
+    return x, [statistics.fmean(by_epoch[e]) for e in x], [min(by_epoch[e]) for e in x], [max(by_epoch[e]) for e in x]
+
+
+def draw(groups: list[Group], title: str, out: Path) -> Path:
+    """compare.png: mean log-likelihood per image and accuracy per epoch, validation (or,
+    for runs without validation, training), one colour per group, its mean over seeds as
+    a line and the lowest to highest seed as a band."""
+    from matplotlib.ticker import MaxNLocator
+
+    from mlecli.use.plot import _pyplot, _save
+
+    plt = _pyplot()
+    validation = any(_finite(m.get("val_ll_mean")) for g in groups for e in g.epochs for m in e)
+    which = "val" if validation else "train"
+    fig, (ax_ll, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.8))
+    if len(groups) <= 10:
+        colours = list(plt.get_cmap("tab10").colors)
+    else:
+        cmap = plt.get_cmap("viridis")
+        colours = [cmap(i / (len(groups) - 1)) for i in range(len(groups))]
+    for g, colour in zip(groups, colours):
+        label = f"{g.label} ({g.legend()}){'  ← best' if g.best else ''}"
+        for ax, key, scale in ((ax_ll, f"{which}_ll_mean", 1.0), (ax_acc, f"{which}_acc", 100.0)):
+            x, mean, lo, hi = band(g.epochs, key)
+            if not x:
+                continue
+            ax.fill_between(x, [scale * v for v in lo], [scale * v for v in hi], color=colour, alpha=0.2, linewidth=0)
+            ax.plot(x, [scale * v for v in mean], "o-", color=colour, markersize=3, linewidth=1.6, label=label)
+    where = "validation" if validation else "training (running)"
+    for ax, ylabel in ((ax_ll, f"{where} mean log-likelihood per image (nats)"), (ax_acc, f"{where} accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax_ll.set_title("log-likelihood (higher is better)")
+    ax_acc.set_title("accuracy at ŷ ≥ 0.5")
+    handles, labels = ax_ll.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=9, frameon=False)
+    fig.suptitle(f"{title}: line = mean over seeds, band = lowest to highest seed")
+    rows = math.ceil(len(labels) / 3)
+    fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
+    path = Path(out) / "compare.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_compare(targets: list[Path], out: Path | None) -> Path:
+    """Draw compare.png for `targets` into `out` (default: the sweep folder when there is
+    one target, else the current folder)."""
+    groups, title = collect(targets)
+    if out is None:
+        out = Path(targets[0]) if len(targets) == 1 else Path(".")
+    return draw(groups, title, out)

@@ -1,0 +1,228 @@
+"""Pictures of a run: learning curves, first-layer weights, the most confident mistakes.
+
+matplotlib is an optional extra (`pip install 'mlecli[plot]'`), drawn with the Agg
+backend (no display needed). The PNGs carry no timestamp or version, so the same run
+gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mlecli.run import checkpoint as ckpt
+from mlecli.safe.errors import MlecliError, printable
+from mlecli.safe.files import atomic_write, remove_stale_temporaries
+from mlecli.run.rundir import committed_epochs
+from mlecli.run.task import class_words, short_word
+
+MAX_UNITS = 64
+DPI = 100
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MlecliError(
+            "mlecli plot needs matplotlib: pip install 'mlecli[plot]' (or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcdefaults()
+    plt.rcParams.update({"font.family": "DejaVu Sans", "svg.hashsalt": "mlecli", "figure.dpi": DPI})
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title: str, out: Path) -> Path:
+    """Mean log-likelihood and accuracy per epoch, train and validation, best epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    x = [m["epoch"] for m in epochs]
+    fig, (ax_ll, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label, scale in (
+        (ax_ll, "ll_mean", "mean log-likelihood per image (nats)", 1.0),
+        (ax_acc, "acc", "accuracy (%)", 100.0),
+    ):
+        train = [m.get(f"train_{key}") for m in epochs]
+        ax.plot(x, [scale * v if v is not None else np.nan for v in train], "o-", color="tab:blue",
+                label="training (running)")
+        val = [m.get(f"val_{key}") for m in epochs]
+        if any(v is not None for v in val):
+            ax.plot(x, [scale * v if v is not None else np.nan for v in val], "s-", color="tab:orange",
+                    label="validation")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right")
+    ax_ll.set_title("log-likelihood (higher is better)")
+    ax_acc.set_title("accuracy at ŷ ≥ 0.5")
+    fig.suptitle(_wrapped(title, 11, 12))
+    fig.tight_layout()
+    path = out / "curves.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _image_shape(meta: dict, n_inputs: int) -> tuple[int, int]:
+    shape = meta.get("image_shape")
+    if isinstance(shape, list) and len(shape) == 2 and shape[0] * shape[1] == n_inputs:
+        return int(shape[0]), int(shape[1])
+    side = math.isqrt(n_inputs)
+    return (side, side) if side * side == n_inputs else (1, n_inputs)
+
+
+def _wrapped(text: str, inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit a figure `inches` wide at `fontsize` points."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(20, int(inches * 72 / (0.55 * fontsize))))
+
+
+def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
+    """The first layer's weights of up to 64 units as images, on one scale centred on 0
+    (logistic regression: its one weight image)."""
+    W = cp.params[0][0]
+    h, w = _image_shape(cp.meta, W.shape[0])
+    total = W.shape[1]
+    units = min(total, MAX_UNITS)
+    cols = math.ceil(math.sqrt(units))
+    rows = math.ceil(units / cols)
+    limit = float(np.percentile(np.abs(W[:, :units]), 99.5)) or 1.0
+    size = 1.2 if units > 1 else 4.0
+    width = cols * size + 1.4
+    if not cp.config.model.hidden:
+        what = "logistic regression: the weight of each pixel"
+    elif units < total:
+        what = f"first-layer weights of units 1-{units} of {total}"
+    else:
+        what = f"first-layer weights of its {total} hidden units"
+    title = _wrapped(f"{title}: {what}", width, 11)
+    lines = title.count("\n") + 1
+    head = 0.25 + 0.25 * lines  # inches above the grid for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(width, rows * size + 0.25 + head), squeeze=False)
+    image = None
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= units:
+            ax.axis("off")
+            continue
+        image = ax.imshow(W[:, i].reshape(h, w), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        if units > 1:
+            ax.set_title(f"unit {i + 1}", fontsize=7)
+    top = 1 - head / (rows * size + 0.25 + head)
+    fig.subplots_adjust(left=0.03, right=0.82, bottom=0.03, top=top, wspace=0.08, hspace=0.3 if units > 1 else 0.0)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight (red +, blue −)")
+    fig.suptitle(title, fontsize=11)
+    path = out / "hidden-units.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
+    """The most confidently wrong images of an evaluation: what each is, what the network
+    predicted, and ŷ."""
+    errors = report["most_confident_errors"]
+    if not errors:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No wrong predictions on the {report['split']} split ({report['images']:,} images).",
+                ha="center", va="center")
+        path = out / "mistakes.png"
+        _save(fig, path)
+        plt.close(fig)
+        return path
+    cols = min(5, len(errors))
+    rows = math.ceil(len(errors) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.8 + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    classes = report.get("classes") or {"0": "y=0", "1": "y=1"}
+    for ax, e in zip(axes.flat, errors):
+        ax.imshow(images[e["index"]], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        label = e.get("label") or f"digit {e['digit']}"
+        said = short_word(classes[str(1 - e["y"])], 1 - e["y"], width=18)
+        ax.set_title(f"#{e['index']}  {label}\npredicted {said}\nŷ = {e['p']:.4f}", fontsize=8)
+    task = f"{classes['1']} (y=1) vs {classes['0']} (y=0)" if report.get("classes") else report["task"]
+    fig.suptitle(_wrapped(f"Most confidently wrong: {report['split']} split, {report['checkpoint_name']} "
+                          f"checkpoint (epoch {report['epoch']}); {task}", cols * 2.2, 10), fontsize=10)
+    fig.tight_layout()
+    path = out / "mistakes.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: None) -> list[Path]:
+    """Write the run's PNGs into `out` (default: the run folder); return their paths."""
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir
+    remove_stale_temporaries(out)  # an earlier plot's, if it was killed mid-write
+    which = "best" if (run_dir / "checkpoints" / "best.npz").exists() else "last"
+    cp = ckpt.load(ckpt.resolve(run_dir, which))
+    last = cp if which == "last" else ckpt.load(ckpt.resolve(run_dir, "last"))
+    # only what the newest checkpoint commits: a crash may have left a record after it
+    epochs = committed_epochs(run_dir, last.meta, last.path)
+    cfg = cp.config
+    best = cp.meta.get("best") or {}
+    negative, positive = class_words(cfg)
+    network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
+    title = printable(f"{run_dir.name}: {positive} vs {negative}, {network}")  # a name may not be UTF-8
+    written = []
+    if epochs:
+        written.append(curves(plt, run_dir, epochs, best.get("epoch"), title, out))
+    else:
+        log(f"{run_dir} has no finished epoch yet: no curves.png")
+    written.append(hidden_units(plt, cp, f"{title} ({which}.npz, epoch {cp.epoch})", out))
+    report_path = _evaluation(run_dir)
+    if report_path is None:
+        log(f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png")
+    else:
+        from mlecli.run.evaluate import read_report
+
+        report = read_report(report_path)
+        images = _split_images(cfg, report["split"], data_dir, run_dir)
+        outside = [e["index"] for e in report.get("most_confident_errors", []) if e["index"] >= len(images)]
+        if outside:
+            raise MlecliError(f"{report_path}: image #{outside[0]} is not in the {report['split']} split's "
+                              f"{len(images):,} images; the report is not this run's: evaluate again")
+        written.append(mistakes(plt, report, images, out))
+    return written
+
+
+def _evaluation(run_dir: Path) -> Path | None:
+    """The run's default report (evaluate.default_report), else any other it has."""
+    from mlecli.run.evaluate import default_report
+
+    found = sorted(run_dir.glob("eval-*.json"))
+    return default_report(run_dir) or (found[0] if found else None)
+
+
+def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
+    from mlecli.data.cache import prepare
+
+    # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
+    how = f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
+    splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
+    return splits["test" if split == "test" else "train"].images
