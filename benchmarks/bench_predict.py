@@ -61,7 +61,7 @@ def main() -> None:
     import mlecli
     from mlecli.cli import main as cli
     from mlecli.use.inputs import Source, load
-    from mlecli.run.task import image_scores
+    from mlecli.nn.pixels import image_scores
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -55,7 +55,7 @@ SEQUENTIAL = """
 import sys, time
 from pathlib import Path
 from mlecli.nn import blas
-from mlecli.sweep.folder import grid
+from mlecli.sweep import grid
 from mlecli.run import train
 sweep_dir, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
 p = grid.plan("default", tuple(sys.argv[3:]), ({grid!r},), {seeds!r})

@@ -44,7 +44,8 @@ from mlecli.safe.errors import TrainingError  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
 from mlecli.nn.schedule import Watch, after_epoch, base_rate, learning_rate, stop_early  # noqa: E402
 from mlecli.nn.step import ll_and_accuracy  # noqa: E402
-from mlecli.run.task import build_task, draw_offsets, pixels, shifted_view  # noqa: E402
+from mlecli.run.task import build_task  # noqa: E402
+from mlecli.nn.pixels import draw_offsets, pixels, shifted_view
 
 TSHIRT = ["task.positive=[0]", "task.negative=[6]"]
 # The best T-shirt vs shirt recipe found (docs/training.md): plain sgd, a cosine decay after a

@@ -1,6 +1,8 @@
 """mlecli: neural networks trained on MNIST by maximum likelihood, with numpy only."""
 
-__version__ = "0.1.0"
+from mlecli.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(path, checkpoint: str = "best"):

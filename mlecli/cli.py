@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from mlecli import __version__
+from mlecli.version import __version__
 from mlecli.safe.errors import MlecliError, Stopped, display, printable, quoted
 
 
@@ -486,19 +486,18 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     per grid point: the mean ± standard deviation over seeds of the best validation LL
     and accuracy (and of test accuracy with --evaluate).
     """
-    from mlecli.sweep.folder import grid
-    from mlecli.sweep.folder import folder as sweeping
     from mlecli.run.train import StopRequest
+    from mlecli.sweep import grid, record, runner
 
     plan = grid.plan(config_path, overrides, grids, seeds)
     if dry_run:
-        folder = sweep_dir or sweeping.find_sweep(plan) or sweeping.default_sweep_dir(plan.base.name, create=False)
-        for line in grid.train_commands(plan, folder, data_dir, sweeping.blas_threads(plan, folder, jobs)):
+        folder = sweep_dir or record.find_sweep(plan) or record.default_sweep_dir(plan.base.name, create=False)
+        for line in grid.train_commands(plan, folder, data_dir, runner.blas_threads(plan, folder, jobs)):
             echo(printable(line))
         return
     log = _log(quiet)
     with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
-        outcome = sweeping.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+        outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
                                    progress=_progress(quiet), log=log, stop=stop)
         _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
 
@@ -506,14 +505,13 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
 def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
     import json
 
-    from mlecli.sweep.folder import grid
-    from mlecli.sweep.folder import folder as sweeping
+    from mlecli.sweep import grid, runner
     from mlecli.sweep.compare import format_summary
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
-        n = sweeping.stop_counts(plan, outcome)  # each run once
+        n = runner.stop_counts(plan, outcome)  # each run once
         echo(
             f"Stopped by {outcome.stopped}: {n['finished']} of {len(plan.runs)} runs finished, "
             f"{n['saved']} saved mid-run"
@@ -769,7 +767,7 @@ def runs(runs_dir, as_json, sort, filters):
     """
     import json
 
-    from mlecli.sweep.folder import runs as listing
+    from mlecli.sweep import runs as listing
 
     rows = listing.list_runs(runs_dir, sort, tuple(listing.parse_where(f) for f in filters))
     if as_json:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlecli.run import config as config_mod
-from mlecli.sweep.folder import grid
+from mlecli.sweep import grid
 from mlecli.cli import main
 from mlecli.sweep.compare import summary
 from mlecli.run.config import _toml_value, load

@@ -20,7 +20,7 @@ from mlecli.nn.model import (
     sigmoid,
 )
 from mlecli.nn.step import Workspace, train_step
-from mlecli.run.task import pixels
+from mlecli.nn.pixels import pixels
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):

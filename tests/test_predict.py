@@ -172,7 +172,7 @@ def test_raw_arrays_skip_the_preparation_and_match_evaluate(run, tiny, tmp_path)
     for e in report["most_confident_errors"]:
         assert p[e["index"]] == pytest.approx(e["p"], abs=1e-6)
     from mlecli.nn.model import predict_proba
-    from mlecli.run.task import pixels
+    from mlecli.nn.pixels import pixels
 
     direct = predict_proba(mlecli.load(run).params, pixels(test_images, np.float32))
     assert [p[i] for i in range(len(test_images))] == pytest.approx(direct, abs=1e-6)

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlecli.sweep.folder import grid
+from mlecli.sweep import grid
 from mlecli.cli import main
 from mlecli.run.config import _toml_value
 from mlecli.safe.errors import ConfigError

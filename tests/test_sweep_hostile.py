@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlecli.nn import blas
-from mlecli.sweep.folder import grid, workers
+from mlecli.sweep import grid, workers
 from mlecli.cli import main
 from mlecli.sweep.compare import best_point, collect, summary
 from mlecli.safe.files import folder_lock
@@ -98,7 +98,7 @@ def test_a_run_folder_whose_lock_a_trainer_holds_is_left_alone_in_every_state(do
 
 def test_clearing_a_run_folder_a_trainer_holds_is_refused(done, tmp_path):
     from mlecli.safe.errors import MlecliError
-    from mlecli.sweep.folder import clear_unstarted
+    from mlecli.run.rundir import clear_unstarted
 
     cfg, data, ref = done
     run = tmp_path / "run"
@@ -617,7 +617,7 @@ def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_sa
                                st.sampled_from([None, "finished", "interrupted", "at once", "failed", "not started"])),
                      min_size=1, max_size=6))
 def test_a_stopped_sweep_counts_each_run_once_whatever_its_folder_and_its_worker_said(done, runs):
-    from mlecli.sweep.folder import folder as sweeping
+    from mlecli.sweep import runner as sweeping
 
     cfg_path, _, _ = done
     rates = ",".join(str(k + 1) for k in range(len(runs)))

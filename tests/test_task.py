@@ -6,7 +6,8 @@ import pytest
 from mlecli.data.cache import Split
 from mlecli.run.config import load
 from mlecli.safe.errors import ConfigError
-from mlecli.run.task import build_task, pixels, validation_counts
+from mlecli.run.task import build_task, validation_counts
+from mlecli.nn.pixels import pixels
 
 
 def splits(train_labels, test_labels):

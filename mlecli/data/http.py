@@ -160,7 +160,7 @@ def new_session():
     """A requests session whose connections the download watchdog can end."""
     import requests
 
-    from mlecli import __version__
+    from mlecli.version import __version__
 
     adapter = _watched_session_classes()
     s = requests.Session()

@@ -18,8 +18,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-from mlecli.run.config import TrainConfig
+import numpy as np
+
+
+class TrainConfig(Protocol):
+    """The numbers a schedule reads: the `[train]` keys of the config (run/config.py's
+    TrainConfig has them; nn/ imports nothing of the layers above it)."""
+
+    epochs: int
+    learning_rate: float
+    schedule: str
+    warmup_epochs: float
+    decay_every: int
+    decay_factor: float
+    min_learning_rate: float
+    plateau_patience: int
+    plateau_factor: float
+    patience: int
 
 
 def learning_rate(t: TrainConfig, step: int, steps_per_epoch: int, plateau_scale: float = 1.0) -> float:
@@ -115,8 +132,6 @@ def stop_early(t: TrainConfig, epoch: int, best_epoch: int | None) -> bool:
 def base_rate(y_train, y_val) -> BaseRate | None:
     """What a network that learned nothing but the training base rate scores on the
     validation images (None without validation, or with one class only)."""
-    import numpy as np
-
     if len(y_val) == 0:
         return None
     p = float(np.mean(y_train))

@@ -16,7 +16,7 @@ import numpy as np
 from mlecli.nn import blas, optim
 from mlecli.nn.metrics import total_log_likelihood
 from mlecli.nn.model import Params
-from mlecli.run.task import image_scores, windows
+from mlecli.nn.pixels import image_scores, windows
 
 
 class Workspace:
@@ -148,7 +148,7 @@ def train_step(
     updating `params` (and the rule's state) in place.
 
     `images` (n, n_0) uint8; or, with `offsets` = (oy, ox) (m,) each and a Workspace made
-    with that shift k, the padded images (n, (H+2k)(W+2k)) (`task.pad_images`, rows
+    with that shift k, the padded images (n, (H+2k)(W+2k)) (`pixels.pad_images`, rows
     flattened): image idx[i] is the H×W window at (oy[i], ox[i]) of its padded copy. `idx` valid row numbers (not checked: a slice of the epoch's permutation);
     `target` (m,) = y − ½ for the batch's targets y; `z` (m, 1) receives the batch's
     logits before the step (the caller measures LL and accuracy from them, many batches

@@ -24,7 +24,8 @@ from mlecli.data.cache import prepare, split_hashes
 from mlecli.safe.errors import CheckpointError, printable
 from mlecli.safe.files import atomic_write_text, remove_stale_temporaries
 from mlecli.nn.model import sigmoid
-from mlecli.run.task import build_task, class_words, image_scores, label_name, short_word
+from mlecli.run.task import build_task, class_words, label_name, short_word
+from mlecli.nn.pixels import image_scores
 
 DEFAULT_THRESHOLD = 0.5
 

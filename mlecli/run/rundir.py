@@ -269,3 +269,32 @@ def cut_metrics(run_dir: Path, step: int) -> None:
     if dropped or (path.exists() and sum(map(len, keep)) != path.stat().st_size):
         atomic_write_bytes(path, b"".join(keep))
 
+
+# What a run folder holds before its first checkpoint: such a folder is started afresh.
+TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "checkpoints"}
+
+
+def clear_unstarted(run_dir: Path) -> None:
+    """Remove what a run stopped before its first checkpoint left (nothing of value), so
+    that it can start afresh, holding the run folder's lock: a trainer that holds it is
+    alive, and its folder is left alone (MlecliError). The lock file itself stays (whoever
+    waits on it keeps a valid lock); anything else in the folder stays and is refused later."""
+    from mlecli.run import checkpoint as ckpt
+    from mlecli.safe.files import folder_lock, remove_stale_temporaries
+
+    with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
+        if ckpt.checkpoints_in(run_dir):
+            raise MlecliError(f"{run_dir} has checkpoints: resume it instead")  # the plan said otherwise: a bug
+        folder = run_dir / "checkpoints"
+        try:
+            remove_stale_temporaries(run_dir)
+            if folder.is_dir() and not folder.is_symlink():
+                for leftover in folder.iterdir():  # under the lock, every temporary here is a dead writer's
+                    if is_temporary_name(leftover.name):
+                        leftover.unlink()
+                folder.rmdir()
+            for name in TRAINER_FILES - {"checkpoints", ".lock"}:
+                (run_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise MlecliError(f"cannot clear {run_dir}, which a run left before its first checkpoint: {exc}") from None
+

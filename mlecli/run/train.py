@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli import __version__
+from mlecli.version import __version__
 from mlecli.nn import blas, optim
 from mlecli.safe import memory
 from mlecli.run import rundir
@@ -55,9 +55,10 @@ from mlecli.nn.model import Params, init_params, layer_sizes, log_prior
 from mlecli.safe.resources import NoRoom, fmt_bytes, free_space
 from mlecli.nn.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
 from mlecli.nn.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
-from mlecli.run.task import BinaryTask, build_task, draw_offsets, pad_images
+from mlecli.run.task import BinaryTask, build_task
 
 # ---------------------------------------------------------------------------
+from mlecli.nn.pixels import draw_offsets, pad_images
 # Run state and what a checkpoint holds
 
 

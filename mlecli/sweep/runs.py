@@ -23,7 +23,7 @@ from mlecli.safe.errors import ConfigError, MlecliError, printable
 from mlecli.run.evaluate import default_report, read_report
 from mlecli.nn.metrics import shown
 from mlecli.run.rundir import committed_epochs, read_manifest
-from mlecli.sweep.folder import read_sweep_json
+from mlecli.sweep.record import read_sweep_json
 
 ASCENDING = {"name", "started"}
 # Columns --where can filter on besides config keys.

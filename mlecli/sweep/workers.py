@@ -385,7 +385,8 @@ def recorded_threads(cp) -> int | None:
 def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
     from mlecli.nn import blas
-    from mlecli.sweep.folder import folder as sweep
+    from mlecli.run.rundir import clear_unstarted
+    from mlecli.sweep.record import config_difference
     from mlecli.run import train
     from mlecli.run import evaluate as ev
     from mlecli.run.config import from_dict
@@ -410,14 +411,14 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
             resume_from, threads = None, None
             if task.action == "resume":
                 resume_from = train.newest_checkpoint(run_dir, report.log)
-                differs = sweep.config_difference(resume_from.config, cfg)
+                differs = config_difference(resume_from.config, cfg)
                 if differs:
                     raise MlecliError(f"{resume_from.path} holds a run whose {differs}; move {run_dir} away and run "
                                       "the sweep again")
                 cfg = train.resumed_config(resume_from.config, ())
                 threads = recorded_threads(resume_from)
             elif task.action == "restart":
-                sweep.clear_unstarted(run_dir)
+                clear_unstarted(run_dir)
             with blas.threads(threads):  # a resumed run goes on with the threads it began with: the same bits
                 outcome = train.run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from)
             if outcome.interrupted:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mlecli import __version__
+from mlecli.version import __version__
 from mlecli.safe import schema
 from mlecli.run import checkpoint as ckpt
 from mlecli.safe.errors import MlecliError, display

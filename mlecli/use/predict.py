@@ -27,7 +27,8 @@ from mlecli.safe.errors import CheckpointError, InputError, MlecliError, printab
 from mlecli.safe.files import atomic_write_bytes
 from mlecli.nn.model import forward, sigmoid
 from mlecli.use.preparation import FRAME, BlankImage, Style, blank_message, prepare_many, prepare_steps, style_for
-from mlecli.run.task import class_words, image_scores
+from mlecli.run.task import class_words
+from mlecli.nn.pixels import image_scores
 
 SHAPE = (FRAME, FRAME)
 SHOW_LIMIT = 400  # images in a --show grid

@@ -1,196 +1,25 @@
-"""Sweeps: one ordinary run per grid point and seed (planned by mlecli/sweep/grid.py), in one
-sweep folder, carried out by worker processes (mlecli/sweep/workers.py).
+"""Sweeps: one ordinary run per grid point and seed (planned by grid.py), in one sweep
+folder (record.py), carried out by worker processes (workers.py).
 
-```
-<sweep dir>/sweep.json                       the grid, the seeds, the base config, the runs
-<sweep dir>/<key=value,...,seed=S>/          one ordinary run folder per grid point and seed
-<sweep dir>/.lock                            held while a sweep works in the folder
-```
-
-This module makes or finds the sweep folder, writes and recognises `sweep.json`, finds
-what is left to do in it (start, resume, evaluate, or nothing), and runs what is left,
-showing progress; the table per grid point is mlecli/sweep/compare.py's.
+This module finds what is left to do in a sweep folder (start, resume, evaluate, or
+nothing) and runs what is left, showing progress; the table per grid point is compare.py's.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mlecli import __version__
-from mlecli.run.config import Config
 from mlecli.safe.errors import MlecliError
-from mlecli.safe.files import atomic_write_text, is_temporary_name
-from mlecli.sweep.grid import Plan, RunSpec, config_keys, format_seeds, jsonable, show
+from mlecli.safe.files import is_temporary_name
+from mlecli.run.rundir import TRAINER_FILES
+from mlecli.sweep.record import check_sweep_dir, config_difference, default_sweep_dir, find_sweep, read_sweep_json, write_sweep_json
+from mlecli.sweep.grid import Plan, RunSpec
 
-SWEEP_FORMAT = 1
-# What a run folder holds before its first checkpoint: such a folder is started afresh.
-TRAINER_FILES = {"config.toml", "manifest.json", "metrics.jsonl", ".lock", "checkpoints"}
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
-
-
-# ---------------------------------------------------------------------------
-# The sweep folder and sweep.json
-
-
-def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True) -> Path:
-    """`runs/<name>-sweep-<timestamp>` (then `-2`, `-3`, … if taken), made with one
-    exclusive mkdir (unless `create` is False), so two sweeps never get the same folder."""
-    from mlecli.run.rundir import unique_folder
-
-    return unique_folder(root, f"{name}-sweep", option="--sweep-dir", create=create)
-
-
-def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
-    """sweep.json of a folder, checked (schema.SWEEP); None if there is none. The one place
-    it is read: anything damaged in it is one line naming the file and the key."""
-    from mlecli.safe import schema
-
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists() and not path.is_symlink():
-        return None
-    data = schema.read_json(path, schema.SWEEP)
-    _check_runs(data, path)
-    return data
-
-
-def _check_runs(data: dict[str, Any], path: Path) -> None:
-    """sweep.json's runs must be the ones its grid and seeds make (as write_sweep_json wrote
-    them): an emptied or edited list would have sweep, runs and plot disagree on what the
-    sweep is."""
-    from mlecli.sweep.grid import planned_runs
-    from mlecli.safe.schema import SchemaError
-
-    n = len(data["seeds"])
-    for g in data["grid"]:
-        n *= len(g["values"])
-        if n > len(data["runs"]):  # known short before listing the runs a damaged grid would make
-            break
-    why = None
-    if not data["runs"]:
-        why = "runs lists no run; a sweep has at least one"
-    elif n != len(data["runs"]):
-        why = f"runs lists {len(data['runs'])} runs, its grid and seeds make {n}{'+' if n > len(data['runs']) else ''}"
-    else:
-        want = planned_runs(data["grid"], data["seeds"])
-        bad = next((i for i, (a, b) in enumerate(zip(data["runs"], want)) if _jsonkey(a) != _jsonkey(b)), None)
-        if bad is not None:
-            why = f"runs[{bad}] is not the run its grid and seeds make there ({want[bad]['dir']})"
-    if why:
-        raise SchemaError(f"{path}: {why}; the file is damaged or not mlecli's")
-
-
-def _jsonkey(value: Any) -> str:
-    """Equal for the same JSON (1 and 1.0, true and 1 differ)."""
-    return json.dumps({k: value.get(k) for k in ("dir", "point", "seed")}, sort_keys=True)
-
-
-def expected_configs(sweep_dir: Path, data: dict[str, Any]) -> dict[Path, Config | None]:
-    """Each run folder a sweep.json lists, and the config its run must have (its grid
-    point's values and its seed in the base config; None where that is not a valid config)."""
-    from mlecli.run import config as config_mod
-    from mlecli.sweep.grid import SEED_KEYS
-
-    out: dict[Path, Config | None] = {}
-    for entry in data["runs"]:
-        raw = json.loads(json.dumps(data["base_config"]))
-        for key, value in [*entry["point"].items(), *((k, entry["seed"]) for k in SEED_KEYS)]:
-            *sections, leaf = key.split(".")  # as --set puts a value in (config.apply_overrides)
-            node = raw
-            for part in sections:
-                child = dict(node[part]) if isinstance(node.get(part), dict) else {}
-                node[part] = child
-                node = child
-            node[leaf] = value
-        try:
-            out[Path(sweep_dir) / entry["dir"]] = config_mod.from_dict(raw, name=str(raw.get("name", "run")))
-        except MlecliError:
-            out[Path(sweep_dir) / entry["dir"]] = None
-    return out
-
-
-def find_sweep(p: Plan, root: Path = Path("runs")) -> Path | None:
-    """The newest sweep folder under `root` made by this very sweep (same config, grid and seeds)."""
-    if not root.is_dir():
-        return None
-    want = p.description()
-    for folder in sorted(root.glob(f"{glob_escape(p.base.name)}-sweep-*"), key=lambda f: f.name, reverse=True):
-        try:
-            data = read_sweep_json(folder)
-        except MlecliError:
-            continue
-        if data is not None and _described(data) == want:
-            return folder
-    return None
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
-
-
-def _described(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: data.get(k) for k in ("base_config", "grid", "seeds")}
-
-
-def check_sweep_dir(p: Plan, sweep_dir: Path) -> bool:
-    """True if `sweep_dir` already holds this sweep; False if it is new or empty. Raises
-    MlecliError if it holds another sweep, or things that are not this sweep's runs."""
-    data = read_sweep_json(sweep_dir)
-    if data is not None:
-        if _described(data) != p.description():
-            raise MlecliError(
-                f"sweep folder {sweep_dir} holds another sweep ({_difference(data, p)}); choose another "
-                f"--sweep-dir, or repeat the command that made it ({sweep_dir / 'sweep.json'} describes it)"
-            )
-        return True
-    if not sweep_dir.exists():
-        return False
-    if not sweep_dir.is_dir():
-        raise MlecliError(f"--sweep-dir {sweep_dir} is a file; give a folder")
-    names = {r.name for r in p.runs} | {".lock"}
-    strangers = sorted(c.name for c in sweep_dir.iterdir() if c.name not in names and not is_temporary_name(c.name))
-    if strangers:
-        raise MlecliError(
-            f"sweep folder {sweep_dir} already holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''} "
-            "and no sweep.json; choose another --sweep-dir"
-        )
-    return any(c.name in names - {".lock"} for c in sweep_dir.iterdir())
-
-
-def _difference(data: dict[str, Any], p: Plan) -> str:
-    want = p.description()
-    if data.get("grid") != want["grid"]:
-        had = " ".join(f"{g['key']}={','.join(map(show, g['values']))}" for g in data.get("grid") or []) or "none"
-        return f"its grid is {had}"
-    if data.get("seeds") != want["seeds"]:
-        return f"its seeds are {format_seeds(tuple(data.get('seeds') or ()))}"
-    had, now = config_keys(data.get("base_config") or {}), config_keys(want["base_config"])
-    keys = sorted(k for k in had.keys() | now.keys() if had.get(k) != now.get(k))
-    return "its config differs in " + ", ".join(f"{k} ({show(had.get(k))} there)" for k in keys[:3])
-
-
-
-def write_sweep_json(p: Plan, sweep_dir: Path, blas_threads: int, created: str | None = None) -> None:
-    data = {
-        "format": SWEEP_FORMAT,
-        "mlecli": __version__,
-        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": p.source,
-        "set": list(p.sets),
-        **p.description(),
-        "blas_threads": blas_threads,
-        "runs": [{"dir": r.name, "point": {k: v for k, v in r.point}, "seed": r.seed} for r in p.runs],
-    }
-    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(jsonable(data), indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------
-# What is left to do in a sweep folder
 
 
 @dataclass(frozen=True)
@@ -256,18 +85,6 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     return Todo(run, "resume", last.epoch)
 
 
-
-def config_difference(have: Config, want: Config) -> str | None:
-    """The first config key in which a run folder's run differs from the sweep's run, in
-    words (`train.epochs is 1, not 2 as the sweep says`); None if they agree (the name,
-    which trains nothing, may differ)."""
-    a, b = config_keys(have.to_dict()), config_keys(want.to_dict())
-    for key in sorted(a.keys() | b.keys()):
-        if key != "name" and (type(a.get(key)), a.get(key)) != (type(b.get(key)), b.get(key)):
-            return f"{key} is {show(a.get(key)) if key in a else 'not set'}, not {show(b.get(key))} as the sweep says"
-    return None
-
-
 def _ended(run_dir: Path) -> str | None:
     from mlecli.run.rundir import read_manifest
 
@@ -285,35 +102,6 @@ def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
     if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
         return threads
     return max(1, cores() // min(jobs or cores(), len(p.runs)))
-
-
-def clear_unstarted(run_dir: Path) -> None:
-    """Remove what a run stopped before its first checkpoint left (nothing of value), so
-    that it can start afresh, holding the run folder's lock: a trainer that holds it is
-    alive, and its folder is left alone (MlecliError). The lock file itself stays (whoever
-    waits on it keeps a valid lock); anything else in the folder stays and is refused later."""
-    from mlecli.run import checkpoint as ckpt
-    from mlecli.safe.files import folder_lock, remove_stale_temporaries
-
-    with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
-        if ckpt.checkpoints_in(run_dir):
-            raise MlecliError(f"{run_dir} has checkpoints: resume it instead")  # the plan said otherwise: a bug
-        folder = run_dir / "checkpoints"
-        try:
-            remove_stale_temporaries(run_dir)
-            if folder.is_dir() and not folder.is_symlink():
-                for leftover in folder.iterdir():  # under the lock, every temporary here is a dead writer's
-                    if is_temporary_name(leftover.name):
-                        leftover.unlink()
-                folder.rmdir()
-            for name in TRAINER_FILES - {"checkpoints", ".lock"}:
-                (run_dir / name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise MlecliError(f"cannot clear {run_dir}, which a run left before its first checkpoint: {exc}") from None
-
-
-# ---------------------------------------------------------------------------
-# Running a sweep
 
 
 @dataclass
@@ -341,7 +129,7 @@ def execute(
     `stop` (a train.StopRequest the caller has entered) turns a signal before the workers
     start into Stopped: a folder this call made is removed again unless sweep.json is in
     it. Once the workers have ended, it is told that the sweep is settled."""
-    from mlecli.sweep.folder import workers
+    from mlecli.sweep import workers
     from mlecli.data.cache import prepare
     from mlecli.safe.files import folder_lock, remove_stale_temporaries
 
@@ -387,7 +175,7 @@ def execute(
 
 def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool, jobs: int, threads: int,
                data_dir: Path, evaluate: bool, progress: bool, log, stop) -> Outcome:
-    from mlecli.sweep.folder import workers
+    from mlecli.sweep import workers
     from mlecli.sweep.compare import summary
 
     errors = {t.run.name: t.problem for t in plan_now if t.problem}
@@ -513,3 +301,4 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
