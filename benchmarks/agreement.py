@@ -31,11 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, table  # noqa: E402
 
-from mlecli.nn import optim  # noqa: E402
 from mlecli.data.cache import prepare  # noqa: E402
+from mlecli.nn import optim  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
-from mlecli.nn.step import Workspace, train_step  # noqa: E402
 from mlecli.nn.pixels import pixels  # noqa: E402
+from mlecli.nn.step import Workspace, train_step  # noqa: E402
 
 BATCH = 32
 N_TRAIN = 12_000  # the N of the prior's m/N: the T-shirts and shirts of Fashion-MNIST's training set

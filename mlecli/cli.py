@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from mlecli.version import __version__
 from mlecli.safe.errors import MlecliError, Stopped, display, printable, quoted
+from mlecli.version import __version__
 
 
 class Group(click.Group):
@@ -639,9 +639,9 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     longer side 28, centred) unless --raw. An input that cannot be used gets one line on
     stderr, the others are still predicted, and the exit status is 1.
     """
+    from mlecli.safe.outputs import check_output
     from mlecli.use import inputs as sources_of
     from mlecli.use import predict as pr
-    from mlecli.safe.outputs import check_output
 
     sources = sources_of.sources(list(inputs))
     if show is not None:  # refused before anything is read or written

@@ -14,11 +14,11 @@ from fakes import rewrite_npz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlecli.cli import main
+from mlecli.data.idx import decode_file_bytes, idx_bytes, parse_idx
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import config
-from mlecli.cli import main
 from mlecli.safe.errors import CheckpointError, ConfigError, DataError
-from mlecli.data.idx import decode_file_bytes, idx_bytes, parse_idx
 
 EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

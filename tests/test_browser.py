@@ -175,11 +175,11 @@ def test_random_scribbles_give_the_same_28x28_image_and_y_hat_on_the_page_and_in
         """(drawings) => drawings.map((lines) => {
             const canvas = document.getElementById('draw'), ctx = canvas.getContext('2d');
             ctx.fillStyle = '#fff'; ctx.fillRect(0, 0, canvas.width, canvas.height);
-            ctx.strokeStyle = ctx.fillStyle = '#000'; ctx.lineWidth = mlecli.nn.model.line_width;
+            ctx.strokeStyle = ctx.fillStyle = '#000'; ctx.lineWidth = mlecli.model.line_width;
             ctx.lineCap = ctx.lineJoin = 'round';
             for (const line of lines) {
                 ctx.beginPath();
-                if (line.length === 1) { ctx.arc(line[0][0], line[0][1], mlecli.nn.model.line_width / 2, 0, 2 * Math.PI); ctx.fill(); continue; }
+                if (line.length === 1) { ctx.arc(line[0][0], line[0][1], mlecli.model.line_width / 2, 0, 2 * Math.PI); ctx.fill(); continue; }
                 ctx.moveTo(line[0][0], line[0][1]);
                 for (const [x, y] of line.slice(1)) ctx.lineTo(x, y);
                 ctx.stroke();
@@ -236,7 +236,7 @@ def test_the_javascript_preparation_equals_numpy_s_on_pictures_of_every_kind(pag
             """([data, w, h, style]) => {
                 const bin = atob(data), bytes = new Uint8Array(bin.length);
                 for (let k = 0; k < bin.length; k++) bytes[k] = bin.charCodeAt(k);
-                const r = mlecli.use.preparation.prepare(new Float64Array(bytes.buffer), w, h, style);
+                const r = mlecli.prepare.prepare(new Float64Array(bytes.buffer), w, h, style);
                 return {blank: r.blank, steps: r.steps, image: r.blank ? null : Array.from(r.image)};
             }""",
             [data, w, h, style.name],
@@ -262,13 +262,13 @@ def test_the_javascript_network_equals_numpy_s(page, page_file):
     images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8) * (rng.random((60, 28, 28)) < 0.3)
     js = page.evaluate(
         """(images) => {
-            const m = mlecli.nn.model, f = (b) => {
+            const m = mlecli.model, f = (b) => {
                 const bin = atob(b), bytes = new Uint8Array(bin.length);
                 for (let k = 0; k < bin.length; k++) bytes[k] = bin.charCodeAt(k);
                 return new Float32Array(bytes.buffer);
             };
             const layers = m.layers.map(L => ({W: f(L.W), b: f(L.b), nIn: L.n_in, nOut: L.n_out}));
-            return images.map(im => mlecli.use.preparation.forward(layers, Uint8Array.from(im)).p);
+            return images.map(im => mlecli.prepare.forward(layers, Uint8Array.from(im)).p);
         }""",
         images.reshape(60, 784).tolist(),
     )

@@ -23,13 +23,13 @@ from fakes import TinyDataset, tiny_dataset, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlecli.cli import main
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split, prepare
+from mlecli.data.datasets import FASHION_MNIST, FILE_RE, MNIST_FILES, ROLES, custom
+from mlecli.data.idx import idx_bytes
 from mlecli.run import config
 from mlecli.safe import files as fsutil
-from mlecli.data.cache import dataset_dir, ensure_dataset, load_split, prepare
-from mlecli.cli import main
-from mlecli.data.datasets import FASHION_MNIST, FILE_RE, MNIST_FILES, ROLES, custom
 from mlecli.safe.errors import ConfigError, DataError, DownloadError, MlecliError
-from mlecli.data.idx import idx_bytes
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 

@@ -32,9 +32,9 @@ import pytest
 from conftest import FAST
 from fakes import tiny_dataset
 
-from mlecli.safe import npz
 from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.data.datasets import custom
+from mlecli.safe import npz
 
 CRASHED = 99
 FAILED = 98

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from crash import CRASHED
 
-from mlecli.run import checkpoint as ckpt
 from mlecli.cli import main
+from mlecli.run import checkpoint as ckpt
 from mlecli.safe.files import TMP_SUFFIX
 
 CRASH = Path(__file__).with_name("crash.py")

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import FAST
 from fakes import drop_midway, send, stall
 
-from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.data.datasets import MNIST_FILES, ROLES
 from mlecli.data.http import HttpPolicy
 from mlecli.safe.errors import DownloadError, MlecliError
@@ -373,7 +373,7 @@ def test_real_fashion_mnist_from_debian_verifies_against_built_in_hashes(debian_
     )
     assert res.exit_code == 0, res.output
     assert res.stdout.count("verified    from " + m.url) == 4
-    train = load_split(__import__("mlecli.data.datasets").datasets.FASHION_MNIST, tmp_path, "train")
+    train = load_split(__import__("mlecli.data.datasets").data.datasets.FASHION_MNIST, tmp_path, "train")
     assert train.images.shape == (60000, 28, 28) and train.labels.shape == (60000,)
     assert np.bincount(train.labels).tolist() == [6000] * 10
 

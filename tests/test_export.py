@@ -150,10 +150,10 @@ def test_the_onnx_graph_s_inputs_outputs_and_metadata(tiny_runs):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta == {
         "mlecli.run": "default",
-        "mlecli.run.checkpoint": "best.npz",
+        "mlecli.checkpoint": "best.npz",
         "mlecli.checkpoint_sha256": hashlib.sha256(best.read_bytes()).hexdigest(),
         "mlecli.epoch": "1",
-        "mlecli.run.task": "1,3,5,7,9 vs 0,2,4,6,8",
+        "mlecli.task": "1,3,5,7,9 vs 0,2,4,6,8",
         "mlecli.negative_class": "even (0,2,4,6,8)",
         "mlecli.positive_class": "odd (1,3,5,7,9)",
         "mlecli.dataset": "tiny",

@@ -17,10 +17,10 @@ from fakes import array_bytes as weights
 from fakes import mlecli_process as mlecli
 from fakes import trickle, wait_for
 
-from mlecli.run import checkpoint as ckpt
-from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.cli import main
+from mlecli.data.cache import dataset_dir, ensure_dataset, load_split
 from mlecli.data.datasets import MNIST_FILES, ROLES
+from mlecli.run import checkpoint as ckpt
 from mlecli.safe.files import TMP_SUFFIX
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli.run import config as config_mod
-from mlecli.sweep import grid
 from mlecli.cli import main
-from mlecli.sweep.compare import summary
+from mlecli.run import config as config_mod
 from mlecli.run.config import _toml_value, load
 from mlecli.safe.errors import ConfigError
+from mlecli.sweep import grid
+from mlecli.sweep.compare import summary
 
 SEARCH = settings(max_examples=150, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -26,12 +26,13 @@ from fakes import send, tiny_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli.safe import locks as lockwait, npz
-from mlecli.data.cache import DOWNLOAD_NEVER, dataset_dir, ensure_dataset, load_split, prepare
 from mlecli.cli import main
+from mlecli.data.cache import DOWNLOAD_NEVER, dataset_dir, ensure_dataset, load_split, prepare
 from mlecli.data.datasets import MNIST_FILES, ROLES, custom
-from mlecli.safe.errors import DataError, MlecliError
 from mlecli.data.idx import HEADER_WITHIN, IdxDecoder
+from mlecli.safe import locks as lockwait
+from mlecli.safe import npz
+from mlecli.safe.errors import DataError, MlecliError
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 EMPTY_MEMBER = gzip.compress(b"", mtime=0)  # 20 bytes that decompress to nothing

@@ -23,13 +23,13 @@ from fakes import drop_midway, send, tiny_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli.safe import files as fsutil
-from mlecli.data.cache import dataset_dir, ensure_dataset, prepare
 from mlecli.cli import main
+from mlecli.data.cache import dataset_dir, ensure_dataset, prepare
 from mlecli.data.datasets import MNIST_FILES
 from mlecli.data.download import mirror_location, url_problem
-from mlecli.safe.errors import DataError, MlecliError
 from mlecli.data.http import HttpPolicy
+from mlecli.safe import files as fsutil
+from mlecli.safe.errors import DataError, MlecliError
 
 TRAIN_IMAGES = MNIST_FILES["train-images"]
 

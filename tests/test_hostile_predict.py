@@ -35,12 +35,12 @@ from pictures import encode, strokes
 from PIL import Image
 
 import mlecli
+from mlecli.cli import main
+from mlecli.data.idx import idx_bytes
 from mlecli.run import checkpoint as ckpt
+from mlecli.safe.errors import CheckpointError, InputError, MlecliError
 from mlecli.use import inputs
 from mlecli.use import predict as pr
-from mlecli.cli import main
-from mlecli.safe.errors import CheckpointError, InputError, MlecliError
-from mlecli.data.idx import idx_bytes
 from mlecli.use.preparation import prepare, prepare_steps
 
 INK = strokes([[(6, 8), (5, 20), (16, 13), (26, 17), (30, 9)], [(16, 13), (16, 22)]], (36, 30), width=3.5)

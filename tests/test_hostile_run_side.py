@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli.run import checkpoint as ckpt
 from mlecli.cli import main
+from mlecli.run import checkpoint as ckpt
 from mlecli.safe.errors import MlecliError
 from mlecli.safe.files import TMP_SUFFIX, atomic_write_text
 
@@ -532,8 +532,8 @@ def test_a_pipe_in_place_of_a_checkpoint_is_named_as_such(trained, tmp_path):
 
 def test_a_run_whose_checkpoints_cannot_fit_on_its_disk_is_refused_before_it_starts(tiny_config, tmp_path,
                                                                                        monkeypatch):
-    from mlecli.safe import memory
     from mlecli.run import train as training
+    from mlecli.safe import memory
 
     size = memory.checkpoint_bytes((4,), "float32", 28 * 28, 0)
     monkeypatch.setattr(training, "free_space", lambda folder: 8 * size)  # room for 6 epoch checkpoints

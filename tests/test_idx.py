@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlecli.safe.errors import DataError
 from mlecli.data.idx import CHUNK, IdxDecoder, gunzip, idx_bytes, parse_idx, read_idx, write_idx
+from mlecli.safe.errors import DataError
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mlecli.data.cache import dataset_dir, ensure_dataset
 from mlecli.cli import main
+from mlecli.data.cache import dataset_dir, ensure_dataset
 from mlecli.data.datasets import MNIST_FILES
 
 KMSG = Path("/proc/kmsg")

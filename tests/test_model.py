@@ -19,8 +19,8 @@ from mlecli.nn.model import (
     predict_proba,
     sigmoid,
 )
-from mlecli.nn.step import Workspace, train_step
 from mlecli.nn.pixels import pixels
+from mlecli.nn.step import Workspace, train_step
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):

@@ -8,8 +8,8 @@ import pytest
 
 from mlecli.nn import blas, optim
 from mlecli.nn.model import forward, init_params, layer_sizes, posterior_gradients
-from mlecli.nn.step import Workspace, train_step
 from mlecli.nn.pixels import draw_offsets, pad_images, pixels, shift_images, shifted_view
+from mlecli.nn.step import Workspace, train_step
 
 RULES = {
     "sgd": optim.Sgd(),

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from fakes import (
     PEER_BODIES,
-    Mirror,
     PEER_ENCODINGS,
     PEER_ETAGS,
     PEER_EXTRA,
@@ -30,6 +29,7 @@ from fakes import (
     PEER_RANGES,
     PEER_RETRY_AFTER,
     PEER_STATUS,
+    Mirror,
     Peer,
     send_raw,
     tiny_dataset,

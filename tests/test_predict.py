@@ -21,8 +21,8 @@ from PIL import Image
 import mlecli
 from mlecli.cli import main
 from mlecli.data.datasets import MNIST_FILES
-from mlecli.safe.errors import CheckpointError, InputError
 from mlecli.data.idx import idx_bytes
+from mlecli.safe.errors import CheckpointError, InputError
 
 # A digit-like drawing, dark ink on white (asymmetric: no centre of mass exactly on a rounding tie).
 INK = strokes([[(6, 8), (5, 20), (16, 13), (26, 17), (30, 9)], [(16, 13), (16, 22)]], (36, 30), width=3.5)

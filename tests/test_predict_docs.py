@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from pictures import encode, strokes
 
-from mlecli.use import preparation as prepare
 from mlecli.cli import main
+from mlecli.use import preparation as prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "predict.md").read_text(encoding="utf-8")

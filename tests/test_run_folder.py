@@ -17,10 +17,9 @@ from fakes import array_bytes as weights
 from fakes import mlecli_process as mlecli
 from fakes import rewrite_npz, trickle, wait_for
 
-from mlecli.run import checkpoint as ckpt
-from mlecli.data.cache import dataset_dir
 from mlecli.cli import main
-
+from mlecli.data.cache import dataset_dir
+from mlecli.run import checkpoint as ckpt
 
 # ---------------------------------------------------------------------------
 # Races

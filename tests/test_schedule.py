@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mlecli.run.config import from_dict
 from mlecli.nn.schedule import BaseRate, Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
+from mlecli.run.config import from_dict
 
 
 def train(**keys):

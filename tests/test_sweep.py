@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlecli.sweep import grid
 from mlecli.cli import main
 from mlecli.run.config import _toml_value
 from mlecli.safe.errors import ConfigError
 from mlecli.safe.files import folder_lock
+from mlecli.sweep import grid
 
 RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order
         "learning_rate=0.05,seed=1", "learning_rate=0.1,seed=1"]
@@ -606,9 +606,9 @@ def test_a_sweep_that_cannot_get_its_data_leaves_no_folder(tiny_config, tmp_path
 
 def test_within_keep_loaded_two_trainings_read_the_cached_dataset_once(tiny_config, tmp_path, monkeypatch):
     from mlecli.data import cache
-    from mlecli.safe import npz
     from mlecli.run import train
     from mlecli.run.config import load
+    from mlecli.safe import npz
 
     cfg = load(tiny_config(train={"epochs": 1}))
     report = train.Reporter(line=lambda s: None, log=lambda s: None, progress=False)

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlecli.nn import blas
-from mlecli.sweep import grid, workers
 from mlecli.cli import main
-from mlecli.sweep.compare import best_point, collect, summary
+from mlecli.nn import blas
 from mlecli.safe.files import folder_lock
+from mlecli.sweep import grid, workers
+from mlecli.sweep.compare import best_point, collect, summary
 from mlecli.sweep.runs import _equal
 
 NAMES = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0"]
@@ -97,8 +97,8 @@ def test_a_run_folder_whose_lock_a_trainer_holds_is_left_alone_in_every_state(do
 
 
 def test_clearing_a_run_folder_a_trainer_holds_is_refused(done, tmp_path):
-    from mlecli.safe.errors import MlecliError
     from mlecli.run.rundir import clear_unstarted
+    from mlecli.safe.errors import MlecliError
 
     cfg, data, ref = done
     run = tmp_path / "run"

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from mlecli.data.cache import Split
-from mlecli.run.config import load
-from mlecli.safe.errors import ConfigError
-from mlecli.run.task import build_task, validation_counts
 from mlecli.nn.pixels import pixels
+from mlecli.run.config import load
+from mlecli.run.task import build_task, validation_counts
+from mlecli.safe.errors import ConfigError
 
 
 def splits(train_labels, test_labels):

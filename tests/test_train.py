@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from fakes import kill_once, mlecli_process, tiny_dataset
 
+from mlecli.cli import main
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import train as training
-from mlecli.cli import main
 from mlecli.run.config import load
 
 

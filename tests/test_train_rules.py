@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from fakes import MNIST_FILES, TinyDataset, kill_once, make_digits, mlecli_process, rewrite_npz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from click.testing import CliRunner
-from fakes import MNIST_FILES, TinyDataset, make_digits, rewrite_npz
-from fakes import kill_once, mlecli_process
 from test_train import assert_bit_identical, metrics, train_cli, weights
 
-from mlecli.run import checkpoint as ckpt
-from mlecli.data.idx import idx_bytes
-from mlecli.run import train as training
 from mlecli.cli import main
-from mlecli.run.config import _toml_value
+from mlecli.data.idx import idx_bytes
 from mlecli.nn.model import log_prior
+from mlecli.run import checkpoint as ckpt
+from mlecli.run import train as training
+from mlecli.run.config import _toml_value
 from mlecli.sweep.runs import describe
 
 # Each variant uses every feature at least once; together they cover each rule, schedule,

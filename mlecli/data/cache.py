@@ -48,24 +48,24 @@ import numpy as np
 from mlecli.data import splits as npz_splits
 from mlecli.data.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
 from mlecli.data.download import Expected, fetch_file, hash_file, meta_path, mirror_location
+from mlecli.data.http import DEFAULT_POLICY, HttpPolicy, new_session
+from mlecli.data.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
+from mlecli.data.splits import MAX_SIDE, Split, Unusable, split_hashes
 from mlecli.safe.errors import DataError, DownloadError, MlecliError
 from mlecli.safe.files import (
     atomic_write_text,
     describe_os_error,
     folder_lock,
     fsync_dir,
-    read_regular,
     is_temporary_name,
     open_own_folder,
     open_regular,
+    read_regular,
     remove_own_files,
     remove_stale_temporaries,
 )
-from mlecli.data.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
 from mlecli.safe.locks import waiting_lock
-from mlecli.data.http import DEFAULT_POLICY, HttpPolicy, new_session
 from mlecli.safe.resources import need_memory, need_space, physical_memory
-from mlecli.data.splits import MAX_SIDE, Split, Unusable, split_hashes
 
 __all__ = ["Split", "split_hashes", "ensure_dataset", "prepare", "load_split", "keep_loaded", "dataset_dir"]
 

@@ -30,10 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from mlecli.safe import files as fsutil
-from mlecli.safe.errors import DataError, DownloadError, MlecliError
-from mlecli.safe.files import atomic_write, atomic_write_text, describe_os_error
-from mlecli.data.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
+from mlecli.data.datasets import BUILTIN
 from mlecli.data.http import (
     Clock,
     HttpPolicy,
@@ -49,6 +46,10 @@ from mlecli.data.http import (
     shown_header,
     validator,
 )
+from mlecli.data.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
+from mlecli.safe import files as fsutil
+from mlecli.safe.errors import DataError, DownloadError, MlecliError
+from mlecli.safe.files import atomic_write, atomic_write_text, describe_os_error
 
 CHUNK = 1 << 16
 # A part's meta file holds a URL and two validators of at most 255 bytes each.
@@ -292,7 +293,6 @@ def _verify(size: int, digest: str, expected: Expected) -> None:
 
 def _whose(digest: str) -> str:
     """When a file that is not the expected one is another built-in dataset's, say so."""
-    from mlecli.data.datasets import BUILTIN
 
     for ds in BUILTIN.values():
         for role, known in ds.sha256.items():

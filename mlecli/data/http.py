@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+from mlecli.version import __version__
+
 
 @dataclass(frozen=True)
 class HttpPolicy:
@@ -160,7 +162,6 @@ def new_session():
     """A requests session whose connections the download watchdog can end."""
     import requests
 
-    from mlecli.version import __version__
 
     adapter = _watched_session_classes()
     s = requests.Session()

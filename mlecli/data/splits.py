@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlecli.safe import npz
 from mlecli.data.datasets import SPLITS, Dataset
-from mlecli.safe.files import atomic_write
 from mlecli.data.idx import IdxHeader
+from mlecli.safe import npz
+from mlecli.safe.files import atomic_write
 from mlecli.safe.resources import need_memory, need_space
 
 FORMAT = 2

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from mlecli.nn.model import Params, layer_sizes
+from mlecli.run import config as config_mod
 from mlecli.safe import npz, schema
 from mlecli.safe.errors import CheckpointError, ConfigError
 from mlecli.safe.files import atomic_write_bytes
-from mlecli.nn.model import Params, layer_sizes
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -76,7 +77,6 @@ def save(path: Path, params: Params, meta: dict[str, Any], extra: dict[str, np.n
 
 def load(path: Path) -> Checkpoint:
     """Read and check a checkpoint; raise CheckpointError naming the file if it is unusable."""
-    from mlecli.run import config as config_mod
 
     path = Path(path)
     if not path.is_file():

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
-import shlex
 import math
+import shlex
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mlecli.data.datasets import BUILTIN, Dataset, builtin, custom
+from mlecli.data.download import url_problem
 from mlecli.safe.errors import ConfigError
+from mlecli.safe.files import open_regular
 from mlecli.safe.memory import check_fits
 from mlecli.safe.schema import is_number, show_int
 
@@ -208,7 +211,6 @@ class DataConfig:
     def resolve(self) -> Dataset:
         """The Dataset this table describes (a built-in one, or a custom IDX dataset)."""
         if self.url is not None:
-            from mlecli.data.download import url_problem
 
             problem = url_problem(self.url)
             if problem is not None:
@@ -526,7 +528,6 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a con
 
 def _read_config_file(p: Path) -> str:
     """The text of a config file, with a hint for what was probably meant when it is not one."""
-    import stat
 
     try:
         st = p.stat()
@@ -542,7 +543,6 @@ def _read_config_file(p: Path) -> str:
         raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"config {p} is not a regular file: give a TOML file")
-    from mlecli.safe.files import open_regular
 
     try:
         with open_regular(p) as f:

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.run import checkpoint as ckpt
-from mlecli.nn import metrics
 from mlecli.data.cache import prepare, split_hashes
-from mlecli.safe.errors import CheckpointError, printable
-from mlecli.safe.files import atomic_write_text, remove_stale_temporaries
+from mlecli.nn import metrics
 from mlecli.nn.model import sigmoid
-from mlecli.run.task import build_task, class_words, label_name, short_word
 from mlecli.nn.pixels import image_scores
+from mlecli.run import checkpoint as ckpt
+from mlecli.run.task import build_task, class_words, label_name, short_word
+from mlecli.safe import schema
+from mlecli.safe.errors import CheckpointError, printable
+from mlecli.safe.files import atomic_write_text, open_regular, remove_stale_temporaries
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -173,7 +174,6 @@ def measured(report: dict[str, Any], checkpoint_path: Path) -> bool:
 
 def file_sha256(path: Path) -> str | None:
     """The SHA-256 of a regular file's bytes (None for anything else)."""
-    from mlecli.safe.files import open_regular
 
     digest = hashlib.sha256()
     try:
@@ -187,7 +187,6 @@ def file_sha256(path: Path) -> str | None:
 
 def read_report(path: Path) -> dict[str, Any]:
     """An evaluation report written by save_report, checked (schema.REPORT)."""
-    from mlecli.safe import schema
 
     return schema.read_json(path, schema.REPORT)
 

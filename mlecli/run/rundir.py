@@ -28,10 +28,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlecli.run import checkpoint as ckpt
 from mlecli.safe import schema
 from mlecli.safe.errors import ConfigError, MlecliError
-from mlecli.safe.files import (atomic_write_bytes, atomic_write_text, describe_os_error, folder_lock, is_temporary_name,
-                           open_regular)
+from mlecli.safe.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    describe_os_error,
+    folder_lock,
+    is_temporary_name,
+    open_regular,
+    remove_stale_temporaries,
+)
 
 RUNS_DIR = Path("runs")
 MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file
@@ -279,8 +287,6 @@ def clear_unstarted(run_dir: Path) -> None:
     that it can start afresh, holding the run folder's lock: a trainer that holds it is
     alive, and its folder is left alone (MlecliError). The lock file itself stays (whoever
     waits on it keeps a valid lock); anything else in the folder stays and is refused later."""
-    from mlecli.run import checkpoint as ckpt
-    from mlecli.safe.files import folder_lock, remove_stale_temporaries
 
     with folder_lock(run_dir, wait=False, what=f"run folder {run_dir}"):
         if ckpt.checkpoints_in(run_dir):

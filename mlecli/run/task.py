@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlecli.data.cache import Split
-from mlecli.run.config import Config
 from mlecli.data.datasets import CLASS_NAMES
+from mlecli.run.config import Config
 from mlecli.safe.errors import ConfigError
 
 

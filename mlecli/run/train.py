@@ -42,23 +42,41 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.version import __version__
-from mlecli.nn import blas, optim
-from mlecli.safe import memory
-from mlecli.run import rundir
-from mlecli.run import checkpoint as ckpt
 from mlecli.data.cache import prepare, split_hashes
-from mlecli.run.config import STATE_SLOTS, Config, to_toml
-from mlecli.safe.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
-from mlecli.safe.files import Appender, atomic_write_bytes, atomic_write_text, read_regular, remove_stale_temporaries
+from mlecli.nn import blas, optim
 from mlecli.nn.model import Params, init_params, layer_sizes, log_prior
-from mlecli.safe.resources import NoRoom, fmt_bytes, free_space
-from mlecli.nn.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
-from mlecli.nn.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
-from mlecli.run.task import BinaryTask, build_task
 
 # ---------------------------------------------------------------------------
 from mlecli.nn.pixels import draw_offsets, pad_images
+from mlecli.nn.schedule import Watch, after_epoch, base_rate, diverged, learning_rate, stop_early
+from mlecli.nn.step import MEASURE_EVERY, Tally, Workspace, blas_threads, ll_and_accuracy, train_step
+from mlecli.run import checkpoint as ckpt
+from mlecli.run import rundir
+from mlecli.run.config import (
+    STATE_SLOTS,
+    Config,
+    _toml_value,
+    apply_overrides,
+    from_dict,
+    load,
+    parse_override,
+    to_toml,
+)
+from mlecli.run.config import load as load_config
+from mlecli.run.task import BinaryTask, build_task
+from mlecli.safe import memory
+from mlecli.safe.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
+from mlecli.safe.files import (
+    Appender,
+    atomic_write_bytes,
+    atomic_write_text,
+    describe_os_error,
+    read_regular,
+    remove_stale_temporaries,
+)
+from mlecli.safe.resources import NoRoom, fmt_bytes, free_space
+from mlecli.version import __version__
+
 # Run state and what a checkpoint holds
 
 
@@ -276,7 +294,6 @@ def edited_keys(run_dir: Path, saved: Config) -> tuple[str, ...]:
     """The keys a resume may change that the run's config.toml sets otherwise than its
     checkpoint (edited by hand, or by a resume that stopped before its first checkpoint),
     as `--set` items; () if config.toml cannot be read."""
-    from mlecli.run.config import _toml_value, load
 
     try:
         recorded = load(run_dir / "config.toml").to_dict()
@@ -295,7 +312,6 @@ def resumed_config(saved: Config, overrides: tuple[str, ...], epochs_done: int =
     """The saved config with only the keys that cannot change the weights so far overridden
     (others only set to the value they have), and train.epochs no fewer than the
     `epochs_done` of the checkpoint resumed."""
-    from mlecli.run.config import apply_overrides, from_dict, parse_override
 
     for item in overrides:
         key = ".".join(parse_override(item)[0])
@@ -445,7 +461,6 @@ def _make_folder(run_dir: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        from mlecli.safe.files import describe_os_error
 
         raise MlecliError(describe_os_error(exc, run_dir)) from None
 
@@ -525,7 +540,6 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
         try:
             ckpt_dir.mkdir(exist_ok=True)
         except OSError as exc:
-            from mlecli.safe.files import describe_os_error
 
             raise MlecliError(describe_os_error(exc, ckpt_dir)) from None
         params = init_params(layer_sizes(data.task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed),
@@ -578,7 +592,6 @@ def _check_own(cp: ckpt.Checkpoint, run_dir: Path) -> None:
     """Refuse a checkpoint that is another run's (copied into this folder): its config must
     be the one config.toml records, but for the keys a resume may change. (A config.toml
     that is missing or damaged is written again from the checkpoint.)"""
-    from mlecli.run.config import load as load_config
 
     try:
         recorded = load_config(run_dir / "config.toml").to_dict()

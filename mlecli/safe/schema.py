@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlecli.safe.errors import MlecliError
+from mlecli.safe.files import read_regular
 
 
 class SchemaError(MlecliError):
@@ -149,7 +150,6 @@ MAX_JSON_BYTES = 64 << 20  # a manifest or report is a few kB; more is not mlecl
 
 
 def read_json(path: Path, spec: Spec) -> Any:
-    from mlecli.safe.files import read_regular
 
     try:
         text = read_regular(path, MAX_JSON_BYTES).decode("utf-8")
@@ -246,7 +246,7 @@ FOLDER_NAME = Spec("a folder name (no '/', not '.' or '..')",
                    lambda v: isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\0" not in v
                    and len(v.encode("utf-8", "surrogatepass")) <= 255)
 
-# sweep.json (mlecli/sweep/folder.py writes it)
+# sweep.json (mlecli/sweep/record.py writes it)
 SWEEP = obj(
     required={
         "format": one_of(1),

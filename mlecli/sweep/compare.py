@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlecli.run import checkpoint as ckpt
+from mlecli.run import config as config_mod
+from mlecli.run.rundir import committed_epochs
+from mlecli.safe.errors import MlecliError
+from mlecli.safe.schema import is_number
 from mlecli.sweep.grid import Plan, config_keys, format_seeds, show
-
+from mlecli.sweep.record import config_difference, expected_configs, read_sweep_json
+from mlecli.sweep.runs import describe
+from mlecli.use.plot import _pyplot, _save
 
 # ---------------------------------------------------------------------------
 # The sweep's table
@@ -27,7 +34,6 @@ def summary(p: Plan, sweep_dir: Path, errors: dict[str, str] | None = None) -> d
     """Every run's figures (as `mlecli runs` reads them) and, per grid point, their mean and
     standard deviation over the seeds that finished; the best point by mean validation LL.
     `errors` (run name → message) overrides what a run folder says about how it ended."""
-    from mlecli.sweep.runs import describe
 
     errors = errors or {}
     runs = []
@@ -155,12 +161,6 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
     """The groups of runs in `targets` (sweep folders and run folders, in order) and a
     title; raises MlecliError if there is nothing to draw. The best group is the one
     `best_point` gives, from the same figures as the sweep's table."""
-    from mlecli.run import config as config_mod
-    from mlecli.safe.errors import MlecliError
-    from mlecli.run import checkpoint as ckpt
-    from mlecli.run.rundir import committed_epochs
-    from mlecli.sweep.runs import describe
-    from mlecli.sweep.folder import expected_configs, read_sweep_json
 
     runs: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
     key_order: list[str] = []
@@ -181,7 +181,6 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
                 continue  # a sweep's run that has not started yet
             row = describe(folder)
             if expected is not None and row["config"] is not None and row["status"] == "finished":
-                from mlecli.sweep.folder import config_difference
 
                 if config_difference(config_mod.from_dict(row["config"], name=row["config"]["name"]), expected):
                     row = {**row, "status": "not the sweep's"}  # the sweep's table counts it out too
@@ -215,7 +214,6 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
 
 
 def _finite(v: Any) -> bool:
-    from mlecli.safe.schema import is_number
 
     return is_number(v)
 
@@ -238,7 +236,6 @@ def draw(groups: list[Group], title: str, out: Path) -> Path:
     a line and the lowest to highest seed as a band."""
     from matplotlib.ticker import MaxNLocator
 
-    from mlecli.use.plot import _pyplot, _save
 
     plt = _pyplot()
     validation = any(_finite(m.get("val_ll_mean")) for g in groups for e in g.epochs for m in e)

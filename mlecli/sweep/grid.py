@@ -1,7 +1,7 @@
 """Planning a sweep: the grid (`--grid KEY=V1,V2,...`), the seeds (`--seeds 0-4`), and
 one run per grid point and seed, each with its folder name and its config, checked like
 `--set` before anything starts; and the `mlecli train` command of each run (`--dry-run`).
-Carrying a plan out is mlecli/sweep/folder.py's job.
+Carrying a plan out is mlecli/sweep/runner.py's job.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlecli.nn.step import blas_threads as trainer_threads
 from mlecli.run import config as config_mod
 from mlecli.run.config import Config
 from mlecli.safe.errors import ConfigError, quoted
@@ -396,7 +397,6 @@ def train_commands(p: Plan, sweep_dir: Path, data_dir: Path | None, blas_threads
     """One shell command per run, in start order, each made as it is asked for. A run
     whose batches exceed 64 gets the sweep's BLAS thread count, which its last bits
     depend on."""
-    from mlecli.nn.step import blas_threads as trainer_threads
 
     for r in p.order():
         words = ["mlecli", "train"] + ([p.source] if p.source is not None else [])

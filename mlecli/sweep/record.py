@@ -19,11 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mlecli.version import __version__
+from mlecli.run import config as config_mod
 from mlecli.run.config import Config
+from mlecli.run.rundir import unique_folder
+from mlecli.safe import schema
 from mlecli.safe.errors import MlecliError
 from mlecli.safe.files import atomic_write_text, is_temporary_name
-from mlecli.sweep.grid import Plan, config_keys, format_seeds, jsonable, show
+from mlecli.safe.schema import SchemaError
+from mlecli.sweep.grid import SEED_KEYS, Plan, config_keys, format_seeds, jsonable, planned_runs, show
+from mlecli.version import __version__
 
 SWEEP_FORMAT = 1
 
@@ -31,7 +35,6 @@ SWEEP_FORMAT = 1
 def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True) -> Path:
     """`runs/<name>-sweep-<timestamp>` (then `-2`, `-3`, … if taken), made with one
     exclusive mkdir (unless `create` is False), so two sweeps never get the same folder."""
-    from mlecli.run.rundir import unique_folder
 
     return unique_folder(root, f"{name}-sweep", option="--sweep-dir", create=create)
 
@@ -39,7 +42,6 @@ def default_sweep_dir(name: str, root: Path = Path("runs"), create: bool = True)
 def read_sweep_json(sweep_dir: Path) -> dict[str, Any] | None:
     """sweep.json of a folder, checked (schema.SWEEP); None if there is none. The one place
     it is read: anything damaged in it is one line naming the file and the key."""
-    from mlecli.safe import schema
 
     path = Path(sweep_dir) / "sweep.json"
     if not path.exists() and not path.is_symlink():
@@ -53,8 +55,6 @@ def _check_runs(data: dict[str, Any], path: Path) -> None:
     """sweep.json's runs must be the ones its grid and seeds make (as write_sweep_json wrote
     them): an emptied or edited list would have sweep, runs and plot disagree on what the
     sweep is."""
-    from mlecli.sweep.grid import planned_runs
-    from mlecli.safe.schema import SchemaError
 
     n = len(data["seeds"])
     for g in data["grid"]:
@@ -83,8 +83,6 @@ def _jsonkey(value: Any) -> str:
 def expected_configs(sweep_dir: Path, data: dict[str, Any]) -> dict[Path, Config | None]:
     """Each run folder a sweep.json lists, and the config its run must have (its grid
     point's values and its seed in the base config; None where that is not a valid config)."""
-    from mlecli.run import config as config_mod
-    from mlecli.sweep.grid import SEED_KEYS
 
     out: dict[Path, Config | None] = {}
     for entry in data["runs"]:

@@ -8,16 +8,31 @@ nothing) and runs what is left, showing progress; the table per grid point is co
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlecli.data.cache import prepare
+from mlecli.run import checkpoint as ckpt
+from mlecli.run.evaluate import default_report
+from mlecli.run.rundir import TRAINER_FILES, read_manifest
 from mlecli.safe.errors import MlecliError
-from mlecli.safe.files import is_temporary_name
-from mlecli.run.rundir import TRAINER_FILES
-from mlecli.sweep.record import check_sweep_dir, config_difference, default_sweep_dir, find_sweep, read_sweep_json, write_sweep_json
+from mlecli.safe.files import folder_lock, is_temporary_name, remove_stale_temporaries
+from mlecli.sweep import workers
+from mlecli.sweep.compare import summary
 from mlecli.sweep.grid import Plan, RunSpec
+from mlecli.sweep.record import (
+    check_sweep_dir,
+    config_difference,
+    default_sweep_dir,
+    find_sweep,
+    read_sweep_json,
+    write_sweep_json,
+)
+from mlecli.sweep.runs import describe, locked
+from mlecli.sweep.workers import cores
 
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
@@ -45,9 +60,6 @@ def _todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
 
 
 def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
-    from mlecli.run import checkpoint as ckpt
-    from mlecli.run.evaluate import default_report
-    from mlecli.sweep.runs import locked
 
     if not run_dir.exists() and not run_dir.is_symlink():
         return Todo(run, "start")
@@ -86,7 +98,6 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
 
 
 def _ended(run_dir: Path) -> str | None:
-    from mlecli.run.rundir import read_manifest
 
     ended = read_manifest(run_dir).get("ended")
     return ended.get("status") if isinstance(ended, dict) else None
@@ -95,7 +106,6 @@ def _ended(run_dir: Path) -> str | None:
 def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
     """The BLAS threads of each worker: what the sweep recorded when it began (the last bits
     of a run with batches over 64 depend on it), else the cores shared among the workers."""
-    from mlecli.sweep.workers import cores
 
     recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
     threads = (recorded or {}).get("blas_threads")
@@ -129,9 +139,6 @@ def execute(
     `stop` (a train.StopRequest the caller has entered) turns a signal before the workers
     start into Stopped: a folder this call made is removed again unless sweep.json is in
     it. Once the workers have ended, it is told that the sweep is settled."""
-    from mlecli.sweep import workers
-    from mlecli.data.cache import prepare
-    from mlecli.safe.files import folder_lock, remove_stale_temporaries
 
     if sweep_dir is not None:
         check_sweep_dir(p, sweep_dir)  # before any download
@@ -175,8 +182,6 @@ def execute(
 
 def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool, jobs: int, threads: int,
                data_dir: Path, evaluate: bool, progress: bool, log, stop) -> Outcome:
-    from mlecli.sweep import workers
-    from mlecli.sweep.compare import summary
 
     errors = {t.run.name: t.problem for t in plan_now if t.problem}
     tasks = [
@@ -224,7 +229,6 @@ def stop_counts(p: Plan, outcome: Outcome) -> dict[str, int]:
 def check_paths(p: Plan, sweep_dir: Path) -> None:
     """Refuse a sweep folder so deep that its runs' files could not be named (before
     anything is written). Each run folder's own name fits: grid.folder_name cuts it."""
-    import os
 
     inside = len("/checkpoints/.epoch-000000.npz.4194304.abcdefgh.tmp")
     longest = max(len(os.fsencode(os.path.abspath(Path(sweep_dir) / r.name))) for r in p.runs) + inside
@@ -261,7 +265,6 @@ class Progress:
             self._postfix()
 
     def _consider(self, name: str) -> dict[str, Any] | None:
-        from mlecli.sweep.runs import describe
 
         row = describe(self.sweep_dir / name)
         if row["val_ll"] is not None and (self.best is None or row["val_ll"] > self.best[0]):

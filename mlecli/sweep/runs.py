@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mlecli.nn.metrics import shown
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import config as config_mod
+from mlecli.run.evaluate import default_report, read_report
+from mlecli.run.rundir import committed_epochs, read_manifest
 from mlecli.safe import schema
 from mlecli.safe.errors import ConfigError, MlecliError, printable
-from mlecli.run.evaluate import default_report, read_report
-from mlecli.nn.metrics import shown
-from mlecli.run.rundir import committed_epochs, read_manifest
 from mlecli.sweep.record import read_sweep_json
 
 ASCENDING = {"name", "started"}

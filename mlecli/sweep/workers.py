@@ -349,8 +349,8 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
         os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which passes it on once
         _die_with_parent(parent)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile arrives here
-        from mlecli.nn import blas
         from mlecli.data import cache
+        from mlecli.nn import blas
 
         with cache.keep_loaded(), blas.threads(threads):
             while True:
@@ -385,11 +385,11 @@ def recorded_threads(cp) -> int | None:
 def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
     from mlecli.nn import blas
+    from mlecli.run import evaluate as ev
+    from mlecli.run import train
+    from mlecli.run.config import from_dict
     from mlecli.run.rundir import clear_unstarted
     from mlecli.sweep.record import config_difference
-    from mlecli.run import train
-    from mlecli.run import evaluate as ev
-    from mlecli.run.config import from_dict
     from mlecli.sweep.runs import describe
 
     def send(*message) -> None:

@@ -26,15 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from mlecli.version import __version__
-from mlecli.safe import schema
 from mlecli.run import checkpoint as ckpt
+from mlecli.run.evaluate import file_sha256, measured, run_dir_of
+from mlecli.run.task import class_words
+from mlecli.safe import schema
 from mlecli.safe.errors import MlecliError, display
 from mlecli.safe.files import atomic_write_bytes
 from mlecli.safe.outputs import check_output
 from mlecli.use.predict import check_image_shape, check_weights, checkpoint_name
 from mlecli.use.preparation import style_for
-from mlecli.run.task import class_words
+from mlecli.version import __version__
 
 OPSET = 13  # Cast, Div, Gemm and Sigmoid as every ONNX runtime of the last years has them
 IR_VERSION = 7
@@ -69,7 +70,6 @@ def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> 
 
 def default_out(checkpoint_path: Path, fmt: str) -> Path:
     """<run>/<checkpoint>.<fmt> for a checkpoint of a run folder, else beside the checkpoint file."""
-    from mlecli.run.evaluate import run_dir_of
 
     run = run_dir_of(checkpoint_path)
     return (run if run is not None else checkpoint_path.parent) / f"{checkpoint_path.stem}.{fmt}"
@@ -77,7 +77,6 @@ def default_out(checkpoint_path: Path, fmt: str) -> Path:
 
 def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
     """What a reader of the exported file should know about the network, as plain values."""
-    from mlecli.run.evaluate import file_sha256, run_dir_of
 
     cfg = cp.config
     run = run_dir_of(cp.path)
@@ -108,7 +107,6 @@ def _test_accuracy(run: Path, cp: ckpt.Checkpoint) -> dict[str, float] | None:
     """Accuracy from `mlecli evaluate`'s report on this very checkpoint (same file, same epoch,
     and the bytes it measured: evaluate.measured), if any: a report that is damaged, or whose
     figures are not numbers in range, counts as none."""
-    from mlecli.run.evaluate import measured
 
     report_path = run / f"eval-test-{cp.path.stem}.json"
     if not report_path.is_file():

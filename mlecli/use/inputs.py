@@ -40,9 +40,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from mlecli.data.idx import GZIP_MAGIC, TYPE_CODES, IdxDecoder, IdxHeader, read_header
 from mlecli.safe.errors import DataError, InputError, MlecliError, display
 from mlecli.safe.files import check_readable
-from mlecli.data.idx import GZIP_MAGIC, TYPE_CODES, IdxDecoder, IdxHeader, read_header
 from mlecli.use.preparation import MAX_SIDE, background_behind, composite, luminance
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm")

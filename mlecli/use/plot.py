@@ -7,18 +7,21 @@ gives byte-identical files.
 
 from __future__ import annotations
 
-import shlex
-
+import io
 import math
+import shlex
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
+from mlecli.data.cache import prepare
 from mlecli.run import checkpoint as ckpt
-from mlecli.safe.errors import MlecliError, printable
-from mlecli.safe.files import atomic_write, remove_stale_temporaries
+from mlecli.run.evaluate import default_report, read_report
 from mlecli.run.rundir import committed_epochs
 from mlecli.run.task import class_words, short_word
+from mlecli.safe.errors import MlecliError, printable
+from mlecli.safe.files import atomic_write, remove_stale_temporaries
 
 MAX_UNITS = 64
 DPI = 100
@@ -40,7 +43,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
@@ -92,7 +94,6 @@ def _image_shape(meta: dict, n_inputs: int) -> tuple[int, int]:
 
 def _wrapped(text: str, inches: float, fontsize: float) -> str:
     """`text` broken into lines that fit a figure `inches` wide at `fontsize` points."""
-    import textwrap
 
     return textwrap.fill(text, width=max(20, int(inches * 72 / (0.55 * fontsize))))
 
@@ -199,7 +200,6 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     if report_path is None:
         log(f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png")
     else:
-        from mlecli.run.evaluate import read_report
 
         report = read_report(report_path)
         images = _split_images(cfg, report["split"], data_dir, run_dir)
@@ -213,14 +213,12 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
 
 def _evaluation(run_dir: Path) -> Path | None:
     """The run's default report (evaluate.default_report), else any other it has."""
-    from mlecli.run.evaluate import default_report
 
     found = sorted(run_dir.glob("eval-*.json"))
     return default_report(run_dir) or (found[0] if found else None)
 
 
 def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
-    from mlecli.data.cache import prepare
 
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
     how = f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"

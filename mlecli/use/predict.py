@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mlecli.nn.model import forward, sigmoid
+from mlecli.nn.pixels import image_scores
 from mlecli.run import checkpoint as ckpt
-from mlecli.use import inputs
+from mlecli.run.task import class_words
 from mlecli.safe.errors import CheckpointError, InputError, MlecliError, printable, quoted
 from mlecli.safe.files import atomic_write_bytes
-from mlecli.nn.model import forward, sigmoid
+from mlecli.use import inputs
 from mlecli.use.preparation import FRAME, BlankImage, Style, blank_message, prepare_many, prepare_steps, style_for
-from mlecli.run.task import class_words
-from mlecli.nn.pixels import image_scores
 
 SHAPE = (FRAME, FRAME)
 SHOW_LIMIT = 400  # images in a --show grid
