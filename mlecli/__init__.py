@@ -11,6 +11,6 @@ def load(path, checkpoint: str = "best"):
     `path` is a run folder (its `checkpoint`: best, last or epoch-N) or a checkpoint file.
     See mlecli.use.predict.Model. (Imported here on first use: `import mlecli` stays instant.)
     """
-    from mlecli.use.predict import load_model
+    from mlecli.use.predict import load_model  # lazy: `import mlecli` loads no numpy
 
     return load_model(path, checkpoint)

@@ -6,7 +6,7 @@ import sys
 
 def main() -> None:
     try:
-        from mlecli.cli import entry
+        from mlecli.cli import entry  # lazy: a Ctrl-C during this import is caught above
     except KeyboardInterrupt:
         sys.stderr.write("Stopped by SIGINT before the command began.\n")
         sys.exit(130)

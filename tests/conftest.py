@@ -140,12 +140,12 @@ def tiny_config(tmp_path, tiny, tiny_folder):
         }
         for section, values in sections.items():
             body[section] = {**body[section], **values}
-        from mlecli.run.config import _toml_value
+        from mlecli.run.config import toml_value
 
         lines = []
         for section, values in body.items():
             lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         path = tmp_path / f"{name}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mlecli.cli import main
 from mlecli.run import config as config_mod
-from mlecli.run.config import _toml_value, load
+from mlecli.run.config import load, toml_value
 from mlecli.safe.errors import ConfigError
 from mlecli.sweep import grid
 from mlecli.sweep.compare import summary
@@ -55,7 +55,7 @@ def grids(draw, max_axes=2, max_values=3, max_seeds=2):
     options = []
     for key in keys:
         values = draw(st.lists(KEYS[key], min_size=1, max_size=max_values, unique_by=lambda v: json.dumps(v, sort_keys=True)))
-        options += ["--grid", f"{key}={','.join(_toml_value(v) for v in values)}"]
+        options += ["--grid", f"{key}={','.join(toml_value(v) for v in values)}"]
     seeds = draw(st.lists(st.integers(0, 5), min_size=1, max_size=max_seeds, unique=True))
     return options, seeds
 

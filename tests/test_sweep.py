@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlecli.cli import main
-from mlecli.run.config import _toml_value
+from mlecli.run.config import toml_value
 from mlecli.safe.errors import ConfigError
 from mlecli.safe.files import folder_lock
 from mlecli.sweep import grid
@@ -95,7 +95,7 @@ toml_values = st.one_of(
 @settings(max_examples=300, deadline=None)
 def test_any_list_of_toml_values_comes_back_from_a_grid_option(values):
     distinct = [v for i, v in enumerate(values) if not any(type(w) is type(v) and w == v for w in values[:i])]
-    axis = grid.parse_grid("x.y=" + ",".join(_toml_value(v) for v in distinct))
+    axis = grid.parse_grid("x.y=" + ",".join(toml_value(v) for v in distinct))
     assert [(type(v), v) for v in axis.values] == [(type(v), v) for v in distinct]
 
 

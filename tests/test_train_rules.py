@@ -20,7 +20,7 @@ from mlecli.data.idx import idx_bytes
 from mlecli.nn.model import log_prior
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import train as training
-from mlecli.run.config import _toml_value
+from mlecli.run.config import toml_value
 from mlecli.sweep.runs import describe
 
 # Each variant uses every feature at least once; together they cover each rule, schedule,
@@ -269,7 +269,7 @@ def bordered_config(tmp_path):
 
     def make(**sections) -> Path:
         path = data.write_config(tmp_path / "bordered.toml", str(folder))
-        lines = [f"[{section}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+        lines = [f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
                  for section, values in sections.items()]
         path.write_text(path.read_text() + "validation = 0.2\n" + "".join(lines))
         return path

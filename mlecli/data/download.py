@@ -191,7 +191,7 @@ def _http_problem(url: str, parts) -> str | None:
         if name.isascii():
             name.encode("idna")
         else:
-            import idna  # what requests encodes a host with
+            import idna  # lazy: only for a host name that is not ASCII; what requests encodes it with
 
             idna.encode(name, uts46=True)
     except (UnicodeError, ValueError):
@@ -605,7 +605,7 @@ def _stream(resp, part: Path, offset: int, total: int | None, expected: Expected
 
 def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expected, clock: Clock,
                 dog: Watchdog, progress: bool, url: str) -> None:
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: tqdm (50 ms) only where a bar is shown
 
     peek = _HeaderPeek(expected, url)
     limit = expected.wire_limit

@@ -112,9 +112,15 @@ def _register(sock, *, ready: bool = False) -> None:
 
 
 def _watched_session_classes():
-    import requests
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    import requests  # lazy: requests (120 ms) only when something is downloaded
+    from urllib3.connection import (  # lazy: requests (120 ms) only when something is downloaded
+        HTTPConnection,
+        HTTPSConnection,
+    )
+    from urllib3.connectionpool import (  # lazy: requests (120 ms) only when something is downloaded
+        HTTPConnectionPool,
+        HTTPSConnectionPool,
+    )
 
     class Watched:
         def _new_conn(self):
@@ -160,7 +166,7 @@ def _watched_session_classes():
 
 def new_session():
     """A requests session whose connections the download watchdog can end."""
-    import requests
+    import requests  # lazy: requests (120 ms) only when something is downloaded
 
 
     adapter = _watched_session_classes()
@@ -301,7 +307,7 @@ HOST_NOT_FOUND = "host name not found"
 
 def network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
     """Why an attempt failed, for the user, and whether another attempt may help."""
-    import requests
+    import requests  # lazy: requests (120 ms) only when something is downloaded
 
     names = set()
     e: BaseException | None = exc

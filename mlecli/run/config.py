@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mlecli.data.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.data.download import url_problem
 from mlecli.safe.errors import ConfigError
@@ -391,8 +393,6 @@ def _fits_the_dtype(cfg: Config) -> None:
     """Refuse a number the update's arithmetic in model.dtype would hold as 0, a subnormal, inf
     or (for a fraction below 1) as 1: the training would not do what the config says (Adam with
     ε held as 0 divides 0 by 0 where a weight's gradient is 0, e.g. a border pixel's)."""
-    import numpy as np
-
     t, dtype = cfg.train, cfg.model.dtype
     info = np.finfo(dtype)
     tiny, top = float(info.tiny), float(info.max)
@@ -561,7 +561,7 @@ def _read_config_file(p: Path) -> str:
 # Writing the resolved config back as TOML
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -570,21 +570,21 @@ def _toml_value(v: Any) -> str:
         # JSON's escapes are valid in a TOML basic string; TOML also forbids a raw DEL.
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in sorted(v.items())) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in sorted(v.items())) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 def _toml_key(k: str) -> str:
-    return k if k.replace("-", "").replace("_", "").isalnum() else _toml_value(k)
+    return k if k.replace("-", "").replace("_", "").isalnum() else toml_value(k)
 
 
 def to_toml(cfg: Config) -> str:
     """The fully resolved config as TOML text that `load` reads back to an equal Config."""
     d = cfg.to_dict()
-    lines = [f"name = {_toml_value(d.pop('name'))}"]
+    lines = [f"name = {toml_value(d.pop('name'))}"]
     for section, values in d.items():
         lines.append(f"\n[{section}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
     return "\n".join(lines) + "\n"

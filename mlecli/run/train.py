@@ -55,12 +55,12 @@ from mlecli.run import rundir
 from mlecli.run.config import (
     STATE_SLOTS,
     Config,
-    _toml_value,
     apply_overrides,
     from_dict,
     load,
     parse_override,
     to_toml,
+    toml_value,
 )
 from mlecli.run.config import load as load_config
 from mlecli.run.task import BinaryTask, build_task
@@ -304,7 +304,7 @@ def edited_keys(run_dir: Path, saved: Config) -> tuple[str, ...]:
     for key in sorted(RESUME_OVERRIDABLE):
         section, name = key.split(".")
         if recorded[section].get(name) != mine[section].get(name):
-            items.append(f"{key}={_toml_value(recorded[section][name])}")
+            items.append(f"{key}={toml_value(recorded[section][name])}")
     return tuple(items)
 
 
@@ -878,7 +878,7 @@ def _check_logits(z: np.ndarray, epoch: int, first_batch: int, cfg: Config, ckpt
 def _bar(report: Reporter, epoch: int, epochs: int, total: int, done: int):
     if not report.progress:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: tqdm (50 ms) only where a bar is shown
 
     return tqdm(
         total=total, initial=done, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, file=sys.stderr,

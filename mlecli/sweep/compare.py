@@ -24,7 +24,7 @@ from mlecli.safe.schema import is_number
 from mlecli.sweep.grid import Plan, config_keys, format_seeds, show
 from mlecli.sweep.record import config_difference, expected_configs, read_sweep_json
 from mlecli.sweep.runs import describe
-from mlecli.use.plot import _pyplot, _save
+from mlecli.use.plot import pyplot, save_png
 
 # ---------------------------------------------------------------------------
 # The sweep's table
@@ -234,10 +234,10 @@ def draw(groups: list[Group], title: str, out: Path) -> Path:
     """compare.png: mean log-likelihood per image and accuracy per epoch, validation (or,
     for runs without validation, training), one colour per group, its mean over seeds as
     a line and the lowest to highest seed as a band."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib is an optional extra
 
 
-    plt = _pyplot()
+    plt = pyplot()
     validation = any(_finite(m.get("val_ll_mean")) for g in groups for e in g.epochs for m in e)
     which = "val" if validation else "train"
     fig, (ax_ll, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -268,7 +268,7 @@ def draw(groups: list[Group], title: str, out: Path) -> Path:
     rows = math.ceil(len(labels) / 3)
     fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
     path = Path(out) / "compare.png"
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

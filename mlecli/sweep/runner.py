@@ -32,7 +32,6 @@ from mlecli.sweep.record import (
     write_sweep_json,
 )
 from mlecli.sweep.runs import describe, locked
-from mlecli.sweep.workers import cores
 
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
@@ -111,7 +110,7 @@ def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
     threads = (recorded or {}).get("blas_threads")
     if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
         return threads
-    return max(1, cores() // min(jobs or cores(), len(p.runs)))
+    return max(1, workers.cores() // min(jobs or workers.cores(), len(p.runs)))
 
 
 @dataclass
@@ -257,7 +256,7 @@ class Progress:
         epochs = sum(t.run.config.train.epochs - t.epochs_done for t in plan_now if t.action != "done")
         self.bar = None
         if bar and epochs:
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: tqdm (50 ms) only where a bar is shown
 
             self.bar = tqdm(total=epochs, desc="sweep", unit="epoch", file=sys.stderr, mininterval=0.5,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "

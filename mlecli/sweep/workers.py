@@ -331,7 +331,7 @@ def _no_signals() -> Iterator[None]:
 def _die_with_parent(parent: int) -> None:
     """Ask Linux to send this process SIGTERM when its parent dies (best effort elsewhere)."""
     try:
-        import ctypes
+        import ctypes  # lazy: only in the worker, for prctl
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -349,8 +349,8 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
         os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which passes it on once
         _die_with_parent(parent)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile arrives here
-        from mlecli.data import cache
-        from mlecli.nn import blas
+        from mlecli.data import cache  # lazy: a worker sets its BLAS threads before numpy loads
+        from mlecli.nn import blas  # lazy: a worker sets its BLAS threads before numpy loads
 
         with cache.keep_loaded(), blas.threads(threads):
             while True:
@@ -374,7 +374,7 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
 def recorded_threads(cp) -> int | None:
     """The BLAS threads a checkpoint's run trained on, where its bits depend on them
     (batches over 64: step.blas_threads), else None (the trainer sets its own)."""
-    from mlecli.nn.step import blas_threads
+    from mlecli.nn.step import blas_threads  # lazy: a worker sets its BLAS threads before numpy loads
 
     threads = (cp.meta.get("blas") or {}).get("threads")
     if blas_threads(cp.config.train.batch_size) is not None or not isinstance(threads, int) or threads < 1:
@@ -384,13 +384,13 @@ def recorded_threads(cp) -> int | None:
 
 def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
-    from mlecli.nn import blas
-    from mlecli.run import evaluate as ev
-    from mlecli.run import train
-    from mlecli.run.config import from_dict
-    from mlecli.run.rundir import clear_unstarted
-    from mlecli.sweep.record import config_difference
-    from mlecli.sweep.runs import describe
+    from mlecli.nn import blas  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run import evaluate as ev  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run import train  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run.config import from_dict  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run.rundir import clear_unstarted  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.sweep.record import config_difference  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.sweep.runs import describe  # lazy: a worker sets its BLAS threads before numpy loads
 
     def send(*message) -> None:
         with _no_signals(), contextlib.suppress(OSError):

@@ -135,8 +135,8 @@ def onnx_bytes(cp: ckpt.Checkpoint, info: dict[str, Any]) -> bytes:
     trained, are cast exactly), so that any runtime's ŷ agrees with mlecli's to about 1e-7: in
     float32, the runtimes' own sums over 784 pixels already differ by up to 1e-6."""
     try:
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
+        import onnx  # lazy: onnx is an optional extra
+        from onnx import TensorProto, helper, numpy_helper  # lazy: onnx is an optional extra
     except ImportError:
         raise MlecliError("--format onnx needs the onnx package: pip install 'mlecli[onnx]'") from None
     except Exception as exc:  # an install that is broken: its import itself fails

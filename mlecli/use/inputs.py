@@ -560,7 +560,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def read_image(data: bytes, name: str) -> np.ndarray:
     """A picture file's first frame as gray (H, W) float64 in [0, 1] (see `picture_gray`)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: Pillow only for pictures, not arrays
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # we bound the size ourselves, in picture_gray
@@ -586,7 +586,7 @@ def picture_gray(img, name: str) -> np.ndarray:
     depth; 32-bit integer images, and float images beyond 0-1, are scaled from their own
     darkest to lightest value; transparency (an alpha band, premultiplied or not, or a tRNS
     colour key) is filled with the colour opposite the ink; any other mode becomes RGB."""
-    from PIL import ImageOps
+    from PIL import ImageOps  # lazy: Pillow only for pictures, not arrays
 
     width, height = img.size
     if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:

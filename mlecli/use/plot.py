@@ -27,23 +27,25 @@ MAX_UNITS = 64
 DPI = 100
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend with mlecli's fixed settings (the same run gives the
+    same PNG bytes); one line saying how to install it if it is missing."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: matplotlib is an optional extra
     except ImportError:
         raise MlecliError(
             "mlecli plot needs matplotlib: pip install 'mlecli[plot]' (or pip install matplotlib)"
         ) from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is an optional extra
 
     plt.rcdefaults()
     plt.rcParams.update({"font.family": "DejaVu Sans", "svg.hashsalt": "mlecli", "figure.dpi": DPI})
     return plt
 
 
-def _save(fig, path: Path) -> None:
-
+def save_png(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, written atomically, with no timestamp in it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     data = buf.getvalue()
@@ -52,7 +54,7 @@ def _save(fig, path: Path) -> None:
 
 def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title: str, out: Path) -> Path:
     """Mean log-likelihood and accuracy per epoch, train and validation, best epoch marked."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib is an optional extra
 
     x = [m["epoch"] for m in epochs]
     fig, (ax_ll, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -79,7 +81,7 @@ def curves(plt, run_dir: Path, epochs: list[dict], best_epoch: int | None, title
     fig.suptitle(_wrapped(title, 11, 12))
     fig.tight_layout()
     path = out / "curves.png"
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -135,7 +137,7 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight (red +, blue −)")
     fig.suptitle(title, fontsize=11)
     path = out / "hidden-units.png"
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -150,7 +152,7 @@ def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
         ax.text(0.5, 0.5, f"No wrong predictions on the {report['split']} split ({report['images']:,} images).",
                 ha="center", va="center")
         path = out / "mistakes.png"
-        _save(fig, path)
+        save_png(fig, path)
         plt.close(fig)
         return path
     cols = min(5, len(errors))
@@ -169,14 +171,14 @@ def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
                           f"checkpoint (epoch {report['epoch']}); {task}", cols * 2.2, 10), fontsize=10)
     fig.tight_layout()
     path = out / "mistakes.png"
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: None) -> list[Path]:
     """Write the run's PNGs into `out` (default: the run folder); return their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     remove_stale_temporaries(out)  # an earlier plot's, if it was killed mid-write

@@ -384,7 +384,7 @@ def show_grid(batches: Iterable[Batch], words: tuple[str, str], threshold: float
               limit: int = SHOW_LIMIT) -> int:
     """A PNG of the network's inputs (the first `limit`), 3× enlarged (each pixel a 3×3 block,
     no smoothing), with each image's name, ŷ and decision under it, ten to a row; how many."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # lazy: Pillow only for --show
 
     preds = [(label, p, image) for b in batches for label, p, image in zip(b.labels(), b.p.tolist(), b.images)]
     preds = preds[:limit]
