@@ -360,7 +360,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         run_dir = resume
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:
-        cfg = config.load(config_path, overrides)
+        cfg = config.load(config_path, overrides, note=log)
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
     # One StopRequest from here to the last line printed: no signal meets Python's default

@@ -142,7 +142,9 @@ def test_weights_that_overflow_by_an_epochs_end_stop_with_advice_and_no_nan_reco
               tmp_path / "d")
     line = one_line(res.stderr.splitlines()[-1])
     assert line.startswith("Error: the weights overflowed by the end of epoch 1")
-    assert "start a new run with a smaller one (--resume cannot change it)" in line
+    assert ("train.learning_rate = 1e+36 is too large for sgd at batches of 100000 (the step grows with the batch, "
+            "since the LL is a sum): start a new run with a smaller one, such as 0.05, sgd's own rate (--resume cannot "
+            "change it)") in line
     for text in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
     rows = json.loads(cli("runs", tmp_path, "--json").stdout)

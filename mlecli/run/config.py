@@ -31,6 +31,13 @@ from mlecli.safe.schema import is_number, show_int
 DTYPES = ("float32", "float64")
 DIGITS = range(10)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+# Each update rule's own learning rate: what a config that does not set train.learning_rate
+# trains with, and one whose rate was written for another rule (apply_overrides). sgd's is
+# the default config's; momentum and nesterov multiply the steady step by about
+# 1/(1 − μ) = 10, so a tenth of it takes about the same step; Adam's step is about η per
+# weight, whatever the batch and the scale of the gradient (PyTorch's default rate).
+DEFAULT_RATES = {"sgd": 0.05, "momentum": 0.005, "nesterov": 0.005, "adam": 0.001}
+FAR_FROM_DEFAULT = 10  # a rate this many times the rule's own (or more) gets a note before a run
 SCHEDULES = ("constant", "step", "cosine")
 MAX_SHIFT = 8
 
@@ -262,7 +269,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = key(20, int_in(1))
     batch_size: int = key(32, int_in(1))
-    learning_rate: float = key(0.05, positive_float)
+    learning_rate: float = key(DEFAULT_RATES["sgd"], positive_float)  # left out: the rule's own (from_dict)
     seed: int = key(0, int_in(0))
     checkpoint_every: int = key(1, int_in(1))
     log_every: int = key(0, int_in(0))
@@ -350,14 +357,17 @@ def from_dict(raw: dict[str, Any], *, name: str) -> Config:
     sections = {}
     for section, cls in SECTIONS.items():
         given = raw.get(section, {})
+        rule = given.get("optimizer", "sgd")
+        if section == "train" and "learning_rate" not in given and isinstance(rule, str) and rule in DEFAULT_RATES:
+            given = {**given, "learning_rate": DEFAULT_RATES[rule]}
         sections[section] = cls(**{f.name: f.metadata["check"](f"{section}.{f.name}", given[f.name])
                                    for f in fields(cls) if f.name in given})
     cfg = Config(name=name, **sections)
-    _cross_checks(cfg)
+    _cross_checks(cfg, rate_given="learning_rate" in raw.get("train", {}))
     return cfg
 
 
-def _cross_checks(cfg: Config) -> None:
+def _cross_checks(cfg: Config, *, rate_given: bool = True) -> None:
     if cfg.task.negative != "rest":
         both = sorted(set(cfg.task.positive) & set(cfg.task.negative))
         if both:
@@ -369,9 +379,10 @@ def _cross_checks(cfg: Config) -> None:
     cfg.data.resolve()  # dataset name, url, files and hashes are checked here
     t = cfg.train
     if t.schedule == "cosine" and t.min_learning_rate >= t.learning_rate:
+        own = "" if rate_given else f" ({t.optimizer}'s own rate, as none is set for {t.optimizer})"
         raise ConfigError(
             f"train.min_learning_rate = {t.min_learning_rate:g} must be below train.learning_rate = "
-            f"{t.learning_rate:g}: the cosine schedule decays from the one to the other"
+            f"{t.learning_rate:g}{own}: the cosine schedule decays from the one to the other"
         )
     if t.warmup_epochs >= t.epochs:
         raise ConfigError(
@@ -476,7 +487,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of `raw` with each `--set` applied (validation happens in from_dict)."""
+    """Return a copy of `raw` with each `--set` applied (validation happens in from_dict).
+
+    A learning rate belongs to the update rule it was written with: when the overrides
+    change train.optimizer and none sets train.learning_rate, `raw`'s rate is left out, and
+    the new rule trains at its own (DEFAULT_RATES)."""
+    out = _overridden(raw, overrides)
+    before, after = _train_table(raw), _train_table(out)
+    if ("learning_rate" in after and after.get("optimizer", "sgd") != before.get("optimizer", "sgd")
+            and not any(_sets_the_rate(item) for item in overrides)):
+        positive_float("train.learning_rate", after["learning_rate"])  # a wrong one is refused, not dropped
+        out["train"] = {k: v for k, v in after.items() if k != "learning_rate"}
+    return out
+
+
+def _train_table(raw: dict[str, Any]) -> dict[str, Any]:
+    train = raw.get("train")
+    return train if isinstance(train, dict) else {}
+
+
+def _sets_the_rate(item: str) -> bool:
+    path, value = parse_override(item)
+    return path[:2] == ["train", "learning_rate"] or (
+        path == ["train"] and isinstance(value, dict) and "learning_rate" in value)
+
+
+def _overridden(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         path, value = parse_override(item)
@@ -493,11 +529,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
-def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+         note: Callable[[str], None] | None = None) -> Config:
     """Load a config file (None = the built-in default) and apply overrides.
 
     A bare name of a built-in config (default, logreg, four-vs-nine, deep, accurate) that is not
-    a file in the current folder loads the copy shipped inside the package.
+    a file in the current folder loads the copy shipped inside the package. `note` is told
+    when the learning rate is another than the config says, or far above the update rule's own.
     """
     if path is not None and not str(path).strip():
         raise ConfigError(f"config {str(path)!r} is an empty name: give a TOML file, or the name of a built-in config "
@@ -513,14 +551,53 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         text = _read_config_file(p)
     base = parse_toml(text, where)
     try:
-        return from_dict(apply_overrides(base, overrides), name=name)
+        merged = apply_overrides(base, overrides)
+        cfg = from_dict(merged, name=name)
     except ConfigError as exc:
         error = exc
+    else:
+        for line in _rate_notes(cfg, base, merged, where) if note is not None else ():
+            note(line)
+        return cfg
     try:
         from_dict(base, name=name)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     raise ConfigError(f"--set: {error}") from None  # the config is fine: an override is not
+
+
+def _rate_notes(cfg: Config, base: dict[str, Any], merged: dict[str, Any], where: str) -> list[str]:
+    """What a user should know before the run about its learning rate: that it is the rule's
+    own where the config's was written for another rule, and that it is far above the rule's own."""
+    t, notes = cfg.train, []
+    own = DEFAULT_RATES[t.optimizer]
+    written = _train_table(base)
+    if "learning_rate" in written and "learning_rate" not in _train_table(merged):
+        notes.append(f"note: train.optimizer = {t.optimizer!r} trains at {t.optimizer}'s own learning rate, {own:g}: "
+                     f"train.learning_rate = {written['learning_rate']:g} in the {where} is for "
+                     f"{written.get('optimizer', 'sgd')} (set train.learning_rate to choose another)")
+    elif t.learning_rate >= FAR_FROM_DEFAULT * own:
+        notes.append(f"note: train.learning_rate = {t.learning_rate:g} is {t.learning_rate / own:.3g} times "
+                     f"{t.optimizer}'s own rate ({own:g}, what it trains at when the rate is not set): if the run "
+                     "learns nothing or diverges, try a smaller one")
+    return notes
+
+
+def rate_advice(t: TrainConfig) -> str:
+    """What to try when training at t.learning_rate overshot (the run diverged, or its
+    log-likelihood or weights stopped being finite): a smaller rate, named."""
+    own = DEFAULT_RATES[t.optimizer]
+    if t.optimizer == "adam":
+        why = "adam, whose step is about η for each weight whatever the batch"
+    else:
+        boost = (f", and momentum μ = {t.momentum:g} multiplies it by about 1/(1 − μ) = {1 / (1 - t.momentum):.3g}"
+                 if t.optimizer != "sgd" and t.momentum > 0 else "")
+        why = (f"{t.optimizer} at batches of {t.batch_size} (the step grows with the batch, since the LL is a "
+               f"sum{boost})")
+    smaller = (f"{own:g}, {t.optimizer}'s own rate" if own <= t.learning_rate / 2  # well below this one
+               else f"{t.learning_rate / 10:g}, a tenth of it")
+    return (f"train.learning_rate = {t.learning_rate:g} is too large for {why}: start a new run with a smaller one, "
+            f"such as {smaller} (--resume cannot change it)")
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config
@@ -539,7 +616,8 @@ def _read_config_file(p: Path) -> str:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
         if (p / "checkpoints").is_dir():
-            raise ConfigError(f"{p} is a run folder, not a config: to continue it, mlecli train --resume {shlex.quote(str(p))}")
+            raise ConfigError(f"{p} is a run folder, not a config: to continue it, "
+                              f"mlecli train --resume {shlex.quote(str(p))}")
         raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"config {p} is not a regular file: give a TOML file")

@@ -59,6 +59,7 @@ from mlecli.run.config import (
     from_dict,
     load,
     parse_override,
+    rate_advice,
     to_toml,
     toml_value,
 )
@@ -857,11 +858,7 @@ def _record(kind: str, epoch: int, step: int, lr: float, t: Tally, seconds: floa
 
 
 def _smaller_rate_advice(cfg: Config) -> str:
-    t = cfg.train
-    why = ("" if t.optimizer == "adam" else
-           f" (for batches of {t.batch_size}: the step grows with the batch, since the LL is a sum)")
-    return (f"train.learning_rate = {t.learning_rate:g} is too large{why}: start a new run with a smaller one "
-            "(--resume cannot change it)")
+    return rate_advice(cfg.train)
 
 
 def _check_logits(z: np.ndarray, epoch: int, first_batch: int, cfg: Config, ckpt_dir: Path) -> None:
