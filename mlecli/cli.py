@@ -247,7 +247,7 @@ def _where(value):
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Take the dataset from this config's [data] table (built-in or custom IDX).",
+    help="Take the dataset from this config's [data] table (built-in or custom IDX); - reads it from standard input.",
 )
 @click.option(
     "--mirror",
@@ -290,7 +290,7 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
             raise click.UsageError("give --dataset or --config, not both")
         from mlecli.run import config
 
-        ds = config.load(config_path).data.resolve()
+        ds = config.load(config_path, pipe_ok=True).data.resolve()
     else:
         ds = builtin(dataset or "mnist")
     root = _data_dir(data_dir)
@@ -339,8 +339,9 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     """Train a network on a binary digit task by maximum likelihood.
 
     CONFIG is a TOML file, or the name of a built-in config (default, logreg,
-    four-vs-nine, deep, accurate); without it the built-in default is used. The run
-    folder gets config.toml, manifest.json, metrics.jsonl and checkpoints/.
+    four-vs-nine, deep, accurate); without it the built-in default is used. It may be
+    a pipe, such as <(...), or - for standard input. The run folder gets config.toml,
+    manifest.json, metrics.jsonl and checkpoints/.
     """
     from mlecli.run import config
     from mlecli.run import train as training
@@ -360,7 +361,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         run_dir = resume
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:
-        cfg = config.load(config_path, overrides, note=log)
+        cfg = config.load(config_path, overrides, pipe_ok=True, note=log)
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
     # One StopRequest from here to the last line printed: no signal meets Python's default

@@ -59,7 +59,7 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json", "eval-test-best.json", ".lock"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json", "eval-test-best.json", ".lock", "config.toml"])
 def test_a_fifo_in_place_of_a_run_file_never_blocks_a_command(trained, tmp_path, name):
     _, run, data = trained
     run = copy_of(run, tmp_path)

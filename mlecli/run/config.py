@@ -12,6 +12,7 @@ import json
 import math
 import shlex
 import stat
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -529,13 +530,20 @@ def _overridden(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> 
     return out
 
 
-def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+STDIN = "-"  # a config path that means standard input (only where the user gave the path: pipe_ok)
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, pipe_ok: bool = False,
          note: Callable[[str], None] | None = None) -> Config:
     """Load a config file (None = the built-in default) and apply overrides.
 
     A bare name of a built-in config (default, logreg, four-vs-nine, deep, accurate) that is not
-    a file in the current folder loads the copy shipped inside the package. `note` is told
-    when the learning rate is another than the config says, or far above the update rule's own.
+    a file in the current folder loads the copy shipped inside the package. With `pipe_ok`,
+    for a path the user gave on the command line, the config may come from a pipe (the shell's
+    process substitution `<(...)`, a FIFO) or, for "-", from standard input: anything mlecli
+    reads back unasked (a run's config.toml) must be a regular file, which never blocks.
+    `note` is told when the learning rate is another than the config says, or far above the
+    update rule's own.
     """
     if path is not None and not str(path).strip():
         raise ConfigError(f"config {str(path)!r} is an empty name: give a TOML file, or the name of a built-in config "
@@ -544,11 +552,15 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *
         name = "default" if path is None else str(path)
         where = f"built-in config {name}"
         text = builtin_config_text(name)
+    elif pipe_ok and str(path) == STDIN:
+        name, where = "stdin", "config from standard input"
+        text = _read_stdin(where)
     else:
         p = Path(path)
         where = f"config {p}"
-        name = p.stem
-        text = _read_config_file(p)
+        text, piped = _read_config_file(p, pipe_ok=pipe_ok)
+        # /dev/fd/63, the name bash gives a process substitution, says nothing of the config
+        name = "pipe" if piped and p.parent.name == "fd" else p.stem
     base = parse_toml(text, where)
     try:
         merged = apply_overrides(base, overrides)
@@ -603,8 +615,9 @@ def rate_advice(t: TrainConfig) -> str:
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config
 
 
-def _read_config_file(p: Path) -> str:
-    """The text of a config file, with a hint for what was probably meant when it is not one."""
+def _read_config_file(p: Path, *, pipe_ok: bool = False) -> tuple[str, bool]:
+    """The text of a config file and whether it came from a pipe (only with `pipe_ok`), with a
+    hint for what was probably meant when it is not one."""
 
     try:
         st = p.stat()
@@ -619,20 +632,37 @@ def _read_config_file(p: Path) -> str:
             raise ConfigError(f"{p} is a run folder, not a config: to continue it, "
                               f"mlecli train --resume {shlex.quote(str(p))}")
         raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"config {p} is not a regular file: give a TOML file")
-
+    piped = stat.S_ISFIFO(st.st_mode)
+    if not stat.S_ISREG(st.st_mode) and not (piped and pipe_ok):
+        raise ConfigError(f"config {p} is {'a pipe, which can be read only once' if piped else 'not a regular file'}: "
+                          "give a TOML file")
     try:
-        with open_regular(p) as f:
+        # A pipe the user named waits for its writer, as `cat` would: that is what they asked for.
+        with open(p, "rb") if piped else open_regular(p) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    return _decoded(data, f"config {p}"), piped
+
+
+def _read_stdin(where: str) -> str:
+    if sys.stdin is None:  # started with its standard input closed
+        raise ConfigError(f"{where}: standard input is closed; give a TOML file")
+    try:
+        data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+    return _decoded(data, where)
+
+
+def _decoded(data: bytes, where: str) -> str:
+    """`data` read with a limit of one byte more than a config may have, as text."""
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {p} is larger than {MAX_CONFIG_BYTES // 1024} KiB: it is not a config")
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB: it is not a config")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"config {p} is not UTF-8 text") from None
+        raise ConfigError(f"{where} is not UTF-8 text") from None
 
 
 # ---------------------------------------------------------------------------
