@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -131,6 +132,18 @@ def _log(quiet: bool):
                 pass
 
     return log
+
+
+def _as_typed(path: Path, typed: str | Path) -> Path:
+    """`path`, which the library made absolute, as the user would write it: relative to the
+    current folder when what they typed (`typed`) was relative, so that `mlecli evaluate
+    runs/tour` says `runs/tour/eval-test-best.json`."""
+    if not path.is_absolute() or Path(typed).is_absolute():
+        return path
+    try:
+        return Path(os.path.relpath(path))
+    except (OSError, ValueError):  # the current folder is gone
+        return path
 
 
 def _progress(quiet: bool) -> bool:
@@ -612,7 +625,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     else:
         echo(ev.format_report(report))
         if saved is not None:
-            echo(printable(f"  report            {saved}"))
+            echo(printable(f"  report            {_as_typed(saved, target)}"))
 
 
 @main.command(short_help="Predict on your own images, prepared as MNIST's were.")
@@ -699,7 +712,7 @@ def export(target, which, fmt, out):
 
     path = ex.export(target, which, fmt, out)
     size = path.stat().st_size
-    echo(f"wrote {path} ({size / 1024:,.0f} KB)")
+    echo(f"wrote {_as_typed(path, target if out is None else out)} ({size / 1024:,.0f} KB)")
     if fmt == "html":
         echo(f"open it in a browser: {path.resolve().as_uri()}")
         if size > ex.PAGE_LIMIT:
