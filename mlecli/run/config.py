@@ -648,11 +648,12 @@ def _read_config_file(p: Path, *, pipe_ok: bool = False) -> tuple[str, bool]:
 def _read_stdin(where: str) -> str:
     if sys.stdin is None:  # started with its standard input closed
         raise ConfigError(f"{where}: standard input is closed; give a TOML file")
+    stream = getattr(sys.stdin, "buffer", sys.stdin)  # a text stream put in its place has no bytes under it
     try:
-        data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+        data = stream.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
-    return _decoded(data, where)
+        raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
+    return _decoded(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data, where)
 
 
 def _decoded(data: bytes, where: str) -> str:
