@@ -162,6 +162,9 @@ def test_the_onnx_graph_s_inputs_outputs_and_metadata(tiny_runs):
         "mlecli.image_shape": "[28, 28]",
         "mlecli.n_inputs": "784",
         "mlecli.preparation": "mnist",
+        "mlecli.decision": "y = 1 where z >= log(t / (1 - t)) for a threshold t, that is where P(y = 1) >= t "
+                           "exactly; at mlecli's default t = 0.5, where z >= 0. Decide from z: y_hat is rounded to "
+                           "float32, and rounds to t for logits on either side of that bound",
         "mlecli.version": __version__,
         "mlecli.test_accuracy": json.dumps({"accuracy": report["accuracy"], "threshold": 0.5}),
     }

@@ -307,7 +307,7 @@ def test_every_character_a_unicode_line_splitter_splits_on_is_escaped_in_json_na
 @given(name=st.text(st.characters(blacklist_categories=["Cs"]), max_size=12) | st.sampled_from(SPLITTERS),
        words=st.tuples(st.text(max_size=6), st.text(max_size=6)))
 def test_a_json_line_is_one_line_for_any_line_splitter_whatever_the_names(name, words):
-    batch = pr.Batch(name, np.array([0, 3]), np.zeros((2, 28, 28), np.uint8), np.array([0.25, 0.75]))
+    batch = pr.Batch(name, np.array([0, 3]), np.zeros((2, 28, 28), np.uint8), np.array([-1.1, 1.1]))  # logits
     for line in pr.json_lines(batch, words, 0.5):
         assert line.splitlines() == [line] and line.encode("utf-8")  # one line, valid UTF-8
         got = json.loads(line)

@@ -89,7 +89,7 @@ def evaluate(
 
     n, pos = len(y), int(y.sum())
     total_ll = metrics.total_log_likelihood(z, y)
-    pred = metrics.predictions(p, threshold)
+    pred = metrics.predictions(z, threshold)  # from z, exactly: the one rule (metrics.decide)
     cm = metrics.confusion(y, pred)
     precision, recall, f1 = metrics.precision_recall_f1(cm)
     bins = metrics.calibration_bins(y, p)
