@@ -820,10 +820,13 @@ def test_finite_but_extreme_weights_are_refused_when_the_network_is_loaded(run, 
 
 def test_a_checkpoint_that_does_not_say_its_image_size_is_refused(run, tmp_path, good):
     unsaid = crafted(run, tmp_path, image_shape=None)
-    res = cli("predict", unsaid, good)
-    assert res.stderr == (f"Error: {unsaid} does not say what size of image it was trained on (no image_shape in its "
-                          "meta record; 784 inputs, dataset tiny); predict and export work with 28×28 images (MNIST's "
-                          "form): use a network trained on a 28×28 dataset\n")
+    for args in (["predict", unsaid, good], ["export", unsaid, "--format", "onnx"],
+                 ["export", unsaid, "--format", "html"]):
+        res = cli(*args)
+        assert res.stderr == (f"Error: {unsaid} does not say what size of image it was trained on (no image_shape in "
+                              "its meta record; 784 inputs, dataset tiny); predict and export work with 28×28 images "
+                              "(MNIST's form): use a network trained on a 28×28 dataset\n"), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.npz", "good.png"]  # nothing exported
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

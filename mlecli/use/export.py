@@ -62,13 +62,12 @@ def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> 
     out = check_output(default if out is None else out, "--out", f".{fmt}", KINDS[fmt],
                        keep=[(path, "the checkpoint being exported")])
     cp = ckpt.load(path)
+    # Both formats take what predict takes: images prepared into 28×28 (the ONNX model's input
+    # and metadata say so), so a network trained on other sizes is refused by all, in one line.
+    check_image_shape(cp)
     check_weights(cp)
     info = describe(cp)
-    if fmt == "onnx":
-        data = onnx_bytes(cp, info)
-    else:
-        check_image_shape(cp)
-        data = page_html(cp, info).encode("utf-8")
+    data = onnx_bytes(cp, info) if fmt == "onnx" else page_html(cp, info).encode("utf-8")
     atomic_write_bytes(out, data)
     return out
 
