@@ -626,7 +626,8 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, with their ŷ.",
+    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, each with its name, the "
+    "decision in words and ŷ.",
 )
 def predict(target, inputs, which, threshold, as_json, raw, show):
     """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
@@ -642,6 +643,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     from mlecli.safe.outputs import check_output
     from mlecli.use import inputs as sources_of
     from mlecli.use import predict as pr
+    from mlecli.use import sheet
 
     sources = sources_of.sources(list(inputs))
     if show is not None:  # refused before anything is read or written
@@ -664,12 +666,12 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
         else:
             lines = pr.text_lines(result, model.classes_, threshold, width, printable(result.source))
         click.echo("\n".join(lines))  # one write for the whole batch
-        if show is not None and sum(len(b.p) for b in shown) < pr.SHOW_LIMIT:
+        if show is not None and sum(len(b.p) for b in shown) < sheet.LIMIT:
             shown.append(result)
     if show is not None:
-        count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
+        count = sheet.show_grid(shown, model.classes_, threshold, show) if shown else 0
         if count:
-            click.echo(printable(f"wrote {show} ({count} images)"), err=True)
+            click.echo(printable(f"wrote {show} ({count} image{'s' if count != 1 else ''})"), err=True)
         else:
             click.echo(printable(f"no image to show: {show} not written"), err=True)
     if failed:
@@ -679,7 +681,8 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @main.command(short_help="Export a network to ONNX, or to a web page to draw on.")
 @click.argument("target", type=click.Path(path_type=Path))
 @checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True,
+              help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),

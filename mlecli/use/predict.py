@@ -10,12 +10,11 @@ images, and with weights whose sums cannot overflow its float type, so every ŷ 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import numbers
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +25,11 @@ from mlecli.nn.model import forward, sigmoid
 from mlecli.nn.pixels import image_scores
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.task import class_words
-from mlecli.safe.errors import CheckpointError, InputError, MlecliError, printable, quoted
-from mlecli.safe.files import atomic_write_bytes
+from mlecli.safe.errors import CheckpointError, InputError, MlecliError, quoted
 from mlecli.use import inputs
 from mlecli.use.preparation import FRAME, BlankImage, Style, blank_message, prepare_many, prepare_steps, style_for
 
 SHAPE = (FRAME, FRAME)
-SHOW_LIMIT = 400  # images in a --show grid
 MAX_REFUSALS = 10  # images of one file refused one line each; the rest of them in one line
 CHUNK_PIXELS = 1 << 21  # pixels of a stack prepared and predicted at a time (2,674 images of 28×28)
 CHECKPOINT_NAMES = re.compile(r"best|last|epoch-\d+")
@@ -392,34 +389,3 @@ def json_lines(batch: Batch, words: tuple[str, str], threshold: float) -> list[s
         f'{{"input": {source}, "index": {i}, "p": {p!r}, "prediction": {int(d)}, "label": {label[d]}}}'
         for i, p, d in zip(index, batch.p.tolist(), decided)
     ]
-
-
-def show_grid(batches: Iterable[Batch], words: tuple[str, str], threshold: float, path: Path,
-              limit: int = SHOW_LIMIT) -> int:
-    """A PNG of the network's inputs (the first `limit`), 3× enlarged (each pixel a 3×3 block,
-    no smoothing), with each image's name, ŷ and decision under it, ten to a row; how many."""
-    from PIL import Image, ImageDraw, ImageFont  # lazy: Pillow only for --show
-
-    preds = [(label, p, d, image) for b in batches
-             for label, p, d, image in zip(b.labels(), b.p.tolist(), b.decided(threshold).tolist(), b.images)]
-    preds = preds[:limit]
-    scale, cols = 3, 10
-    cell_w, cell_h = FRAME * scale + 16, FRAME * scale + 44
-    rows = max(1, math.ceil(len(preds) / cols))
-    sheet = Image.new("L", (cell_w * min(cols, max(len(preds), 1)), cell_h * rows), 255)
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for k, (label, p, d, image) in enumerate(preds):
-        x, y = (k % cols) * cell_w + 8, (k // cols) * cell_h + 4
-        pixels = image if image.dtype == np.uint8 else np.floor(255 * image + 0.5).astype(np.uint8)
-        sheet.paste(Image.fromarray(pixels).resize((FRAME * scale, FRAME * scale), Image.NEAREST), (x, y))
-        draw.text((x, y + FRAME * scale + 2), _fit(printable(label), 14), fill=0, font=font)
-        draw.text((x, y + FRAME * scale + 15), _fit(f"{p:.3f} {words[d]}", 14), fill=0, font=font)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return len(preds)
-
-
-def _fit(text: str, n: int) -> str:
-    return text if len(text) <= n else "…" + text[-(n - 1):]
