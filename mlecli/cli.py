@@ -717,7 +717,8 @@ def export(target, which, fmt, out):
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the current one]",
+    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the one holding "
+    "them all]",
 )
 @data_dir_option
 def plot(run_dir, out, data_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import config as config_mod
 from mlecli.run.rundir import committed_epochs
-from mlecli.safe.errors import MlecliError
+from mlecli.safe.errors import MlecliError, display
 from mlecli.safe.schema import is_number
 from mlecli.sweep.grid import Plan, config_keys, format_seeds, show
 from mlecli.sweep.record import config_difference, expected_configs, read_sweep_json
@@ -146,6 +147,7 @@ class Group:
     epochs: list[list[dict[str, Any]]]  # each run's epoch records
     rows: list[dict[str, Any]] = field(default_factory=list)  # each run as `mlecli runs` describes it
     best: bool = False
+    by_hand: bool = True  # its runs were given as run folders, not found in a sweep folder
 
     def legend(self) -> str:
         """How many runs (and seeds) the curves stand for, and how many have not finished."""
@@ -163,6 +165,7 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
     `best_point` gives, from the same figures as the sweep's table."""
 
     runs: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
+    in_sweep: set[Path] = set()
     key_order: list[str] = []
     sweeps = 0
     for target in targets:
@@ -180,6 +183,8 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
             if not (folder / "config.toml").is_file():
                 continue  # a sweep's run that has not started yet
             row = describe(folder)
+            if expected is not None:
+                in_sweep.add(folder)
             if expected is not None and row["config"] is not None and row["status"] == "finished":
 
                 if config_difference(config_mod.from_dict(row["config"], name=row["config"]["name"]), expected):
@@ -199,6 +204,7 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
                               for k, v in zip(varying, key)) or cfg["name"]
             groups[key] = Group(label, [], [])
         groups[key].runs.append(folder)
+        groups[key].by_hand = groups[key].by_hand and folder not in in_sweep
         if row["status"] == "broken":  # its row says why; it has no curve to draw
             groups[key].epochs.append([])
         else:
@@ -206,11 +212,22 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
             groups[key].epochs.append(committed_epochs(folder, last.meta, last.path))
         groups[key].rows.append(row)
     ordered = list(groups.values())
+    _name_single_runs(ordered)
     best = best_point([g.rows for g in ordered])
     if best is not None:
         ordered[best].best = True
     title = Path(targets[0]).name if len(targets) == 1 and sweeps == 1 else f"{len(runs)} runs"
     return ordered, title
+
+
+def _name_single_runs(groups: list[Group]) -> None:
+    """A group of one run given by hand is labelled by the run's name (its folder's), not by
+    the keys it differs in: those are the sweep's grid values, or a mouthful for runs made by
+    hand. Runs of the same name in different folders are labelled by their paths."""
+    single = [g for g in groups if g.by_hand and len(g.runs) == 1]
+    names = [display(g.runs[0].name) for g in single]
+    for g, name in zip(single, names):
+        g.label = name if names.count(name) == 1 else display(str(g.runs[0]))
 
 
 def _finite(v: Any) -> bool:
@@ -230,14 +247,21 @@ def band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[fl
     return x, [statistics.fmean(by_epoch[e]) for e in x], [min(by_epoch[e]) for e in x], [max(by_epoch[e]) for e in x]
 
 
-def draw(groups: list[Group], title: str, out: Path) -> Path:
-    """compare.png: mean log-likelihood per image and accuracy per epoch, validation (or,
-    for runs without validation, training), one colour per group, its mean over seeds as
-    a line and the lowest to highest seed as a band."""
+def legend_label(g: Group) -> str:
+    """A group in the legend: its label, how many runs and seeds (not for a run alone that
+    finished), and the best mark."""
+    counted = g.legend()
+    alone = len(g.runs) == 1 and counted == "1 seed"
+    return f"{g.label}{'' if alone else f' ({counted})'}{'  ← best' if g.best else ''}"
+
+
+def figure(plt, groups: list[Group], title: str):
+    """compare.png's figure: mean log-likelihood per image and accuracy per epoch, validation
+    (or, for runs without validation, training), one colour per group, its mean over seeds as
+    a line and the lowest to highest seed as a band (the title says so when a group has
+    several runs); the legend under the panels."""
     from matplotlib.ticker import MaxNLocator  # lazy: matplotlib is an optional extra
 
-
-    plt = pyplot()
     validation = any(_finite(m.get("val_ll_mean")) for g in groups for e in g.epochs for m in e)
     which = "val" if validation else "train"
     fig, (ax_ll, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -247,7 +271,7 @@ def draw(groups: list[Group], title: str, out: Path) -> Path:
         cmap = plt.get_cmap("viridis")
         colours = [cmap(i / (len(groups) - 1)) for i in range(len(groups))]
     for g, colour in zip(groups, colours):
-        label = f"{g.label} ({g.legend()}){'  ← best' if g.best else ''}"
+        label = legend_label(g)
         for ax, key, scale in ((ax_ll, f"{which}_ll_mean", 1.0), (ax_acc, f"{which}_acc", 100.0)):
             x, mean, lo, hi = band(g.epochs, key)
             if not x:
@@ -262,21 +286,45 @@ def draw(groups: list[Group], title: str, out: Path) -> Path:
         ax.grid(True, alpha=0.3)
     ax_ll.set_title("log-likelihood (higher is better)")
     ax_acc.set_title("accuracy at ŷ ≥ 0.5")
+    seeds = any(len(g.runs) > 1 for g in groups)
+    fig.suptitle(f"{title}: line = mean over seeds, band = lowest to highest seed" if seeds else title)
+    fig.tight_layout()
     handles, labels = ax_ll.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=9, frameon=False)
-    fig.suptitle(f"{title}: line = mean over seeds, band = lowest to highest seed")
-    rows = math.ceil(len(labels) / 3)
-    fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
+    if labels:
+        longest = max(map(len, labels))
+        columns = min(len(labels), 3 if longest <= 36 else 2 if longest <= 60 else 1)
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, fontsize=9,
+                   frameon=False)
+    return fig
+
+
+def draw(groups: list[Group], title: str, out: Path) -> Path:
+    """Write compare.png into `out`; the picture grows to hold the legend whole."""
+    plt = pyplot()
+    fig = figure(plt, groups, title)
     path = Path(out) / "compare.png"
-    save_png(fig, path)
+    save_png(fig, path, tight=True)
     plt.close(fig)
     return path
 
 
+def default_out(targets: list[Path]) -> Path:
+    """Where compare.png goes without --out: the sweep folder for one target, else the folder
+    that holds all the targets (their common parent), as a path relative to the current
+    folder when it is inside it. Folders with nothing in common but / need --out."""
+    if len(targets) == 1:
+        return Path(targets[0])
+    parents = [os.path.dirname(os.path.abspath(t)) for t in targets]
+    common = os.path.commonpath(parents)
+    if common == os.path.abspath(os.sep):
+        raise MlecliError(f"{', '.join(map(str, targets))} have no folder in common but {os.sep}: give --out DIR "
+                          "for compare.png")
+    here = os.getcwd()
+    inside = common == here or common.startswith(here.rstrip(os.sep) + os.sep)
+    return Path(os.path.relpath(common, here) if inside else common)
+
+
 def plot_compare(targets: list[Path], out: Path | None) -> Path:
-    """Draw compare.png for `targets` into `out` (default: the sweep folder when there is
-    one target, else the current folder)."""
+    """Draw compare.png for `targets` into `out` (default: `default_out`)."""
     groups, title = collect(targets)
-    if out is None:
-        out = Path(targets[0]) if len(targets) == 1 else Path(".")
-    return draw(groups, title, out)
+    return draw(groups, title, default_out(targets) if out is None else out)

@@ -44,10 +44,12 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path: Path) -> None:
-    """The figure as a PNG at `path`, written atomically, with no timestamp in it."""
+def save_png(fig, path: Path, tight: bool = False) -> None:
+    """The figure as a PNG at `path`, written atomically, with no timestamp in it; `tight`: the
+    picture grows to hold every artist (a legend outside the axes is never cut off)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    extra = {"bbox_inches": "tight", "pad_inches": 0.15} if tight else {}
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, **extra)
     data = buf.getvalue()
     atomic_write(path, lambda f: f.write(data))
 
