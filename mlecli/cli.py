@@ -476,7 +476,8 @@ def _seeds(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--dry-run", is_flag=True,
               help="Print the mlecli train command of every run, one per line; start nothing.")
-@quiet_option
+@functools.partial(quiet_option, help="No progress bar or status lines; the table alone, without the note under it "
+                  "and the commands to go on with.")
 def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
 
@@ -499,10 +500,12 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
         outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
                                    progress=_progress(quiet), log=log, stop=stop)
-        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet)
 
 
-def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet) -> None:
+    """The table (with --quiet, the table alone: no note under it, no commands to go on with),
+    the JSON, or how a stopped sweep stands; the runs that did not finish on stderr."""
     import json
 
     from mlecli.sweep import grid, runner
@@ -522,7 +525,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         )
         sys.exit(130)
     s = outcome.summary
-    echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+    echo(json.dumps(s, indent=2) if as_json else format_summary(s, notes=not quiet))
     failed = [r for r in s["runs"] if r["status"] != "finished"]
     if failed:
         for r in failed:
@@ -536,7 +539,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         else:
             said = f"{len(failed)} of {total} runs did not finish (listed above); the others did"
         raise MlecliError(f"{said}. Run the same command again to retry them")
-    if not as_json:
+    if not as_json and not quiet:
         echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
         echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
 

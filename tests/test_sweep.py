@@ -266,6 +266,15 @@ def test_the_table_gives_mean_and_standard_deviation_over_seeds_per_grid_point(s
     assert lines[-2:] == [f"plot:     mlecli plot {ref}", f"runs:     mlecli runs {ref}"]
 
 
+def test_quiet_prints_the_table_alone(setup):
+    cfg, data, ref, first = setup
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", ref, "--data-dir", data, "-q")
+    assert res.exit_code == 0, res.output
+    table = first.stdout.splitlines()[:4]  # the header, its rule and the two grid points
+    assert [line.split()[0] for line in table] == ["train.learning_rate", "-------------------", "0.05", "0.1"]
+    assert (res.stdout, res.stderr) == ("\n".join(table) + "\n", "")  # no note, no plot: and runs: lines
+
+
 def test_json_gives_every_run_and_every_grid_point(setup):
     cfg, data, ref, _ = setup
     res = cli("sweep", cfg, *GRID, "--sweep-dir", ref, "--data-dir", data, "--json")
