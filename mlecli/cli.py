@@ -122,6 +122,15 @@ def echo(text: str = "", err: bool = False) -> None:
     click.echo("\n".join(printable(line) for line in str(text).split("\n")), err=err)
 
 
+def _from_here(path: Path) -> str:
+    """A path as the user would write it: relative to the current folder when it lies inside
+    it (`runs/tour/eval-test-best.json`), else in full."""
+    import os
+
+    here, full = os.getcwd(), os.path.abspath(path)
+    return os.path.relpath(full, here) if full.startswith(here.rstrip(os.sep) + os.sep) else str(path)
+
+
 def _log(quiet: bool):
     def log(msg: str) -> None:
         if not quiet:
@@ -614,7 +623,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     else:
         echo(ev.format_report(report))
         if saved is not None:
-            echo(printable(f"  report            {saved}"))
+            echo(printable(f"  report            {_from_here(saved)}"))
 
 
 @main.command(short_help="Predict on your own images, prepared as MNIST's were.")

@@ -253,10 +253,11 @@ def format_report(r: dict[str, Any]) -> str:
     if not r["most_confident_errors"]:
         lines.append("    none")
     classes = r.get("classes") or {"0": "y=0", "1": "y=1"}
+    said = {y: short_word(classes[y]) for y in ("0", "1")}  # the task's words, short where long
+    width = max(map(len, said.values()))  # ŷ in one column, whichever class was predicted
     for e in r["most_confident_errors"]:
-        said = short_word(classes[str(1 - e["y"])], 1 - e["y"])
         lines.append(printable(f"    #{e['index']:<6} {e.get('label') or 'digit ' + str(e['digit']):<12}  "
-                               f"predicted {said}  ŷ={e['p']:.6f}"))
+                               f"predicted {said[str(1 - e['y'])]:<{width}}  ŷ={e['p']:.6f}"))
     rate = f"{r['images_per_s']:,.0f} images/s" if r["images_per_s"] else "n/a"
     lines.append(f"  time              {r['seconds']:.3f} s ({rate})")
     return "\n".join(lines)

@@ -166,7 +166,7 @@ def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
     for ax, e in zip(axes.flat, errors):
         ax.imshow(images[e["index"]], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
         label = e.get("label") or f"digit {e['digit']}"
-        said = short_word(classes[str(1 - e["y"])], 1 - e["y"], width=18)
+        said = short_word(classes[str(1 - e["y"])], width=20)
         ax.set_title(f"#{e['index']}  {label}\npredicted {said}\nŷ = {e['p']:.4f}", fontsize=8)
     task = f"{classes['1']} (y=1) vs {classes['0']} (y=0)" if report.get("classes") else report["task"]
     fig.suptitle(_wrapped(f"Most confidently wrong: {report['split']} split, {report['checkpoint_name']} "
@@ -225,6 +225,7 @@ def _evaluation(run_dir: Path) -> Path | None:
 def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
 
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
-    how = f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
+    config = shlex.quote(str(run_dir / "config.toml"))
+    how = f"mlecli download --config {config} --data-dir {shlex.quote(str(data_dir))}"
     splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images
