@@ -736,7 +736,8 @@ def export(target, which, fmt, out):
 def plot(run_dir, out, data_dir):
     """Draw a run, or compare runs.
 
-    One run folder: curves.png, hidden-units.png and (after evaluate) mistakes.png.
+    One run folder: curves.png, hidden-units.png (weights.png for logistic regression)
+    and (after evaluate) mistakes.png.
     A sweep folder, or several run folders: compare.png, validation LL and accuracy per
     epoch, one colour per grid point (runs that differ only in their seeds), the mean
     over seeds as a line and their spread as a band.

@@ -4,6 +4,7 @@ import json
 import shutil
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,12 +68,38 @@ def test_plot_defaults_to_the_run_folder_and_skips_mistakes_before_evaluate(eval
     assert f"no evaluation in {copy}: run `mlecli evaluate {copy}` for mistakes.png" in res.stderr
 
 
-def test_logistic_regression_shows_its_single_weight_image(tiny, tiny_folder, tmp_path):
+def test_logistic_regression_draws_weights_png_titled_once_with_a_colour_bar_naming_the_classes(
+        tiny, tiny_folder, tmp_path, monkeypatch):
+    from mlecli.use import plot
+
     cfg = tiny.write_config(tmp_path / "lr.toml", tiny_folder, "[model]\nhidden = []\n[train]\nepochs = 1\n")
     run = tmp_path / "run"
     assert cli("train", cfg, "--run-dir", run, "--data-dir", tmp_path / "d", "-q").exit_code == 0
-    assert cli("plot", run, "--data-dir", tmp_path / "d").exit_code == 0
-    assert png_size(run / "hidden-units.png")[0] >= 400
+    drawn = {}
+    real = plot.save_png
+
+    def record(fig, path, tight=False):
+        drawn[path.name] = [fig._suptitle.get_text()] + [t.get_text() for ax in fig.axes[1:] for t in
+                                                          (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        real(fig, path, tight)
+
+    monkeypatch.setattr(plot, "save_png", record)
+    res = cli("plot", run, "--data-dir", tmp_path / "d")
+    assert res.exit_code == 0
+    assert res.stdout.splitlines() == [str(run / "curves.png"), str(run / "weights.png")]  # not hidden-units.png
+    assert not (run / "hidden-units.png").exists() and png_size(run / "weights.png")[0] >= 400
+    title, top, bottom, side = drawn["weights.png"]
+    assert title.replace("\n", " ") == ("run: odd (1,3,5,7,9) vs even (0,2,4,6,8) (best.npz, epoch 1): logistic "
+                                        "regression, the weight of each pixel")  # "logistic regression" once
+    assert (top, bottom, side) == ("red (+): evidence\nfor odd (1,3,5,7,9)", "blue (−): evidence\nfor even (0,2,4,6,8)",
+                                   "weight of a pixel's ink")
+
+
+def test_a_network_with_hidden_layers_draws_hidden_units_png(evaluated_run, tmp_path):
+    run, data = evaluated_run
+    res = cli("plot", run, "--out", tmp_path, "--data-dir", data)
+    assert "hidden-units.png" in [p.name for p in map(Path, res.stdout.splitlines())]
+    assert not (tmp_path / "weights.png").exists()
 
 
 def test_without_matplotlib_plot_says_how_to_install_it(evaluated_run, monkeypatch):

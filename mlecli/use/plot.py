@@ -102,9 +102,16 @@ def _wrapped(text: str, inches: float, fontsize: float) -> str:
     return textwrap.fill(text, width=max(20, int(inches * 72 / (0.55 * fontsize))))
 
 
+def weights_name(cp: ckpt.Checkpoint) -> str:
+    """The file `hidden_units` writes: hidden-units.png for a network with hidden layers;
+    weights.png for logistic regression, whose one image is the weights themselves."""
+    return "hidden-units.png" if cp.config.model.hidden else "weights.png"
+
+
 def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
-    """The first layer's weights of up to 64 units as images, on one scale centred on 0
-    (logistic regression: its one weight image)."""
+    """The first layer's weights of up to 64 units as images, on one scale centred on 0.
+    Logistic regression (weights.png): its one weight image, the colour bar saying which
+    colour is evidence for which class (ink on a red pixel raises ŷ)."""
     W = cp.params[0][0]
     h, w = _image_shape(cp.meta, W.shape[0])
     total = W.shape[1]
@@ -115,7 +122,7 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
     size = 1.2 if units > 1 else 4.0
     width = cols * size + 1.4
     if not cp.config.model.hidden:
-        what = "logistic regression: the weight of each pixel"
+        what = "logistic regression, the weight of each pixel"
     elif units < total:
         what = f"first-layer weights of units 1-{units} of {total}"
     else:
@@ -136,10 +143,17 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
             ax.set_title(f"unit {i + 1}", fontsize=7)
     top = 1 - head / (rows * size + 0.25 + head)
     fig.subplots_adjust(left=0.03, right=0.82, bottom=0.03, top=top, wspace=0.08, hspace=0.3 if units > 1 else 0.0)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight (red +, blue −)")
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    if cp.config.model.hidden:  # a hidden unit's weights are no evidence for either class by themselves
+        bar.set_label("weight (red +, blue −)")
+    else:
+        negative, positive = (short_word(w, 18) for w in class_words(cp.config))
+        bar.set_label("weight of a pixel's ink")
+        bar.ax.set_title(f"red (+): evidence\nfor {positive}", fontsize=8)
+        bar.ax.set_xlabel(f"blue (−): evidence\nfor {negative}", fontsize=8)
     fig.suptitle(title, fontsize=11)
-    path = out / "hidden-units.png"
-    save_png(fig, path)
+    path = out / weights_name(cp)
+    save_png(fig, path, tight=not cp.config.model.hidden)  # the class words under the bar stay whole
     plt.close(fig)
     return path
 
@@ -193,13 +207,15 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     best = cp.meta.get("best") or {}
     negative, positive = class_words(cfg)
     network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
-    title = printable(f"{run_dir.name}: {positive} vs {negative}, {network}")  # a name may not be UTF-8
+    task = printable(f"{run_dir.name}: {positive} vs {negative}")  # a name may not be UTF-8
     written = []
     if epochs:
-        written.append(curves(plt, run_dir, epochs, best.get("epoch"), title, out))
+        written.append(curves(plt, run_dir, epochs, best.get("epoch"), f"{task}, {network}", out))
     else:
         log(f"{run_dir} has no finished epoch yet: no curves.png")
-    written.append(hidden_units(plt, cp, f"{title} ({which}.npz, epoch {cp.epoch})", out))
+    # the weights' own title says what the network is: logistic regression is named once
+    units = f"{task}, {network}" if cfg.model.hidden else task
+    written.append(hidden_units(plt, cp, f"{units} ({which}.npz, epoch {cp.epoch})", out))
     report_path = _evaluation(run_dir)
     if report_path is None:
         log(f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png")
