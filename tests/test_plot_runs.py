@@ -423,3 +423,47 @@ def test_compare_png_of_several_folders_goes_into_the_folder_that_holds_them_and
     monkeypatch.chdir(runs / "lr")
     res = cli("plot", "../alone", "learning_rate=0.1,seed=0")  # above the current folder: said in full
     assert (res.exit_code, res.stdout) == (0, f"{runs / 'compare.png'}\n")
+
+
+# ---------------------------------------------------------------------------
+# mistakes.png only from a report that measured the checkpoint as it is now
+
+
+def test_plot_after_a_resume_moved_the_best_checkpoint_skips_the_stale_mistakes_and_says_how_to_renew_them(
+        evaluated_run, tmp_path):
+    run, data = evaluated_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    assert cli("plot", copy, "--data-dir", data).exit_code == 0 and (copy / "mistakes.png").is_file()
+    before = json.loads((copy / "eval-test-best.json").read_text())["epoch"]
+    res = cli("train", "--resume", copy, "--set", "train.epochs=6", "--data-dir", data, "-q")
+    assert res.exit_code == 0, res.output
+    best = json.loads(cli("runs", tmp_path, "--json").stdout)[0]
+    assert best["best_epoch"] > before and best["test_acc"] is None  # runs already calls the report stale
+    res = cli("plot", copy, "--data-dir", data)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [str(copy / "curves.png"), str(copy / "hidden-units.png")]
+    assert res.stderr == (f"{copy / 'eval-test-best.json'} measured best.npz at epoch {before}, and best.npz is now "
+                          f"epoch {best['best_epoch']}: no mistakes.png; removed the earlier {copy / 'mistakes.png'}; "
+                          f"run `mlecli evaluate {copy}` to make it current\n")
+    assert not (copy / "mistakes.png").exists()
+    assert cli("evaluate", copy, "--data-dir", data).exit_code == 0  # what it said to do
+    res = cli("plot", copy, "--data-dir", data)
+    assert (res.stdout.splitlines()[-1], res.stderr) == (str(copy / "mistakes.png"), "")
+
+
+def test_a_stale_report_of_another_split_names_the_command_that_renews_it(evaluated_run, tmp_path):
+    from mlecli.use.plot import plot_run
+
+    run, data = evaluated_run
+    copy = copy_run_without_evaluations(run, tmp_path / "run")
+    assert cli("evaluate", copy, "--data-dir", data, "--split", "validation", "--checkpoint", "last",
+               "--threshold", "0.3").exit_code == 0
+    written = plot_run(copy, None, data)
+    assert written[-1] == copy / "mistakes.png"  # a report that still stands for its checkpoint is drawn
+    assert cli("train", "--resume", copy, "--set", "train.epochs=4", "--data-dir", data, "-q").exit_code == 0
+    said = []
+    assert [p.name for p in plot_run(copy, tmp_path / "out", data, log=said.append)] == ["curves.png",
+                                                                                          "hidden-units.png"]
+    assert said == [f"{copy / 'eval-validation-last-t0.3.json'} measured last.npz at epoch 3, and last.npz is now "
+                    f"epoch 4: no mistakes.png; run `mlecli evaluate {copy} --split validation --checkpoint last "
+                    "--threshold 0.3` to make it current"]

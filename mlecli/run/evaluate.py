@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import time
 from pathlib import Path
@@ -158,6 +159,29 @@ def default_report(run_dir: Path) -> Path | None:
         if path.exists() and measured(read_report(path), target):
             return path
     return None
+
+
+def stands(report_path: Path, run_dir: Path) -> bool:
+    """Whether a report in a run folder still describes the checkpoint it names: the file at
+    <run>/checkpoints/<checkpoint_name>.npz now is the very one it measured (`measured`, the
+    rule `default_report` applies). A report the schema refuses raises its SchemaError."""
+    report = read_report(report_path)
+    name = report["checkpoint_name"]
+    if not re.fullmatch(r"best|last|epoch-\d{1,12}", name):  # not a checkpoint of a run: stands for nothing
+        return False
+    return measured(report, Path(run_dir) / "checkpoints" / f"{name}.npz")
+
+
+def command_for(report: dict[str, Any], run_dir: Path) -> str:
+    """The `mlecli evaluate` command that makes a report like `report` again, of the run as it is now."""
+    words = ["mlecli", "evaluate", str(run_dir)]
+    if report["split"] != "test":
+        words += ["--split", report["split"]]
+    if report["checkpoint_name"] != "best":
+        words += ["--checkpoint", report["checkpoint_name"]]
+    if report.get("threshold", DEFAULT_THRESHOLD) != DEFAULT_THRESHOLD:
+        words += ["--threshold", repr(float(report["threshold"]))]
+    return shlex.join(words)
 
 
 def measured(report: dict[str, Any], checkpoint_path: Path) -> bool:

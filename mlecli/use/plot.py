@@ -17,7 +17,7 @@ import numpy as np
 
 from mlecli.data.cache import prepare
 from mlecli.run import checkpoint as ckpt
-from mlecli.run.evaluate import default_report, read_report
+from mlecli.run.evaluate import command_for, default_report, read_report, report_name, stands
 from mlecli.run.rundir import committed_epochs
 from mlecli.run.task import class_words, short_word
 from mlecli.safe.errors import MlecliError, printable
@@ -216,9 +216,14 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     # the weights' own title says what the network is: logistic regression is named once
     units = f"{task}, {network}" if cfg.model.hidden else task
     written.append(hidden_units(plt, cp, f"{units} ({which}.npz, epoch {cp.epoch})", out))
-    report_path = _evaluation(run_dir)
+    report_path, stale = _evaluation(run_dir)
     if report_path is None:
-        log(f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png")
+        old = out / "mistakes.png"
+        removed = None
+        if stale is not None and old.is_file():  # an earlier plot's picture of that report: stale as well
+            old.unlink()
+            removed = old
+        log(_no_mistakes(run_dir, stale, removed))
     else:
 
         report = read_report(report_path)
@@ -231,11 +236,38 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     return written
 
 
-def _evaluation(run_dir: Path) -> Path | None:
-    """The run's default report (evaluate.default_report), else any other it has."""
+def _evaluation(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """The report mistakes.png is drawn from: the run's default report (evaluate.default_report),
+    else another that still stands for the checkpoint it names (evaluate.stands: the rule
+    `runs`, the sweep's table and the page's footer follow). Else (None, the report that
+    would have been used but is stale), or (None, None) when there is none."""
+    default = default_report(run_dir)
+    if default is not None:
+        return default, None
+    preferred = [run_dir / report_name("test", "best"), run_dir / report_name("test", "last")]
+    found = [p for p in preferred if p.is_file()] + [p for p in sorted(run_dir.glob("eval-*.json"))
+                                                      if p not in preferred]
+    for path in found:
+        if stands(path, run_dir):
+            return path, None
+    return None, (found[0] if found else None)
 
-    found = sorted(run_dir.glob("eval-*.json"))
-    return default_report(run_dir) or (found[0] if found else None)
+
+def _no_mistakes(run_dir: Path, stale: Path | None, removed: Path | None) -> str:
+    """Why there is no mistakes.png, and the command that makes one."""
+    if stale is None:
+        return f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png"
+    report = read_report(stale)
+    name, then = report["checkpoint_name"], report["epoch"]
+    path = run_dir / "checkpoints" / f"{name}.npz"
+    try:
+        epoch = ckpt.load(path).epoch if path.is_file() else None
+        now = "gone" if epoch is None else f"epoch {epoch}" if epoch != then else "another file of that epoch"
+    except MlecliError:
+        now = "no longer readable"
+    gone = f"; removed the earlier {removed}" if removed is not None else ""
+    return (f"{stale} measured {name}.npz at epoch {then}, and {name}.npz is now {now}: no mistakes.png"
+            f"{gone}; run `{command_for(report, run_dir)}` to make it current")
 
 
 def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
