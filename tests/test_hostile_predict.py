@@ -721,7 +721,7 @@ def test_show_that_is_not_written_into_an_input_folder_is_written_run_after_run(
             res = cli("predict", run, "scans", "--show", show, "--json")
             names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
             assert (res.exit_code, names, res.stderr) == (0, ["a.png"], f"wrote {show} (1 image)\n")
-            assert Image.open(show).size == (156, 224)  # one image: it alone is shown
+            assert Image.open(show).size == (156, 240)  # one image: it alone is shown
 
 
 @pytest.mark.parametrize("written", [False, True])

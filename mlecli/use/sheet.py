@@ -3,8 +3,9 @@ name, the decision in the task's words and ŷ under it.
 
 Drawn with Pillow's own font (no font file of the system is looked for), so the same images
 give the same PNG bytes on any machine with the same Pillow. Captions are fitted by their
-width in pixels: a name is shortened from the right (keeping a stack's `[i]`), the decision
-wrapped onto two lines at its spaces and shortened from the right only past them.
+width in pixels: a file's own name (not its folders) on up to two lines, then shortened from
+the right (a stack's `[i]` always kept); the decision wrapped onto two lines at its spaces
+and shortened from the right only past them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ COLUMNS = 10
 MARGIN = 8  # pixels around each image's cell
 FONT_SIZE = 13
 LINE = 16  # pixels from one caption line to the next
-LINES = 4  # the name, the decision (up to two lines), ŷ
+LINES = 5  # the name and the decision (up to two lines each), ŷ
 TILE = FRAME * SCALE
 CELL_W, CELL_H = TILE + 2 * MARGIN, TILE + 2 * MARGIN + LINES * LINE + 4
 
@@ -59,12 +60,28 @@ def wrapped(text: str, fits: Callable[[str], bool], lines: int = 2) -> list[str]
     return out
 
 
-def caption(label: str, p: float, word: str, fits: Callable[[str], bool]) -> list[str]:
-    """The lines under one image: its name, the decision in words (one or two lines), ŷ."""
+def name_lines(label: str, fits: Callable[[str], bool]) -> list[str]:
+    """A file's own name (what tells the images of a folder apart; its folders are in the
+    table) on one line, or two: cut after its last `-`, `_`, `.` or space that leaves the first
+    line at least half full, else where it is full; the second shortened from the right. A
+    stack's `[i]` always shows at its end."""
     name, keep = label, ""
     if label.endswith("]") and "[" in label:  # a stack's image: its index always shows
         name, keep = label[: label.rindex("[")], label[label.rindex("[") :]
-    return [shortened(name, fits, keep), *wrapped(word, fits), f"ŷ {p:.4f}"]
+    name = name.rstrip("/").rsplit("/", 1)[-1] or name
+    if fits(name + keep):
+        return [name + keep]
+    cut = len(name)
+    while cut > 1 and not fits(name[:cut]):
+        cut -= 1
+    breaks = [k + 1 for k in range(cut // 2, cut) if name[k] in "-_. "]
+    cut = breaks[-1] if breaks else cut
+    return [name[:cut], shortened(name[cut:], fits, keep)]
+
+
+def caption(label: str, p: float, word: str, fits: Callable[[str], bool]) -> list[str]:
+    """The lines under one image: its name and the decision in words (one or two lines each), ŷ."""
+    return [*name_lines(label, fits), *wrapped(word, fits), f"ŷ {p:.4f}"]
 
 
 def show_grid(batches: Iterable[Batch], words: tuple[str, str], threshold: float, path: Path,
