@@ -690,13 +690,17 @@ def test_a_sweep_over_tasks_marks_the_best_of_each_task_and_shows_each_task_s_ma
 
 
 def test_compare_png_marks_the_best_of_each_task_as_the_table_does(over_tasks):
-    from mlecli.sweep.compare import collect
+    from mlecli.sweep.compare import collect, figure
+    from mlecli.use.plot import pyplot
 
     sw, _, res = over_tasks
     marked = {tuple(line.split()[:2]) for line in res.stdout.splitlines() if line.endswith("<- best of its task")}
     groups, _ = collect([sw])
     assert {tuple(g.label.replace("positive=", "").replace("learning_rate=", "").split(", ")) for g in groups
             if g.best} == marked
+    fig = figure(pyplot(), groups, "tasks")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [g.label + ("  ← best of its task" if g.best else "") for g in groups]
 
 
 @pytest.mark.parametrize("share", [0.2, 0.5, 7, 31])

@@ -313,12 +313,13 @@ def band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[fl
     return x, [statistics.fmean(by_epoch[e]) for e in x], [min(by_epoch[e]) for e in x], [max(by_epoch[e]) for e in x]
 
 
-def legend_label(g: Group) -> str:
+def legend_label(g: Group, tasks: int = 1) -> str:
     """A group in the legend: its label, how many runs and seeds (not for a run alone that
-    finished), and the best mark."""
+    finished), and the best mark (`← best of its task` when the groups span `tasks` > 1)."""
     counted = g.legend()
     alone = len(g.runs) == 1 and counted == "1 seed"
-    return f"{g.label}{'' if alone else f' ({counted})'}{'  ← best' if g.best else ''}"
+    mark = ("  ← best of its task" if tasks > 1 else "  ← best") if g.best else ""
+    return f"{g.label}{'' if alone else f' ({counted})'}{mark}"
 
 
 def figure(plt, groups: list[Group], title: str):
@@ -336,8 +337,9 @@ def figure(plt, groups: list[Group], title: str):
     else:
         cmap = plt.get_cmap("viridis")
         colours = [cmap(i / (len(groups) - 1)) for i in range(len(groups))]
+    tasks = len({g.task for g in groups})
     for g, colour in zip(groups, colours):
-        label = legend_label(g)
+        label = legend_label(g, tasks)
         for ax, key, scale in ((ax_ll, f"{which}_ll_mean", 1.0), (ax_acc, f"{which}_acc", 100.0)):
             x, mean, lo, hi = band(g.epochs, key)
             if not x:
