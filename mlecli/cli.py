@@ -678,7 +678,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
         else:
             lines = pr.text_lines(result, model.classes_, threshold, width, printable(result.source))
         click.echo("\n".join(lines))  # one write for the whole batch
-        if show is not None and sum(len(b.p) for b in shown) < sheet.LIMIT:
+        if show is not None and sum(len(b.z) for b in shown) < sheet.LIMIT:
             shown.append(result)
     if show is not None:
         count = sheet.show_grid(shown, model.classes_, threshold, show) if shown else 0

@@ -60,7 +60,7 @@ class Batch:
         """`source` (or `name` in its place) for each image, with `[i]` inside a stack."""
         name = self.source if name is None else name
         if self.index is None:
-            return [name] * len(self.p)
+            return [name] * len(self.z)
         return [f"{name}[{i}]" for i in self.index.tolist()]
 
 
