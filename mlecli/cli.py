@@ -490,7 +490,8 @@ def _seeds(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--dry-run", is_flag=True,
               help="Print the mlecli train command of every run, one per line; start nothing.")
-@quiet_option
+@functools.partial(quiet_option, help="No progress bar or status lines; the table alone, without the note under it "
+                  "and the commands to go on with.")
 def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
 
@@ -513,10 +514,12 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
         outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
                                    progress=_progress(quiet), log=log, stop=stop)
-        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet)
 
 
-def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet) -> None:
+    """The table (with --quiet, the table alone: no note under it, no commands to go on with),
+    the JSON, or how a stopped sweep stands; the runs that did not finish on stderr."""
     import json
 
     from mlecli.sweep import grid, runner
@@ -536,7 +539,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         )
         sys.exit(130)
     s = outcome.summary
-    echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+    echo(json.dumps(s, indent=2) if as_json else format_summary(s, notes=not quiet))
     failed = [r for r in s["runs"] if r["status"] != "finished"]
     if failed:
         for r in failed:
@@ -550,7 +553,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         else:
             said = f"{len(failed)} of {total} runs did not finish (listed above); the others did"
         raise MlecliError(f"{said}. Run the same command again to retry them")
-    if not as_json:
+    if not as_json and not quiet:
         echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
         echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
 
@@ -640,7 +643,8 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, with their ŷ.",
+    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, each with its name, the "
+    "decision in words and ŷ.",
 )
 def predict(target, inputs, which, threshold, as_json, raw, show):
     """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
@@ -656,6 +660,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     from mlecli.safe.outputs import check_output
     from mlecli.use import inputs as sources_of
     from mlecli.use import predict as pr
+    from mlecli.use import sheet
 
     sources = sources_of.sources(list(inputs))
     if show is not None:  # refused before anything is read or written
@@ -678,12 +683,12 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
         else:
             lines = pr.text_lines(result, model.classes_, threshold, width, printable(result.source))
         click.echo("\n".join(lines))  # one write for the whole batch
-        if show is not None and sum(len(b.p) for b in shown) < pr.SHOW_LIMIT:
+        if show is not None and sum(len(b.z) for b in shown) < sheet.LIMIT:
             shown.append(result)
     if show is not None:
-        count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
+        count = sheet.show_grid(shown, model.classes_, threshold, show) if shown else 0
         if count:
-            click.echo(printable(f"wrote {show} ({count} images)"), err=True)
+            click.echo(printable(f"wrote {show} ({count} image{'s' if count != 1 else ''})"), err=True)
         else:
             click.echo(printable(f"no image to show: {show} not written"), err=True)
     if failed:
@@ -693,7 +698,8 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @main.command(short_help="Export a network to ONNX, or to a web page to draw on.")
 @click.argument("target", type=click.Path(path_type=Path))
 @checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True,
+              help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -728,13 +734,15 @@ def export(target, which, fmt, out):
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the current one]",
+    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the one holding "
+    "them all]",
 )
 @data_dir_option
 def plot(run_dir, out, data_dir):
     """Draw a run, or compare runs.
 
-    One run folder: curves.png, hidden-units.png and (after evaluate) mistakes.png.
+    One run folder: curves.png, hidden-units.png (weights.png for logistic regression)
+    and (after evaluate) mistakes.png.
     A sweep folder, or several run folders: compare.png, validation LL and accuracy per
     epoch, one colour per grid point (runs that differ only in their seeds), the mean
     over seeds as a line and their spread as a band.

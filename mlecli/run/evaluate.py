@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def evaluate(
 
     n, pos = len(y), int(y.sum())
     total_ll = metrics.total_log_likelihood(z, y)
-    pred = metrics.predictions(p, threshold)
+    pred = metrics.predictions(z, threshold)  # from z, exactly: the one rule (metrics.decide)
     cm = metrics.confusion(y, pred)
     precision, recall, f1 = metrics.precision_recall_f1(cm)
     bins = metrics.calibration_bins(y, p)
@@ -158,6 +159,29 @@ def default_report(run_dir: Path) -> Path | None:
         if path.exists() and measured(read_report(path), target):
             return path
     return None
+
+
+def stands(report_path: Path, run_dir: Path) -> bool:
+    """Whether a report in a run folder still describes the checkpoint it names: the file at
+    <run>/checkpoints/<checkpoint_name>.npz now is the very one it measured (`measured`, the
+    rule `default_report` applies). A report the schema refuses raises its SchemaError."""
+    report = read_report(report_path)
+    name = report["checkpoint_name"]
+    if not re.fullmatch(r"best|last|epoch-\d{1,12}", name):  # not a checkpoint of a run: stands for nothing
+        return False
+    return measured(report, Path(run_dir) / "checkpoints" / f"{name}.npz")
+
+
+def command_for(report: dict[str, Any], run_dir: Path) -> str:
+    """The `mlecli evaluate` command that makes a report like `report` again, of the run as it is now."""
+    words = ["mlecli", "evaluate", str(run_dir)]
+    if report["split"] != "test":
+        words += ["--split", report["split"]]
+    if report["checkpoint_name"] != "best":
+        words += ["--checkpoint", report["checkpoint_name"]]
+    if report.get("threshold", DEFAULT_THRESHOLD) != DEFAULT_THRESHOLD:
+        words += ["--threshold", repr(float(report["threshold"]))]
+    return shlex.join(words)
 
 
 def measured(report: dict[str, Any], checkpoint_path: Path) -> bool:
@@ -253,10 +277,11 @@ def format_report(r: dict[str, Any]) -> str:
     if not r["most_confident_errors"]:
         lines.append("    none")
     classes = r.get("classes") or {"0": "y=0", "1": "y=1"}
+    said = {y: short_word(classes[y]) for y in ("0", "1")}  # the task's words, short where long
+    width = max(map(len, said.values()))  # ŷ in one column, whichever class was predicted
     for e in r["most_confident_errors"]:
-        said = short_word(classes[str(1 - e["y"])], 1 - e["y"])
         lines.append(printable(f"    #{e['index']:<6} {e.get('label') or 'digit ' + str(e['digit']):<12}  "
-                               f"predicted {said}  ŷ={e['p']:.6f}"))
+                               f"predicted {said[str(1 - e['y'])]:<{width}}  ŷ={e['p']:.6f}"))
     rate = f"{r['images_per_s']:,.0f} images/s" if r["images_per_s"] else "n/a"
     lines.append(f"  time              {r['seconds']:.3f} s ({rate})")
     return "\n".join(lines)

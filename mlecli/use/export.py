@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mlecli.nn.metrics import logit_bound
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import file_sha256, measured, run_dir_of
 from mlecli.run.task import class_words
@@ -43,6 +44,10 @@ THRESHOLD = 0.5
 LINE_WIDTH = 22  # pixels of the page's pen on its 280×280 canvas: MNIST's stroke width once scaled to 20 px
 PAGE_LIMIT = 2_000_000  # bytes: a page over this loads slowly; `mlecli export` warns
 KINDS = {"onnx": "ONNX model", "html": "web page"}
+# How mlecli decides (metrics.decide), for whoever takes the exported network elsewhere.
+DECISION = ("y = 1 where z >= log(t / (1 - t)) for a threshold t, that is where P(y = 1) >= t exactly; at mlecli's "
+            "default t = 0.5, where z >= 0. Decide from z: y_hat is rounded to float32, and rounds to t for logits "
+            "on either side of that bound")
 
 
 def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> Path:
@@ -57,13 +62,12 @@ def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> 
     out = check_output(default if out is None else out, "--out", f".{fmt}", KINDS[fmt],
                        keep=[(path, "the checkpoint being exported")])
     cp = ckpt.load(path)
+    # Both formats take what predict takes: images prepared into 28×28 (the ONNX model's input
+    # and metadata say so), so a network trained on other sizes is refused by all, in one line.
+    check_image_shape(cp)
     check_weights(cp)
     info = describe(cp)
-    if fmt == "onnx":
-        data = onnx_bytes(cp, info)
-    else:
-        check_image_shape(cp)
-        data = page_html(cp, info).encode("utf-8")
+    data = onnx_bytes(cp, info) if fmt == "onnx" else page_html(cp, info).encode("utf-8")
     atomic_write_bytes(out, data)
     return out
 
@@ -95,6 +99,7 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
         "image_shape": list(cp.meta.get("image_shape") or []),
         "n_inputs": int(cp.meta["n_inputs"]),
         "preparation": style_for(cfg.data.dataset).name,
+        "decision": DECISION,
         "mlecli_version": __version__,
         "test_accuracy": None,
     }
@@ -240,6 +245,8 @@ def page_model(cp: ckpt.Checkpoint, info: dict[str, Any]) -> dict[str, Any]:
         "layers": layers,
         "words": [info["negative_class"], info["positive_class"]],
         "threshold": THRESHOLD,
+        # the page decides as every command does (metrics.decide): y = 1 where z ≥ this bound
+        "z_threshold": logit_bound(THRESHOLD),
         "style": info["preparation"],
         "seen": (
             "What the network sees: your drawing prepared as MNIST's digits were (cropped, scaled to 20 pixels, "
