@@ -280,4 +280,4 @@ def test_the_report_s_path_is_said_as_the_run_was_named(trained, tmp_path, monke
     res = evaluate("runs/tour", data)
     assert res.stdout.splitlines()[-1] == "  report            runs/tour/eval-test-best.json"
     assert evaluate(tmp_path / "runs" / "tour", data).stdout.splitlines()[-1] == (
-        "  report            runs/tour/eval-test-best.json")  # inside the current folder, however it was named
+        f"  report            {tmp_path / 'runs' / 'tour' / 'eval-test-best.json'}")  # typed in full: said in full
