@@ -47,7 +47,7 @@ import numpy as np
 
 from mlecli.data import splits as npz_splits
 from mlecli.data.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
-from mlecli.data.download import Expected, fetch_file, hash_file, meta_path, mirror_location
+from mlecli.data.download import Expected, fetch_file, meta_path, mirror_location
 from mlecli.data.http import DEFAULT_POLICY, HttpPolicy, new_session
 from mlecli.data.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
 from mlecli.data.splits import MAX_SIDE, Split, Unusable, split_hashes
@@ -57,6 +57,7 @@ from mlecli.safe.files import (
     describe_os_error,
     folder_lock,
     fsync_dir,
+    hash_file,
     is_temporary_name,
     open_own_folder,
     open_regular,

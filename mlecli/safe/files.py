@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import stat
@@ -18,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from mlecli.safe.errors import MlecliError
 
@@ -72,30 +73,43 @@ def fsync_dir(folder: Path) -> None:
 
 
 PSEUDO_FILE_SYSTEMS = ("/proc/", "/sys/")
+EMPTY = "a size of 0 (an empty file, or one the kernel makes up, as in /proc); not read"
 
 
-def check_readable(fd: int, path: Path | str) -> os.stat_result:
+class Refused(OSError):
+    """A file refused before a byte of it is read: not a regular file of data (EINVAL), empty
+    where that is refused (ENODATA) or over a limit (EFBIG). `strerror` says what it is, to
+    follow its name; `size` is its size in bytes (None if it is not a regular file)."""
+
+    def __init__(self, code: int, what: str, path: Path | str, size: int | None = None):
+        super().__init__(code, what, str(path))
+        self.size = size
+
+
+def check_readable(fd: int, path: Path | str, *, refuse_empty: bool = False) -> os.stat_result:
     """The stat of an open file that reading will end on: a regular file, and not one of
     the kernel's pseudo files (/proc/kmsg is "regular" with size 0 and blocks a reader for
-    ever). OSError otherwise."""
+    ever). Refused otherwise, and for a file of size 0 if `refuse_empty`."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
+        raise Refused(errno.EINVAL, "not a regular file", path)
+    if refuse_empty and st.st_size == 0:
+        raise Refused(errno.ENODATA, EMPTY, path, 0)
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")  # where the file really is, links followed
     except OSError:
         return st
     if target.startswith(PSEUDO_FILE_SYSTEMS):
-        raise OSError(errno.EINVAL, f"a kernel file ({target}), not a file of data", str(path))
+        raise Refused(errno.EINVAL, f"a kernel file ({target}), not a file of data", path, st.st_size)
     return st
 
 
 def open_regular(path: Path | str) -> BinaryIO:
     """Open `path` for reading if it is a regular file; OSError otherwise.
 
-    Every file mlecli reads back goes through here: a FIFO put in a file's place would
-    block the reader forever, a device (/dev/zero) or a kernel file (/proc/kmsg) would
-    never end."""
+    Every file mlecli reads back goes through here or read_pieces: a FIFO put in a file's
+    place would block the reader forever, a device (/dev/zero) or a kernel file
+    (/proc/kmsg) would never end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # does not wait for a FIFO's writer
     try:
         check_readable(fd, path)
@@ -104,6 +118,58 @@ def open_regular(path: Path | str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+CHUNK = 1 << 16  # read_pieces' piece: what a download's decoder or a hash takes in one step
+
+
+def read_pieces(path: Path | str, limit: int | None, *, refuse_empty: bool = False,
+                chunk: int = CHUNK) -> Iterator[bytes]:
+    """The bytes of a regular file of data, in pieces of at most `chunk`, no more than the
+    size it had when opened (a file that grows meanwhile is read as it was).
+
+    Before any byte is read, Refused (an OSError) for anything open_regular refuses (a
+    FIFO, a device, a folder, a kernel file: none of them is ever read), for a file of
+    more than `limit` bytes (None: any size), and for one of size 0 if `refuse_empty`;
+    any other OSError of opening or reading it as it comes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
+    try:
+        st = check_readable(fd, path, refuse_empty=refuse_empty)
+        if limit is not None and st.st_size > limit:
+            raise Refused(errno.EFBIG, f"larger than {limit:,} bytes", path, st.st_size)
+        os.set_blocking(fd, True)
+        left = st.st_size
+        while left > 0:
+            piece = os.read(fd, min(chunk, left))
+            if not piece:
+                return
+            left -= len(piece)
+            yield piece
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: Path | str, limit: int | None, *, refuse_empty: bool = False) -> bytes:
+    """The bytes of a regular file of data at once: read_pieces, joined."""
+    return b"".join(read_pieces(path, limit, refuse_empty=refuse_empty, chunk=1 << 24))
+
+
+class FileHash(NamedTuple):
+    sha256: str  # hex digits
+    size: int  # bytes
+
+
+def hash_file(path: Path | str) -> FileHash | None:
+    """The SHA-256 and size of a regular file of data (read_pieces), None if it cannot be read."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for piece in read_pieces(path, None):
+            digest.update(piece)
+            size += len(piece)
+    except OSError:
+        return None
+    return FileHash(digest.hexdigest(), size)
 
 
 def open_own(path: Path | str, *, append: bool) -> BinaryIO:
@@ -125,17 +191,6 @@ def open_own(path: Path | str, *, append: bool) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
-
-
-def read_regular(path: Path | str, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; OSError otherwise."""
-    with open_regular(path) as f:
-        if os.fstat(f.fileno()).st_size > limit:
-            raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
-        data = f.read()  # a regular file: it ends (read(limit + 1) would allocate the limit)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
-    return data
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from mlecli.run import checkpoint as ckpt
-from mlecli.run.evaluate import file_sha256, measured, run_dir_of
+from mlecli.run.evaluate import measured, run_dir_of
 from mlecli.run.task import class_words
 from mlecli.safe import schema
 from mlecli.safe.errors import MlecliError, display
-from mlecli.safe.files import atomic_write_bytes
+from mlecli.safe.files import atomic_write_bytes, hash_file
 from mlecli.safe.outputs import check_output
 from mlecli.use.predict import check_image_shape, check_weights, checkpoint_name
 from mlecli.use.preparation import style_for
@@ -81,10 +81,11 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
     cfg = cp.config
     run = run_dir_of(cp.path)
     negative, positive = class_words(cfg)
+    hashed = hash_file(cp.path)
     info: dict[str, Any] = {
         "run": display(run.name) if run is not None else cfg.name,
         "checkpoint": display(cp.path.name),
-        "checkpoint_sha256": file_sha256(cp.path),
+        "checkpoint_sha256": None if hashed is None else hashed.sha256,
         "epoch": cp.epoch,
         "task": cfg.task.describe(),
         "negative_class": negative,
