@@ -312,7 +312,7 @@ def holder(tmp_path):
     procs = []
 
     def start(folder: Path, seconds: float = 60) -> subprocess.Popen:
-        code = ("import sys, time; from pathlib import Path; from mlecli.safe.files import folder_lock\n"
+        code = ("import sys, time; from pathlib import Path; from mlecli.safe.locks import folder_lock\n"
                 "with folder_lock(Path(sys.argv[1]), wait=False, what='x'):\n"
                 "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
         p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE)

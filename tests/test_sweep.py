@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mlecli.cli import main
 from mlecli.run.config import toml_value
 from mlecli.safe.errors import ConfigError
-from mlecli.safe.files import folder_lock
+from mlecli.safe.locks import folder_lock
 from mlecli.sweep import grid
 
 RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order

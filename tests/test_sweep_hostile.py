@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from mlecli.cli import main
 from mlecli.nn import blas
-from mlecli.safe.files import folder_lock
+from mlecli.safe.locks import folder_lock
 from mlecli.sweep import grid, workers
 from mlecli.sweep.compare import best_point, collect, summary
 from mlecli.sweep.runs import _equal

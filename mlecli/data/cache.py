@@ -55,7 +55,6 @@ from mlecli.safe.errors import DataError, DownloadError, MlecliError
 from mlecli.safe.files import (
     atomic_write_text,
     describe_os_error,
-    folder_lock,
     fsync_dir,
     hash_file,
     is_temporary_name,
@@ -65,7 +64,7 @@ from mlecli.safe.files import (
     remove_own_files,
     remove_stale_temporaries,
 )
-from mlecli.safe.locks import waiting_lock
+from mlecli.safe.locks import folder_lock, waiting_lock
 from mlecli.safe.resources import need_memory, need_space, physical_memory
 
 __all__ = ["Split", "split_hashes", "ensure_dataset", "prepare", "load_split", "keep_loaded", "dataset_dir"]

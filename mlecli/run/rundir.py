@@ -35,11 +35,11 @@ from mlecli.safe.files import (
     atomic_write_bytes,
     atomic_write_text,
     describe_os_error,
-    folder_lock,
     is_temporary_name,
     open_regular,
     remove_stale_temporaries,
 )
+from mlecli.safe.locks import folder_lock
 
 RUNS_DIR = Path("runs")
 MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file

@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves half of one, and locking folders.
+"""Writing files so that a crash never leaves half of one, and reading them back.
 
 Every file mlecli writes goes to a temporary name in the same folder, is flushed to
 disk, then renamed over the target: readers see the old file or the new one, never a
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -371,67 +370,3 @@ def _writer_alive(p: Path) -> bool:
     except (OSError, IndexError, ValueError):
         return False  # no such process
     return state not in (b"Z", b"X")  # a zombie writes nothing more
-
-
-class HeldLock:
-    """A folder's lock, held: `discard` removes the lock file and, if nothing else is in
-    it, the folder (for a folder this process made and then had no use for)."""
-
-    def __init__(self, folder: Path, lock_path: Path):
-        self.folder, self.path = folder, lock_path
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-            os.rmdir(self.folder)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path, *, wait: bool, what: str) -> Iterator[HeldLock]:
-    """Hold an exclusive lock on `folder/.lock` for the duration of the block.
-
-    The lock is an flock on an open file, so the kernel releases it when the process
-    dies: a crashed run never leaves it stuck. With wait=False a lock held by another
-    process raises MlecliError naming `what`. A holder may remove the lock file (and
-    the folder) before it lets go: whoever was waiting on the removed file sees that
-    it is no longer the folder's lock, and takes the lock of the folder as it is now.
-    """
-    lock_path = folder / ".lock"
-    while True:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # never through a link (a dangling one would create its target), never a pipe
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise OSError(errno.EINVAL, "not a regular file", str(lock_path))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP and os.path.islink(lock_path):  # not a loop on the way to it
-                raise MlecliError(f"{lock_path} is a symbolic link: mlecli never writes through one; remove it "
-                                  f"(rm {lock_path}) and run again") from None
-            raise MlecliError(describe_os_error(exc, lock_path)) from None
-        try:
-            flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
-            try:
-                fcntl.flock(fd, flags)
-            except BlockingIOError:
-                raise MlecliError(
-                    f"{what} is in use by another mlecli process (lock {lock_path}); "
-                    "wait for it to finish or use another folder"
-                ) from None
-            try:
-                here = os.stat(lock_path)
-                mine = os.fstat(fd)
-                current = (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)  # the holder before us removed this lock file: take the folder's lock anew
-    try:
-        yield HeldLock(folder, lock_path)
-    finally:
-        os.close(fd)

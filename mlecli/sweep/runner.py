@@ -19,7 +19,8 @@ from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import default_report
 from mlecli.run.rundir import TRAINER_FILES, read_manifest
 from mlecli.safe.errors import MlecliError
-from mlecli.safe.files import folder_lock, is_temporary_name, remove_stale_temporaries
+from mlecli.safe.files import is_temporary_name, remove_stale_temporaries
+from mlecli.safe.locks import folder_lock, is_locked
 from mlecli.sweep import workers
 from mlecli.sweep.compare import summary
 from mlecli.sweep.grid import Plan, RunSpec
@@ -31,7 +32,7 @@ from mlecli.sweep.record import (
     read_sweep_json,
     write_sweep_json,
 )
-from mlecli.sweep.runs import describe, locked
+from mlecli.sweep.runs import describe
 
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
@@ -69,7 +70,7 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     if not run_dir.is_dir():
         return Todo(run, "start", problem=f"{run_dir} is not a folder: a run of the sweep goes there; move it away "
                                           "and run the sweep again")
-    if locked(run_dir):  # a training process holds it: never touched, never counted finished
+    if is_locked(run_dir):  # a training process holds it: never touched, never counted finished
         return Todo(run, "running", problem=f"run folder {run_dir} is in use by another mlecli process (its .lock "
                                             "is held); left alone: run the sweep again once it has ended")
     if not any(run_dir.iterdir()):

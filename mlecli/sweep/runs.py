@@ -10,9 +10,7 @@ report.
 from __future__ import annotations
 
 import difflib
-import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,13 @@ from mlecli.run.evaluate import default_report, read_report
 from mlecli.run.rundir import committed_epochs, read_manifest
 from mlecli.safe import schema
 from mlecli.safe.errors import ConfigError, MlecliError, printable
+from mlecli.safe.locks import is_locked
 from mlecli.sweep.record import read_sweep_json
 
 ASCENDING = {"name", "started"}
 # Columns --where can filter on besides config keys.
 COLUMNS = ("name", "sweep", "status", "dataset", "task")
 DEFAULT_OPTIMIZER = "sgd"  # what a config without train.optimizer trains with
-
-
-def locked(run_dir: Path) -> bool:
-    """True if a training process holds the run's lock right now."""
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _number(v: Any) -> float | None:
@@ -97,7 +81,7 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
     manifest = read_manifest(run_dir, strict=True)
     row["started"] = manifest.get("started")
     ended = manifest.get("ended") or {}
-    if locked(run_dir):
+    if is_locked(run_dir):
         row["status"] = "running"
     elif ended.get("status") == "failed":
         row["status"] = "failed"
