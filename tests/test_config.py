@@ -309,3 +309,18 @@ def test_any_number_for_any_key_is_a_config_or_one_line_naming_the_key(key, valu
 def test_an_empty_config_name_is_named_as_such(name):
     with pytest.raises(ConfigError, match=r"^config .* is an empty name: give a TOML file, or the name of a built-in"):
         load(name)
+
+
+@pytest.mark.parametrize("value, as_json, as_config", [
+    ("adam", '"adam"', "'adam'"),
+    (True, "true", "true"),
+    (None, "null", "None"),
+    ([1, "a"], '[1, "a"]', "[1, 'a']"),
+    (2 ** 70, "an integer of 22 digits", "an integer of 22 digits"),
+    (0.5, "0.5", "0.5"),
+    ("x" * 50, '"' + "x" * 36 + "...", "'" + "x" * 50 + "'"),  # a file's value is cut short, a config's is not
+])
+def test_a_value_in_a_message_is_shown_as_json_or_as_a_config_has_it(value, as_json, as_config):
+    from mlecli.safe.schema import show_value
+
+    assert (show_value(value), show_value(value, toml=True)) == (as_json, as_config)

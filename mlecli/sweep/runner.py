@@ -21,6 +21,7 @@ from mlecli.run.rundir import TRAINER_FILES, read_manifest
 from mlecli.safe.errors import MlecliError
 from mlecli.safe.files import is_temporary_name, remove_stale_temporaries
 from mlecli.safe.locks import folder_lock, is_locked
+from mlecli.safe.schema import is_int
 from mlecli.sweep import workers
 from mlecli.sweep.compare import summary
 from mlecli.sweep.grid import Plan, RunSpec
@@ -109,7 +110,7 @@ def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
 
     recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
     threads = (recorded or {}).get("blas_threads")
-    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+    if is_int(threads) and threads > 0:
         return threads
     return max(1, workers.cores() // min(jobs or workers.cores(), len(p.runs)))
 
