@@ -267,9 +267,9 @@ def test_training_keys_load_and_round_trip(tmp_path):
 
 
 def test_the_memory_estimate_counts_the_update_rules_state(tmp_path, monkeypatch):
-    from mlecli.safe import memory, resources
+    from mlecli.safe import resources
 
-    sgd, adam = (memory.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
+    sgd, adam = (resources.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
     params = (784 + 1) * 128 + 129
     assert adam - sgd == 2 * params * 4
     monkeypatch.setattr(resources, "physical_memory", lambda: sgd + 1)

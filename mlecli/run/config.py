@@ -25,7 +25,7 @@ from mlecli.data.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.data.download import url_problem
 from mlecli.safe.errors import ConfigError
 from mlecli.safe.files import open_regular
-from mlecli.safe.memory import check_fits
+from mlecli.safe.resources import check_fits
 from mlecli.safe.schema import is_int, is_number, show_value
 
 DTYPES = ("float32", "float64")

@@ -64,7 +64,6 @@ from mlecli.run.config import (
 )
 from mlecli.run.config import load as load_config
 from mlecli.run.task import BinaryTask, build_task
-from mlecli.safe import memory
 from mlecli.safe.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
 from mlecli.safe.files import (
     Appender,
@@ -74,7 +73,7 @@ from mlecli.safe.files import (
     read_regular,
     remove_stale_temporaries,
 )
-from mlecli.safe.resources import NoRoom, fmt_bytes, free_space
+from mlecli.safe.resources import NoRoom, check_fits, checkpoint_bytes, fmt_bytes, free_space
 from mlecli.version import __version__
 
 # Run state and what a checkpoint holds
@@ -442,7 +441,7 @@ def _check_room(cfg: Config, data: _Data, folder: Path, epochs_done: int) -> Non
     t = cfg.train
     kept = max(0, t.epochs // t.checkpoint_every - epochs_done // t.checkpoint_every) + (
         1 if t.epochs % t.checkpoint_every and t.epochs > epochs_done else 0)
-    size = memory.checkpoint_bytes(cfg.model.hidden, cfg.model.dtype, data.task.n_inputs, STATE_SLOTS[t.optimizer])
+    size = checkpoint_bytes(cfg.model.hidden, cfg.model.dtype, data.task.n_inputs, STATE_SLOTS[t.optimizer])
     need, free = (kept + 2) * size, free_space(folder)
     if free is not None and need > free:
         raise NoRoom(
@@ -489,8 +488,8 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
     sha256 = split_hashes(splits)
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
     task = build_task(cfg, splits, rng)
-    memory.check_fits(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs,
-                      STATE_SLOTS[cfg.train.optimizer])
+    check_fits(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs,
+               STATE_SLOTS[cfg.train.optimizer])
     return _Data(dataset.name, task, sha256, rng, Path(data_dir))
 
 
