@@ -54,7 +54,7 @@ from mlecli.data.splits import MAX_SIDE, Split, Unusable, split_hashes
 from mlecli.safe.errors import DataError, DownloadError, MlecliError
 from mlecli.safe.files import (
     atomic_write_text,
-    describe_os_error,
+    cannot_write,
     fsync_dir,
     hash_file,
     is_temporary_name,
@@ -618,7 +618,7 @@ def _rename_in(src: Path, dest: Path) -> None:
     try:
         os.replace(src, dest)
     except OSError as exc:
-        raise MlecliError(describe_os_error(exc, dest)) from None
+        raise MlecliError(cannot_write(exc, dest)) from None
 
 
 def _remove_staged(folder: Path, dataset: Dataset) -> None:

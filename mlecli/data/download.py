@@ -50,7 +50,7 @@ from mlecli.data.http import (
 from mlecli.data.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
 from mlecli.safe import files as fsutil
 from mlecli.safe.errors import DataError, DownloadError, MlecliError
-from mlecli.safe.files import atomic_write, atomic_write_text, describe_os_error
+from mlecli.safe.files import atomic_write, atomic_write_text, cannot_write
 
 CHUNK = 1 << 16
 # A part's meta file holds a URL and two validators of at most 255 bytes each.
@@ -471,7 +471,7 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
         part.parent.mkdir(parents=True, exist_ok=True)
         offset = _own_part_size(part)
     except OSError as exc:
-        raise MlecliError(describe_os_error(exc, part)) from None
+        raise MlecliError(cannot_write(exc, part)) from None
     unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
     # An unpinned file's part continues only the same version of the file: without a validator
     # to send in If-Range, nothing would tell if the rest is of another (a pinned file's hash does).
@@ -591,7 +591,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
         f = fsutil.open_own(part, append=bool(offset))
     except OSError as exc:
         discard(part)
-        raise MlecliError(describe_os_error(exc, part)) from None
+        raise MlecliError(cannot_write(exc, part)) from None
     read = getattr(resp.raw, "read1", None) or resp.raw.read
     written = offset
     with f, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -611,7 +611,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
             except OSError as exc:
                 f.close()
                 discard(part)
-                raise MlecliError(describe_os_error(exc, part)) from None
+                raise MlecliError(cannot_write(exc, part)) from None
             bar.update(len(data))
         # No fsync: a part is only ever read back to be verified, and one damaged by a
         # power cut fails that and is downloaded again whole.
@@ -619,7 +619,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
             f.flush()
         except OSError as exc:
             discard(part)
-            raise MlecliError(describe_os_error(exc, part)) from None
+            raise MlecliError(cannot_write(exc, part)) from None
 
 
 def _bound(header: IdxHeader, expected: Expected, clock: Clock, url: str, total: int | None, before: int) -> int:

@@ -69,7 +69,7 @@ from mlecli.safe.files import (
     Appender,
     atomic_write_bytes,
     atomic_write_text,
-    describe_os_error,
+    cannot_write,
     read_regular,
     remove_stale_temporaries,
 )
@@ -128,7 +128,7 @@ def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str
 
 def blas_info(cfg: Config) -> dict[str, Any]:
     """Which BLAS computes the hot loop, with how many threads: its bits depend on it."""
-    return {"backend": blas.describe(), "threads": blas_threads(cfg.train.batch_size) or blas.current_threads()}
+    return {"backend": blas.backend(), "threads": blas_threads(cfg.train.batch_size) or blas.current_threads()}
 
 
 def _now() -> str:
@@ -461,7 +461,7 @@ def _make_folder(run_dir: Path) -> bool:
         return False
     except OSError as exc:
 
-        raise MlecliError(describe_os_error(exc, run_dir)) from None
+        raise MlecliError(cannot_write(exc, run_dir)) from None
 
 
 @dataclass
@@ -540,7 +540,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
             ckpt_dir.mkdir(exist_ok=True)
         except OSError as exc:
 
-            raise MlecliError(describe_os_error(exc, ckpt_dir)) from None
+            raise MlecliError(cannot_write(exc, ckpt_dir)) from None
         params = init_params(layer_sizes(data.task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed),
                              np.dtype(cfg.model.dtype))
         rule = make_rule(cfg)

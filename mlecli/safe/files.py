@@ -38,7 +38,8 @@ def _current_umask() -> int:
 FILE_MODE = 0o666 & ~_current_umask()
 
 
-def describe_os_error(exc: OSError, path: Path) -> str:
+def cannot_write(exc: OSError, path: Path) -> str:
+    """The one line saying why `path` could not be written (or its folder made), for the OSError that said so."""
     if exc.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}: free some space and try again"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -213,7 +214,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
         # temporary whose writer is gone.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
-        raise MlecliError(describe_os_error(exc, path)) from None
+        raise MlecliError(cannot_write(exc, path)) from None
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -225,7 +226,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise MlecliError(describe_os_error(exc, path)) from None
+            raise MlecliError(cannot_write(exc, path)) from None
         raise
     fsync_dir(path.parent)
 
@@ -263,7 +264,7 @@ class Appender:
             os.set_blocking(fd, True)
             self._f = os.fdopen(fd, "ab")
         except OSError as exc:
-            raise MlecliError(describe_os_error(exc, self.path)) from None
+            raise MlecliError(cannot_write(exc, self.path)) from None
 
     def add(self, line: str) -> None:
         data = (line + "\n").encode("utf-8")
@@ -274,14 +275,14 @@ class Appender:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self._f.truncate(start)
-            raise MlecliError(describe_os_error(exc, self.path)) from None
+            raise MlecliError(cannot_write(exc, self.path)) from None
 
     def sync(self) -> None:
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as exc:
-            raise MlecliError(describe_os_error(exc, self.path)) from None
+            raise MlecliError(cannot_write(exc, self.path)) from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

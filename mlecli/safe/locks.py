@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlecli.safe.errors import MlecliError
-from mlecli.safe.files import describe_os_error
+from mlecli.safe.files import cannot_write
 
 # Seconds a command waits for another process to let go of a folder's lock: longer than an
 # honest download of MNIST from the slowest mirror allowed (about 40 minutes at 50 kB/s,
@@ -73,7 +73,7 @@ def folder_lock(folder: Path, *, wait: bool, what: str) -> Iterator[HeldLock]:
             if exc.errno == errno.ELOOP and os.path.islink(lock_path):  # not a loop on the way to it
                 raise MlecliError(f"{lock_path} is a symbolic link: mlecli never writes through one; remove it "
                                   f"(rm {lock_path}) and run again") from None
-            raise MlecliError(describe_os_error(exc, lock_path)) from None
+            raise MlecliError(cannot_write(exc, lock_path)) from None
         try:
             flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
             try:

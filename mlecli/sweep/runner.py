@@ -33,7 +33,7 @@ from mlecli.sweep.record import (
     read_sweep_json,
     write_sweep_json,
 )
-from mlecli.sweep.runs import describe
+from mlecli.sweep.runs import run_row
 
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
@@ -267,7 +267,7 @@ class Progress:
 
     def _consider(self, name: str) -> dict[str, Any] | None:
 
-        row = describe(self.sweep_dir / name)
+        row = run_row(self.sweep_dir / name)
         if row["val_ll"] is not None and (self.best is None or row["val_ll"] > self.best[0]):
             self.best = (row["val_ll"], name)
         return row

@@ -34,7 +34,7 @@ def _number(v: Any) -> float | None:
     return float(v) if schema.is_number(v) else None
 
 
-def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
+def run_row(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
     """One row: what the run is, how far it got, its best and test figures, its status.
     Whatever is wrong with the run's files makes it a `broken` row saying why."""
     row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "sweep": sweep, "task": None,
@@ -118,7 +118,7 @@ def _guarded(test, p: Path) -> bool | None:
 def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
     """(run folder, sweep name or None) for every run in `folder` and in the sweeps in it;
     `folder` itself may be a sweep. A folder that cannot be looked into is listed too (as
-    a run, which `describe` then shows broken, saying why): one unreadable folder never
+    a run, which `run_row` then shows broken, saying why): one unreadable folder never
     hides the others."""
     def runs_in(sweep: Path) -> list[tuple[Path, str | None]]:
         try:
@@ -144,7 +144,7 @@ def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
 
 def _unless_damaged(sweep: Path, runs: list[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
     """A sweep's runs, or, when its sweep.json is damaged, the sweep folder itself (which
-    `describe` then shows broken, saying why): the other runs are still listed."""
+    `run_row` then shows broken, saying why): the other runs are still listed."""
     try:
         read_sweep_json(sweep)
     except MlecliError:
@@ -205,7 +205,7 @@ def list_runs(runs_dir: Path, sort: str = "name", where: tuple[tuple[str, Any], 
     """Every run in `runs_dir` (and in the sweeps inside it) that passes every `where` filter."""
     if not runs_dir.is_dir():
         raise MlecliError(f"{runs_dir} is not a folder: give the folder that holds your runs (default: runs)")
-    rows = [describe(p, sweep) for p, sweep in run_folders(runs_dir)]
+    rows = [run_row(p, sweep) for p, sweep in run_folders(runs_dir)]
     rows = [r for r in rows if all(_matches(r, k, v) for k, v in where)]
     if sort == "name":
         return sorted(rows, key=lambda r: (r["sweep"] or "", r["name"]))

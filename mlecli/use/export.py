@@ -58,7 +58,7 @@ def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> 
                        keep=[(path, "the checkpoint being exported")])
     cp = ckpt.load(path)
     check_weights(cp)
-    info = describe(cp)
+    info = metadata(cp)
     if fmt == "onnx":
         data = onnx_bytes(cp, info)
     else:
@@ -75,7 +75,7 @@ def default_out(checkpoint_path: Path, fmt: str) -> Path:
     return (run if run is not None else checkpoint_path.parent) / f"{checkpoint_path.stem}.{fmt}"
 
 
-def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
+def metadata(cp: ckpt.Checkpoint) -> dict[str, Any]:
     """What a reader of the exported file should know about the network, as plain values."""
 
     cfg = cp.config
