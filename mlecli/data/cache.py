@@ -67,7 +67,7 @@ from mlecli.safe.files import (
 from mlecli.safe.locks import folder_lock, waiting_lock
 from mlecli.safe.resources import need_memory, need_space, physical_memory
 
-__all__ = ["Split", "split_hashes", "ensure_dataset", "prepare", "load_split", "keep_loaded", "dataset_dir"]
+__all__ = ["Split", "split_hashes", "ensure_dataset", "ensure_splits", "load_split", "keep_loaded", "dataset_dir"]
 
 CACHE_FORMAT = 2
 RECORD = "record.json"
@@ -79,7 +79,7 @@ STAGED = "staged"
 # copy of the images it chose): indices, labels and targets.
 BYTES_PER_IMAGE = 48
 
-# What prepare() may download when a dataset is not cached (see prepare).
+# What ensure_splits() may download when a dataset is not cached (see ensure_splits).
 DOWNLOAD_ANY = "any"
 DOWNLOAD_BUILTIN = "builtin"
 DOWNLOAD_NEVER = "never"
@@ -806,7 +806,7 @@ def _stamp(folder: Path, split: str, dataset: Dataset) -> tuple | None:
     return str(folder.resolve()), split, dataset.name, files, stats
 
 
-def prepare(
+def ensure_splits(
     dataset: Dataset,
     data_dir: Path,
     *,

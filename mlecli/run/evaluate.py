@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.data.cache import prepare, split_hashes
+from mlecli.data.cache import ensure_splits, split_hashes
 from mlecli.nn import metrics
 from mlecli.nn.model import sigmoid
 from mlecli.nn.pixels import image_scores
@@ -66,7 +66,7 @@ def evaluate(
     cfg = cp.config
     dataset = cfg.data.resolve()
     # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
-    splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
+    splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
                      progress=progress, log=log)
     sha256 = split_hashes(splits)
     ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.data.cache import prepare, split_hashes
+from mlecli.data.cache import ensure_splits, split_hashes
 from mlecli.nn import blas, optim
 from mlecli.nn.model import Params, init_params, layer_sizes, log_prior
 
@@ -480,10 +480,10 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
     dataset is taken from the cache only, never from the URL the folder names."""
     dataset = cfg.data.resolve()
     if resumed is None:
-        splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
+        splits = ensure_splits(dataset, data_dir, progress=report.progress, log=report.log)
     else:
         fetch = f"mlecli download --config {shlex.quote(str(resumed / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
-        splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
+        splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
                          log=report.log)
     sha256 = split_hashes(splits)
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlecli.data.cache import prepare
+from mlecli.data.cache import ensure_splits
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import default_report
 from mlecli.run.rundir import TRAINER_FILES, read_manifest
@@ -151,7 +151,7 @@ def execute(
         key = json.dumps({k: v for k, v in r.config.to_dict()["data"].items() if k != "validation"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            prepare(r.config.data.resolve(), data_dir, progress=progress, log=log)
+            ensure_splits(r.config.data.resolve(), data_dir, progress=progress, log=log)
     made = False
     if sweep_dir is None:
         sweep_dir = find_sweep(p)
