@@ -42,6 +42,7 @@ from mlecli.data.http import (
     get,
     header_int,
     network_reason,
+    peer_errors,
     retry_after,
     shown,
     shown_header,
@@ -450,9 +451,7 @@ def _download(session, url: str, part: Path, expected: Expected, clock: Clock, p
                     raise MirrorFailed(
                         f"{reason}; the server asks to wait {reason_wait:.0f} s, more than {policy.max_wait:.0f}"
                     ) from None
-            except (MirrorFailed, MlecliError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever the HTTP stack raises about a peer
+            except peer_errors() as exc:  # a misbehaving peer or network; anything else is a bug, and propagates
                 if dog.reason is not None:
                     raise MirrorFailed(dog.reason) from None
                 reason, retry = network_reason(exc, policy)
