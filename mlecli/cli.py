@@ -41,9 +41,9 @@ class Group(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else "standard output: " if exc.errno == 28 else ""
             _error(f"{where}{exc.strerror or exc}", 1)
-        except Exception as exc:
+        except Exception as exc:  # any type, to look inside: a library may wrap a Ctrl-C in its own
             if not _interrupted(exc):
-                raise
+                raise  # not a Ctrl-C: a bug, with its traceback
             # a Ctrl-C inside a library's import, which wraps it (matplotlib: a RuntimeError)
             _error("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", 130, prefix="")
 
@@ -679,7 +679,8 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @main.command(short_help="Export a network to ONNX, or to a web page to draw on.")
 @click.argument("target", type=click.Path(path_type=Path))
 @checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True,
+              help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),

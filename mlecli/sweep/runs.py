@@ -48,7 +48,7 @@ def run_row(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
         row["status"], row["problem"] = "broken", str(exc)
     except OSError as exc:  # a folder or file this user may not read, say
         row["status"], row["problem"] = "broken", f"cannot read {exc.filename or run_dir}: {exc.strerror or exc}"
-    except Exception as exc:  # a bug of ours must not hide the other runs: show it on this row
+    except Exception as exc:  # any type, on purpose: a bug of ours must not hide the other runs; this row names it
         row["status"], row["problem"] = "broken", f"cannot be read ({type(exc).__name__}: {exc})"
     return row
 

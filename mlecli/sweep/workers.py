@@ -432,5 +432,5 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:
         return Result("failed", str(exc))
-    except Exception as exc:  # a bug: reported as the run's failure, and the sweep goes on
+    except Exception as exc:  # any type, on purpose: a bug fails this run, named as a bug; the sweep goes on
         return Result("failed", f"internal error (a bug in mlecli, please report it): {type(exc).__name__}: {exc}")

@@ -140,7 +140,8 @@ def onnx_bytes(cp: ckpt.Checkpoint, info: dict[str, Any]) -> bytes:
         from onnx import TensorProto, helper, numpy_helper  # lazy: onnx is an optional extra
     except ImportError:
         raise MlecliError("--format onnx needs the onnx package: pip install 'mlecli[onnx]'") from None
-    except Exception as exc:  # an install that is broken: its import itself fails
+    except Exception as exc:  # any type: importing a broken install runs its code (a missing shared library,
+        # a module built for another numpy: OSError, AttributeError, ValueError…)
         why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise MlecliError(f"--format onnx: the onnx package is installed but cannot be imported "
                           f"({type(exc).__name__}: {why}); reinstall it: pip install --force-reinstall "
