@@ -67,7 +67,7 @@ def evaluate(
     dataset = cfg.data.resolve()
     # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
     splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
-                     progress=progress, log=log)
+                           progress=progress, log=log)
     sha256 = split_hashes(splits)
     ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
     task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))

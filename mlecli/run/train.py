@@ -255,7 +255,8 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
     newest readable epoch checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists them)")
+        raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists "
+                              "them)")
     if (run_dir / "checkpoints").is_symlink():
         raise CheckpointError(
             f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
@@ -482,9 +483,10 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
     if resumed is None:
         splits = ensure_splits(dataset, data_dir, progress=report.progress, log=report.log)
     else:
-        fetch = f"mlecli download --config {shlex.quote(str(resumed / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
+        fetch = (f"mlecli download --config {shlex.quote(str(resumed / 'config.toml'))} "
+                 f"--data-dir {shlex.quote(str(data_dir))}")
         splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
-                         log=report.log)
+                               log=report.log)
     sha256 = split_hashes(splits)
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
     task = build_task(cfg, splits, rng)
@@ -629,7 +631,8 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
     state, saved = run.state, cp.config
     if cp.path.name == "last.npz" and state.batch_in_epoch == 0 and state.epochs_done > 0:
         epoch = state.epochs_done
-        due = [f"epoch-{epoch:04d}.npz"] if epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs else []
+        due = ([f"epoch-{epoch:04d}.npz"] if epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs
+               else [])
         if state.best is not None and state.best["epoch"] == epoch:
             due.append("best.npz")
         data = read_regular(cp.path, 1 << 40)

@@ -223,6 +223,7 @@ def _evaluation(run_dir: Path) -> Path | None:
 def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
 
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
-    how = f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
+    how = (f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} "
+           f"--data-dir {shlex.quote(str(data_dir))}")
     splits = ensure_splits(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images
