@@ -630,7 +630,7 @@ def test_a_kept_split_is_read_again_once_its_cache_file_changes(tiny_config, tmp
     from mlecli.run.config import load
 
     dataset = load(tiny_config()).data.resolve()
-    cache.prepare(dataset, tmp_path)
+    cache.ensure_splits(dataset, tmp_path)
     with cache.keep_loaded():
         first = cache.load_split(dataset, tmp_path, "train")
         assert cache.load_split(dataset, tmp_path, "train") is first
