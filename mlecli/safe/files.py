@@ -166,7 +166,7 @@ def hash_file(path: Path | str) -> FileHash | None:
     digest = hashlib.sha256()
     size = 0
     try:
-        for piece in read_pieces(path, None):
+        for piece in read_pieces(path, None, chunk=1 << 20):  # a hash goes faster in large pieces
             digest.update(piece)
             size += len(piece)
     except OSError:
