@@ -42,9 +42,9 @@ class Group(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else "standard output: " if exc.errno == 28 else ""
             _error(f"{where}{exc.strerror or exc}", 1)
-        except Exception as exc:
+        except Exception as exc:  # any type, to look inside: a library may wrap a Ctrl-C in its own
             if not _interrupted(exc):
-                raise
+                raise  # not a Ctrl-C: a bug, with its traceback
             # a Ctrl-C inside a library's import, which wraps it (matplotlib: a RuntimeError)
             _error("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", 130, prefix="")
 

@@ -270,9 +270,9 @@ def test_training_keys_load_and_round_trip(tmp_path):
 
 
 def test_the_memory_estimate_counts_the_update_rules_state(tmp_path, monkeypatch):
-    from mlecli.safe import memory, resources
+    from mlecli.safe import resources
 
-    sgd, adam = (memory.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
+    sgd, adam = (resources.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
     params = (784 + 1) * 128 + 129
     assert adam - sgd == 2 * params * 4
     monkeypatch.setattr(resources, "physical_memory", lambda: sgd + 1)
@@ -405,3 +405,18 @@ def test_the_resolved_config_records_the_rate_used(tmp_path):
 ])
 def test_the_advice_for_a_rate_that_overshot_names_a_smaller_one(overrides, advice):
     assert config.rate_advice(load(None, overrides).train) == advice
+
+
+@pytest.mark.parametrize("value, as_json, as_config", [
+    ("adam", '"adam"', "'adam'"),
+    (True, "true", "true"),
+    (None, "null", "None"),
+    ([1, "a"], '[1, "a"]', "[1, 'a']"),
+    (2 ** 70, "an integer of 22 digits", "an integer of 22 digits"),
+    (0.5, "0.5", "0.5"),
+    ("x" * 50, '"' + "x" * 36 + "...", "'" + "x" * 50 + "'"),  # a file's value is cut short, a config's is not
+])
+def test_a_value_in_a_message_is_shown_as_json_or_as_a_config_has_it(value, as_json, as_config):
+    from mlecli.safe.schema import show_value
+
+    assert (show_value(value), show_value(value, toml=True)) == (as_json, as_config)

@@ -879,7 +879,7 @@ def test_any_figures_in_a_report_give_strict_json_in_the_page_and_the_onnx_metad
     report = {"split": "test", "checkpoint_name": "best", "checkpoint": str(best), "images": 10, "task": "x",
               "epoch": cp.epoch, "accuracy": accuracy, "threshold": threshold, "most_confident_errors": []}
     (copy / "eval-test-best.json").write_text(json.dumps(report))
-    info = ex.describe(cp)
+    info = ex.metadata(cp)
     shown = info["test_accuracy"]
     in_range = (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1
                 and isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1)

@@ -535,9 +535,9 @@ def test_a_pipe_in_place_of_a_checkpoint_is_named_as_such(trained, tmp_path):
 def test_a_run_whose_checkpoints_cannot_fit_on_its_disk_is_refused_before_it_starts(tiny_config, tmp_path,
                                                                                        monkeypatch):
     from mlecli.run import train as training
-    from mlecli.safe import memory
+    from mlecli.safe import resources
 
-    size = memory.checkpoint_bytes((4,), "float32", 28 * 28, 0)
+    size = resources.checkpoint_bytes((4,), "float32", 28 * 28, 0)
     monkeypatch.setattr(training, "free_space", lambda folder: 8 * size)  # room for 6 epoch checkpoints
     cfg = tiny_config(model={"hidden": [4]}, train={"epochs": 12})
     res = CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(tmp_path / "r"), "--data-dir",

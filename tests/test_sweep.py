@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mlecli.cli import main
 from mlecli.run.config import toml_value
 from mlecli.safe.errors import ConfigError
-from mlecli.safe.files import folder_lock
+from mlecli.safe.locks import folder_lock
 from mlecli.sweep import grid
 
 RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order
@@ -639,7 +639,7 @@ def test_a_kept_split_is_read_again_once_its_cache_file_changes(tiny_config, tmp
     from mlecli.run.config import load
 
     dataset = load(tiny_config()).data.resolve()
-    cache.prepare(dataset, tmp_path)
+    cache.ensure_splits(dataset, tmp_path)
     with cache.keep_loaded():
         first = cache.load_split(dataset, tmp_path, "train")
         assert cache.load_split(dataset, tmp_path, "train") is first

@@ -21,7 +21,7 @@ from mlecli.nn.model import log_prior
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import train as training
 from mlecli.run.config import toml_value
-from mlecli.sweep.runs import describe
+from mlecli.sweep.runs import run_row
 
 # Each variant uses every feature at least once; together they cover each rule, schedule,
 # the prior (weights, weights and biases), the plateau and shifts.
@@ -146,7 +146,7 @@ def test_early_stopping_ends_the_run_as_finished_and_says_so(noisy_config, tmp_p
         "epoch": stopped, "best_epoch": best, "patience": 2}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.npz", f"epoch-{stopped:04d}.npz", "last.npz"]
     assert ckpt.load(run / "checkpoints" / "best.npz").epoch == best
-    row = describe(run)
+    row = run_row(run)
     assert row["status"] == "finished" and row["note"] == (
         f"stopped early after epoch {stopped}: no better validation LL since epoch {best}")
     res = CliRunner().invoke(main, ["runs", str(tmp_path)])

@@ -26,8 +26,8 @@ from mlecli.data.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.data.download import url_problem
 from mlecli.safe.errors import ConfigError
 from mlecli.safe.files import open_regular
-from mlecli.safe.memory import check_fits
-from mlecli.safe.schema import is_number, show_int
+from mlecli.safe.resources import check_fits
+from mlecli.safe.schema import is_int, is_number, show_value
 
 DTYPES = ("float32", "float64")
 DIGITS = range(10)
@@ -49,32 +49,12 @@ MAX_SHIFT = 8
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key} = {_show(value)}: {allowed}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if _is_int(value):
-        return show_int(value)
-    return str(value)
+    return ConfigError(f"{key} = {show_value(value, toml=True)}: {allowed}")
 
 
 def _show_table(v: dict[str, str]) -> str:
-    shown = "{" + ", ".join(f"{k} = {_show(x)}" for k, x in v.items()) + "}"
-    return shown if len(shown) <= 120 else shown[:117] + "..."
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return is_number(v)
+    text = "{" + ", ".join(f"{k} = {show_value(x, toml=True)}" for k, x in v.items()) + "}"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 BIG = 1 << 63  # every integer of a config is below this: sums and products of a few stay usable as floats
@@ -82,7 +62,7 @@ BIG = 1 << 63  # every integer of a config is below this: sums and products of a
 
 def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
     def check(key: str, v: Any) -> int:
-        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        if not is_int(v) or v < lo or (hi is not None and v > hi):
             bound = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
             raise _fail(key, v, f"must be {bound}")
         if v >= BIG:
@@ -93,13 +73,13 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
 
 
 def positive_float(key: str, v: Any) -> float:
-    if not _is_number(v) or v <= 0:
+    if not is_number(v) or v <= 0:
         raise _fail(key, v, "must be a finite number > 0")
     return float(v)
 
 
 def non_negative_float(key: str, v: Any) -> float:
-    if not _is_number(v) or v < 0:
+    if not is_number(v) or v < 0:
         raise _fail(key, v, "must be a finite number >= 0")
     return float(v)
 
@@ -108,7 +88,7 @@ def fraction(lo_closed: bool) -> Callable[[str, Any], float]:
     """A number in [0, 1) (lo_closed) or (0, 1)."""
 
     def check(key: str, v: Any) -> float:
-        if not _is_number(v) or v >= 1 or v < 0 or (v == 0 and not lo_closed):
+        if not is_number(v) or v >= 1 or v < 0 or (v == 0 and not lo_closed):
             raise _fail(key, v, f"must be a number from 0 ({'inclusive' if lo_closed else 'exclusive'}) "
                                 "up to (not including) 1")
         return float(v)
@@ -128,7 +108,7 @@ MIN_PRIOR_SD = 1e-6  # smaller, and 1/σ² is no longer a usable number (σ = 1e
 def sd_or_none(key: str, v: Any) -> float | str:
     if v == "none":
         return "none"
-    if not _is_number(v) or not v >= MIN_PRIOR_SD:
+    if not is_number(v) or not v >= MIN_PRIOR_SD:
         raise _fail(key, v, f"must be a finite number of at least {MIN_PRIOR_SD:g} (the prior's standard deviation), "
                     'or "none" for no prior')
     return float(v)
@@ -165,7 +145,7 @@ def string_table(key: str, v: Any) -> dict[str, str]:
 
 
 def validation_share(key: str, v: Any) -> float | int:
-    if _is_int(v) and 0 <= v < BIG:
+    if is_int(v) and 0 <= v < BIG:
         return v
     if isinstance(v, float) and 0 <= v < 1:
         return v
@@ -176,7 +156,7 @@ def digit_list(key: str, v: Any, *, allow_rest: bool = False) -> tuple[int, ...]
     if allow_rest and v == "rest":
         return "rest"
     rest = ' or "rest"' if allow_rest else ""
-    if not isinstance(v, list) or not v or not all(_is_int(d) and 0 <= d <= 9 for d in v):
+    if not isinstance(v, list) or not v or not all(is_int(d) and 0 <= d <= 9 for d in v):
         raise _fail(key, v, f"must be a non-empty list of digits 0-9{rest}")
     if len(set(v)) != len(v):
         raise _fail(key, v, "lists a digit twice")
@@ -191,7 +171,7 @@ MAX_LAYERS = 32  # a checkpoint holds each layer's arrays and their update-rule 
 
 
 def hidden_sizes(key: str, v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(_is_int(n) and n > 0 for n in v):
+    if not isinstance(v, list) or not all(is_int(n) and n > 0 for n in v):
         raise _fail(key, v, "hidden must be a list of positive integers ([] = logistic regression)")
     if any(n >= BIG for n in v):
         raise _fail(key, v, "a layer's units must be below 2**63")
@@ -350,7 +330,7 @@ def from_dict(raw: dict[str, Any], *, name: str) -> Config:
         if key not in SCHEMA:
             raise _unknown(key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table ([{key}]), got {_show(value)}")
+            raise ConfigError(f"{key} must be a table ([{key}]), got {show_value(value, toml=True)}")
         for sub in value:
             if sub not in SCHEMA[key]:
                 raise _unknown(f"{key}.{sub}")
@@ -373,7 +353,8 @@ def _cross_checks(cfg: Config, *, rate_given: bool = True) -> None:
         both = sorted(set(cfg.task.positive) & set(cfg.task.negative))
         if both:
             raise ConfigError(
-                f"task.positive and task.negative both list {_show(both)}: a digit can be in one class only"
+                f"task.positive and task.negative both list {show_value(both, toml=True)}: a digit can be in one "
+                "class only"
             )
     elif len(cfg.task.positive) == 10:
         raise ConfigError('task.negative = "rest" leaves no digits when task.positive lists all ten')

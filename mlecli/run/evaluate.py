@@ -7,7 +7,6 @@ from the same seed); `test` is the dataset's official test images of the task's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.data.cache import prepare, split_hashes
+from mlecli.data.cache import ensure_splits, split_hashes
 from mlecli.nn import metrics
 from mlecli.nn.model import sigmoid
 from mlecli.nn.pixels import image_scores
@@ -27,7 +26,7 @@ from mlecli.run import checkpoint as ckpt
 from mlecli.run.task import build_task, class_words, label_name, short_word
 from mlecli.safe import schema
 from mlecli.safe.errors import CheckpointError, printable
-from mlecli.safe.files import atomic_write_text, open_regular, remove_stale_temporaries
+from mlecli.safe.files import atomic_write_text, hash_file, remove_stale_temporaries
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -63,13 +62,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every figure of the report, as one JSON-ready dict."""
     path = ckpt.resolve(Path(target), which)
-    digest = file_sha256(path)  # before loading: if the file is replaced meanwhile, the report looks stale, not current
+    hashed = hash_file(path)  # before loading: if the file is replaced meanwhile, the report looks stale, not current
     cp = ckpt.load(path)
     cfg = cp.config
     dataset = cfg.data.resolve()
     # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
-    splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
-                     progress=progress, log=log)
+    splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
+                           progress=progress, log=log)
     sha256 = split_hashes(splits)
     ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
     task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
@@ -100,7 +99,7 @@ def evaluate(
     return {
         "checkpoint": str(path),
         "checkpoint_name": path.stem,
-        "checkpoint_sha256": digest,
+        "checkpoint_sha256": None if hashed is None else hashed.sha256,
         "epoch": cp.epoch,
         "split": split,
         "dataset": dataset.name,
@@ -189,24 +188,12 @@ def measured(report: dict[str, Any], checkpoint_path: Path) -> bool:
     if not checkpoint_path.is_file():
         return False
     if report.get("checkpoint_sha256") is not None:
-        return report["checkpoint_sha256"] == file_sha256(checkpoint_path)
+        hashed = hash_file(checkpoint_path)
+        return hashed is not None and hashed.sha256 == report["checkpoint_sha256"]
     try:  # a report from before reports recorded the file's hash: the epoch must match
         return report["epoch"] == ckpt.load(checkpoint_path).epoch
     except CheckpointError:
         return False
-
-
-def file_sha256(path: Path) -> str | None:
-    """The SHA-256 of a regular file's bytes (None for anything else)."""
-
-    digest = hashlib.sha256()
-    try:
-        with open_regular(path) as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def read_report(path: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from mlecli.safe.errors import MlecliError, display
 from mlecli.safe.schema import is_number
 from mlecli.sweep.grid import Plan, config_keys, format_seeds, show
 from mlecli.sweep.record import config_difference, expected_configs, read_sweep_json
-from mlecli.sweep.runs import describe
+from mlecli.sweep.runs import run_row
 from mlecli.use.plot import pyplot, save_png
 
 # ---------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def summary(p: Plan, sweep_dir: Path, errors: dict[str, str] | None = None,
     train_labels = train_labels or {}
     runs = []
     for r in p.runs:
-        row = describe(Path(sweep_dir) / r.name) if (Path(sweep_dir) / r.name).exists() else None
+        row = run_row(Path(sweep_dir) / r.name) if (Path(sweep_dir) / r.name).exists() else None
         status = row["status"] if row else "not started"
         error = errors.get(r.name) or (row["problem"] if row and status in ("failed", "broken") else None)
         if r.name in errors:
@@ -247,7 +247,7 @@ def collect(targets: list[Path]) -> tuple[list[Group], str]:
         for folder, expected in folders:
             if not (folder / "config.toml").is_file():
                 continue  # a sweep's run that has not started yet
-            row = describe(folder)
+            row = run_row(folder)
             if expected is not None:
                 in_sweep.add(folder)
             if expected is not None and row["config"] is not None and row["status"] == "finished":

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlecli.data.cache import prepare
+from mlecli.data.cache import ensure_splits
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import default_report
 from mlecli.run.rundir import TRAINER_FILES, read_manifest
 from mlecli.safe.errors import MlecliError
-from mlecli.safe.files import folder_lock, is_temporary_name, remove_stale_temporaries
+from mlecli.safe.files import is_temporary_name, remove_stale_temporaries
+from mlecli.safe.locks import folder_lock, is_locked
+from mlecli.safe.schema import is_int
 from mlecli.sweep import workers
 from mlecli.sweep.compare import data_key, summary
 from mlecli.sweep.grid import Plan, RunSpec
@@ -30,7 +32,7 @@ from mlecli.sweep.record import (
     read_sweep_json,
     write_sweep_json,
 )
-from mlecli.sweep.runs import describe, locked
+from mlecli.sweep.runs import run_row
 
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
@@ -68,7 +70,7 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     if not run_dir.is_dir():
         return Todo(run, "start", problem=f"{run_dir} is not a folder: a run of the sweep goes there; move it away "
                                           "and run the sweep again")
-    if locked(run_dir):  # a training process holds it: never touched, never counted finished
+    if is_locked(run_dir):  # a training process holds it: never touched, never counted finished
         return Todo(run, "running", problem=f"run folder {run_dir} is in use by another mlecli process (its .lock "
                                             "is held); left alone: run the sweep again once it has ended")
     if not any(run_dir.iterdir()):
@@ -107,7 +109,7 @@ def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
 
     recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
     threads = (recorded or {}).get("blas_threads")
-    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+    if is_int(threads) and threads > 0:
         return threads
     return max(1, workers.cores() // min(jobs or workers.cores(), len(p.runs)))
 
@@ -148,7 +150,7 @@ def execute(
     for r in p.runs:
         key = data_key(r.config)
         if key not in labels:
-            labels[key] = prepare(r.config.data.resolve(), data_dir, progress=progress, log=log)["train"].labels
+            labels[key] = ensure_splits(r.config.data.resolve(), data_dir, progress=progress, log=log)["train"].labels
     made = False
     if sweep_dir is None:
         sweep_dir = find_sweep(p)
@@ -265,7 +267,7 @@ class Progress:
 
     def _consider(self, name: str) -> dict[str, Any] | None:
 
-        row = describe(self.sweep_dir / name)
+        row = run_row(self.sweep_dir / name)
         if row["val_ll"] is not None and (self.best is None or row["val_ll"] > self.best[0]):
             self.best = (row["val_ll"], name)
         return row

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlecli.data.cache import prepare
+from mlecli.data.cache import ensure_splits
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import command_for, default_report, read_report, report_name, stands
 from mlecli.run.rundir import committed_epochs
@@ -275,5 +275,5 @@ def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
     config = shlex.quote(str(run_dir / "config.toml"))
     how = f"mlecli download --config {config} --data-dir {shlex.quote(str(data_dir))}"
-    splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
+    splits = ensure_splits(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images
