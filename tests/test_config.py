@@ -128,10 +128,25 @@ def test_a_network_too_big_for_memory_is_refused_before_allocating(tmp_path):
     assert "TiB of memory, more than this machine's" in msg
 
 
-def test_unknown_dataset_needs_a_url(tmp_path):
-    assert refused(tmp_path, '[data]\ndataset = "cifar"\n') == (
-        "data.dataset = 'cifar' is not built in (mnist, fashion-mnist): "
-        "set data.url to the base URL or local folder of its IDX files"
+def test_unknown_dataset_needs_a_url_or_an_import(tmp_path):
+    cfg = load(write(tmp_path, '[data]\ndataset = "cifar"\n'))  # it may be imported into the data folder
+    with pytest.raises(ConfigError) as exc:
+        cfg.data.resolve(tmp_path / "data")
+    assert str(exc.value) == (
+        f"data.dataset = 'cifar' is not built in (mnist, fashion-mnist) nor imported into {tmp_path / 'data'} "
+        f"(no {tmp_path / 'data' / 'cifar' / 'dataset.json'}): make it from a folder of pictures with mlecli import "
+        "FOLDER --name cifar, or set data.url to the base URL or local folder of its IDX files"
+    )
+
+
+def test_a_dataset_name_without_a_url_is_checked_as_a_folder_name(tmp_path):
+    assert refused(tmp_path, '[data]\ndataset = "My Digits"\n') == (
+        "data.dataset = 'My Digits': a dataset's name is 1-64 lower-case letters, digits, '.', '_' and '-', starting "
+        "with a letter or digit (it names its folder in the data folder)"
+    )
+    assert refused(tmp_path, '[data]\ndataset = "mine"\nsha256 = { train-images = "ab" }\n') == (
+        "data.sha256 = {train-images = 'ab'}: only for a custom dataset, with data.url (an imported dataset's files "
+        "and hashes are in its folder's record)"
     )
 
 

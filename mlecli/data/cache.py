@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlecli.data import imported
 from mlecli.data import splits as npz_splits
 from mlecli.data.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
 from mlecli.data.download import Expected, fetch_file, meta_path, mirror_location
@@ -120,7 +121,7 @@ def _normal_url(mirror: str) -> str:
 
 
 def dataset_dir(dataset: Dataset, data_dir: Path) -> Path:
-    if is_builtin(dataset):
+    if is_builtin(dataset) or dataset.imported is not None:
         return Path(data_dir) / dataset.name
     text = json.dumps(source_key(dataset), sort_keys=True)
     return Path(data_dir) / f"{dataset.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -496,12 +497,13 @@ def _ensure_locked(dataset: Dataset, folder: Path, force: bool, how: _Fetching) 
 
 
 def _ensure_each(dataset: Dataset, folder: Path, force: bool, how: _Fetching) -> list[FileReport]:
-    """A pinned dataset's files, each fetched if it is not as pinned: any copy of it is the same bytes."""
+    """A pinned dataset's files, each fetched if it is not as pinned: any copy of it is the same bytes.
+    An imported dataset's files are in the data folder only: one that is not as pinned is refused."""
     record = _read_record(folder, dataset)
     cached = {}
     for role in ROLES:
         path = folder / RAW / dataset.files[role]
-        got = None if force else hash_file(path)
+        got = None if force and dataset.imported is None else hash_file(path)
         if got is not None and got[0] == dataset.sha256[role] and dataset.sizes.get(role) in (None, got[1]):
             cached[role] = FileReport(role, path, got[1], got[0], verified=True, source="cache")
     # What a fetched file's header must agree with: the files there are, each file once fetched.
@@ -511,6 +513,9 @@ def _ensure_each(dataset: Dataset, folder: Path, force: bool, how: _Fetching) ->
         if role in cached:
             reports.append(cached[role])
             continue
+        if dataset.imported is not None:
+            got = hash_file(folder / RAW / dataset.files[role])
+            raise imported.damaged(dataset, role, folder / RAW / dataset.files[role], got and got.sha256)
         if not how.fetch:
             raise DataError(_refusal(dataset, folder, how.how_to_fetch))
         path = folder / RAW / dataset.files[role]
@@ -842,7 +847,7 @@ def ensure_splits(
             if _raw_files_there(dataset, folder):
                 log(f"{dataset.name}: {' and '.join(missing)} not in {folder}; building "
                     f"{'it' if len(missing) == 1 else 'them'} from the raw files cached there")
-            elif fetch:
+            elif fetch and dataset.imported is None:
                 log(f"{dataset.name} is not cached in {folder}; downloading it")
         ensure_dataset(dataset, data_dir, progress=progress, log=log, policy=policy, fetch=fetch,
                        how_to_fetch=how_to_fetch)

@@ -3,7 +3,10 @@
 A dataset is a name, four files (train/test images/labels), an ordered list of mirror
 base URLs, and the SHA-256 and size of each file's DECOMPRESSED content. Verifying the
 decompressed bytes accepts honest mirrors that re-compress the same data and still
-rejects any change to the data.
+rejects any change to the data. What each label means is the dataset's too (`classes`):
+the digits themselves, Fashion-MNIST's names, or the class folders of an imported dataset
+(mlecli/data/imported.py registers those: they have no mirror, their files are only in the
+data folder).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # A cached file's name: never a path, never hidden (the cache's temporaries start with '.').
 FILE_RE = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGITS = tuple(str(d) for d in range(10))  # what MNIST's labels mean: label d is the digit d
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,9 @@ class Dataset:
     `files` maps each role to a file name (without .gz: mirrors are asked for
     `<name>.gz` first, then `<name>`); `sha256` and `sizes` map roles to the expected
     decompressed content, or are empty for an unverified custom dataset.
-    `digits` says labels must be 0-9.
+    `digits` says labels must be 0-9. `classes[i]` names label i (DIGITS: label d is the
+    digit d). `imported` is, for a dataset made by `mlecli import`, the command that made it:
+    its files are in the data folder only, and nothing is ever downloaded for it.
     """
 
     name: str
@@ -43,6 +49,8 @@ class Dataset:
     sha256: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     digits: bool = True
+    classes: tuple[str, ...] = DIGITS
+    imported: str | None = None
 
     @property
     def verified(self) -> bool:
@@ -80,6 +88,7 @@ FASHION_MNIST = Dataset(
         "test-labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
     sizes={"train-images": 47040016, "train-labels": 60008, "test-images": 7840016, "test-labels": 10008},
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 )
 
 BUILTIN: dict[str, Dataset] = {d.name: d for d in (MNIST, FASHION_MNIST)}
@@ -144,9 +153,12 @@ def _strip_gz(fname: str) -> str:
     return fname.removesuffix(".gz")
 
 
-# What each label means, where it is not the digit itself (Fashion-MNIST's own names, in label order).
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ),
-}
+def named_classes(dataset: Dataset) -> tuple[str, ...] | None:
+    """What the labels are called where they are not the digits themselves (Fashion-MNIST's
+    names, an imported dataset's class folders), in label order; None for digits."""
+    return None if dataset.classes == DIGITS else dataset.classes
+
+
+def said_classes(dataset: Dataset) -> str:
+    """A dataset's classes for a message: `the digits 0-9`, or their names."""
+    return "the digits 0-9" if dataset.classes == DIGITS else ", ".join(dataset.classes)

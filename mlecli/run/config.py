@@ -15,13 +15,15 @@ import stat
 import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mlecli.data import imported
+from mlecli.data.cache import default_data_dir
 from mlecli.data.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.data.download import url_problem
 from mlecli.safe.errors import ConfigError
@@ -198,8 +200,27 @@ class DataConfig:
     sha256: dict[str, str] | None = key(None, string_table)
     validation: float | int = key(0.1, validation_share)
 
-    def resolve(self) -> Dataset:
-        """The Dataset this table describes (a built-in one, or a custom IDX dataset)."""
+    def resolve(self, data_dir: Path | None = None) -> Dataset:
+        """The Dataset this table describes: a built-in one, a custom IDX dataset (data.url), or
+        one imported into `data_dir` (default: $MLECLI_DATA_DIR, else ./data) by `mlecli import`
+        (a name of neither, without a url)."""
+        dataset = self.defined()
+        if dataset is not None:
+            return dataset
+        data_dir = default_data_dir() if data_dir is None else data_dir
+        found = imported.lookup(self.dataset, data_dir)
+        if found is None:
+            raise ConfigError(
+                f"data.dataset = {self.dataset!r} is not built in ({', '.join(BUILTIN)}) nor imported into "
+                f"{data_dir} (no {Path(data_dir) / self.dataset / imported.RECORD}): make it from a folder of pictures "
+                f"with mlecli import FOLDER --name {self.dataset}, or set data.url to the base URL or local folder of "
+                "its IDX files"
+            )
+        return found
+
+    def defined(self) -> Dataset | None:
+        """The Dataset the table defines by itself (built in, or custom with its url); None for
+        the name of an imported dataset, which only the data folder knows. Every key is checked."""
         if self.url is not None:
 
             problem = url_problem(self.url)
@@ -214,12 +235,15 @@ class DataConfig:
             ds = builtin(self.dataset)
             if self.url is None:
                 return ds
-            return Dataset(ds.name, (self.url, *ds.mirrors), ds.files, ds.sha256, ds.sizes, ds.digits)
+            return replace(ds, mirrors=(self.url, *ds.mirrors))
         if self.url is None:
-            raise ConfigError(
-                f"data.dataset = {self.dataset!r} is not built in ({', '.join(BUILTIN)}): "
-                "set data.url to the base URL or local folder of its IDX files"
-            )
+            for name in ("files", "sha256"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"data.{name} = {_show_table(getattr(self, name))}: only for a custom dataset, with "
+                        "data.url (an imported dataset's files and hashes are in its folder's record)")
+            imported.check_name(self.dataset, option="data.dataset =")
+            return None
         return custom(self.dataset, self.url, self.files, self.sha256, where="data")
 
 
@@ -358,7 +382,7 @@ def _cross_checks(cfg: Config, *, rate_given: bool = True) -> None:
             )
     elif len(cfg.task.positive) == 10:
         raise ConfigError('task.negative = "rest" leaves no digits when task.positive lists all ten')
-    cfg.data.resolve()  # dataset name, url, files and hashes are checked here
+    cfg.data.defined()  # dataset name, url, files and hashes are checked here
     t = cfg.train
     if t.schedule == "cosine" and t.min_learning_rate >= t.learning_rate:
         own = "" if rate_given else f" ({t.optimizer}'s own rate, as none is set for {t.optimizer})"

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlecli.data.cache import default_data_dir
 from mlecli.run import checkpoint as ckpt
 from mlecli.safe import schema
 from mlecli.safe.errors import ConfigError, MlecliError
@@ -170,6 +171,15 @@ def trained_data_dir(target: Path) -> Path | None:
         return None
     folder = read_manifest(run).get("data_dir")
     return Path(folder) if folder and Path(folder).is_dir() else None
+
+
+def data_dir_for(target: Path) -> Path:
+    """The data folder a command given only a run or checkpoint (predict, export) looks in for
+    what its dataset calls its classes: $MLECLI_DATA_DIR, else the one the run was trained
+    with (trained_data_dir), else ./data."""
+    if os.environ.get("MLECLI_DATA_DIR"):
+        return default_data_dir()
+    return trained_data_dir(target) or default_data_dir()
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:

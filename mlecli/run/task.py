@@ -8,11 +8,12 @@ split. y = 1 for a positive digit, 0 for a negative one; other digits are left o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mlecli.data.cache import Split
-from mlecli.data.datasets import CLASS_NAMES
+from mlecli.data.imported import class_names
 from mlecli.run.config import Config
 from mlecli.safe.errors import ConfigError
 
@@ -95,33 +96,40 @@ def build_task(cfg: Config, splits: dict[str, Split], rng: np.random.Generator) 
     train_index = np.setdiff1d(chosen, val_index, assume_unique=True)
     if len(train_index) == 0:
         raise ConfigError(f"data.validation = {share} leaves no training images; use a smaller share")
-    test_split = splits["test"]
-    test_index = np.flatnonzero(np.isin(test_split.labels, digits))
     return BinaryTask(
         positive,
         negative,
         _subset(train_split, train_index, positive),
         _subset(train_split, val_index.astype(np.int64), positive),
-        _subset(test_split, test_index, positive),
+        all_of(cfg, splits["test"]),
     )
+
+
+def all_of(cfg: Config, split: Split) -> Subset:
+    """The task's images in the whole of `split`: its test split, or a split of another
+    dataset with the same classes that a network is measured on."""
+    digits = (*cfg.task.positive, *cfg.task.negative_digits)
+    return _subset(split, np.flatnonzero(np.isin(split.labels, digits)), cfg.task.positive)
 
 
 ODD, EVEN = (1, 3, 5, 7, 9), (0, 2, 4, 6, 8)
 
 
-def class_words(cfg: Config) -> tuple[str, str]:
+def class_words(cfg: Config, data_dir: Path | None = None) -> tuple[str, str]:
     """The task's two classes in words, (y = 0, y = 1), for people reading a prediction.
 
     Digits by name (`odd (1,3,5,7,9)`, `even (0,2,4,6,8)`, `4`, `0,1,2,3,4`); a negative
-    side of "rest" is `not 4 (0,1,2,3,5,6,7,8,9)`; a dataset with class names
-    (Fashion-MNIST) uses them instead of the label numbers.
+    side of "rest" is `not 4 (0,1,2,3,5,6,7,8,9)`; a dataset with class names uses them
+    instead of the label numbers: Fashion-MNIST's, or an imported dataset's class folders
+    (looked up in `data_dir`, the data folder it is in).
     """
-    names = CLASS_NAMES.get(cfg.data.dataset)
+    names = class_names(cfg.data.dataset, cfg.data.url, data_dir)
     positive = cfg.task.positive
     negative = cfg.task.negative_digits
     if names is not None:
-        pos_word = ", ".join(names[d] for d in positive)
-        neg_word = ", ".join(names[d] for d in negative)
+        # a task's digit past the dataset's classes (odd vs even on two classes) has no images: no word
+        pos_word = ", ".join(names[d] for d in positive if d < len(names)) or _digits_word(positive)
+        neg_word = ", ".join(names[d] for d in negative if d < len(names)) or _digits_word(negative)
         if cfg.task.negative == "rest":
             neg_word = f"not {pos_word} ({neg_word})"
         return neg_word, pos_word
@@ -132,9 +140,10 @@ def class_words(cfg: Config) -> tuple[str, str]:
     return neg_word, pos_word
 
 
-def label_name(dataset: str, label: int) -> str:
-    """What a label is called: `digit 7`, or a class name (Fashion-MNIST's `Sneaker`)."""
-    names = CLASS_NAMES.get(dataset)
+def label_name(dataset: str, label: int, data_dir: Path | None = None) -> str:
+    """What a label of `dataset` is called: `digit 7`, or a class name (Fashion-MNIST's
+    `Sneaker`, an imported dataset's class folder, looked up in `data_dir`)."""
+    names = class_names(dataset, None, data_dir)
     return names[label] if names is not None and 0 <= label < len(names) else f"digit {label}"
 
 

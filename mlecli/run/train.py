@@ -480,7 +480,7 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
 
     A resumed run's config came out of its folder, not from the user: its custom
     dataset is taken from the cache only, never from the URL the folder names."""
-    dataset = cfg.data.resolve()
+    dataset = cfg.data.resolve(data_dir)
     if resumed is None:
         splits = ensure_splits(dataset, data_dir, progress=report.progress, log=report.log)
     else:

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -339,6 +340,39 @@ def remove_stale_temporaries(folder: Path) -> int:
     removed, and never through a symbolic link (remove_own_files)."""
     folder = Path(folder)
     return remove_own_files(folder, lambda name: is_temporary_name(name) and not _writer_alive(folder / name))
+
+
+def temporary_folder(beside: Path) -> Path:
+    """A new empty folder next to `beside` (in its parent), named as atomic_write names its
+    temporaries (`.<name>.<pidns>-<pid>.<random>.tmp`): a folder written whole, then renamed
+    into place. OSError if it cannot be made."""
+    beside = Path(beside)
+    folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{_WRITER}.", suffix=TMP_SUFFIX, dir=beside.parent))
+    os.chmod(folder, 0o777 & ~_current_umask())  # mkdtemp's is its owner's only; the folder will be a plain one
+    return folder
+
+
+def remove_stale_temporary_folders(folder: Path) -> int:
+    """Delete the temporary folders (`temporary_folder`) a killed process left in `folder`;
+    return how many. As remove_stale_temporaries: only names of that pattern whose writer is
+    gone, never through a symbolic link (neither `folder` nor the temporary is followed)."""
+    fd = open_own_folder(folder)
+    if fd is None:
+        return 0
+    removed = 0
+    try:
+        for name in os.listdir(fd):
+            if not is_temporary_name(name) or _writer_alive(Path(folder) / name):
+                continue
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                    removed += 1
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return removed
 
 
 def _pid_namespace() -> str:

@@ -150,7 +150,8 @@ def execute(
     for r in p.runs:
         key = data_key(r.config)
         if key not in labels:
-            labels[key] = ensure_splits(r.config.data.resolve(), data_dir, progress=progress, log=log)["train"].labels
+            dataset = r.config.data.resolve(data_dir)
+            labels[key] = ensure_splits(dataset, data_dir, progress=progress, log=log)["train"].labels
     made = False
     if sweep_dir is None:
         sweep_dir = find_sweep(p)

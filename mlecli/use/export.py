@@ -29,6 +29,7 @@ import numpy as np
 from mlecli.nn.metrics import logit_bound
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import measured, run_dir_of
+from mlecli.run.rundir import data_dir_for
 from mlecli.run.task import class_words
 from mlecli.safe import schema
 from mlecli.safe.errors import MlecliError, display
@@ -84,7 +85,7 @@ def metadata(cp: ckpt.Checkpoint) -> dict[str, Any]:
 
     cfg = cp.config
     run = run_dir_of(cp.path)
-    negative, positive = class_words(cfg)
+    negative, positive = class_words(cfg, data_dir_for(cp.path))
     hashed = hash_file(cp.path)
     info: dict[str, Any] = {
         "run": display(run.name) if run is not None else cfg.name,

@@ -24,6 +24,7 @@ from mlecli.nn.metrics import decide
 from mlecli.nn.model import forward, sigmoid
 from mlecli.nn.pixels import image_scores
 from mlecli.run import checkpoint as ckpt
+from mlecli.run.rundir import data_dir_for
 from mlecli.run.task import class_words
 from mlecli.safe.errors import CheckpointError, InputError, MlecliError, quoted
 from mlecli.use import inputs
@@ -135,13 +136,14 @@ class Model:
     RGBA, as `np.array(PIL image)` gives), or a list of these.
     """
 
-    def __init__(self, cp: ckpt.Checkpoint):
+    def __init__(self, cp: ckpt.Checkpoint, data_dir: Path | None = None):
         check_image_shape(cp)
         check_weights(cp)
         self.checkpoint = cp
         self.config = cp.config
         self.params = cp.params
-        self.classes_ = class_words(cp.config)
+        # an imported dataset's class names are in the data folder (rundir.data_dir_for)
+        self.classes_ = class_words(cp.config, data_dir_for(cp.path) if data_dir is None else data_dir)
         self.style = style_for(cp.config.data.dataset)  # how the network's training images were made
 
     def __repr__(self) -> str:
