@@ -3,6 +3,9 @@
 The task, dataset and model all come from the checkpoint's config, so nothing else is
 needed. `validation` is exactly the held-out part of training the run used (rebuilt
 from the same seed); `test` is the dataset's official test images of the task's digits.
+On another dataset with the same classes (`on`: a network trained on MNIST measured on
+your own digits), `test` and `train` are all of that dataset's images of the task's classes
+in the split.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mlecli.data import imported
 from mlecli.data.cache import ensure_splits, split_hashes
+from mlecli.data.datasets import Dataset, said_classes
 from mlecli.nn import metrics
 from mlecli.nn.model import sigmoid
 from mlecli.nn.pixels import image_scores
 from mlecli.run import checkpoint as ckpt
-from mlecli.run.task import build_task, class_words, label_name, short_word
+from mlecli.run.task import Subset, all_of, build_task, class_words, label_name, short_word
 from mlecli.safe import schema
-from mlecli.safe.errors import CheckpointError, printable
+from mlecli.safe.errors import CheckpointError, DataError, MlecliError, printable
 from mlecli.safe.files import atomic_write_text, hash_file, remove_stale_temporaries
 
 DEFAULT_THRESHOLD = 0.5
@@ -57,29 +62,33 @@ def evaluate(
     split: str = "test",
     data_dir: Path,
     threshold: float = DEFAULT_THRESHOLD,
+    on: str | None = None,
     log: Callable[[str], None] = lambda msg: None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every figure of the report, as one JSON-ready dict."""
+    """Every figure of the report, as one JSON-ready dict; `on` names another dataset (built
+    in, or imported into `data_dir`) with the same classes to measure the checkpoint on."""
     path = ckpt.resolve(Path(target), which)
     hashed = hash_file(path)  # before loading: if the file is replaced meanwhile, the report looks stale, not current
     cp = ckpt.load(path)
     cfg = cp.config
-    dataset = cfg.data.resolve()
+    trained = cfg.data.resolve(data_dir)
+    other = on is not None and on != trained.name
+    dataset = _other_dataset(path, trained, on, split, data_dir) if other else trained
     # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
     splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
                            progress=progress, log=log)
     sha256 = split_hashes(splits)
-    ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
-    task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
-    if task.n_inputs != cp.meta["n_inputs"]:
-        raise CheckpointError(f"{path} expects {cp.meta['n_inputs']} inputs, the dataset's images have {task.n_inputs}")
-    subset = task.split(split)
-    if len(subset) == 0:
-        why = {"validation": f"data.validation = {cfg.data.validation} holds no images out",
-               "test": f"the test files of {dataset.name} have none of the task's digits ({cfg.task.describe()})",
-               "train": "every training image of the task was held out for validation"}[split]
-        raise CheckpointError(f"the {split} split of this run is empty: {why}; choose another --split")
+    if other:
+        subset = all_of(cfg, splits[split])
+    else:
+        ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
+        subset = build_task(cfg, splits, np.random.default_rng(cfg.train.seed)).split(split)
+    n_inputs = int(np.prod(splits["test"].images.shape[1:]))  # train's are the same size (ensure_splits)
+    if n_inputs != cp.meta["n_inputs"]:
+        raise CheckpointError(f"{path} expects {cp.meta['n_inputs']} inputs, the images of {dataset.name} have "
+                              f"{n_inputs}")
+    _check_not_empty(subset, split, cfg, dataset, other)
 
     t0 = time.perf_counter()
     z = image_scores(cp.params, subset.images)
@@ -94,7 +103,7 @@ def evaluate(
     precision, recall, f1 = metrics.precision_recall_f1(cm)
     bins = metrics.calibration_bins(y, p)
     worst = metrics.most_confident_errors(y, z, pred)
-    words = class_words(cfg)  # (y = 0, y = 1)
+    words = class_words(cfg, data_dir)  # (y = 0, y = 1)
     neg_log_lik = -total_ll / n
     return {
         "checkpoint": str(path),
@@ -103,6 +112,7 @@ def evaluate(
         "epoch": cp.epoch,
         "split": split,
         "dataset": dataset.name,
+        **({"trained_on": trained.name} if other else {}),
         "dataset_sha256": sha256,
         "task": cfg.task.describe(),
         "classes": {"0": words[0], "1": words[1]},
@@ -127,7 +137,8 @@ def evaluate(
         "calibration": bins,
         "most_confident_errors": [
             {"index": int(subset.index[i]), "digit": int(subset.digits[i]),
-             "label": label_name(dataset.name, int(subset.digits[i])), "y": int(y[i]), "p": float(p[i])}
+             "label": label_name(dataset.name, int(subset.digits[i]), data_dir), "y": int(y[i]),
+             "p": float(p[i])}
             for i in worst
         ],
         "seconds": seconds,
@@ -135,11 +146,37 @@ def evaluate(
     }
 
 
-def report_name(split: str, checkpoint_name: str, threshold: float = DEFAULT_THRESHOLD) -> str:
+def _other_dataset(path: Path, trained: Dataset, on: str, split: str, data_dir: Path) -> Dataset:
+    """The dataset `on` to measure a checkpoint trained on `trained` on: it must have the same classes."""
+    if split == "validation":
+        raise MlecliError(f"--split validation is the images the run held out of {trained.name}; on --dataset {on}, "
+                          "measure the test or train split")
+    dataset = imported.find(on, data_dir)
+    if dataset.classes != trained.classes:
+        raise DataError(f"{path} was trained on {trained.name}, whose classes are {said_classes(trained)}; those of "
+                        f"{dataset.name} are {said_classes(dataset)}: measure it on a dataset with the same classes")
+    return dataset
+
+
+def _check_not_empty(subset: Subset, split: str, cfg, dataset: Dataset, other: bool) -> None:
+    if len(subset):
+        return
+    if other:
+        raise CheckpointError(f"the {split} split of {dataset.name} has none of the task's classes "
+                              f"({cfg.task.describe()}); choose another --split or --dataset")
+    why = {"validation": f"data.validation = {cfg.data.validation} holds no images out",
+           "test": f"the test files of {dataset.name} have none of the task's digits ({cfg.task.describe()})",
+           "train": "every training image of the task was held out for validation"}[split]
+    raise CheckpointError(f"the {split} split of this run is empty: {why}; choose another --split")
+
+
+def report_name(split: str, checkpoint_name: str, threshold: float = DEFAULT_THRESHOLD, on: str | None = None) -> str:
     """eval-<split>-<checkpoint>.json, with -t<threshold> before .json at any threshold but
-    the default: such a report never replaces the default one that `mlecli runs` shows."""
+    the default: such a report never replaces the default one that `mlecli runs` shows. On
+    another dataset (`on`), eval-on-<dataset>-<split>-<checkpoint>…: never the run's own."""
     suffix = "" if threshold == DEFAULT_THRESHOLD else f"-t{threshold!r}"
-    return f"eval-{split}-{checkpoint_name}{suffix}.json"
+    where = "" if on is None else f"on-{on}-"
+    return f"eval-{where}{split}-{checkpoint_name}{suffix}.json"
 
 
 def default_report(run_dir: Path) -> Path | None:
@@ -180,6 +217,8 @@ def command_for(report: dict[str, Any], run_dir: Path) -> str:
         words += ["--checkpoint", report["checkpoint_name"]]
     if report.get("threshold", DEFAULT_THRESHOLD) != DEFAULT_THRESHOLD:
         words += ["--threshold", repr(float(report["threshold"]))]
+    if report.get("trained_on"):
+        words += ["--dataset", report["dataset"]]
     return shlex.join(words)
 
 
@@ -207,7 +246,8 @@ def save_report(report: dict[str, Any]) -> Path | None:
     run = run_dir_of(Path(report["checkpoint"]))
     if run is None:
         return None
-    path = run / report_name(report["split"], report["checkpoint_name"], report["threshold"])
+    on = report["dataset"] if report.get("trained_on") else None
+    path = run / report_name(report["split"], report["checkpoint_name"], report["threshold"], on)
     remove_stale_temporaries(run)  # an earlier evaluate's, if it was killed mid-write
     atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return path
@@ -236,8 +276,9 @@ def format_report(r: dict[str, Any]) -> str:
     """The human-readable table: the likelihood view first, since training maximised it."""
     (tn, fp), (fn, tp) = r["confusion"]
     lines = [
-        printable(f"{r['checkpoint']} (epoch {r['epoch']}) on the {r['split']} split of {r['dataset']}: "
-                  f"{_task_words(r)}, hidden {r['hidden']}"),
+        printable(f"{r['checkpoint']} (epoch {r['epoch']}) on the {r['split']} split of {r['dataset']}"
+                  + (f" (trained on {r['trained_on']})" if r.get("trained_on") else "")
+                  + f": {_task_words(r)}, hidden {r['hidden']}"),
         f"  images            {r['images']:,} ({r['positives']:,} positive, {r['negatives']:,} negative)",
         f"  log-likelihood    {r['log_likelihood']:.4f} total, {r['log_likelihood_mean']:.6f} per image",
         f"  perplexity        {_perplexity(r)} (exp of the mean negative log-likelihood: 1 is perfect, "

@@ -108,7 +108,7 @@ def weights_name(cp: ckpt.Checkpoint) -> str:
     return "hidden-units.png" if cp.config.model.hidden else "weights.png"
 
 
-def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
+def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path, data_dir: Path | None = None) -> Path:
     """The first layer's weights of up to 64 units as images, on one scale centred on 0.
     Logistic regression (weights.png): its one weight image, the colour bar saying which
     colour is evidence for which class (ink on a red pixel raises ŷ)."""
@@ -147,7 +147,7 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
     if cp.config.model.hidden:  # a hidden unit's weights are no evidence for either class by themselves
         bar.set_label("weight (red +, blue −)")
     else:
-        negative, positive = (short_word(w, 18) for w in class_words(cp.config))
+        negative, positive = (short_word(w, 18) for w in class_words(cp.config, data_dir))
         bar.set_label("weight of a pixel's ink")
         bar.ax.set_title(f"red (+): evidence\nfor {positive}", fontsize=8)
         bar.ax.set_xlabel(f"blue (−): evidence\nfor {negative}", fontsize=8)
@@ -205,7 +205,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     epochs = committed_epochs(run_dir, last.meta, last.path)
     cfg = cp.config
     best = cp.meta.get("best") or {}
-    negative, positive = class_words(cfg)
+    negative, positive = class_words(cfg, data_dir)
     network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
     task = printable(f"{run_dir.name}: {positive} vs {negative}")  # a name may not be UTF-8
     written = []
@@ -215,7 +215,7 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
         log(f"{run_dir} has no finished epoch yet: no curves.png")
     # the weights' own title says what the network is: logistic regression is named once
     units = f"{task}, {network}" if cfg.model.hidden else task
-    written.append(hidden_units(plt, cp, f"{units} ({which}.npz, epoch {cp.epoch})", out))
+    written.append(hidden_units(plt, cp, f"{units} ({which}.npz, epoch {cp.epoch})", out, data_dir))
     report_path, stale = _evaluation(run_dir)
     if report_path is None:
         old = out / "mistakes.png"
@@ -245,8 +245,9 @@ def _evaluation(run_dir: Path) -> tuple[Path | None, Path | None]:
     if default is not None:
         return default, None
     preferred = [run_dir / report_name("test", "best"), run_dir / report_name("test", "last")]
+    # a report on another dataset (eval-on-…, evaluate --dataset) indexes that dataset's images, not the run's
     found = [p for p in preferred if p.is_file()] + [p for p in sorted(run_dir.glob("eval-*.json"))
-                                                      if p not in preferred]
+                                                      if p not in preferred and not p.name.startswith("eval-on-")]
     for path in found:
         if stands(path, run_dir):
             return path, None
@@ -275,5 +276,5 @@ def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
     config = shlex.quote(str(run_dir / "config.toml"))
     how = f"mlecli download --config {config} --data-dir {shlex.quote(str(data_dir))}"
-    splits = ensure_splits(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
+    splits = ensure_splits(cfg.data.resolve(data_dir), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images
