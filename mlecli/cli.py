@@ -322,6 +322,47 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
     echo(printable(f"  splits: {dataset_dir(ds, root) / 'train.npz'}, {dataset_dir(ds, root) / 'test.npz'}"))
 
 
+@main.command("import", short_help="Make a dataset of your own labelled pictures: one folder per class.")
+@click.argument("folder", type=click.Path(path_type=str), metavar="FOLDER")
+@click.option("--name", required=True,
+              help="The dataset's name (lower-case letters, digits, '.', '_', '-'): train on it with --set "
+              "data.dataset=NAME.")
+@click.option("--test-fraction", type=Finite(0, 1), default=None,
+              help="Share of each class held out as the test split, when FOLDER has no train/ and test/ folders.  "
+              "[default: 0.2]")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the test hold-out.")
+@click.option("--preparation", type=click.Choice(["mnist", "none"]), default="mnist",
+              help="mnist: every picture prepared as predict prepares it (MNIST's digits' form); none: pictures "
+              "already 28×28, light ink on black, taken as they are.")
+@data_dir_option
+@click.option("--force", is_flag=True, help="Replace a dataset of that name imported before (whole, in one step).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Processes reading the pictures.  [default: the number of cores]")
+@quiet_option
+def import_(folder, name, test_fraction, seed, preparation, data_dir, force, jobs, quiet):
+    """Make a dataset of your own labelled pictures: one folder per class.
+
+    FOLDER holds a folder of pictures per class (FOLDER/0/*.png, FOLDER/7/*.jpg, or
+    named classes such as FOLDER/cat/), or that twice, as FOLDER/train/<class>/ and
+    FOLDER/test/<class>/. Folders named 0-9 are those digits; other names are sorted,
+    the first is label 0. Without train/ and test/, --test-fraction of each class is
+    held out (seeded). Each picture is prepared as mlecli predict prepares it; the
+    dataset goes into the data folder as IDX files with their SHA-256, for train,
+    evaluate, plot, sweep and predict to use by name: --set data.dataset=NAME.
+    """
+    from mlecli.use import importer
+
+    root = _data_dir(data_dir)
+    result = importer.import_folder(folder, name, root, test_fraction=test_fraction, seed=seed,
+                                    preparation=preparation, force=force, jobs=jobs, progress=_progress(quiet),
+                                    log=_log(quiet))
+    if quiet:
+        return
+    train, evaluate = importer.commands(result, None if data_dir is None else str(data_dir))
+    for line in importer.summary(result, str(root / name), train, evaluate):
+        echo(printable(line))
+
+
 @main.command(short_help="Train a network on a binary digit task by maximum likelihood.")
 @click.argument("config_path", metavar="[CONFIG]", required=False)
 @click.option(
