@@ -297,20 +297,30 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
     from mlecli.data.cache import dataset_dir, ensure_dataset
     from mlecli.data.datasets import builtin
     from mlecli.data.download import HttpPolicy
+    from mlecli.safe.errors import DownloadError
 
     if config_path is not None:
         if dataset is not None:
             raise click.UsageError("give --dataset or --config, not both")
         from mlecli.run import config
 
-        ds = config.load(config_path, pipe_ok=True).data.resolve()
+        root = _data_dir(data_dir)
+        ds = config.load(config_path, pipe_ok=True).data.resolve(root)
     else:
         ds = builtin(dataset or "mnist")
     root = _data_dir(data_dir)
     policy = HttpPolicy(read_timeout=timeout, retries=retries, min_rate=min_rate * 1000)
-    reports = ensure_dataset(
-        ds, root, mirrors=tuple(mirrors), force=force, policy=policy, progress=_progress(quiet), log=_log(quiet)
-    )
+    try:
+        reports = ensure_dataset(
+            ds, root, mirrors=tuple(mirrors), force=force, policy=policy, progress=_progress(quiet), log=_log(quiet)
+        )
+    except DownloadError:
+        from mlecli.data.unofficial import advice
+
+        said = advice(ds, tuple(mirrors), None if data_dir is None else str(data_dir))
+        if said is None:
+            raise
+        raise MlecliError(said) from None
     if quiet:
         return
     echo(printable(f"{ds.name}: {len(reports)} files in {dataset_dir(ds, root) / 'raw'}"))
@@ -643,20 +653,28 @@ def threshold_option(f):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @data_dir_option
 @threshold_option
-def evaluate(target, which, split, as_json, data_dir, threshold):
+@click.option("--dataset", "on", default=None, metavar="NAME",
+              help="Measure it on another dataset with the same classes (built in, or made by mlecli import): all of "
+              "that dataset's --split images of the task's classes.  [default: the checkpoint's own]")
+def evaluate(target, which, split, as_json, data_dir, threshold, on):
     """Measure a checkpoint on held-out data.
 
     TARGET is a run folder or a checkpoint file. The task, dataset and network come
-    from the checkpoint's own config. The JSON report is also written to
-    <run>/eval-<split>-<checkpoint>.json (at another --threshold than 0.5,
-    eval-<split>-<checkpoint>-t<threshold>.json, which never replaces it).
+    from the checkpoint's own config; --dataset measures it on another dataset with
+    the same classes (a network trained on MNIST on your own digits). The JSON report
+    is also written to <run>/eval-<split>-<checkpoint>.json (at another --threshold
+    than 0.5, eval-<split>-<checkpoint>-t<threshold>.json, which never replaces it;
+    on another dataset, eval-on-<NAME>-<split>-<checkpoint>.json).
     """
     import json
 
     from mlecli.run import evaluate as ev
 
+    if on is not None and split == "validation":
+        raise click.UsageError("--split validation is the images the run held out of its own dataset; with --dataset, "
+                               "give --split test or train")
     report = ev.evaluate(
-        target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold,
+        target, which=which, split=split, data_dir=_data_dir(data_dir, target), threshold=threshold, on=on,
         log=_log(as_json), progress=_progress(as_json),
     )
     try:
