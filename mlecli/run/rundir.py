@@ -175,10 +175,8 @@ def trained_data_dir(target: Path) -> Path | None:
 
 def data_dir_for(target: Path) -> Path:
     """The data folder a command given only a run or checkpoint (predict, export) looks in for
-    what its dataset calls its classes: $MLECLI_DATA_DIR, else the one the run was trained
-    with (trained_data_dir), else ./data."""
-    if os.environ.get("MLECLI_DATA_DIR"):
-        return default_data_dir()
+    what its dataset calls its classes: the one the run was trained with (trained_data_dir:
+    its dataset is there), else $MLECLI_DATA_DIR, else ./data."""
     return trained_data_dir(target) or default_data_dir()
 
 
