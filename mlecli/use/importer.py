@@ -50,9 +50,9 @@ SHOWN = 3  # names shown per reason something was skipped, or per error
 
 # Why an entry of the folder was not read (Layout.skipped's keys, in the order they are said).
 HIDDEN = "hidden (a name starting with '.')"
-NOT_A_PICTURE = f"not named like a picture ({', '.join(inputs.IMAGE_SUFFIXES[:6])}, …)"
+NOT_A_PICTURE = f"not named like a picture ({', '.join(inputs.IMAGE_SUFFIXES[:3])}, …)"
 NESTED = "folders inside a class folder (classes are one level deep)"
-LOOSE = "files beside the class folders (not in a class)"
+LOOSE = "beside the class folders, in no class"
 REASONS = (HIDDEN, NOT_A_PICTURE, NESTED, LOOSE)
 
 
@@ -359,6 +359,8 @@ class Imported:
     counts: dict[str, list[int]]
     skipped: dict[str, list[str]]
     split_folders: bool
+    preparation: str
+    test: str  # how the test split was made, in words
 
 
 def import_folder(folder: str, name: str, data_dir: Path, *, test_fraction: float | None = None, seed: int = 0,
@@ -394,13 +396,14 @@ def import_folder(folder: str, name: str, data_dir: Path, *, test_fraction: floa
     if not layout.split_folders:
         words += ["--test-fraction", f"{fraction:g}", "--seed", str(seed)]
     words += ["--data-dir", os.path.abspath(data_dir)]
-    source = {"folder": display(absolute), "preparation": preparation,
-              "test": "its test/ folder" if layout.split_folders else f"{fraction:g} of each class, seed {seed}",
+    test_split = "its test/ folder" if layout.split_folders else f"{fraction:g} of each class held out, seed {seed}"
+    source = {"folder": display(absolute), "preparation": preparation, "test": test_split,
               "skipped": sum(len(v) for v in layout.skipped.values())}
     path = imported.write(Path(data_dir), name, parts, layout.classes, command=display(shlex.join(words)),
                           source=source, force=force, log=log)
     counts = {s: np.bincount(parts[s].labels, minlength=len(layout.classes)).tolist() for s in SPLITS}
-    return Imported(name, path, layout.classes, layout.digits, counts, layout.skipped, layout.split_folders)
+    return Imported(name, path, layout.classes, layout.digits, counts, layout.skipped, layout.split_folders,
+                    preparation, test_split)
 
 
 def _unusable(errors: list[tuple[str, str]]) -> str:
@@ -456,7 +459,8 @@ def summary(result: Imported, shown_folder: str, train_command: str, evaluate_co
     dataset is, and the commands to train on it and to measure a network on it."""
     classes = "the digits" if result.digits else f"{len(result.classes)} classes"
     total = sum(map(sum, result.counts.values()))
-    lines = [f"{result.name}: {total:,} images of {classes}, in {shown_folder}"]
+    how = "prepared as MNIST's digits" if result.preparation == "mnist" else "taken as they are"
+    lines = [f"{result.name}: {total:,} images of {classes}, {how}, in {shown_folder} (test split: {result.test})"]
     width = max(5, *(len(c) for c in result.classes))
     lines.append(f"  {'label':>5}  {'class':<{width}}  {'train':>7}  {'test':>7}")
     for label, cls in enumerate(result.classes):
@@ -470,7 +474,7 @@ def summary(result: Imported, shown_folder: str, train_command: str, evaluate_co
         for reason in REASONS:
             names = result.skipped.get(reason, [])
             if names:
-                lines.append(f"  {len(names):,} {reason}: {_names(names)}")
+                lines.append(f"  {reason}: {len(names):,} ({_names(names)})")
     lines.append(f"train:    {train_command}")
     lines.append(f"evaluate: {evaluate_command}  (a network trained on data with the same classes)")
     return lines
