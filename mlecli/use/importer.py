@@ -59,10 +59,12 @@ REASONS = (HIDDEN, NOT_A_PICTURE, NESTED, LOOSE)
 @dataclass(frozen=True)
 class Picture:
     """One picture to read: `path` to open, `name` to show (as the user typed the folder),
-    its `label`, and the split its folder puts it in (None: held out by `hold_out`)."""
+    `source` (its path inside the folder, as the dataset records it), its `label`, and the
+    split its folder puts it in (None: held out by `hold_out`)."""
 
     path: str
     name: str
+    source: str
     label: int
     split: str | None
 
@@ -189,7 +191,8 @@ def class_name(folder_name: str) -> str:
 def _pictures(folder: str, split: str | None, class_folder: str, label: int,
               skipped: dict[str, list[str]]) -> list[Picture]:
     """The pictures of one class folder by file name (numbers compared as numbers)."""
-    path = os.path.join(folder, split, class_folder) if split else os.path.join(folder, class_folder)
+    inside = os.path.join(split, class_folder) if split else class_folder
+    path = os.path.join(folder, inside)
     shown = display(path)
     found = []
     for entry in _entries(path, shown):
@@ -201,7 +204,8 @@ def _pictures(folder: str, split: str | None, class_folder: str, label: int,
         elif os.path.splitext(entry.name)[1].lower() not in inputs.IMAGE_SUFFIXES:
             skipped.setdefault(NOT_A_PICTURE, []).append(where)
         else:
-            found.append(Picture(os.path.join(path, entry.name), where, label, split))
+            found.append(Picture(os.path.join(path, entry.name), where, display(os.path.join(inside, entry.name)),
+                                 label, split))
     if not found:
         raise MlecliError(f"{shown} holds no pictures (files ending in {', '.join(inputs.IMAGE_SUFFIXES[:6])}, …): "
                           "put the class's pictures in it, or remove the folder")
@@ -272,9 +276,11 @@ def read_chunk(items: list[tuple[str, str]], style: Style | None, threads: int |
     images = np.zeros((len(items), FRAME, FRAME), np.uint8)
     errors: list[tuple[int, str]] = []
     pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    pixels: dict[tuple[int, int], int] = {}  # of the pictures pending, by size
 
     def flush(shape: tuple[int, int]) -> None:
         group = pending.pop(shape)
+        pixels.pop(shape)
         prepared, blank = prepare_many(np.stack([g for _, g in group]), style=style)
         for (i, _), image, empty in zip(group, prepared, blank):
             if empty:
@@ -298,7 +304,8 @@ def read_chunk(items: list[tuple[str, str]], style: Style | None, threads: int |
                     errors.append((i, str(exc)))
             else:
                 pending.setdefault(g.shape, []).append((i, g))
-                if sum(g.size for _, g in pending[g.shape]) >= CHUNK_PIXELS:
+                pixels[g.shape] = pixels.get(g.shape, 0) + g.size
+                if pixels[g.shape] >= CHUNK_PIXELS:
                     flush(g.shape)
         for shape in list(pending):
             flush(shape)
@@ -386,8 +393,8 @@ def import_folder(folder: str, name: str, data_dir: Path, *, test_fraction: floa
         test = np.array([p.split == "test" for p in layout.pictures])
     else:
         test = hold_out(labels, fraction, seed)
-    sources = [os.path.relpath(p.path, folder) for p in layout.pictures]
-    parts = {split: imported.Part(images[where], labels[where], [display(sources[i]) for i in np.flatnonzero(where)])
+    parts = {split: imported.Part(images[where], labels[where],
+                                  [layout.pictures[i].source for i in np.flatnonzero(where)])
              for split, where in (("train", ~test), ("test", test))}
     absolute = os.path.abspath(folder)
     words = ["mlecli", "import", absolute, "--name", name]
