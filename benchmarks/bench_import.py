@@ -91,8 +91,8 @@ def main() -> None:
         found = importer.find_classes(str(folder)).pictures
         decoded = np.stack([inputs.load(inputs.Source(p.name, Path(p.path))).images for p in found])
         contenders = {
-            f"mlecli import of {n:,} PNGs, process, --jobs 2": process(2),
-            f"mlecli import of {n:,} PNGs, process, --jobs 1": process(1),
+            f"import of {n:,} PNGs, whole process, --jobs 2": process(2),
+            f"import of {n:,} PNGs, whole process, --jobs 1": process(1),
             "read + prepare, in process (1 process)": lambda: importer.read_pictures(found, importer.MNIST, jobs=1),
             "read alone (inputs.load), in process": lambda: [inputs.load(inputs.Source(p.name, Path(p.path)))
                                                              for p in found],

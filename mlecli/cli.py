@@ -334,7 +334,7 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
 
 @main.command("import", short_help="Make a dataset of your own labelled pictures: one folder per class.")
 @click.argument("folder", type=click.Path(path_type=str), metavar="FOLDER")
-@click.option("--name", required=True,
+@click.option("--name", required=True, metavar="NAME",
               help="The dataset's name (lower-case letters, digits, '.', '_', '-'): train on it with --set "
               "data.dataset=NAME.")
 @click.option("--test-fraction", type=Finite(0, 1), default=None,

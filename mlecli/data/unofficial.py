@@ -94,7 +94,8 @@ def _said(dataset: Dataset, mirror: str, folder: Path, hashes: dict[str, str], h
         what = f"{name} holds {_count(role, h.dims)}, {title}'s {_count(role, _official_dims(dataset, role))}"
     else:
         what = f"{name} has other bytes than {title}'s"
-    words = ["mlecli", "train", "--set", f"data.dataset={_name_for(folder)}", "--set", f"data.url={mirror}",
+    # the folder in full: the run's config names it, wherever the run is used from later
+    words = ["mlecli", "train", "--set", f"data.dataset={_name_for(folder)}", "--set", f"data.url={folder.absolute()}",
              "--set", "data.sha256={" + ", ".join(f'{r} = "{hashes[r]}"' for r in ROLES) + "}"]
     if data_dir is not None:
         words += ["--data-dir", data_dir]
