@@ -230,6 +230,26 @@ class Finite(click.FloatRange):
         return number
 
 
+def _checked(check, prefix):
+    """`_each_checked` for an option given once (None: not given)."""
+    each = _each_checked(check, prefix)
+    return lambda ctx, param, value: value if value is None else each(ctx, param, [value])[0]
+
+
+def _dataset_name(value):
+    from mlecli.data.imported import check_name
+
+    check_name(value)
+
+
+def _any_dataset_name(value):
+    from mlecli.data.datasets import BUILTIN
+    from mlecli.data.imported import check_name
+
+    if value not in BUILTIN:
+        check_name(value, "--dataset")
+
+
 def _mirror_location(value):
     from mlecli.data.download import mirror_location
 
@@ -334,7 +354,7 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
 
 @main.command("import", short_help="Make a dataset of your own labelled pictures: one folder per class.")
 @click.argument("folder", type=click.Path(path_type=str), metavar="FOLDER")
-@click.option("--name", required=True, metavar="NAME",
+@click.option("--name", required=True, metavar="NAME", callback=_checked(_dataset_name, lambda v: f"--name {v!r}: "),
               help="The dataset's name (lower-case letters, digits, '.', '_', '-'): train on it with --set "
               "data.dataset=NAME.")
 @click.option("--test-fraction", type=Finite(0, 1), default=None,
@@ -654,6 +674,7 @@ def threshold_option(f):
 @data_dir_option
 @threshold_option
 @click.option("--dataset", "on", default=None, metavar="NAME",
+              callback=_checked(_any_dataset_name, lambda v: f"--dataset {v!r}: "),
               help="Measure it on another dataset with the same classes (built in, or made by mlecli import): all of "
               "that dataset's --split images of the task's classes.  [default: the checkpoint's own]")
 def evaluate(target, which, split, as_json, data_dir, threshold, on):

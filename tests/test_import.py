@@ -417,18 +417,19 @@ def test_special_files_and_links_to_nothing_are_refused_as_predict_refuses_them(
 
 
 @pytest.mark.parametrize("name, message", [
-    ("My Digits", "--name 'My Digits': a dataset's name is 1-64 lower-case letters, digits, '.', '_' and '-', "
-                  "starting with a letter or digit (it names its folder in the data folder)"),
-    ("../up", "--name '../up': a dataset's name is 1-64 lower-case letters, digits, '.', '_' and '-', starting with a "
-              "letter or digit (it names its folder in the data folder)"),
-    ("mnist", "--name mnist: mnist is a built-in dataset; give yours another name"),
-    ("fashion-mnist", "--name fashion-mnist: fashion-mnist is a built-in dataset; give yours another name"),
-    ("tiny-0123456789abcdef", "--name tiny-0123456789abcdef: a name ending in '-' and 16 hex digits is how a custom "
-                              "dataset's cache folder is named; give yours another name"),
+    ("My Digits", "a dataset's name is 1-64 lower-case letters, digits, '.', '_' and '-', starting with a letter or "
+                  "digit (it names its folder in the data folder)"),
+    ("../up", "a dataset's name is 1-64 lower-case letters, digits, '.', '_' and '-', starting with a letter or digit "
+              "(it names its folder in the data folder)"),
+    ("mnist", "mnist is a built-in dataset; give yours another name"),
+    ("fashion-mnist", "fashion-mnist is a built-in dataset; give yours another name"),
+    ("tiny-0123456789abcdef", "a name ending in '-' and 16 hex digits is how a custom dataset's cache folder is named; "
+                              "give yours another name"),
 ])
-def test_a_name_that_is_not_a_safe_folder_name_or_is_built_in_is_refused(folder, tmp_path, name, message):
+def test_a_name_that_is_not_a_safe_folder_name_or_is_built_in_is_a_usage_error(folder, tmp_path, name, message):
     res = cli("import", folder, "--name", name, "--data-dir", tmp_path / "data")
-    assert (res.exit_code, res.stderr) == (1, f"Error: {message}\n")
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == f"Error: Invalid value for '--name {name}': {message}"
     assert not (tmp_path / "data").exists()
 
 

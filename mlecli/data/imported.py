@@ -81,10 +81,10 @@ def check_name(name: str, option: str = "--name") -> None:
         raise ConfigError(f"{option} {name!r}: a dataset's name is 1-64 lower-case letters, digits, '.', '_' and '-', "
                           "starting with a letter or digit (it names its folder in the data folder)")
     if name in BUILTIN:
-        raise ConfigError(f"{option} {name}: {name} is a built-in dataset; give yours another name")
+        raise ConfigError(f"{option} {name!r}: {name} is a built-in dataset; give yours another name")
     if CUSTOM_FOLDER.search(name):
-        raise ConfigError(f"{option} {name}: a name ending in '-' and 16 hex digits is how a custom dataset's cache "
-                          "folder is named; give yours another name")
+        raise ConfigError(f"{option} {name!r}: a name ending in '-' and 16 hex digits is how a custom dataset's "
+                          "cache folder is named; give yours another name")
 
 
 # ---------------------------------------------------------------------------
