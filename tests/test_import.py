@@ -545,3 +545,12 @@ def test_a_local_mirror_of_other_mnist_format_files_says_so_and_how_to_train_on_
         f"could not be reached; to train on them as a dataset of your own: {command}")
     words = shlex.split(command)[1:] + ["--set", "train.epochs=1", "--run-dir", tmp_path / "run", "-q"]
     assert cli(*words).exit_code == 0  # the command works as it is pasted
+
+
+def test_a_dataset_that_cannot_fit_on_the_disk_is_refused_before_anything_is_written(folder, tmpfs):
+    disk = tmpfs("small", "256k")
+    res = cli("import", folder, "--name", "mine", "--data-dir", disk / "data")
+    assert (res.exit_code, res.stderr) == (1, f"Error: importing mine needs 1.4 MiB of free space in {disk / 'data'}, "
+                                              "only 256.0 KiB is available: free some space or choose another "
+                                              "--data-dir\n")
+    assert listing(disk) == []  # not even the data folder

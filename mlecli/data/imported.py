@@ -183,23 +183,21 @@ def write(data_dir: Path, name: str, parts: dict[str, Part], classes: tuple[str,
     final = Path(data_dir) / name
     refuse_existing(final, force)
     made = _missing_folders(Path(data_dir))
+    tmp = None
     try:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MlecliError(cannot_write(exc, final)) from None
-    remove_stale_temporary_folders(Path(data_dir))  # a killed import's
-    pixels = sum(p.images.nbytes + p.labels.nbytes for p in parts.values())
-    need_space(Path(data_dir), 2 * pixels + (1 << 20), f"importing {name}")  # the raw files, and the splits
-    try:
-        tmp = temporary_folder(final)
-    except OSError as exc:
-        _remove_made(made)
-        raise MlecliError(cannot_write(exc, final)) from None
-    try:
+        try:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            remove_stale_temporary_folders(Path(data_dir))  # a killed import's
+            pixels = sum(p.images.nbytes + p.labels.nbytes for p in parts.values())
+            need_space(Path(data_dir), 2 * pixels + (1 << 20), f"importing {name}")  # the raw files, and the splits
+            tmp = temporary_folder(final)
+        except OSError as exc:
+            raise MlecliError(cannot_write(exc, final)) from None
         _fill(tmp, name, parts, classes, command=command, source=source)
         _commit(tmp, final, force, log)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_made(made)
         raise
     fsync_dir(Path(data_dir))
