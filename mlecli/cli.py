@@ -343,20 +343,22 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     folder gets config.toml, manifest.json, metrics.jsonl and checkpoints/.
     """
     from mlecli.run import config
+    from mlecli.run import resume as resuming
     from mlecli.run import train as training
+    from mlecli.run.signals import StopRequest
 
     log = _log(quiet)
     resume_from = None
     if resume is not None:
         if config_path is not None or run_dir is not None:
             raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
-        resume_from = training.newest_checkpoint(resume, log)
+        resume_from = resuming.newest_checkpoint(resume, log)
         given = {item.partition("=")[0].strip() for item in overrides}
-        edited = tuple(e for e in training.edited_keys(Path(resume), resume_from.config)
+        edited = tuple(e for e in resuming.edited_keys(Path(resume), resume_from.config)
                        if e.partition("=")[0] not in given)
         if edited:
             log(printable(f"{Path(resume) / 'config.toml'} sets {', '.join(edited)}: used for this resume"))
-        cfg = training.resumed_config(resume_from.config, (*edited, *overrides), resume_from.epoch)
+        cfg = resuming.resumed_config(resume_from.config, (*edited, *overrides), resume_from.epoch)
         run_dir = resume
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:
@@ -365,7 +367,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
     # One StopRequest from here to the last line printed: no signal meets Python's default
     # handlers in between (after the run, the message saying how to resume is never cut).
-    with training.StopRequest() as stop:
+    with StopRequest() as stop:
         outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report,
                                resume_from=resume_from, stop=stop)
         code = _say_how_it_ended(outcome, say)
@@ -486,7 +488,7 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     per grid point: the mean ± standard deviation over seeds of the best validation LL
     and accuracy (and of test accuracy with --evaluate).
     """
-    from mlecli.run.train import StopRequest
+    from mlecli.run.signals import StopRequest
     from mlecli.sweep import grid, record, runner
 
     plan = grid.plan(config_path, overrides, grids, seeds)
@@ -679,7 +681,8 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @main.command(short_help="Export a network to ONNX, or to a web page to draw on.")
 @click.argument("target", type=click.Path(path_type=Path))
 @checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True,
+              help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),

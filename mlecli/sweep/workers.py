@@ -386,9 +386,10 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
     from mlecli.nn import blas  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run import evaluate as ev  # lazy: a worker sets its BLAS threads before numpy loads
-    from mlecli.run import train  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run import resume, train  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.config import from_dict  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.rundir import clear_unstarted  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run.signals import StopNow  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.record import config_difference  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.runs import describe  # lazy: a worker sets its BLAS threads before numpy loads
 
@@ -410,12 +411,12 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
         if task.action != "evaluate":
             resume_from, threads = None, None
             if task.action == "resume":
-                resume_from = train.newest_checkpoint(run_dir, report.log)
+                resume_from = resume.newest_checkpoint(run_dir, report.log)
                 differs = config_difference(resume_from.config, cfg)
                 if differs:
                     raise MlecliError(f"{resume_from.path} holds a run whose {differs}; move {run_dir} away and run "
                                       "the sweep again")
-                cfg = train.resumed_config(resume_from.config, ())
+                cfg = resume.resumed_config(resume_from.config, ())
                 threads = recorded_threads(resume_from)
             elif task.action == "restart":
                 clear_unstarted(run_dir)
@@ -427,7 +428,7 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
         if task.evaluate:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
-    except (_Stopped, Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
+    except (_Stopped, Stopped, StopNow):  # outside the training loop: the folder says where the run is
         status = describe(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:

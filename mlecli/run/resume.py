@@ -1,0 +1,258 @@
+"""Resuming a run: which checkpoint it goes on from, what may change, the checks that
+the checkpoint fits the run, and the repair of the folder after a crash.
+
+- Which checkpoint: `newest_checkpoint`: `last.npz` (refused, never passed over, if it
+  cannot be read); without one, the newest readable `epoch-N.npz`.
+- What may change: `RESUME_OVERRIDABLE` (the keys that cannot change the weights
+  trained so far), `edited_keys` (those config.toml sets otherwise than the checkpoint:
+  an edit by hand counts as a `--set`), `resumed_config`.
+- The checks (`check`): the data the checkpoint was trained on, a position this run's
+  data and batch size can reach (`check_fits`), the run config.toml records
+  (`check_own`), a history in metrics.jsonl that reaches the checkpoint.
+- The repair (`repair`): what a crash left half-done after the checkpoint is brought
+  back to what the checkpoint commits: metrics.jsonl cut back to its step, the copies due
+  at its epoch written, config.toml rewritten, a `resumed` entry in manifest.json.
+  Temporaries a killed process left are removed whenever a run is opened
+  (`remove_temporaries`, a new run's too).
+
+The state a checkpoint holds is restored by the training loop (train.py's `_restore`),
+which also wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+from mlecli.run import checkpoint as ckpt
+from mlecli.run import rundir
+from mlecli.run.config import Config, apply_overrides, from_dict, parse_override, to_toml, toml_value
+from mlecli.run.config import load as load_config
+from mlecli.run.task import BinaryTask
+from mlecli.safe.errors import CheckpointError, ConfigError, MlecliError
+from mlecli.safe.files import atomic_write_bytes, atomic_write_text, read_regular, remove_stale_temporaries
+
+# ---------------------------------------------------------------------------
+# Which checkpoint a resume goes on from
+
+
+def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpoint:
+    """last.npz (refused, never passed over, if it cannot be used); without one, the
+    newest readable epoch checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume "
+                              "(`mlecli runs` lists them)")
+    if (run_dir / "checkpoints").is_symlink():
+        raise CheckpointError(
+            f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
+            "copy the run (cp -rL) and resume the copy"
+        )
+    last = run_dir / "checkpoints" / "last.npz"
+    if last.exists() or last.is_symlink():
+        try:
+            return ckpt.load(last)
+        except CheckpointError as exc:
+            # Never go back to an older checkpoint by itself: resuming would write over last.npz,
+            # and whatever it holds (another mlecli's format, say) would be lost.
+            older = sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
+            fallback = (f"; to go on from its newest epoch checkpoint instead ({older[0].name}), losing what came "
+                        f"after it, move last.npz out of {last.parent} and resume again") if older else ""
+            raise CheckpointError(f"cannot resume {run_dir}: {exc}{fallback}") from None
+    for path in sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True):
+        try:
+            cp = ckpt.load(path)
+        except CheckpointError as exc:
+            log(f"warning: {exc}; trying an older checkpoint")
+            continue
+        log(f"note: {last} is not there; going on from {path.name}")
+        return cp
+    raise CheckpointError(
+        f"{run_dir} has no checkpoint to resume from: it is not a run folder, or its run never wrote its first "
+        f"checkpoint; start it again with mlecli train CONFIG --run-dir {run_dir}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The config a resume may change
+
+RESUME_OVERRIDABLE = {"train.epochs", "train.checkpoint_every", "train.log_every"}
+
+
+def edited_keys(run_dir: Path, saved: Config) -> tuple[str, ...]:
+    """The keys a resume may change that the run's config.toml sets otherwise than its
+    checkpoint (edited by hand, or by a resume that stopped before its first checkpoint),
+    as `--set` items; () if config.toml cannot be read."""
+
+    try:
+        recorded = load_config(run_dir / "config.toml").to_dict()
+    except MlecliError:
+        return ()
+    mine = saved.to_dict()
+    items = []
+    for key in sorted(RESUME_OVERRIDABLE):
+        section, name = key.split(".")
+        if recorded[section].get(name) != mine[section].get(name):
+            items.append(f"{key}={toml_value(recorded[section][name])}")
+    return tuple(items)
+
+
+def resumed_config(saved: Config, overrides: tuple[str, ...], epochs_done: int = 0) -> Config:
+    """The saved config with only the keys that cannot change the weights so far overridden
+    (others only set to the value they have), and train.epochs no fewer than the
+    `epochs_done` of the checkpoint resumed."""
+
+    for item in overrides:
+        key = ".".join(parse_override(item)[0])
+        if key not in RESUME_OVERRIDABLE and from_dict(apply_overrides(saved.to_dict(), (item,)),
+                                                       name=saved.name) != saved:  # a value it already has is fine
+            raise ConfigError(
+                f"--set {key} cannot change when resuming (it would change the weights already trained); "
+                f"allowed: {', '.join(sorted(RESUME_OVERRIDABLE))}"
+            )
+    cfg = from_dict(apply_overrides(saved.to_dict(), overrides), name=saved.name)
+    if cfg.train.epochs < epochs_done:
+        raise ConfigError(
+            f"--set train.epochs = {cfg.train.epochs} is fewer than the {epochs_done} epochs this run has done: "
+            "a run's epochs can only grow (its config.toml must keep saying what made its checkpoints)"
+        )
+    if cfg.train.epochs != saved.train.epochs and saved.train.schedule == "cosine":
+        raise ConfigError(
+            f"--set train.epochs cannot change when resuming a run with the cosine schedule: it spreads the "
+            f"decay over the {saved.train.epochs} epochs configured, so the learning rates already used would "
+            "change; start a new run with the epochs you want"
+        )
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Whether a checkpoint fits the run
+
+
+def check(cp: ckpt.Checkpoint, cfg: Config, run_dir: Path, task: BinaryTask, dataset: str, sha256: dict[str, str],
+          data_dir: Path) -> None:
+    """Refuse a checkpoint this run cannot go on from: trained on other data, at a
+    position this data cannot reach, another run's, or beyond what metrics.jsonl records."""
+    ckpt.check_same_data(cp, dataset, sha256, data_dir, "resume with the data it was trained on")
+    check_fits(cp, cfg, task)
+    check_own(cp, run_dir)
+    if cp.format > 1:  # a format-1 checkpoint's history is written again from it
+        rundir.committed_epochs(run_dir, cp.meta, cp.path)  # never add to a history cut short or damaged
+
+
+def check_fits(cp: ckpt.Checkpoint, cfg: Config, task: BinaryTask) -> None:
+    """Refuse a checkpoint whose position cannot be one of this run's on this data (each
+    field may be well-formed and the whole still impossible: a crafted or mixed-up file)."""
+    meta, bs = cp.meta, cfg.train.batch_size
+    batches = math.ceil(len(task.train) / bs)
+    done, batch, p = meta["epochs_done"], meta["batch_in_epoch"], meta["partial"]
+    problems = []
+    if meta["n_inputs"] != task.n_inputs or meta.get("image_shape", list(task.train.images.shape[1:])) != list(
+            task.train.images.shape[1:]):
+        problems.append(f"it was trained on images of {meta['n_inputs']} pixels, these have {task.n_inputs}")
+    elif batch >= batches:
+        problems.append(f"it stopped at batch {batch} of an epoch of {batches}")
+    elif meta["step"] != done * batches + batch:
+        problems.append(f"its step {meta['step']} is not {done} epochs of {batches} batches and {batch} more")
+    elif not (p.get("measured", batch * bs) == p["seen"] >= p["correct"]
+              and p["seen"] + len(cp.extra.get("loop.z", ())) == batch * bs and p["seen"] % bs == 0):
+        problems.append(f"its tally of the epoch so far ({p['seen']} images measured, "
+                        f"{len(cp.extra.get('loop.z', ()))} logits pending) is not {batch} batches of {bs}")
+    if problems:
+        raise CheckpointError(f"{cp.path} does not fit this run's data: {problems[0]}; the checkpoint is damaged "
+                              "or not this run's")
+
+
+def check_own(cp: ckpt.Checkpoint, run_dir: Path) -> None:
+    """Refuse a checkpoint that is another run's (copied into this folder): its config must
+    be the one config.toml records, but for the keys a resume may change. (A config.toml
+    that is missing or damaged is written again from the checkpoint.)"""
+
+    try:
+        recorded = load_config(run_dir / "config.toml").to_dict()
+    except MlecliError:
+        return
+    mine = cp.config.to_dict()
+    for key in sorted(RESUME_OVERRIDABLE):
+        section, name = key.split(".")
+        recorded[section].pop(name, None)
+        mine[section].pop(name, None)
+    recorded.pop("name", None)
+    mine.pop("name", None)
+    differ = sorted(f"{s}.{k}" for s in recorded for k in set(recorded[s]) | set(mine.get(s, {}))
+                    if recorded[s].get(k) != mine.get(s, {}).get(k))
+    if differ:
+        raise CheckpointError(
+            f"{cp.path} is not this run's checkpoint: its config differs from {run_dir / 'config.toml'} in "
+            f"{', '.join(differ)}; put the run's own checkpoints back, or start a new run"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Repair on open
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Remove the temporaries a killed process left in the run folder: never a checkpoint."""
+    remove_stale_temporaries(run_dir / "checkpoints")
+    remove_stale_temporaries(run_dir)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a plain file holding exactly `data` (anything else is written anew)."""
+    try:
+        return os.lstat(path).st_size == len(data) and read_regular(path, len(data)) == data
+    except OSError:
+        return False
+
+
+def repair(run_dir: Path, cp: ckpt.Checkpoint, cfg: Config, *, sha256: dict[str, str], data_dir: Path,
+           log: Callable[[str], None]) -> None:
+    """Bring the folder back to what `cp` commits: metrics cut back to its step, the
+    copies due at its epoch written, config.toml (of `cfg`, the config resumed with) and
+    the manifest rewritten. `sha256` and `data_dir` are the data's, for a manifest that
+    must be made anew."""
+    meta, saved = cp.meta, cp.config
+    if cp.format == 1:  # metrics.jsonl was rewritten after the checkpoint: its history is the truth
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in meta.get("metrics", [])))
+    rundir.cut_metrics(run_dir, meta["step"])
+    epoch, best = meta["epochs_done"], meta.get("best")
+    if cp.path.name == "last.npz" and meta["batch_in_epoch"] == 0 and epoch > 0:
+        due_now = epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs
+        due = [f"epoch-{epoch:04d}.npz"] if due_now else []
+        if best is not None and best["epoch"] == epoch:
+            due.append("best.npz")
+        data = read_regular(cp.path, 1 << 40)
+        for name in due:
+            path = run_dir / "checkpoints" / name
+            if not _holds(path, data):
+                atomic_write_bytes(path, data)
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    try:
+        manifest = rundir.read_manifest(run_dir, strict=True)
+    except MlecliError as exc:  # keep what is there: it may be all that records the run's start
+        damaged = run_dir / "manifest.json.damaged"
+        try:
+            os.replace(run_dir / "manifest.json", damaged)
+        except OSError:
+            pass
+        log(f"warning: {exc}; writing a new manifest.json (the old one is kept as {damaged.name})")
+        manifest = {}
+    manifest = manifest or rundir.new_manifest(cfg, sha256, rundir.now(), data_dir)
+    manifest.pop("ended", None)
+    manifest["data_dir"] = str(Path(data_dir).absolute())
+    manifest.setdefault("resumed", []).append(
+        {"at": rundir.now(), "from": cp.path.name, "epochs_done": epoch, "step": meta["step"]}
+    )
+    rundir.write_manifest(run_dir, manifest)
+    before, now = meta.get("blas") or {}, rundir.blas_info(cfg)
+    if before.get("backend") is not None and (before.get("backend"), before.get("threads")) != (
+            now["backend"], now["threads"]):
+        log(
+            f"warning: {cp.path} was trained with the BLAS {before['backend']} on {before.get('threads')} threads, "
+            f"this process uses {now['backend']} on {now['threads']}: the resumed weights may differ in their last "
+            "bits from an uninterrupted run (set OPENBLAS_NUM_THREADS to the same count to avoid it)"
+        )
