@@ -348,19 +348,11 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     from mlecli.run.signals import StopRequest
 
     log = _log(quiet)
-    resume_from = None
+    request = None
     if resume is not None:
         if config_path is not None or run_dir is not None:
             raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
-        resume_from = resuming.newest_checkpoint(resume, log)
-        given = {item.partition("=")[0].strip() for item in overrides}
-        edited = tuple(e for e in resuming.edited_keys(Path(resume), resume_from.config)
-                       if e.partition("=")[0] not in given)
-        if edited:
-            log(printable(f"{Path(resume) / 'config.toml'} sets {', '.join(edited)}: used for this resume"))
-        cfg = resuming.resumed_config(resume_from.config, (*edited, *overrides), resume_from.epoch)
-        run_dir = resume
-        log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
+        cfg, run_dir, request = None, resume, resuming.Request(tuple(overrides))
     else:
         cfg = config.load(config_path, overrides)
     say = _stdout_lines(quiet)
@@ -369,7 +361,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     # handlers in between (after the run, the message saying how to resume is never cut).
     with StopRequest() as stop:
         outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report,
-                               resume_from=resume_from, stop=stop)
+                               resuming=request, stop=stop)
         code = _say_how_it_ended(outcome, say)
     if code:
         sys.exit(code)

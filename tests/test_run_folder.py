@@ -15,7 +15,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from fakes import array_bytes as weights
 from fakes import mlecli_process as mlecli
-from fakes import rewrite_npz, trickle, wait_for
+from fakes import data_held, read_until, rewrite_npz, trickle, wait_for
 
 from mlecli.cli import main
 from mlecli.data.cache import dataset_dir
@@ -72,6 +72,29 @@ def test_trainings_started_together_without_a_run_dir_each_get_their_own_folder(
     assert len(folders) == 4
     for f in folders:
         assert ckpt.load(f / "checkpoints" / "last.npz").epoch == 1
+
+
+def test_a_resume_that_waited_for_its_data_goes_on_from_what_the_run_holds_once_the_folder_is_its_own(
+        tiny_config, tmp_path):
+    """A resume read the run (3 epochs of 3), then waited for the data folder's lock while
+    another resume took the run to 6 epochs; it went on with what it had read: trained
+    nothing, and wrote epochs = 3 back into config.toml, so that a plain --resume failed
+    from then on. It decides once the run folder is its own, from what is there then."""
+    cfg, run, data = tiny_config(train={"epochs": 3}, model={"hidden": [4]}), tmp_path / "R", tmp_path / "d"
+    assert mlecli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").wait(timeout=120) == 0
+    with data_held(data, tmp_path / "waiting-data") as waiting:
+        first = mlecli("train", "--resume", run, "--data-dir", waiting)
+        read_until(first.stderr, "is in use by", first)  # it has read the run, and waits for its data
+        second = mlecli("train", "--resume", run, "--set", "train.epochs=6", "--data-dir", data, "-q")
+        assert second.wait(timeout=120) == 0, second.stderr.read().decode()
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert f"resuming {run} from last.npz (epoch 6 done)" in err.decode().splitlines()
+    assert "epochs = 6\n" in (run / "config.toml").read_text()
+    assert ckpt.load(run / "checkpoints" / "last.npz").epoch == 6
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    again = mlecli("train", "--resume", run, "--data-dir", data, "-q")
+    assert again.wait(timeout=120) == 0, again.stderr.read().decode()
 
 
 # ---------------------------------------------------------------------------

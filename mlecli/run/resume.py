@@ -1,11 +1,18 @@
 """Resuming a run: which checkpoint it goes on from, what may change, the checks that
 the checkpoint fits the run, and the repair of the folder after a crash.
 
+- The decision (`decide`): what a resume asked for (`Request`: its `--set` items, and a
+  sweep's own conditions) and the folder's files give a `Plan`: the checkpoint it goes
+  on from and the config it goes on with. It is taken under the run folder's lock, from
+  the files as they are then (train.py's `run`): another command may have gone on with
+  the run while this one waited for its data, and a plan read before would be stale. A
+  plan read before the lock only fails fast.
 - Which checkpoint: `newest_checkpoint`: `last.npz` (refused, never passed over, if it
   cannot be read); without one, the newest readable `epoch-N.npz`.
 - What may change: `RESUME_OVERRIDABLE` (the keys that cannot change the weights
   trained so far), `edited_keys` (those config.toml sets otherwise than the checkpoint:
-  an edit by hand counts as a `--set`), `resumed_config`.
+  an edit by hand counts as a `--set`), `resumed_config`; the BLAS threads a run began
+  with (`recorded_threads`), which a sweep's resume keeps.
 - The checks (`check`): the data the checkpoint was trained on, a position this run's
   data and batch size can reach (`check_fits`), the run config.toml records
   (`check_own`), a history in metrics.jsonl that reaches the checkpoint.
@@ -24,9 +31,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mlecli.nn.step import blas_threads
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import rundir
 from mlecli.run.config import Config, apply_overrides, from_dict, parse_override, to_toml, toml_value
@@ -34,6 +43,50 @@ from mlecli.run.config import load as load_config
 from mlecli.run.task import BinaryTask
 from mlecli.safe.errors import CheckpointError, ConfigError, MlecliError
 from mlecli.safe.files import atomic_write_bytes, atomic_write_text, read_regular, remove_stale_temporaries
+
+# ---------------------------------------------------------------------------
+# The decision: what a resume goes on from, and with
+
+
+@dataclass(frozen=True)
+class Request:
+    """A resume as it was asked for; what it goes on from is decided from the folder."""
+
+    overrides: tuple[str, ...] = ()  # --set items
+    edits: bool = True  # config.toml's own values of the keys a resume may change count (a sweep's: the plan's)
+    expect: Callable[[ckpt.Checkpoint], None] | None = None  # the caller's own refusal (a sweep's: not its run)
+    same_threads: bool = False  # the BLAS threads the run began with, where its bits depend on them
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a resume goes on from and with, decided from the folder's files as read at one moment."""
+
+    checkpoint: ckpt.Checkpoint
+    cfg: Config  # the checkpoint's config with the changes allowed
+    edited: tuple[str, ...]  # config.toml's values used, as --set items
+    threads: int | None  # the BLAS threads to train on (None: as they are)
+
+
+def decide(run_dir: Path, request: Request, log: Callable[[str], None]) -> Plan:
+    """The plan of a resume of `run_dir` as `request` asks, from the folder's files as they
+    are now; raises the error that refuses it. Only a plan made under the folder's lock
+    counts."""
+    cp = newest_checkpoint(run_dir, log)
+    if request.expect is not None:
+        request.expect(cp)
+    given = {item.partition("=")[0].strip() for item in request.overrides}
+    edited = tuple(e for e in edited_keys(Path(run_dir), cp.config)
+                   if e.partition("=")[0] not in given) if request.edits else ()
+    cfg = resumed_config(cp.config, (*edited, *request.overrides), cp.epoch)
+    return Plan(cp, cfg, edited, recorded_threads(cp) if request.same_threads else None)
+
+
+def same_data(a: Config, b: Config) -> bool:
+    """Whether two configs of a run train on the same data and task (they differ at most in
+    the keys a resume may change, and the name)."""
+    return not _differences(a, b)
+
 
 # ---------------------------------------------------------------------------
 # Which checkpoint a resume goes on from
@@ -128,6 +181,27 @@ def resumed_config(saved: Config, overrides: tuple[str, ...], epochs_done: int =
     return cfg
 
 
+def recorded_threads(cp: ckpt.Checkpoint) -> int | None:
+    """The BLAS threads a checkpoint's run trained on, where its bits depend on them
+    (batches of 64 and fewer: step.blas_threads sets none), else None (the trainer sets its own)."""
+    threads = (cp.meta.get("blas") or {}).get("threads")
+    if blas_threads(cp.config.train.batch_size) is not None or not isinstance(threads, int) or threads < 1:
+        return None
+    return threads
+
+
+def _differences(a: Config, b: Config) -> list[str]:
+    """The keys (`section.key`) in which two configs differ, but for the name and the keys
+    a resume may change."""
+    x, y = a.to_dict(), b.to_dict()
+    for d in (x, y):
+        d.pop("name", None)
+        for key in RESUME_OVERRIDABLE:
+            section, name = key.split(".")
+            d[section].pop(name, None)
+    return sorted(f"{s}.{k}" for s in x for k in set(x[s]) | set(y.get(s, {})) if x[s].get(k) != y.get(s, {}).get(k))
+
+
 # ---------------------------------------------------------------------------
 # Whether a checkpoint fits the run
 
@@ -172,18 +246,10 @@ def check_own(cp: ckpt.Checkpoint, run_dir: Path) -> None:
     that is missing or damaged is written again from the checkpoint.)"""
 
     try:
-        recorded = load_config(run_dir / "config.toml").to_dict()
+        recorded = load_config(run_dir / "config.toml")
     except MlecliError:
         return
-    mine = cp.config.to_dict()
-    for key in sorted(RESUME_OVERRIDABLE):
-        section, name = key.split(".")
-        recorded[section].pop(name, None)
-        mine[section].pop(name, None)
-    recorded.pop("name", None)
-    mine.pop("name", None)
-    differ = sorted(f"{s}.{k}" for s in recorded for k in set(recorded[s]) | set(mine.get(s, {}))
-                    if recorded[s].get(k) != mine.get(s, {}).get(k))
+    differ = _differences(recorded, cp.config)
     if differ:
         raise CheckpointError(
             f"{cp.path} is not this run's checkpoint: its config differs from {run_dir / 'config.toml'} in "

@@ -376,12 +376,12 @@ def _bar(report: Reporter, epoch: int, epochs: int, total: int, done: int):
 # Phase 1: open or restore
 
 
-def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resuming: bool) -> _Run:
-    """A new run (its first checkpoint written at once), or the run as its newest
-    checkpoint left it, with whatever a crash left half-done after that checkpoint
-    repaired."""
+def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, plan: resume.Plan | None) -> _Run:
+    """A new run (its first checkpoint written at once), or the run as the checkpoint its
+    resume goes on from (`plan`) left it, with whatever a crash left half-done after that
+    checkpoint repaired."""
     resume.remove_temporaries(run_dir)  # a killed process's, never a checkpoint
-    if not resuming:
+    if plan is None:
         ckpt_dir = run_dir / "checkpoints"
         try:
             ckpt_dir.mkdir(exist_ok=True)
@@ -396,7 +396,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resuming: b
         atomic_write_text(run_dir / "config.toml", to_toml(cfg))
         rundir.write_manifest(run_dir, rundir.new_manifest(cfg, data.sha256, rundir.now(), data.data_dir))
     else:
-        cp = resume.newest_checkpoint(run_dir, report.log)  # again, now that the folder is ours
+        cp = plan.checkpoint
         resume.check(cp, cfg, run_dir, data.task, data.name, data.sha256, data.data_dir)
         rule = make_rule(cfg)
         run = _Run(cfg, run_dir, data, _restore(cp, rule), rule)
@@ -542,13 +542,13 @@ def _end_epoch(run: _Run, loop: _Loop, report: Reporter) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, data: _Data, report: Reporter, stop: StopRequest,
-           resume_from: ckpt.Checkpoint | None) -> Outcome:
+           plan: resume.Plan | None) -> Outcome:
     """Open the run (phase 1), then epoch after epoch its batches (phase 2) and its end
     (phase 3), until the run is done or a signal stops it; manifest.json says how it ended."""
     run = None
     try:
         stop.armed = True  # from here on, a first signal saves the run's position
-        run = _open(cfg, run_dir, data, report, resume_from is not None)
+        run = _open(cfg, run_dir, data, report, plan)
         if diverged(run.state.watch):  # its last commit says so: resuming it diverges again, however many epochs
             raise TrainingError(
                 f"the run diverged by epoch {run.state.epochs_done} (it did no better than predicting the training "
@@ -568,14 +568,15 @@ def _train(cfg: Config, run_dir: Path, data: _Data, report: Reporter, stop: Stop
         stop.settled = True
     except StopNow as now:
         stop.settled = True
+        cp = plan.checkpoint if plan is not None else None
         point = (run.committed if run is not None else
-                 (resume_from.epoch, resume_from.meta["batch_in_epoch"]) if resume_from is not None else (0, 0))
+                 (cp.epoch, cp.meta["batch_in_epoch"]) if cp is not None else (0, 0))
         rundir.record_end(run_dir, "interrupted", rundir.now(), f"stopped at once by a second {now.signal_name}")
         best = run.state.best if run is not None else None
         return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
     except MlecliError as exc:
         stop.settled = True
-        if run is not None or resume_from is None:  # a resume refused while opening changed nothing
+        if run is not None or plan is None:  # a resume refused while opening changed nothing
             rundir.record_end(run_dir, "failed", rundir.now(), str(exc))
         raise
     finally:
@@ -592,36 +593,55 @@ def _train(cfg: Config, run_dir: Path, data: _Data, report: Reporter, stop: Stop
                    stopped_early=state.stopped_early)
 
 
+def _resume(run_dir: Path, request: resume.Request, data_dir: Path, report: Reporter, stop: StopRequest) -> Outcome:
+    """Go on with the run in `run_dir`. What it goes on from, and with which config, is
+    decided once the folder is ours, from its files as they are then: while this command
+    got its data, another may have gone on with the run. The plan read before only fails
+    fast (before any download) and names the data to get."""
+    early = resume.decide(run_dir, request, lambda msg: None)
+    data = _prepare_data(early.cfg, data_dir, report, run_dir)
+    with rundir.claim(run_dir, fresh=False):
+        plan = resume.decide(run_dir, request, report.log)
+        if not resume.same_data(plan.cfg, early.cfg):  # another run now: its own data, again under the lock
+            data = _prepare_data(plan.cfg, data_dir, report, run_dir)
+        _check_room(plan.cfg, data, run_dir, plan.checkpoint.epoch)
+        if plan.edited:
+            report.log(f"{run_dir / 'config.toml'} sets {', '.join(plan.edited)}: used for this resume")
+        report.log(f"resuming {run_dir} from {plan.checkpoint.path.name} (epoch {plan.checkpoint.epoch} done)")
+        with blas.threads(plan.threads):  # a sweep's resumed run goes on with the threads it began with: the same bits
+            return _train(plan.cfg, run_dir, data, report, stop, plan)
+
+
 def run(
-    cfg: Config,
+    cfg: Config | None,
     run_dir: Path | None,
     *,
     data_dir: Path,
     report: Reporter,
-    resume_from: ckpt.Checkpoint | None = None,
+    resuming: resume.Request | None = None,
     stop: StopRequest | None = None,
 ) -> Outcome:
-    """Train `cfg` into `run_dir` (None: a new `runs/<name>-<timestamp>`), or continue
-    the run `resume_from` came from, and return how it ended.
+    """Train `cfg` into `run_dir` (None: a new `runs/<name>-<timestamp>`), or, with
+    `resuming`, go on with the run in `run_dir` (`cfg` None: the run's own config, as the
+    request may change it); return how it ended.
 
     The data and the task come first: a run that cannot get its data, or does not fit
     in memory, creates no run folder. Signals are handled by `stop`, which the caller
     has entered (the CLI does, around everything it does), else by one entered here."""
     if stop is None:
         with StopRequest() as own:
-            return run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from, stop=own)
-    if resume_from is None and run_dir is not None:
+            return run(cfg, run_dir, data_dir=data_dir, report=report, resuming=resuming, stop=own)
+    if resuming is not None:
+        return _resume(Path(run_dir), resuming, data_dir, report, stop)
+    if run_dir is not None:
         rundir.check_unused(Path(run_dir))  # fail before any download; checked again under the lock
-    data = _prepare_data(cfg, data_dir, report, None if resume_from is None else Path(run_dir))
-    _check_room(cfg, data, Path(run_dir) if run_dir is not None else rundir.RUNS_DIR,
-                0 if resume_from is None else resume_from.epoch)
-    created = False
+    data = _prepare_data(cfg, data_dir, report, None)
+    _check_room(cfg, data, Path(run_dir) if run_dir is not None else rundir.RUNS_DIR, 0)
     if run_dir is None:
         run_dir, created = rundir.new_default(cfg.name), True
-    elif resume_from is None:
+    else:
         created = _make_folder(Path(run_dir))
     run_dir = Path(run_dir)
-    if resume_from is None:
-        report.log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
-    with rundir.claim(run_dir, fresh=resume_from is None, created=created):
-        return _train(cfg, run_dir, data, report, stop, resume_from)
+    report.log(f"training {cfg.name}: {cfg.task.describe()}, hidden {list(cfg.model.hidden)}, into {run_dir}")
+    with rundir.claim(run_dir, fresh=True, created=created):
+        return _train(cfg, run_dir, data, report, stop, None)
