@@ -111,11 +111,11 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
         except CheckpointError as exc:
             # Never go back to an older checkpoint by itself: resuming would write over last.npz,
             # and whatever it holds (another mlecli's format, say) would be lost.
-            older = sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True)
+            older = _newest_first(run_dir)
             fallback = (f"; to go on from its newest epoch checkpoint instead ({older[0].name}), losing what came "
                         f"after it, move last.npz out of {last.parent} and resume again") if older else ""
             raise CheckpointError(f"cannot resume {run_dir}: {exc}{fallback}") from None
-    for path in sorted((p for p in ckpt.checkpoints_in(run_dir) if p.name.startswith("epoch-")), reverse=True):
+    for path in _newest_first(run_dir):
         try:
             cp = ckpt.load(path)
         except CheckpointError as exc:
@@ -127,6 +127,11 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
         f"{run_dir} has no checkpoint to resume from: it is not a run folder, or its run never wrote its first "
         f"checkpoint; start it again with mlecli train CONFIG --run-dir {run_dir}"
     )
+
+
+def _newest_first(run_dir: Path) -> list[Path]:
+    """A run's epoch checkpoints, the newest epoch first."""
+    return [p for p in reversed(ckpt.checkpoints_in(run_dir)) if ckpt.epoch_of(p) is not None]
 
 
 # ---------------------------------------------------------------------------
