@@ -370,14 +370,19 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
 def _say_how_it_ended(outcome, say) -> int:
     """Print how a training run ended; return the exit status it calls for."""
     run_dir = outcome.run_dir
+    if outcome.already_finished is not None:
+        for line in outcome.already_finished.split("\n"):
+            say(printable(line))
+        return 0
     if outcome.interrupted:
         last = run_dir / "checkpoints" / "last.npz"
+        at = f" at {_position(outcome.stopped_at, outcome.batches)}" if outcome.stopped_at is not None else ""
         if outcome.at_once:
             epochs, batches = outcome.resume_point
             where = f"epoch {epochs} done" + (f", {batches} batches of the next" if batches else "")
-            said = f"Stopped at once by a second {outcome.interrupted}: the run goes on from {last} ({where})."
+            said = f"Stopped at once by a second {outcome.interrupted}{at}: the run goes on from {last} ({where})."
         else:
-            said = f"Stopped by {outcome.interrupted}: saved {last}."
+            said = f"Stopped by {outcome.interrupted}{at}: saved {last}."
         with contextlib.suppress(OSError):  # stderr full: the exit status 130 still says it
             echo(printable(f"{said} Resume with: mlecli train --resume {shlex.quote(str(run_dir))}"), err=True)
         return 130
@@ -393,6 +398,12 @@ def _say_how_it_ended(outcome, say) -> int:
     say(printable(f"evaluate: mlecli evaluate {shlex.quote(str(run_dir))}"))
     say(printable(f"plot:     mlecli plot {shlex.quote(str(run_dir))}"))
     return 0
+
+
+def _position(point: tuple[int, int], batches: int) -> str:
+    """Where in a run (epochs done, batches of the next) a stop came, in words."""
+    epochs, batch = point
+    return f"epoch {epochs + 1}, batch {batch:,} of {batches:,}" if batch else f"the end of epoch {epochs}"
 
 
 def _stdout_lines(quiet: bool):

@@ -74,25 +74,42 @@ def test_trainings_started_together_without_a_run_dir_each_get_their_own_folder(
         assert ckpt.load(f / "checkpoints" / "last.npz").epoch == 1
 
 
-def test_a_resume_that_waited_for_its_data_goes_on_from_what_the_run_holds_once_the_folder_is_its_own(
-        tiny_config, tmp_path):
-    """A resume read the run (3 epochs of 3), then waited for the data folder's lock while
-    another resume took the run to 6 epochs; it went on with what it had read: trained
-    nothing, and wrote epochs = 3 back into config.toml, so that a plain --resume failed
-    from then on. It decides once the run folder is its own, from what is there then."""
+def test_a_resume_that_waited_for_its_data_decides_from_what_the_run_holds_once_the_folder_is_its_own(
+        tiny_config, tmp_path, monkeypatch):
+    """A resume read the run (stopped in its epoch 2 of 3), then waited for the data
+    folder's lock while another resume took the run to 6 epochs; it went on with what it
+    had read: trained nothing, said 'best: epoch 6', and wrote epochs = 3 back into
+    config.toml, so that a plain --resume failed from then on. It decides once the run
+    folder is its own, from what is there then: the run is finished, and it says so."""
+    from mlecli.run import train as training
+
     cfg, run, data = tiny_config(train={"epochs": 3}, model={"hidden": [4]}), tmp_path / "R", tmp_path / "d"
-    assert mlecli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").wait(timeout=120) == 0
+    real_step, calls = training.train_step, {"n": 0}
+
+    def step_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # epoch 2, batch 5 of 15
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(run), "--data-dir", str(data),
+                                     "-q"]).exit_code == 130
+    monkeypatch.setattr(training, "train_step", real_step)
     with data_held(data, tmp_path / "waiting-data") as waiting:
         first = mlecli("train", "--resume", run, "--data-dir", waiting)
         read_until(first.stderr, "is in use by", first)  # it has read the run, and waits for its data
         second = mlecli("train", "--resume", run, "--set", "train.epochs=6", "--data-dir", data, "-q")
         assert second.wait(timeout=120) == 0, second.stderr.read().decode()
+        after_second = {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    assert f"resuming {run} from last.npz (epoch 6 done)" in err.decode().splitlines()
+    assert out.decode().splitlines() == [
+        f"{run} is finished: all 6 epochs are done, nothing to train",
+        f"to train it further: mlecli train --resume {run} --set train.epochs=N (N > 6)"]
+    assert "resuming" not in err.decode()
+    assert {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == after_second
     assert "epochs = 6\n" in (run / "config.toml").read_text()
-    assert ckpt.load(run / "checkpoints" / "last.npz").epoch == 6
-    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     again = mlecli("train", "--resume", run, "--data-dir", data, "-q")
     assert again.wait(timeout=120) == 0, again.stderr.read().decode()
 

@@ -612,19 +612,31 @@ def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_sa
     assert "internal error" not in capfd.readouterr().err
 
 
-def test_a_worker_that_waited_for_its_data_refuses_a_run_that_went_on_meanwhile(tiny_config, tmp_path):
-    """A worker read the run to resume (3 epochs, as the sweep says), then waited for its
-    data while `train --resume --set train.epochs=6` took the run on: it went on with what it
-    had read and wrote epochs = 3 back. It decides under the run folder's lock: the run
-    is no longer the sweep's, and it says so, leaving the folder as it is."""
+def test_a_worker_that_waited_for_its_data_refuses_a_run_that_went_on_meanwhile(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    """A worker read the run to resume (stopped in epoch 2 of the 3 the sweep says), then
+    waited for its data while `train --resume --set train.epochs=6` took the run on: it went
+    on with what it had read and wrote epochs = 3 back. It decides under the run folder's
+    lock: the run is no longer the sweep's, and it says so, leaving the folder as it is."""
     import threading
 
     from fakes import data_held, mlecli_process
 
     from mlecli.run import config
+    from mlecli.run import train as training
 
     cfg, run, data = tiny_config(train={"epochs": 3}, model={"hidden": [4]}), tmp_path / "R", tmp_path / "d"
-    assert cli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").exit_code == 0
+    real, calls = training.train_step, {"n": 0}
+
+    def interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # epoch 2, batch 5 of 15
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(training, "train_step", interrupt)
+    assert cli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").exit_code == 130
+    monkeypatch.setattr(training, "train_step", real)
     waiting_now = threading.Event()
 
     class Pipe(_Pipe):

@@ -31,10 +31,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from mlecli.nn.schedule import Watch, diverged
 from mlecli.nn.step import blas_threads
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import rundir
@@ -66,6 +68,17 @@ class Plan:
     cfg: Config  # the checkpoint's config with the changes allowed
     edited: tuple[str, ...]  # config.toml's values used, as --set items
     threads: int | None  # the BLAS threads to train on (None: as they are)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has nothing left to train: all its epochs done, or stopped early,
+        and not diverged (going on with a run that diverged is refused, saying so)."""
+        meta = self.checkpoint.meta
+        done = self.checkpoint.epoch >= self.cfg.train.epochs or meta.get("stopped_early") is not None
+        try:
+            return done and not diverged(Watch.from_dict(meta.get("watch")))
+        except (ValueError, TypeError):  # a damaged watch: refused when the run is opened
+            return False
 
 
 def decide(run_dir: Path, request: Request, log: Callable[[str], None]) -> Plan:
@@ -280,15 +293,14 @@ def _holds(path: Path, data: bytes) -> bool:
         return False
 
 
-def repair(run_dir: Path, cp: ckpt.Checkpoint, cfg: Config, *, sha256: dict[str, str], data_dir: Path,
-           log: Callable[[str], None]) -> None:
-    """Bring the folder back to what `cp` commits: metrics cut back to its step, the
-    copies due at its epoch written, config.toml (of `cfg`, the config resumed with) and
-    the manifest rewritten. `sha256` and `data_dir` are the data's, for a manifest that
-    must be made anew."""
+def _repair_history(run_dir: Path, cp: ckpt.Checkpoint) -> None:
+    """metrics.jsonl cut back to the records `cp` covers, and the copies due at its epoch
+    written again if they are missing or differ; nothing is written that is already so."""
     meta, saved = cp.meta, cp.config
     if cp.format == 1:  # metrics.jsonl was rewritten after the checkpoint: its history is the truth
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in meta.get("metrics", [])))
+        history = "".join(json.dumps(m) + "\n" for m in meta.get("metrics", []))
+        if not _holds(run_dir / "metrics.jsonl", history.encode()):
+            atomic_write_text(run_dir / "metrics.jsonl", history)
     rundir.cut_metrics(run_dir, meta["step"])
     epoch, best = meta["epochs_done"], meta.get("best")
     if cp.path.name == "last.npz" and meta["batch_in_epoch"] == 0 and epoch > 0:
@@ -301,7 +313,12 @@ def repair(run_dir: Path, cp: ckpt.Checkpoint, cfg: Config, *, sha256: dict[str,
             path = run_dir / "checkpoints" / name
             if not _holds(path, data):
                 atomic_write_bytes(path, data)
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+
+
+def _manifest(run_dir: Path, cfg: Config, sha256: dict[str, str], data_dir: Path,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """The run's manifest, made anew (not yet written) if a crash came before it was first
+    written, or if it is damaged (the damaged one kept as manifest.json.damaged)."""
     try:
         manifest = rundir.read_manifest(run_dir, strict=True)
     except MlecliError as exc:  # keep what is there: it may be all that records the run's start
@@ -312,11 +329,23 @@ def repair(run_dir: Path, cp: ckpt.Checkpoint, cfg: Config, *, sha256: dict[str,
             pass
         log(f"warning: {exc}; writing a new manifest.json (the old one is kept as {damaged.name})")
         manifest = {}
-    manifest = manifest or rundir.new_manifest(cfg, sha256, rundir.now(), data_dir)
+    return manifest or rundir.new_manifest(cfg, sha256, rundir.now(), data_dir)
+
+
+def repair(run_dir: Path, cp: ckpt.Checkpoint, cfg: Config, *, sha256: dict[str, str], data_dir: Path,
+           log: Callable[[str], None]) -> None:
+    """Bring the folder of a run that goes on training back to what `cp` commits: metrics
+    cut back to its step, the copies due at its epoch written, config.toml (of `cfg`, the
+    config resumed with) written, a `resumed` entry in the manifest. `sha256` and
+    `data_dir` are the data's, for a manifest that must be made anew."""
+    meta = cp.meta
+    _repair_history(run_dir, cp)
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    manifest = _manifest(run_dir, cfg, sha256, data_dir, log)
     manifest.pop("ended", None)
     manifest["data_dir"] = str(Path(data_dir).absolute())
     manifest.setdefault("resumed", []).append(
-        {"at": rundir.now(), "from": cp.path.name, "epochs_done": epoch, "step": meta["step"]}
+        {"at": rundir.now(), "from": cp.path.name, "epochs_done": meta["epochs_done"], "step": meta["step"]}
     )
     rundir.write_manifest(run_dir, manifest)
     before, now = meta.get("blas") or {}, rundir.blas_info(cfg)
@@ -327,3 +356,41 @@ def repair(run_dir: Path, cp: ckpt.Checkpoint, cfg: Config, *, sha256: dict[str,
             f"this process uses {now['backend']} on {now['threads']}: the resumed weights may differ in their last "
             "bits from an uninterrupted run (set OPENBLAS_NUM_THREADS to the same count to avoid it)"
         )
+
+
+def settle_finished(run_dir: Path, cp: ckpt.Checkpoint, *, data_dir: Path, log: Callable[[str], None]) -> None:
+    """A finished run resumed (`cp`, its newest checkpoint, has nothing left to train): what a
+    crash cut short at its end is repaired (temporaries, metrics, the copies due, a missing
+    or damaged config.toml or manifest, its end recorded); a whole folder is left as it is,
+    not one byte written. The data is not needed, nor checked."""
+    check_own(cp, run_dir)
+    if cp.format > 1:
+        rundir.committed_epochs(run_dir, cp.meta, cp.path)
+    remove_temporaries(run_dir)
+    _repair_history(run_dir, cp)
+    try:
+        load_config(run_dir / "config.toml")
+    except MlecliError:  # what made its checkpoints
+        atomic_write_text(run_dir / "config.toml", to_toml(cp.config))
+    manifest = _manifest(run_dir, cp.config, cp.meta.get("dataset_sha256") or {}, data_dir, log)
+    ended, early = manifest.get("ended") or {}, cp.meta.get("stopped_early")
+    if ended.get("status") != "finished" or ended.get("stopped_early") != early:  # a new manifest has no end
+        manifest["ended"] = {"status": "finished", "at": rundir.now(), "error": None,
+                             **({"stopped_early": early} if early else {})}
+        rundir.write_manifest(run_dir, manifest)
+
+
+def finished_note(run_dir: Path, plan: Plan) -> str:
+    """What a resume of a finished run says instead of training: that it is, and how to
+    train it further where a resume can."""
+    cp, t = plan.checkpoint, plan.cfg.train
+    early = cp.meta.get("stopped_early")
+    if early:
+        return (f"{run_dir} stopped early after epoch {early['epoch']}: no better validation LL in {early['patience']} "
+                "epochs (train.patience); it is finished, nothing to train")
+    said = f"{run_dir} is finished: all {cp.epoch:,} epochs are done, nothing to train"
+    if t.schedule == "cosine":
+        return (f"{said}\nits cosine schedule spreads the decay over its {t.epochs:,} epochs, so a resume cannot "
+                "add more: start a new run with the epochs you want")
+    return (f"{said}\nto train it further: mlecli train --resume {shlex.quote(str(run_dir))} --set train.epochs=N "
+            f"(N > {cp.epoch})")

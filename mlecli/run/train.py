@@ -183,6 +183,9 @@ class Outcome:
     at_once: bool = False  # a second signal: the position since the last checkpoint was not saved
     resume_point: tuple[int, int] = (0, 0)  # (epochs done, batches of the next) in last.npz
     stopped_early: dict | None = None  # {"epoch", "best_epoch", "patience"}: early stopping ended the run
+    stopped_at: tuple[int, int] | None = None  # (epochs done, batches of the next) where a signal stopped it
+    batches: int = 0  # of an epoch
+    already_finished: str | None = None  # a resume of a run with nothing left to train: what to say instead
 
 
 def epoch_line(m: dict, epochs: int) -> str:
@@ -546,6 +549,7 @@ def _train(cfg: Config, run_dir: Path, data: _Data, report: Reporter, stop: Stop
     """Open the run (phase 1), then epoch after epoch its batches (phase 2) and its end
     (phase 3), until the run is done or a signal stops it; manifest.json says how it ended."""
     run = None
+    batches = math.ceil(len(data.task.train) / cfg.train.batch_size)
     try:
         stop.armed = True  # from here on, a first signal saves the run's position
         run = _open(cfg, run_dir, data, report, plan)
@@ -573,7 +577,9 @@ def _train(cfg: Config, run_dir: Path, data: _Data, report: Reporter, stop: Stop
                  (cp.epoch, cp.meta["batch_in_epoch"]) if cp is not None else (0, 0))
         rundir.record_end(run_dir, "interrupted", rundir.now(), f"stopped at once by a second {now.signal_name}")
         best = run.state.best if run is not None else None
-        return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point)
+        at = (run.state.epochs_done, run.state.batch_in_epoch) if run is not None else None  # not saved
+        return Outcome(run_dir, point[0], now.signal_name, best, at_once=True, resume_point=point, stopped_at=at,
+                       batches=batches)
     except MlecliError as exc:
         stop.settled = True
         if run is not None or plan is None:  # a resume refused while opening changed nothing
@@ -590,24 +596,32 @@ def _train(cfg: Config, run_dir: Path, data: _Data, report: Reporter, stop: Stop
     rundir.record_end(run_dir, "interrupted" if interrupted else "finished", rundir.now(),
                       **({"stopped_early": state.stopped_early} if state.stopped_early else {}))
     return Outcome(run_dir, state.epochs_done, interrupted, state.best, resume_point=run.committed,
-                   stopped_early=state.stopped_early)
+                   stopped_early=state.stopped_early, stopped_at=run.committed if interrupted else None,
+                   batches=batches)
 
 
 def _resume(run_dir: Path, request: resume.Request, data_dir: Path, report: Reporter, stop: StopRequest) -> Outcome:
     """Go on with the run in `run_dir`. What it goes on from, and with which config, is
     decided once the folder is ours, from its files as they are then: while this command
     got its data, another may have gone on with the run. The plan read before only fails
-    fast (before any download) and names the data to get."""
+    fast (before any download) and names the data to get (none for a finished run)."""
     early = resume.decide(run_dir, request, lambda msg: None)
-    data = _prepare_data(early.cfg, data_dir, report, run_dir)
+    data = None if early.finished else _prepare_data(early.cfg, data_dir, report, run_dir)
     with rundir.claim(run_dir, fresh=False):
         plan = resume.decide(run_dir, request, report.log)
-        if not resume.same_data(plan.cfg, early.cfg):  # another run now: its own data, again under the lock
+        cp = plan.checkpoint
+        if plan.finished:  # nothing to train: nothing is written (but what a crash left half-done)
+            resume.settle_finished(run_dir, cp, data_dir=data_dir, log=report.log)
+            stop.settled = True
+            return Outcome(run_dir, cp.epoch, None, cp.meta.get("best"), resume_point=(cp.epoch, 0),
+                           stopped_early=cp.meta.get("stopped_early"),
+                           already_finished=resume.finished_note(run_dir, plan))
+        if data is None or not resume.same_data(plan.cfg, early.cfg):  # its data, got under the lock
             data = _prepare_data(plan.cfg, data_dir, report, run_dir)
-        _check_room(plan.cfg, data, run_dir, plan.checkpoint.epoch)
+        _check_room(plan.cfg, data, run_dir, cp.epoch)
         if plan.edited:
             report.log(f"{run_dir / 'config.toml'} sets {', '.join(plan.edited)}: used for this resume")
-        report.log(f"resuming {run_dir} from {plan.checkpoint.path.name} (epoch {plan.checkpoint.epoch} done)")
+        report.log(f"resuming {run_dir} from {cp.path.name} (epoch {cp.epoch} done)")
         with blas.threads(plan.threads):  # a sweep's resumed run goes on with the threads it began with: the same bits
             return _train(plan.cfg, run_dir, data, report, stop, plan)
 
