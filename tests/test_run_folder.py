@@ -142,6 +142,74 @@ def test_two_signals_in_quick_succession_stop_at_once_and_still_say_how_to_resum
         assert weights(run / "checkpoints" / "last.npz") == weights(tmp_path / "whole" / "checkpoints" / "last.npz")
 
 
+def _caught_or_blocked(pid: int) -> tuple[bool, bool]:
+    """Whether process `pid`, once it is mlecli (not the child between fork and exec, which
+    blocks every signal for a moment), blocks SIGTERM (mlecli's first line has run), and
+    whether it has a handler of its own for it (a StopRequest is in place), from /proc."""
+    try:
+        if b"\0-m\0mlecli\0" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False, False
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except (OSError, ValueError):
+        return False, False
+    bit = 1 << (signal.SIGTERM - 1)
+    return bool(int(status["SigBlk"], 16) & bit), bool(int(status["SigCgt"], 16) & bit)
+
+
+def test_signals_at_any_moment_of_a_training_never_meet_a_default_action(tiny_config, tmp_path):
+    """One full test run failed the test above with exit -15: a SIGTERM had landed where its
+    default action was in force, after the command gave back the handlers it found and
+    before the program ignored signals on its way out (and, before that, while Python
+    imported the tool). Here trainings are each sent a first signal at a moment of their
+    own, from the program's first line (the interpreter's start-up before it is beyond any
+    Python code) to the end of the run, then another every 0.2 ms until they end:
+    each ends with exit 130 and its one line, or, signalled as it finished, 0 and nothing."""
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 4}, model={"hidden": [4]})
+    data = tmp_path / "data"
+    assert CliRunner().invoke(main, ["download", "--config", str(cfg), "--data-dir", str(data), "-q"]).exit_code == 0
+    moments = {  # when the first signal goes, for a run folder
+        "its first line": lambda proc, run: _caught_or_blocked(proc.pid)[0],
+        "its handlers in place": lambda proc, run: _caught_or_blocked(proc.pid)[1],
+        "its first checkpoint": lambda proc, run: (run / "checkpoints" / "last.npz").exists(),
+        "epoch 1's end": lambda proc, run: (run / "checkpoints" / "epoch-0001.npz").exists(),
+        "its last epoch's end": lambda proc, run: (run / "checkpoints" / "epoch-0002.npz").exists(),
+    }
+    pairs = [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM), (signal.SIGHUP, signal.SIGINT)]
+    plan = [(m, first, then) for i, m in enumerate(moments) for first, then in (pairs[i % 3], pairs[(i + 1) % 3])]
+    started = time.monotonic()
+    outcomes = []
+    for wave in (plan[:5], plan[5:]):
+        runs = []
+        for k, (moment, first, then) in enumerate(wave):
+            run = tmp_path / f"run-{len(outcomes) + k}"
+            runs.append([mlecli("train", cfg, "--run-dir", run, "--data-dir", data, "-q"), run, moment, first, then,
+                         False])
+        while any(r[0].poll() is None for r in runs):
+            for r in runs:
+                proc, run, moment, first, then, fired = r
+                if proc.poll() is not None:
+                    continue
+                if fired:
+                    proc.send_signal(then)
+                elif moments[moment](proc, run):
+                    proc.send_signal(first)
+                    r[5] = True
+            time.sleep(0.0002)
+            assert time.monotonic() - started < 60
+        outcomes += [(moment, first.name, then.name, proc.returncode, proc.stderr.read().decode(), run)
+                     for proc, run, moment, first, then, fired in runs]
+    for moment, first, then, code, err, run in outcomes:
+        said = (moment, first, then, code, err)
+        assert code in (0, 130), said
+        if code == 0:
+            assert err == "", said
+        else:
+            assert err.count("\n") == 1 and err.startswith("Stopped ") and "Traceback" not in err, said
+            assert err.endswith((" before training began: no run was written.\n",
+                                 f" Resume with: mlecli train --resume {run}\n")), said
+
+
 def test_training_goes_on_when_its_standard_output_is_closed(tiny_config, tmp_path):
     cfg = tiny_config(train={"epochs": 6})
     run = tmp_path / "run"
