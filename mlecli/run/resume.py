@@ -4,7 +4,7 @@ the checkpoint fits the run, and the repair of the folder after a crash.
 - The decision (`decide`): what a resume asked for (`Request`: its `--set` items, and a
   sweep's own conditions) and the folder's files give a `Plan`: the checkpoint it goes
   on from and the config it goes on with. It is taken under the run folder's lock, from
-  the files as they are then (train.py's `run`): another command may have gone on with
+  the files as they are then (train.py's `_resume`): another command may have gone on with
   the run while this one waited for its data, and a plan read before would be stale. A
   plan read before the lock only fails fast.
 - Which checkpoint: `newest_checkpoint`: `last.npz` (refused, never passed over, if it
@@ -20,7 +20,9 @@ the checkpoint fits the run, and the repair of the folder after a crash.
   back to what the checkpoint commits: metrics.jsonl cut back to its step, the copies due
   at its epoch written, config.toml rewritten, a `resumed` entry in manifest.json.
   Temporaries a killed process left are removed whenever a run is opened
-  (`remove_temporaries`, a new run's too).
+  (`remove_temporaries`, a new run's too). A finished run (`Plan.finished`) is not
+  trained: `settle_finished` writes only what a crash cut short at its end, and
+  `finished_note` says how to train it further.
 
 The state a checkpoint holds is restored by the training loop (train.py's `_restore`),
 which also wrote it.

@@ -5,8 +5,8 @@ holds, where training reports, the data and the run folder, then the three phase
 run, each a function on a screen, just above the loop that calls them:
 
 - phase 1, `_open`: open a new run (its first checkpoint, epoch 0, written at once) or
-  restore one from its newest checkpoint (resume.py says which, checks that it fits the
-  run and repairs what a crash left half-done after it);
+  restore one from the checkpoint its resume goes on from (resume.py decides which,
+  checks that it fits the run and repairs what a crash left half-done after it);
 - phase 2, `_train_epoch`: one epoch, from where a stopped run left it: a seeded
   permutation cut into batches, the last smaller batch included; each batch one forward
   pass, one backward pass and one step of the update rule up the batch's log posterior,
@@ -17,7 +17,9 @@ run, each a function on a screen, just above the loop that calls them:
 
 `_train` is the loop: phase 1, then phases 2 and 3 epoch after epoch, until the run is
 done or a signal stops it (signals.py), and how it ended into manifest.json. `run`, at the
-bottom, is the whole of it: get the data and the task, claim the run folder, train.
+bottom, is the whole of it: get the data and the task, claim the run folder, train; for a
+resume, `_resume` just above it decides what the run goes on from once the folder is
+claimed (a finished run: nothing to train, nothing written).
 
 Exactness: the only randomness is `default_rng(model.seed)` for the initial weights and
 one `default_rng(train.seed)` that first holds out the validation images, then draws
