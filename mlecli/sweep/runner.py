@@ -136,7 +136,7 @@ def execute(
     """Run (or continue) the sweep `p` in `sweep_dir` (None: continue the newest folder
     under runs/ holding this sweep, else a new runs/<config>-sweep-<timestamp>).
 
-    `stop` (a train.StopRequest the caller has entered) turns a signal before the workers
+    `stop` (a signals.StopRequest the caller has entered) turns a signal before the workers
     start into Stopped: a folder this call made is removed again unless sweep.json is in
     it. Once the workers have ended, it is told that the sweep is settled."""
 

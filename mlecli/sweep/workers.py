@@ -371,24 +371,13 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
         os._exit(1)
 
 
-def recorded_threads(cp) -> int | None:
-    """The BLAS threads a checkpoint's run trained on, where its bits depend on them
-    (batches over 64: step.blas_threads), else None (the trainer sets its own)."""
-    from mlecli.nn.step import blas_threads  # lazy: a worker sets its BLAS threads before numpy loads
-
-    threads = (cp.meta.get("blas") or {}).get("threads")
-    if blas_threads(cp.config.train.batch_size) is not None or not isinstance(threads, int) or threads < 1:
-        return None
-    return threads
-
-
 def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
-    from mlecli.nn import blas  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run import evaluate as ev  # lazy: a worker sets its BLAS threads before numpy loads
-    from mlecli.run import train  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run import resume, train  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.config import from_dict  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.rundir import clear_unstarted  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run.signals import StopNow  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.record import config_difference  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.runs import run_row  # lazy: a worker sets its BLAS threads before numpy loads
 
@@ -397,37 +386,37 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
             conn.send(message)
 
     def log(msg: str) -> None:
-        if not msg.startswith(announcement):  # each run's "training ...": the sweep's lines say it
+        if not msg.startswith(announcements):  # each run's "training ..." or "resuming ...": the sweep's lines say it
             send("log", task.name, msg)
 
     cfg = from_dict(task.config, name=str(task.config["name"]))
-    announcement = f"training {cfg.name}: "
-    report = train.Reporter(line=lambda text: send("epoch", task.name, None), log=log, progress=False)
     run_dir = Path(task.run_dir)
+    announcements = (f"training {cfg.name}: ", f"resuming {run_dir} from ")
+    report = train.Reporter(line=lambda text: send("epoch", task.name, None), log=log, progress=False)
+
+    def the_planned_run(cp) -> None:  # decided by the trainer under the run folder's lock, from what is there then
+        differs = config_difference(cp.config, cfg)
+        if differs:
+            raise MlecliError(f"{cp.path} holds a run whose {differs}; move {run_dir} away and run the sweep again")
+
     try:
         if _stop_signal is not None:
             return Result("not started")
         if task.action != "evaluate":
-            resume_from, threads = None, None
-            if task.action == "resume":
-                resume_from = train.newest_checkpoint(run_dir, report.log)
-                differs = config_difference(resume_from.config, cfg)
-                if differs:
-                    raise MlecliError(f"{resume_from.path} holds a run whose {differs}; move {run_dir} away and run "
-                                      "the sweep again")
-                cfg = train.resumed_config(resume_from.config, ())
-                threads = recorded_threads(resume_from)
+            request = None
+            if task.action == "resume":  # with the sweep's config (not config.toml's edits) and the run's BLAS threads
+                request = resume.Request(edits=False, expect=the_planned_run, same_threads=True)
             elif task.action == "restart":
                 clear_unstarted(run_dir)
-            with blas.threads(threads):  # a resumed run goes on with the threads it began with: the same bits
-                outcome = train.run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from)
+            outcome = train.run(None if request else cfg, run_dir, data_dir=data_dir, report=report,
+                                resuming=request)
             if outcome.interrupted:
                 return Result("interrupted", "stopped at once: it goes on from its last checkpoint"
                               if outcome.at_once else None)
         if task.evaluate:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
-    except (_Stopped, Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
+    except (_Stopped, Stopped, StopNow):  # outside the training loop: the folder says where the run is
         status = run_row(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:
