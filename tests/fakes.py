@@ -153,7 +153,7 @@ def data_held(data: Path, copy: Path):
     """For the block, `copy`: a copy of the data folder `data` (one dataset cached) that a
     command can use only once it holds the dataset folder's lock (its test split is gone,
     to be built again from the raw files), the lock held by this process."""
-    from mlecli.safe.files import folder_lock
+    from mlecli.safe.locks import folder_lock
 
     shutil.copytree(data, copy)
     (folder,) = [p for p in copy.iterdir() if p.is_dir()]
