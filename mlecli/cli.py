@@ -427,6 +427,17 @@ def _grid(value):
     return parse_grid(value)
 
 
+def _cluster(ctx, param, value):
+    from mlecli.sweep.cluster import parse_address
+
+    if value is None:
+        return None
+    try:
+        return parse_address(value)
+    except MlecliError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--cluster {value!r}: "), param_hint="'--cluster'") from None
+
+
 def _seeds(ctx, param, value):
     from mlecli.sweep.grid import parse_seeds
 
@@ -464,6 +475,9 @@ def _seeds(ctx, param, value):
 )
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
               help="Runs at once, each in its own process.  [default: the number of cores]")
+@click.option("--cluster", metavar="ADDRESS", callback=_cluster, default=None,
+              help="Run the runs on a Dask cluster: a scheduler's address (tcp://HOST:PORT), or local:N for N worker "
+              "processes on this machine (needs pip install 'mlecli[cluster]').")
 @click.option(
     "--sweep-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -477,7 +491,7 @@ def _seeds(ctx, param, value):
 @click.option("--dry-run", is_flag=True,
               help="Print the mlecli train command of every run, one per line; start nothing.")
 @quiet_option
-def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
+def sweep(config_path, grids, overrides, seeds, jobs, cluster, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
 
     Every combination of the --grid values, with every seed, is an ordinary run in
@@ -489,6 +503,9 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     from mlecli.run.train import StopRequest
     from mlecli.sweep import grid, record, runner
 
+    if cluster is not None and (jobs is not None or dry_run):
+        raise click.UsageError(f"--cluster and {'--jobs' if jobs is not None else '--dry-run'} do not go together: "
+                               "on a cluster its workers' threads are the runs at once; --dry-run starts nothing")
     plan = grid.plan(config_path, overrides, grids, seeds)
     if dry_run:
         folder = sweep_dir or record.find_sweep(plan) or record.default_sweep_dir(plan.base.name, create=False)
@@ -497,12 +514,19 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
         return
     log = _log(quiet)
     with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
-        outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
-                                   progress=_progress(quiet), log=log, stop=stop)
-        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
+        if cluster is None:
+            engine = contextlib.nullcontext()
+        else:
+            from mlecli.sweep.cluster import Cluster
+
+            engine = Cluster(cluster, log)
+        with engine as on:
+            outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+                                     progress=_progress(quiet), log=log, stop=stop, engine=on)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, cluster)
 
 
-def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, cluster=None) -> None:
     import json
 
     from mlecli.sweep import grid, runner
@@ -510,6 +534,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
+                                            (cluster, ("--cluster", str(cluster))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
         n = runner.stop_counts(plan, outcome)  # each run once
         echo(
