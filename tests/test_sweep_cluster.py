@@ -16,6 +16,7 @@ from pathlib import Path
 import distributed
 import pytest
 from click.testing import CliRunner
+from conftest import require
 
 from mlecli.cli import main
 from mlecli.sweep import cluster
@@ -162,8 +163,8 @@ def test_a_sweep_on_a_dask_cluster_is_the_local_sweep_bit_for_bit(setup, dask_cl
     recorded = {k: v for k, v in json.loads((folder / "sweep.json").read_text()).items() if k != "created"}
     assert recorded == {k: v for k, v in json.loads((ref / "sweep.json").read_text()).items() if k != "created"}
     when = ("path", "started", "seconds")  # where and when each was made
-    listed = [[{k: v for k, v in r.items() if k not in when} for r in json.loads(cli("runs", f.parent, "--json").stdout)]
-              for f in (folder, ref)]
+    listed = [[{k: v for k, v in row.items() if k not in when} for row in json.loads(res.stdout)]
+              for res in (cli("runs", folder.parent, "--json"), cli("runs", ref.parent, "--json"))]
     assert listed[0] == listed[1]
     assert cli("plot", folder).exit_code == 0 and cli("plot", ref).exit_code == 0
     same_files(folder, ref, "compare.png")
@@ -199,7 +200,8 @@ def test_a_dask_worker_killed_mid_run_loses_nothing_and_the_sweep_finishes_bit_i
     dask_cluster.wait_for_workers(2)  # the nanny started a new worker process
 
 
-def test_ctrl_c_stops_a_sweep_on_a_local_cluster_cleanly_and_the_same_command_finishes_bit_identical(setup, tmp_path):
+def test_ctrl_c_stops_a_sweep_on_a_local_cluster_cleanly_and_running_it_again_finishes_bit_identical(
+        setup, dask_cluster, tmp_path):
     cfg, data, ref, _ = setup
     folder = tmp_path / "lr"
     # local:2: a LocalCluster's worker processes are in the sweep's process group, which Ctrl-C signals
@@ -219,7 +221,7 @@ def test_ctrl_c_stops_a_sweep_on_a_local_cluster_cleanly_and_the_same_command_fi
         f"--grid train.learning_rate=0.05,0.1 --seeds 0-1 --cluster local:2 --data-dir {data} --sweep-dir {folder}")
     assert re.fullmatch(r"on a local Dask cluster \(tcp://127\.0\.0\.1:\d+\): 2 workers, 2 threads"
                         r"(; dashboard http://127\.0\.0\.1:\d+/status)?", err.splitlines()[0])
-    again = sweep_process(cfg, folder, data, "--cluster", "local:2")
+    again = sweep_process(cfg, folder, data, "--cluster", dask_cluster.address)  # or anywhere: the folder says all
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     assert f"({finished} finished, {saved} to resume, {4 - finished - saved} to start)" in err
@@ -255,6 +257,37 @@ def test_a_stopped_scheduler_ends_the_sweep_in_one_line_and_the_same_command_fin
 
 # ---------------------------------------------------------------------------
 # What is checked before anything runs
+
+
+def test_a_worker_that_cannot_see_the_sweep_folder_fails_the_sweep_in_one_line_naming_both(setup, dask_cluster,
+                                                                                          tmp_path):
+    cfg, data, _, _ = setup
+    elsewhere = tmp_path / "elsewhere"  # the test's folder, hidden from one worker under an empty file system
+    elsewhere.mkdir()
+    with open(tmp_path / "hidden.log", "wb") as log:
+        hidden = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
+             str(tmp_path), str(DASK), "worker", dask_cluster.address, "--nthreads", "1", "--no-dashboard", "--host",
+             "127.0.0.1", "--local-directory", str(elsewhere)], stdout=log, stderr=log, process_group=0)
+    try:
+        until(lambda: hidden.poll() is not None or "Registered to" in (tmp_path / "hidden.log").read_text(),
+              "the third worker")
+        require(hidden.poll() is None, f"cannot give a worker a mount namespace of its own here: "
+                                       f"{(tmp_path / 'hidden.log').read_text().strip()} (run as root)")
+        dask_cluster.wait_for_workers(3)
+        folder = tmp_path / "lr"
+        res = subprocess.run([sys.executable, "-m", "mlecli", "sweep", cfg, *GRID, "--sweep-dir", folder, "--data-dir",
+                              data, "--cluster", dask_cluster.address], capture_output=True, text=True, timeout=120)
+    finally:
+        os.killpg(hidden.pid, signal.SIGTERM)
+        hidden.wait(timeout=30)
+    dask_cluster.wait_for_workers(2)
+    assert res.returncode == 1
+    line = res.stderr.splitlines()[-1]
+    assert re.fullmatch(r"Error: Dask worker tcp://127\.0\.0\.1:\d+ cannot see the sweep folder "
+                        + re.escape(f"{folder} (no such folder there): the sweep folder must be on a file system every "
+                                    "worker sees, at the same path"), line)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "sweep.json"]  # nothing trained: resumable
 
 
 def test_without_distributed_cluster_says_what_to_install(setup, tmp_path, monkeypatch):
