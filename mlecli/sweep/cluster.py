@@ -294,9 +294,12 @@ class Cluster:
             return workers.Result("not started") if cancelled else None
         exc = f.exception()
         if type(exc).__name__ == "KilledWorker":
-            return workers.Result("failed", f"Dask workers died while running it, {exc.allowed_failures + 1} times "
-                                            f"(the last: {exc.last_worker.address}); run the same sweep again to "
-                                            "resume it from its last checkpoint")
+            times = getattr(exc, "allowed_failures", None)
+            last = getattr(getattr(exc, "last_worker", None), "address", None)
+            return workers.Result("failed", "Dask workers died while running it"
+                                  + (f", {times + 1} times" if isinstance(times, int) else "")
+                                  + (f" (the last: {last})" if last else "")
+                                  + "; run the same sweep again to resume it from its last checkpoint")
         return workers.Result("failed", f"its task failed on the Dask cluster: {type(exc).__name__}: {exc}")
 
     def _gone(self, tasks, results) -> MlecliError:
