@@ -237,6 +237,8 @@ def main() -> None:
           "its run's epochs: "
           f"{statistics.median(dask['outside_epochs']):.2f} s per run (a fresh process, numpy and the data loaded, "
           "checkpoints written)")
+    print("CPU s of sweep --cluster tcp: the sweep command's processes only (the workers are this benchmark's own "
+          "LocalCluster, counted under others)")
     print(f"machine load: 1-minute load average {min(loads):.2f}-{max(loads):.2f} before the rounds; other "
           f"processes used {min(others):.2f}-{max(others):.2f} cores during them")
     path = write_results("bench_sweep", {"times": times, "ratios": ratios, "cpu_seconds": cpu, "load_average": loads,
