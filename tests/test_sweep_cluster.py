@@ -7,6 +7,7 @@ sweep that finishes (now, or when the same command runs again) bit-identical."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,6 +264,7 @@ def test_a_stopped_scheduler_ends_the_sweep_in_one_line_and_the_same_command_fin
 def test_a_worker_that_cannot_see_the_sweep_folder_fails_the_sweep_in_one_line_naming_both(setup, dask_cluster,
                                                                                           tmp_path):
     cfg, data, _, _ = setup
+    require(shutil.which("unshare") is not None, "unshare (util-linux) is missing: apt-get install util-linux")
     elsewhere = tmp_path / "elsewhere"  # the test's folder, hidden from one worker under an empty file system
     elsewhere.mkdir()
     with open(tmp_path / "hidden.log", "wb") as log:
