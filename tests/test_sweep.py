@@ -454,6 +454,35 @@ def test_a_sweep_killed_hard_is_one_signal_to_each_worker_however_many_threads_i
         assert_same_weights(folder / name, ref / name)
 
 
+FIRST_WORKER = """
+import multiprocessing, signal
+from mlecli.sweep import workers
+
+
+def mask(conn):
+    conn.send(sorted(signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    with workers._signals_blocked():  # as a worker starts
+        p = ctx.Process(target=mask, args=(theirs,))
+        p.start()
+    print(mine.recv())
+    p.join()
+"""
+
+
+def test_the_first_worker_of_a_process_starts_with_the_stop_signals_blocked(tmp_path):
+    # multiprocessing's resource tracker, started with the first process spawned, once
+    # unblocked SIGINT and SIGTERM on its way: the first worker started with them open
+    script = tmp_path / "first_worker.py"
+    script.write_text(FIRST_WORKER)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.stdout == "['SIGHUP', 'SIGINT', 'SIGTERM']\n", res.stderr
+
+
 def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 

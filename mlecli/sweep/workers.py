@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -144,6 +145,10 @@ def run_tasks(
 def _signals_blocked() -> Iterator[None]:
     """Block Ctrl-C and SIGTERM while a worker starts: it inherits the mask and unblocks
     them once its own handlers are in place (a signal meanwhile waits, it is not lost)."""
+    # multiprocessing starts its resource tracker with the first process it spawns, and then
+    # unblocks SIGINT and SIGTERM in this thread, blocked before or not: the first worker
+    # would start with them open. Started first, the tracker leaves the mask alone.
+    multiprocessing.resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
