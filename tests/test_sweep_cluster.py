@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from conftest import require
 
 from mlecli.cli import main
+from mlecli.safe.locks import is_locked
 from mlecli.sweep import cluster
-from mlecli.sweep.runs import locked
 
 RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order
         "learning_rate=0.05,seed=1", "learning_rate=0.1,seed=1"]
@@ -249,7 +249,7 @@ def test_a_stopped_scheduler_ends_the_sweep_in_one_line_and_the_same_command_fin
     assert lines[-1].startswith(f"Error: the Dask scheduler at {doomed.address} went away (")
     assert lines[-1].endswith("each run goes on from its last checkpoint: run the same command again to continue "
                               "the sweep")
-    until(lambda: not any(locked(folder / n) for n in RUNS if (folder / n).is_dir()), "the trainers' ends")
+    until(lambda: not any(is_locked(folder / n) for n in RUNS if (folder / n).is_dir()), "the trainers' ends")
     res = cli("sweep", cfg, *GRID, "--sweep-dir", folder, "--data-dir", data, "--jobs", 2)  # here, without it
     assert res.exit_code == 0, res.output
     for name in RUNS:

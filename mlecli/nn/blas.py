@@ -8,7 +8,7 @@ already loaded and calls its cblas_?gemm through ctypes, the way scipy.linalg.bl
 does, with the arguments of each product converted once (`bind`). A self-test against
 numpy runs once; if the library, a symbol or the test is missing, or MLECLI_BLAS=numpy is
 set, `bind` gives numpy calls with the same results up to rounding instead. Which one
-runs is reported by `describe()`. `bind_axpby` does the same for y ← α·x + β·y, the
+runs is named by `backend()`. `bind_axpby` does the same for y ← α·x + β·y, the
 vector updates of the optimizers' state.
 """
 
@@ -177,7 +177,8 @@ def _cblas() -> _Cblas | None:
     return _CBLAS  # type: ignore[return-value]
 
 
-def describe() -> str:
+def backend() -> str:
+    """Which GEMM `bind` gives: the BLAS through ctypes (its library's name), or numpy's fallback."""
     c = _cblas()
     return f"cblas via ctypes ({os.path.basename(c.path)})" if c else "numpy.matmul (fallback)"
 
