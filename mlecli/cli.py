@@ -458,6 +458,17 @@ def _grid(value):
     return parse_grid(value)
 
 
+def _cluster(ctx, param, value):
+    from mlecli.sweep.cluster import parse_address
+
+    if value is None:
+        return None
+    try:
+        return parse_address(value)
+    except MlecliError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--cluster {value!r}: "), param_hint="'--cluster'") from None
+
+
 def _seeds(ctx, param, value):
     from mlecli.sweep.grid import parse_seeds
 
@@ -495,6 +506,9 @@ def _seeds(ctx, param, value):
 )
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
               help="Runs at once, each in its own process.  [default: the number of cores]")
+@click.option("--cluster", metavar="ADDRESS", callback=_cluster, default=None,
+              help="Run the runs on a Dask cluster: a scheduler's address (tcp://HOST:PORT), or local:N for N worker "
+              "processes on this machine (needs pip install 'mlecli[cluster]').")
 @click.option(
     "--sweep-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -509,7 +523,7 @@ def _seeds(ctx, param, value):
               help="Print the mlecli train command of every run, one per line; start nothing.")
 @functools.partial(quiet_option, help="No progress bar or status lines; the table alone, without the note under it "
                   "and the commands to go on with.")
-def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
+def sweep(config_path, grids, overrides, seeds, jobs, cluster, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
 
     Every combination of the --grid values, with every seed, is an ordinary run in
@@ -523,6 +537,10 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     with StopRequest(program_ends=_the_program()) as stop:
         from mlecli.sweep import grid, record, runner
 
+        if cluster is not None and (jobs is not None or dry_run):
+            raise click.UsageError(f"--cluster and {'--jobs' if jobs is not None else '--dry-run'} do not go "
+                                   "together: on a cluster its workers' threads are the runs at once; --dry-run "
+                                   "starts nothing")
         plan = grid.plan(config_path, overrides, grids, seeds)
         if dry_run:
             folder = sweep_dir or record.find_sweep(plan) or record.default_sweep_dir(plan.base.name, create=False)
@@ -530,12 +548,19 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
                 echo(printable(line))
             return
         log = _log(quiet)
-        outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
-                                 progress=_progress(quiet), log=log, stop=stop)
-        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet)
+        if cluster is None:
+            engine = contextlib.nullcontext()
+        else:
+            from mlecli.sweep.cluster import Cluster
+
+            engine = Cluster(cluster, log)
+        with engine as on:
+            outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+                                     progress=_progress(quiet), log=log, stop=stop, engine=on)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet, cluster)
 
 
-def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet) -> None:
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet, cluster=None) -> None:
     """The table (with --quiet, the table alone: no note under it, no commands to go on with),
     the JSON, or how a stopped sweep stands; the runs that did not finish on stderr."""
     import json
@@ -545,6 +570,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, q
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
+                                            (cluster, ("--cluster", str(cluster))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
         n = runner.stop_counts(plan, outcome)  # each run once
         echo(
