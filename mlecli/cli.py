@@ -10,13 +10,19 @@ import contextlib
 import functools
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+from mlecli.run.signals import STOP_SIGNALS, StopRequest
 from mlecli.safe.errors import MlecliError, Stopped, display, printable, quoted
 from mlecli.version import __version__
+
+# The commands that handle SIGINT, SIGTERM and SIGHUP themselves, from their first line (a StopRequest).
+STOPPABLE = ("train", "sweep")
+PROGRAM = "the mlecli program"  # click's context object when `entry` runs a command (none in process: tests)
 
 
 class Group(click.Group):
@@ -24,6 +30,12 @@ class Group(click.Group):
     and the failures no library call can word for the user, because they can happen
     anywhere: a file system refusing (permissions, a name too long), memory running out,
     standard output failing, a signal (exit 130)."""
+
+    def resolve_command(self, ctx: click.Context, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name not in STOPPABLE:  # the program held the stop signals back (_entry.py): Python's own actions now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return name, cmd, rest
 
     def invoke(self, ctx: click.Context):
         try:
@@ -82,9 +94,9 @@ def _quiet_stdout() -> None:
 
 
 def entry() -> None:
-    """The `mlecli` program: standard streams that exist, the command, then an exit no
-    signal can turn into a traceback (a Ctrl-C arriving while the interpreter shuts down
-    would otherwise print one)."""
+    """The `mlecli` program (after _entry.py's first lines): standard streams that exist,
+    the command, then an exit no signal can turn into a traceback (a Ctrl-C arriving while
+    the interpreter shuts down would otherwise print one)."""
     import os
 
     for name in ("stdout", "stderr"):
@@ -106,14 +118,15 @@ def entry() -> None:
 
     sys.unraisablehook = quiet_interrupts
     try:
-        main(prog_name="mlecli")
-    except KeyboardInterrupt:  # between start-up and the command (click's own parsing)
-        _error("Stopped by SIGINT before the command began.", 130, prefix="")
+        main(prog_name="mlecli", obj=PROGRAM)
     finally:
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+
+
+def _the_program() -> bool:
+    """Whether the command runs as the program (`entry`), which ends when the command does."""
+    return click.get_current_context().obj is PROGRAM
 
 
 def echo(text: str = "", err: bool = False) -> None:
@@ -427,32 +440,25 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     a pipe, such as <(...), or - for standard input. The run folder gets config.toml,
     manifest.json, metrics.jsonl and checkpoints/.
     """
-    from mlecli.run import config
-    from mlecli.run import train as training
+    # One StopRequest from the command's first line to its last line printed: no signal
+    # meets a default action in between (run as the program, it leaves them ignored).
+    with StopRequest(program_ends=_the_program()) as stop:
+        from mlecli.run import config
+        from mlecli.run import resume as resuming
+        from mlecli.run import train as training
 
-    log = _log(quiet)
-    resume_from = None
-    if resume is not None:
-        if config_path is not None or run_dir is not None:
-            raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
-        resume_from = training.newest_checkpoint(resume, log)
-        given = {item.partition("=")[0].strip() for item in overrides}
-        edited = tuple(e for e in training.edited_keys(Path(resume), resume_from.config)
-                       if e.partition("=")[0] not in given)
-        if edited:
-            log(printable(f"{Path(resume) / 'config.toml'} sets {', '.join(edited)}: used for this resume"))
-        cfg = training.resumed_config(resume_from.config, (*edited, *overrides), resume_from.epoch)
-        run_dir = resume
-        log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
-    else:
-        cfg = config.load(config_path, overrides, pipe_ok=True, note=log)
-    say = _stdout_lines(quiet)
-    report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
-    # One StopRequest from here to the last line printed: no signal meets Python's default
-    # handlers in between (after the run, the message saying how to resume is never cut).
-    with training.StopRequest() as stop:
+        log = _log(quiet)
+        request = None
+        if resume is not None:
+            if config_path is not None or run_dir is not None:
+                raise click.UsageError("--resume takes its config and folder from the run; give no CONFIG or --run-dir")
+            cfg, run_dir, request = None, resume, resuming.Request(tuple(overrides))
+        else:
+            cfg = config.load(config_path, overrides, pipe_ok=True, note=log)
+        say = _stdout_lines(quiet)
+        report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
         outcome = training.run(cfg, run_dir, data_dir=_data_dir(data_dir, resume), report=report,
-                               resume_from=resume_from, stop=stop)
+                               resuming=request, stop=stop)
         code = _say_how_it_ended(outcome, say)
     if code:
         sys.exit(code)
@@ -461,14 +467,19 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
 def _say_how_it_ended(outcome, say) -> int:
     """Print how a training run ended; return the exit status it calls for."""
     run_dir = outcome.run_dir
+    if outcome.already_finished is not None:
+        for line in outcome.already_finished.split("\n"):
+            say(printable(line))
+        return 0
     if outcome.interrupted:
         last = run_dir / "checkpoints" / "last.npz"
+        at = f" at {_position(outcome.stopped_at, outcome.batches)}" if outcome.stopped_at is not None else ""
         if outcome.at_once:
             epochs, batches = outcome.resume_point
             where = f"epoch {epochs} done" + (f", {batches} batches of the next" if batches else "")
-            said = f"Stopped at once by a second {outcome.interrupted}: the run goes on from {last} ({where})."
+            said = f"Stopped at once by a second {outcome.interrupted}{at}: the run goes on from {last} ({where})."
         else:
-            said = f"Stopped by {outcome.interrupted}: saved {last}."
+            said = f"Stopped by {outcome.interrupted}{at}: saved {last}."
         with contextlib.suppress(OSError):  # stderr full: the exit status 130 still says it
             echo(printable(f"{said} Resume with: mlecli train --resume {shlex.quote(str(run_dir))}"), err=True)
         return 130
@@ -484,6 +495,12 @@ def _say_how_it_ended(outcome, say) -> int:
     say(printable(f"evaluate: mlecli evaluate {shlex.quote(str(run_dir))}"))
     say(printable(f"plot:     mlecli plot {shlex.quote(str(run_dir))}"))
     return 0
+
+
+def _position(point: tuple[int, int], batches: int) -> str:
+    """Where in a run (epochs done, batches of the next) a stop came, in words."""
+    epochs, batch = point
+    return f"epoch {epochs + 1}, batch {batch:,} of {batches:,}" if batch else f"the end of epoch {epochs}"
 
 
 def _stdout_lines(quiet: bool):
@@ -510,6 +527,17 @@ def _grid(value):
     from mlecli.sweep.grid import parse_grid
 
     return parse_grid(value)
+
+
+def _cluster(ctx, param, value):
+    from mlecli.sweep.cluster import parse_address
+
+    if value is None:
+        return None
+    try:
+        return parse_address(value)
+    except MlecliError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--cluster {value!r}: "), param_hint="'--cluster'") from None
 
 
 def _seeds(ctx, param, value):
@@ -549,6 +577,9 @@ def _seeds(ctx, param, value):
 )
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
               help="Runs at once, each in its own process.  [default: the number of cores]")
+@click.option("--cluster", metavar="ADDRESS", callback=_cluster, default=None,
+              help="Run the runs on a Dask cluster: a scheduler's address (tcp://HOST:PORT), or local:N for N worker "
+              "processes on this machine (needs pip install 'mlecli[cluster]').")
 @click.option(
     "--sweep-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -563,7 +594,7 @@ def _seeds(ctx, param, value):
               help="Print the mlecli train command of every run, one per line; start nothing.")
 @functools.partial(quiet_option, help="No progress bar or status lines; the table alone, without the note under it "
                   "and the commands to go on with.")
-def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
+def sweep(config_path, grids, overrides, seeds, jobs, cluster, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
 
     Every combination of the --grid values, with every seed, is an ordinary run in
@@ -572,23 +603,35 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     per grid point: the mean ± standard deviation over seeds of the best validation LL
     and accuracy (and of test accuracy with --evaluate).
     """
-    from mlecli.run.train import StopRequest
-    from mlecli.sweep import grid, record, runner
+    # Signals from the command's first line to its last (see train); a signal before the
+    # workers start is one line, and no folder is left half-made.
+    with StopRequest(program_ends=_the_program()) as stop:
+        from mlecli.sweep import grid, record, runner
 
-    plan = grid.plan(config_path, overrides, grids, seeds)
-    if dry_run:
-        folder = sweep_dir or record.find_sweep(plan) or record.default_sweep_dir(plan.base.name, create=False)
-        for line in grid.train_commands(plan, folder, data_dir, runner.blas_threads(plan, folder, jobs)):
-            echo(printable(line))
-        return
-    log = _log(quiet)
-    with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
-        outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
-                                   progress=_progress(quiet), log=log, stop=stop)
-        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet)
+        if cluster is not None and (jobs is not None or dry_run):
+            raise click.UsageError(f"--cluster and {'--jobs' if jobs is not None else '--dry-run'} do not go "
+                                   "together: on a cluster its workers' threads are the runs at once; --dry-run "
+                                   "starts nothing")
+        plan = grid.plan(config_path, overrides, grids, seeds)
+        if dry_run:
+            folder = sweep_dir or record.find_sweep(plan) or record.default_sweep_dir(plan.base.name, create=False)
+            for line in grid.train_commands(plan, folder, data_dir, runner.blas_threads(plan, folder, jobs)):
+                echo(printable(line))
+            return
+        log = _log(quiet)
+        if cluster is None:
+            engine = contextlib.nullcontext()
+        else:
+            from mlecli.sweep.cluster import Cluster
+
+            engine = Cluster(cluster, log)
+        with engine as on:
+            outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
+                                     progress=_progress(quiet), log=log, stop=stop, engine=on)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet, cluster)
 
 
-def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet) -> None:
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet, cluster=None) -> None:
     """The table (with --quiet, the table alone: no note under it, no commands to go on with),
     the JSON, or how a stopped sweep stands; the runs that did not finish on stderr."""
     import json
@@ -598,6 +641,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, q
 
     if outcome.stopped:
         extra = tuple(w for flag, words in ((evaluate, ("--evaluate",)), (jobs, ("--jobs", str(jobs))),
+                                            (cluster, ("--cluster", str(cluster))),
                                             (data_dir, ("--data-dir", str(data_dir)))) if flag for w in words)
         n = runner.stop_counts(plan, outcome)  # each run once
         echo(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import gzip
 import hashlib
@@ -135,6 +136,30 @@ def kill_once(path: Path, proc) -> None:
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def read_until(stream, text: str, proc) -> str:
+    """Lines of `stream` (a process's pipe) up to the one holding `text`; fails if the process ends first."""
+    seen = ""
+    while text not in seen:
+        line = stream.readline().decode()
+        assert line or proc.poll() is None, seen
+        seen += line
+    return seen
+
+
+@contextlib.contextmanager
+def data_held(data: Path, copy: Path):
+    """For the block, `copy`: a copy of the data folder `data` (one dataset cached) that a
+    command can use only once it holds the dataset folder's lock (its test split is gone,
+    to be built again from the raw files), the lock held by this process."""
+    from mlecli.safe.locks import folder_lock
+
+    shutil.copytree(data, copy)
+    (folder,) = [p for p in copy.iterdir() if p.is_dir()]
+    (folder / "test.npz").unlink()
+    with folder_lock(folder, wait=False, what="the data folder"):
+        yield copy
 
 
 def array_bytes(path: Path) -> dict[str, bytes]:

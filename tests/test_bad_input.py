@@ -260,6 +260,8 @@ BAD_OPTIONS = [
     ["sweep", "--seeds", "a"],
     ["sweep", "--seeds", "3-1"],
     ["sweep", "--seeds", "0,1,0"],
+    ["sweep", "--cluster", "local:0"],
+    ["sweep", "--cluster", "tcp://no where"],
     ["sweep", "--seeds", ""],
     ["sweep", "--jobs", "0"],
     ["sweep", "--jobs", "many"],

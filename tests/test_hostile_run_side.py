@@ -116,6 +116,47 @@ def test_an_unreadable_last_checkpoint_is_never_passed_over(trained, tmp_path):
     assert last.read_bytes() == before
 
 
+def test_epoch_checkpoints_past_9999_are_taken_and_named_in_the_order_of_their_epochs(trained, tmp_path):
+    """Ordered as text, epoch-10000.npz came before epoch-5000.npz: with last.npz gone a
+    resume went on from an older checkpoint (cutting metrics.jsonl back, writing over a
+    newer best.npz), and with last.npz damaged the refusal advised that older file. The
+    checkpoints here are the run's own, renumbered as a run of 10,001 epochs would have them."""
+    from mlecli.run.config import from_dict, to_toml
+
+    _, run, data = trained
+    run = copy_of(run, tmp_path)
+    folder = run / "checkpoints"
+    cp = ckpt.load(folder / "last.npz")  # epoch 2 of 2, 15 batches an epoch
+    raw = {**cp.meta["config"], "train": {**cp.meta["config"]["train"], "epochs": 10001, "checkpoint_every": 5000}}
+    for p in folder.glob("epoch-*.npz"):
+        p.unlink()
+    for epoch in (5000, 9999, 10000):
+        meta = {k: v for k, v in cp.meta.items() if k != "format"} | {"config": raw, "epochs_done": epoch,
+                                                                      "step": 15 * epoch}
+        (folder / f"epoch-{epoch:04d}.npz").write_bytes(ckpt.encode(cp.params, meta, cp.extra))
+    atomic_write_text(run / "config.toml", to_toml(from_dict(raw, name=raw["name"])))
+    (run / "metrics.jsonl").unlink()  # the records moved away: a resume records what comes next
+    (folder / "last.npz").write_bytes(b"damaged")
+
+    assert ckpt.checkpoints_in(run) == [folder / n for n in ("best.npz", "epoch-5000.npz", "epoch-9999.npz",
+                                                              "epoch-10000.npz", "last.npz")]
+    res = cli("evaluate", run, "--checkpoint", "epoch-7", "--data-dir", data)
+    assert res.stderr == (f"Error: {run} has no epoch-7 checkpoint ({folder / 'epoch-0007.npz'}); it has: best, "
+                          "epoch-5000, epoch-9999, epoch-10000, last\n")
+    res = mlecli("train", "--resume", run, "--data-dir", data, "-q")
+    assert one_line(res.stderr).endswith(f"; to go on from its newest epoch checkpoint instead (epoch-10000.npz), "
+                                         f"losing what came after it, move last.npz out of {folder} and resume again")
+    (folder / "last.npz").unlink()
+    res = mlecli("train", "--resume", run, "--data-dir", data)
+    assert res.returncode == 0, res.stderr
+    assert f"note: {folder / 'last.npz'} is not there; going on from epoch-10000.npz" in res.stderr.splitlines()
+    last = ckpt.load(folder / "last.npz")
+    assert (last.epoch, last.meta["step"]) == (10001, 15 * 10001)
+    assert (folder / "epoch-10001.npz").read_bytes() == (folder / "last.npz").read_bytes()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["epoch"]) for r in records] == [("step", 10001)] * 2 + [("epoch", 10001)]  # log_every = 7
+
+
 @pytest.mark.parametrize("change,says", [
     ({"batch_in_epoch": 15}, "it stopped at batch 15 of an epoch of 15"),
     ({"step": 5}, "its step 5 is not 2 epochs of 15 batches and 0 more"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from fakes import array_bytes as weights
 from fakes import mlecli_process as mlecli
-from fakes import rewrite_npz, trickle, wait_for
+from fakes import data_held, read_until, rewrite_npz, trickle, wait_for
 
 from mlecli.cli import main
 from mlecli.data.cache import dataset_dir
@@ -74,6 +74,46 @@ def test_trainings_started_together_without_a_run_dir_each_get_their_own_folder(
         assert ckpt.load(f / "checkpoints" / "last.npz").epoch == 1
 
 
+def test_a_resume_that_waited_for_its_data_decides_from_what_the_run_holds_once_the_folder_is_its_own(
+        tiny_config, tmp_path, monkeypatch):
+    """A resume read the run (stopped in its epoch 2 of 3), then waited for the data
+    folder's lock while another resume took the run to 6 epochs; it went on with what it
+    had read: trained nothing, said 'best: epoch 6', and wrote epochs = 3 back into
+    config.toml, so that a plain --resume failed from then on. It decides once the run
+    folder is its own, from what is there then: the run is finished, and it says so."""
+    from mlecli.run import train as training
+
+    cfg, run, data = tiny_config(train={"epochs": 3}, model={"hidden": [4]}), tmp_path / "R", tmp_path / "d"
+    real_step, calls = training.train_step, {"n": 0}
+
+    def step_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # epoch 2, batch 5 of 15
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(training, "train_step", step_then_ctrl_c)
+    assert CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(run), "--data-dir", str(data),
+                                     "-q"]).exit_code == 130
+    monkeypatch.setattr(training, "train_step", real_step)
+    with data_held(data, tmp_path / "waiting-data") as waiting:
+        first = mlecli("train", "--resume", run, "--data-dir", waiting)
+        read_until(first.stderr, "is in use by", first)  # it has read the run, and waits for its data
+        second = mlecli("train", "--resume", run, "--set", "train.epochs=6", "--data-dir", data, "-q")
+        assert second.wait(timeout=120) == 0, second.stderr.read().decode()
+        after_second = {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert out.decode().splitlines() == [
+        f"{run} is finished: all 6 epochs are done, nothing to train",
+        f"to train it further: mlecli train --resume {run} --set train.epochs=N (N > 6)"]
+    assert "resuming" not in err.decode()
+    assert {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == after_second
+    assert "epochs = 6\n" in (run / "config.toml").read_text()
+    again = mlecli("train", "--resume", run, "--data-dir", data, "-q")
+    assert again.wait(timeout=120) == 0, again.stderr.read().decode()
+
+
 # ---------------------------------------------------------------------------
 # Signals and a closed standard output
 
@@ -100,6 +140,74 @@ def test_two_signals_in_quick_succession_stop_at_once_and_still_say_how_to_resum
         res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data), "-q"])
         assert res.exit_code == 0, res.output
         assert weights(run / "checkpoints" / "last.npz") == weights(tmp_path / "whole" / "checkpoints" / "last.npz")
+
+
+def _caught_or_blocked(pid: int) -> tuple[bool, bool]:
+    """Whether process `pid`, once it is mlecli (not the child between fork and exec, which
+    blocks every signal for a moment), blocks SIGTERM (mlecli's first line has run), and
+    whether it has a handler of its own for it (a StopRequest is in place), from /proc."""
+    try:
+        if b"\0-m\0mlecli\0" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False, False
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except (OSError, ValueError):
+        return False, False
+    bit = 1 << (signal.SIGTERM - 1)
+    return bool(int(status["SigBlk"], 16) & bit), bool(int(status["SigCgt"], 16) & bit)
+
+
+def test_signals_at_any_moment_of_a_training_never_meet_a_default_action(tiny_config, tmp_path):
+    """One full test run failed the test above with exit -15: a SIGTERM had landed where its
+    default action was in force, after the command gave back the handlers it found and
+    before the program ignored signals on its way out (and, before that, while Python
+    imported the tool). Here trainings are each sent a first signal at a moment of their
+    own, from the program's first line (the interpreter's start-up before it is beyond any
+    Python code) to the end of the run, then another every 0.2 ms until they end:
+    each ends with exit 130 and its one line, or, signalled as it finished, 0 and nothing."""
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 4}, model={"hidden": [4]})
+    data = tmp_path / "data"
+    assert CliRunner().invoke(main, ["download", "--config", str(cfg), "--data-dir", str(data), "-q"]).exit_code == 0
+    moments = {  # when the first signal goes, for a run folder
+        "its first line": lambda proc, run: _caught_or_blocked(proc.pid)[0],
+        "its handlers in place": lambda proc, run: _caught_or_blocked(proc.pid)[1],
+        "its first checkpoint": lambda proc, run: (run / "checkpoints" / "last.npz").exists(),
+        "epoch 1's end": lambda proc, run: (run / "checkpoints" / "epoch-0001.npz").exists(),
+        "its last epoch's end": lambda proc, run: (run / "checkpoints" / "epoch-0002.npz").exists(),
+    }
+    pairs = [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM), (signal.SIGHUP, signal.SIGINT)]
+    plan = [(m, first, then) for i, m in enumerate(moments) for first, then in (pairs[i % 3], pairs[(i + 1) % 3])]
+    started = time.monotonic()
+    outcomes = []
+    for wave in (plan[:5], plan[5:]):
+        runs = []
+        for k, (moment, first, then) in enumerate(wave):
+            run = tmp_path / f"run-{len(outcomes) + k}"
+            runs.append([mlecli("train", cfg, "--run-dir", run, "--data-dir", data, "-q"), run, moment, first, then,
+                         False])
+        while any(r[0].poll() is None for r in runs):
+            for r in runs:
+                proc, run, moment, first, then, fired = r
+                if proc.poll() is not None:
+                    continue
+                if fired:
+                    proc.send_signal(then)
+                elif moments[moment](proc, run):
+                    proc.send_signal(first)
+                    r[5] = True
+            time.sleep(0.0002)
+            assert time.monotonic() - started < 60
+        outcomes += [(moment, first.name, then.name, proc.returncode, proc.stderr.read().decode(), run)
+                     for proc, run, moment, first, then, fired in runs]
+    for moment, first, then, code, err, run in outcomes:
+        said = (moment, first, then, code, err)
+        assert code in (0, 130), said
+        if code == 0:
+            assert err == "", said
+        else:
+            assert err.count("\n") == 1 and err.startswith("Stopped ") and "Traceback" not in err, said
+            assert err.endswith((" before training began: no run was written.\n",
+                                 f" Resume with: mlecli train --resume {run}\n")), said
 
 
 def test_training_goes_on_when_its_standard_output_is_closed(tiny_config, tmp_path):

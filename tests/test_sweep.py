@@ -428,6 +428,70 @@ def test_workers_end_with_a_sweep_killed_hard_each_saving_its_run(endless, tmp_p
         assert cli("runs", folder, "--json", "--where", f"name={run.name}").exit_code == 0
 
 
+# A parent that runs several threads besides its main one (as a BLAS's can): the kernel tells
+# a worker of its parent's death once per thread it is handed on to as the threads die.
+THREADED_MLECLI = ("import sys, threading, time; "
+                   "[threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start() for _ in range(8)]; "
+                   "from mlecli._entry import main; main()")
+
+
+def test_a_sweep_killed_hard_is_one_signal_to_each_worker_however_many_threads_it_ran(setup, tmp_path):
+    cfg, data, ref, _ = setup
+    folder = tmp_path / "orphans"
+    proc = subprocess.Popen([sys.executable, "-c", THREADED_MLECLI, "sweep", str(cfg), *GRID, "--sweep-dir",
+                             str(folder), "--data-dir", str(data), "--jobs", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, process_group=0)
+    wait_for("*/checkpoints/epoch-0002.npz", folder, proc, count=2)  # both workers well into a run
+    pids = worker_pids(proc.pid)
+    assert len(pids) == 2
+    assert int(Path(f"/proc/{proc.pid}/status").read_text().split("Threads:")[1].split()[0]) >= 9
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() and process_state(pid) != "Z" for pid in pids):
+        assert time.monotonic() < deadline, "workers outlived the sweep"
+        time.sleep(0.01)
+    ended = {run.name: json.loads((run / "manifest.json").read_text())["ended"]
+             for run in folder.iterdir() if run.is_dir()}
+    assert "interrupted" in [e["status"] for e in ended.values()]
+    # each saved its place: none "stopped at once by a second SIGTERM"
+    assert [(e["status"], e["error"]) for e in ended.values() if e["status"] != "finished"] == \
+        [("interrupted", None)] * sum(e["status"] != "finished" for e in ended.values())
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", folder, "--data-dir", data, "--jobs", 2)
+    assert res.exit_code == 0, res.output
+    for name in RUNS:
+        assert_same_weights(folder / name, ref / name)
+
+
+FIRST_WORKER = """
+import multiprocessing, signal
+from mlecli.sweep import workers
+
+
+def mask(conn):
+    conn.send(sorted(signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    with workers._signals_blocked():  # as a worker starts
+        p = ctx.Process(target=mask, args=(theirs,))
+        p.start()
+    print(mine.recv())
+    p.join()
+"""
+
+
+def test_the_first_worker_of_a_process_starts_with_the_stop_signals_blocked(tmp_path):
+    # multiprocessing's resource tracker, started with the first process spawned, once
+    # unblocked SIGINT and SIGTERM on its way: the first worker started with them open
+    script = tmp_path / "first_worker.py"
+    script.write_text(FIRST_WORKER)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.stdout == "['SIGHUP', 'SIGINT', 'SIGTERM']\n", res.stderr
+
+
 def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 

@@ -612,6 +612,55 @@ def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_sa
     assert "internal error" not in capfd.readouterr().err
 
 
+def test_a_worker_that_waited_for_its_data_refuses_a_run_that_went_on_meanwhile(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    """A worker read the run to resume (stopped in epoch 2 of the 3 the sweep says), then
+    waited for its data while `train --resume --set train.epochs=6` took the run on: it went
+    on with what it had read and wrote epochs = 3 back. It decides under the run folder's
+    lock: the run is no longer the sweep's, and it says so, leaving the folder as it is."""
+    import threading
+
+    from fakes import data_held, mlecli_process
+
+    from mlecli.run import config
+    from mlecli.run import train as training
+
+    cfg, run, data = tiny_config(train={"epochs": 3}, model={"hidden": [4]}), tmp_path / "R", tmp_path / "d"
+    real, calls = training.train_step, {"n": 0}
+
+    def interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # epoch 2, batch 5 of 15
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(training, "train_step", interrupt)
+    assert cli("train", cfg, "--run-dir", run, "--data-dir", data, "-q").exit_code == 130
+    monkeypatch.setattr(training, "train_step", real)
+    waiting_now = threading.Event()
+
+    class Pipe(_Pipe):
+        def send(self, message):
+            super().send(message)
+            if message[0] == "log" and "is in use by" in message[2]:
+                waiting_now.set()
+
+    task = workers.Task("R", str(run), config.load(cfg).to_dict(), "resume", evaluate=False)
+    results = []
+    with data_held(data, tmp_path / "waiting-data") as waiting:
+        worker = threading.Thread(target=lambda: results.append(workers._perform(task, Pipe(), waiting)))
+        worker.start()
+        assert waiting_now.wait(timeout=60)
+        second = mlecli_process("train", "--resume", run, "--set", "train.epochs=6", "--data-dir", data, "-q")
+        assert second.wait(timeout=120) == 0, second.stderr.read().decode()
+        before = files_of(run)
+    worker.join(timeout=120)
+    assert results == [workers.Result("failed", f"{run / 'checkpoints' / 'last.npz'} holds a run whose train.epochs "
+                                                f"is 6, not 3 as the sweep says; move {run} away and run the sweep again")]
+    assert files_of(run) == before
+    assert "epochs = 6\n" in (run / "config.toml").read_text()
+
+
 @settings(max_examples=200, deadline=None)
 @given(runs=st.lists(st.tuples(st.sampled_from(["finished", "interrupted", "failed", "not started", "broken"]),
                                st.sampled_from([None, "finished", "interrupted", "at once", "failed", "not started"])),

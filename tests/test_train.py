@@ -112,9 +112,8 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_bit_identical(tiny_config, tmp_pat
     run = tmp_path / "cut"
     res = train_cli(cfg, "--run-dir", run, data_dir=tmp_path / "d")
     assert res.exit_code == 130
-    assert res.stderr.endswith(
-        f"Stopped by SIGINT: saved {run / 'checkpoints' / 'last.npz'}. Resume with: mlecli train --resume {run}\n"
-    )
+    assert res.stderr.endswith(f"Stopped by SIGINT at epoch 2, batch 5 of 15: saved {run / 'checkpoints' / 'last.npz'}. "
+                               f"Resume with: mlecli train --resume {run}\n")
     saved = ckpt.load(run / "checkpoints" / "last.npz")
     assert (saved.epoch, saved.meta["batch_in_epoch"], saved.meta["step"]) == (1, 5, 20)
     monkeypatch.setattr(training, "train_step", real_step)
@@ -131,6 +130,63 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_bit_identical(tiny_config, tmp_pat
     assert [m["train_acc"] for m in cut] == [m["train_acc"] for m in whole]
     for name in ("last.npz", "best.npz", "epoch-0002.npz", "epoch-0004.npz"):
         assert (run / "checkpoints" / name).read_bytes() == (tmp_path / "whole" / "checkpoints" / name).read_bytes()
+
+
+def test_a_second_signal_stops_at_once_saying_where_it_stopped_and_where_the_run_goes_on(tiny_config, tmp_path,
+                                                                                         monkeypatch):
+    real_step, calls = training.train_step, {"n": 0}
+
+    def step_then_two_signals(*args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # epoch 2, after its 4th batch: the second signal stops before the 5th
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(training, "train_step", step_then_two_signals)
+    run = tmp_path / "run"
+    res = train_cli(tiny_config(), "--run-dir", run, data_dir=tmp_path / "d")
+    assert res.exit_code == 130
+    assert res.stderr.endswith(
+        f"Stopped at once by a second SIGINT at epoch 2, batch 4 of 15: the run goes on from "
+        f"{run / 'checkpoints' / 'last.npz'} (epoch 1 done). Resume with: mlecli train --resume {run}\n")
+    assert ckpt.load(run / "checkpoints" / "last.npz").epoch == 1
+
+
+def test_a_stop_as_an_epoch_ends_says_so(tiny_config, tmp_path, monkeypatch):
+    real_end, ended = training._end_epoch, []
+
+    def end_then_ctrl_c(run, *args):
+        real_end(run, *args)
+        if run.state.epochs_done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(training, "_end_epoch", end_then_ctrl_c)
+    run = tmp_path / "run"
+    res = train_cli(tiny_config(), "--run-dir", run, data_dir=tmp_path / "d")
+    assert res.exit_code == 130
+    assert res.stderr.endswith(f"Stopped by SIGINT at the end of epoch 2: saved {run / 'checkpoints' / 'last.npz'}. "
+                               f"Resume with: mlecli train --resume {run}\n")
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_train_it_further_and_writes_nothing(tiny_config, tmp_path):
+    cfg, run, data = tiny_config(train={"epochs": 2}), tmp_path / "run", tmp_path / "d"
+    assert train_cli(cfg, "--run-dir", run, data_dir=data).exit_code == 0
+    def files():  # and folders: one made or removed in them changes their time
+        return {p: (p.is_file() and p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))}
+
+    before = files()
+    kept = shutil.move(data, tmp_path / "kept")  # a finished run needs no data to say so
+    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data)])
+    assert (res.exit_code, res.stderr) == (0, "")
+    assert res.stdout == (f"{run} is finished: all 2 epochs are done, nothing to train\n"
+                          f"to train it further: mlecli train --resume {run} --set train.epochs=N (N > 2)\n")
+    assert files() == before
+    assert not data.exists()
+    shutil.move(kept, data)
+    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=3", "--data-dir", str(data)])
+    assert res.exit_code == 0, res.output
+    assert ckpt.load(run / "checkpoints" / "last.npz").epoch == 3
 
 
 def test_a_killed_process_resumes_from_its_newest_checkpoint_bit_identical(tiny_config, tmp_path):

@@ -151,10 +151,13 @@ def test_early_stopping_ends_the_run_as_finished_and_says_so(noisy_config, tmp_p
         f"stopped early after epoch {stopped}: no better validation LL since epoch {best}")
     res = CliRunner().invoke(main, ["runs", str(tmp_path)])
     assert f"  run: stopped early after epoch {stopped}" in res.output
-    # resuming a run that stopped early trains nothing more
-    before = (run / "checkpoints" / "last.npz").read_bytes()
-    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--data-dir", str(data), "-q"])
-    assert res.exit_code == 0 and (run / "checkpoints" / "last.npz").read_bytes() == before
+    # resuming a run that stopped early trains nothing more, and says why
+    before = {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    res = CliRunner().invoke(main, ["train", "--resume", str(run), "--set", "train.epochs=40", "--data-dir", str(data)])
+    assert (res.exit_code, res.stderr) == (0, "")
+    assert res.stdout == (f"{run} stopped early after epoch {stopped}: no better validation LL in 2 epochs "
+                          "(train.patience); it is finished, nothing to train\n")
+    assert {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def test_a_diverging_run_stops_with_advice_to_start_again_with_a_smaller_rate(tiny_config, tmp_path):
@@ -188,6 +191,11 @@ def test_resume_cannot_stretch_a_cosine_schedule(tiny_config, tmp_path):
         "over the 2 epochs configured, so the learning rates already used would change; start a new run with the "
         "epochs you want\n"
     )
+    res = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "r")])  # finished: no --set train.epochs to offer
+    assert (res.exit_code, res.stderr) == (0, "")
+    assert res.stdout == (f"{tmp_path / 'r'} is finished: all 2 epochs are done, nothing to train\n"
+                          "its cosine schedule spreads the decay over its 2 epochs, so a resume cannot add more: "
+                          "start a new run with the epochs you want\n")
 
 
 def test_another_rule_by_set_trains_at_its_own_rate_and_the_run_records_it(tiny_config, tmp_path):

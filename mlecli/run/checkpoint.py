@@ -167,12 +167,26 @@ def check_same_data(cp: Checkpoint, dataset_name: str, sha256: dict[str, str], d
         )
 
 
+def epoch_of(path: Path) -> int | None:
+    """The epoch an epoch checkpoint's name says (`epoch-10000.npz`: 10000); None for best and last."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)[len("epoch-"):]) if m and m.group(1).startswith("epoch-") else None
+
+
 def checkpoints_in(run_dir: Path) -> list[Path]:
-    """The checkpoint files of a run (temporary files never count), epoch files in order."""
+    """The checkpoint files of a run (temporary files never count): best.npz, the epoch
+    checkpoints in the order of their epochs, last.npz. By the number, never the text
+    (`epoch-10000` comes after `epoch-9999`): this is the one list of a run's checkpoints,
+    for every choice and every message."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name))
+
+    def order(p: Path) -> tuple[int, int, str]:
+        epoch = epoch_of(p)
+        return (1, epoch, p.name) if epoch is not None else (0 if p.name == "best.npz" else 2, 0, p.name)
+
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name)), key=order)
 
 
 def resolve(target: Path, which: str = "best") -> Path:

@@ -14,7 +14,7 @@ A run's truth is `last.npz`. Everything else either comes before it (metrics lin
 appended and synced before the checkpoint that covers them is renamed in) or is a copy
 of it made after the rename. So after a crash at any moment, opening the run again cuts
 metrics.jsonl back to the records the newest checkpoint covers, and writes again the
-copies that were due (see train.py's `_repair`); the run then goes on exactly as if it
+copies that were due (see resume.py's `repair`); the run then goes on exactly as if it
 had never stopped.
 """
 
@@ -23,13 +23,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mlecli.data.cache import default_data_dir
+from mlecli.nn import blas
+from mlecli.nn.step import blas_threads
 from mlecli.run import checkpoint as ckpt
+from mlecli.run.config import Config
 from mlecli.safe import schema
 from mlecli.safe.errors import ConfigError, MlecliError
 from mlecli.safe.files import (
@@ -41,6 +47,7 @@ from mlecli.safe.files import (
     remove_stale_temporaries,
 )
 from mlecli.safe.locks import folder_lock
+from mlecli.version import __version__
 
 RUNS_DIR = Path("runs")
 MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file
@@ -146,6 +153,35 @@ def _remove_unstarted(run_dir: Path, created: bool) -> None:
 
 # ---------------------------------------------------------------------------
 # manifest.json
+
+
+def now() -> str:
+    """The time, as the manifest records it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def blas_info(cfg: Config) -> dict[str, Any]:
+    """Which BLAS computes the hot loop, with how many threads: its bits depend on it (in
+    the manifest and in each checkpoint's meta)."""
+    return {"backend": blas.backend(), "threads": blas_threads(cfg.train.batch_size) or blas.current_threads()}
+
+
+def new_manifest(cfg: Config, sha256: dict, started: str, data_dir: Path) -> dict[str, Any]:
+    """A run's manifest as its first checkpoint is written: versions, machine, data, seeds."""
+    return {
+        "mlecli": __version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "blas": blas_info(cfg),
+        "dataset": cfg.data.dataset,
+        "dataset_sha256": sha256,
+        "data_dir": str(Path(data_dir).absolute()),
+        "model_seed": cfg.model.seed,
+        "train_seed": cfg.train.seed,
+        "started": started,
+        "resumed": [],
+    }
 
 
 def read_manifest(run_dir: Path, *, strict: bool = False) -> dict[str, Any]:

@@ -48,10 +48,10 @@ class Todo:
 def todo(p: Plan, sweep_dir: Path, evaluate: bool) -> list[Todo]:
     """Each run of the plan (in start order) and what it needs. Only looks: a run folder
     is changed only by whoever holds its lock (the trainer, or `clear_unstarted`)."""
-    return [_todo_of(r, Path(sweep_dir) / r.name, evaluate) for r in p.order()]
+    return [todo_of(r, Path(sweep_dir) / r.name, evaluate) for r in p.order()]
 
 
-def _todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
+def todo_of(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     try:
         return _look(run, run_dir, evaluate)
     except OSError as exc:  # a folder that cannot be read is that run's problem, not the sweep's
@@ -103,14 +103,17 @@ def _ended(run_dir: Path) -> str | None:
     return ended.get("status") if isinstance(ended, dict) else None
 
 
-def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
+def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None, engine=None) -> int:
     """The BLAS threads of each worker: what the sweep recorded when it began (the last bits
-    of a run with batches over 64 depend on it), else the cores shared among the workers."""
+    of a run with batches over 64 depend on it), else the cores shared among the workers
+    (on a cluster, `engine`: its machines' cores among their workers)."""
 
     recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
     threads = (recorded or {}).get("blas_threads")
     if is_int(threads) and threads > 0:
         return threads
+    if engine is not None:
+        return engine.blas_threads(len(p.runs))
     return max(1, workers.cores() // min(jobs or workers.cores(), len(p.runs)))
 
 
@@ -132,13 +135,17 @@ def execute(
     progress: bool,
     log,
     stop=None,
+    engine=None,
 ) -> Outcome:
     """Run (or continue) the sweep `p` in `sweep_dir` (None: continue the newest folder
     under runs/ holding this sweep, else a new runs/<config>-sweep-<timestamp>).
 
-    `stop` (a train.StopRequest the caller has entered) turns a signal before the workers
+    `stop` (a signals.StopRequest the caller has entered) turns a signal before the workers
     start into Stopped: a folder this call made is removed again unless sweep.json is in
-    it. Once the workers have ended, it is told that the sweep is settled."""
+    it. Once the workers have ended, it is told that the sweep is settled.
+
+    `engine` (a cluster.Cluster the caller has entered) runs the runs instead of the local
+    worker pool, with its own `jobs` and BLAS threads."""
 
     if sweep_dir is not None:
         check_sweep_dir(p, sweep_dir)  # before any download
@@ -160,17 +167,17 @@ def execute(
             check_paths(p, sweep_dir)
             sweep_dir, made = default_sweep_dir(p.base.name), True
     made = made or not sweep_dir.exists()
-    jobs = jobs or workers.cores()
+    jobs = engine.jobs if engine is not None else jobs or workers.cores()
     if check_sweep_dir(p, sweep_dir) and read_sweep_json(sweep_dir) is not None:
         plan_now = todo(p, sweep_dir, evaluate)
         if all(t.action == "done" or t.problem for t in plan_now):  # only to be read: no lock, nothing written
-            return _carry_out(p, sweep_dir, plan_now, True, jobs, blas_threads(p, sweep_dir, jobs), data_dir,
-                              evaluate, progress, log, stop, labels)
+            return _carry_out(p, sweep_dir, plan_now, True, jobs, blas_threads(p, sweep_dir, jobs, engine), data_dir,
+                              evaluate, progress, log, stop, labels, engine)
     with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}") as lock:
         try:
             continuing = check_sweep_dir(p, sweep_dir)  # again, holding the lock: what is there now counts
             remove_stale_temporaries(sweep_dir)
-            threads = blas_threads(p, sweep_dir, jobs)
+            threads = blas_threads(p, sweep_dir, jobs, engine)
             if read_sweep_json(sweep_dir) is None:
                 write_sweep_json(p, sweep_dir, threads)
         except BaseException:
@@ -179,11 +186,12 @@ def execute(
             raise
         plan_now = todo(p, sweep_dir, evaluate)
         return _carry_out(p, sweep_dir, plan_now, continuing, jobs, threads, data_dir, evaluate, progress, log, stop,
-                          labels)
+                          labels, engine)
 
 
 def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool, jobs: int, threads: int,
-               data_dir: Path, evaluate: bool, progress: bool, log, stop, labels: dict[str, Any]) -> Outcome:
+               data_dir: Path, evaluate: bool, progress: bool, log, stop, labels: dict[str, Any],
+               engine=None) -> Outcome:
 
     errors = {t.run.name: t.problem for t in plan_now if t.problem}
     tasks = [
@@ -201,7 +209,8 @@ def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool,
         log(f"{name}: {problem}")
     display = Progress(p, plan_now, sweep_dir, progress, log)
     try:
-        results, stopped = workers.run_tasks(tasks, jobs=jobs, threads=threads, data_dir=data_dir, events=display)
+        run_tasks = workers.run_tasks if engine is None else engine.run_tasks
+        results, stopped = run_tasks(tasks, jobs=jobs, threads=threads, data_dir=data_dir, events=display)
     finally:
         display.close()
         if stop is not None:

@@ -16,8 +16,8 @@ a worker someone stopped (SIGSTOP) ends too; one that has not ended 30 s after t
 first signal is killed (its run goes on from its last checkpoint, like a run stopped at
 once). Ctrl-Z stops the workers with the parent,
 and they go on with it. A worker that dies (kill -9, out of memory) fails its run only:
-a new worker takes the next run. Workers die with the parent (PR_SET_PDEATHSIG: a
-SIGTERM, so a trainer saves first).
+a new worker takes the next run. Workers die with the parent (PR_SET_PDEATHSIG: one
+SIGTERM, however many threads the parent ran, so a trainer saves first).
 
 This module imports no numpy at the top: a worker's BLAS thread count is set (in its
 environment) before numpy loads the BLAS.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -45,6 +46,7 @@ POLL = 0.5  # seconds between looks at the clock while waiting for the workers
 KILL_AFTER = 5.0  # seconds after a second signal before a worker is killed
 GIVE_UP_AFTER = 30.0  # seconds after the first signal before a worker that has not ended is killed
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+PARENT_GONE = getattr(signal, "SIGUSR1", signal.SIGTERM)  # the parent's death, from the kernel (see _on_parent_gone)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,13 @@ def cores() -> int:
 
 
 def run_tasks(
-    tasks: list[Task], *, jobs: int, threads: int, data_dir: Path, events: Events
+    tasks: list[Task], *, jobs: int, threads: int, data_dir: Path, events: Events,
+    requests: Callable[[], int] | None = None,
 ) -> tuple[dict[str, Result], str | None]:
     """Run `tasks` on up to `jobs` workers; return each task's Result by name, and the
-    signal that stopped the sweep (None if it was not stopped)."""
+    signal that stopped the sweep (None if it was not stopped). `requests`, if given, says
+    how many stops were asked from elsewhere (a sweep on a cluster, whose tasks run outside
+    the main thread, where no signal arrives): each counts as one signal received."""
     ctx = multiprocessing.get_context("spawn")
     pending = deque(tasks)
     results: dict[str, Result] = {}
@@ -102,6 +107,8 @@ def run_tasks(
             for _ in range(min(jobs, len(pending))):
                 start_worker()
             while True:
+                if requests is not None:
+                    stop.take(requests())
                 if stop.signal is None:
                     for w in workers:
                         if w.task is None and w.alive and pending:
@@ -138,6 +145,10 @@ def run_tasks(
 def _signals_blocked() -> Iterator[None]:
     """Block Ctrl-C and SIGTERM while a worker starts: it inherits the mask and unblocks
     them once its own handlers are in place (a signal meanwhile waits, it is not lost)."""
+    # multiprocessing starts its resource tracker with the first process it spawns, and then
+    # unblocks SIGINT and SIGTERM in this thread, blocked before or not: the first worker
+    # would start with them open. Started first, the tracker leaves the mask alone.
+    multiprocessing.resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -256,6 +267,11 @@ class _Stop:
         elif self.at_once is None:
             self.at_once = time.monotonic()
 
+    def take(self, count: int) -> None:
+        """Stops asked from elsewhere: `count` in all, each as one SIGTERM received."""
+        while self.count < min(count, 2):
+            self._handle(signal.SIGTERM, None)
+
     def _suspend(self, signum, frame):
         for w in self._workers():
             w.signal(signal.SIGSTOP)
@@ -328,16 +344,41 @@ def _no_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_orphaned = False  # the parent has died
+
+
+def _on_parent_gone(signum, frame):
+    """The parent died: one SIGTERM, so that the trainer saves its run and returns.
+
+    Linux sends PARENT_GONE each time the worker's parent *thread* dies and the worker is
+    handed on: to another thread of the dying parent (its BLAS's, say), then to the next,
+    and at last to init; so a parent running several threads is several signals. Taken as
+    SIGTERMs, the second would stop the trainer at once, losing its place in the epoch.
+    The first one counts; and none at all if a stop is already on its way (the parent
+    passed on a Ctrl-C before it died): a user's second Ctrl-C is the only second signal."""
+    global _orphaned
+    if _orphaned:
+        return
+    _orphaned = True
+    handler = signal.getsignal(signal.SIGTERM)
+    # During a training the trainer's StopRequest holds SIGTERM, and its `signal` says
+    # whether one came; outside it, this module's handler, and _stop_signal.
+    stopping = _stop_signal is not None or getattr(getattr(handler, "__self__", None), "signal", None) is not None
+    if not stopping:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _die_with_parent(parent: int) -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies (best effort elsewhere)."""
+    """Ask Linux to send this process PARENT_GONE when its parent dies (best effort elsewhere)."""
+    signal.signal(PARENT_GONE, _on_parent_gone)
     try:
         import ctypes  # lazy: only in the worker, for prctl
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, PARENT_GONE)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), PARENT_GONE)
 
 
 def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
@@ -371,24 +412,13 @@ def worker_main(conn, data_dir: str, threads: int, parent: int) -> None:
         os._exit(1)
 
 
-def recorded_threads(cp) -> int | None:
-    """The BLAS threads a checkpoint's run trained on, where its bits depend on them
-    (batches over 64: step.blas_threads), else None (the trainer sets its own)."""
-    from mlecli.nn.step import blas_threads  # lazy: a worker sets its BLAS threads before numpy loads
-
-    threads = (cp.meta.get("blas") or {}).get("threads")
-    if blas_threads(cp.config.train.batch_size) is not None or not isinstance(threads, int) or threads < 1:
-        return None
-    return threads
-
-
 def _perform(task: Task, conn, data_dir: Path) -> Result:
     """Train (and maybe evaluate) one run; every error becomes the run's Result."""
-    from mlecli.nn import blas  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run import evaluate as ev  # lazy: a worker sets its BLAS threads before numpy loads
-    from mlecli.run import train  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run import resume, train  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.config import from_dict  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.rundir import clear_unstarted  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.run.signals import StopNow  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.record import config_difference  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.runs import run_row  # lazy: a worker sets its BLAS threads before numpy loads
 
@@ -397,37 +427,37 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
             conn.send(message)
 
     def log(msg: str) -> None:
-        if not msg.startswith(announcement):  # each run's "training ...": the sweep's lines say it
+        if not msg.startswith(announcements):  # each run's "training ..." or "resuming ...": the sweep's lines say it
             send("log", task.name, msg)
 
     cfg = from_dict(task.config, name=str(task.config["name"]))
-    announcement = f"training {cfg.name}: "
-    report = train.Reporter(line=lambda text: send("epoch", task.name, None), log=log, progress=False)
     run_dir = Path(task.run_dir)
+    announcements = (f"training {cfg.name}: ", f"resuming {run_dir} from ")
+    report = train.Reporter(line=lambda text: send("epoch", task.name, None), log=log, progress=False)
+
+    def the_planned_run(cp) -> None:  # decided by the trainer under the run folder's lock, from what is there then
+        differs = config_difference(cp.config, cfg)
+        if differs:
+            raise MlecliError(f"{cp.path} holds a run whose {differs}; move {run_dir} away and run the sweep again")
+
     try:
         if _stop_signal is not None:
             return Result("not started")
         if task.action != "evaluate":
-            resume_from, threads = None, None
-            if task.action == "resume":
-                resume_from = train.newest_checkpoint(run_dir, report.log)
-                differs = config_difference(resume_from.config, cfg)
-                if differs:
-                    raise MlecliError(f"{resume_from.path} holds a run whose {differs}; move {run_dir} away and run "
-                                      "the sweep again")
-                cfg = train.resumed_config(resume_from.config, ())
-                threads = recorded_threads(resume_from)
+            request = None
+            if task.action == "resume":  # with the sweep's config (not config.toml's edits) and the run's BLAS threads
+                request = resume.Request(edits=False, expect=the_planned_run, same_threads=True)
             elif task.action == "restart":
                 clear_unstarted(run_dir)
-            with blas.threads(threads):  # a resumed run goes on with the threads it began with: the same bits
-                outcome = train.run(cfg, run_dir, data_dir=data_dir, report=report, resume_from=resume_from)
+            outcome = train.run(None if request else cfg, run_dir, data_dir=data_dir, report=report,
+                                resuming=request)
             if outcome.interrupted:
                 return Result("interrupted", "stopped at once: it goes on from its last checkpoint"
                               if outcome.at_once else None)
         if task.evaluate:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
-    except (_Stopped, Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
+    except (_Stopped, Stopped, StopNow):  # outside the training loop: the folder says where the run is
         status = run_row(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:
