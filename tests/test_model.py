@@ -165,6 +165,27 @@ def test_bound_gemm_is_alpha_op_a_op_b_plus_beta_c_on_the_arrays_memory(backend,
                 np.testing.assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cblas", "numpy"])
+def test_gemm_is_written_as_its_formula_with_t_for_a_transpose(backend, monkeypatch):
+    if backend == "numpy":
+        monkeypatch.setattr(blas, "_CBLAS", None)
+    elif blas._cblas() is None:
+        pytest.skip("no cblas found beside numpy: the numpy fallback is what runs here")
+    rng = np.random.default_rng(2)
+    h, d, w = rng.normal(size=(6, 4)), rng.normal(size=(6, 3)), rng.normal(size=(4, 3))
+    G, G_bind = w.copy(), w.copy()
+    blas.gemm(blas.T(h), d, out=G, alpha=0.5, beta=2.0)()  # G ← 2 G + ½ hᵀ d
+    np.testing.assert_allclose(G, 2.0 * w + 0.5 * (h.T @ d), rtol=1e-12)
+    blas.bind(h, d, G_bind, 0.5, 2.0, trans_a=True)()  # the same call in the BLAS's order: the same bits
+    assert G.tobytes() == G_bind.tobytes()
+    back = np.empty((6, 4))
+    blas.gemm(d, blas.T(w), out=back)()  # back ← d wᵀ (β = 0: whatever back held is ignored)
+    np.testing.assert_allclose(back, d @ w.T, rtol=1e-12)
+    y = np.ones(5)
+    blas.axpby(np.arange(5.0), out=y, alpha=0.5)()  # y ← y + ½ x
+    np.testing.assert_array_equal(y, 1.0 + 0.5 * np.arange(5.0))
+
+
 def test_bound_gemm_works_on_blocks_of_columns_and_refuses_strided_rows():
     if blas._cblas() is None:
         pytest.skip("no cblas found beside numpy")
