@@ -20,7 +20,7 @@ from mlecli.nn.model import (
     sigmoid,
 )
 from mlecli.nn.pixels import pixels
-from mlecli.nn.step import Workspace, train_step
+from mlecli.nn.step import Workspace, output_delta, sigmoid_of_half, times_sigmoid_slope, train_step
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):
@@ -142,6 +142,31 @@ def test_in_place_train_step_equals_the_pure_functions(hidden, batch, backend, m
     for (W, b), (We, be) in zip(fast, expected):
         np.testing.assert_allclose(W, We, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(b, be, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_steps_hidden_sigmoid_from_a_half_has_the_bits_of_model_sigmoid(dtype):
+    a = np.linspace(-60, 60, 1201, dtype=dtype)
+    h = a / 2  # what a hidden layer's GEMMs leave
+    sigmoid_of_half(h)
+    assert h.tobytes() == sigmoid(a).tobytes()
+
+
+def test_the_steps_output_delta_is_y_minus_sigmoid_z():
+    z = np.linspace(-40, 40, 161)
+    y = (np.arange(161) % 2).astype(np.float64)
+    delta = np.empty((161, 1))
+    output_delta((z / 2)[:, None], (y - 0.5)[:, None], delta)
+    np.testing.assert_allclose(delta[:, 0], y - sigmoid(z), rtol=0, atol=3e-16)
+
+
+def test_the_steps_backprop_through_the_sigmoid_multiplies_by_h_times_one_minus_h():
+    rng = np.random.default_rng(4)
+    delta, h = rng.normal(size=(5, 3)), rng.uniform(0, 1, (5, 3))
+    want = delta * h * (1.0 - h)
+    times_sigmoid_slope(delta, h, np.empty_like(h))
+    # h − h² rounds h² before the subtraction: near h = 1 that costs relative precision
+    np.testing.assert_allclose(delta, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["cblas", "numpy"])

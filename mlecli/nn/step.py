@@ -27,9 +27,10 @@ class Workspace:
     `Plan` bound to them; a smaller batch uses the buffers' first rows.
 
     xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
-    hprime[l] (B, n_{l+1}) per hidden layer; z and delta_out (B, 1); ones (B, 1) for
-    the bias products; with shifted digits (`shift` = k > 0, images H×W = `image_shape`)
-    pad (B, (H+2k)(W+2k)) uint8 and its windows (B, 2k+1, 2k+1, H, W).
+    slope[l] (B, n_{l+1}) per hidden layer (its output, its δ, scratch for h (1 − h)); z
+    and delta_out (B, 1) for the output; ones (B, 1) for the bias products; with shifted
+    digits (`shift` = k > 0, images H×W = `image_shape`) pad (B, (H+2k)(W+2k)) uint8 and
+    its windows (B, 2k+1, 2k+1, H, W).
     """
 
     def __init__(self, params: Params, batch: int, fast: optim.Fast | None = None, shift: int = 0,
@@ -46,7 +47,7 @@ class Workspace:
         self.x = np.empty((batch, params[0][0].shape[0]), dtype)
         self.h = [np.empty((batch, n), dtype) for n in hidden]
         self.delta = [np.empty((batch, n), dtype) for n in hidden]
-        self.hprime = [np.empty((batch, n), dtype) for n in hidden]
+        self.slope = [np.empty((batch, n), dtype) for n in hidden]
         self.z = np.empty((batch, 1), dtype)
         self.delta_out = np.empty((batch, 1), dtype)
         self.ones = np.ones((batch, 1), dtype)
@@ -162,13 +163,15 @@ class Plan:
             alpha = PIXEL_SCALE if layer == 0 else 1.0  # x = pixels/255, the 1/255 taken in the products
             back = prev_delta = slope = None
             if layer > 0:
-                prev_delta, slope = deltas[layer - 1], ws.hprime[layer - 1][:m]
+                prev_delta, slope = deltas[layer - 1], ws.slope[layer - 1][:m]
                 # δ_prev ← δ Wᵀ (with one output unit an outer product: 3x faster by the BLAS than numpy)
                 back = blas.gemm(delta, blas.T(W), out=prev_delta)
             self.layers.append(LayerPlan(
                 h_prev=h_prev,
                 out=a,
                 hidden=layer < last,
+                # Every layer's GEMMs compute half its pre-activation, a/2 (z/2 at the output):
+                # all that σ(a) = ½ + ½ tanh(a/2) (sigmoid_of_half) and output_delta need.
                 # a/2 ← ½ 1 bᵀ (a K=1 GEMM: the bits of numpy's broadcast, 2-3x faster)
                 add_bias=blas.gemm(ones, b.reshape(1, -1), out=a, alpha=0.5),
                 # a/2 ← a/2 + (α/2) h_prev W
