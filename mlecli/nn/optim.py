@@ -8,7 +8,8 @@ with two versions held equal by tests/test_optim.py:
   LL_batch + (m/N) log p(θ) (`model.posterior_gradients`); ascent: the step goes UP it.
 - `bind(params, state, prior)`: the in-place version the hot loop runs (`Fast`). Its
   `layer(...)` gives one layer's update as calls bound once per batch size, like every
-  product of step.py; they read the batch's ∂LL/∂z (δ) and inputs, and add the prior's
+  product of step.py, each built (`blas.gemm`, `blas.axpby`) under the formula it
+  computes; they read the layer's input h_prev and its δ = ∂LL/∂a, and add the prior's
   pull −(m/N) θ/σ² themselves (folded into the update GEMM's β for sgd). The numbers that
   change from step to step (η, the prior's share, Adam's bias corrections) live in ctypes
   scalars the bound calls read when they run: `begin(lr, m, t)` sets them.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from mlecli.nn import blas
 from mlecli.nn.model import Params
 
 State = dict[str, list[tuple[np.ndarray, np.ndarray]]]  # slot → per layer (like W, like b)
-Calls = tuple[Callable[[], None], ...]
+Calls = tuple[blas.Call, ...]  # bound calls, run in order
 
 
 @dataclass(frozen=True)
@@ -338,7 +338,8 @@ class Adam(Rule):
 class _AdamFast(Fast):
     """η m̂/(√v̂ + ε) = (η √c₂ / c₁) · m / (√v + ε √c₂), c = 1 − βᵗ: one scalar for the step
     and one for ε, both set per step; the rest are passes over buffers (g's buffer is
-    reused for g², then for m / (√v + ε̂))."""
+    reused for g², then for m / (√v + ε̂)). scikit-learn's Adam takes the same step size
+    but adds ε to √v unscaled, which is not PyTorch's value; ε √c₂ is."""
 
     def __init__(self, params, state, prior, beta1, beta2, eps):
         super().__init__(params, state, prior)
