@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, table  # noqa: E402
 
-from mlecli.data.cache import prepare  # noqa: E402
+from mlecli.data.cache import ensure_splits  # noqa: E402
 from mlecli.nn import optim  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
 from mlecli.nn.pixels import pixels  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = cached_fashion(Path(tmp) / "data")
-        train = prepare(dataset, Path(tmp) / "data")["train"]
+        train = ensure_splits(dataset, Path(tmp) / "data")["train"]
     chosen = np.flatnonzero(np.isin(train.labels, [0, 6]))[: args.steps * BATCH]
     images = train.images[chosen].reshape(len(chosen), -1)
     x, y = pixels(images, np.float64), (train.labels[chosen] == 0).astype(np.float64)

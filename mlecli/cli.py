@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -41,9 +42,9 @@ class Group(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else "standard output: " if exc.errno == 28 else ""
             _error(f"{where}{exc.strerror or exc}", 1)
-        except Exception as exc:
+        except Exception as exc:  # any type, to look inside: a library may wrap a Ctrl-C in its own
             if not _interrupted(exc):
-                raise
+                raise  # not a Ctrl-C: a bug, with its traceback
             # a Ctrl-C inside a library's import, which wraps it (matplotlib: a RuntimeError)
             _error("Stopped by SIGINT: what was done so far is kept, nothing is half-written.", 130, prefix="")
 
@@ -131,6 +132,18 @@ def _log(quiet: bool):
                 pass
 
     return log
+
+
+def _as_typed(path: Path, typed: str | Path) -> Path:
+    """`path`, which the library made absolute, as the user would write it: relative to the
+    current folder when what they typed (`typed`) was relative, so that `mlecli evaluate
+    runs/tour` says `runs/tour/eval-test-best.json`."""
+    if not path.is_absolute() or Path(typed).is_absolute():
+        return path
+    try:
+        return Path(os.path.relpath(path))
+    except (OSError, ValueError):  # the current folder is gone
+        return path
 
 
 def _progress(quiet: bool) -> bool:
@@ -247,7 +260,7 @@ def _where(value):
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Take the dataset from this config's [data] table (built-in or custom IDX).",
+    help="Take the dataset from this config's [data] table (built-in or custom IDX); - reads it from standard input.",
 )
 @click.option(
     "--mirror",
@@ -290,7 +303,7 @@ def download(dataset, config_path, mirrors, data_dir, force, timeout, retries, m
             raise click.UsageError("give --dataset or --config, not both")
         from mlecli.run import config
 
-        ds = config.load(config_path).data.resolve()
+        ds = config.load(config_path, pipe_ok=True).data.resolve()
     else:
         ds = builtin(dataset or "mnist")
     root = _data_dir(data_dir)
@@ -339,8 +352,9 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
     """Train a network on a binary digit task by maximum likelihood.
 
     CONFIG is a TOML file, or the name of a built-in config (default, logreg,
-    four-vs-nine, deep, accurate); without it the built-in default is used. The run
-    folder gets config.toml, manifest.json, metrics.jsonl and checkpoints/.
+    four-vs-nine, deep, accurate); without it the built-in default is used. It may be
+    a pipe, such as <(...), or - for standard input. The run folder gets config.toml,
+    manifest.json, metrics.jsonl and checkpoints/.
     """
     from mlecli.run import config
     from mlecli.run import train as training
@@ -360,7 +374,7 @@ def train(config_path, overrides, run_dir, resume, data_dir, quiet):
         run_dir = resume
         log(f"resuming {resume} from {resume_from.path.name} (epoch {resume_from.epoch} done)")
     else:
-        cfg = config.load(config_path, overrides)
+        cfg = config.load(config_path, overrides, pipe_ok=True, note=log)
     say = _stdout_lines(quiet)
     report = training.Reporter(line=say, log=log, progress=not quiet and sys.stdout.isatty())
     # One StopRequest from here to the last line printed: no signal meets Python's default
@@ -476,7 +490,8 @@ def _seeds(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--dry-run", is_flag=True,
               help="Print the mlecli train command of every run, one per line; start nothing.")
-@quiet_option
+@functools.partial(quiet_option, help="No progress bar or status lines; the table alone, without the note under it "
+                  "and the commands to go on with.")
 def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evaluate, as_json, dry_run, quiet):
     """Train one run per grid point and seed, in parallel, and compare them.
 
@@ -499,10 +514,12 @@ def sweep(config_path, grids, overrides, seeds, jobs, sweep_dir, data_dir, evalu
     with StopRequest() as stop:  # a signal before the workers start: one line, and no folder left half-made
         outcome = runner.execute(plan, sweep_dir, jobs=jobs, data_dir=_data_dir(data_dir), evaluate=evaluate,
                                    progress=_progress(quiet), log=log, stop=stop)
-        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json)
+        _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet)
 
 
-def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -> None:
+def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json, quiet) -> None:
+    """The table (with --quiet, the table alone: no note under it, no commands to go on with),
+    the JSON, or how a stopped sweep stands; the runs that did not finish on stderr."""
     import json
 
     from mlecli.sweep import grid, runner
@@ -522,7 +539,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         )
         sys.exit(130)
     s = outcome.summary
-    echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+    echo(json.dumps(s, indent=2) if as_json else format_summary(s, notes=not quiet))
     failed = [r for r in s["runs"] if r["status"] != "finished"]
     if failed:
         for r in failed:
@@ -536,7 +553,7 @@ def _say_how_the_sweep_ended(plan, outcome, evaluate, jobs, data_dir, as_json) -
         else:
             said = f"{len(failed)} of {total} runs did not finish (listed above); the others did"
         raise MlecliError(f"{said}. Run the same command again to retry them")
-    if not as_json:
+    if not as_json and not quiet:
         echo(printable(f"plot:     mlecli plot {shlex.quote(str(outcome.sweep_dir))}"))
         echo(printable(f"runs:     mlecli runs {shlex.quote(str(outcome.sweep_dir))}"))
 
@@ -611,7 +628,7 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     else:
         echo(ev.format_report(report))
         if saved is not None:
-            echo(printable(f"  report            {saved}"))
+            echo(printable(f"  report            {_as_typed(saved, target)}"))
 
 
 @main.command(short_help="Predict on your own images, prepared as MNIST's were.")
@@ -626,7 +643,8 @@ def evaluate(target, which, split, as_json, data_dir, threshold):
     type=click.Path(dir_okay=False),
     default=None,
     metavar="FILE",
-    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, with their ŷ.",
+    help="Also write a PNG (a name ending in .png) of the 28×28 images the network saw, each with its name, the "
+    "decision in words and ŷ.",
 )
 def predict(target, inputs, which, threshold, as_json, raw, show):
     """Predict on your own images: ŷ = P(y = 1) and the decision, in words.
@@ -642,6 +660,7 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
     from mlecli.safe.outputs import check_output
     from mlecli.use import inputs as sources_of
     from mlecli.use import predict as pr
+    from mlecli.use import sheet
 
     sources = sources_of.sources(list(inputs))
     if show is not None:  # refused before anything is read or written
@@ -664,12 +683,12 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
         else:
             lines = pr.text_lines(result, model.classes_, threshold, width, printable(result.source))
         click.echo("\n".join(lines))  # one write for the whole batch
-        if show is not None and sum(len(b.p) for b in shown) < pr.SHOW_LIMIT:
+        if show is not None and sum(len(b.z) for b in shown) < sheet.LIMIT:
             shown.append(result)
     if show is not None:
-        count = pr.show_grid(shown, model.classes_, threshold, show) if shown else 0
+        count = sheet.show_grid(shown, model.classes_, threshold, show) if shown else 0
         if count:
-            click.echo(printable(f"wrote {show} ({count} images)"), err=True)
+            click.echo(printable(f"wrote {show} ({count} image{'s' if count != 1 else ''})"), err=True)
         else:
             click.echo(printable(f"no image to show: {show} not written"), err=True)
     if failed:
@@ -679,7 +698,8 @@ def predict(target, inputs, which, threshold, as_json, raw, show):
 @main.command(short_help="Export a network to ONNX, or to a web page to draw on.")
 @click.argument("target", type=click.Path(path_type=Path))
 @checkpoint_option("Which checkpoint of a run folder to export (ignored for a checkpoint file).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True, help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "html"]), required=True,
+              help="onnx: a model file for any ONNX runtime; html: a page to draw digits on.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -698,7 +718,7 @@ def export(target, which, fmt, out):
 
     path = ex.export(target, which, fmt, out)
     size = path.stat().st_size
-    echo(f"wrote {path} ({size / 1024:,.0f} KB)")
+    echo(f"wrote {_as_typed(path, target if out is None else out)} ({size / 1024:,.0f} KB)")
     if fmt == "html":
         echo(f"open it in a browser: {path.resolve().as_uri()}")
         if size > ex.PAGE_LIMIT:
@@ -714,13 +734,15 @@ def export(target, which, fmt, out):
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the current one]",
+    help="Folder for the PNG files.  [default: the run or sweep folder; for several folders, the one holding "
+    "them all]",
 )
 @data_dir_option
 def plot(run_dir, out, data_dir):
     """Draw a run, or compare runs.
 
-    One run folder: curves.png, hidden-units.png and (after evaluate) mistakes.png.
+    One run folder: curves.png, hidden-units.png (weights.png for logistic regression)
+    and (after evaluate) mistakes.png.
     A sweep folder, or several run folders: compare.png, validation LL and accuracy per
     epoch, one colour per grid point (runs that differ only in their seeds), the mean
     over seeds as a line and their spread as a band.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import decimal
 import gzip
 import hashlib
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
@@ -74,6 +76,16 @@ def tiny_dataset(n_train: int = 300, n_test: int = 100, seed: int = 0) -> TinyDa
     arrays = {"train-images": tr_x, "train-labels": tr_y, "test-images": te_x, "test-labels": te_y}
     contents = {MNIST_FILES[r]: idx_bytes(a) for r, a in arrays.items()}
     return TinyDataset(contents, arrays)
+
+
+def exactly_positive(z: float, t: float) -> bool:
+    """σ(z) ≥ t in exact arithmetic, worked out another way than mlecli does it (by exp, not
+    ln): 1 / (1 + e^-z) ≥ t ⇔ t · e^-z ≤ 1 − t, in decimal to 120 digits beyond z's own (e^-z of a
+    z as small as 5e-324 differs from 1 in its 324th digit)."""
+    digits = 120 + (max(0, -math.floor(math.log10(abs(z)))) if z else 0)
+    with decimal.localcontext(decimal.Context(prec=digits)):
+        dt = decimal.Decimal(t)
+        return dt * (-decimal.Decimal(z)).exp() <= 1 - dt
 
 
 def rewrite_npz(src: Path, dst: Path | None = None, *, meta: dict | None = None, replace: dict | None = None,

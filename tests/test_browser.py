@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import require
+from fakes import rewrite_npz
 from pictures import CHROMIUM, chromium, photo, random_strokes, strokes
 
 import mlecli
@@ -123,6 +124,29 @@ def test_what_the_page_shows_is_what_mlecli_predict_gives_for_the_same_drawing(p
     assert page.requests == [(page_file / "best.html").as_uri()] and page.problems == []
     if name == "three" and os.environ.get("MLECLI_SCREENSHOT"):
         page.screenshot(path=os.environ["MLECLI_SCREENSHOT"])
+
+
+@pytest.mark.parametrize("z, word", [(-(2**-60), "even (0,2,4,6,8)"), (0.0, "odd (1,3,5,7,9)"),
+                                     (2**-60, "odd (1,3,5,7,9)")])
+def test_the_page_decides_from_z_as_every_command_does(browser, page_file, tmp_path, z, word):
+    # An output layer of zeros and a bias of ±2⁻⁶⁰: z is that bias for any drawing, and ŷ = σ(z)
+    # rounds to 0.5 in float64 (in the page as in Python); only the rule on z, ŷ ≥ ½ ⇔ z ≥ 0, decides.
+    edge = tmp_path / "edge.npz"
+    with np.load(page_file / "checkpoints" / "best.npz") as f:
+        W2 = np.zeros_like(f["W2"])
+    rewrite_npz(page_file / "checkpoints" / "best.npz", edge, replace={"W2": W2, "b2": np.array([z], np.float32)})
+    assert cli("export", edge, "--format", "html").exit_code == 0
+    page = browser.new_context(viewport={"width": 800, "height": 580}).new_page()
+    page.goto((tmp_path / "edge.html").as_uri())
+    draw(page, DRAWINGS["one"])
+    state = settle(page)
+    assert (state["z"], state["yhat"]) == (z, 0.5)
+    assert page.locator("#verdict").inner_text() == f"The network says: {word}"
+    assert page.locator("#yhat").inner_text() == "ŷ = P(odd (1,3,5,7,9)) = 0.5000"
+    png = canvas_png(page, tmp_path / "one.png")
+    page.context.close()
+    (said,) = map(json.loads, cli("predict", edge, png, "--json").stdout.splitlines())
+    assert (said["p"], said["label"]) == (0.5, word)
 
 
 def test_the_page_makes_no_request_and_shows_the_run(page, page_file):

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlecli.cli import main
-from mlecli.data.cache import dataset_dir, ensure_dataset, load_split, prepare
+from mlecli.data.cache import dataset_dir, ensure_dataset, ensure_splits, load_split
 from mlecli.data.datasets import FASHION_MNIST, FILE_RE, MNIST_FILES, ROLES, custom
 from mlecli.data.idx import idx_bytes
 from mlecli.run import config
@@ -234,7 +234,7 @@ def test_loading_a_split_that_does_not_fit_in_the_available_memory_is_one_line(t
     ensure_dataset(spec, tmp_path)
     monkeypatch.setattr("mlecli.safe.resources.available_memory", lambda: 100_000)
     with pytest.raises(MlecliError) as err:
-        prepare(spec, tmp_path)
+        ensure_splits(spec, tmp_path)
     path = dataset_dir(spec, tmp_path) / "train.npz"
     assert str(err.value) == (
         f"loading the train split of tiny ({path}) needs 230.2 KiB of memory, only 97.7 KiB is available: "
@@ -268,7 +268,7 @@ def test_train_and_test_images_of_different_sizes_in_a_cache_are_refused_when_lo
         m.setattr(cache, "_check_with_known", lambda *args: None)
         ensure_dataset(spec, tmp_path / "d")
     with pytest.raises(DataError) as err:
-        prepare(spec, tmp_path / "d")
+        ensure_splits(spec, tmp_path / "d")
     assert str(err.value) == (
         f"mine in {dataset_dir(spec, tmp_path / 'd')}: train images are 28x28 but test images are 32x32; "
         "the files do not belong together"
@@ -371,9 +371,9 @@ def test_a_reader_tidies_leftovers_only_when_no_writer_holds_the_lock(tiny, tiny
     plant()
     with open(folder / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a writer at work: its files are not leftovers
-        assert prepare(spec, tmp_path)["train"].images.shape == (300, 28, 28)
+        assert ensure_splits(spec, tmp_path)["train"].images.shape == (300, 28, 28)
         assert all(p.exists() for p in leftovers)
-    prepare(spec, tmp_path)
+    ensure_splits(spec, tmp_path)
     assert files_in(folder) == clean
 
 
@@ -410,11 +410,11 @@ def test_a_built_in_dataset_named_by_a_checkpoint_comes_only_from_its_built_in_m
     named = FASHION_MNIST.__class__(FASHION_MNIST.name, (m.url, *FASHION_MNIST.mirrors), FASHION_MNIST.files,
                                     FASHION_MNIST.sha256, FASHION_MNIST.sizes)
     with pytest.raises(DownloadError) as err:
-        prepare(named, tmp_path, download="builtin", policy=FAST)
+        ensure_splits(named, tmp_path, download="builtin", policy=FAST)
     assert m.hits() == 0
     assert str(err.value).startswith(f"could not download {TRAIN_IMAGES} from any mirror: {FASHION_MNIST.mirrors[0]}: ")
     with pytest.raises(DataError, match="never downloads by itself"):
-        prepare(named, tmp_path, download="never")
+        ensure_splits(named, tmp_path, download="never")
 
 
 def test_a_containers_memory_limit_counts_as_the_machines_memory(tmp_path, monkeypatch):

@@ -243,7 +243,10 @@ def test_default_config_loads_outside_the_repo(tmp_path):
     ("warmup_epochs = 20", "train.warmup_epochs = 20 must be less than train.epochs = 20: "
                            "the warm-up would take the whole run"),
     ('schedule = "cosine"\nmin_learning_rate = 0.05', "train.min_learning_rate = 0.05 must be below "
-     "train.learning_rate = 0.05: the cosine schedule decays from the one to the other"),
+     "train.learning_rate = 0.05 (sgd's own rate, as none is set for sgd): the cosine schedule decays from the one "
+     "to the other"),
+    ('schedule = "cosine"\nlearning_rate = 0.05\nmin_learning_rate = 0.05', "train.min_learning_rate = 0.05 must be "
+     "below train.learning_rate = 0.05: the cosine schedule decays from the one to the other"),
 ])
 def test_each_training_key_refuses_bad_values_naming_what_is_allowed(tmp_path, line, message):
     assert refused(tmp_path, f"[train]\n{line}\n") == message
@@ -267,9 +270,9 @@ def test_training_keys_load_and_round_trip(tmp_path):
 
 
 def test_the_memory_estimate_counts_the_update_rules_state(tmp_path, monkeypatch):
-    from mlecli.safe import memory, resources
+    from mlecli.safe import resources
 
-    sgd, adam = (memory.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
+    sgd, adam = (resources.estimate((128,), 32, "float32", state_slots=s) for s in (0, 2))
     params = (784 + 1) * 128 + 129
     assert adam - sgd == 2 * params * 4
     monkeypatch.setattr(resources, "physical_memory", lambda: sgd + 1)
@@ -309,3 +312,111 @@ def test_any_number_for_any_key_is_a_config_or_one_line_naming_the_key(key, valu
 def test_an_empty_config_name_is_named_as_such(name):
     with pytest.raises(ConfigError, match=r"^config .* is an empty name: give a TOML file, or the name of a built-in"):
         load(name)
+
+
+# ---------------------------------------------------------------------------
+# Each update rule's own learning rate
+
+
+@pytest.mark.parametrize("rule, rate", [("sgd", 0.05), ("momentum", 0.005), ("nesterov", 0.005), ("adam", 0.001)])
+def test_a_config_that_sets_no_rate_trains_at_its_rules_own(tmp_path, rule, rate):
+    assert load(write(tmp_path, f'[train]\noptimizer = "{rule}"\n')).train.learning_rate == rate
+    assert config.DEFAULT_RATES[rule] == rate
+
+
+def test_another_rule_by_set_trains_at_its_own_rate_and_says_so():
+    notes = []
+    cfg = load(None, ["train.optimizer=adam"], note=notes.append)
+    assert (cfg.train.optimizer, cfg.train.learning_rate) == ("adam", 0.001)
+    assert notes == ["note: train.optimizer = 'adam' trains at adam's own learning rate, 0.001: train.learning_rate "
+                     "= 0.05 in the built-in config default is for sgd (set train.learning_rate to choose another)"]
+
+
+@pytest.mark.parametrize("name, rule, rate", [("deep", "adam", 0.001), ("logreg", "momentum", 0.005),
+                                              ("accurate", "sgd", 0.05), ("accurate", "nesterov", 0.005)])
+def test_each_shipped_configs_rate_is_for_its_own_rule(name, rule, rate):
+    assert load(name, [f"train.optimizer={rule}"]).train.learning_rate == rate
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.optimizer=adam", "train.learning_rate=0.02"],
+    ["train.learning_rate=0.02", "train.optimizer=adam"],
+    ["train={optimizer='adam', learning_rate=0.02}"],
+])
+def test_a_rate_set_on_the_command_line_is_kept_whatever_the_rule(overrides):
+    cfg = load(None, overrides)
+    assert (cfg.train.optimizer, cfg.train.learning_rate) == ("adam", 0.02)
+
+
+def test_a_config_keeps_its_rate_for_its_own_rule(tmp_path):
+    p = write(tmp_path, '[train]\noptimizer = "momentum"\nlearning_rate = 0.02\n')
+    for overrides in ([], ["train.optimizer=momentum"], ["train.epochs=3"]):
+        assert load(p, overrides).train.learning_rate == 0.02
+    assert load(p, ["train.optimizer=sgd"]).train.learning_rate == 0.05
+
+
+def test_a_rate_far_above_its_rules_own_gets_a_note_and_is_kept(tmp_path):
+    notes = []
+    cfg = load(write(tmp_path, '[train]\noptimizer = "adam"\nlearning_rate = 0.05\n'), note=notes.append)
+    assert cfg.train.learning_rate == 0.05
+    assert notes == ["note: train.learning_rate = 0.05 is 50 times adam's own rate (0.001, what it trains at when "
+                     "the rate is not set): if the run learns nothing or diverges, try a smaller one"]
+    for shipped in BUILTIN_CONFIGS:  # 0.01 to 0.1, each with its own rule: no note
+        load(shipped, note=notes.append)
+    assert len(notes) == 1
+
+
+def test_a_wrong_rate_is_refused_even_where_another_rule_takes_its_own(tmp_path):
+    assert refused(tmp_path, "[train]\nlearning_rate = -1\n", "train.optimizer=adam") == (
+        "train.learning_rate = -1: must be a finite number > 0")
+
+
+def test_the_cosine_floor_names_the_rules_own_rate_when_the_config_set_none():
+    with pytest.raises(ConfigError) as err:
+        load(None, ["train.optimizer=adam", "train.schedule=cosine", "train.min_learning_rate=0.01"])
+    assert str(err.value) == (
+        "--set: train.min_learning_rate = 0.01 must be below train.learning_rate = 0.001 (adam's own rate, as none is "
+        "set for adam): the cosine schedule decays from the one to the other")
+
+
+def test_the_resolved_config_records_the_rate_used(tmp_path):
+    cfg = load(None, ["train.optimizer=nesterov"])
+    assert "learning_rate = 0.005\n" in to_toml(cfg)
+    assert load(write(tmp_path, to_toml(cfg)), ["train.epochs=3"]).train.learning_rate == 0.005
+
+
+@pytest.mark.parametrize("overrides, advice", [
+    (["train.learning_rate=5", "train.batch_size=16"],
+     "train.learning_rate = 5 is too large for sgd at batches of 16 (the step grows with the batch, since the LL is "
+     "a sum): start a new run with a smaller one, such as 0.05, sgd's own rate (--resume cannot change it)"),
+    (["train.batch_size=512"],
+     "train.learning_rate = 0.05 is too large for sgd at batches of 512 (the step grows with the batch, since the LL "
+     "is a sum): start a new run with a smaller one, such as 0.005, a tenth of it (--resume cannot change it)"),
+    (["train.optimizer=momentum", "train.learning_rate=0.05"],
+     "train.learning_rate = 0.05 is too large for momentum at batches of 32 (the step grows with the batch, since "
+     "the LL is a sum, and momentum μ = 0.9 multiplies it by about 1/(1 − μ) = 10): start a new run with a smaller "
+     "one, such as 0.005, momentum's own rate (--resume cannot change it)"),
+    (["train.optimizer=adam", "train.learning_rate=0.05"],
+     "train.learning_rate = 0.05 is too large for adam, whose step is about η for each weight whatever the batch: "
+     "start a new run with a smaller one, such as 0.001, adam's own rate (--resume cannot change it)"),
+    (["train.optimizer=adam", "train.learning_rate=0.0015"],
+     "train.learning_rate = 0.0015 is too large for adam, whose step is about η for each weight whatever the batch: "
+     "start a new run with a smaller one, such as 0.00015, a tenth of it (--resume cannot change it)"),
+])
+def test_the_advice_for_a_rate_that_overshot_names_a_smaller_one(overrides, advice):
+    assert config.rate_advice(load(None, overrides).train) == advice
+
+
+@pytest.mark.parametrize("value, as_json, as_config", [
+    ("adam", '"adam"', "'adam'"),
+    (True, "true", "true"),
+    (None, "null", "None"),
+    ([1, "a"], '[1, "a"]', "[1, 'a']"),
+    (2 ** 70, "an integer of 22 digits", "an integer of 22 digits"),
+    (0.5, "0.5", "0.5"),
+    ("x" * 50, '"' + "x" * 36 + "...", "'" + "x" * 50 + "'"),  # a file's value is cut short, a config's is not
+])
+def test_a_value_in_a_message_is_shown_as_json_or_as_a_config_has_it(value, as_json, as_config):
+    from mlecli.safe.schema import show_value
+
+    assert (show_value(value), show_value(value, toml=True)) == (as_json, as_config)

@@ -183,6 +183,47 @@ def test_output_and_prose_in_blocks_are_not_taken_for_command_lines():
 
 
 # ---------------------------------------------------------------------------
+# The tour's output is the tool's
+
+
+@pytest.fixture
+def tour(tiny_config, tmp_path, monkeypatch):
+    """A run at runs/tour, as the README's tour makes it, in a fresh current folder."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    res = CliRunner().invoke(main, ["train", str(tiny_config(train={"epochs": 1})), "--run-dir", "runs/tour",
+                                    "--data-dir", str(data), "-q"])
+    assert res.exit_code == 0, res.output
+    return data
+
+
+def readme_lines(start: str) -> list[str]:
+    return [line for line in README.splitlines() if line.startswith(start)]
+
+
+def test_evaluate_and_export_print_the_paths_as_the_readmes_tour_shows_them(tour):
+    res = CliRunner().invoke(main, ["evaluate", "runs/tour", "--data-dir", str(tour)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == "  report            runs/tour/eval-test-best.json"
+    assert readme_lines("  report  ") == [res.stdout.splitlines()[-1]]
+    res = CliRunner().invoke(main, ["export", "runs/tour", "--format", "html"])
+    assert res.exit_code == 0, res.output
+    wrote = res.stdout.splitlines()[0]
+    assert wrote.startswith("wrote runs/tour/best.html (") and wrote.endswith(" KB)")
+    assert [line.split(" (")[0] for line in readme_lines("wrote ")] == ["wrote runs/tour/best.html"]
+
+
+def test_a_path_typed_absolute_is_printed_absolute(tour, tmp_path):
+    run = tmp_path / "runs" / "tour"
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--data-dir", str(tour)])
+    assert res.stdout.splitlines()[-1] == f"  report            {run / 'eval-test-best.json'}"
+    res = CliRunner().invoke(main, ["export", "runs/tour", "--format", "onnx", "--out", str(tmp_path / "n.onnx")])
+    assert res.stdout.startswith(f"wrote {tmp_path / 'n.onnx'} (")  # --out decides, as typed
+    res = CliRunner().invoke(main, ["export", str(run / "checkpoints" / "last.npz"), "--format", "html"])
+    assert res.stdout.startswith(f"wrote {run / 'last.html'} (")
+
+
+# ---------------------------------------------------------------------------
 # Behaviour tables
 
 

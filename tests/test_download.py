@@ -200,6 +200,77 @@ def test_an_unknown_host_fails_that_mirror_at_once(tiny, mirrors, tmp_path):
     assert_cached(tiny, tmp_path)
 
 
+# What a download catches: what a peer or the network can raise (http.peer_errors) is that
+# mirror's failure, one line, and the next mirror is tried; anything else is a bug and propagates.
+
+BUGS = {
+    "the request": ("urllib3.connectionpool.HTTPConnectionPool.urlopen",
+                    ModuleNotFoundError("No module named 'zstandard'", name="zstandard")),
+    "the body": ("urllib3.response.HTTPResponse.read1", AttributeError("'NoneType' object has no attribute 'recv'")),
+}
+
+
+@pytest.mark.parametrize("where", BUGS)
+def test_a_bug_inside_a_download_propagates_as_itself_and_no_other_mirror_is_tried(tiny, mirrors, tmp_path,
+                                                                                    monkeypatch, where):
+    m = mirrors(tiny.gz_files())
+    offline = tiny.write_folder(tmp_path / "offline")  # would deliver every file, if it were tried
+    target, bug = BUGS[where]
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(target, broken)
+    logs = []
+    with pytest.raises(type(bug)) as err:
+        ensure_dataset(tiny.spec((m.url, str(offline))), tmp_path / "d", policy=FAST, log=logs.append)
+    assert err.value is bug
+    assert logs == []  # no "failed (…); trying the next mirror", no "retrying"
+    assert not (folder_of(tiny, tmp_path / "d") / "raw" / TRAIN_IMAGES).exists()
+
+
+def _peer_errors():
+    from mlecli.data.http import peer_errors
+
+    return peer_errors()
+
+
+# The line each type in peer_errors() becomes (network_reason), after the retries it earns.
+PEER_FAILURES = {
+    "RequestException": "the connection dropped mid-file (gave up after 4 attempts)",
+    "HTTPError": "the answer could not be read (HTTPError)",
+    "HTTPException": "the answer could not be read (HTTPException)",
+    "OSError": "the connection dropped mid-file (gave up after 4 attempts)",
+    "UnicodeError": "the server's answer is not valid HTTP (UnicodeError)",
+    "UnreadableAnswer": "the answer could not be read (UnreadableAnswer)",
+}
+
+
+@pytest.mark.parametrize("error", _peer_errors(), ids=lambda t: t.__name__)
+def test_each_error_a_peer_or_the_network_can_raise_is_one_mirror_failure_and_the_next_mirror_is_tried(
+        tiny, mirrors, tmp_path, monkeypatch, error):
+    m = mirrors(tiny.gz_files())
+    offline = tiny.write_folder(tmp_path / "offline")
+
+    def broken(*args, **kwargs):
+        raise error("raised reading the body")
+
+    monkeypatch.setattr("urllib3.response.HTTPResponse.read1", broken)
+    _, logs = fetch(tiny.spec((m.url, str(offline))), tmp_path)
+    assert f"{TRAIN_IMAGES}: {m.url} failed ({PEER_FAILURES[error.__name__]}); trying the next mirror" in logs
+    assert_cached(tiny, tmp_path)
+
+
+def test_a_redirect_requests_cannot_read_ahead_is_that_mirrors_failure(tiny, mirrors, tmp_path):
+    """requests reads a redirect's answer ahead even when it does not follow it: the
+    ValueError urlsplit raises for this Location is the peer's, not a bug."""
+    m = mirrors(tiny.gz_files(), behave=lambda h, name, data, n: send(h, 301, b"", {"Location": "http://[::1"}))
+    offline = tiny.write_folder(tmp_path / "offline")
+    _, logs = fetch(tiny.spec((m.url, str(offline))), tmp_path)
+    assert f"{TRAIN_IMAGES}: {m.url} failed (the answer could not be read (ValueError)); trying the next mirror" in logs
+    assert_cached(tiny, tmp_path)
+
+
 def test_failed_forced_redownload_leaves_the_cache_intact(tiny, mirrors, tmp_path):
     good = mirrors(tiny.gz_files())
     fetch(tiny.spec((good.url,)), tmp_path)

@@ -83,7 +83,7 @@ def test_the_table_shows_the_same_numbers(trained):
     assert report["classes"] == {"0": "even (0,2,4,6,8)", "1": "odd (1,3,5,7,9)"}
     assert "odd (1,3,5,7,9) (y=1) vs even (0,2,4,6,8) (y=0), hidden [8]" in out
     for e in report["most_confident_errors"]:
-        said = report["classes"][str(1 - e["y"])]
+        said = {0: "even (0,2,4,6,8)", 1: "odd (1,3,5,7,9) "}[1 - e["y"]]  # ŷ in one column
         assert e["label"] == f"digit {e['digit']}"
         assert f"#{e['index']:<6} {e['label']:<12}  predicted {said}  ŷ={e['p']:.6f}" in out
     assert out.rstrip().endswith(f"report            {run / 'eval-test-best.json'}")
@@ -250,3 +250,34 @@ def test_a_diverged_run_reports_its_perplexity_without_overflow(trained, tmp_pat
     line = next(x for x in evaluate(run, data).stdout.splitlines() if x.lstrip().startswith("perplexity"))
     assert line == (f"  perplexity        e^{-report['log_likelihood_mean']:.1f}, too large for a number (exp of "
                     "the mean negative log-likelihood: 1 is perfect, 2 a coin toss)")
+
+
+def test_mistakes_are_said_in_the_class_words_short_where_long_with_y_hat_in_one_column():
+    from mlecli.run.evaluate import format_report
+
+    report = {"checkpoint": "runs/tour/checkpoints/best.npz", "epoch": 4, "split": "test", "dataset": "fashion-mnist",
+              "classes": {"0": "T-shirt/top, Pullover, Coat, Shirt, Bag", "1": "Trouser, Dress, Sandal, Sneaker, Ankle boot"},
+              "hidden": [128], "images": 4, "positives": 2, "negatives": 2, "log_likelihood": -1.0,
+              "log_likelihood_mean": -0.25, "perplexity": 1.28, "accuracy": 0.5, "threshold": 0.5,
+              "majority_baseline": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "confusion": [[1, 1], [1, 1]],
+              "roc_auc": 0.5, "brier": 0.25, "ece": 0.1, "calibration": [], "seconds": 0.1, "images_per_s": 40.0,
+              "most_confident_errors": [
+                  {"index": 1300, "digit": 8, "label": "Bag", "y": 0, "p": 0.999909},
+                  {"index": 2721, "digit": 3, "label": "Dress", "y": 1, "p": 0.000253},
+              ]}
+    lines = format_report(report).splitlines()
+    start = lines.index("  most confidently wrong (index in the split's IDX file, what it is, what was predicted, ŷ):")
+    assert lines[start + 1 : start + 3] == [
+        "    #1300   Bag           predicted Trouser, Dress, …         ŷ=0.999909",
+        "    #2721   Dress         predicted T-shirt/top, Pullover, …  ŷ=0.000253",
+    ]
+
+
+def test_the_report_s_path_is_said_as_the_run_was_named(trained, tmp_path, monkeypatch):
+    run, data = trained
+    copy_run_without_evaluations(run, tmp_path / "runs" / "tour")
+    monkeypatch.chdir(tmp_path)
+    res = evaluate("runs/tour", data)
+    assert res.stdout.splitlines()[-1] == "  report            runs/tour/eval-test-best.json"
+    assert evaluate(tmp_path / "runs" / "tour", data).stdout.splitlines()[-1] == (
+        f"  report            {tmp_path / 'runs' / 'tour' / 'eval-test-best.json'}")  # typed in full: said in full

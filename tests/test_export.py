@@ -26,6 +26,7 @@ from mlecli import __version__
 from mlecli.cli import main
 from mlecli.data.datasets import MNIST_FILES
 from mlecli.data.idx import idx_bytes, parse_idx
+from mlecli.safe.errors import CheckpointError
 from mlecli.use.preparation import prepare_many
 
 onnx = pytest.importorskip("onnx", reason="pip install 'mlecli[onnx]'")
@@ -162,6 +163,9 @@ def test_the_onnx_graph_s_inputs_outputs_and_metadata(tiny_runs):
         "mlecli.image_shape": "[28, 28]",
         "mlecli.n_inputs": "784",
         "mlecli.preparation": "mnist",
+        "mlecli.decision": "y = 1 where z >= log(t / (1 - t)) for a threshold t, that is where P(y = 1) >= t "
+                           "exactly; at mlecli's default t = 0.5, where z >= 0. Decide from z: y_hat is rounded to "
+                           "float32, and rounds to t for logits on either side of that bound",
         "mlecli.version": __version__,
         "mlecli.test_accuracy": json.dumps({"accuracy": report["accuracy"], "threshold": 0.5}),
     }
@@ -176,21 +180,27 @@ def test_a_float64_network_exports_with_float32_pixels_in_and_y_hat_out(tiny_run
     assert np.abs(y_hat[:, 0] - mlecli.load(run).probabilities(images)).max() <= 1e-6
 
 
-def test_a_network_of_other_image_sizes_exports_to_onnx_but_not_to_a_page(tmp_path):
+def test_a_network_of_other_image_sizes_is_refused_alike_by_predict_both_exports_and_the_api(tmp_path):
+    # An ONNX model of it once said (N, 784) and "mnist" preparation for 400 inputs: every way
+    # out of mlecli takes 28×28 images, so each refuses it with the same line, writing nothing.
     images, labels = make_digits(120, seed=3, side=20)
     arrays = {"train-images": images, "train-labels": labels, "test-images": images[:40], "test-labels": labels[:40]}
     small = TinyDataset({MNIST_FILES[r]: idx_bytes(a) for r, a in arrays.items()}, arrays)
-    cfg = small.write_config(tmp_path / "s.toml", small.write_folder(tmp_path / "m"), "[model]\nhidden = [4]\n[train]\nepochs = 1\n")
+    cfg = small.write_config(tmp_path / "s.toml", small.write_folder(tmp_path / "m"),
+                             "[model]\nhidden = [4]\n[train]\nepochs = 1\n")
     assert cli("train", cfg, "--run-dir", tmp_path / "run", "--data-dir", tmp_path / "data", "-q").exit_code == 0
-    assert cli("export", tmp_path / "run", "--format", "onnx").exit_code == 0
-    y_hat, _ = run_onnx(tmp_path / "run" / "best.onnx", images[:5])
-    assert y_hat.shape == (5, 1)
-    res = cli("export", tmp_path / "run", "--format", "html")
+    np.save(tmp_path / "small.npy", images[:3])
     best = tmp_path / "run" / "checkpoints" / "best.npz"
-    assert (res.exit_code, res.stderr) == (1, f"Error: {best} was trained on 20×20 images (400 inputs); predict and "
-                                              "export work with 28×28 images (MNIST's form): use a network trained "
-                                              "on a 28×28 dataset\n")
-    assert not (tmp_path / "run" / "best.html").exists()
+    message = (f"{best} was trained on 20×20 images (400 inputs); predict and export work with 28×28 images "
+               "(MNIST's form): use a network trained on a 28×28 dataset")
+    for args in (["export", "--format", "onnx"], ["export", "--format", "html"], ["predict", tmp_path / "small.npy"],
+                 ["predict", tmp_path / "small.npy", "--raw"]):
+        res = cli(args[0], tmp_path / "run", *args[1:])
+        assert (res.exit_code, res.stdout, res.stderr) == (1, "", f"Error: {message}\n"), args
+    with pytest.raises(CheckpointError) as raised:
+        mlecli.load(tmp_path / "run")
+    assert str(raised.value) == message
+    assert not list((tmp_path / "run").glob("best.*"))
 
 
 def test_exports_are_byte_identical_and_go_where_asked(tiny_runs, tmp_path):

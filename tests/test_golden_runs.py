@@ -130,9 +130,9 @@ def train_case(name: str, tmp: Path) -> dict:
 
 
 def environment() -> dict:
-    from mlecli.nn.blas import describe
+    from mlecli.nn.blas import backend
 
-    return {"numpy": np.__version__, "blas": describe(), "machine": platform.machine()}
+    return {"numpy": np.__version__, "blas": backend(), "machine": platform.machine()}
 
 
 GOLDEN = json.loads((HERE / "runs.json").read_text()) if (HERE / "runs.json").exists() else None

@@ -213,6 +213,19 @@ def test_keys_set_through_a_table_obey_the_same_rules(tiny_config, tmp_path, arg
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("sets, want", [
+    ((), {"sgd": 0.05, "momentum": 0.005, "adam": 0.001}),  # the config's 0.05 is sgd's
+    (("train.learning_rate=0.02",), {"sgd": 0.02, "momentum": 0.02, "adam": 0.02}),
+    (("train={learning_rate=0.02}",), {"sgd": 0.02, "momentum": 0.02, "adam": 0.02}),
+])
+def test_a_grid_over_update_rules_gives_each_rate_its_train_command_gives(tiny_config, sets, want):
+    cfg = tiny_config(train={"epochs": 1})
+    p = grid.plan(str(cfg), sets, ("train.optimizer=sgd,momentum,adam",), (0,))
+    assert {r.config.train.optimizer: r.config.train.learning_rate for r in p.runs} == want
+    for r in p.runs:  # as `mlecli train CONFIG --set ...` of the run's --dry-run line loads it
+        assert load(cfg, (*sets, *r.overrides)) == r.config
+
+
 @pytest.mark.parametrize("sets, grids, want", [
     (("model.dtype=float64",), ("model={hidden=[8]},{hidden=[4]}",), {"model.dtype": "float64"}),
     ((), ("train.batch_size=8,16", "train={learning_rate=0.1},{learning_rate=0.2}"), {"train.epochs": 3}),

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlecli.cli import main
-from mlecli.data.cache import DOWNLOAD_NEVER, dataset_dir, ensure_dataset, load_split, prepare
+from mlecli.data.cache import DOWNLOAD_NEVER, dataset_dir, ensure_dataset, ensure_splits, load_split
 from mlecli.data.datasets import MNIST_FILES, ROLES, custom
 from mlecli.data.idx import HEADER_WITHIN, IdxDecoder
 from mlecli.safe import locks as lockwait
@@ -83,7 +83,7 @@ def test_any_byte_changed_in_a_cached_split_never_reaches_training(cached_tiny, 
     flip = data.draw(st.integers(1, 255))
     path.write_bytes(good[:at] + bytes([good[at] ^ flip]) + good[at + 1:])
     try:
-        splits = prepare(spec, root, download=DOWNLOAD_NEVER)  # the raw files are there: no network
+        splits = ensure_splits(spec, root, download=DOWNLOAD_NEVER)  # the raw files are there: no network
     except DataError:
         pytest.fail(f"a flip at byte {at} of {split}.npz was not repaired")
     np.testing.assert_array_equal(splits[split].images, tiny.arrays[f"{split}-images"])
@@ -99,7 +99,7 @@ def test_a_flipped_pixel_in_a_cached_split_is_found_by_its_crc_and_the_split_reb
     at = good.index(images.tobytes()) + 1000
     path.write_bytes(good[:at] + bytes([good[at] ^ 0x80]) + good[at + 1:])
     logs = []
-    splits = prepare(spec, root, download=DOWNLOAD_NEVER, log=logs.append)
+    splits = ensure_splits(spec, root, download=DOWNLOAD_NEVER, log=logs.append)
     assert logs == [f"{path}: member images.npy fails its CRC-32 check (the file is damaged); "
                     "rebuilding it from the verified raw files"]
     np.testing.assert_array_equal(splits["test"].images, tiny.arrays["test-images"])
@@ -116,7 +116,7 @@ def test_labels_that_are_not_digits_in_a_split_with_good_crcs_are_rebuilt(cached
     with open(path, "wb") as f:  # a split rewritten whole, CRCs right: only its labels are wrong
         npz.write(f, {"images": z["images"], "labels": labels, "meta": z["meta"]})
     logs = []
-    splits = prepare(spec, root, download=DOWNLOAD_NEVER, log=logs.append)
+    splits = ensure_splits(spec, root, download=DOWNLOAD_NEVER, log=logs.append)
     assert logs == [f"{path}: label 12 at index 7 is not a digit 0-9; rebuilding it from the verified raw files"]
     np.testing.assert_array_equal(splits["train"].labels, tiny.arrays["train-labels"])
     assert path.read_bytes() == good
@@ -312,7 +312,7 @@ def holder(tmp_path):
     procs = []
 
     def start(folder: Path, seconds: float = 60) -> subprocess.Popen:
-        code = ("import sys, time; from pathlib import Path; from mlecli.safe.files import folder_lock\n"
+        code = ("import sys, time; from pathlib import Path; from mlecli.safe.locks import folder_lock\n"
                 "with folder_lock(Path(sys.argv[1]), wait=False, what='x'):\n"
                 "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
         p = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlecli.cli import main
-from mlecli.data.cache import dataset_dir, ensure_dataset, prepare
+from mlecli.data.cache import dataset_dir, ensure_dataset, ensure_splits
 from mlecli.data.datasets import MNIST_FILES
 from mlecli.data.download import mirror_location, url_problem
 from mlecli.data.http import HttpPolicy
@@ -78,7 +78,7 @@ OPERATIONS = {
     "download": (False, lambda spec, data: ensure_dataset(spec, data)),
     "download of a missing file": (True, lambda spec, data: ensure_dataset(spec, data)),
     "download --force": (False, lambda spec, data: ensure_dataset(spec, data, force=True)),
-    "a reader (train)": (False, lambda spec, data: prepare(spec, data)),
+    "a reader (train)": (False, lambda spec, data: ensure_splits(spec, data)),
     "a failing download": (True, lambda spec, data: ensure_dataset(_failing(spec), data)),
 }
 
@@ -454,7 +454,7 @@ def test_a_reader_says_whether_it_rebuilds_a_split_or_downloads(tiny, tiny_folde
     for name in gone:
         (folder / name).unlink()
     said = []
-    prepare(spec, tmp_path, log=said.append)
+    ensure_splits(spec, tmp_path, log=said.append)
     splits = [n for n in gone if n.endswith(".npz")]
     if not splits:  # the splits alone are read: the raw files are not needed
         assert said == []

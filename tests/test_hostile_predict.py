@@ -307,7 +307,7 @@ def test_every_character_a_unicode_line_splitter_splits_on_is_escaped_in_json_na
 @given(name=st.text(st.characters(blacklist_categories=["Cs"]), max_size=12) | st.sampled_from(SPLITTERS),
        words=st.tuples(st.text(max_size=6), st.text(max_size=6)))
 def test_a_json_line_is_one_line_for_any_line_splitter_whatever_the_names(name, words):
-    batch = pr.Batch(name, np.array([0, 3]), np.zeros((2, 28, 28), np.uint8), np.array([0.25, 0.75]))
+    batch = pr.Batch(name, np.array([0, 3]), np.zeros((2, 28, 28), np.uint8), np.array([-1.1, 1.1]))  # logits
     for line in pr.json_lines(batch, words, 0.5):
         assert line.splitlines() == [line] and line.encode("utf-8")  # one line, valid UTF-8
         got = json.loads(line)
@@ -720,8 +720,8 @@ def test_show_that_is_not_written_into_an_input_folder_is_written_run_after_run(
         for _ in range(2):
             res = cli("predict", run, "scans", "--show", show, "--json")
             names = [Path(d["input"]).name for d in map(json.loads, res.stdout.splitlines())]
-            assert (res.exit_code, names, res.stderr) == (0, ["a.png"], f"wrote {show} (1 images)\n")
-            assert Image.open(show).size == (100, 128)  # one image: it alone is shown
+            assert (res.exit_code, names, res.stderr) == (0, ["a.png"], f"wrote {show} (1 image)\n")
+            assert Image.open(show).size == (156, 240)  # one image: it alone is shown
 
 
 @pytest.mark.parametrize("written", [False, True])
@@ -820,10 +820,13 @@ def test_finite_but_extreme_weights_are_refused_when_the_network_is_loaded(run, 
 
 def test_a_checkpoint_that_does_not_say_its_image_size_is_refused(run, tmp_path, good):
     unsaid = crafted(run, tmp_path, image_shape=None)
-    res = cli("predict", unsaid, good)
-    assert res.stderr == (f"Error: {unsaid} does not say what size of image it was trained on (no image_shape in its "
-                          "meta record; 784 inputs, dataset tiny); predict and export work with 28×28 images (MNIST's "
-                          "form): use a network trained on a 28×28 dataset\n")
+    for args in (["predict", unsaid, good], ["export", unsaid, "--format", "onnx"],
+                 ["export", unsaid, "--format", "html"]):
+        res = cli(*args)
+        assert res.stderr == (f"Error: {unsaid} does not say what size of image it was trained on (no image_shape in "
+                              "its meta record; 784 inputs, dataset tiny); predict and export work with 28×28 images "
+                              "(MNIST's form): use a network trained on a 28×28 dataset\n"), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.npz", "good.png"]  # nothing exported
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -876,7 +879,7 @@ def test_any_figures_in_a_report_give_strict_json_in_the_page_and_the_onnx_metad
     report = {"split": "test", "checkpoint_name": "best", "checkpoint": str(best), "images": 10, "task": "x",
               "epoch": cp.epoch, "accuracy": accuracy, "threshold": threshold, "most_confident_errors": []}
     (copy / "eval-test-best.json").write_text(json.dumps(report))
-    info = ex.describe(cp)
+    info = ex.metadata(cp)
     shown = info["test_accuracy"]
     in_range = (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1
                 and isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1)

@@ -59,7 +59,7 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json", "eval-test-best.json", ".lock"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json", "eval-test-best.json", ".lock", "config.toml"])
 def test_a_fifo_in_place_of_a_run_file_never_blocks_a_command(trained, tmp_path, name):
     _, run, data = trained
     run = copy_of(run, tmp_path)
@@ -142,7 +142,9 @@ def test_weights_that_overflow_by_an_epochs_end_stop_with_advice_and_no_nan_reco
               tmp_path / "d")
     line = one_line(res.stderr.splitlines()[-1])
     assert line.startswith("Error: the weights overflowed by the end of epoch 1")
-    assert "start a new run with a smaller one (--resume cannot change it)" in line
+    assert ("train.learning_rate = 1e+36 is too large for sgd at batches of 100000 (the step grows with the batch, "
+            "since the LL is a sum): start a new run with a smaller one, such as 0.05, sgd's own rate (--resume cannot "
+            "change it)") in line
     for text in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
     rows = json.loads(cli("runs", tmp_path, "--json").stdout)
@@ -533,9 +535,9 @@ def test_a_pipe_in_place_of_a_checkpoint_is_named_as_such(trained, tmp_path):
 def test_a_run_whose_checkpoints_cannot_fit_on_its_disk_is_refused_before_it_starts(tiny_config, tmp_path,
                                                                                        monkeypatch):
     from mlecli.run import train as training
-    from mlecli.safe import memory
+    from mlecli.safe import resources
 
-    size = memory.checkpoint_bytes((4,), "float32", 28 * 28, 0)
+    size = resources.checkpoint_bytes((4,), "float32", 28 * 28, 0)
     monkeypatch.setattr(training, "free_space", lambda folder: 8 * size)  # room for 6 epoch checkpoints
     cfg = tiny_config(model={"hidden": [4]}, train={"epochs": 12})
     res = CliRunner().invoke(main, ["train", str(cfg), "--run-dir", str(tmp_path / "r"), "--data-dir",

@@ -6,6 +6,7 @@ kind rather than the one that was reported."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from PIL import Image
 from mlecli.cli import main
 from mlecli.data.cache import dataset_dir, ensure_dataset
 from mlecli.data.datasets import MNIST_FILES
+from mlecli.safe.files import Refused, hash_file, read_pieces, read_regular
 
 KMSG = Path("/proc/kmsg")
 TRAIN_LABELS = MNIST_FILES["train-labels"]
@@ -157,3 +159,62 @@ def test_a_kernel_file_among_predicts_inputs_is_one_line_and_the_others_are_pred
     assert [x.split()[0] for x in res.stdout.splitlines()] == [f"{scans}/1.png", f"{scans}/3.png"]
     errors = [x for x in res.stderr.splitlines() if x.startswith("Error: ")]
     assert len(errors) == 2 and all("a kernel file (/proc/kmsg)" in e for e in errors), res.stderr
+
+
+# ---------------------------------------------------------------------------
+# The one reader every file read back whole goes through (safe/files.py)
+
+
+@pytest.mark.parametrize("make, what", [
+    ("fifo", "not a regular file"),  # opening it to read would wait for a writer forever
+    ("dev-zero-link", "not a regular file"),  # reading it would never end
+    ("folder", "not a regular file"),
+    ("proc-version-link", "a kernel file (/proc/version), not a file of data"),  # its size says nothing
+])
+def test_the_reader_refuses_what_is_not_a_regular_file_of_data_before_reading_a_byte(tmp_path, make, what):
+    path = tmp_path / "file"
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "dev-zero-link":
+        path.symlink_to("/dev/zero")
+    elif make == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to("/proc/version")
+    with pytest.raises(Refused) as err:
+        next(read_pieces(path, None))
+    assert (err.value.errno, err.value.strerror, err.value.filename) == (errno.EINVAL, what, str(path))
+    assert hash_file(path) is None
+
+
+def test_the_reader_refuses_a_file_over_its_limit_by_its_size_and_reads_one_at_the_limit(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 1001)
+    with pytest.raises(Refused) as err:
+        read_regular(path, 1000)
+    assert (err.value.errno, err.value.strerror, err.value.size) == (errno.EFBIG, "larger than 1,000 bytes", 1001)
+    assert read_regular(path, 1001) == b"x" * 1001
+
+
+def test_the_reader_refuses_an_empty_file_only_where_asked(tmp_path):
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    assert read_regular(path, 10) == b""
+    with pytest.raises(Refused) as err:
+        read_regular(path, 10, refuse_empty=True)
+    assert (err.value.errno, err.value.strerror) == (
+        errno.ENODATA, "a size of 0 (an empty file, or one the kernel makes up, as in /proc); not read")
+
+
+def test_the_reader_gives_the_bytes_in_pieces_of_the_size_asked(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(bytes(range(250)))
+    assert [len(p) for p in read_pieces(path, None, chunk=100)] == [100, 100, 50]
+    assert b"".join(read_pieces(path, None, chunk=100)) == bytes(range(250))
+
+
+def test_a_file_is_hashed_as_its_sha256_and_size(tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"abc")
+    assert hash_file(path) == ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", 3)
+    assert hash_file(tmp_path / "missing") is None

@@ -1,9 +1,11 @@
 """Every figure of `mlecli evaluate` against values worked out by hand."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
+from fakes import exactly_positive
 
 from mlecli.nn import metrics as M
 
@@ -26,8 +28,38 @@ def test_confusion_precision_recall_f1_by_hand():
 
 
 def test_threshold_is_inclusive():
-    assert M.predictions(np.array([0.49, 0.5, 0.51]), 0.5).tolist() == [0, 1, 1]
-    assert M.predictions(np.array([0.49, 0.5, 0.51]), 0.9).tolist() == [0, 0, 0]
+    # σ(z) ≥ ½ ⇔ z ≥ 0: a logit of exactly 0 (either sign) is positive, the tiniest negative one is not
+    z = np.array([-5e-324, -0.0, 0.0, 5e-324, -1e-30, 1e-30])
+    assert M.predictions(z, 0.5).tolist() == [0, 1, 1, 1, 0, 1]
+    assert M.predictions(np.array([2.19, 2.1972245773362196, 2.1972245773362200, 2.2]), 0.9).tolist() == [0, 0, 1, 1]
+
+
+def test_the_logit_bound_is_the_smallest_float_whose_sigmoid_reaches_the_threshold():
+    rng = np.random.default_rng(7)
+    thresholds = [0.5, 0.3, 0.9, 0.99, 1e-3, 1e-300, 5e-324, 1 - 2**-53, 0.5 + 2**-53, 0.5 - 2**-54,
+                  0.5 + 3e-9, 0.8807970779778823, *rng.random(200).tolist()]
+    for t in thresholds:
+        bound = M.logit_bound(t)
+        assert exactly_positive(bound, t) and not exactly_positive(math.nextafter(bound, -math.inf), t), t
+    assert M.logit_bound(0.5) == 0.0
+
+
+def test_float32_logits_are_decided_exactly_near_every_threshold():
+    # the float32 logits on either side of logit(t): σ rounded to float32 (or float64) says
+    # "≥ t" for some of those below; the rule never does
+    for t in (0.5, 0.3, 0.9, 0.999, 0.5 + 3e-9, 1e-6):
+        centre = np.float32(math.log(t / (1 - t)))
+        z = [centre]
+        for _ in range(6):
+            z = [np.nextafter(z[0], np.float32(-np.inf)), *z, np.nextafter(z[-1], np.float32(np.inf))]
+        z = np.array(z, np.float32)
+        assert M.decide(z, t).tolist() == [exactly_positive(float(v), t) for v in z], t
+
+
+def test_a_threshold_outside_0_and_1_has_no_bound():
+    for t in (0.0, 1.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            M.logit_bound(t)
 
 
 def test_auc_with_ties_by_hand():

@@ -229,11 +229,49 @@ def test_show_draws_the_images_the_network_saw_with_their_y_hat(run, model, tmp_
     assert res.exit_code == 0 and res.stderr == f"wrote {out} (12 images)\n"
     sheet = np.asarray(Image.open(out))
     prepared = model.prepare(digits)
-    cell_w, cell_h = 28 * 3 + 16, 28 * 3 + 44
+    cell_w, cell_h = 28 * 5 + 16, 28 * 5 + 16 + 5 * 16 + 4  # 140-pixel images, five caption lines under each
     assert sheet.shape == (2 * cell_h, 10 * cell_w)
     for k in range(12):
-        y, x = (k // 10) * cell_h + 4, (k % 10) * cell_w + 8
-        np.testing.assert_array_equal(sheet[y : y + 84 : 3, x : x + 84 : 3], prepared[k])
+        y, x = (k // 10) * cell_h + 8, (k % 10) * cell_w + 8
+        np.testing.assert_array_equal(sheet[y : y + 140 : 5, x : x + 140 : 5], prepared[k])  # 5×5 blocks
+        written = [(sheet[top : top + 16, x : x + 148] < 128).any() for top in range(y + 144, y + 144 + 80, 16)]
+        assert written == [True, True, True, False, False], k  # the name, "odd (1,3,5,7,9)", ŷ: a line each
+
+
+def test_show_captions_give_the_name_the_decision_in_words_and_y_hat_wrapped_then_shortened_from_the_right():
+    from mlecli.use.sheet import caption
+
+    def fits(text):
+        return len(text) <= 20
+
+    assert caption("seven.png", 0.99717, "odd (1,3,5,7,9)", fits) == ["seven.png", "odd (1,3,5,7,9)", "ŷ 0.9972"]
+    assert caption("t10k-images-idx3-ubyte.gz[9999]", 0.0031, "even (0,2,4,6,8)", fits) == [
+        "t10k-images-idx3-", "ubyte.gz[9999]", "even (0,2,4,6,8)", "ŷ 0.0031"]  # two lines, cut after a "-"
+    assert caption("scans/a-scan-whose-name-goes-on-and-on.png", 0.5, "4", fits) == [
+        "a-scan-whose-name-", "goes-on-and-on.png", "4", "ŷ 0.5000"]  # its own name: the folder is in the table
+    assert caption("archive/x" * 3 + "abcdefghijklmnopqrstuvwxyz0123456789.npy[12]", 0.5, "4", fits) == [
+        "xabcdefghijklmnopqrs", "tuvwxyz01234567…[12]", "4", "ŷ 0.5000"]  # no place to break: where it is full
+    assert caption("boot.png", 0.99991, "Trouser, Dress, Sandal, Sneaker, Ankle boot", fits) == [
+        "boot.png", "Trouser, Dress,", "Sandal, Sneaker, An…", "ŷ 0.9999"]
+    assert caption("scan.png", 0.25, "not 4 (0,1,2,3,5,6,7,8,9)", fits) == [
+        "scan.png", "not 4", "(0,1,2,3,5,6,7,8,9)", "ŷ 0.2500"]
+    assert caption("a.png", 0.5, "Pullover-and-a-very-long-class", fits) == ["a.png", "Pullover-and-a-very…", "ŷ 0.5000"]
+
+
+def test_show_says_the_decision_the_table_says_at_the_threshold(run, tmp_path):
+    from mlecli.use import sheet
+
+    words = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sheet, "caption", lambda label, p, word, fits: words.append(word) or [label])
+    try:
+        digits, _ = make_digits(12, seed=2)
+        np.save(tmp_path / "d.npy", digits)
+        res = cli("predict", run, tmp_path / "d.npy", "--show", tmp_path / "seen.png", "--threshold", "0.4")
+    finally:
+        monkey.undo()
+    assert res.exit_code == 0
+    assert words == [line.split("  ")[-1] for line in res.stdout.splitlines()]
 
 
 # ---------------------------------------------------------------------------

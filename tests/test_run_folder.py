@@ -226,10 +226,22 @@ def test_a_signal_while_the_data_is_fetched_stops_before_any_run_is_written(tiny
         server.requests.clear()
 
 
+def test_a_folders_lock_is_seen_held_with_its_holder_only_while_it_is_held(tmp_path):
+    from mlecli.safe.locks import Holder, folder_lock, holder_of, is_locked
+
+    folder = tmp_path / "f"
+    assert (is_locked(folder), holder_of(folder)) == (False, None)  # no folder, no lock file
+    with folder_lock(folder, wait=False, what="f"):
+        assert is_locked(folder) is True
+        assert holder_of(folder) in (Holder(os.getpid(), False), Holder(None, False))  # None: /proc/locks hidden
+    assert (folder / ".lock").exists()
+    assert (is_locked(folder), holder_of(folder)) == (False, None)
+
+
 def test_a_lock_removed_by_its_holder_is_taken_anew_by_whoever_waited(tmp_path):
     import threading
 
-    from mlecli.safe.files import folder_lock
+    from mlecli.safe.locks import folder_lock
 
     folder = tmp_path / "f"
     got = {}

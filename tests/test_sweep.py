@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mlecli.cli import main
 from mlecli.run.config import toml_value
 from mlecli.safe.errors import ConfigError
-from mlecli.safe.files import folder_lock
+from mlecli.safe.locks import folder_lock
 from mlecli.sweep import grid
 
 RUNS = ["learning_rate=0.05,seed=0", "learning_rate=0.1,seed=0",  # in start order
@@ -264,6 +264,15 @@ def test_the_table_gives_mean_and_standard_deviation_over_seeds_per_grid_point(s
     winner = max(best, key=best.get)
     assert [line.startswith(winner + " ") for line in lines if line.endswith("<- best")] == [True]
     assert lines[-2:] == [f"plot:     mlecli plot {ref}", f"runs:     mlecli runs {ref}"]
+
+
+def test_quiet_prints_the_table_alone(setup):
+    cfg, data, ref, first = setup
+    res = cli("sweep", cfg, *GRID, "--sweep-dir", ref, "--data-dir", data, "-q")
+    assert res.exit_code == 0, res.output
+    table = first.stdout.splitlines()[:4]  # the header, its rule and the two grid points
+    assert [line.split()[0] for line in table] == ["train.learning_rate", "-------------------", "0.05", "0.1"]
+    assert (res.stdout, res.stderr) == ("\n".join(table) + "\n", "")  # no note, no plot: and runs: lines
 
 
 def test_json_gives_every_run_and_every_grid_point(setup):
@@ -630,7 +639,7 @@ def test_a_kept_split_is_read_again_once_its_cache_file_changes(tiny_config, tmp
     from mlecli.run.config import load
 
     dataset = load(tiny_config()).data.resolve()
-    cache.prepare(dataset, tmp_path)
+    cache.ensure_splits(dataset, tmp_path)
     with cache.keep_loaded():
         first = cache.load_split(dataset, tmp_path, "train")
         assert cache.load_split(dataset, tmp_path, "train") is first
@@ -640,3 +649,72 @@ def test_a_kept_split_is_read_again_once_its_cache_file_changes(tiny_config, tmp
         again = cache.load_split(dataset, tmp_path, "train")
         assert again is not first and np.array_equal(again.images, first.images)
     assert cache.load_split(dataset, tmp_path, "train").images.flags.writeable
+
+
+# ---------------------------------------------------------------------------
+# A sweep over tasks: each task's best, each task's baseline
+
+
+@pytest.fixture(scope="module")
+def over_tasks(tmp_path_factory, tiny, tiny_folder):
+    """Two tasks (0 vs the rest, 1 vs the rest) x two learning rates, one seed."""
+    root = tmp_path_factory.mktemp("tasks")
+    cfg = tiny.write_config(root / "tiny.toml", tiny_folder, "validation = 0.2\n[task]\nnegative = \"rest\"\n"
+                            "[model]\nhidden = [4]\n[train]\nepochs = 2\nbatch_size = 16\n")
+    res = cli("sweep", cfg, "--grid", "task.positive=[0],[1]", "--grid", "train.learning_rate=0.01,0.1", "--seeds",
+              "0", "--sweep-dir", root / "sw", "--data-dir", root / "data", "--jobs", 2)
+    assert res.exit_code == 0, res.output
+    return root / "sw", root / "data", res
+
+
+def test_a_sweep_over_tasks_marks_the_best_of_each_task_and_shows_each_task_s_majority_baseline(over_tasks):
+    sw, data, res = over_tasks
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["task.positive", "train.learning_rate", "runs", "best", "val", "LL", "best", "val",
+                                "acc", "majority", "test", "acc"]
+    rows = {(line.split()[0], line.split()[1]): line for line in lines[2:6]}
+    for positive in ("[0]", "[1]"):
+        runs = {lr: sw / f"positive={positive[1]},learning_rate={lr},seed=0" for lr in ("0.01", "0.1")}
+        val_ll = {lr: max(m["val_ll_mean"] for m in epochs_of(run)) for lr, run in runs.items()}
+        for lr, run in runs.items():
+            report = json.loads(cli("evaluate", run, "--split", "validation", "--data-dir", data, "--json").stdout)
+            cells = rows[positive, lr].split()
+            assert cells[5] == f"{100 * report['majority_baseline']:.2f}%"  # what evaluate says of the same images
+            best = lr == max(val_ll, key=val_ll.get)
+            assert rows[positive, lr].endswith("  <- best of its task") == best, (positive, lr)
+    assert lines[6:8] == [
+        "runs: finished/all; seed 0: each run's best epoch (by validation LL); test acc: that epoch's checkpoint",
+        "majority: the share of the task's larger class among its validation images, the accuracy of always "
+        "answering it; the best is marked within each task, never across tasks"]
+    assert "±" not in res.stdout  # one seed: no spread to show
+
+
+def test_compare_png_marks_the_best_of_each_task_as_the_table_does(over_tasks):
+    from mlecli.sweep.compare import collect, figure
+    from mlecli.use.plot import pyplot
+
+    sw, _, res = over_tasks
+    marked = {tuple(line.split()[:2]) for line in res.stdout.splitlines() if line.endswith("<- best of its task")}
+    groups, _ = collect([sw])
+    assert {tuple(g.label.replace("positive=", "").replace("learning_rate=", "").split(", ")) for g in groups
+            if g.best} == marked
+    fig = figure(pyplot(), groups, "tasks")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [g.label + ("  ← best of its task" if g.best else "") for g in groups]
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5, 7, 31])
+@pytest.mark.parametrize("positive, negative", [([0], "rest"), ([1, 3], [2]), ([1, 3, 5, 7, 9], [0, 2, 4, 6, 8])])
+def test_the_majority_baseline_is_that_of_the_validation_images_the_run_holds_out(tiny, tiny_config, share, positive,
+                                                                                  negative):
+    from mlecli.data.splits import Split
+    from mlecli.run import config
+    from mlecli.run.task import build_task
+    from mlecli.sweep.compare import validation_majority
+
+    cfg = config.load(tiny_config(data={"validation": share}, task={"positive": positive, "negative": negative}))
+    splits = {name: Split(tiny.arrays[f"{name}-images"], tiny.arrays[f"{name}-labels"], {})
+              for name in ("train", "test")}
+    for seed in (0, 5):  # the hold-out's counts of each digit do not depend on the seed
+        y = build_task(cfg, splits, np.random.default_rng(seed)).validation.y
+        assert validation_majority(cfg, tiny.arrays["train-labels"]) == max(y.sum(), len(y) - y.sum()) / len(y)

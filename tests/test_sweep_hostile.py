@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from mlecli.cli import main
 from mlecli.nn import blas
-from mlecli.safe.files import folder_lock
+from mlecli.safe.locks import folder_lock
 from mlecli.sweep import grid, workers
 from mlecli.sweep.compare import best_point, collect, summary
 from mlecli.sweep.runs import _equal
@@ -587,7 +587,7 @@ def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_sa
     from mlecli.run import evaluate as ev
     from mlecli.run import train as training
     from mlecli.run.rundir import read_manifest
-    from mlecli.sweep.runs import describe
+    from mlecli.sweep.runs import run_row
 
     cfg_path, data, _ = done
     if moment == "fetching its data":  # before its training began: the trainer's own Stopped
@@ -608,7 +608,7 @@ def test_a_signal_at_any_moment_of_a_worker_s_run_gives_the_status_its_folder_sa
         assert (result, run.exists()) == (workers.Result("not started"), False)
     else:
         expected = "interrupted" if moment in ("epoch 1 ends", "epoch 2 ends") else "finished"
-        assert (result.status, describe(run)["status"], read_manifest(run)["ended"]["status"]) == (expected,) * 3
+        assert (result.status, run_row(run)["status"], read_manifest(run)["ended"]["status"]) == (expected,) * 3
     assert "internal error" not in capfd.readouterr().err
 
 

@@ -6,7 +6,7 @@ import pytest
 from mlecli.data.cache import Split
 from mlecli.nn.pixels import pixels
 from mlecli.run.config import load
-from mlecli.run.task import build_task, validation_counts
+from mlecli.run.task import build_task, class_words, short_word, validation_counts
 from mlecli.safe.errors import ConfigError
 
 
@@ -78,3 +78,31 @@ def test_pixels_are_scaled_exactly():
     # correctly rounded in float32 itself, not rounded twice through float64
     assert pixels(images, np.float32)[0, 1] == np.float32(1) / np.float32(255)
     assert pixels(images[:0], np.float32).shape == (0, 4)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ((), ("even (0,2,4,6,8)", "odd (1,3,5,7,9)")),
+    (("task.positive=[4]", "task.negative=[9]"), ("9", "4")),
+    (("task.positive=[4]", "task.negative='rest'"), ("not 4 (0,1,2,3,5,6,7,8,9)", "4")),
+    (("data.dataset='fashion-mnist'",), ("T-shirt/top, Pullover, Coat, Shirt, Bag",
+                                          "Trouser, Dress, Sandal, Sneaker, Ankle boot")),
+    (("data.dataset='fashion-mnist'", "task.positive=[9]", "task.negative='rest'"),
+     ("not Ankle boot (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag)", "Ankle boot")),
+])
+def test_class_words_name_the_classes_in_the_task_s_own_words(overrides, words):
+    assert class_words(load(None, list(overrides))) == words
+
+
+@pytest.mark.parametrize("word, width, short", [
+    ("odd (1,3,5,7,9)", 24, "odd (1,3,5,7,9)"),  # fits: itself
+    ("odd (1,3,5,7,9)", 10, "odd"),  # the name without its digits
+    ("not 4 (0,1,2,3,5,6,7,8,9)", 24, "not 4"),
+    ("Trouser, Dress, Sandal, Sneaker, Ankle boot", 24, "Trouser, Dress, …"),  # as many names as fit
+    ("T-shirt/top, Pullover, Coat, Shirt, Bag", 24, "T-shirt/top, Pullover, …"),
+    ("T-shirt/top, Pullover, Coat, Shirt, Bag", 20, "T-shirt/top, …"),
+    ("not Ankle boot (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag)", 24,
+     "not Ankle boot"),
+    ("Pullover-and-a-very-long-class", 12, "Pullover-an…"),  # one long name: its start
+])
+def test_a_short_class_word_is_still_the_class_in_words(word, width, short):
+    assert short_word(word, width) == short and len(short) <= width

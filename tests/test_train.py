@@ -199,8 +199,9 @@ def test_a_non_finite_likelihood_stops_with_advice_and_keeps_the_last_good_check
     error = res.stderr.splitlines()[-1]
     assert error.startswith("Error: the log-likelihood became nan at epoch 1, batch 2: train.learning_rate = 1e+38 ")
     assert error.endswith(
-        "is too large (for batches of 16: the step grows with the batch, since the LL is a sum): start a new run "
-        f"with a smaller one (--resume cannot change it). The last good checkpoint is {run / 'checkpoints' / 'last.npz'}"
+        "is too large for sgd at batches of 16 (the step grows with the batch, since the LL is a sum): start a new run "
+        "with a smaller one, such as 0.05, sgd's own rate (--resume cannot change it). The last good checkpoint is "
+        f"{run / 'checkpoints' / 'last.npz'}"
     )
     assert "Warning" not in res.stderr  # the overflow is reported once, in words
     last = ckpt.load(run / "checkpoints" / "last.npz")

@@ -21,7 +21,7 @@ from mlecli.nn.model import log_prior
 from mlecli.run import checkpoint as ckpt
 from mlecli.run import train as training
 from mlecli.run.config import toml_value
-from mlecli.sweep.runs import describe
+from mlecli.sweep.runs import run_row
 
 # Each variant uses every feature at least once; together they cover each rule, schedule,
 # the prior (weights, weights and biases), the plateau and shifts.
@@ -146,7 +146,7 @@ def test_early_stopping_ends_the_run_as_finished_and_says_so(noisy_config, tmp_p
         "epoch": stopped, "best_epoch": best, "patience": 2}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.npz", f"epoch-{stopped:04d}.npz", "last.npz"]
     assert ckpt.load(run / "checkpoints" / "best.npz").epoch == best
-    row = describe(run)
+    row = run_row(run)
     assert row["status"] == "finished" and row["note"] == (
         f"stopped early after epoch {stopped}: no better validation LL since epoch {best}")
     res = CliRunner().invoke(main, ["runs", str(tmp_path)])
@@ -167,9 +167,10 @@ def test_a_diverging_run_stops_with_advice_to_start_again_with_a_smaller_rate(ti
     assert epoch < 20
     assert error.startswith(f"Error: the run diverged: for 2 epochs in a row (to epoch {epoch}) it did no better than "
                             "predicting the training base rate for every image (validation LL ")
-    assert "train.learning_rate = 5 is too large (for batches of 16: the " \
-           "step grows with the batch, since the LL is a sum): start a new run with a smaller one (--resume cannot " \
-           f"change it). Its best checkpoint is {run / 'checkpoints' / 'best.npz'}" in error
+    assert error.endswith(
+        "train.learning_rate = 5 is too large for sgd at batches of 16 (the step grows with the batch, since the LL is "
+        "a sum): start a new run with a smaller one, such as 0.05, sgd's own rate (--resume cannot change it). Its best "
+        f"checkpoint is {run / 'checkpoints' / 'best.npz'}")
     base = np.log(0.5)  # the tiny data's training digits are about half odd
     assert all(m["val_ll_mean"] < 1.1 * base and m["val_acc"] < 0.6 for m in lines[-2:])
     manifest = json.loads((run / "manifest.json").read_text())
@@ -187,6 +188,21 @@ def test_resume_cannot_stretch_a_cosine_schedule(tiny_config, tmp_path):
         "over the 2 epochs configured, so the learning rates already used would change; start a new run with the "
         "epochs you want\n"
     )
+
+
+def test_another_rule_by_set_trains_at_its_own_rate_and_the_run_records_it(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    res = train_cli(tiny_config(train={"epochs": 1}), "--set", "train.optimizer=adam", "--run-dir", run,
+                    data_dir=tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[0] == (
+        f"note: train.optimizer = 'adam' trains at adam's own learning rate, 0.001: train.learning_rate = 0.05 in the "
+        f"config {tmp_path / 'tiny-run.toml'} is for sgd (set train.learning_rate to choose another)")
+    assert "\nlearning_rate = 0.001\n" in (run / "config.toml").read_text()
+    for name in ("last.npz", "epoch-0001.npz", "best.npz"):
+        cfg = ckpt.load(run / "checkpoints" / name).config
+        assert (cfg.train.optimizer, cfg.train.learning_rate) == ("adam", 0.001)
+    assert metrics(run)[0]["lr"] == 0.001
 
 
 def test_a_checkpoint_whose_update_rule_state_is_missing_is_refused(tiny_config, tmp_path):
@@ -224,7 +240,7 @@ def test_a_run_that_diverged_diverges_again_when_resumed_however_many_epochs(tin
         assert res.exit_code == 1, res.output
         assert res.stderr.splitlines()[-1].startswith(
             f"Error: the run diverged by epoch {epoch} (it did no better than predicting the training base rate for "
-            "every image, 2 epochs in a row): train.learning_rate = 5 is too large")
+            "every image, 2 epochs in a row): train.learning_rate = 5 is too large for sgd at batches of 16 (")
         assert json.loads((run / "manifest.json").read_text())["ended"]["status"] == "failed"
         assert metrics(run)[-1]["epoch"] == epoch  # nothing more was trained
 

@@ -47,16 +47,16 @@ import numpy as np
 
 from mlecli.data import splits as npz_splits
 from mlecli.data.datasets import BUILTIN, ROLES, SPLITS, Dataset, is_builtin
-from mlecli.data.download import Expected, fetch_file, hash_file, meta_path, mirror_location
+from mlecli.data.download import Expected, fetch_file, meta_path, mirror_location
 from mlecli.data.http import DEFAULT_POLICY, HttpPolicy, new_session
 from mlecli.data.idx import MAX_DECOMPRESSED, MAX_HEADER, IdxHeader, read_header
 from mlecli.data.splits import MAX_SIDE, Split, Unusable, split_hashes
 from mlecli.safe.errors import DataError, DownloadError, MlecliError
 from mlecli.safe.files import (
     atomic_write_text,
-    describe_os_error,
-    folder_lock,
+    cannot_write,
     fsync_dir,
+    hash_file,
     is_temporary_name,
     open_own_folder,
     open_regular,
@@ -64,10 +64,10 @@ from mlecli.safe.files import (
     remove_own_files,
     remove_stale_temporaries,
 )
-from mlecli.safe.locks import waiting_lock
+from mlecli.safe.locks import folder_lock, waiting_lock
 from mlecli.safe.resources import need_memory, need_space, physical_memory
 
-__all__ = ["Split", "split_hashes", "ensure_dataset", "prepare", "load_split", "keep_loaded", "dataset_dir"]
+__all__ = ["Split", "split_hashes", "ensure_dataset", "ensure_splits", "load_split", "keep_loaded", "dataset_dir"]
 
 CACHE_FORMAT = 2
 RECORD = "record.json"
@@ -79,7 +79,7 @@ STAGED = "staged"
 # copy of the images it chose): indices, labels and targets.
 BYTES_PER_IMAGE = 48
 
-# What prepare() may download when a dataset is not cached (see prepare).
+# What ensure_splits() may download when a dataset is not cached (see ensure_splits).
 DOWNLOAD_ANY = "any"
 DOWNLOAD_BUILTIN = "builtin"
 DOWNLOAD_NEVER = "never"
@@ -618,7 +618,7 @@ def _rename_in(src: Path, dest: Path) -> None:
     try:
         os.replace(src, dest)
     except OSError as exc:
-        raise MlecliError(describe_os_error(exc, dest)) from None
+        raise MlecliError(cannot_write(exc, dest)) from None
 
 
 def _remove_staged(folder: Path, dataset: Dataset) -> None:
@@ -806,7 +806,7 @@ def _stamp(folder: Path, split: str, dataset: Dataset) -> tuple | None:
     return str(folder.resolve()), split, dataset.name, files, stats
 
 
-def prepare(
+def ensure_splits(
     dataset: Dataset,
     data_dir: Path,
     *,

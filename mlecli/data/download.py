@@ -18,6 +18,7 @@ a file that would not fit in memory or on disk before it is downloaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
@@ -41,6 +42,7 @@ from mlecli.data.http import (
     get,
     header_int,
     network_reason,
+    peer_errors,
     retry_after,
     shown,
     shown_header,
@@ -49,7 +51,7 @@ from mlecli.data.http import (
 from mlecli.data.idx import MAX_DECOMPRESSED, IdxDecoder, IdxHeader
 from mlecli.safe import files as fsutil
 from mlecli.safe.errors import DataError, DownloadError, MlecliError
-from mlecli.safe.files import atomic_write, atomic_write_text, describe_os_error
+from mlecli.safe.files import atomic_write, atomic_write_text, cannot_write
 
 CHUNK = 1 << 16
 # A part's meta file holds a URL and two validators of at most 255 bytes each.
@@ -310,50 +312,21 @@ def _looks_like(head: bytes) -> str:
     return ""
 
 
-def hash_file(path: Path) -> tuple[str, int] | None:
-    """(sha256, size) of a regular file, read in pieces; None if it cannot be read."""
-    digest = hashlib.sha256()
-    size = 0
+def _mirror_pieces(path: Path, limit: int | None) -> Iterator[bytes]:
+    """A mirror's file in pieces (files.read_pieces, none of size 0): MirrorFailed for one it refuses or cannot read."""
     try:
-        for piece in read_regular(path, limit=None):
-            digest.update(piece)
-            size += len(piece)
-    except MirrorFailed:
-        return None
-    return digest.hexdigest(), size
-
-
-def read_regular(path: Path, limit: int | None, *, refuse_empty: bool = False) -> Iterator[bytes]:
-    """The bytes of `path` in pieces: at most as many as its size says. MirrorFailed for
-    anything but a regular file (a FIFO, /dev/zero, a folder: never read), a file over
-    `limit` bytes, one of size 0 if `refuse_empty` (never read either: files the kernel
-    makes up, such as /proc/kmsg, are regular files of size 0, and reading some has
-    effects), or one that cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
+        yield from fsutil.read_pieces(path, limit, refuse_empty=True, chunk=CHUNK)
     except OSError as exc:
-        raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MirrorFailed(f"{path} is not a regular file")
-        if limit is not None and st.st_size > limit:
-            raise MirrorFailed(f"{path} has {st.st_size:,} bytes, far more than the file can be ({limit:,} at most)")
-        if refuse_empty and st.st_size == 0:
-            raise MirrorFailed(f"{path} has a size of 0 (an empty file, or one the kernel makes up, as in /proc); "
-                               "not read")
-        left = st.st_size
-        while left > 0:
-            try:
-                piece = os.read(fd, min(CHUNK, left))
-            except OSError as exc:
-                raise MirrorFailed(f"cannot read {path}: {exc.strerror or exc}") from None
-            if not piece:
-                return
-            left -= len(piece)
-            yield piece
-    finally:
-        os.close(fd)
+        raise MirrorFailed(_unreadable(path, exc, limit)) from None
+
+
+def _unreadable(path: Path, exc: OSError, limit: int | None) -> str:
+    """Why a file could not be read, in one line that starts with its name where it was refused unread."""
+    if isinstance(exc, fsutil.Refused):
+        if exc.errno == errno.EFBIG:
+            return f"{path} has {exc.size:,} bytes, far more than the file can be ({limit:,} at most)"
+        return f"{path} {'has' if exc.errno == errno.ENODATA else 'is'} {exc.strerror}"
+    return f"cannot read {path}: {exc.strerror or exc}"
 
 
 def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str]:
@@ -363,7 +336,7 @@ def _fetch_local(folder: Path, expected: Expected, dest: Path) -> tuple[str, str
         path = folder / candidate
         if not (path.exists() or path.is_symlink()):
             continue
-        pieces = read_regular(path, expected.wire_limit, refuse_empty=True)
+        pieces = _mirror_pieces(path, expected.wire_limit)
         return install(dest, pieces, expected, str(path)), str(path)
     raise MirrorFailed(f"neither {expected.name}.gz nor {expected.name} is in {folder}")
 
@@ -406,9 +379,9 @@ def _fetch_url(session, url, candidate, expected, dest, part_dir, clock, progres
 
 def _read_part(part: Path) -> Iterator[bytes]:
     try:
-        yield from read_regular(part, limit=None)
-    except MirrorFailed as exc:  # our own file: the disk, not the mirror
-        raise MlecliError(exc.reason) from None
+        yield from fsutil.read_pieces(part, None, chunk=CHUNK)
+    except OSError as exc:  # our own file: the disk, not the mirror
+        raise MlecliError(_unreadable(part, exc, None)) from None
 
 
 def _own_part_size(part: Path) -> int:
@@ -478,9 +451,7 @@ def _download(session, url: str, part: Path, expected: Expected, clock: Clock, p
                     raise MirrorFailed(
                         f"{reason}; the server asks to wait {reason_wait:.0f} s, more than {policy.max_wait:.0f}"
                     ) from None
-            except (MirrorFailed, MlecliError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever the HTTP stack raises about a peer
+            except peer_errors() as exc:  # a misbehaving peer or network; anything else is a bug, and propagates
                 if dog.reason is not None:
                     raise MirrorFailed(dog.reason) from None
                 reason, retry = network_reason(exc, policy)
@@ -499,7 +470,7 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
         part.parent.mkdir(parents=True, exist_ok=True)
         offset = _own_part_size(part)
     except OSError as exc:
-        raise MlecliError(describe_os_error(exc, part)) from None
+        raise MlecliError(cannot_write(exc, part)) from None
     unchanged_since = validator(meta.get("etag")) or validator(meta.get("last_modified"))
     # An unpinned file's part continues only the same version of the file: without a validator
     # to send in If-Range, nothing would tell if the rest is of another (a pinned file's hash does).
@@ -527,7 +498,8 @@ def _attempt(session, url: str, part: Path, expected: Expected, clock: Clock, do
             raise MirrorFailed(f"HTTP {status}")
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("identity", "gzip", "x-gzip", ""):
-            raise MirrorFailed(f"the server sent Content-Encoding {shown_header(encoding)}, which mlecli did not ask for")
+            raise MirrorFailed(f"the server sent Content-Encoding {shown_header(encoding)}, which mlecli did not "
+                               "ask for")
         chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
         length_header = None if chunked else resp.headers.get("Content-Length")
         length = header_int(length_header)
@@ -618,7 +590,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
         f = fsutil.open_own(part, append=bool(offset))
     except OSError as exc:
         discard(part)
-        raise MlecliError(describe_os_error(exc, part)) from None
+        raise MlecliError(cannot_write(exc, part)) from None
     read = getattr(resp.raw, "read1", None) or resp.raw.read
     written = offset
     with f, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -638,7 +610,7 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
             except OSError as exc:
                 f.close()
                 discard(part)
-                raise MlecliError(describe_os_error(exc, part)) from None
+                raise MlecliError(cannot_write(exc, part)) from None
             bar.update(len(data))
         # No fsync: a part is only ever read back to be verified, and one damaged by a
         # power cut fails that and is downloaded again whole.
@@ -646,14 +618,15 @@ def _write_part(resp, part: Path, offset: int, total: int | None, expected: Expe
             f.flush()
         except OSError as exc:
             discard(part)
-            raise MlecliError(describe_os_error(exc, part)) from None
+            raise MlecliError(cannot_write(exc, part)) from None
 
 
 def _bound(header: IdxHeader, expected: Expected, clock: Clock, url: str, total: int | None, before: int) -> int:
     """Once the header is known: check it, and return the most bytes the body may have."""
     if expected.size is not None and header.total_len != expected.size:
         raise MirrorFailed(
-            f"its IDX header declares {header.describe()} ({header.total_len:,} bytes), expected {expected.size:,} bytes"
+            f"its IDX header declares {header.describe()} ({header.total_len:,} bytes), "
+            f"expected {expected.size:,} bytes"
         )
     limit = wire_bound(header.total_len)
     if total is not None and total > limit:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import os
 import re
 import socket
@@ -72,6 +73,10 @@ class MirrorFailed(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class UnreadableAnswer(Exception):
+    """requests failed on a peer's answer (or the environment's proxy) with a type not its own (see get)."""
 
 
 class Retryable(Exception):
@@ -305,8 +310,28 @@ class Watchdog:
 HOST_NOT_FOUND = "host name not found"
 
 
-def network_reason(exc: Exception, policy: HttpPolicy) -> tuple[str, bool]:
-    """Why an attempt failed, for the user, and whether another attempt may help."""
+@functools.cache
+def peer_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP stack raises about a peer, or the network on the way to it: a mirror's
+    failure, said in one line by network_reason. Anything else raised while downloading (a
+    NameError, a TypeError, a module that is missing) is a bug and must propagate."""
+    import http.client  # lazy: only when something is downloaded (requests loads it too, and ssl with it)
+
+    import requests  # lazy: requests (120 ms) only when something is downloaded
+    import urllib3  # lazy: requests (120 ms) only when something is downloaded
+
+    return (
+        requests.RequestException,  # what requests wraps: ConnectionError, Timeout, ChunkedEncodingError…
+        urllib3.exceptions.HTTPError,  # what reading the body raises: ProtocolError, ReadTimeoutError, IncompleteRead…
+        http.client.HTTPException,  # an answer http.client cannot parse: LineTooLong, BadStatusLine, IncompleteRead…
+        OSError,  # the socket: refused, reset, timed out, shut down by the watchdog; ssl.SSLError is one
+        UnicodeError,  # a host name the IDNA codec refuses (a label of more than 63 letters)
+        UnreadableAnswer,  # ValueError, RuntimeError, OverflowError of requests' own, as get() says
+    )
+
+
+def network_reason(exc: BaseException, policy: HttpPolicy) -> tuple[str, bool]:
+    """Why an attempt failed with one of peer_errors(), for the user, and whether another attempt may help."""
     import requests  # lazy: requests (120 ms) only when something is downloaded
 
     names = set()
@@ -430,10 +455,18 @@ def _redirect(url: str, location: str | None, hops: int, policy: HttpPolicy) -> 
 def get(session, url: str, headers: dict, policy: HttpPolicy):
     """GET `url`, following at most `policy.max_redirects` redirects to http(s) URLs."""
     for hops in range(policy.max_redirects + 1):
-        resp = session.get(
-            url, headers=headers, stream=True, allow_redirects=False,
-            timeout=(policy.connect_timeout, policy.read_timeout),
-        )
+        try:
+            resp = session.get(
+                url, headers=headers, stream=True, allow_redirects=False,
+                timeout=(policy.connect_timeout, policy.read_timeout),
+            )
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            # Even when it is not to follow a redirect, requests reads the answer to one ahead (to
+            # prepare the next request): a Location that urlsplit refuses raises ValueError, a body cut
+            # short RuntimeError (urllib3 refuses the raw read requests retries with), a Content-Length
+            # of 40 digits OverflowError (http.client). And a proxy the environment names that urllib3
+            # cannot use is ProxySchemeUnsupported, a ValueError. The peer's or the network's, not ours.
+            raise UnreadableAnswer("requests could not use the answer") from exc
         if resp.status_code not in (301, 302, 303, 307, 308):
             return resp
         location = resp.headers.get("Location")

@@ -8,7 +8,7 @@ already loaded and calls its cblas_?gemm through ctypes, the way scipy.linalg.bl
 does, with the arguments of each product converted once. A self-test against numpy
 runs once; if the library, a symbol or the test is missing, or MLECLI_BLAS=numpy is set,
 the bound calls are numpy's, with the same results up to rounding. Which one runs is
-reported by `describe()`.
+named by `backend()`.
 
 How a product is written where it is used: as the formula it computes,
 
@@ -187,7 +187,8 @@ def _cblas() -> _Cblas | None:
     return _CBLAS  # type: ignore[return-value]
 
 
-def describe() -> str:
+def backend() -> str:
+    """Which GEMM `bind` gives: the BLAS through ctypes (its library's name), or numpy's fallback."""
     c = _cblas()
     return f"cblas via ctypes ({os.path.basename(c.path)})" if c else "numpy.matmul (fallback)"
 

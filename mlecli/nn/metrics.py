@@ -4,9 +4,18 @@
 P(Y=1 | x). Rankings use z, which keeps its order where σ(z) rounds to 0 or 1.
 A figure that is undefined (a precision with no predicted positives, an AUC with one
 class only) is None.
+
+The decision at a threshold t is made here and only here (`decide`), from the logit, exactly:
+y = 1 where σ(z) ≥ t as real numbers, that is where z ≥ logit(t) = log(t / (1 − t)). A ŷ
+rounded to a float cannot make it: in float32, σ(z) is 0.5 for every |z| < 3e-8 and a
+threshold is itself rounded; in float64, for every |z| < 1e-16. Every command, the Python
+API and the exported page decide with it (the page by the bound `logit_bound` gives).
 """
 
 from __future__ import annotations
+
+import decimal
+import math
 
 import numpy as np
 
@@ -18,9 +27,37 @@ def total_log_likelihood(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(log_likelihood_terms(z, y.astype(z.dtype)), dtype=np.float64))
 
 
-def predictions(p: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """1 where ŷ ≥ threshold."""
-    return (p >= threshold).astype(np.uint8)
+# Digits for logit(t): far more than any float64 z can come near logit(t) without equalling
+# it (it equals a float only at t = ½, where it is 0: e^z is irrational for any other float z).
+_DIGITS = 100
+
+
+def logit_bound(threshold: float) -> float:
+    """The smallest float64 z with σ(z) ≥ threshold in exact arithmetic: for any float z
+    (float32 or float64), σ(z) ≥ threshold ⇔ z ≥ logit_bound(threshold). 0.0 at ½.
+
+    logit(t) = ln(t / (1 − t)) is worked out to 100 digits in decimal (t converts exactly;
+    `Decimal.ln` rounds correctly), then rounded up to a float64."""
+    t = float(threshold)
+    if not 0 < t < 1:
+        raise ValueError(f"a threshold is strictly between 0 and 1, got {threshold!r}")
+    with decimal.localcontext(decimal.Context(prec=_DIGITS)):
+        exact = decimal.Decimal(t)
+        logit = (exact / (1 - exact)).ln()
+        bound = float(logit)  # the nearest float64: at most one step below the smallest one above
+        if decimal.Decimal(bound) < logit:
+            bound = math.nextafter(bound, math.inf)
+    return bound
+
+
+def decide(z: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(n,) bool: y = 1 where σ(z) ≥ threshold, exactly, from the logits z (n,) of any float type."""
+    return np.asarray(z, dtype=np.float64) >= logit_bound(threshold)
+
+
+def predictions(z: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(n,) uint8: 1 where σ(z) ≥ threshold (`decide`), else 0."""
+    return decide(z, threshold).astype(np.uint8)
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray) -> float | None:

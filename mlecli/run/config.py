@@ -12,6 +12,7 @@ import json
 import math
 import shlex
 import stat
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -25,12 +26,19 @@ from mlecli.data.datasets import BUILTIN, Dataset, builtin, custom
 from mlecli.data.download import url_problem
 from mlecli.safe.errors import ConfigError
 from mlecli.safe.files import open_regular
-from mlecli.safe.memory import check_fits
-from mlecli.safe.schema import is_number, show_int
+from mlecli.safe.resources import check_fits
+from mlecli.safe.schema import is_int, is_number, show_value
 
 DTYPES = ("float32", "float64")
 DIGITS = range(10)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+# Each update rule's own learning rate: what a config that does not set train.learning_rate
+# trains with, and one whose rate was written for another rule (apply_overrides). sgd's is
+# the default config's; momentum and nesterov multiply the steady step by about
+# 1/(1 − μ) = 10, so a tenth of it takes about the same step; Adam's step is about η per
+# weight, whatever the batch and the scale of the gradient (PyTorch's default rate).
+DEFAULT_RATES = {"sgd": 0.05, "momentum": 0.005, "nesterov": 0.005, "adam": 0.001}
+FAR_FROM_DEFAULT = 10  # a rate this many times the rule's own (or more) gets a note before a run
 SCHEDULES = ("constant", "step", "cosine")
 MAX_SHIFT = 8
 
@@ -41,32 +49,12 @@ MAX_SHIFT = 8
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key} = {_show(value)}: {allowed}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if _is_int(value):
-        return show_int(value)
-    return str(value)
+    return ConfigError(f"{key} = {show_value(value, toml=True)}: {allowed}")
 
 
 def _show_table(v: dict[str, str]) -> str:
-    shown = "{" + ", ".join(f"{k} = {_show(x)}" for k, x in v.items()) + "}"
-    return shown if len(shown) <= 120 else shown[:117] + "..."
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return is_number(v)
+    text = "{" + ", ".join(f"{k} = {show_value(x, toml=True)}" for k, x in v.items()) + "}"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 BIG = 1 << 63  # every integer of a config is below this: sums and products of a few stay usable as floats
@@ -74,7 +62,7 @@ BIG = 1 << 63  # every integer of a config is below this: sums and products of a
 
 def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
     def check(key: str, v: Any) -> int:
-        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        if not is_int(v) or v < lo or (hi is not None and v > hi):
             bound = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
             raise _fail(key, v, f"must be {bound}")
         if v >= BIG:
@@ -85,13 +73,13 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
 
 
 def positive_float(key: str, v: Any) -> float:
-    if not _is_number(v) or v <= 0:
+    if not is_number(v) or v <= 0:
         raise _fail(key, v, "must be a finite number > 0")
     return float(v)
 
 
 def non_negative_float(key: str, v: Any) -> float:
-    if not _is_number(v) or v < 0:
+    if not is_number(v) or v < 0:
         raise _fail(key, v, "must be a finite number >= 0")
     return float(v)
 
@@ -100,7 +88,7 @@ def fraction(lo_closed: bool) -> Callable[[str, Any], float]:
     """A number in [0, 1) (lo_closed) or (0, 1)."""
 
     def check(key: str, v: Any) -> float:
-        if not _is_number(v) or v >= 1 or v < 0 or (v == 0 and not lo_closed):
+        if not is_number(v) or v >= 1 or v < 0 or (v == 0 and not lo_closed):
             raise _fail(key, v, f"must be a number from 0 ({'inclusive' if lo_closed else 'exclusive'}) "
                                 "up to (not including) 1")
         return float(v)
@@ -120,7 +108,7 @@ MIN_PRIOR_SD = 1e-6  # smaller, and 1/σ² is no longer a usable number (σ = 1e
 def sd_or_none(key: str, v: Any) -> float | str:
     if v == "none":
         return "none"
-    if not _is_number(v) or not v >= MIN_PRIOR_SD:
+    if not is_number(v) or not v >= MIN_PRIOR_SD:
         raise _fail(key, v, f"must be a finite number of at least {MIN_PRIOR_SD:g} (the prior's standard deviation), "
                     'or "none" for no prior')
     return float(v)
@@ -157,7 +145,7 @@ def string_table(key: str, v: Any) -> dict[str, str]:
 
 
 def validation_share(key: str, v: Any) -> float | int:
-    if _is_int(v) and 0 <= v < BIG:
+    if is_int(v) and 0 <= v < BIG:
         return v
     if isinstance(v, float) and 0 <= v < 1:
         return v
@@ -168,7 +156,7 @@ def digit_list(key: str, v: Any, *, allow_rest: bool = False) -> tuple[int, ...]
     if allow_rest and v == "rest":
         return "rest"
     rest = ' or "rest"' if allow_rest else ""
-    if not isinstance(v, list) or not v or not all(_is_int(d) and 0 <= d <= 9 for d in v):
+    if not isinstance(v, list) or not v or not all(is_int(d) and 0 <= d <= 9 for d in v):
         raise _fail(key, v, f"must be a non-empty list of digits 0-9{rest}")
     if len(set(v)) != len(v):
         raise _fail(key, v, "lists a digit twice")
@@ -183,7 +171,7 @@ MAX_LAYERS = 32  # a checkpoint holds each layer's arrays and their update-rule 
 
 
 def hidden_sizes(key: str, v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(_is_int(n) and n > 0 for n in v):
+    if not isinstance(v, list) or not all(is_int(n) and n > 0 for n in v):
         raise _fail(key, v, "hidden must be a list of positive integers ([] = logistic regression)")
     if any(n >= BIG for n in v):
         raise _fail(key, v, "a layer's units must be below 2**63")
@@ -262,7 +250,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = key(20, int_in(1))
     batch_size: int = key(32, int_in(1))
-    learning_rate: float = key(0.05, positive_float)
+    learning_rate: float = key(DEFAULT_RATES["sgd"], positive_float)  # left out: the rule's own (from_dict)
     seed: int = key(0, int_in(0))
     checkpoint_every: int = key(1, int_in(1))
     log_every: int = key(0, int_in(0))
@@ -342,7 +330,7 @@ def from_dict(raw: dict[str, Any], *, name: str) -> Config:
         if key not in SCHEMA:
             raise _unknown(key)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table ([{key}]), got {_show(value)}")
+            raise ConfigError(f"{key} must be a table ([{key}]), got {show_value(value, toml=True)}")
         for sub in value:
             if sub not in SCHEMA[key]:
                 raise _unknown(f"{key}.{sub}")
@@ -350,28 +338,33 @@ def from_dict(raw: dict[str, Any], *, name: str) -> Config:
     sections = {}
     for section, cls in SECTIONS.items():
         given = raw.get(section, {})
+        rule = given.get("optimizer", "sgd")
+        if section == "train" and "learning_rate" not in given and isinstance(rule, str) and rule in DEFAULT_RATES:
+            given = {**given, "learning_rate": DEFAULT_RATES[rule]}
         sections[section] = cls(**{f.name: f.metadata["check"](f"{section}.{f.name}", given[f.name])
                                    for f in fields(cls) if f.name in given})
     cfg = Config(name=name, **sections)
-    _cross_checks(cfg)
+    _cross_checks(cfg, rate_given="learning_rate" in raw.get("train", {}))
     return cfg
 
 
-def _cross_checks(cfg: Config) -> None:
+def _cross_checks(cfg: Config, *, rate_given: bool = True) -> None:
     if cfg.task.negative != "rest":
         both = sorted(set(cfg.task.positive) & set(cfg.task.negative))
         if both:
             raise ConfigError(
-                f"task.positive and task.negative both list {_show(both)}: a digit can be in one class only"
+                f"task.positive and task.negative both list {show_value(both, toml=True)}: a digit can be in one "
+                "class only"
             )
     elif len(cfg.task.positive) == 10:
         raise ConfigError('task.negative = "rest" leaves no digits when task.positive lists all ten')
     cfg.data.resolve()  # dataset name, url, files and hashes are checked here
     t = cfg.train
     if t.schedule == "cosine" and t.min_learning_rate >= t.learning_rate:
+        own = "" if rate_given else f" ({t.optimizer}'s own rate, as none is set for {t.optimizer})"
         raise ConfigError(
             f"train.min_learning_rate = {t.min_learning_rate:g} must be below train.learning_rate = "
-            f"{t.learning_rate:g}: the cosine schedule decays from the one to the other"
+            f"{t.learning_rate:g}{own}: the cosine schedule decays from the one to the other"
         )
     if t.warmup_epochs >= t.epochs:
         raise ConfigError(
@@ -476,7 +469,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of `raw` with each `--set` applied (validation happens in from_dict)."""
+    """Return a copy of `raw` with each `--set` applied (validation happens in from_dict).
+
+    A learning rate belongs to the update rule it was written with: when the overrides
+    change train.optimizer and none sets train.learning_rate, `raw`'s rate is left out, and
+    the new rule trains at its own (DEFAULT_RATES)."""
+    out = _overridden(raw, overrides)
+    before, after = _train_table(raw), _train_table(out)
+    if ("learning_rate" in after and after.get("optimizer", "sgd") != before.get("optimizer", "sgd")
+            and not any(_sets_the_rate(item) for item in overrides)):
+        positive_float("train.learning_rate", after["learning_rate"])  # a wrong one is refused, not dropped
+        out["train"] = {k: v for k, v in after.items() if k != "learning_rate"}
+    return out
+
+
+def _train_table(raw: dict[str, Any]) -> dict[str, Any]:
+    train = raw.get("train")
+    return train if isinstance(train, dict) else {}
+
+
+def _sets_the_rate(item: str) -> bool:
+    path, value = parse_override(item)
+    return path[:2] == ["train", "learning_rate"] or (
+        path == ["train"] and isinstance(value, dict) and "learning_rate" in value)
+
+
+def _overridden(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         path, value = parse_override(item)
@@ -493,11 +511,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
-def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+STDIN = "-"  # a config path that means standard input (only where the user gave the path: pipe_ok)
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, pipe_ok: bool = False,
+         note: Callable[[str], None] | None = None) -> Config:
     """Load a config file (None = the built-in default) and apply overrides.
 
     A bare name of a built-in config (default, logreg, four-vs-nine, deep, accurate) that is not
-    a file in the current folder loads the copy shipped inside the package.
+    a file in the current folder loads the copy shipped inside the package. With `pipe_ok`,
+    for a path the user gave on the command line, the config may come from a pipe (the shell's
+    process substitution `<(...)`, a FIFO) or, for "-", from standard input: anything mlecli
+    reads back unasked (a run's config.toml) must be a regular file, which never blocks.
+    `note` is told when the learning rate is another than the config says, or far above the
+    update rule's own.
     """
     if path is not None and not str(path).strip():
         raise ConfigError(f"config {str(path)!r} is an empty name: give a TOML file, or the name of a built-in config "
@@ -506,16 +533,25 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         name = "default" if path is None else str(path)
         where = f"built-in config {name}"
         text = builtin_config_text(name)
+    elif pipe_ok and str(path) == STDIN:
+        name, where = "stdin", "config from standard input"
+        text = _read_stdin(where)
     else:
         p = Path(path)
         where = f"config {p}"
-        name = p.stem
-        text = _read_config_file(p)
+        text, piped = _read_config_file(p, pipe_ok=pipe_ok)
+        # /dev/fd/63, the name bash gives a process substitution, says nothing of the config
+        name = "pipe" if piped and p.parent.name == "fd" else p.stem
     base = parse_toml(text, where)
     try:
-        return from_dict(apply_overrides(base, overrides), name=name)
+        merged = apply_overrides(base, overrides)
+        cfg = from_dict(merged, name=name)
     except ConfigError as exc:
         error = exc
+    else:
+        for line in _rate_notes(cfg, base, merged, where) if note is not None else ():
+            note(line)
+        return cfg
     try:
         from_dict(base, name=name)
     except ConfigError as exc:
@@ -523,11 +559,46 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
     raise ConfigError(f"--set: {error}") from None  # the config is fine: an override is not
 
 
+def _rate_notes(cfg: Config, base: dict[str, Any], merged: dict[str, Any], where: str) -> list[str]:
+    """What a user should know before the run about its learning rate: that it is the rule's
+    own where the config's was written for another rule, and that it is far above the rule's own."""
+    t, notes = cfg.train, []
+    own = DEFAULT_RATES[t.optimizer]
+    written = _train_table(base)
+    if "learning_rate" in written and "learning_rate" not in _train_table(merged):
+        notes.append(f"note: train.optimizer = {t.optimizer!r} trains at {t.optimizer}'s own learning rate, {own:g}: "
+                     f"train.learning_rate = {written['learning_rate']:g} in the {where} is for "
+                     f"{written.get('optimizer', 'sgd')} (set train.learning_rate to choose another)")
+    elif t.learning_rate >= FAR_FROM_DEFAULT * own:
+        notes.append(f"note: train.learning_rate = {t.learning_rate:g} is {t.learning_rate / own:.3g} times "
+                     f"{t.optimizer}'s own rate ({own:g}, what it trains at when the rate is not set): if the run "
+                     "learns nothing or diverges, try a smaller one")
+    return notes
+
+
+def rate_advice(t: TrainConfig) -> str:
+    """What to try when training at t.learning_rate overshot (the run diverged, or its
+    log-likelihood or weights stopped being finite): a smaller rate, named."""
+    own = DEFAULT_RATES[t.optimizer]
+    if t.optimizer == "adam":
+        why = "adam, whose step is about η for each weight whatever the batch"
+    else:
+        boost = (f", and momentum μ = {t.momentum:g} multiplies it by about 1/(1 − μ) = {1 / (1 - t.momentum):.3g}"
+                 if t.optimizer != "sgd" and t.momentum > 0 else "")
+        why = (f"{t.optimizer} at batches of {t.batch_size} (the step grows with the batch, since the LL is a "
+               f"sum{boost})")
+    smaller = (f"{own:g}, {t.optimizer}'s own rate" if own <= t.learning_rate / 2  # well below this one
+               else f"{t.learning_rate / 10:g}, a tenth of it")
+    return (f"train.learning_rate = {t.learning_rate:g} is too large for {why}: start a new run with a smaller one, "
+            f"such as {smaller} (--resume cannot change it)")
+
+
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config
 
 
-def _read_config_file(p: Path) -> str:
-    """The text of a config file, with a hint for what was probably meant when it is not one."""
+def _read_config_file(p: Path, *, pipe_ok: bool = False) -> tuple[str, bool]:
+    """The text of a config file and whether it came from a pipe (only with `pipe_ok`), with a
+    hint for what was probably meant when it is not one."""
 
     try:
         st = p.stat()
@@ -539,22 +610,41 @@ def _read_config_file(p: Path) -> str:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
         if (p / "checkpoints").is_dir():
-            raise ConfigError(f"{p} is a run folder, not a config: to continue it, mlecli train --resume {shlex.quote(str(p))}")
+            raise ConfigError(f"{p} is a run folder, not a config: to continue it, "
+                              f"mlecli train --resume {shlex.quote(str(p))}")
         raise ConfigError(f"config {p} is a folder: give a TOML file, or the name of a built-in config")
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"config {p} is not a regular file: give a TOML file")
-
+    piped = stat.S_ISFIFO(st.st_mode)
+    if not stat.S_ISREG(st.st_mode) and not (piped and pipe_ok):
+        raise ConfigError(f"config {p} is {'a pipe, which can be read only once' if piped else 'not a regular file'}: "
+                          "give a TOML file")
     try:
-        with open_regular(p) as f:
+        # A pipe the user named waits for its writer, as `cat` would: that is what they asked for.
+        with open(p, "rb") if piped else open_regular(p) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    return _decoded(data, f"config {p}"), piped
+
+
+def _read_stdin(where: str) -> str:
+    if sys.stdin is None:  # started with its standard input closed
+        raise ConfigError(f"{where}: standard input is closed; give a TOML file")
+    stream = getattr(sys.stdin, "buffer", sys.stdin)  # a text stream put in its place has no bytes under it
+    try:
+        data = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
+    return _decoded(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data, where)
+
+
+def _decoded(data: bytes, where: str) -> str:
+    """`data` read with a limit of one byte more than a config may have, as text."""
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {p} is larger than {MAX_CONFIG_BYTES // 1024} KiB: it is not a config")
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB: it is not a config")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"config {p} is not UTF-8 text") from None
+        raise ConfigError(f"{where} is not UTF-8 text") from None
 
 
 # ---------------------------------------------------------------------------

@@ -7,10 +7,10 @@ from the same seed); `test` is the dataset's official test images of the task's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import time
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.data.cache import prepare, split_hashes
+from mlecli.data.cache import ensure_splits, split_hashes
 from mlecli.nn import metrics
 from mlecli.nn.model import sigmoid
 from mlecli.nn.pixels import image_scores
@@ -26,7 +26,7 @@ from mlecli.run import checkpoint as ckpt
 from mlecli.run.task import build_task, class_words, label_name, short_word
 from mlecli.safe import schema
 from mlecli.safe.errors import CheckpointError, printable
-from mlecli.safe.files import atomic_write_text, open_regular, remove_stale_temporaries
+from mlecli.safe.files import atomic_write_text, hash_file, remove_stale_temporaries
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -62,13 +62,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every figure of the report, as one JSON-ready dict."""
     path = ckpt.resolve(Path(target), which)
-    digest = file_sha256(path)  # before loading: if the file is replaced meanwhile, the report looks stale, not current
+    hashed = hash_file(path)  # before loading: if the file is replaced meanwhile, the report looks stale, not current
     cp = ckpt.load(path)
     cfg = cp.config
     dataset = cfg.data.resolve()
     # Never download from a URL that came with a checkpoint: the cache, or a built-in mirror.
-    splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
-                     progress=progress, log=log)
+    splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=how_to_fetch(path, data_dir),
+                           progress=progress, log=log)
     sha256 = split_hashes(splits)
     ckpt.check_same_data(cp, dataset.name, sha256, data_dir, "evaluate it with the data it was trained on")
     task = build_task(cfg, splits, np.random.default_rng(cfg.train.seed))
@@ -89,7 +89,7 @@ def evaluate(
 
     n, pos = len(y), int(y.sum())
     total_ll = metrics.total_log_likelihood(z, y)
-    pred = metrics.predictions(p, threshold)
+    pred = metrics.predictions(z, threshold)  # from z, exactly: the one rule (metrics.decide)
     cm = metrics.confusion(y, pred)
     precision, recall, f1 = metrics.precision_recall_f1(cm)
     bins = metrics.calibration_bins(y, p)
@@ -99,7 +99,7 @@ def evaluate(
     return {
         "checkpoint": str(path),
         "checkpoint_name": path.stem,
-        "checkpoint_sha256": digest,
+        "checkpoint_sha256": None if hashed is None else hashed.sha256,
         "epoch": cp.epoch,
         "split": split,
         "dataset": dataset.name,
@@ -160,29 +160,40 @@ def default_report(run_dir: Path) -> Path | None:
     return None
 
 
+def stands(report_path: Path, run_dir: Path) -> bool:
+    """Whether a report in a run folder still describes the checkpoint it names: the file at
+    <run>/checkpoints/<checkpoint_name>.npz now is the very one it measured (`measured`, the
+    rule `default_report` applies). A report the schema refuses raises its SchemaError."""
+    report = read_report(report_path)
+    name = report["checkpoint_name"]
+    if not re.fullmatch(r"best|last|epoch-\d{1,12}", name):  # not a checkpoint of a run: stands for nothing
+        return False
+    return measured(report, Path(run_dir) / "checkpoints" / f"{name}.npz")
+
+
+def command_for(report: dict[str, Any], run_dir: Path) -> str:
+    """The `mlecli evaluate` command that makes a report like `report` again, of the run as it is now."""
+    words = ["mlecli", "evaluate", str(run_dir)]
+    if report["split"] != "test":
+        words += ["--split", report["split"]]
+    if report["checkpoint_name"] != "best":
+        words += ["--checkpoint", report["checkpoint_name"]]
+    if report.get("threshold", DEFAULT_THRESHOLD) != DEFAULT_THRESHOLD:
+        words += ["--threshold", repr(float(report["threshold"]))]
+    return shlex.join(words)
+
+
 def measured(report: dict[str, Any], checkpoint_path: Path) -> bool:
     """Whether `report` measured the checkpoint file that is at `checkpoint_path` now."""
     if not checkpoint_path.is_file():
         return False
     if report.get("checkpoint_sha256") is not None:
-        return report["checkpoint_sha256"] == file_sha256(checkpoint_path)
+        hashed = hash_file(checkpoint_path)
+        return hashed is not None and hashed.sha256 == report["checkpoint_sha256"]
     try:  # a report from before reports recorded the file's hash: the epoch must match
         return report["epoch"] == ckpt.load(checkpoint_path).epoch
     except CheckpointError:
         return False
-
-
-def file_sha256(path: Path) -> str | None:
-    """The SHA-256 of a regular file's bytes (None for anything else)."""
-
-    digest = hashlib.sha256()
-    try:
-        with open_regular(path) as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def read_report(path: Path) -> dict[str, Any]:
@@ -253,10 +264,11 @@ def format_report(r: dict[str, Any]) -> str:
     if not r["most_confident_errors"]:
         lines.append("    none")
     classes = r.get("classes") or {"0": "y=0", "1": "y=1"}
+    said = {y: short_word(classes[y]) for y in ("0", "1")}  # the task's words, short where long
+    width = max(map(len, said.values()))  # ŷ in one column, whichever class was predicted
     for e in r["most_confident_errors"]:
-        said = short_word(classes[str(1 - e["y"])], 1 - e["y"])
         lines.append(printable(f"    #{e['index']:<6} {e.get('label') or 'digit ' + str(e['digit']):<12}  "
-                               f"predicted {said}  ŷ={e['p']:.6f}"))
+                               f"predicted {said[str(1 - e['y'])]:<{width}}  ŷ={e['p']:.6f}"))
     rate = f"{r['images_per_s']:,.0f} images/s" if r["images_per_s"] else "n/a"
     lines.append(f"  time              {r['seconds']:.3f} s ({rate})")
     return "\n".join(lines)

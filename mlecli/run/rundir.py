@@ -34,12 +34,12 @@ from mlecli.safe.errors import ConfigError, MlecliError
 from mlecli.safe.files import (
     atomic_write_bytes,
     atomic_write_text,
-    describe_os_error,
-    folder_lock,
+    cannot_write,
     is_temporary_name,
     open_regular,
     remove_stale_temporaries,
 )
+from mlecli.safe.locks import folder_lock
 
 RUNS_DIR = Path("runs")
 MAX_METRICS_BYTES = 2 << 30  # years of records every step; more is not a metrics file
@@ -62,7 +62,7 @@ def unique_folder(root: Path, base: str, *, option: str, create: bool = True) ->
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise MlecliError(describe_os_error(exc, root)) from None
+            raise MlecliError(cannot_write(exc, root)) from None
     for n in range(1, 10_000):
         path = root / (f"{base}-{stamp}" if n == 1 else f"{base}-{stamp}-{n}")
         if not create:
@@ -75,7 +75,7 @@ def unique_folder(root: Path, base: str, *, option: str, create: bool = True) ->
         except FileExistsError:
             continue
         except OSError as exc:
-            raise MlecliError(describe_os_error(exc, path)) from None
+            raise MlecliError(cannot_write(exc, path)) from None
     raise MlecliError(f"no free folder name for {base} in {root}; use {option}")
 
 

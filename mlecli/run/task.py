@@ -138,9 +138,21 @@ def label_name(dataset: str, label: int) -> str:
     return names[label] if names is not None and 0 <= label < len(names) else f"digit {label}"
 
 
-def short_word(word: str, y: int, width: int = 24) -> str:
-    """A class word short enough for a caption: itself, or `y=1` when it is a long list."""
-    return word if len(word) <= width else f"y={y}"
+def short_word(word: str, width: int = 24) -> str:
+    """A class word (`class_words`) in at most `width` characters, still in words: itself when
+    it fits; else its name without the list in brackets (`odd`, `not 4`); else as many of its
+    names as fit, then `…` (`Trouser, Dress, …`); else its start, then `…`."""
+    if len(word) <= width:
+        return word
+    head = word.split(" (", 1)[0]
+    if head != word and len(head) <= width:
+        return head
+    names = word.split(", ")
+    for n in range(len(names) - 1, 0, -1):
+        short = ", ".join(names[:n]) + ", …"
+        if len(short) <= width:
+            return short
+    return word[: width - 1].rstrip() + "…"
 
 
 def _digits_word(digits: tuple[int, ...]) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlecli.data.cache import prepare, split_hashes
+from mlecli.data.cache import ensure_splits, split_hashes
 from mlecli.nn import blas, optim
 from mlecli.nn.model import Params, init_params, layer_sizes, log_prior
 
@@ -59,22 +59,22 @@ from mlecli.run.config import (
     from_dict,
     load,
     parse_override,
+    rate_advice,
     to_toml,
     toml_value,
 )
 from mlecli.run.config import load as load_config
 from mlecli.run.task import BinaryTask, build_task
-from mlecli.safe import memory
 from mlecli.safe.errors import CheckpointError, ConfigError, MlecliError, Stopped, TrainingError
 from mlecli.safe.files import (
     Appender,
     atomic_write_bytes,
     atomic_write_text,
-    describe_os_error,
+    cannot_write,
     read_regular,
     remove_stale_temporaries,
 )
-from mlecli.safe.resources import NoRoom, fmt_bytes, free_space
+from mlecli.safe.resources import NoRoom, check_fits, checkpoint_bytes, fmt_bytes, free_space
 from mlecli.version import __version__
 
 # Run state and what a checkpoint holds
@@ -129,7 +129,7 @@ def _meta(cfg: Config, state: State, task: BinaryTask, sha256: dict) -> dict[str
 
 def blas_info(cfg: Config) -> dict[str, Any]:
     """Which BLAS computes the hot loop, with how many threads: its bits depend on it."""
-    return {"backend": blas.describe(), "threads": blas_threads(cfg.train.batch_size) or blas.current_threads()}
+    return {"backend": blas.backend(), "threads": blas_threads(cfg.train.batch_size) or blas.current_threads()}
 
 
 def _now() -> str:
@@ -256,7 +256,8 @@ def newest_checkpoint(run_dir: Path, log: Callable[[str], None]) -> ckpt.Checkpo
     newest readable epoch checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists them)")
+        raise CheckpointError(f"{run_dir} does not exist: give the folder of the run to resume (`mlecli runs` lists "
+                              "them)")
     if (run_dir / "checkpoints").is_symlink():
         raise CheckpointError(
             f"{run_dir / 'checkpoints'} is a symbolic link: a resumed run would write into the folder it points to; "
@@ -442,7 +443,7 @@ def _check_room(cfg: Config, data: _Data, folder: Path, epochs_done: int) -> Non
     t = cfg.train
     kept = max(0, t.epochs // t.checkpoint_every - epochs_done // t.checkpoint_every) + (
         1 if t.epochs % t.checkpoint_every and t.epochs > epochs_done else 0)
-    size = memory.checkpoint_bytes(cfg.model.hidden, cfg.model.dtype, data.task.n_inputs, STATE_SLOTS[t.optimizer])
+    size = checkpoint_bytes(cfg.model.hidden, cfg.model.dtype, data.task.n_inputs, STATE_SLOTS[t.optimizer])
     need, free = (kept + 2) * size, free_space(folder)
     if free is not None and need > free:
         raise NoRoom(
@@ -462,7 +463,7 @@ def _make_folder(run_dir: Path) -> bool:
         return False
     except OSError as exc:
 
-        raise MlecliError(describe_os_error(exc, run_dir)) from None
+        raise MlecliError(cannot_write(exc, run_dir)) from None
 
 
 @dataclass
@@ -481,16 +482,17 @@ def _prepare_data(cfg: Config, data_dir: Path, report: Reporter, resumed: Path |
     dataset is taken from the cache only, never from the URL the folder names."""
     dataset = cfg.data.resolve()
     if resumed is None:
-        splits = prepare(dataset, data_dir, progress=report.progress, log=report.log)
+        splits = ensure_splits(dataset, data_dir, progress=report.progress, log=report.log)
     else:
-        fetch = f"mlecli download --config {shlex.quote(str(resumed / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
-        splits = prepare(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
-                         log=report.log)
+        fetch = (f"mlecli download --config {shlex.quote(str(resumed / 'config.toml'))} "
+                 f"--data-dir {shlex.quote(str(data_dir))}")
+        splits = ensure_splits(dataset, data_dir, download="builtin", how_to_fetch=fetch, progress=report.progress,
+                               log=report.log)
     sha256 = split_hashes(splits)
     rng = np.random.default_rng(cfg.train.seed)  # its first use is the validation hold-out
     task = build_task(cfg, splits, rng)
-    memory.check_fits(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs,
-                      STATE_SLOTS[cfg.train.optimizer])
+    check_fits(cfg.model.hidden, cfg.train.batch_size, cfg.model.dtype, task.n_inputs,
+               STATE_SLOTS[cfg.train.optimizer])
     return _Data(dataset.name, task, sha256, rng, Path(data_dir))
 
 
@@ -541,7 +543,7 @@ def _open(cfg: Config, run_dir: Path, data: _Data, report: Reporter, resume: boo
             ckpt_dir.mkdir(exist_ok=True)
         except OSError as exc:
 
-            raise MlecliError(describe_os_error(exc, ckpt_dir)) from None
+            raise MlecliError(cannot_write(exc, ckpt_dir)) from None
         params = init_params(layer_sizes(data.task.n_inputs, cfg.model.hidden), np.random.default_rng(cfg.model.seed),
                              np.dtype(cfg.model.dtype))
         rule = make_rule(cfg)
@@ -630,7 +632,8 @@ def _repair(run: _Run, cp: ckpt.Checkpoint, report: Reporter) -> None:
     state, saved = run.state, cp.config
     if cp.path.name == "last.npz" and state.batch_in_epoch == 0 and state.epochs_done > 0:
         epoch = state.epochs_done
-        due = [f"epoch-{epoch:04d}.npz"] if epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs else []
+        due = ([f"epoch-{epoch:04d}.npz"] if epoch % saved.train.checkpoint_every == 0 or epoch == saved.train.epochs
+               else [])
         if state.best is not None and state.best["epoch"] == epoch:
             due.append("best.npz")
         data = read_regular(cp.path, 1 << 40)
@@ -857,11 +860,7 @@ def _record(kind: str, epoch: int, step: int, lr: float, t: Tally, seconds: floa
 
 
 def _smaller_rate_advice(cfg: Config) -> str:
-    t = cfg.train
-    why = ("" if t.optimizer == "adam" else
-           f" (for batches of {t.batch_size}: the step grows with the batch, since the LL is a sum)")
-    return (f"train.learning_rate = {t.learning_rate:g} is too large{why}: start a new run with a smaller one "
-            "(--resume cannot change it)")
+    return rate_advice(cfg.train)
 
 
 def _check_logits(z: np.ndarray, epoch: int, first_batch: int, cfg: Config, ckpt_dir: Path) -> None:

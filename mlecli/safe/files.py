@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves half of one, and locking folders.
+"""Writing files so that a crash never leaves half of one, and reading them back.
 
 Every file mlecli writes goes to a temporary name in the same folder, is flushed to
 disk, then renamed over the target: readers see the old file or the new one, never a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import hashlib
 import os
 import re
 import stat
@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from mlecli.safe.errors import MlecliError
 
@@ -38,7 +38,8 @@ def _current_umask() -> int:
 FILE_MODE = 0o666 & ~_current_umask()
 
 
-def describe_os_error(exc: OSError, path: Path) -> str:
+def cannot_write(exc: OSError, path: Path) -> str:
+    """The one line saying why `path` could not be written (or its folder made), for the OSError that said so."""
     if exc.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}: free some space and try again"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -72,30 +73,43 @@ def fsync_dir(folder: Path) -> None:
 
 
 PSEUDO_FILE_SYSTEMS = ("/proc/", "/sys/")
+EMPTY = "a size of 0 (an empty file, or one the kernel makes up, as in /proc); not read"
 
 
-def check_readable(fd: int, path: Path | str) -> os.stat_result:
+class Refused(OSError):
+    """A file refused before a byte of it is read: not a regular file of data (EINVAL), empty
+    where that is refused (ENODATA) or over a limit (EFBIG). `strerror` says what it is, to
+    follow its name; `size` is its size in bytes (None if it is not a regular file)."""
+
+    def __init__(self, code: int, what: str, path: Path | str, size: int | None = None):
+        super().__init__(code, what, str(path))
+        self.size = size
+
+
+def check_readable(fd: int, path: Path | str, *, refuse_empty: bool = False) -> os.stat_result:
     """The stat of an open file that reading will end on: a regular file, and not one of
     the kernel's pseudo files (/proc/kmsg is "regular" with size 0 and blocks a reader for
-    ever). OSError otherwise."""
+    ever). Refused otherwise, and for a file of size 0 if `refuse_empty`."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
+        raise Refused(errno.EINVAL, "not a regular file", path)
+    if refuse_empty and st.st_size == 0:
+        raise Refused(errno.ENODATA, EMPTY, path, 0)
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")  # where the file really is, links followed
     except OSError:
         return st
     if target.startswith(PSEUDO_FILE_SYSTEMS):
-        raise OSError(errno.EINVAL, f"a kernel file ({target}), not a file of data", str(path))
+        raise Refused(errno.EINVAL, f"a kernel file ({target}), not a file of data", path, st.st_size)
     return st
 
 
 def open_regular(path: Path | str) -> BinaryIO:
     """Open `path` for reading if it is a regular file; OSError otherwise.
 
-    Every file mlecli reads back goes through here: a FIFO put in a file's place would
-    block the reader forever, a device (/dev/zero) or a kernel file (/proc/kmsg) would
-    never end."""
+    Every file mlecli reads back goes through here or read_pieces: a FIFO put in a file's
+    place would block the reader forever, a device (/dev/zero) or a kernel file
+    (/proc/kmsg) would never end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # does not wait for a FIFO's writer
     try:
         check_readable(fd, path)
@@ -104,6 +118,60 @@ def open_regular(path: Path | str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+CHUNK = 1 << 16  # read_pieces' piece: what a download's decoder or a hash takes in one step
+
+
+def read_pieces(path: Path | str, limit: int | None, *, refuse_empty: bool = False,
+                chunk: int = CHUNK) -> Iterator[bytes]:
+    """The bytes of a regular file of data, in pieces of at most `chunk`, no more than the
+    size it had when opened (a file that grows meanwhile is read as it was).
+
+    Before any byte is read, Refused (an OSError) for anything open_regular refuses (a
+    FIFO, a device, a folder, a kernel file: none of them is ever read), for a file of
+    more than `limit` bytes (None: any size), and for one of size 0 if `refuse_empty`;
+    any other OSError of opening or reading it as it comes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
+    try:
+        st = check_readable(fd, path, refuse_empty=refuse_empty)
+        if limit is not None and st.st_size > limit:
+            raise Refused(errno.EFBIG, f"larger than {limit:,} bytes", path, st.st_size)
+        os.set_blocking(fd, True)
+        left = st.st_size
+        while left > 0:
+            piece = os.read(fd, min(chunk, left))
+            if not piece:
+                return
+            left -= len(piece)
+            yield piece
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: Path | str, limit: int | None, *, refuse_empty: bool = False) -> bytes:
+    """The bytes of a regular file of data at once: read_pieces, in one piece (one read of
+    its size, no copy) but for a file of more than a GiB or a read the kernel cuts short."""
+    pieces = list(read_pieces(path, limit, refuse_empty=refuse_empty, chunk=1 << 30))
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class FileHash(NamedTuple):
+    sha256: str  # hex digits
+    size: int  # bytes
+
+
+def hash_file(path: Path | str) -> FileHash | None:
+    """The SHA-256 and size of a regular file of data (read_pieces), None if it cannot be read."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for piece in read_pieces(path, None, chunk=1 << 20):  # a hash goes faster in large pieces
+            digest.update(piece)
+            size += len(piece)
+    except OSError:
+        return None
+    return FileHash(digest.hexdigest(), size)
 
 
 def open_own(path: Path | str, *, append: bool) -> BinaryIO:
@@ -127,17 +195,6 @@ def open_own(path: Path | str, *, append: bool) -> BinaryIO:
         raise
 
 
-def read_regular(path: Path | str, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; OSError otherwise."""
-    with open_regular(path) as f:
-        if os.fstat(f.fileno()).st_size > limit:
-            raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
-        data = f.read()  # a regular file: it ends (read(limit + 1) would allocate the limit)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
-    return data
-
-
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
 
@@ -159,7 +216,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
         # temporary whose writer is gone.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
-        raise MlecliError(describe_os_error(exc, path)) from None
+        raise MlecliError(cannot_write(exc, path)) from None
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -171,7 +228,7 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise MlecliError(describe_os_error(exc, path)) from None
+            raise MlecliError(cannot_write(exc, path)) from None
         raise
     fsync_dir(path.parent)
 
@@ -209,7 +266,7 @@ class Appender:
             os.set_blocking(fd, True)
             self._f = os.fdopen(fd, "ab")
         except OSError as exc:
-            raise MlecliError(describe_os_error(exc, self.path)) from None
+            raise MlecliError(cannot_write(exc, self.path)) from None
 
     def add(self, line: str) -> None:
         data = (line + "\n").encode("utf-8")
@@ -220,14 +277,14 @@ class Appender:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self._f.truncate(start)
-            raise MlecliError(describe_os_error(exc, self.path)) from None
+            raise MlecliError(cannot_write(exc, self.path)) from None
 
     def sync(self) -> None:
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as exc:
-            raise MlecliError(describe_os_error(exc, self.path)) from None
+            raise MlecliError(cannot_write(exc, self.path)) from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -316,67 +373,3 @@ def _writer_alive(p: Path) -> bool:
     except (OSError, IndexError, ValueError):
         return False  # no such process
     return state not in (b"Z", b"X")  # a zombie writes nothing more
-
-
-class HeldLock:
-    """A folder's lock, held: `discard` removes the lock file and, if nothing else is in
-    it, the folder (for a folder this process made and then had no use for)."""
-
-    def __init__(self, folder: Path, lock_path: Path):
-        self.folder, self.path = folder, lock_path
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-            os.rmdir(self.folder)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path, *, wait: bool, what: str) -> Iterator[HeldLock]:
-    """Hold an exclusive lock on `folder/.lock` for the duration of the block.
-
-    The lock is an flock on an open file, so the kernel releases it when the process
-    dies: a crashed run never leaves it stuck. With wait=False a lock held by another
-    process raises MlecliError naming `what`. A holder may remove the lock file (and
-    the folder) before it lets go: whoever was waiting on the removed file sees that
-    it is no longer the folder's lock, and takes the lock of the folder as it is now.
-    """
-    lock_path = folder / ".lock"
-    while True:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # never through a link (a dangling one would create its target), never a pipe
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise OSError(errno.EINVAL, "not a regular file", str(lock_path))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP and os.path.islink(lock_path):  # not a loop on the way to it
-                raise MlecliError(f"{lock_path} is a symbolic link: mlecli never writes through one; remove it "
-                                  f"(rm {lock_path}) and run again") from None
-            raise MlecliError(describe_os_error(exc, lock_path)) from None
-        try:
-            flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
-            try:
-                fcntl.flock(fd, flags)
-            except BlockingIOError:
-                raise MlecliError(
-                    f"{what} is in use by another mlecli process (lock {lock_path}); "
-                    "wait for it to finish or use another folder"
-                ) from None
-            try:
-                here = os.stat(lock_path)
-                mine = os.fstat(fd)
-                current = (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)  # the holder before us removed this lock file: take the folder's lock anew
-    try:
-        yield HeldLock(folder, lock_path)
-    finally:
-        os.close(fd)

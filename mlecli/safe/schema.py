@@ -34,9 +34,26 @@ def show_int(v: int) -> str:
     return f"an integer of {len(str(v)) if v.bit_length() < 14000 else 'thousands of'} digits"
 
 
-def _show(v: Any) -> str:
-    if _is_int(v):
+def is_int(v: Any) -> bool:
+    """An integer, and not a bool (JSON's and TOML's true are not 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def show_value(v: Any, *, toml: bool = False) -> str:
+    """A value for a message, integers past 64 bits by their number of digits (show_int).
+    Else as JSON, cut to 40 characters (a value read back from mlecli's files), or with
+    `toml` as a config's message shows it, in full: strings quoted, true and false, lists
+    item by item."""
+    if is_int(v):
         return show_int(v)
+    if toml:
+        if isinstance(v, str):
+            return repr(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(show_value(x, toml=True) for x in v) + "]"
+        return str(v)
     text = json.dumps(v) if isinstance(v, (dict, list, str, bool)) or v is None else repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -51,19 +68,15 @@ class Spec:
     items: Spec | None = None  # for lists and maps: the spec of each element / value
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def integer(lo: int | None = None, hi: int | None = None) -> Spec:
     bounds = "" if lo is None and hi is None else f" from {lo}" + ("" if hi is None else f" to {hi}")
-    return Spec(f"an integer{bounds}", lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
+    return Spec(f"an integer{bounds}", lambda v: is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
 
 
 def is_number(v: Any, finite: bool = True) -> bool:
     """An int (not a bool) or a float, usable as a float: an integer past float's range
     (10**400 is valid JSON and TOML) is not a number here."""
-    if _is_int(v):
+    if is_int(v):
         return v.bit_length() <= 1023
     return isinstance(v, float) and (not finite or math.isfinite(v))
 
@@ -88,7 +101,8 @@ def string(max_len: int = 10_000) -> Spec:
 
 
 def one_of(*values: Any) -> Spec:
-    return Spec(f"one of {', '.join(map(_show, values))}", lambda v: any(v == x and type(v) is type(x) for x in values))
+    return Spec(f"one of {', '.join(map(show_value, values))}",
+                lambda v: any(v == x and type(v) is type(x) for x in values))
 
 
 def nullable(spec: Spec) -> Spec:
@@ -121,7 +135,8 @@ def check(value: Any, spec: Spec, where: str, path: str = "") -> Any:
     """Return `value` if it matches `spec`; else raise SchemaError naming `where` and the key."""
     if not spec.ok(value):
         key = f" {path}" if path else ""
-        raise SchemaError(f"{where}:{key} is {_show(value)}, expected {spec.what}; the file is damaged or not mlecli's")
+        raise SchemaError(f"{where}:{key} is {show_value(value)}, expected {spec.what}; the file is damaged or not "
+                          "mlecli's")
     if spec.fields is not None and isinstance(value, dict):
         for name, (sub, required) in spec.fields.items():
             if name in value:
@@ -164,7 +179,8 @@ def read_json(path: Path, spec: Spec) -> Any:
 # The files
 
 
-SHA256 = Spec("64 hex digits", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
+SHA256 = Spec("64 hex digits",
+              lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
 FIGURE = nullable(number())
 # What mlecli writes: a share of images, a sum or mean of log-probabilities, a time, a rate
 RATE = nullable(number_in(0, 1))

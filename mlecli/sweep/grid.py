@@ -119,7 +119,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise ConfigError(f"--seeds {quoted(text)}: {part.strip()!r} is not a seed (0, 1, ...) or a range such as 0-4")
+            raise ConfigError(f"--seeds {quoted(text)}: {part.strip()!r} is not a seed (0, 1, ...) or a range "
+                              "such as 0-4")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi >= config_mod.BIG:
@@ -300,7 +301,7 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
             owner[key] = said
         alone: dict[str, str] = {}  # each value alone first: the error names that value
         for item in axis.items:
-            cfg = _checked(base, (f"{axis.key}={item}",), f"--grid {axis.key}={_cut(item)}")
+            cfg = _checked(base, (*sets, f"{axis.key}={item}"), f"--grid {axis.key}={_cut(item)}")
             same = alone.setdefault(json.dumps(cfg.to_dict(), sort_keys=True), item)
             if same is not item:
                 raise ConfigError(f"--grid {axis.key}: {same} and {item} give the same config; give each value once")
@@ -318,7 +319,7 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
         for seed in seeds:
             overrides = (*items, *(f"{k}={seed}" for k in SEED_KEYS))
             where = "--grid " + ", ".join(items) if items else "--seeds"
-            cfg = _checked(base, overrides, where)
+            cfg = _checked(base, (*sets, *overrides), where)
             _check_kept(cfg, sets, items, seed, where)
             runs.append(RunSpec("", combo, point, items, seed, cfg))
     names = run_names([(r.point, r.seed) for r in runs])
@@ -327,6 +328,8 @@ def plan(source: str | None, sets: tuple[str, ...], grids: tuple[str, ...], seed
 
 
 def _checked(base: Config, overrides: tuple[str, ...], where: str) -> Config:
+    """A run's config: the --sets again with the grid point's items, as its `mlecli train`
+    command gives them (a learning rate set by --set stays when the grid changes the rule)."""
     try:
         return config_mod.from_dict(config_mod.apply_overrides(base.to_dict(), overrides), name=base.name)
     except ConfigError as exc:

@@ -7,21 +7,22 @@ nothing) and runs what is left, showing progress; the table per grid point is co
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlecli.data.cache import prepare
+from mlecli.data.cache import ensure_splits
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.evaluate import default_report
 from mlecli.run.rundir import TRAINER_FILES, read_manifest
 from mlecli.safe.errors import MlecliError
-from mlecli.safe.files import folder_lock, is_temporary_name, remove_stale_temporaries
+from mlecli.safe.files import is_temporary_name, remove_stale_temporaries
+from mlecli.safe.locks import folder_lock, is_locked
+from mlecli.safe.schema import is_int
 from mlecli.sweep import workers
-from mlecli.sweep.compare import summary
+from mlecli.sweep.compare import data_key, summary
 from mlecli.sweep.grid import Plan, RunSpec
 from mlecli.sweep.record import (
     check_sweep_dir,
@@ -31,7 +32,7 @@ from mlecli.sweep.record import (
     read_sweep_json,
     write_sweep_json,
 )
-from mlecli.sweep.runs import describe, locked
+from mlecli.sweep.runs import run_row
 
 PATH_MAX = 4095  # bytes in a path (Linux's 4096 with its terminating zero)
 
@@ -69,7 +70,7 @@ def _look(run: RunSpec, run_dir: Path, evaluate: bool) -> Todo:
     if not run_dir.is_dir():
         return Todo(run, "start", problem=f"{run_dir} is not a folder: a run of the sweep goes there; move it away "
                                           "and run the sweep again")
-    if locked(run_dir):  # a training process holds it: never touched, never counted finished
+    if is_locked(run_dir):  # a training process holds it: never touched, never counted finished
         return Todo(run, "running", problem=f"run folder {run_dir} is in use by another mlecli process (its .lock "
                                             "is held); left alone: run the sweep again once it has ended")
     if not any(run_dir.iterdir()):
@@ -108,7 +109,7 @@ def blas_threads(p: Plan, sweep_dir: Path, jobs: int | None) -> int:
 
     recorded = read_sweep_json(sweep_dir) if Path(sweep_dir).is_dir() else None
     threads = (recorded or {}).get("blas_threads")
-    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+    if is_int(threads) and threads > 0:
         return threads
     return max(1, workers.cores() // min(jobs or workers.cores(), len(p.runs)))
 
@@ -143,13 +144,13 @@ def execute(
         check_sweep_dir(p, sweep_dir)  # before any download
         check_paths(p, sweep_dir)
     # The data first, once, in this process: workers only read the cache, and a sweep that
-    # cannot get its data leaves no folder behind.
-    seen = set()
+    # cannot get its data leaves no folder behind. Its training labels give the table each
+    # task's majority baseline.
+    labels: dict[str, Any] = {}
     for r in p.runs:
-        key = json.dumps({k: v for k, v in r.config.to_dict()["data"].items() if k != "validation"}, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            prepare(r.config.data.resolve(), data_dir, progress=progress, log=log)
+        key = data_key(r.config)
+        if key not in labels:
+            labels[key] = ensure_splits(r.config.data.resolve(), data_dir, progress=progress, log=log)["train"].labels
     made = False
     if sweep_dir is None:
         sweep_dir = find_sweep(p)
@@ -163,7 +164,7 @@ def execute(
         plan_now = todo(p, sweep_dir, evaluate)
         if all(t.action == "done" or t.problem for t in plan_now):  # only to be read: no lock, nothing written
             return _carry_out(p, sweep_dir, plan_now, True, jobs, blas_threads(p, sweep_dir, jobs), data_dir,
-                              evaluate, progress, log, stop)
+                              evaluate, progress, log, stop, labels)
     with folder_lock(sweep_dir, wait=False, what=f"sweep folder {sweep_dir}") as lock:
         try:
             continuing = check_sweep_dir(p, sweep_dir)  # again, holding the lock: what is there now counts
@@ -176,11 +177,12 @@ def execute(
                 lock.discard()
             raise
         plan_now = todo(p, sweep_dir, evaluate)
-        return _carry_out(p, sweep_dir, plan_now, continuing, jobs, threads, data_dir, evaluate, progress, log, stop)
+        return _carry_out(p, sweep_dir, plan_now, continuing, jobs, threads, data_dir, evaluate, progress, log, stop,
+                          labels)
 
 
 def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool, jobs: int, threads: int,
-               data_dir: Path, evaluate: bool, progress: bool, log, stop) -> Outcome:
+               data_dir: Path, evaluate: bool, progress: bool, log, stop, labels: dict[str, Any]) -> Outcome:
 
     errors = {t.run.name: t.problem for t in plan_now if t.problem}
     tasks = [
@@ -206,7 +208,7 @@ def _carry_out(p: Plan, sweep_dir: Path, plan_now: list[Todo], continuing: bool,
     for name, result in results.items():
         if result.status == "failed":
             errors[name] = result.error
-    return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors))
+    return Outcome(sweep_dir, results, stopped, summary(p, sweep_dir, errors, labels))
 
 
 def stop_counts(p: Plan, outcome: Outcome) -> dict[str, int]:
@@ -265,7 +267,7 @@ class Progress:
 
     def _consider(self, name: str) -> dict[str, Any] | None:
 
-        row = describe(self.sweep_dir / name)
+        row = run_row(self.sweep_dir / name)
         if row["val_ll"] is not None and (self.best is None or row["val_ll"] > self.best[0]):
             self.best = (row["val_ll"], name)
         return row

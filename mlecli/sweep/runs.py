@@ -10,9 +10,7 @@ report.
 from __future__ import annotations
 
 import difflib
-import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from mlecli.run.evaluate import default_report, read_report
 from mlecli.run.rundir import committed_epochs, read_manifest
 from mlecli.safe import schema
 from mlecli.safe.errors import ConfigError, MlecliError, printable
+from mlecli.safe.locks import is_locked
 from mlecli.sweep.record import read_sweep_json
 
 ASCENDING = {"name", "started"}
@@ -31,26 +30,11 @@ COLUMNS = ("name", "sweep", "status", "dataset", "task")
 DEFAULT_OPTIMIZER = "sgd"  # what a config without train.optimizer trains with
 
 
-def locked(run_dir: Path) -> bool:
-    """True if a training process holds the run's lock right now."""
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not block
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def _number(v: Any) -> float | None:
     return float(v) if schema.is_number(v) else None
 
 
-def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
+def run_row(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
     """One row: what the run is, how far it got, its best and test figures, its status.
     Whatever is wrong with the run's files makes it a `broken` row saying why."""
     row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), "sweep": sweep, "task": None,
@@ -64,7 +48,7 @@ def describe(run_dir: Path, sweep: str | None = None) -> dict[str, Any]:
         row["status"], row["problem"] = "broken", str(exc)
     except OSError as exc:  # a folder or file this user may not read, say
         row["status"], row["problem"] = "broken", f"cannot read {exc.filename or run_dir}: {exc.strerror or exc}"
-    except Exception as exc:  # a bug of ours must not hide the other runs: show it on this row
+    except Exception as exc:  # any type, on purpose: a bug of ours must not hide the other runs; this row names it
         row["status"], row["problem"] = "broken", f"cannot be read ({type(exc).__name__}: {exc})"
     return row
 
@@ -97,7 +81,7 @@ def _fill(row: dict[str, Any], run_dir: Path) -> None:
     manifest = read_manifest(run_dir, strict=True)
     row["started"] = manifest.get("started")
     ended = manifest.get("ended") or {}
-    if locked(run_dir):
+    if is_locked(run_dir):
         row["status"] = "running"
     elif ended.get("status") == "failed":
         row["status"] = "failed"
@@ -134,7 +118,7 @@ def _guarded(test, p: Path) -> bool | None:
 def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
     """(run folder, sweep name or None) for every run in `folder` and in the sweeps in it;
     `folder` itself may be a sweep. A folder that cannot be looked into is listed too (as
-    a run, which `describe` then shows broken, saying why): one unreadable folder never
+    a run, which `run_row` then shows broken, saying why): one unreadable folder never
     hides the others."""
     def runs_in(sweep: Path) -> list[tuple[Path, str | None]]:
         try:
@@ -160,7 +144,7 @@ def run_folders(folder: Path) -> list[tuple[Path, str | None]]:
 
 def _unless_damaged(sweep: Path, runs: list[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
     """A sweep's runs, or, when its sweep.json is damaged, the sweep folder itself (which
-    `describe` then shows broken, saying why): the other runs are still listed."""
+    `run_row` then shows broken, saying why): the other runs are still listed."""
     try:
         read_sweep_json(sweep)
     except MlecliError:
@@ -221,7 +205,7 @@ def list_runs(runs_dir: Path, sort: str = "name", where: tuple[tuple[str, Any], 
     """Every run in `runs_dir` (and in the sweeps inside it) that passes every `where` filter."""
     if not runs_dir.is_dir():
         raise MlecliError(f"{runs_dir} is not a folder: give the folder that holds your runs (default: runs)")
-    rows = [describe(p, sweep) for p, sweep in run_folders(runs_dir)]
+    rows = [run_row(p, sweep) for p, sweep in run_folders(runs_dir)]
     rows = [r for r in rows if all(_matches(r, k, v) for k, v in where)]
     if sort == "name":
         return sorted(rows, key=lambda r: (r["sweep"] or "", r["name"]))

@@ -390,7 +390,7 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
     from mlecli.run.config import from_dict  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.run.rundir import clear_unstarted  # lazy: a worker sets its BLAS threads before numpy loads
     from mlecli.sweep.record import config_difference  # lazy: a worker sets its BLAS threads before numpy loads
-    from mlecli.sweep.runs import describe  # lazy: a worker sets its BLAS threads before numpy loads
+    from mlecli.sweep.runs import run_row  # lazy: a worker sets its BLAS threads before numpy loads
 
     def send(*message) -> None:
         with _no_signals(), contextlib.suppress(OSError):
@@ -428,9 +428,9 @@ def _perform(task: Task, conn, data_dir: Path) -> Result:
             ev.save_report(ev.evaluate(run_dir, which="best", split="test", data_dir=data_dir, log=report.log))
         return Result("finished")
     except (_Stopped, Stopped, train.StopNow):  # outside the training loop: the folder says where the run is
-        status = describe(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
+        status = run_row(run_dir)["status"] if (run_dir / "checkpoints" / "last.npz").is_file() else "not started"
         return Result(status if status in ("finished", "interrupted") else "not started")
     except MlecliError as exc:
         return Result("failed", str(exc))
-    except Exception as exc:  # a bug: reported as the run's failure, and the sweep goes on
+    except Exception as exc:  # any type, on purpose: a bug fails this run, named as a bug; the sweep goes on
         return Result("failed", f"internal error (a bug in mlecli, please report it): {type(exc).__name__}: {exc}")

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from mlecli.nn.metrics import logit_bound
 from mlecli.run import checkpoint as ckpt
-from mlecli.run.evaluate import file_sha256, measured, run_dir_of
+from mlecli.run.evaluate import measured, run_dir_of
 from mlecli.run.task import class_words
 from mlecli.safe import schema
 from mlecli.safe.errors import MlecliError, display
-from mlecli.safe.files import atomic_write_bytes
+from mlecli.safe.files import atomic_write_bytes, hash_file
 from mlecli.safe.outputs import check_output
 from mlecli.use.predict import check_image_shape, check_weights, checkpoint_name
 from mlecli.use.preparation import style_for
@@ -43,6 +44,10 @@ THRESHOLD = 0.5
 LINE_WIDTH = 22  # pixels of the page's pen on its 280×280 canvas: MNIST's stroke width once scaled to 20 px
 PAGE_LIMIT = 2_000_000  # bytes: a page over this loads slowly; `mlecli export` warns
 KINDS = {"onnx": "ONNX model", "html": "web page"}
+# How mlecli decides (metrics.decide), for whoever takes the exported network elsewhere.
+DECISION = ("y = 1 where z >= log(t / (1 - t)) for a threshold t, that is where P(y = 1) >= t exactly; at mlecli's "
+            "default t = 0.5, where z >= 0. Decide from z: y_hat is rounded to float32, and rounds to t for logits "
+            "on either side of that bound")
 
 
 def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> Path:
@@ -57,13 +62,12 @@ def export(target: Path | str, which: str, fmt: str, out: Path | str | None) -> 
     out = check_output(default if out is None else out, "--out", f".{fmt}", KINDS[fmt],
                        keep=[(path, "the checkpoint being exported")])
     cp = ckpt.load(path)
+    # Both formats take what predict takes: images prepared into 28×28 (the ONNX model's input
+    # and metadata say so), so a network trained on other sizes is refused by all, in one line.
+    check_image_shape(cp)
     check_weights(cp)
-    info = describe(cp)
-    if fmt == "onnx":
-        data = onnx_bytes(cp, info)
-    else:
-        check_image_shape(cp)
-        data = page_html(cp, info).encode("utf-8")
+    info = metadata(cp)
+    data = onnx_bytes(cp, info) if fmt == "onnx" else page_html(cp, info).encode("utf-8")
     atomic_write_bytes(out, data)
     return out
 
@@ -75,16 +79,17 @@ def default_out(checkpoint_path: Path, fmt: str) -> Path:
     return (run if run is not None else checkpoint_path.parent) / f"{checkpoint_path.stem}.{fmt}"
 
 
-def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
+def metadata(cp: ckpt.Checkpoint) -> dict[str, Any]:
     """What a reader of the exported file should know about the network, as plain values."""
 
     cfg = cp.config
     run = run_dir_of(cp.path)
     negative, positive = class_words(cfg)
+    hashed = hash_file(cp.path)
     info: dict[str, Any] = {
         "run": display(run.name) if run is not None else cfg.name,
         "checkpoint": display(cp.path.name),
-        "checkpoint_sha256": file_sha256(cp.path),
+        "checkpoint_sha256": None if hashed is None else hashed.sha256,
         "epoch": cp.epoch,
         "task": cfg.task.describe(),
         "negative_class": negative,
@@ -95,6 +100,7 @@ def describe(cp: ckpt.Checkpoint) -> dict[str, Any]:
         "image_shape": list(cp.meta.get("image_shape") or []),
         "n_inputs": int(cp.meta["n_inputs"]),
         "preparation": style_for(cfg.data.dataset).name,
+        "decision": DECISION,
         "mlecli_version": __version__,
         "test_accuracy": None,
     }
@@ -139,7 +145,8 @@ def onnx_bytes(cp: ckpt.Checkpoint, info: dict[str, Any]) -> bytes:
         from onnx import TensorProto, helper, numpy_helper  # lazy: onnx is an optional extra
     except ImportError:
         raise MlecliError("--format onnx needs the onnx package: pip install 'mlecli[onnx]'") from None
-    except Exception as exc:  # an install that is broken: its import itself fails
+    except Exception as exc:  # any type: importing a broken install runs its code (a missing shared library,
+        # a module built for another numpy: OSError, AttributeError, ValueError…)
         why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise MlecliError(f"--format onnx: the onnx package is installed but cannot be imported "
                           f"({type(exc).__name__}: {why}); reinstall it: pip install --force-reinstall "
@@ -240,6 +247,8 @@ def page_model(cp: ckpt.Checkpoint, info: dict[str, Any]) -> dict[str, Any]:
         "layers": layers,
         "words": [info["negative_class"], info["positive_class"]],
         "threshold": THRESHOLD,
+        # the page decides as every command does (metrics.decide): y = 1 where z ≥ this bound
+        "z_threshold": logit_bound(THRESHOLD),
         "style": info["preparation"],
         "seen": (
             "What the network sees: your drawing prepared as MNIST's digits were (cropped, scaled to 20 pixels, "

@@ -100,7 +100,7 @@ def guard(name: str) -> Iterator[None]:
         raise InputError(f"{name}: cannot read it ({exc.strerror or _why(exc)})") from None
     except RecursionError:
         raise InputError(f"{name}: cannot read it (nested too deeply)") from None
-    except Exception as exc:
+    except Exception as exc:  # any type, on purpose: whatever fails on one input is its line, named by type
         raise InputError(f"{name}: cannot read it ({type(exc).__name__}: {_why(exc)})") from None
 
 
@@ -390,7 +390,7 @@ def _npy_header(head: bytes, name: str) -> tuple[int, tuple[int, ...], bool, np.
     fmt = np.lib.format
     try:
         version = fmt.read_magic(io.BytesIO(head))
-    except Exception:
+    except ValueError:  # what read_magic raises for a wrong magic string or too few bytes
         raise InputError(f"{name}: not a readable .npy file (its version is {head[6:8].hex()})") from None
     width = 2 if version == (1, 0) else 4
     if len(head) < 8 + width:
@@ -406,7 +406,8 @@ def _npy_header(head: bytes, name: str) -> tuple[int, tuple[int, ...], bool, np.
         f = io.BytesIO(head)
         fmt.read_magic(f)
         shape, fortran, dtype = reader(f)
-    except Exception as exc:  # numpy raises many types for a damaged header
+    except Exception as exc:  # any type: numpy reads it with ast.literal_eval and np.dtype (ValueError,
+        # SyntaxError, TypeError, KeyError, OverflowError… for a damaged header)
         why = _why(exc) if "pickle" not in str(exc) else type(exc).__name__
         raise InputError(f"{name}: not a readable .npy file (damaged header: {why})") from None
     if dtype.subdtype is not None and not dtype.hasobject:
@@ -573,7 +574,8 @@ def read_image(data: bytes, name: str) -> np.ndarray:
             ) from None
         except UnidentifiedImageError:
             raise InputError(f"{name}: not an image mlecli can read ({PICTURES}), nor a .npy or IDX file") from None
-        except Exception as exc:  # Pillow's decoders raise many types on damaged files
+        except Exception as exc:  # any type: Pillow's format plugins raise many (SyntaxError, struct.error,
+            # ValueError, OSError…) on a damaged header
             raise InputError(f"{name}: not a readable image ({_why(exc)})") from None
         return picture_gray(img, name)
 
@@ -600,12 +602,14 @@ def picture_gray(img, name: str) -> np.ndarray:
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
-            except Exception:  # a damaged EXIF block: keep the picture as stored
+            except Exception:  # any type: a damaged EXIF block (KeyError, TypeError, struct.error…): keep the
+                # picture as stored
                 pass
             return _gray(img)
         except MlecliError:
             raise
-        except Exception as exc:  # Pillow's decoders raise many types on damaged files
+        except Exception as exc:  # any type: Pillow's decoders raise many (OSError, ValueError, SyntaxError,
+            # struct.error, EOFError…) on a damaged body
             raise InputError(f"{name}: not a readable image ({_why(exc)})") from None
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlecli.data.cache import prepare
+from mlecli.data.cache import ensure_splits
 from mlecli.run import checkpoint as ckpt
-from mlecli.run.evaluate import default_report, read_report
+from mlecli.run.evaluate import command_for, default_report, read_report, report_name, stands
 from mlecli.run.rundir import committed_epochs
 from mlecli.run.task import class_words, short_word
 from mlecli.safe.errors import MlecliError, printable
@@ -44,10 +44,12 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path: Path) -> None:
-    """The figure as a PNG at `path`, written atomically, with no timestamp in it."""
+def save_png(fig, path: Path, tight: bool = False) -> None:
+    """The figure as a PNG at `path`, written atomically, with no timestamp in it; `tight`: the
+    picture grows to hold every artist (a legend outside the axes is never cut off)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    extra = {"bbox_inches": "tight", "pad_inches": 0.15} if tight else {}
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, **extra)
     data = buf.getvalue()
     atomic_write(path, lambda f: f.write(data))
 
@@ -100,9 +102,16 @@ def _wrapped(text: str, inches: float, fontsize: float) -> str:
     return textwrap.fill(text, width=max(20, int(inches * 72 / (0.55 * fontsize))))
 
 
+def weights_name(cp: ckpt.Checkpoint) -> str:
+    """The file `hidden_units` writes: hidden-units.png for a network with hidden layers;
+    weights.png for logistic regression, whose one image is the weights themselves."""
+    return "hidden-units.png" if cp.config.model.hidden else "weights.png"
+
+
 def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
-    """The first layer's weights of up to 64 units as images, on one scale centred on 0
-    (logistic regression: its one weight image)."""
+    """The first layer's weights of up to 64 units as images, on one scale centred on 0.
+    Logistic regression (weights.png): its one weight image, the colour bar saying which
+    colour is evidence for which class (ink on a red pixel raises ŷ)."""
     W = cp.params[0][0]
     h, w = _image_shape(cp.meta, W.shape[0])
     total = W.shape[1]
@@ -113,7 +122,7 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
     size = 1.2 if units > 1 else 4.0
     width = cols * size + 1.4
     if not cp.config.model.hidden:
-        what = "logistic regression: the weight of each pixel"
+        what = "logistic regression, the weight of each pixel"
     elif units < total:
         what = f"first-layer weights of units 1-{units} of {total}"
     else:
@@ -134,10 +143,17 @@ def hidden_units(plt, cp: ckpt.Checkpoint, title: str, out: Path) -> Path:
             ax.set_title(f"unit {i + 1}", fontsize=7)
     top = 1 - head / (rows * size + 0.25 + head)
     fig.subplots_adjust(left=0.03, right=0.82, bottom=0.03, top=top, wspace=0.08, hspace=0.3 if units > 1 else 0.0)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight (red +, blue −)")
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    if cp.config.model.hidden:  # a hidden unit's weights are no evidence for either class by themselves
+        bar.set_label("weight (red +, blue −)")
+    else:
+        negative, positive = (short_word(w, 18) for w in class_words(cp.config))
+        bar.set_label("weight of a pixel's ink")
+        bar.ax.set_title(f"red (+): evidence\nfor {positive}", fontsize=8)
+        bar.ax.set_xlabel(f"blue (−): evidence\nfor {negative}", fontsize=8)
     fig.suptitle(title, fontsize=11)
-    path = out / "hidden-units.png"
-    save_png(fig, path)
+    path = out / weights_name(cp)
+    save_png(fig, path, tight=not cp.config.model.hidden)  # the class words under the bar stay whole
     plt.close(fig)
     return path
 
@@ -164,7 +180,7 @@ def mistakes(plt, report: dict, images: np.ndarray, out: Path) -> Path:
     for ax, e in zip(axes.flat, errors):
         ax.imshow(images[e["index"]], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
         label = e.get("label") or f"digit {e['digit']}"
-        said = short_word(classes[str(1 - e["y"])], 1 - e["y"], width=18)
+        said = short_word(classes[str(1 - e["y"])], width=20)
         ax.set_title(f"#{e['index']}  {label}\npredicted {said}\nŷ = {e['p']:.4f}", fontsize=8)
     task = f"{classes['1']} (y=1) vs {classes['0']} (y=0)" if report.get("classes") else report["task"]
     fig.suptitle(_wrapped(f"Most confidently wrong: {report['split']} split, {report['checkpoint_name']} "
@@ -191,16 +207,23 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     best = cp.meta.get("best") or {}
     negative, positive = class_words(cfg)
     network = f"hidden {list(cfg.model.hidden)}" if cfg.model.hidden else "logistic regression"
-    title = printable(f"{run_dir.name}: {positive} vs {negative}, {network}")  # a name may not be UTF-8
+    task = printable(f"{run_dir.name}: {positive} vs {negative}")  # a name may not be UTF-8
     written = []
     if epochs:
-        written.append(curves(plt, run_dir, epochs, best.get("epoch"), title, out))
+        written.append(curves(plt, run_dir, epochs, best.get("epoch"), f"{task}, {network}", out))
     else:
         log(f"{run_dir} has no finished epoch yet: no curves.png")
-    written.append(hidden_units(plt, cp, f"{title} ({which}.npz, epoch {cp.epoch})", out))
-    report_path = _evaluation(run_dir)
+    # the weights' own title says what the network is: logistic regression is named once
+    units = f"{task}, {network}" if cfg.model.hidden else task
+    written.append(hidden_units(plt, cp, f"{units} ({which}.npz, epoch {cp.epoch})", out))
+    report_path, stale = _evaluation(run_dir)
     if report_path is None:
-        log(f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png")
+        old = out / "mistakes.png"
+        removed = None
+        if stale is not None and old.is_file():  # an earlier plot's picture of that report: stale as well
+            old.unlink()
+            removed = old
+        log(_no_mistakes(run_dir, stale, removed))
     else:
 
         report = read_report(report_path)
@@ -213,16 +236,44 @@ def plot_run(run_dir: Path, out: Path | None, data_dir: Path, log=lambda msg: No
     return written
 
 
-def _evaluation(run_dir: Path) -> Path | None:
-    """The run's default report (evaluate.default_report), else any other it has."""
+def _evaluation(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """The report mistakes.png is drawn from: the run's default report (evaluate.default_report),
+    else another that still stands for the checkpoint it names (evaluate.stands: the rule
+    `runs`, the sweep's table and the page's footer follow). Else (None, the report that
+    would have been used but is stale), or (None, None) when there is none."""
+    default = default_report(run_dir)
+    if default is not None:
+        return default, None
+    preferred = [run_dir / report_name("test", "best"), run_dir / report_name("test", "last")]
+    found = [p for p in preferred if p.is_file()] + [p for p in sorted(run_dir.glob("eval-*.json"))
+                                                      if p not in preferred]
+    for path in found:
+        if stands(path, run_dir):
+            return path, None
+    return None, (found[0] if found else None)
 
-    found = sorted(run_dir.glob("eval-*.json"))
-    return default_report(run_dir) or (found[0] if found else None)
+
+def _no_mistakes(run_dir: Path, stale: Path | None, removed: Path | None) -> str:
+    """Why there is no mistakes.png, and the command that makes one."""
+    if stale is None:
+        return f"no evaluation in {run_dir}: run `mlecli evaluate {shlex.quote(str(run_dir))}` for mistakes.png"
+    report = read_report(stale)
+    name, then = report["checkpoint_name"], report["epoch"]
+    path = run_dir / "checkpoints" / f"{name}.npz"
+    try:
+        epoch = ckpt.load(path).epoch if path.is_file() else None
+        now = "gone" if epoch is None else f"epoch {epoch}" if epoch != then else "another file of that epoch"
+    except MlecliError:
+        now = "no longer readable"
+    gone = f"; removed the earlier {removed}" if removed is not None else ""
+    return (f"{stale} measured {name}.npz at epoch {then}, and {name}.npz is now {now}: no mistakes.png"
+            f"{gone}; run `{command_for(report, run_dir)}` to make it current")
 
 
 def _split_images(cfg, split: str, data_dir: Path, run_dir: Path) -> np.ndarray:
 
     # Never download from a URL that came with a run folder: the cache, or a built-in mirror.
-    how = f"mlecli download --config {shlex.quote(str(run_dir / 'config.toml'))} --data-dir {shlex.quote(str(data_dir))}"
-    splits = prepare(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
+    config = shlex.quote(str(run_dir / "config.toml"))
+    how = f"mlecli download --config {config} --data-dir {shlex.quote(str(data_dir))}"
+    splits = ensure_splits(cfg.data.resolve(), data_dir, download="builtin", how_to_fetch=how)
     return splits["test" if split == "test" else "train"].images

@@ -10,28 +10,26 @@ images, and with weights whose sums cannot overflow its float type, so every ŷ 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import numbers
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mlecli.nn.metrics import decide
 from mlecli.nn.model import forward, sigmoid
 from mlecli.nn.pixels import image_scores
 from mlecli.run import checkpoint as ckpt
 from mlecli.run.task import class_words
-from mlecli.safe.errors import CheckpointError, InputError, MlecliError, printable, quoted
-from mlecli.safe.files import atomic_write_bytes
+from mlecli.safe.errors import CheckpointError, InputError, MlecliError, quoted
 from mlecli.use import inputs
 from mlecli.use.preparation import FRAME, BlankImage, Style, blank_message, prepare_many, prepare_steps, style_for
 
 SHAPE = (FRAME, FRAME)
-SHOW_LIMIT = 400  # images in a --show grid
 MAX_REFUSALS = 10  # images of one file refused one line each; the rest of them in one line
 CHUNK_PIXELS = 1 << 21  # pixels of a stack prepared and predicted at a time (2,674 images of 28×28)
 CHECKPOINT_NAMES = re.compile(r"best|last|epoch-\d+")
@@ -39,20 +37,30 @@ CHECKPOINT_NAMES = re.compile(r"best|last|epoch-\d+")
 
 @dataclass(frozen=True)
 class Batch:
-    """ŷ for the usable images of one source: `source` as the user named it, `index` (n,) their
-    positions in a stack (None for a single image), `images` (n, 28, 28) what the network saw
-    (uint8, or float64 0-1 for raw float arrays) and `p` (n,) float64 their ŷ."""
+    """The network's answer for the usable images of one source: `source` as the user named it,
+    `index` (n,) their positions in a stack (None for a single image), `images` (n, 28, 28) what
+    the network saw (uint8, or float64 0-1 for raw float arrays) and `z` (n,) float64 their
+    logits, in the network's own precision (converted exactly)."""
 
     source: str
     index: np.ndarray | None
     images: np.ndarray
-    p: np.ndarray
+    z: np.ndarray
+
+    @property
+    def p(self) -> np.ndarray:
+        """(n,) float64: ŷ = σ(z)."""
+        return sigmoid(self.z)
+
+    def decided(self, threshold: float) -> np.ndarray:
+        """(n,) bool: y = 1 where σ(z) ≥ threshold, by the one rule (metrics.decide)."""
+        return decide(self.z, threshold)
 
     def labels(self, name: str | None = None) -> list[str]:
         """`source` (or `name` in its place) for each image, with `[i]` inside a stack."""
         name = self.source if name is None else name
         if self.index is None:
-            return [name] * len(self.p)
+            return [name] * len(self.z)
         return [f"{name}[{i}]" for i in self.index.tolist()]
 
 
@@ -144,18 +152,22 @@ class Model:
         )
 
     # -- the math ---------------------------------------------------------
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """ŷ (N,) float64 of 28×28 network inputs (N, 28, 28): uint8 0-255 or float 0-1."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """z (N,) of 28×28 network inputs (N, 28, 28), uint8 0-255 or float 0-1: computed in the
+        network's own precision (as `evaluate` does), given as float64 (an exact conversion)."""
         with np.errstate(all="ignore"):  # check_weights bounds every sum; nothing is left to warn about
             if images.dtype == np.uint8:
                 z = image_scores(self.params, images)
             else:
                 dtype = self.params[-1][0].dtype
                 z = forward(self.params, images.reshape(len(images), -1).astype(dtype))[1]
-            p = sigmoid(z.astype(np.float64))
-        if not np.all(np.isfinite(p)):  # unreachable after check_weights: the last guard before any output
+        if not np.all(np.isfinite(z)):  # unreachable after check_weights: the last guard before any output
             raise CheckpointError(f"{self.checkpoint.path}: the network gives a ŷ that is not a number")
-        return p
+        return z.astype(np.float64)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """ŷ = σ(z) (N,) float64 of 28×28 network inputs (N, 28, 28): uint8 0-255 or float 0-1."""
+        return sigmoid(self.logits(images))
 
     # -- the Python API ---------------------------------------------------
     def prepare(self, image) -> np.ndarray:
@@ -165,16 +177,14 @@ class Model:
 
     def predict_proba(self, images, raw: bool = False) -> np.ndarray:
         """(N, 2) float64: P(y = 0) and P(y = 1) for each image (as scikit-learn's classifiers give)."""
-        p = self._p(images, raw)
+        p = self.probabilities(self._network_inputs(images, raw))
         return np.stack([1.0 - p, p], axis=1)
 
     def predict(self, images, threshold: float = 0.5, raw: bool = False) -> np.ndarray:
-        """(N,) int: 1 where ŷ ≥ threshold, else 0; `classes_[k]` names class k."""
+        """(N,) int: 1 where ŷ ≥ threshold (exactly: σ(z) ≥ threshold, as every command decides,
+        metrics.decide), else 0; `classes_[k]` names class k."""
         threshold = check_threshold(threshold)
-        return (self._p(images, raw) >= threshold).astype(np.int64)
-
-    def _p(self, images, raw: bool) -> np.ndarray:
-        return self.probabilities(self._network_inputs(images, raw))
+        return decide(self.logits(self._network_inputs(images, raw)), threshold).astype(np.int64)
 
     def _network_inputs(self, images, raw: bool) -> np.ndarray:
         """(N, 28, 28) network inputs of the API's images; the first unusable one raises its InputError."""
@@ -211,7 +221,7 @@ class Model:
                 loaded = inputs.load(src)
                 for usable in network_inputs(loaded, raw, self.style):
                     if len(usable.images):
-                        yield Batch(src.name, usable.index, usable.images, self.probabilities(usable.images))
+                        yield Batch(src.name, usable.index, usable.images, self.logits(usable.images))
                     for error in usable.errors:
                         refused += 1
                         if refused <= MAX_REFUSALS:
@@ -258,7 +268,8 @@ def network_inputs(loaded: inputs.Loaded, raw: bool, style: Style) -> Iterator[U
         if not blank.any():
             yield Usable(index, images, [])
             continue
-        errors = [blank_error(name if index is None else f"{name}[{i}]") for i in (np.flatnonzero(blank) + start).tolist()]
+        refused = (np.flatnonzero(blank) + start).tolist()
+        errors = [blank_error(name if index is None else f"{name}[{i}]") for i in refused]
         yield Usable(None if index is None else index[~blank], images[~blank], errors)
 
 
@@ -347,8 +358,8 @@ def text_lines(batch: Batch, words: tuple[str, str], threshold: float, width: in
     least `width`), ŷ and the decision."""
     labels = batch.labels(name)
     width = max(width, *map(len, labels))
-    decided = batch.p >= threshold
-    return [f"{label:<{width}}  ŷ {p:.4f}  {words[d]}" for label, p, d in zip(labels, batch.p.tolist(), decided.tolist())]
+    decided = batch.decided(threshold).tolist()
+    return [f"{label:<{width}}  ŷ {p:.4f}  {words[d]}" for label, p, d in zip(labels, batch.p.tolist(), decided)]
 
 
 # What str.splitlines (and other Unicode-aware readers) end a line at, that JSON leaves raw:
@@ -373,38 +384,8 @@ def json_lines(batch: Batch, words: tuple[str, str], threshold: float) -> list[s
     source = json_string(batch.source)
     label = [json_string(w) for w in words]
     index = ["null"] * len(batch.p) if batch.index is None else batch.index.tolist()
-    decided = (batch.p >= threshold).tolist()
+    decided = batch.decided(threshold).tolist()
     return [
         f'{{"input": {source}, "index": {i}, "p": {p!r}, "prediction": {int(d)}, "label": {label[d]}}}'
         for i, p, d in zip(index, batch.p.tolist(), decided)
     ]
-
-
-def show_grid(batches: Iterable[Batch], words: tuple[str, str], threshold: float, path: Path,
-              limit: int = SHOW_LIMIT) -> int:
-    """A PNG of the network's inputs (the first `limit`), 3× enlarged (each pixel a 3×3 block,
-    no smoothing), with each image's name, ŷ and decision under it, ten to a row; how many."""
-    from PIL import Image, ImageDraw, ImageFont  # lazy: Pillow only for --show
-
-    preds = [(label, p, image) for b in batches for label, p, image in zip(b.labels(), b.p.tolist(), b.images)]
-    preds = preds[:limit]
-    scale, cols = 3, 10
-    cell_w, cell_h = FRAME * scale + 16, FRAME * scale + 44
-    rows = max(1, math.ceil(len(preds) / cols))
-    sheet = Image.new("L", (cell_w * min(cols, max(len(preds), 1)), cell_h * rows), 255)
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for k, (label, p, image) in enumerate(preds):
-        x, y = (k % cols) * cell_w + 8, (k // cols) * cell_h + 4
-        pixels = image if image.dtype == np.uint8 else np.floor(255 * image + 0.5).astype(np.uint8)
-        sheet.paste(Image.fromarray(pixels).resize((FRAME * scale, FRAME * scale), Image.NEAREST), (x, y))
-        draw.text((x, y + FRAME * scale + 2), _fit(printable(label), 14), fill=0, font=font)
-        draw.text((x, y + FRAME * scale + 15), _fit(f"{p:.3f} {words[p >= threshold]}", 14), fill=0, font=font)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return len(preds)
-
-
-def _fit(text: str, n: int) -> str:
-    return text if len(text) <= n else "…" + text[-(n - 1):]

@@ -128,7 +128,9 @@
     hint.hidden = true;
     marker.hidden = false;
     marker.style.left = (100 * out.p).toFixed(2) + "%";
-    var positive = out.p >= model.threshold;
+    // Decided from z, as every mlecli command decides (mlecli/nn/metrics.py): ŷ ≥ t exactly where
+    // z ≥ logit(t); ŷ itself, a rounded number, is 0.5 for every |z| below 1e-16.
+    var positive = out.z >= model.z_threshold;
     verdict.textContent = "";
     verdict.appendChild(document.createTextNode("The network says: "));
     var b = document.createElement("b");
