@@ -20,7 +20,7 @@ from mlecli.nn.model import (
     sigmoid,
 )
 from mlecli.nn.pixels import pixels
-from mlecli.nn.step import Workspace, train_step
+from mlecli.nn.step import Workspace, output_delta, sigmoid_of_half, times_sigmoid_slope, train_step
 
 
 def random_problem(hidden, n=7, n_in=5, seed=0, dtype=np.float64):
@@ -144,6 +144,31 @@ def test_in_place_train_step_equals_the_pure_functions(hidden, batch, backend, m
         np.testing.assert_allclose(b, be, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_steps_hidden_sigmoid_from_a_half_has_the_bits_of_model_sigmoid(dtype):
+    a = np.linspace(-60, 60, 1201, dtype=dtype)
+    h = a / 2  # what a hidden layer's GEMMs leave
+    sigmoid_of_half(h)
+    assert h.tobytes() == sigmoid(a).tobytes()
+
+
+def test_the_steps_output_delta_is_y_minus_sigmoid_z():
+    z = np.linspace(-40, 40, 161)
+    y = (np.arange(161) % 2).astype(np.float64)
+    delta = np.empty((161, 1))
+    output_delta((z / 2)[:, None], (y - 0.5)[:, None], delta)
+    np.testing.assert_allclose(delta[:, 0], y - sigmoid(z), rtol=0, atol=3e-16)
+
+
+def test_the_steps_backprop_through_the_sigmoid_multiplies_by_h_times_one_minus_h():
+    rng = np.random.default_rng(4)
+    delta, h = rng.normal(size=(5, 3)), rng.uniform(0, 1, (5, 3))
+    want = delta * h * (1.0 - h)
+    times_sigmoid_slope(delta, h, np.empty_like(h))
+    # h − h² rounds h² before the subtraction: near h = 1 that costs relative precision
+    np.testing.assert_allclose(delta, want, rtol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["cblas", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bound_gemm_is_alpha_op_a_op_b_plus_beta_c_on_the_arrays_memory(backend, dtype, monkeypatch):
@@ -163,6 +188,27 @@ def test_bound_gemm_is_alpha_op_a_op_b_plus_beta_c_on_the_arrays_memory(backend,
                 want = 0.25 * ((a.T if trans_a else a) @ (b.T if trans_b else b)) + c
                 call()
                 np.testing.assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cblas", "numpy"])
+def test_gemm_is_written_as_its_formula_with_t_for_a_transpose(backend, monkeypatch):
+    if backend == "numpy":
+        monkeypatch.setattr(blas, "_CBLAS", None)
+    elif blas._cblas() is None:
+        pytest.skip("no cblas found beside numpy: the numpy fallback is what runs here")
+    rng = np.random.default_rng(2)
+    h, d, w = rng.normal(size=(6, 4)), rng.normal(size=(6, 3)), rng.normal(size=(4, 3))
+    G, G_bind = w.copy(), w.copy()
+    blas.gemm(blas.T(h), d, out=G, alpha=0.5, beta=2.0)()  # G ← 2 G + ½ hᵀ d
+    np.testing.assert_allclose(G, 2.0 * w + 0.5 * (h.T @ d), rtol=1e-12)
+    blas.bind(h, d, G_bind, 0.5, 2.0, trans_a=True)()  # the same call in the BLAS's order: the same bits
+    assert G.tobytes() == G_bind.tobytes()
+    back = np.empty((6, 4))
+    blas.gemm(d, blas.T(w), out=back)()  # back ← d wᵀ (β = 0: whatever back held is ignored)
+    np.testing.assert_allclose(back, d @ w.T, rtol=1e-12)
+    y = np.ones(5)
+    blas.axpby(np.arange(5.0), out=y, alpha=0.5)()  # y ← y + ½ x
+    np.testing.assert_array_equal(y, 1.0 + 0.5 * np.arange(5.0))
 
 
 def test_bound_gemm_works_on_blocks_of_columns_and_refuses_strided_rows():

@@ -1,15 +1,23 @@
 """Direct calls to the BLAS that numpy itself uses, for the training hot loop.
 
 numpy's `matmul` computes C = A·B into a fresh or given array; the trainer needs
-C ← α·A·B + β·C (the weight update W ← W + h_prevᵀ·(η δ) done inside the GEMM, with no
+C ← α·A·B + β·C (the weight update W ← W + η h_prevᵀ δ done inside the GEMM, with no
 separate pass over W) and control of the BLAS thread count. numpy's wheels ship
 OpenBLAS (as scipy-openblas, 64-bit integers); this module finds the copy numpy has
 already loaded and calls its cblas_?gemm through ctypes, the way scipy.linalg.blas
-does, with the arguments of each product converted once (`bind`). A self-test against
-numpy runs once; if the library, a symbol or the test is missing, or MLECLI_BLAS=numpy is
-set, `bind` gives numpy calls with the same results up to rounding instead. Which one
-runs is named by `backend()`. `bind_axpby` does the same for y ← α·x + β·y, the
-vector updates of the optimizers' state.
+does, with the arguments of each product converted once. A self-test against numpy
+runs once; if the library, a symbol or the test is missing, or MLECLI_BLAS=numpy is set,
+the bound calls are numpy's, with the same results up to rounding. Which one runs is
+named by `backend()`.
+
+How a product is written where it is used: as the formula it computes,
+
+    gemm(T(h_prev), delta, out=W, alpha=eta, beta=1.0)     # W ← W + η h_prevᵀ δ
+    axpby(v, out=W, alpha=eta)                              # W ← W + η v
+
+each a call bound once to these very arrays and run every batch (`T(a)` is aᵀ: the
+BLAS reads a's rows as columns, nothing is copied). `bind` and `bind_axpby` are the
+same calls in the BLAS's own argument order.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 Scalar = ctypes.c_float | ctypes.c_double  # a number a bound call reads when it runs
+Call = Callable[[], None]  # a bound product: run it, and it computes its formula on its arrays
 # (gemm symbol prefix, thread setter, integer type), most specific first
 _FLAVOURS = (
     ("scipy_cblas_{}gemm64_", "scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", ctypes.c_int64),
@@ -121,7 +130,7 @@ def _leading_dimension(a: np.ndarray) -> int | None:
     return ld if ld >= a.shape[1] else None
 
 
-def _bind_cblas(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> Callable[[], None]:
+def _bind_cblas(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> Call:
     m, n = C.shape
     k = A.shape[0] if trans_a else A.shape[1]
     if (B.shape[1] if trans_b else B.shape[0]) != k or (A.shape[1] if trans_a else A.shape[0]) != m or (
@@ -134,6 +143,7 @@ def _bind_cblas(cblas: _Cblas, A, B, C, alpha, beta, trans_a, trans_b) -> Callab
     f, real = cblas.gemm[C.dtype]
     i, n_ = ctypes.c_int, cblas.int_t
     ptr = ctypes.c_void_p
+    # cblas_?gemm(layout, op A, op B, M, N, K, α, A, lda, B, ldb, β, C, ldc): C ← α op(A) op(B) + β C, C M × N
     call = functools.partial(
         f, i(ROW_MAJOR), i(TRANS if trans_a else NO_TRANS), i(TRANS if trans_b else NO_TRANS), n_(m), n_(n), n_(k),
         _real(real, alpha), ptr(A.ctypes.data), n_(lds[0]), ptr(B.ctypes.data), n_(lds[1]), _real(real, beta),
@@ -152,7 +162,7 @@ def _real(real: type, value: float | Scalar) -> Scalar:
     return real(value)
 
 
-def _bind_axpby_cblas(cblas: _Cblas, x, y, alpha, beta) -> Callable[[], None]:
+def _bind_axpby_cblas(cblas: _Cblas, x, y, alpha, beta) -> Call:
     if x.shape != y.shape or x.dtype != y.dtype or not (x.flags.c_contiguous and y.flags.c_contiguous):
         raise ValueError("axpby needs two C-contiguous arrays of one shape and dtype")
     _, real = cblas.gemm[y.dtype]
@@ -200,8 +210,34 @@ def _value(v: float | Scalar) -> float:
     return v.value if isinstance(v, (ctypes.c_float, ctypes.c_double)) else v
 
 
+class T:
+    """aᵀ, as an operand of `gemm`: `gemm(T(h), d, out=G)` is G ← hᵀ d. No copy is made;
+    the BLAS is told to read a's rows as columns (its "transpose" flag)."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+
+
+def gemm(a: np.ndarray | T, b: np.ndarray | T, *, out: np.ndarray, alpha: float | Scalar = 1.0,
+         beta: float | Scalar = 0.0, scratch: np.ndarray | None = None) -> Call:
+    """The bound call out ← α·a·b + β·out, where `a` or `b` given as T(x) stands for xᵀ
+    (with β = 0, out ← α·a·b; with β = 1, out += α·a·b). Arrays, scalars and scratch as
+    for `bind`, which this is, written in the order of the formula."""
+    ta, tb = isinstance(a, T), isinstance(b, T)
+    return bind(a.a if ta else a, b.a if tb else b, out, alpha, beta, trans_a=ta, trans_b=tb, scratch=scratch)
+
+
+def axpby(x: np.ndarray, *, out: np.ndarray, alpha: float | Scalar, beta: float | Scalar = 1.0,
+          scratch: np.ndarray | None = None) -> Call:
+    """The bound call out ← α·x + β·out, elementwise (β = 1: out += α·x); `bind_axpby`,
+    written in the order of the formula."""
+    return bind_axpby(x, out, alpha, beta, scratch)
+
+
 def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float | Scalar, beta: float | Scalar,
-         trans_a: bool = False, trans_b: bool = False, scratch: np.ndarray | None = None) -> Callable[[], None]:
+         trans_a: bool = False, trans_b: bool = False, scratch: np.ndarray | None = None) -> Call:
     """A call that does C ← α·op(A)·op(B) + β·C in place, op = transpose where asked,
     on these very arrays (their memory, not their current values, is what is bound):
     the training loop binds its products once and calls them every batch.
@@ -218,7 +254,7 @@ def bind(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: float | Scalar, bet
 
 
 def bind_axpby(x: np.ndarray, y: np.ndarray, alpha: float | Scalar, beta: float | Scalar,
-               scratch: np.ndarray | None = None) -> Callable[[], None]:
+               scratch: np.ndarray | None = None) -> Call:
     """A call that does y ← α·x + β·y in place, elementwise, on these very arrays (both
     C-contiguous, one shape and dtype); α and β as for `bind`. `scratch`, shaped like
     y, spares the numpy fallback an allocation."""

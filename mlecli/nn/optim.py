@@ -8,7 +8,8 @@ with two versions held equal by tests/test_optim.py:
   LL_batch + (m/N) log p(θ) (`model.posterior_gradients`); ascent: the step goes UP it.
 - `bind(params, state, prior)`: the in-place version the hot loop runs (`Fast`). Its
   `layer(...)` gives one layer's update as calls bound once per batch size, like every
-  product of step.py; they read the batch's ∂LL/∂z (δ) and inputs, and add the prior's
+  product of step.py, each built (`blas.gemm`, `blas.axpby`) under the formula it
+  computes; they read the layer's input h_prev and its δ = ∂LL/∂a, and add the prior's
   pull −(m/N) θ/σ² themselves (folded into the update GEMM's β for sgd). The numbers that
   change from step to step (η, the prior's share, Adam's bias corrections) live in ctypes
   scalars the bound calls read when they run: `begin(lr, m, t)` sets them.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from mlecli.nn import blas
 from mlecli.nn.model import Params
 
 State = dict[str, list[tuple[np.ndarray, np.ndarray]]]  # slot → per layer (like W, like b)
-Calls = tuple[Callable[[], None], ...]
+Calls = tuple[blas.Call, ...]  # bound calls, run in order
 
 
 @dataclass(frozen=True)
@@ -114,31 +114,38 @@ class Fast:
     """A rule bound to the arrays of one network (its weights and its state).
 
     `begin(lr, m, t)` sets the numbers of step t (a batch of m images, learning rate
-    lr); `layer(l, h_prev, delta, ones, scale)` gives layer l's update for one batch
-    size as a tuple of bound calls, run in order after that layer's δ is known. The
-    layer's gradient of the LL is ∂LL/∂W = scale · h_prevᵀ δ, ∂LL/∂b = 1ᵀ δ (scale is the
-    pixels' 1/255 for the first layer, 1 elsewhere)."""
+    lr); `layer(layer, h_prev, delta, ones_row, alpha)` gives that layer's update for one
+    batch size as a tuple of bound calls, run in order after the layer's δ is known. Each
+    is built under the formula it computes, with the layer's gradient of the LL written
+    as the products that make it,
+
+        ∂LL/∂W = α h_prevᵀ δ,    ∂LL/∂b = 1ᵀ δ
+
+    (α: the pixels' 1/255 for the first layer, 1 elsewhere; 1ᵀ = `ones_row`, (1, m)), and
+    the prior's share of ∇ log p(θ), −(m/N) θ/σ² (`pull` = −m/(Nσ²)). A bias is bound as
+    a row (1, n_l), so that its products are GEMMs like the weights'."""
 
     def __init__(self, params: Params, state: State, prior: Prior | None):
         self.params, self.state, self.prior = params, state, prior
         self.dtype = params[0][0].dtype
         self.eta = blas.scalar(self.dtype)  # η
-        self.pull = blas.scalar(self.dtype)  # −decay(m): the prior's share of −θ/σ²
-        self._eta_times: dict[float, blas.Scalar] = {}  # scale → η·scale
+        self.pull = blas.scalar(self.dtype)  # −m/(Nσ²): the prior's share of −θ/σ² is pull · θ
+        self._eta_times: dict[float, blas.Scalar] = {}  # α → η·α
         # per layer: a buffer like W and like b for a gradient, and scratch for the
         # numpy fallback of the bound calls
         self.grad = [(np.empty_like(W), np.empty((1, len(b)), self.dtype)) for W, b in params]
         self.tmp = [(np.empty_like(W), np.empty((1, len(b)), self.dtype)) for W, b in params]
 
-    def eta_times(self, scale: float) -> blas.Scalar:
-        if scale not in self._eta_times:
-            self._eta_times[scale] = blas.scalar(self.dtype)
-        return self._eta_times[scale]
+    def eta_times(self, alpha: float) -> blas.Scalar:
+        """η·α, a scalar set by each `begin`."""
+        if alpha not in self._eta_times:
+            self._eta_times[alpha] = blas.scalar(self.dtype)
+        return self._eta_times[alpha]
 
     def begin(self, lr: float, m: int, t: int) -> None:
         self.eta.value = lr
-        for scale, s in self._eta_times.items():
-            s.value = lr * scale
+        for alpha, s in self._eta_times.items():
+            s.value = lr * alpha
         if self.prior is not None:
             self.pull.value = -self.prior.decay(m)
         self._begin(lr, m, t)
@@ -146,7 +153,7 @@ class Fast:
     def _begin(self, lr: float, m: int, t: int) -> None:
         pass
 
-    def layer(self, l: int, h_prev: np.ndarray, delta: np.ndarray, ones: np.ndarray, scale: float) -> Calls:
+    def layer(self, layer: int, h_prev: np.ndarray, delta: np.ndarray, ones_row: np.ndarray, alpha: float) -> Calls:
         raise NotImplementedError
 
     # Pieces the rules share.
@@ -154,17 +161,24 @@ class Fast:
     def _prior_on(self, which: str) -> bool:
         return self.prior is not None and (which == "W" or self.prior.biases)
 
-    def _gradient_into(self, l: int, h_prev, delta, ones, scale, out_W, out_b, beta) -> Calls:
-        """out ← β out + ∇LL (the GEMMs), then out += −decay(m) θ where the prior applies:
-        out_W, out_b shaped like W and like b (rows of 1)."""
-        W, b = self.params[l]
-        tmp_W, tmp_b = self.tmp[l]
-        calls = [blas.bind(h_prev, delta, out_W, scale, beta, trans_a=True, scratch=tmp_W),
-                 blas.bind(ones.reshape(1, -1), delta, out_b, 1.0, beta, scratch=tmp_b)]
+    def _gradient_into(self, layer: int, h_prev, delta, ones_row, alpha, gW, gb, beta) -> Calls:
+        """g ← β g + ∇θ [LL + (m/N) log p(θ)] for θ = W and b of the layer, into gW, gb
+        (shaped like W and like b as a row): the gradient's GEMMs, then the prior's pull
+        where it applies."""
+        W, b = self.params[layer]
+        tmp_W, tmp_b = self.tmp[layer]
+        calls = [
+            # gW ← β gW + α h_prevᵀ δ
+            blas.gemm(blas.T(h_prev), delta, out=gW, alpha=alpha, beta=beta, scratch=tmp_W),
+            # gb ← β gb + 1ᵀ δ
+            blas.gemm(ones_row, delta, out=gb, alpha=1.0, beta=beta, scratch=tmp_b),
+        ]
         if self._prior_on("W"):
-            calls.append(blas.bind_axpby(W, out_W, self.pull, 1.0, tmp_W))
+            # gW ← gW − (m/N) W/σ²
+            calls.append(blas.axpby(W, out=gW, alpha=self.pull, scratch=tmp_W))
         if self._prior_on("b"):
-            calls.append(blas.bind_axpby(b.reshape(1, -1), out_b, self.pull, 1.0, tmp_b))
+            # gb ← gb − (m/N) b/σ²
+            calls.append(blas.axpby(b.reshape(1, -1), out=gb, alpha=self.pull, scratch=tmp_b))
         return tuple(calls)
 
 
@@ -185,24 +199,29 @@ class Sgd(Rule):
 
 
 class _SgdFast(Fast):
-    """W ← (1 − η decay(m)) W + η ∂LL/∂W in one GEMM: the prior is the GEMM's β, so it
-    costs nothing; no prior, β = 1."""
+    """θ ← θ + η (∇LL − (m/N) θ/σ²) = keep · θ + η ∇LL, keep = 1 − η m/(Nσ²) (network2's
+    `(1-eta*(lmbda/n))*w` for a summed LL): one GEMM per parameter, the prior its β, so it
+    costs nothing; without a prior (or on a bias it does not cover) β = 1."""
 
     def __init__(self, params, state, prior):
         super().__init__(params, state, prior)
-        self.keep = blas.scalar(self.dtype, 1.0)  # 1 − η decay(m)
+        self.keep = blas.scalar(self.dtype, 1.0)  # 1 − η m/(Nσ²)
 
     def _begin(self, lr, m, t):
         if self.prior is not None:
             self.keep.value = 1.0 - lr * self.prior.decay(m)
 
-    def layer(self, l, h_prev, delta, ones, scale):
-        W, b = self.params[l]
-        tmp_W, tmp_b = self.tmp[l]
-        beta_W = self.keep if self._prior_on("W") else 1.0
-        beta_b = self.keep if self._prior_on("b") else 1.0
-        return (blas.bind(h_prev, delta, W, self.eta_times(scale), beta_W, trans_a=True, scratch=tmp_W),
-                blas.bind(ones.reshape(1, -1), delta, b.reshape(1, -1), self.eta_times(1.0), beta_b, scratch=tmp_b))
+    def layer(self, layer, h_prev, delta, ones_row, alpha):
+        W, b = self.params[layer]
+        tmp_W, tmp_b = self.tmp[layer]
+        keep_W = self.keep if self._prior_on("W") else 1.0
+        keep_b = self.keep if self._prior_on("b") else 1.0
+        return (
+            # W ← keep W + η α h_prevᵀ δ
+            blas.gemm(blas.T(h_prev), delta, out=W, alpha=self.eta_times(alpha), beta=keep_W, scratch=tmp_W),
+            # b ← keep b + η 1ᵀ δ
+            blas.gemm(ones_row, delta, out=b.reshape(1, -1), alpha=self.eta_times(1.0), beta=keep_b, scratch=tmp_b),
+        )
 
 
 class Momentum(Rule):
@@ -231,6 +250,9 @@ class Momentum(Rule):
 
 
 class _MomentumFast(Fast):
+    """v ← μ v + g with g's GEMMs accumulating straight into v (their β = μ), then θ moves
+    by axpy passes; nesterov's θ + η (g + μ v) as written below for each case."""
+
     def __init__(self, params, state, prior, mu, nesterov):
         super().__init__(params, state, prior)
         self.mu, self.nesterov = mu, nesterov
@@ -243,34 +265,46 @@ class _MomentumFast(Fast):
         self.minus_eta_mu.value = -lr * self.mu
         self.eta_1_mu.value = lr * (1.0 + self.mu)
 
-    def layer(self, l, h_prev, delta, ones, scale):
-        W, b = self.params[l]
-        vW, vb = self.state["velocity"][l]
-        vb_row, b_row = vb.reshape(1, -1), b.reshape(1, -1)
-        tmp_W, tmp_b = self.tmp[l]
+    def layer(self, layer, h_prev, delta, ones_row, alpha):
+        W, b = self.params[layer]
+        vW, vb = self.state["velocity"][layer]
+        vb, b = vb.reshape(1, -1), b.reshape(1, -1)  # rows, like the gradient's
+        tmp_W, tmp_b = self.tmp[layer]
         if not self.nesterov:
-            # v ← μ v + ∇LL inside the GEMMs (β = μ), v += prior's pull; θ ← θ + η v
-            return (*self._gradient_into(l, h_prev, delta, ones, scale, vW, vb_row, self.mu),
-                    blas.bind_axpby(vW, W, self.eta, 1.0, tmp_W),
-                    blas.bind_axpby(vb_row, b_row, self.eta, 1.0, tmp_b))
+            return (
+                # v ← μ v + g
+                *self._gradient_into(layer, h_prev, delta, ones_row, alpha, vW, vb, beta=self.mu),
+                # θ ← θ + η v
+                blas.axpby(vW, out=W, alpha=self.eta, scratch=tmp_W),
+                blas.axpby(vb, out=b, alpha=self.eta, scratch=tmp_b),
+            )
         if self.prior is not None:  # the prior's pull needs θ as it was: g into a buffer first
-            gW, gb = self.grad[l]
-            # v ← μ v + g; θ ← θ + η g + η μ v
-            return (*self._gradient_into(l, h_prev, delta, ones, scale, gW, gb, 0.0),
-                    blas.bind_axpby(gW, vW, 1.0, self.mu, tmp_W),
-                    blas.bind_axpby(gb, vb_row, 1.0, self.mu, tmp_b),
-                    blas.bind_axpby(gW, W, self.eta, 1.0, tmp_W),
-                    blas.bind_axpby(gb, b_row, self.eta, 1.0, tmp_b),
-                    blas.bind_axpby(vW, W, self.eta_mu, 1.0, tmp_W),
-                    blas.bind_axpby(vb_row, b_row, self.eta_mu, 1.0, tmp_b))
+            gW, gb = self.grad[layer]
+            return (
+                # g ← ∇LL − (m/N) θ/σ²
+                *self._gradient_into(layer, h_prev, delta, ones_row, alpha, gW, gb, beta=0.0),
+                # v ← μ v + g
+                blas.axpby(gW, out=vW, alpha=1.0, beta=self.mu, scratch=tmp_W),
+                blas.axpby(gb, out=vb, alpha=1.0, beta=self.mu, scratch=tmp_b),
+                # θ ← θ + η g + η μ v
+                blas.axpby(gW, out=W, alpha=self.eta, scratch=tmp_W),
+                blas.axpby(gb, out=b, alpha=self.eta, scratch=tmp_b),
+                blas.axpby(vW, out=W, alpha=self.eta_mu, scratch=tmp_W),
+                blas.axpby(vb, out=b, alpha=self.eta_mu, scratch=tmp_b),
+            )
         # θ + η (g + μ v') with v' = μ v + g is θ − η μ v + η (1 + μ) v': the gradient goes
         # straight into v (the GEMMs' β = μ), with one pass over θ before and one after
         # (rather than g into a buffer and three passes)
-        return (blas.bind_axpby(vW, W, self.minus_eta_mu, 1.0, tmp_W),
-                blas.bind_axpby(vb_row, b_row, self.minus_eta_mu, 1.0, tmp_b),
-                *self._gradient_into(l, h_prev, delta, ones, scale, vW, vb_row, self.mu),
-                blas.bind_axpby(vW, W, self.eta_1_mu, 1.0, tmp_W),
-                blas.bind_axpby(vb_row, b_row, self.eta_1_mu, 1.0, tmp_b))
+        return (
+            # θ ← θ − η μ v
+            blas.axpby(vW, out=W, alpha=self.minus_eta_mu, scratch=tmp_W),
+            blas.axpby(vb, out=b, alpha=self.minus_eta_mu, scratch=tmp_b),
+            # v ← μ v + g
+            *self._gradient_into(layer, h_prev, delta, ones_row, alpha, vW, vb, beta=self.mu),
+            # θ ← θ + η (1 + μ) v
+            blas.axpby(vW, out=W, alpha=self.eta_1_mu, scratch=tmp_W),
+            blas.axpby(vb, out=b, alpha=self.eta_1_mu, scratch=tmp_b),
+        )
 
 
 class Adam(Rule):
@@ -303,7 +337,9 @@ class Adam(Rule):
 
 class _AdamFast(Fast):
     """η m̂/(√v̂ + ε) = (η √c₂ / c₁) · m / (√v + ε √c₂), c = 1 − βᵗ: one scalar for the step
-    and one for ε, both set per step; the rest are passes over buffers."""
+    and one for ε, both set per step; the rest are passes over buffers (g's buffer is
+    reused for g², then for m / (√v + ε̂)). scikit-learn's Adam takes the same step size
+    but adds ε to √v unscaled, which is not PyTorch's value; ε √c₂ is."""
 
     def __init__(self, params, state, prior, beta1, beta2, eps):
         super().__init__(params, state, prior)
@@ -316,22 +352,23 @@ class _AdamFast(Fast):
         self.step_size.value = lr * math.sqrt(c2) / c1
         self.eps_hat[()] = self.eps * math.sqrt(c2)
 
-    def layer(self, l, h_prev, delta, ones, scale):
-        W, b = self.params[l]
-        gW, gb = self.grad[l]
-        tmp_W, tmp_b = self.tmp[l]
-        (mW, mb), (vW, vb) = self.state["m"][l], self.state["v"][l]
-        calls = list(self._gradient_into(l, h_prev, delta, ones, scale, gW, gb, 0.0))
+    def layer(self, layer, h_prev, delta, ones_row, alpha):
+        W, b = self.params[layer]
+        gW, gb = self.grad[layer]
+        tmp_W, tmp_b = self.tmp[layer]
+        (mW, mb), (vW, vb) = self.state["m"][layer], self.state["v"][layer]
+        # g ← ∇LL − (m/N) θ/σ²
+        calls = list(self._gradient_into(layer, h_prev, delta, ones_row, alpha, gW, gb, beta=0.0))
         row = functools.partial(np.reshape, shape=(1, -1))
         for theta, g, m, v, tmp in ((W, gW, mW, vW, tmp_W), (row(b), gb, row(mb), row(vb), tmp_b)):
             calls += [
-                blas.bind_axpby(g, m, 1.0 - self.beta1, self.beta1, tmp),  # m ← β₁ m + (1 − β₁) g
-                functools.partial(np.square, g, out=g),
-                blas.bind_axpby(g, v, 1.0 - self.beta2, self.beta2, tmp),  # v ← β₂ v + (1 − β₂) g²
-                functools.partial(np.sqrt, v, out=g),
-                functools.partial(np.add, g, self.eps_hat, out=g),
-                functools.partial(np.divide, m, g, out=g),
-                blas.bind_axpby(g, theta, self.step_size, 1.0, tmp),  # θ ← θ + step · m / (√v + ε̂)
+                blas.axpby(g, out=m, alpha=1.0 - self.beta1, beta=self.beta1, scratch=tmp),  # m ← β₁ m + (1 − β₁) g
+                functools.partial(np.square, g, out=g),  # g²
+                blas.axpby(g, out=v, alpha=1.0 - self.beta2, beta=self.beta2, scratch=tmp),  # v ← β₂ v + (1 − β₂) g²
+                functools.partial(np.sqrt, v, out=g),  # √v
+                functools.partial(np.add, g, self.eps_hat, out=g),  # √v + ε̂
+                functools.partial(np.divide, m, g, out=g),  # m / (√v + ε̂)
+                blas.axpby(g, out=theta, alpha=self.step_size, scratch=tmp),  # θ ← θ + step · m / (√v + ε̂)
             ]
         return tuple(calls)
 

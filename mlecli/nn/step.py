@@ -1,15 +1,17 @@
 """One batch of gradient ascent, in place, as fast as numpy and its BLAS allow.
 
-`train_step` is the hot loop of `mlecli train`: the math of model.py and of the update
-rules of optim.py (the tests hold them equal up to rounding) with every product written
-into preallocated buffers, pixel scaling folded into the first layer's GEMMs, and the
-updates done inside GEMMs and BLAS vector calls. benchmarks/bench_train.py measures it.
+`train_step` is the hot loop of `mlecli train`: the math of model.py (the forward pass,
+δ = y − σ(z) at the output, backpropagation through the sigmoids) and the update rules of
+optim.py, with every matrix product a BLAS call bound once to preallocated buffers. Each
+layer's `LayerPlan` holds its forward product, its backward product and its update side by
+side, each built from the formula written above it; docs/design.md ("From the derivation to
+the code") walks from each line of the math to the line here that runs it. The tests hold
+it equal to model.py up to rounding; benchmarks/bench_train.py measures it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -25,9 +27,10 @@ class Workspace:
     `Plan` bound to them; a smaller batch uses the buffers' first rows.
 
     xu (B, n_0) uint8 and x (B, n_0) the batch's pixels as floats 0-255; h[l], delta[l],
-    hprime[l] (B, n_{l+1}) per hidden layer; z and delta_out (B, 1); ones (B, 1) for
-    the bias products; with shifted digits (`shift` = k > 0, images H×W = `image_shape`)
-    pad (B, (H+2k)(W+2k)) uint8 and its windows (B, 2k+1, 2k+1, H, W).
+    slope[l] (B, n_{l+1}) per hidden layer (its output, its δ, scratch for h (1 − h)); z
+    and delta_out (B, 1) for the output; ones (B, 1) for the bias products; with shifted
+    digits (`shift` = k > 0, images H×W = `image_shape`) pad (B, (H+2k)(W+2k)) uint8 and
+    its windows (B, 2k+1, 2k+1, H, W).
     """
 
     def __init__(self, params: Params, batch: int, fast: optim.Fast | None = None, shift: int = 0,
@@ -44,7 +47,7 @@ class Workspace:
         self.x = np.empty((batch, params[0][0].shape[0]), dtype)
         self.h = [np.empty((batch, n), dtype) for n in hidden]
         self.delta = [np.empty((batch, n), dtype) for n in hidden]
-        self.hprime = [np.empty((batch, n), dtype) for n in hidden]
+        self.slope = [np.empty((batch, n), dtype) for n in hidden]
         self.z = np.empty((batch, 1), dtype)
         self.delta_out = np.empty((batch, 1), dtype)
         self.ones = np.ones((batch, 1), dtype)
@@ -68,32 +71,79 @@ class Workspace:
         return plan
 
 
+# ---------------------------------------------------------------------------
+# The arithmetic between the products, each a named piece of the math (model.py)
+
+
+def sigmoid_of_half(half_a: np.ndarray) -> None:
+    """h = σ(a) = ½ + ½ tanh(a/2), in place on a/2 (what a hidden layer's forward GEMMs
+    leave): the bits of model.sigmoid(a), since halving and doubling are exact."""
+    np.tanh(half_a, out=half_a)
+    half_a *= 0.5
+    half_a += 0.5
+
+
+def output_delta(half_z: np.ndarray, target: np.ndarray, delta: np.ndarray) -> None:
+    """The output layer's δ = ∂LL/∂z, for one logistic unit: y − σ(z) = (y − ½) − ½ tanh(z/2),
+    into `delta` (m, 1) from z/2 (what the output layer's forward GEMMs leave) and
+    target = y − ½ (m, 1). The one place the output's likelihood enters the step: a
+    softmax output over K classes replaces it (δ = Y − softmax(z), the same ∂LL/∂z = y − ŷ)."""
+    np.tanh(half_z, out=delta)
+    delta *= -0.5
+    delta += target
+
+
+def times_sigmoid_slope(delta: np.ndarray, h: np.ndarray, slope: np.ndarray) -> None:
+    """δ ← δ ⊙ σ'(a) = δ ⊙ h (1 − h), through a hidden layer's sigmoid (h = σ(a));
+    h (1 − h) as h − h² into `slope` (np.square has the bits of h · h, at twice the speed)."""
+    np.square(h, out=slope)
+    np.subtract(h, slope, out=slope)
+    delta *= slope
+
+
 @dataclass(slots=True)
 class LayerPlan:
     """One layer of a batch of m rows, bound once: its forward products, its backward
-    product and its update, side by side (a micrograd-style pairing of each forward with
-    its derivative).
+    product and its update side by side (as micrograd keeps each operation next to its
+    derivative). The arrays are views of the Workspace; the calls are bound BLAS products
+    (blas.gemm), each built in Plan from the formula in its comment.
 
-    Forward: `start` sets a ← b/2 (a K=1 GEMM: the same bits as numpy's broadcast, 2-3x
-    faster), `forward` adds (α/2) h_prev W; for a hidden layer the step then turns a into
-    h = σ(2a) in place. Backward: `back` (None for the first layer) gives
-    δ_prev ← δ Wᵀ with W as it was before this step, and the step multiplies it by
-    h_prev (1 − h_prev) (`hprime` its buffer). `update`: the rule's calls for W and b.
+    forward:  a = h_prev W + b, computed as a/2 (`add_bias`, `add_product`); for a hidden
+              layer then h = σ(a) in place, the next layer's h_prev.
+    backward: δ_prev = (δ Wᵀ) ⊙ h_prev (1 − h_prev), the δ of the layer below (`back`,
+              then `times_sigmoid_slope`), with W as it was before this step's update.
+    update:   the rule's calls (optim.py), from ∂LL/∂W = α h_prevᵀ δ and ∂LL/∂b = 1ᵀ δ
+              (α = 1/255 for the first layer, whose h_prev is the pixels 0-255; else 1).
     """
 
-    start: Callable[[], None]
-    forward: Callable[[], None]
-    out: np.ndarray  # (m, n_l): a, then h for a hidden layer; z/2 for the output
-    hidden: bool
-    back: Callable[[], None] | None
     h_prev: np.ndarray  # (m, n_{l-1}): the layer's input
-    hprime: np.ndarray | None  # (m, n_{l-1}) for h_prev (1 − h_prev)
+    out: np.ndarray  # (m, n_l): a/2, then h = σ(a) for a hidden layer; z/2 for the output layer
+    hidden: bool
+    add_bias: blas.Call  # a/2 ← ½ 1 bᵀ
+    add_product: blas.Call  # a/2 ← a/2 + (α/2) h_prev W
+    back: blas.Call | None  # δ_prev ← δ Wᵀ (None for the first layer: ∂LL/∂x is never needed)
     prev_delta: np.ndarray | None  # (m, n_{l-1}): δ of the layer below
-    update: tuple[Callable[[], None], ...]
+    slope: np.ndarray | None  # (m, n_{l-1}): scratch for h_prev (1 − h_prev)
+    update: optim.Calls  # W ← …, b ← … as the rule says
+
+    def forward(self) -> None:
+        self.add_bias()
+        self.add_product()
+        if self.hidden:
+            sigmoid_of_half(self.out)
+
+    def backward(self) -> None:
+        """δ of the layer below, then this layer's update (in that order: δ_prev needs
+        W as it was)."""
+        if self.back is not None:
+            self.back()
+            times_sigmoid_slope(self.prev_delta, self.h_prev, self.slope)
+        for call in self.update:
+            call()
 
 
 class Plan:
-    """A batch of m rows: views of the workspace and each layer's `LayerPlan`."""
+    """A batch of m rows: views of the workspace, and each layer's `LayerPlan`."""
 
     def __init__(self, ws: Workspace, m: int):
         params = ws.arrays
@@ -102,29 +152,53 @@ class Plan:
         if ws.pad is not None:
             self.pad, self.windows, self.rows = ws.pad[:m], ws.windows[:m], np.arange(m)
         self.z, self.delta_out = ws.z[:m], ws.delta_out[:m]
-        outs = [h[:m] for h in ws.h] + [self.z]  # each layer's pre-activation, then output
-        ins = [self.x, *outs[:-1]]  # h_prev of each layer
+        outs = [h[:m] for h in ws.h] + [self.z]  # each layer's a/2 (then h), the output's z/2
+        ins = [self.x, *outs[:-1]]  # each layer's h_prev
         deltas = [d[:m] for d in ws.delta] + [self.delta_out]
-        ones = ws.ones[:m]  # (m, 1)
+        ones = ws.ones[:m]  # 1 (m, 1): the bias broadcast down the rows
+        ones_row = ones.reshape(1, -1)  # 1ᵀ (1, m): the bias gradient's sum over the rows
         self.layers: list[LayerPlan] = []
         for layer, (W, b) in enumerate(params):
-            scale = PIXEL_SCALE if layer == 0 else 1.0
-            back = hprime = prev_delta = None
-            if layer > 0:  # with one output unit, an outer product: 3x faster by the BLAS than numpy
-                hprime, prev_delta = ws.hprime[layer - 1][:m], deltas[layer - 1]
-                back = blas.bind(deltas[layer], W, prev_delta, 1.0, 0.0, trans_b=True)
+            h_prev, a, delta = ins[layer], outs[layer], deltas[layer]
+            alpha = PIXEL_SCALE if layer == 0 else 1.0  # x = pixels/255, the 1/255 taken in the products
+            back = prev_delta = slope = None
+            if layer > 0:
+                prev_delta, slope = deltas[layer - 1], ws.slope[layer - 1][:m]
+                # δ_prev ← δ Wᵀ (with one output unit an outer product: 3x faster by the BLAS than numpy)
+                back = blas.gemm(delta, blas.T(W), out=prev_delta)
             self.layers.append(LayerPlan(
-                start=blas.bind(ones, b.reshape(1, -1), outs[layer], 0.5, 0.0),
-                forward=blas.bind(ins[layer], W, outs[layer], 0.5 * scale, 1.0),
-                out=outs[layer],
+                h_prev=h_prev,
+                out=a,
                 hidden=layer < last,
+                # Every layer's GEMMs compute half its pre-activation, a/2 (z/2 at the output):
+                # all that σ(a) = ½ + ½ tanh(a/2) (sigmoid_of_half) and output_delta need.
+                # a/2 ← ½ 1 bᵀ (a K=1 GEMM: the bits of numpy's broadcast, 2-3x faster)
+                add_bias=blas.gemm(ones, b.reshape(1, -1), out=a, alpha=0.5),
+                # a/2 ← a/2 + (α/2) h_prev W
+                add_product=blas.gemm(h_prev, W, out=a, alpha=0.5 * alpha, beta=1.0),
                 back=back,
-                h_prev=ins[layer],
-                hprime=hprime,
                 prev_delta=prev_delta,
-                update=ws.fast.layer(layer, ins[layer], deltas[layer], ones, scale),
+                slope=slope,
+                update=ws.fast.layer(layer, h_prev, delta, ones_row, alpha),
             ))
         self.backward = self.layers[::-1]
+
+    def gather(self, images: np.ndarray, idx: np.ndarray, offsets: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """h_0 = x: the batch's pixels as floats 0-255 (exact; the 1/255 is the first
+        layer's α)."""
+        if offsets is None:
+            # mode="clip": with out= and the default mode="raise", numpy gathers into a
+            # temporary buffer first and copies it over (twice the time); idx is a slice of
+            # a permutation of range(len(images)), so there is nothing to clip.
+            np.take(images, idx, axis=0, out=self.xu, mode="clip")
+            np.copyto(self.x, self.xu)
+        else:
+            # Shifted digits: gather the padded images whole (contiguous rows, as above: a
+            # fancy index into all n images' windows would touch 28-byte pieces all over
+            # memory, 3x slower), then cut each one's window out of that small block while
+            # converting to floats.
+            np.take(images, idx, axis=0, out=self.pad, mode="clip")
+            np.copyto(self.x, self.windows[self.rows, offsets[0], offsets[1]].reshape(len(idx), -1))
 
 
 PIXEL_SCALE = 1.0 / 255.0
@@ -149,65 +223,27 @@ def train_step(
 
     `images` (n, n_0) uint8; or, with `offsets` = (oy, ox) (m,) each and a Workspace made
     with that shift k, the padded images (n, (H+2k)(W+2k)) (`pixels.pad_images`, rows
-    flattened): image idx[i] is the H×W window at (oy[i], ox[i]) of its padded copy. `idx` valid row numbers (not checked: a slice of the epoch's permutation);
+    flattened): image idx[i] is the H×W window at (oy[i], ox[i]) of its padded copy.
+    `idx` valid row numbers (not checked: a slice of the epoch's permutation);
     `target` (m,) = y − ½ for the batch's targets y; `z` (m, 1) receives the batch's
     logits before the step (the caller measures LL and accuracy from them, many batches
     at a time).
 
-    Same math as model.forward / model.posterior_gradients and the rule's `reference`
-    (the tests hold them equal up to rounding), reordered for speed:
-    - x = pixels / 255 is never formed: the first layer's GEMMs take the pixels as they
-      are, with α = 1/255;
-    - biases enter the forward GEMMs as their β = 1 starting value, and each product of
-      the update (sgd: W ← β W + η h_prevᵀ δ, with β = 1 − η m/(Nσ²) under a prior, else 1)
-      happens inside a GEMM;
-    - the small products (bias broadcast, bias sums, the outer product δ w₂ᵀ) are
-      GEMMs too: each is one call, 2-4x faster than numpy's broadcasting and reductions;
-    - σ(a) = ½ + ½ tanh(a/2) and y − σ(z) = (y − ½) − ½ tanh(z/2) need only a/2 and z/2,
-      so the forward GEMMs compute those (α/2, bias/2): halving is exact in binary
-      floating point, so the bits are those of halving afterwards, one pass fewer per layer;
-    - every product is bound once per batch size (`Plan`), so a batch costs no argument
-      conversion; η and the rule's other per-step numbers are scalars the bound calls
-      read (`ws.fast.begin`).
+    The math of model.forward, model.posterior_gradients and the rule's `reference` (the
+    tests hold them equal up to rounding), each layer's products bound once (`Plan`), with
+    the pixels' 1/255 and the halving that σ(a) = ½ + ½ tanh(a/2) needs taken inside the
+    GEMMs, and the update done inside the gradient's GEMM where the rule allows
+    (docs/design.md, "The hot loop" and "From the derivation to the code").
     """
     plan = ws.plan(params, len(idx))
-    ws.fast.begin(lr, len(idx), t)
-    if offsets is None:
-        # mode="clip": with out= and the default mode="raise", numpy gathers into a
-        # temporary buffer first and copies it over (twice the time); idx is a slice of
-        # a permutation of range(len(images)), so there is nothing to clip.
-        np.take(images, idx, axis=0, out=plan.xu, mode="clip")
-        np.copyto(plan.x, plan.xu)
-    else:
-        # Shifted digits: gather the padded images whole (contiguous rows, as above: a
-        # fancy index into all n images' windows would touch 28-byte pieces all over
-        # memory, 3x slower), then cut each one's window out of that small block while
-        # converting to floats.
-        np.take(images, idx, axis=0, out=plan.pad, mode="clip")
-        np.copyto(plan.x, plan.windows[plan.rows, offsets[0], offsets[1]].reshape(len(idx), -1))
-    for layer in plan.layers:
-        layer.start()
-        layer.forward()  # a = (h_prev W + b) / 2
-        if layer.hidden:  # h = σ(2a) = ½ + ½ tanh(a), bit-equal to model.sigmoid
-            a = layer.out
-            np.tanh(a, out=a)
-            a *= 0.5
-            a += 0.5
-    delta = plan.delta_out
-    np.tanh(plan.z, out=delta)  # plan.z holds z/2
-    np.multiply(plan.z, 2.0, out=z)
-    delta *= -0.5
-    delta += target[:, None]  # δ = ∂LL/∂z = y − σ(z)
-    for layer in plan.backward:
-        if layer.back is not None:
-            # δ_prev = (δ Wᵀ) ⊙ h_prev (1 − h_prev), with W as it was before this step
-            layer.back()
-            hp = layer.hprime
-            np.square(layer.h_prev, out=hp)  # the same bits as h_prev * h_prev, at twice the speed
-            np.subtract(layer.h_prev, hp, out=hp)
-            layer.prev_delta *= hp
-        for call in layer.update:
-            call()
+    ws.fast.begin(lr, len(idx), t)  # η, the prior's share m/N, Adam's corrections: this step's numbers
+    plan.gather(images, idx, offsets)  # h_0 = x
+    for layer in plan.layers:  # forward: h_l = σ(h_{l−1} W_l + b_l), then z/2 at the output
+        layer.forward()
+    output_delta(plan.z, target[:, None], plan.delta_out)  # δ = ∂LL/∂z = y − σ(z)
+    np.multiply(plan.z, 2.0, out=z)  # z, for the caller's LL and accuracy
+    for layer in plan.backward:  # backward, from the output: δ_prev, then the layer's update
+        layer.backward()
 
 
 class Tally:
